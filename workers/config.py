@@ -1,0 +1,174 @@
+"""Engine configuration: one small frozen dataclass per topic, checked at construction.
+
+- `ModelConfig`: the architecture, read once from a Hugging Face config (v4 or v5 style).
+- `CacheConfig`: paged KV cache size and block size, prefix caching.
+- `SchedulerConfig`: per-step token budget, sequence cap, chunked prefill.
+
+The engine derives everything else (number of blocks, max model length) from these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from splitserve.kernels.rotary import RopeSpec
+
+#: Architectures the model code implements (Hugging Face ``model_type``).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family decoder."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeSpec
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    #: Bias on q/k/v projections (Qwen2 always; Llama when ``attention_bias``).
+    qkv_bias: bool = False
+    #: Bias on the output projection (Llama ``attention_bias`` only).
+    o_bias: bool = False
+    #: Mistral-style sliding window attention; None means full attention.
+    sliding_window: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported architecture {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{self.num_heads} heads is not a multiple of {self.num_kv_heads} KV heads")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K+V per token over all layers, in float32 (scale for other dtypes)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> "ModelConfig":
+        """Read a transformers config object (v4 ``rope_scaling`` or v5 ``rope_parameters``)."""
+        model_type = getattr(hf, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported architecture {model_type!r} "
+                f"({getattr(hf, 'architectures', None)}); supported: {SUPPORTED_MODEL_TYPES}"
+            )
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        bias = bool(getattr(hf, "attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=hf.num_attention_heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(hf.rms_norm_eps),
+            rope=_rope_spec(hf, head_dim),
+            max_position_embeddings=hf.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bias,
+            o_bias=bias and model_type == "llama",
+            sliding_window=_sliding_window(hf, model_type),
+            eos_token_ids=_as_ids(getattr(hf, "eos_token_id", None)),
+            bos_token_id=getattr(hf, "bos_token_id", None),
+        )
+
+
+def _as_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _sliding_window(hf: Any, model_type: str) -> int | None:
+    window = getattr(hf, "sliding_window", None)
+    if model_type == "qwen2" and not getattr(hf, "use_sliding_window", False):
+        return None
+    return int(window) if window else None
+
+
+def _rope_spec(hf: Any, head_dim: int) -> RopeSpec:
+    # transformers v5 keeps theta and scaling together in `rope_parameters`; v4 splits them.
+    params = dict(getattr(hf, "rope_parameters", None) or {})
+    scaling = getattr(hf, "rope_scaling", None) or {}
+    params = {**scaling, **params}
+    theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return RopeSpec(head_dim=head_dim, theta=float(theta))
+    return RopeSpec(
+        head_dim=head_dim,
+        theta=float(theta),
+        rope_type=rope_type,
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position=int(params["original_max_position_embeddings"]),
+    )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: block size and how much memory it may take."""
+
+    block_size: int = 16
+    #: Exact number of KV blocks; overrides ``memory_bytes`` when set.
+    num_blocks: int | None = None
+    #: KV-cache memory budget in bytes (all layers, K and V) when ``num_blocks`` is None.
+    memory_bytes: int = 2 * 1024**3
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.memory_bytes < 1:
+            raise ValueError(f"KV memory budget must be positive, got {self.memory_bytes}")
+
+    def resolve_num_blocks(self, bytes_per_token: int) -> int:
+        """Blocks that fit the budget for a model using ``bytes_per_token`` of KV per token."""
+        if self.num_blocks is not None:
+            return self.num_blocks
+        blocks = self.memory_bytes // (bytes_per_token * self.block_size)
+        if blocks < 1:
+            raise ValueError(
+                f"KV memory budget {self.memory_bytes} B holds no block of "
+                f"{self.block_size} tokens ({bytes_per_token} B per token)"
+            )
+        return blocks
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    #: Tokens computed per step over all sequences (decode tokens + prefill chunks).
+    max_num_batched_tokens: int = 2048
+    #: Sequences running at once.
+    max_num_seqs: int = 256
+    #: Split long prompts into chunks that fit the token budget; otherwise a prompt is
+    #: scheduled only when it fits whole.
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")

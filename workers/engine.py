@@ -1,0 +1,228 @@
+"""The engine: one process's request loop over a scheduler, a model runner and a cache.
+
+Lifecycle:
+    engine = LLMEngine(EngineConfig(model=...))     # resolve, load, allocate the KV cache
+    engine.add_request(id, prompt_ids, params)      # validated; bad input raises ValueError
+    while engine.has_unfinished_requests():
+        for output in engine.step():                 # schedule -> forward+sample -> update
+            ...                                      # RequestOutput snapshots, `finished` last
+    engine.abort_request(id)                         # any time; frees the request's blocks
+
+One step is three calls, the whole architecture at a glance (see `step`). Text is decoded
+incrementally only for requests that stream or have stop strings; the rest are decoded once
+when they finish, which keeps the per-step cost independent of the tokenizer.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from splitserve.workers.block_manager import BlockManager
+from splitserve.workers.config import CacheConfig, ModelConfig, SchedulerConfig
+from splitserve.workers.detokenizer import IncrementalDetokenizer
+from splitserve.workers.kv_cache import KVCacheSpec
+from splitserve.workers.model_runner import ModelRunner
+from splitserve.workers.model_source import load_tokenizer, resolve_model
+from splitserve.workers.outputs import RequestOutput
+from splitserve.workers.sampler import SamplerOutput, make_generator
+from splitserve.workers.sampling_params import SamplingParams
+from splitserve.workers.scheduler import Scheduler, SchedulerOutput
+from splitserve.workers.sequence import Sequence, SequenceStatus
+from splitserve.workers.stop_checker import check_stop, stream_holdback
+from splitserve.workers.weights import iter_safetensors
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    #: Model spec: None (default model), a local HF folder, or ``random:<name>``.
+    model: str | None = None
+    #: "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"
+    #: "auto" (float32 on CPU, bfloat16 on CUDA), "float32", "bfloat16", "float16".
+    dtype: str = "auto"
+    #: Longest prompt + output; None: the model's max_position_embeddings.
+    max_model_len: int | None = None
+    #: Seed of random weights (``random:`` models) when the spec has none.
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    show_progress: bool = True
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {['auto', *_DTYPES]}")
+    return _DTYPES[name]
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer | None
+    stream: bool
+    prompt: str | None
+    num_sent_tokens: int = 0
+    num_sent_chars: int = 0
+    #: Where a matched stop string cuts the text (None keeps it all).
+    truncate_to: int | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        source = resolve_model(config.model)
+        self.tokenizer = load_tokenizer(source)
+        self.model_cfg = ModelConfig.from_hf(source.hf_config)
+        self.device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, self.device)
+        self.max_model_len = min(config.max_model_len or self.model_cfg.max_position_embeddings,
+                                 self.model_cfg.max_position_embeddings)
+        elem = torch.empty((), dtype=dtype).element_size()
+        num_blocks = config.cache.resolve_num_blocks(self.model_cfg.kv_bytes_per_token // 4 * elem)
+        spec = KVCacheSpec.for_model(self.model_cfg, num_blocks, config.cache.block_size, dtype)
+        weights = None if source.weights_dir is None else iter_safetensors(source.weights_dir, config.show_progress)
+        seed = source.random_seed if source.random_seed is not None else config.seed
+        self.runner = ModelRunner.create(self.model_cfg, spec, self.device, weights, seed)
+        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.eos_token_id = self._eos_token_id()
+        self._requests: dict[str, _Request] = {}
+        self._pending: list[RequestOutput] = []  # aborted between steps, reported by the next step
+        self._ids = itertools.count()
+
+    def _eos_token_id(self) -> int | None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            return self.tokenizer.eos_token_id
+        return self.model_cfg.eos_token_ids[0] if self.model_cfg.eos_token_ids else None
+
+    # ---- requests ----------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as token-id lists")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError if the request cannot run here; changes nothing."""
+        if not prompt_ids:
+            raise ValueError("empty prompt: a request needs at least one prompt token")
+        bad = [t for t in prompt_ids if not 0 <= t < self.model_cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {self.model_cfg.vocab_size}): {bad[:5]}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens is too long: the model's max length is "
+                f"{self.max_model_len} tokens, prompt + at least one generated token")
+        need = self.block_manager.blocks_needed(min(len(prompt_ids) + params.max_tokens, self.max_model_len))
+        if need > self.block_manager.num_blocks:
+            raise ValueError(
+                f"request needs up to {need} KV blocks but the cache holds {self.block_manager.num_blocks}: "
+                "lower max_tokens or enlarge the KV-cache budget")
+
+    def add_request(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams | None = None,
+                    *, stream: bool = False, prompt: str | None = None) -> str:
+        """Queue a tokenized request (see `tokenize`); ``prompt`` is its text, for the output."""
+        params = params or SamplingParams()
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate(prompt_ids, params)
+        seq = Sequence(request_id, list(prompt_ids), params, generator=make_generator(params.seed, self.device))
+        needs_text = self.tokenizer is not None and (stream or bool(params.stop))
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if needs_text else None
+        self._requests[request_id] = _Request(seq, detok, stream, prompt)
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its blocks; the next `step` reports it as "abort"."""
+        req = self._requests.pop(request_id, None)
+        if req is None or req.seq.is_finished:
+            return
+        self.scheduler.finish(req.seq, SequenceStatus.FINISHED_ABORTED)
+        self._pending.append(self._output(req))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0 or bool(self._pending)
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        sampled = self.runner.run(out)
+        self.scheduler.postprocess(out)
+        return self._update(out, sampled)
+
+    def _update(self, out: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        items = [s for s in out.scheduled if s.samples]
+        for item, token, logprobs in zip(items, sampled.token_ids, sampled.logprobs):
+            req = self._requests[item.seq.request_id]
+            self._append_token(req, token, logprobs)
+            if req.stream or req.seq.is_finished:
+                outputs.append(self._output(req))
+            if req.seq.is_finished:
+                del self._requests[item.seq.request_id]
+        return outputs
+
+    def _append_token(self, req: _Request, token: int, logprobs: Any) -> None:
+        seq = req.seq
+        seq.output_token_ids.append(token)
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(logprobs)
+        delta = req.detok.append([token]) if req.detok is not None else ""
+        text = req.detok.text if req.detok is not None else None
+        decision = check_stop(seq.params, seq.output_token_ids, token, self.eos_token_id, text, len(delta))
+        if decision is None and seq.num_tokens >= self.max_model_len:
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_LENGTH)
+        elif decision is not None:
+            seq.stop_reason = decision.stop_reason
+            req.truncate_to = decision.truncate_to
+            status = SequenceStatus.FINISHED_LENGTH if decision.finish_reason == "length" else SequenceStatus.FINISHED_STOPPED
+            self.scheduler.finish(seq, status)
+
+    def _output(self, req: _Request) -> RequestOutput:
+        seq = req.seq
+        text = self._text(req)
+        new_ids = seq.output_token_ids[req.num_sent_tokens:]
+        new_text = text[req.num_sent_chars:]
+        req.num_sent_tokens, req.num_sent_chars = seq.num_output_tokens, len(text)
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids), text=text, finished=seq.is_finished,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            num_cached_tokens=seq.num_cached_tokens, new_token_ids=new_ids, new_text=new_text,
+            prompt=req.prompt,
+        )
+
+    def _text(self, req: _Request) -> str:
+        if self.tokenizer is None:
+            return ""
+        if req.detok is None:  # decoded once, at the end
+            return self.tokenizer.decode(req.seq.output_token_ids, skip_special_tokens=True) if req.seq.is_finished else ""
+        if req.seq.is_finished:
+            req.detok.flush()
+            return req.detok.text[: req.truncate_to]
+        # Text that may be the start of a stop string is held back until it is decided.
+        text = req.detok.text
+        return text[: max(0, len(text) - stream_holdback(req.seq.params))]

@@ -1,0 +1,47 @@
+"""The paged KV cache tensors of one worker: allocated once at start-up, reused forever.
+
+One contiguous tensor ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``
+(so a transfer can address any layer range or block set with views); the model reads it as
+a list of per-layer ``(k_cache, v_cache)`` views. The block manager decides which blocks a
+sequence owns; this module only holds the memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.workers.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_blocks: int
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> "KVCacheSpec":
+        return cls(num_blocks, block_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
+
+
+class KVCache:
+    def __init__(self, spec: KVCacheSpec, device: torch.device):
+        self.spec = spec
+        # zeros, not empty: padded decode rows read unused slots (masked, but never NaN).
+        self.data = torch.zeros(
+            spec.num_layers, 2, spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim,
+            dtype=spec.dtype, device=device,
+        )
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer[0], layer[1]) for layer in self.data]

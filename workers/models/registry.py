@@ -1,0 +1,33 @@
+"""Model registry: Hugging Face ``model_type`` -> our model class.
+
+New families register here; everything else asks `build_model`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from splitserve.workers.config import ModelConfig
+from splitserve.workers.models.llama import LlamaForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "llama": LlamaForCausalLM,
+    "mistral": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,
+}
+
+
+def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Allocate the model for ``cfg`` on ``device`` in ``dtype`` (weights uninitialised)."""
+    try:
+        cls = MODEL_REGISTRY[cfg.model_type]
+    except KeyError:
+        raise ValueError(f"unsupported architecture {cfg.model_type!r}; supported: {sorted(MODEL_REGISTRY)}") from None
+    # Built on the meta device first: no memory and no default init for weights that the
+    # loader overwrites anyway (an 8B model would otherwise be initialised twice).
+    with torch.device("meta"):
+        model = cls(cfg)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.init_buffers(device)
+    return model.eval()

@@ -1,0 +1,165 @@
+"""Continuous-batching scheduler: which sequences compute how many tokens this step.
+
+Each step has a token budget (``max_num_batched_tokens``). The scheduler fills it in order:
+
+1. **Decodes first**: every running sequence that has one token to compute gets it.
+2. **Running prefills**: sequences part-way through their prompt get their next chunk.
+3. **Waiting** sequences, first come first served, while the budget, ``max_num_seqs`` and
+   the KV blocks last; each first looks up its prompt in the prefix cache.
+
+When a running sequence needs a block and none is free, the latest-arrived running
+sequence is **preempted by recompute**: its blocks are freed and it returns to the front of
+the waiting queue, to prefill prompt + output again later. Nothing is admitted in a step
+that preempted. After the model runs, `postprocess` advances each sequence, registers its
+full blocks in the prefix cache, appends sampled tokens and retires finished sequences.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from splitserve.workers.block_manager import BlockManager
+from splitserve.workers.config import SchedulerConfig
+from splitserve.workers.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    #: Tokens to compute this step, starting at ``seq.num_computed_tokens``.
+    num_new_tokens: int
+    #: This step reaches the sequence's last token, so it yields a new one.
+    samples: bool
+
+    @classmethod
+    def of(cls, seq: Sequence, num_new_tokens: int) -> "ScheduledSeq":
+        return cls(seq, num_new_tokens, seq.num_computed_tokens + num_new_tokens == seq.num_tokens)
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's work, in the order the model runner lays tokens out."""
+
+    #: Single-token decode rows (first in the flattened batch).
+    decodes: list[ScheduledSeq] = field(default_factory=list)
+    #: Prefill chunks (whole prompts or parts of them).
+    prefills: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def scheduled(self) -> list[ScheduledSeq]:
+        return self.decodes + self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    # ---- running ---------------------------------------------------------------------
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        for seq in decodes + prefills:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this step
+            num_new = self._chunk(seq, budget)
+            if num_new == 0 or not self._make_room(seq, num_new, out):
+                continue
+            self.block_manager.allocate(seq, num_new)
+            (out.decodes if num_new == seq.num_uncomputed_tokens == 1 else out.prefills).append(
+                ScheduledSeq.of(seq, num_new))
+            budget -= num_new
+        return budget
+
+    def _make_room(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
+        """Preempt the latest arrivals until ``seq`` fits; False if ``seq`` itself went."""
+        while not self.block_manager.can_allocate(seq, num_new):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        for group in (out.decodes, out.prefills):
+            group[:] = [s for s in group if s.seq is not seq]
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    # ---- waiting ---------------------------------------------------------------------
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            prefix = self.block_manager.find_cached_prefix(seq)
+            remaining = seq.num_tokens - prefix.num_blocks * self.block_manager.block_size
+            num_new = min(remaining, budget)
+            if num_new < remaining and not self.config.enable_chunked_prefill:
+                break
+            if not self.block_manager.can_allocate(seq, num_new, prefix):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, num_new, prefix)
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = seq.num_computed_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.prefills.append(ScheduledSeq.of(seq, num_new))
+            budget -= num_new
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        remaining = seq.num_uncomputed_tokens
+        if remaining <= budget:
+            return remaining
+        return budget if self.config.enable_chunked_prefill else 0
+
+    # ---- after the step --------------------------------------------------------------
+
+    def postprocess(self, out: SchedulerOutput) -> None:
+        """Advance every scheduled sequence past the tokens it just computed."""
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(item.seq)
+
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Retire a sequence (stopped, length, aborted) and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = status
