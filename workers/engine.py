@@ -88,6 +88,7 @@ class LLMEngine:
         source = resolve_model(config.model)
         self.tokenizer = load_tokenizer(source)
         self.model_cfg = ModelConfig.from_hf(source.hf_config)
+        self.eos_token_ids = self._eos_token_ids()
         self.device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, self.device)
         self.max_model_len = min(config.max_model_len or self.model_cfg.max_position_embeddings,
@@ -97,18 +98,19 @@ class LLMEngine:
         spec = KVCacheSpec.for_model(self.model_cfg, num_blocks, config.cache.block_size, dtype)
         weights = None if source.weights_dir is None else iter_safetensors(source.weights_dir, config.show_progress)
         seed = source.random_seed if source.random_seed is not None else config.seed
-        self.runner = ModelRunner.create(self.model_cfg, spec, self.device, weights, seed)
+        self.runner = ModelRunner.create(self.model_cfg, spec, self.device, self.eos_token_ids, weights, seed)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        self.eos_token_id = self._eos_token_id()
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []  # aborted between steps, reported by the next step
         self._ids = itertools.count()
 
-    def _eos_token_id(self) -> int | None:
+    def _eos_token_ids(self) -> tuple[int, ...]:
+        # The config may list several (Llama 3 instruct); the tokenizer's counts too.
+        ids = list(self.model_cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            return self.tokenizer.eos_token_id
-        return self.model_cfg.eos_token_ids[0] if self.model_cfg.eos_token_ids else None
+            ids.append(self.tokenizer.eos_token_id)
+        return tuple(dict.fromkeys(ids))
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -193,7 +195,7 @@ class LLMEngine:
             seq.logprobs.append(logprobs)
         delta = req.detok.append([token]) if req.detok is not None else ""
         text = req.detok.text if req.detok is not None else None
-        decision = check_stop(seq.params, seq.output_token_ids, token, self.eos_token_id, text, len(delta))
+        decision = check_stop(seq.params, seq.output_token_ids, token, self.eos_token_ids, text, len(delta))
         if decision is None and seq.num_tokens >= self.max_model_len:
             self.scheduler.finish(seq, SequenceStatus.FINISHED_LENGTH)
         elif decision is not None:

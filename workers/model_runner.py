@@ -33,8 +33,10 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model_cfg: ModelConfig, model: torch.nn.Module, kv_spec: KVCacheSpec, device: torch.device):
+    def __init__(self, model_cfg: ModelConfig, model: torch.nn.Module, kv_spec: KVCacheSpec, device: torch.device,
+                 eos_token_ids: tuple[int, ...]):
         self.model_cfg = model_cfg
+        self.eos_token_ids = eos_token_ids
         self.model = model
         self.device = device
         self.block_size = kv_spec.block_size
@@ -43,14 +45,15 @@ class ModelRunner:
         self.sampler = Sampler()
 
     @classmethod
-    def create(cls, model_cfg: ModelConfig, kv_spec: KVCacheSpec, device: torch.device, weights=None, seed: int = 0):
+    def create(cls, model_cfg: ModelConfig, kv_spec: KVCacheSpec, device: torch.device,
+               eos_token_ids: tuple[int, ...], weights=None, seed: int = 0):
         """Build the model and load ``weights`` (named tensors), or random weights if None."""
         model = build_model(model_cfg, device, kv_spec.dtype)
         if weights is None:
             model.init_random(seed)
         else:
             model.load_weights(weights)
-        return cls(model_cfg, model, kv_spec, device)
+        return cls(model_cfg, model, kv_spec, device, eos_token_ids)
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> SamplerOutput:
@@ -63,8 +66,7 @@ class ModelRunner:
 
     def _sample_request(self, item: ScheduledSeq) -> SampleRequest:
         seq = item.seq
-        eos = self.model_cfg.eos_token_ids[0] if self.model_cfg.eos_token_ids else None
-        return SampleRequest(seq.params, seq.generator, seq.num_output_tokens, eos)
+        return SampleRequest(seq.params, seq.generator, seq.num_output_tokens, self.eos_token_ids)
 
     # ---- input preparation ---------------------------------------------------------------
 

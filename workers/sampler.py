@@ -40,8 +40,8 @@ class SampleRequest:
     """The request's own RNG when `params.seed` is set (from `make_generator`), else None."""
     num_output_tokens: int
     """Tokens this sequence has generated before this step (gates min_tokens)."""
-    eos_token_id: int | None
-    """The model's EOS token, masked while min_tokens is not reached; None if it has none."""
+    eos_token_ids: tuple[int, ...]
+    """The model's EOS tokens (several for some models), masked while min_tokens is not reached."""
 
 
 @dataclass
@@ -112,9 +112,7 @@ def _mask_min_tokens(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.T
     for i, r in enumerate(rows):
         if r.num_output_tokens >= r.params.min_tokens:
             continue
-        ids = list(r.params.stop_token_ids)
-        if r.eos_token_id is not None:
-            ids.append(r.eos_token_id)
+        ids = [*r.params.stop_token_ids, *r.eos_token_ids]
         ids = [t for t in ids if t < logits.shape[1]]  # an id past the vocab cannot be sampled
         if ids:
             masked = logits.clone() if masked is None else masked

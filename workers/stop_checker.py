@@ -4,7 +4,7 @@ Lifecycle, once per generated token of each sequence (after the sampler, in the 
 postprocess):
 
     delta = detok.append([token_id])            # text made stable by this token
-    decision = check_stop(params, output_token_ids, token_id, eos_token_id,
+    decision = check_stop(params, output_token_ids, token_id, eos_token_ids,
                           detok.text, len(delta))
     if decision is not None:
         text = detok.text[:decision.truncate_to]   # slice with None keeps everything
@@ -29,7 +29,7 @@ keep back while the request runs (vLLM's stop buffer); all of it goes out when t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,7 +55,7 @@ def check_stop(
     params: SamplingParams,
     output_token_ids: Sequence[int],
     new_token_id: int,
-    eos_token_id: int | None,
+    eos_token_ids: Collection[int],
     text: str | None = None,
     new_text_len: int = 0,
 ) -> StopDecision | None:
@@ -68,7 +68,7 @@ def check_stop(
     """
     num_tokens = len(output_token_ids)
     if num_tokens > params.min_tokens:
-        decision = _check_token(params, new_token_id, eos_token_id, text, new_text_len)
+        decision = _check_token(params, new_token_id, eos_token_ids, text, new_text_len)
         decision = decision or _check_stop_strings(params, text, new_text_len)
         if decision is not None:
             return decision
@@ -88,11 +88,11 @@ def stream_holdback(params: SamplingParams) -> int:
 def _check_token(
     params: SamplingParams,
     token_id: int,
-    eos_token_id: int | None,
+    eos_token_ids: Collection[int],
     text: str | None,
     new_text_len: int,
 ) -> StopDecision | None:
-    if token_id == eos_token_id and not params.ignore_eos:
+    if token_id in eos_token_ids and not params.ignore_eos:
         return StopDecision("stop", None, _cut_token_text(params, text, new_text_len))
     if token_id in params.stop_token_ids:
         return StopDecision("stop", token_id, _cut_token_text(params, text, new_text_len))

@@ -16,7 +16,7 @@ sampler = Sampler()
 
 def row(params=None, seed=None, num_output_tokens=0, eos=None, **kw):
     params = params or SamplingParams(seed=seed, **kw)
-    return SampleRequest(params, make_generator(params.seed), num_output_tokens, eos)
+    return SampleRequest(params, make_generator(params.seed), num_output_tokens, () if eos is None else (eos,))
 
 
 def random_logits(b, v=V, seed=0):

@@ -8,7 +8,7 @@ from splitserve.workers.stop_checker import StopDecision, check_stop, stream_hol
 EOS = 2
 
 
-def run(params, pieces, token_ids=None, eos=EOS):
+def run(params, pieces, token_ids=None, eos=(EOS,)):
     """Feed (token, text delta) steps as the engine would; return (decision, step, text)."""
     token_ids = token_ids or [10 + i for i in range(len(pieces))]
     text, output = "", []
@@ -33,7 +33,12 @@ def test_ignore_eos_generates_on():
 
 
 def test_no_eos_token_never_matches():
-    assert check_stop(SamplingParams(), [5], 5, None, "a", 1) is None
+    assert check_stop(SamplingParams(), [5], 5, (), "a", 1) is None
+
+
+def test_any_of_several_eos_ids_stops():
+    decision, step, _ = run(SamplingParams(), ["a", "b", ""], [5, 7, 9], eos=(7, 9))
+    assert decision == StopDecision("stop", None, 1) and step == 1
 
 
 def test_stop_token_id_reports_itself_and_drops_its_text():
@@ -94,29 +99,29 @@ def test_only_the_tail_is_searched():
     # A stop string wholly inside old text was already seen (or allowed by min_tokens): the new
     # delta must take part in the match.
     params = SamplingParams(stop=["ab"])
-    assert check_stop(params, [1, 7], 7, EOS, "abxyz", 2) is None
-    assert check_stop(params, [1, 7], 7, EOS, "xyza", 1) is None
-    assert check_stop(params, [1, 7], 7, EOS, "xyzab", 1).truncate_to == 3
+    assert check_stop(params, [1, 7], 7, (EOS,), "abxyz", 2) is None
+    assert check_stop(params, [1, 7], 7, (EOS,), "xyza", 1) is None
+    assert check_stop(params, [1, 7], 7, (EOS,), "xyzab", 1).truncate_to == 3
 
 
 def test_no_new_text_cannot_complete_a_stop_string():
     # A held-back token (half a character) adds no text, so nothing new can match.
-    assert check_stop(SamplingParams(stop=["b"]), [1], 1, EOS, "ab", 0) is None
+    assert check_stop(SamplingParams(stop=["b"]), [1], 1, (EOS,), "ab", 0) is None
 
 
 def test_min_tokens_suppresses_stops_until_reached():
     params = SamplingParams(min_tokens=2, stop=["!"], stop_token_ids=[9], max_tokens=10)
-    assert check_stop(params, [EOS], EOS, EOS, "", 0) is None
-    assert check_stop(params, [5, 9], 9, EOS, "a?", 1) is None
-    assert check_stop(params, [5, 6], 6, EOS, "a!", 1) is None
-    assert check_stop(params, [5, 6, EOS], EOS, EOS, "a!", 0).finish_reason == "stop"
-    assert check_stop(params, [5, 6, 9], 9, EOS, "a!?", 1).stop_reason == 9
-    assert check_stop(params, [5, 6, 7], 7, EOS, "a!?!", 1).stop_reason == "!"
+    assert check_stop(params, [EOS], EOS, (EOS,), "", 0) is None
+    assert check_stop(params, [5, 9], 9, (EOS,), "a?", 1) is None
+    assert check_stop(params, [5, 6], 6, (EOS,), "a!", 1) is None
+    assert check_stop(params, [5, 6, EOS], EOS, (EOS,), "a!", 0).finish_reason == "stop"
+    assert check_stop(params, [5, 6, 9], 9, (EOS,), "a!?", 1).stop_reason == 9
+    assert check_stop(params, [5, 6, 7], 7, (EOS,), "a!?!", 1).stop_reason == "!"
 
 
 def test_min_tokens_does_not_suppress_length():
     params = SamplingParams(min_tokens=3, max_tokens=3)
-    assert check_stop(params, [5, 6, 7], 7, EOS, "abc", 1) == StopDecision("length")
+    assert check_stop(params, [5, 6, 7], 7, (EOS,), "abc", 1) == StopDecision("length")
 
 
 @pytest.mark.parametrize(
