@@ -95,8 +95,6 @@ class BlockManager:
             if block_id is None:
                 break
             ids.append(block_id)
-        self.num_prefix_queries += seq.num_tokens
-        self.num_prefix_hits += len(ids) * self.block_size
         return CachedPrefix(tuple(ids))
 
     def cache_full_blocks(self, seq: Sequence) -> None:
@@ -140,6 +138,9 @@ class BlockManager:
         if not self.can_allocate(seq, num_new_tokens, prefix):
             raise RuntimeError(f"out of KV blocks for {seq.request_id}; call can_allocate first")
         need = self._num_new_blocks(seq, num_new_tokens, prefix)
+        if not seq.block_ids:  # admission: count the lookup once, when it is acted on
+            self.num_prefix_queries += seq.num_tokens
+            self.num_prefix_hits += prefix.num_blocks * self.block_size
         for block_id in prefix.block_ids:
             self._take(block_id)
         if prefix.num_blocks:

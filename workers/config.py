@@ -112,6 +112,8 @@ def _rope_spec(hf: Any, head_dim: int) -> RopeSpec:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return RopeSpec(head_dim=head_dim, theta=float(theta))
+    if rope_type != "llama3":
+        raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: 'default', 'llama3'")
     return RopeSpec(
         head_dim=head_dim,
         theta=float(theta),

@@ -132,6 +132,10 @@ class LLMEngine:
             raise ValueError(f"prompt token ids out of range [0, {self.model_cfg.vocab_size}): {bad[:5]}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        budget = self.config.scheduler.max_num_batched_tokens
+        if not self.config.scheduler.enable_chunked_prefill and len(prompt_ids) > budget:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds the per-step budget of {budget} "
+                             "tokens and chunked prefill is off")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt of {len(prompt_ids)} tokens is too long: the model's max length is "

@@ -130,7 +130,7 @@ class Scheduler:
             prefix = self.block_manager.find_cached_prefix(seq)
             remaining = seq.num_tokens - prefix.num_blocks * self.block_manager.block_size
             num_new = min(remaining, budget)
-            if num_new < remaining and not self.config.enable_chunked_prefill:
+            if num_new < remaining and not self._may_chunk(seq):
                 break
             if not self.block_manager.can_allocate(seq, num_new, prefix):
                 break
@@ -147,7 +147,12 @@ class Scheduler:
         remaining = seq.num_uncomputed_tokens
         if remaining <= budget:
             return remaining
-        return budget if self.config.enable_chunked_prefill else 0
+        return budget if self._may_chunk(seq) else 0
+
+    def _may_chunk(self, seq: Sequence) -> bool:
+        # A preempted sequence recomputes prompt + output, which may outgrow the budget even
+        # when its prompt fit: it is chunked regardless, or it would never run again.
+        return self.config.enable_chunked_prefill or seq.num_preemptions > 0
 
     # ---- after the step --------------------------------------------------------------
 

@@ -1,0 +1,7 @@
+"""The engine of one worker group: everything that turns requests into tokens on its ranks.
+
+Model code for the Llama family (`models/`), model source resolution (`model_source`), the paged
+KV cache and block manager with prefix caching, the scheduler (continuous batching, chunked
+prefill, preemption), the model runner, sampling and detokenisation, the engine step loop and
+the offline `LLM` front end; later the rank processes of a group and its prefill / decode roles.
+"""
