@@ -18,6 +18,20 @@ from splitserve.kernels.rotary import RopeSpec
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
+def check_supported(
+    model_type: str | None, architectures: list[str] | None = None, where: str = ""
+) -> None:
+    """Raise ValueError unless ``model_type`` is one the engine implements."""
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return
+    archs = f" (architectures {architectures})" if architectures else ""
+    place = f" in {where!r}" if where else ""
+    raise ValueError(
+        f"unsupported architecture: model_type {model_type!r}{archs}{place}; "
+        f"splitserve supports model_type {', '.join(SUPPORTED_MODEL_TYPES)}"
+    )
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The shape of a Llama-family decoder."""
@@ -44,10 +58,7 @@ class ModelConfig:
     bos_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"unsupported architecture {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
-            )
+        check_supported(self.model_type)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.num_heads} heads is not a multiple of {self.num_kv_heads} KV heads")
 
@@ -60,11 +71,7 @@ class ModelConfig:
     def from_hf(cls, hf: Any) -> "ModelConfig":
         """Read a transformers config object (v4 ``rope_scaling`` or v5 ``rope_parameters``)."""
         model_type = getattr(hf, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"unsupported architecture {model_type!r} "
-                f"({getattr(hf, 'architectures', None)}); supported: {SUPPORTED_MODEL_TYPES}"
-            )
+        check_supported(model_type, getattr(hf, "architectures", None))
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         bias = bool(getattr(hf, "attention_bias", False))
         return cls(

