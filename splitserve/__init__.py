@@ -5,6 +5,7 @@ transformers) and works while parts of the engine are still being written:
 
 - ``splitserve.LLM``: offline generation (``splitserve.workers.llm``).
 - ``splitserve.SamplingParams``: per-request sampling settings (``splitserve.workers.sampling_params``).
+- ``splitserve.Mapping``: a rank's place in a tp x pp worker group (``splitserve.mapping``).
 
 The subpackages (``mapping``, ``kernels``, ``workers``, ``kvtransfer``, ``router``, ``cluster``)
 live in top-level folders of the repository; see DESIGN.md.
@@ -21,13 +22,15 @@ __version__ = "0.1.0"
 _LAZY = {
     "LLM": "splitserve.workers.llm",
     "SamplingParams": "splitserve.workers.sampling_params",
+    "Mapping": "splitserve.mapping",
 }
 
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "Mapping", "SamplingParams", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
     from splitserve.workers.llm import LLM
     from splitserve.workers.sampling_params import SamplingParams
+    from splitserve.mapping import Mapping
 
 
 def __getattr__(name: str) -> Any:

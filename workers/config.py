@@ -62,11 +62,6 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.num_heads} heads is not a multiple of {self.num_kv_heads} KV heads")
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K+V per token over all layers, in float32 (scale for other dtypes)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
-
     @classmethod
     def from_hf(cls, hf: Any) -> "ModelConfig":
         """Read a transformers config object (v4 ``rope_scaling`` or v5 ``rope_parameters``)."""
@@ -162,6 +157,30 @@ class CacheConfig:
                 f"{self.block_size} tokens ({bytes_per_token} B per token)"
             )
         return blocks
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """The layout of one worker group and the deadlines of its rank processes."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    #: A step that takes longer than this fails the group (a rank hung or died).
+    step_timeout_s: float = 120.0
+    #: Rank processes must start, rendezvous and load weights within this.
+    startup_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError(
+                f"tensor/pipeline parallel sizes must be >= 1, got tp={self.tensor_parallel_size} "
+                f"pp={self.pipeline_parallel_size}")
+        if self.step_timeout_s <= 0 or self.startup_timeout_s <= 0:
+            raise ValueError("worker-group timeouts must be positive")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass(frozen=True)

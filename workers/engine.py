@@ -21,19 +21,20 @@ from typing import Any
 
 import torch
 
+from splitserve.mapping import Mapping
 from splitserve.workers.block_manager import BlockManager
-from splitserve.workers.config import CacheConfig, ModelConfig, SchedulerConfig
+from splitserve.workers.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from splitserve.workers.detokenizer import IncrementalDetokenizer
+from splitserve.workers.executor import RunnerSpec, WorkerGroupError, make_executor
 from splitserve.workers.kv_cache import KVCacheSpec
-from splitserve.workers.model_runner import ModelRunner
 from splitserve.workers.model_source import load_tokenizer, resolve_model
 from splitserve.workers.outputs import RequestOutput
-from splitserve.workers.sampler import SamplerOutput, make_generator
+from splitserve.workers.sampler import SamplerOutput
 from splitserve.workers.sampling_params import SamplingParams
 from splitserve.workers.scheduler import Scheduler, SchedulerOutput
 from splitserve.workers.sequence import Sequence, SequenceStatus
+from splitserve.workers.step_batch import build_step_batch
 from splitserve.workers.stop_checker import check_stop, stream_holdback
-from splitserve.workers.weights import iter_safetensors
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     show_progress: bool = True
 
 
@@ -93,17 +95,28 @@ class LLMEngine:
         dtype = resolve_dtype(config.dtype, self.device)
         self.max_model_len = min(config.max_model_len or self.model_cfg.max_position_embeddings,
                                  self.model_cfg.max_position_embeddings)
-        elem = torch.empty((), dtype=dtype).element_size()
-        num_blocks = config.cache.resolve_num_blocks(self.model_cfg.kv_bytes_per_token // 4 * elem)
-        spec = KVCacheSpec.for_model(self.model_cfg, num_blocks, config.cache.block_size, dtype)
-        weights = None if source.weights_dir is None else iter_safetensors(source.weights_dir, config.show_progress)
-        seed = source.random_seed if source.random_seed is not None else config.seed
-        self.runner = ModelRunner.create(self.model_cfg, spec, self.device, self.eos_token_ids, weights, seed)
+        num_blocks = self._num_blocks(dtype)
+        self.executor = make_executor(RunnerSpec(
+            model_cfg=self.model_cfg, weights_dir=source.weights_dir,
+            seed=source.random_seed if source.random_seed is not None else config.seed,
+            num_blocks=num_blocks, block_size=config.cache.block_size, dtype=dtype,
+            device_type=self.device.type, device_index=self.device.index,
+            eos_token_ids=self.eos_token_ids, show_progress=config.show_progress,
+        ), config.parallel)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []  # aborted between steps, reported by the next step
+        self._ended: list[str] = []  # finished since the last step: ranks drop their state
+        self._failure: str | None = None
         self._ids = itertools.count()
+
+    def _num_blocks(self, dtype: torch.dtype) -> int:
+        # The KV budget is per rank; the first pipeline stage holds the most layers.
+        p = self.config.parallel
+        first = Mapping(p.world_size, 0, p.tensor_parallel_size, p.pipeline_parallel_size)
+        per_rank = KVCacheSpec.for_rank(self.model_cfg, first, 1, self.config.cache.block_size, dtype)
+        return self.config.cache.resolve_num_blocks(per_rank.bytes_per_token)
 
     def _eos_token_ids(self) -> tuple[int, ...]:
         # The config may list several (Llama 3 instruct); the tokenizer's counts too.
@@ -125,6 +138,8 @@ class LLMEngine:
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError if the request cannot run here; changes nothing."""
+        if self._failure is not None:
+            raise RuntimeError(f"the engine's worker group failed and cannot take requests: {self._failure}")
         if not prompt_ids:
             raise ValueError("empty prompt: a request needs at least one prompt token")
         bad = [t for t in prompt_ids if not 0 <= t < self.model_cfg.vocab_size]
@@ -154,7 +169,7 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
-        seq = Sequence(request_id, list(prompt_ids), params, generator=make_generator(params.seed, self.device))
+        seq = Sequence(request_id, list(prompt_ids), params)
         needs_text = self.tokenizer is not None and (stream or bool(params.stop))
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if needs_text else None
         self._requests[request_id] = _Request(seq, detok, stream, prompt)
@@ -166,7 +181,7 @@ class LLMEngine:
         req = self._requests.pop(request_id, None)
         if req is None or req.seq.is_finished:
             return
-        self.scheduler.finish(req.seq, SequenceStatus.FINISHED_ABORTED)
+        self._finish(req.seq, SequenceStatus.FINISHED_ABORTED)
         self._pending.append(self._output(req))
 
     def has_unfinished_requests(self) -> bool:
@@ -176,9 +191,32 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        sampled = self.runner.run(out)
+        sampled = self._execute(out)
         self.scheduler.postprocess(out)
         return self._update(out, sampled)
+
+    def _execute(self, out: SchedulerOutput) -> SamplerOutput:
+        batch = build_step_batch(out, self.block_manager.block_size, self._ended)
+        self._ended = []
+        try:
+            return self.executor.execute(batch)
+        except WorkerGroupError as err:
+            self._fail_all(str(err))
+            raise
+
+    def _fail_all(self, reason: str) -> None:
+        """The group is gone: end every request (blocks back to the pool) and refuse new ones."""
+        self._failure = reason
+        for request_id in list(self._requests):
+            self.abort_request(request_id)
+        self._pending = []
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+    def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        self.scheduler.finish(seq, status)
+        self._ended.append(seq.request_id)
 
     def _update(self, out: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
@@ -201,12 +239,12 @@ class LLMEngine:
         text = req.detok.text if req.detok is not None else None
         decision = check_stop(seq.params, seq.output_token_ids, token, self.eos_token_ids, text, len(delta))
         if decision is None and seq.num_tokens >= self.max_model_len:
-            self.scheduler.finish(seq, SequenceStatus.FINISHED_LENGTH)
+            self._finish(seq, SequenceStatus.FINISHED_LENGTH)
         elif decision is not None:
             seq.stop_reason = decision.stop_reason
             req.truncate_to = decision.truncate_to
             status = SequenceStatus.FINISHED_LENGTH if decision.finish_reason == "length" else SequenceStatus.FINISHED_STOPPED
-            self.scheduler.finish(seq, status)
+            self._finish(seq, status)
 
     def _output(self, req: _Request) -> RequestOutput:
         seq = req.seq

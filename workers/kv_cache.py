@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from splitserve.mapping import Mapping
 from splitserve.workers.config import ModelConfig
 
 
@@ -29,9 +30,16 @@ class KVCacheSpec:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
 
+    @property
+    def bytes_per_token(self) -> int:
+        return self.bytes_per_block // self.block_size
+
     @classmethod
-    def for_model(cls, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> "KVCacheSpec":
-        return cls(num_blocks, block_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
+    def for_rank(cls, cfg: ModelConfig, mapping: Mapping, num_blocks: int, block_size: int,
+                 dtype: torch.dtype) -> "KVCacheSpec":
+        """The share of one rank: its pipeline stage's layers and its tp rank's KV heads."""
+        layers, kv_heads = mapping.pp_layers(cfg.num_layers), mapping.kv_heads(cfg.num_kv_heads)
+        return cls(num_blocks, block_size, len(layers), len(kv_heads), cfg.head_dim, dtype)
 
 
 class KVCache:

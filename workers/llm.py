@@ -12,7 +12,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from splitserve.workers.config import CacheConfig, SchedulerConfig
+from splitserve.workers.config import CacheConfig, ParallelConfig, SchedulerConfig
 from splitserve.workers.engine import EngineConfig, LLMEngine
 from splitserve.workers.outputs import RequestOutput
 from splitserve.workers.sampling_params import SamplingParams
@@ -26,7 +26,9 @@ class LLM:
     Args:
         model: None (the default model, SmolLM2-135M-Instruct), a local Hugging Face folder,
             or ``random:<name>`` (random weights of a named shape, token-id prompts).
-        num_kv_blocks / kv_cache_memory: the KV budget, in blocks or bytes.
+        tensor_parallel_size / pipeline_parallel_size: run as a worker group of tp x pp rank
+            processes (gloo on CPU, NCCL on GPU); 1 x 1 runs in this process.
+        num_kv_blocks / kv_cache_memory: the KV budget, in blocks or bytes (per rank).
         Other arguments: see `EngineConfig`, `CacheConfig`, `SchedulerConfig`.
     """
 
@@ -34,6 +36,8 @@ class LLM:
         self,
         model: str | None = None,
         *,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
         device: str = "auto",
         dtype: str = "auto",
         max_model_len: int | None = None,
@@ -51,10 +55,21 @@ class LLM:
             model=model, device=device, dtype=dtype, max_model_len=max_model_len, seed=seed,
             cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, enable_chunked_prefill),
+            parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size),
             show_progress=show_progress,
         )
         self.engine = LLMEngine(config)
         self.show_progress = show_progress
+
+    def shutdown(self) -> None:
+        """Stop the worker group's rank processes (also done when the LLM is collected)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer

@@ -1,14 +1,17 @@
-"""Model runner: turns a `SchedulerOutput` into one forward pass and sampled tokens.
+"""Model runner: one rank's forward pass for a `StepBatch`, and sampling on the output rank.
 
-Lifecycle: built once per worker (model allocated, weights loaded or random, KV cache
-allocated); then per step `run(out)` lays the scheduled tokens out flat — decode rows
-first, then prefill chunks — builds the attention metadata (cache slots, block tables),
-runs the model, computes logits only for the rows that sample, and samples.
+Lifecycle: built once per rank (this rank's shard of the model, weights loaded or random,
+its share of the KV cache allocated); then per step `execute(batch)`: tensors from the plain
+batch, attention metadata, the forward of this pipeline stage (receiving activations from
+the previous stage, sending to the next), and on the last stage the logits of the rows that
+sample. The *output rank* (last stage, tp rank 0) samples and returns the tokens; every other
+rank returns None. Seeded requests keep their RNG here, from their first token to their end.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -16,98 +19,79 @@ from splitserve.workers.config import ModelConfig
 from splitserve.workers.kv_cache import KVCache, KVCacheSpec
 from splitserve.workers.models.attention import AttentionMetadata, PrefillChunk
 from splitserve.workers.models.registry import build_model
-from splitserve.workers.sampler import Sampler, SamplerOutput, SampleRequest
-from splitserve.workers.scheduler import ScheduledSeq, SchedulerOutput
-
-
-@dataclass(frozen=True)
-class StepInputs:
-    """Tensors of one forward pass."""
-
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: AttentionMetadata
-    #: Row of each sampling sequence's last token in the flattened batch.
-    logits_indices: torch.Tensor
-    sampling: list[ScheduledSeq]
+from splitserve.workers.parallel import ParallelState
+from splitserve.workers.sampler import Sampler, SamplerOutput, SampleRequest, make_generator
+from splitserve.workers.step_batch import StepBatch
 
 
 class ModelRunner:
-    def __init__(self, model_cfg: ModelConfig, model: torch.nn.Module, kv_spec: KVCacheSpec, device: torch.device,
-                 eos_token_ids: tuple[int, ...]):
+    def __init__(self, model_cfg: ModelConfig, model: torch.nn.Module, parallel: ParallelState,
+                 kv_spec: KVCacheSpec, device: torch.device, eos_token_ids: tuple[int, ...]):
         self.model_cfg = model_cfg
-        self.eos_token_ids = eos_token_ids
         self.model = model
+        self.parallel = parallel
         self.device = device
-        self.block_size = kv_spec.block_size
+        self.dtype = kv_spec.dtype
+        self.eos_token_ids = eos_token_ids
         self.kv_cache = KVCache(kv_spec, device)
         self.kv_layers = self.kv_cache.layers()
         self.sampler = Sampler()
+        self._generators: dict[str, torch.Generator | None] = {}
+        m = parallel.mapping
+        self.is_output_rank = m.is_last_pp_rank and m.tp_rank == 0
 
     @classmethod
-    def create(cls, model_cfg: ModelConfig, kv_spec: KVCacheSpec, device: torch.device,
-               eos_token_ids: tuple[int, ...], weights=None, seed: int = 0):
-        """Build the model and load ``weights`` (named tensors), or random weights if None."""
-        model = build_model(model_cfg, device, kv_spec.dtype)
+    def create(cls, model_cfg: ModelConfig, parallel: ParallelState, kv_spec: KVCacheSpec, device: torch.device,
+               eos_token_ids: tuple[int, ...], weights: Iterable[tuple[str, Any]] | None = None, seed: int = 0):
+        """Build this rank's model and load ``weights`` (named tensors), or random weights if None."""
+        model = build_model(model_cfg, parallel, device, kv_spec.dtype)
         if weights is None:
             model.init_random(seed)
         else:
             model.load_weights(weights)
-        return cls(model_cfg, model, kv_spec, device, eos_token_ids)
+        return cls(model_cfg, model, parallel, kv_spec, device, eos_token_ids)
 
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput) -> SamplerOutput:
-        inputs = self.prepare(out)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_layers, inputs.meta)
-        if not inputs.sampling:
-            return SamplerOutput(token_ids=[], logprobs=[])
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        return self.sampler(logits, [self._sample_request(s) for s in inputs.sampling])
-
-    def _sample_request(self, item: ScheduledSeq) -> SampleRequest:
-        seq = item.seq
-        return SampleRequest(seq.params, seq.generator, seq.num_output_tokens, self.eos_token_ids)
-
-    # ---- input preparation ---------------------------------------------------------------
-
-    def prepare(self, out: SchedulerOutput) -> StepInputs:
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        logits_rows: list[int] = []
-        chunks: list[PrefillChunk] = []
-        for item in out.scheduled:
-            start, seq = len(ids), item.seq
-            first = seq.num_computed_tokens
-            ids += seq.token_slice(first, first + item.num_new_tokens)
-            positions += range(first, first + item.num_new_tokens)
-            slots += self._slots(seq.block_ids, first, item.num_new_tokens)
-            if item.samples:
-                logits_rows.append(len(ids) - 1)
-            if start >= len(out.decodes):
-                chunks.append(PrefillChunk(start, item.num_new_tokens, first + item.num_new_tokens,
-                                           self._tensor(seq.block_ids)))
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
-            num_decode=len(out.decodes),
-            decode_block_tables=self._decode_tables(out.decodes),
-            decode_context_lens=self._tensor([s.seq.num_computed_tokens + 1 for s in out.decodes]),
-            prefills=tuple(chunks),
-        )
-        return StepInputs(self._tensor(ids), self._tensor(positions), meta,
-                          self._tensor(logits_rows), [s for s in out.scheduled if s.samples])
-
-    def _slots(self, block_ids: list[int], first: int, count: int) -> list[int]:
-        bs = self.block_size
-        return [block_ids[p // bs] * bs + p % bs for p in range(first, first + count)]
-
-    def _decode_tables(self, decodes: list[ScheduledSeq]) -> torch.Tensor | None:
-        if not decodes:
+    def execute(self, batch: StepBatch) -> SamplerOutput | None:
+        for request_id in batch.finished_request_ids:
+            self._generators.pop(request_id, None)
+        if not batch.num_tokens:
+            return SamplerOutput([], []) if self.is_output_rank else None
+        hidden = self._forward(batch)
+        if hidden is None:
+            return None  # an earlier pipeline stage: activations went on to the next
+        logits = self.model.compute_logits(hidden[self._tensor(batch.logits_indices)])
+        if not self.is_output_rank:
             return None
-        width = max(-(-(s.seq.num_computed_tokens + 1) // self.block_size) for s in decodes)
-        # Padding points at block 0: those slots lie beyond each row's context and are masked.
-        rows = [s.seq.block_ids[:width] + [0] * (width - min(width, len(s.seq.block_ids))) for s in decodes]
-        return self._tensor(rows)
+        return self.sampler(logits, [self._sample_request(row) for row in batch.sample_rows])
+
+    def _forward(self, batch: StepBatch) -> torch.Tensor | None:
+        m, model = self.parallel.mapping, self.model
+        intermediate = None
+        if not m.is_first_pp_rank:
+            shape = (batch.num_tokens, self.model_cfg.hidden_size)
+            intermediate = tuple(self.parallel.recv_prev([shape, shape], self.dtype, self.device))
+        out = model(self._tensor(batch.input_ids), self._tensor(batch.positions), self.kv_layers,
+                    self._metadata(batch), intermediate)
+        if not m.is_last_pp_rank:
+            self.parallel.send_next(list(out))
+            return None
+        return out
+
+    def _metadata(self, batch: StepBatch) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self._tensor(batch.slot_mapping),
+            num_decode=batch.num_decode,
+            decode_block_tables=self._tensor(batch.decode_block_tables) if batch.num_decode else None,
+            decode_context_lens=self._tensor(batch.decode_context_lens) if batch.num_decode else None,
+            prefills=tuple(PrefillChunk(c.start, c.num_tokens, c.context_len, self._tensor(c.block_ids))
+                           for c in batch.prefills),
+        )
+
+    def _sample_request(self, row) -> SampleRequest:
+        if row.request_id not in self._generators:
+            self._generators[row.request_id] = make_generator(row.params.seed, self.device)
+        return SampleRequest(row.params, self._generators[row.request_id], row.num_output_tokens, self.eos_token_ids)
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

@@ -12,8 +12,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from splitserve.workers.sampler import TokenLogprobs
 from splitserve.workers.sampling_params import SamplingParams
 
@@ -35,8 +33,6 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    #: Per-request RNG (seeded requests); None uses the global one.
-    generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     #: Tokens whose K/V are in the cache (prefix hits included).

@@ -9,17 +9,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
+from typing import Any
+
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
 
-def iter_safetensors(folder: Path, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for every tensor in ``folder``'s ``*.safetensors`` files."""
+def iter_safetensors(folder: Path, progress: bool = True) -> Iterator[tuple[str, Any]]:
+    """Yield (name, lazy slice) for every tensor in ``folder``'s ``*.safetensors`` files.
+
+    The slice reads from disk only what is indexed (``t[a:b]``, ``t[:, a:b]``, ``t[:]``), so
+    a tensor-parallel rank reads its shard and nothing more."""
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors files in {folder}")
     handles = [safe_open(str(f), framework="pt") for f in files]
     names = [(h, name) for h in handles for name in h.keys()]
     for handle, name in tqdm(names, desc="Loading weights", unit="tensor", disable=not progress, leave=False):
-        yield name, handle.get_tensor(name)
+        yield name, handle.get_slice(name)

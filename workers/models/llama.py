@@ -3,18 +3,23 @@
 One class serves the family; the differences are configuration (`ModelConfig`): GQA head
 counts, q/k/v bias (Qwen2), sliding window (Mistral), RoPE scaling (Llama 3), tied
 embeddings. Projections that read the same input are fused (q|k|v, gate|up) so a step makes
-fewer, larger matrix multiplies; `load_weights` maps Hugging Face tensor names onto the fused
-parameters shard by shard.
+fewer, larger matrix multiplies.
 
-Lifecycle: `build_model(cfg)` allocates parameters (on the target device/dtype), then either
-`load_weights(iter_of_named_tensors)` or `init_random(seed)`; every step calls
-`forward(input_ids, positions, kv_caches, meta)` on a flattened ragged batch and
+Parallelism comes from the rank's `ParallelState` (its `Mapping`): attention heads, KV heads
+(replicated when there are fewer than tp ranks), the MLP and the vocabulary are split over
+tensor-parallel ranks; each pipeline stage holds `mapping.pp_layers(num_layers)` and only the
+first embeds, only the last normalises and computes logits.
+
+Lifecycle: `build_model(cfg, parallel, ...)` allocates this rank's parameters, then either
+`load_weights(named_tensors)` (Hugging Face names, lazily sliced) or `init_random(seed)`;
+every step calls `forward(...)` on a flattened ragged batch and, on the last stage,
 `compute_logits` on the rows that sample.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,8 +29,14 @@ from splitserve.kernels.norm import add_rms_norm_ref, rms_norm_ref
 from splitserve.kernels.rotary import apply_rotary_ref, rope_cos_sin
 from splitserve.workers.config import ModelConfig
 from splitserve.workers.models.attention import AttentionMetadata, PagedAttention
+from splitserve.workers.models.layers import (
+    ColumnParallelLinear, RowParallelLinear, ShardSpec, VocabParallelEmbedding,
+)
+from splitserve.workers.parallel import ParallelState
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+#: Activations between pipeline stages: (hidden, residual).
+Intermediate = tuple[torch.Tensor, torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -39,16 +50,24 @@ class RMSNorm(nn.Module):
             return rms_norm_ref(x, self.weight, self.eps)
         return add_rms_norm_ref(x, residual, self.weight, self.eps)
 
+    def load_shard(self, param_name: str, shard: int, tensor) -> None:
+        self.weight.data.copy_(tensor[:])
+
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.sliding_window)
+        m, d = parallel.mapping, cfg.head_dim
+        heads, kv_heads = m.heads(cfg.num_heads), m.kv_heads(cfg.num_kv_heads)
+        self.num_heads, self.num_kv_heads, self.head_dim = len(heads), len(kv_heads), d
+        self.q_size, self.kv_size = len(heads) * d, len(kv_heads) * d
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [
+            ShardSpec(heads.start * d, self.q_size, 0),
+            ShardSpec(kv_heads.start * d, self.kv_size, self.q_size),
+            ShardSpec(kv_heads.start * d, self.kv_size, self.q_size + self.kv_size),
+        ], bias=cfg.qkv_bias)
+        self.o_proj = RowParallelLinear(heads.start * d, self.q_size, cfg.hidden_size, cfg.o_bias, parallel)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, cfg.sliding_window)
 
     def forward(self, x, cos, sin, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -61,10 +80,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        cols = parallel.mapping.shard_range(cfg.intermediate_size)
+        n = len(cols)
+        self.gate_up_proj = ColumnParallelLinear(
+            cfg.hidden_size, [ShardSpec(cols.start, n, 0), ShardSpec(cols.start, n, n)], bias=False)
+        self.down_proj = RowParallelLinear(cols.start, n, cfg.hidden_size, False, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -72,12 +94,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = LlamaAttention(cfg, parallel)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = LlamaMLP(cfg, parallel)
 
     def forward(self, x, residual, cos, sin, kv_cache, meta):
         if residual is None:
@@ -89,24 +111,30 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-# Hugging Face name fragment -> (our fused parameter, which shard of it).
-_FUSED_SHARDS = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
+# Hugging Face projection name -> (our fused module, which logical shard of it).
+_FUSED = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
 }
+_NUM_SHARDS = {"qkv_proj": 3, "gate_up_proj": 2}
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.parallel = parallel
+        m = parallel.mapping
+        self.layer_range = m.pp_layers(cfg.num_layers)
+        self.is_first, self.is_last = m.is_first_pp_rank, m.is_last_pp_rank
+        # The last stage needs the embedding too when the LM head is tied to it.
+        if self.is_first or (self.is_last and cfg.tie_word_embeddings):
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, parallel) for _ in self.layer_range)
+        if self.is_last:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            if not cfg.tie_word_embeddings:
+                self.lm_head = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -115,86 +143,108 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rope_cos_sin(self.cfg.rope, self.cfg.max_position_embeddings)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
-    def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata):
-        """Flattened batch: input_ids, positions [T] -> final hidden states [T, hidden]."""
-        x = self.embed_tokens(input_ids)
+    def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata,
+                intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:
+        """Flattened batch [T] -> final hidden states (last stage) or (hidden, residual)."""
+        if self.is_first:
+            x, residual = self.embed_tokens(input_ids), None
+        else:
+            x, residual = intermediate
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, cos, sin, kv_cache, meta)
+        if not self.is_last:
+            return x, residual
         x, _ = self.norm(x, residual)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        head = self.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
+        return head.logits(hidden)
 
     # ---- weights -------------------------------------------------------------------------
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors in; every parameter must be covered once."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Load this rank's shards from Hugging Face-named tensors (or lazy slices of them);
+        tensors of other stages are skipped; every local parameter must be covered."""
+        loaded: set[tuple[str, str, int]] = set()
         for hf_name, tensor in weights:
-            target = self._map_name(hf_name)
-            if target is None:
-                continue
-            name, shard = target
-            if name not in params:
-                raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the model ({name!r})")
-            self._copy_shard(params[name], name, shard, tensor)
-            loaded.add(name if shard is None else f"{name}#{shard}")
-        self._check_complete(params, loaded)
-
-    def _map_name(self, hf_name: str) -> tuple[str, int | None] | None:
-        name = hf_name.removeprefix("model.")
-        if "rotary_emb" in name:
-            return None
-        if name == "lm_head.weight" and self.lm_head is None:
-            return None  # tied: the embedding serves as the head
-        for part, (fused, shard) in _FUSED_SHARDS.items():
-            if f".{part}." in name:
-                return name.replace(f".{part}.", f".{fused}."), shard
-        return name, None
-
-    def _copy_shard(self, param: nn.Parameter, name: str, shard: int | None, tensor: torch.Tensor) -> None:
-        if shard is None:
-            dest = param.data
-        else:
-            dest = param.data.narrow(0, *self._shard_range(name, shard))
-        if dest.shape != tensor.shape:
-            raise ValueError(f"shape mismatch for {name} shard {shard}: model {tuple(dest.shape)}, checkpoint {tuple(tensor.shape)}")
-        dest.copy_(tensor)
-
-    def _shard_range(self, name: str, shard: int) -> tuple[int, int]:
-        cfg = self.cfg
-        if ".qkv_proj." in name:
-            q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-            return ((0, q), (q, kv), (q + kv, kv))[shard]
-        return (shard * cfg.intermediate_size, cfg.intermediate_size)
-
-    def _check_complete(self, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
-        expected = set()
-        for name in params:
-            if ".qkv_proj." in name:
-                expected.update(f"{name}#{i}" for i in range(3))
-            elif ".gate_up_proj." in name:
-                expected.update(f"{name}#{i}" for i in range(2))
-            else:
-                expected.add(name)
-        missing = sorted(expected - loaded)
+            target = self._locate(hf_name)
+            if target is not None:
+                path, param, shard = target
+                self.get_submodule(path).load_shard(param, shard, tensor)
+                loaded.add(target)
+        missing = sorted(self._expected_shards() - loaded)
         if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors for this rank, e.g. {missing[:4]}")
+
+    def _locate(self, hf_name: str) -> tuple[str, str, int] | None:
+        """HF name -> (our module path, parameter, shard) on this rank, or None to skip."""
+        name = hf_name.removeprefix("model.")
+        module, _, param = name.rpartition(".")
+        if "rotary_emb" in name or (module == "lm_head" and self.cfg.tie_word_embeddings):
+            return None  # tied: embed_tokens.weight is the head
+        if module.startswith("layers."):
+            _, index, rest = module.split(".", 2)
+            if int(index) not in self.layer_range:
+                return None  # another pipeline stage's layer
+            parent, _, leaf = rest.rpartition(".")
+            fused, shard = _FUSED.get(leaf, (leaf, 0))
+            local = f"layers.{int(index) - self.layer_range.start}"
+            return ".".join(p for p in (local, parent, fused) if p), param, shard
+        return (module, param, 0) if self._has(module) else None
+
+    def _has(self, path: str) -> bool:
+        try:
+            self.get_submodule(path)
+            return True
+        except AttributeError:
+            return False
+
+    def _expected_shards(self) -> set[tuple[str, str, int]]:
+        expected = set()
+        for full_name, _ in self.named_parameters():
+            path, _, param = full_name.rpartition(".")
+            n = _NUM_SHARDS.get(path.rpartition(".")[2], 1)
+            expected.update((path, param, i) for i in range(n))
+        return expected
 
     @torch.no_grad()
     def init_random(self, seed: int) -> None:
-        """Random weights of the right shape (speed work, tests): N(0, 0.02), norms at 1."""
-        gen = torch.Generator().manual_seed(seed)
-        for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            elif name.endswith(".bias"):
-                param.zero_()
-            else:
-                cpu = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen)
-                param.copy_(cpu)
+        """Random weights (speed work, tests): N(0, 0.02), norms at 1. Drawn for the full
+        tensor and sharded like a checkpoint, so every tp/pp layout gets the same model."""
+        self.load_weights(random_hf_weights(self.cfg, seed, self.rope_cos.device))
+
+
+def random_hf_weights(cfg: ModelConfig, seed: int, device: torch.device = torch.device("cpu")):
+    """Hugging Face-named random tensors of the whole model, one at a time, seeded per name
+    (drawn on ``device``: an 8B model's worth of normals is slow on a CPU)."""
+    import zlib
+
+    d, h = cfg.head_dim, cfg.hidden_size
+    shapes = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    layer = {
+        "self_attn.q_proj.weight": (cfg.num_heads * d, h), "self_attn.k_proj.weight": (cfg.num_kv_heads * d, h),
+        "self_attn.v_proj.weight": (cfg.num_kv_heads * d, h), "self_attn.o_proj.weight": (h, cfg.num_heads * d),
+        "mlp.gate_proj.weight": (cfg.intermediate_size, h), "mlp.up_proj.weight": (cfg.intermediate_size, h),
+        "mlp.down_proj.weight": (h, cfg.intermediate_size),
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+    }
+    if cfg.qkv_bias:
+        layer |= {"self_attn.q_proj.bias": (cfg.num_heads * d,), "self_attn.k_proj.bias": (cfg.num_kv_heads * d,),
+                  "self_attn.v_proj.bias": (cfg.num_kv_heads * d,)}
+    if cfg.o_bias:
+        layer["self_attn.o_proj.bias"] = (h,)
+    for i in range(cfg.num_layers):
+        shapes |= {f"layers.{i}.{k}": v for k, v in layer.items()}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            yield f"model.{name}", torch.ones(shape)
+        elif name.endswith(".bias"):
+            yield f"model.{name}", torch.zeros(shape)
+        else:
+            gen = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            weight = torch.empty(shape, device=device).normal_(0.0, 0.02, generator=gen)
+            yield (name if name.startswith("lm_head") else f"model.{name}"), weight

@@ -10,6 +10,7 @@ from torch import nn
 
 from splitserve.workers.config import ModelConfig
 from splitserve.workers.models.llama import LlamaForCausalLM
+from splitserve.workers.parallel import ParallelState
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
@@ -18,8 +19,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Allocate the model for ``cfg`` on ``device`` in ``dtype`` (weights uninitialised)."""
+def build_model(cfg: ModelConfig, parallel: ParallelState, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Allocate this rank's part of the model on ``device`` in ``dtype`` (weights uninitialised)."""
     try:
         cls = MODEL_REGISTRY[cfg.model_type]
     except KeyError:
@@ -27,7 +28,7 @@ def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> n
     # Built on the meta device first: no memory and no default init for weights that the
     # loader overwrites anyway (an 8B model would otherwise be initialised twice).
     with torch.device("meta"):
-        model = cls(cfg)
+        model = cls(cfg, parallel)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.init_buffers(device)
     return model.eval()

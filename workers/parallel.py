@@ -1,0 +1,78 @@
+"""The process groups one rank of a worker group talks over, and the collectives it uses.
+
+Lifecycle: a rank process calls `ParallelState.init(mapping, store_addr, backend)` once
+(rendezvous on a TCPStore: gloo on CPU, NCCL on GPU), builds its model and cache with the
+`mapping`'s shard of heads, vocabulary and layers, then calls the collectives below every
+step. A single-process engine uses `ParallelState.single()`, whose collectives are no-ops, so
+the model code has one path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from splitserve.mapping import Mapping
+
+
+@dataclass
+class ParallelState:
+    mapping: Mapping
+    #: Process group of this rank's tensor-parallel peers (None when tp_size == 1).
+    tp_group: dist.ProcessGroup | None = None
+
+    @classmethod
+    def single(cls) -> "ParallelState":
+        return cls(Mapping(world_size=1, rank=0))
+
+    @classmethod
+    def init(cls, mapping: Mapping, host: str, port: int, backend: str, timeout_s: float) -> "ParallelState":
+        """Join the group's rendezvous and build every tp group (collective: all ranks call it)."""
+        dist.init_process_group(
+            backend, init_method=f"tcp://{host}:{port}", rank=mapping.rank,
+            world_size=mapping.world_size, timeout=timedelta(seconds=timeout_s),
+        )
+        tp_group = None
+        for ranks in mapping.all_tp_groups():  # new_group must be called by all ranks, in order
+            group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+            if mapping.rank in ranks:
+                tp_group = group
+        return cls(mapping, tp_group if mapping.tp_size > 1 else None)
+
+    @property
+    def tp_size(self) -> int:
+        return self.mapping.tp_size
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the tp group (row-parallel outputs, vocab-parallel embeddings)."""
+        if self.tp_group is not None:
+            dist.all_reduce(x, group=self.tp_group)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate the tp shards along the last dimension (vocab-parallel logits)."""
+        if self.tp_group is None:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.tp_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.tp_group)
+        return torch.cat(parts, dim=-1)
+
+    def send_next(self, tensors: list[torch.Tensor]) -> None:
+        """Hand activations to the same tp rank of the next pipeline stage."""
+        for t in tensors:
+            dist.send(t.contiguous(), self.mapping.next_pp_rank)
+
+    def recv_prev(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+        out = []
+        for shape in shapes:
+            t = torch.empty(shape, dtype=dtype, device=device)
+            dist.recv(t, self.mapping.prev_pp_rank)
+            out.append(t)
+        return out
+
+    def destroy(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,80 @@
+"""The main loop of one rank process of a worker group.
+
+Lifecycle: spawned by `WorkerGroupExecutor` -> set its thread share and ask the kernel to
+kill it if the driver dies (no orphans) -> rendezvous with its peers (`ParallelState.init`)
+-> build its runner (its shard of the weights, its share of the KV cache) -> report
+"ready" -> then for each ("step", StepBatch) from the driver run `execute`; the output rank
+replies ("result", SamplerOutput). ("stop", None) or a closed pipe ends the loop. Any
+exception is reported as ("error", traceback) before the process exits, so the driver fails
+the group at once instead of waiting for a deadline.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import torch
+
+from splitserve.mapping import Mapping
+from splitserve.workers.config import ParallelConfig
+from splitserve.workers.executor import RunnerSpec, build_runner
+from splitserve.workers.parallel import ParallelState
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    rank: int
+    runner: RunnerSpec
+    parallel: ParallelConfig
+    host: str
+    port: int
+    backend: str
+    num_threads: int
+
+    @property
+    def mapping(self) -> Mapping:
+        p = self.parallel
+        return Mapping(p.world_size, self.rank, p.tensor_parallel_size, p.pipeline_parallel_size)
+
+
+def _die_with_parent() -> None:
+    # Linux only: SIGKILL this process when its parent goes, however the parent ends.
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def worker_main(args: WorkerArgs, conn: Connection) -> None:
+    _die_with_parent()
+    torch.set_num_threads(args.num_threads)
+    try:
+        parallel = ParallelState.init(args.mapping, args.host, args.port, args.backend, args.parallel.step_timeout_s)
+        runner = build_runner(args.runner, parallel)
+        conn.send(("ready", None))
+        _serve(runner, conn)
+    except (EOFError, BrokenPipeError):
+        pass  # the driver is gone: nothing to report to
+    except BaseException:
+        _report(conn, traceback.format_exc())
+
+
+def _serve(runner, conn: Connection) -> None:
+    while True:
+        kind, payload = conn.recv()
+        if kind == "stop":
+            return
+        out = runner.execute(payload)
+        if out is not None:
+            conn.send(("result", out))
+
+
+def _report(conn: Connection, message: str) -> None:
+    try:
+        conn.send(("error", message))
+    except (OSError, EOFError):
+        pass

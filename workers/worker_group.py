@@ -1,0 +1,141 @@
+"""A worker group as tp x pp rank processes, driven from the engine's process.
+
+Lifecycle:
+    start    spawn one process per rank (spawn context: safe with CUDA), give each its
+             pipe; they rendezvous on a TCPStore on loopback and load their shards; wait
+             for every "ready" within ``startup_timeout_s``.
+    execute  send each step's `StepBatch` to every rank; wait for the output rank's
+             result within ``step_timeout_s`` while watching every rank's process: a rank
+             that dies, raises or hangs fails the step at once with `WorkerGroupError`.
+    shutdown ask ranks to stop, then terminate and kill what is left; also run by a
+             finalizer, and ranks die with their parent (PR_SET_PDEATHSIG): no orphans.
+After a failure the group is shut down and unusable; the engine fails its requests.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import time
+import weakref
+from multiprocessing.connection import Connection, wait
+
+from splitserve.workers.config import ParallelConfig
+from splitserve.workers.executor import RunnerSpec, WorkerGroupError
+from splitserve.workers.sampler import SamplerOutput
+from splitserve.workers.step_batch import StepBatch
+from splitserve.workers.worker import WorkerArgs, worker_main
+
+_STOP_GRACE_S = 5.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _terminate(procs: list[mp.Process]) -> None:
+    deadline = time.monotonic() + _STOP_GRACE_S
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=1.0)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=1.0)
+
+
+class WorkerGroupExecutor:
+    def __init__(self, spec: RunnerSpec, parallel: ParallelConfig):
+        self.parallel = parallel
+        world = parallel.world_size
+        backend = "nccl" if spec.device_type == "cuda" else "gloo"
+        # Several ranks on a few cores: each gets its share, or they fight over every core.
+        threads = max(1, (os.cpu_count() or 1) // world) if spec.device_type == "cpu" else 1
+        port, ctx = _free_port(), mp.get_context("spawn")
+        self.conns: list[Connection] = []
+        self.procs: list[mp.Process] = []
+        for rank in range(world):
+            parent, child = ctx.Pipe()
+            args = WorkerArgs(rank, spec, parallel, "127.0.0.1", port, backend, threads)
+            proc = ctx.Process(target=worker_main, args=(args, child), name=f"splitserve-rank{rank}", daemon=True)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        self._finalizer = weakref.finalize(self, _terminate, self.procs)
+        self.output_rank = (parallel.pipeline_parallel_size - 1) * parallel.tensor_parallel_size
+        self.failed: str | None = None
+        self._await_ready(time.monotonic() + parallel.startup_timeout_s)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def _await_ready(self, deadline: float) -> None:
+        pending = set(range(len(self.procs)))
+        while pending:
+            rank, kind, _ = self._next_message(deadline, "start")
+            if kind == "ready":
+                pending.discard(rank)
+
+    def execute(self, batch: StepBatch) -> SamplerOutput:
+        if self.failed:
+            raise WorkerGroupError(f"worker group already failed: {self.failed}")
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send(("step", batch))
+            except OSError:
+                self._fail(f"rank {rank} is gone (pipe closed)")
+        deadline = time.monotonic() + self.parallel.step_timeout_s
+        while True:
+            rank, kind, payload = self._next_message(deadline, "step")
+            if kind == "result" and rank == self.output_rank:
+                return payload
+
+    def _next_message(self, deadline: float, phase: str) -> tuple[int, str, object]:
+        """The next message from any rank; a dead rank, an error or the deadline fails the group."""
+        sentinels = {p.sentinel: rank for rank, p in enumerate(self.procs)}
+        conns = {c: rank for rank, c in enumerate(self.conns)}
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._fail(f"{phase} timed out after its deadline ({self.parallel.step_timeout_s if phase == 'step' else self.parallel.startup_timeout_s:.0f} s)")
+            ready = wait(list(conns) + list(sentinels), timeout=remaining)
+            for obj in ready:  # messages first: a rank reports its error, then exits
+                if obj in conns:
+                    return self._receive(conns[obj], obj)
+            for obj in ready:
+                rank = sentinels[obj]
+                self._fail(f"rank {rank} (pid {self.procs[rank].pid}) died during {phase} "
+                           f"with exit code {self.procs[rank].exitcode}")
+
+    def _receive(self, rank: int, conn: Connection) -> tuple[int, str, object]:
+        try:
+            kind, payload = conn.recv()
+        except (EOFError, OSError):
+            self._fail(f"rank {rank} closed its pipe (process died)")
+        if kind == "error":
+            self._fail(f"rank {rank} raised:\n{payload}")
+        return rank, kind, payload
+
+    def _fail(self, reason: str):
+        self.failed = reason
+        self.shutdown()
+        raise WorkerGroupError(f"worker group (tp={self.parallel.tensor_parallel_size}, "
+                               f"pp={self.parallel.pipeline_parallel_size}) failed: {reason}")
+
+    def shutdown(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(("stop", None))
+            except OSError:
+                pass
+        self._finalizer()
+        for conn in self.conns:
+            conn.close()
