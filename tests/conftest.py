@@ -115,3 +115,40 @@ class HFGreedy:
 @pytest.fixture(scope="session")
 def smollm2_oracle(hf_smollm2) -> HFGreedy:
     return HFGreedy(hf_smollm2)
+
+
+# --- tiny random models shared with transformers -------------------------------------------------
+
+
+class TinyModels:
+    """Tiny transformers models of the named random configs, saved once as safetensors folders:
+    the engine loads the folder, the oracle runs the in-memory model, same weights."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._made: dict[str, tuple[Path, HFGreedy]] = {}
+
+    def __call__(self, name: str) -> tuple[Path, HFGreedy]:
+        if name not in self._made:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            from splitserve.workers.model_source import random_config
+
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(random_config(name), dtype=torch.float32).eval()
+            model.save_pretrained(self.root / name)
+            self._made[name] = (self.root / name, HFGreedy(model))
+        return self._made[name]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> TinyModels:
+    return TinyModels(tmp_path_factory.mktemp("tiny-models"))
+
+
+def random_prompts(vocab_size: int, lengths: list[int], seed: int = 1) -> list[list[int]]:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in lengths]

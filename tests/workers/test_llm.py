@@ -9,7 +9,7 @@ conftest.py runs after each test.
 from __future__ import annotations
 
 import pytest
-import torch
+from conftest import random_prompts
 
 from splitserve import LLM, SamplingParams
 
@@ -88,29 +88,10 @@ def test_preemption_under_tiny_kv_budget_matches(smollm2_dir, smollm2_tokenizer,
 # --- tiny random configs of each family ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-llama3", "tiny-mistral", "tiny-qwen2"])
-def tiny_hf_folder(request, tmp_path_factory):
-    """A transformers model of a tiny random config, saved as safetensors: the same weights
-    load in both systems."""
-    from transformers import AutoModelForCausalLM
-
-    from splitserve.workers.model_source import random_config
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(random_config(request.param), dtype=torch.float32).eval()
-    folder = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(folder)
-    return folder, model
-
-
-def test_tiny_random_families_match(tiny_hf_folder):
-    from conftest import HFGreedy
-
-    folder, hf_model = tiny_hf_folder
-    oracle = HFGreedy(hf_model)
-    vocab = hf_model.config.vocab_size
-    gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (5, 17, 40, 90, 3, 64)]
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-llama3", "tiny-mistral", "tiny-qwen2"])
+def test_tiny_random_families_match(family, tiny_models):
+    folder, oracle = tiny_models(family)
+    prompts = random_prompts(oracle.model.config.vocab_size, [5, 17, 40, 90, 3, 64])
     llm = LLM(str(folder), show_progress=False, block_size=4, max_num_batched_tokens=32)
     params = SamplingParams(max_tokens=24, temperature=0.0)
     for out, ids in zip(llm.generate(prompts, params), prompts):
