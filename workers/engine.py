@@ -8,7 +8,10 @@ Lifecycle:
             ...                                      # RequestOutput snapshots, `finished` last
     engine.abort_request(id)                         # any time; frees the request's blocks
 
-One step is three calls, the whole architecture at a glance (see `step`). Text is decoded
+A step submits micro-batches (`_submit_ready`: schedule -> `StepBatch` -> executor), then
+collects the oldest one and advances its sequences (`postprocess`, `_update`): with one
+pipeline stage that is schedule -> forward+sample -> update; with ``pp`` stages up to ``pp``
+micro-batches are in flight so every stage has work. Text is decoded
 incrementally only for requests that stream or have stop strings; the rest are decoded once
 when they finish, which keeps the per-step cost independent of the tokenizer.
 """
@@ -16,6 +19,7 @@ when they finish, which keeps the per-step cost independent of the tokenizer.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +112,7 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []  # aborted between steps, reported by the next step
         self._ended: list[str] = []  # finished since the last step: ranks drop their state
+        self._inflight: deque[SchedulerOutput] = deque()  # submitted micro-batches, oldest first
         self._failure: str | None = None
         self._ids = itertools.count()
 
@@ -190,16 +195,32 @@ class LLMEngine:
     # ---- the loop ----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
-        sampled = self._execute(out)
+        self._submit_ready()
+        if not self._inflight:
+            outputs, self._pending = self._pending, []
+            return outputs
+        out = self._inflight.popleft()
+        sampled = self._guarded(self.executor.collect)
         self.scheduler.postprocess(out)
         return self._update(out, sampled)
 
-    def _execute(self, out: SchedulerOutput) -> SamplerOutput:
-        batch = build_step_batch(out, self.block_manager.block_size, self._ended)
-        self._ended = []
+    def _submit_ready(self) -> None:
+        """Schedule and send micro-batches until ``pp`` are in flight (one without pipeline
+        parallelism) or no sequence is left to put in one: stages never wait for the driver."""
+        depth = self.config.parallel.pipeline_parallel_size
+        while len(self._inflight) < depth and self.scheduler.has_schedulable():
+            cap = None if depth == 1 else -(-self.scheduler.num_unfinished // depth)
+            out = self.scheduler.schedule(cap)
+            if out.is_empty:
+                return
+            batch = build_step_batch(out, self.block_manager.block_size, self._ended)
+            self._ended = []
+            self._guarded(lambda: self.executor.submit(batch))
+            self._inflight.append(out)
+
+    def _guarded(self, call):
         try:
-            return self.executor.execute(batch)
+            return call()
         except WorkerGroupError as err:
             self._fail_all(str(err))
             raise
@@ -207,6 +228,7 @@ class LLMEngine:
     def _fail_all(self, reason: str) -> None:
         """The group is gone: end every request (blocks back to the pool) and refuse new ones."""
         self._failure = reason
+        self._inflight.clear()
         for request_id in list(self._requests):
             self.abort_request(request_id)
         self._pending = []
@@ -221,8 +243,10 @@ class LLMEngine:
     def _update(self, out: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
         items = [s for s in out.scheduled if s.samples]
-        for item, token, logprobs in zip(items, sampled.token_ids, sampled.logprobs):
-            req = self._requests[item.seq.request_id]
+        for item, token, logprobs in zip(items, sampled.token_ids, sampled.logprobs, strict=True):
+            req = self._requests.get(item.seq.request_id)
+            if req is None or req.seq.is_finished:
+                continue  # aborted while its micro-batch was in flight
             self._append_token(req, token, logprobs)
             if req.stream or req.seq.is_finished:
                 outputs.append(self._output(req))

@@ -9,6 +9,7 @@ by `make_executor`; `build_runner` is the one place a rank's runner is assembled
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -62,7 +63,11 @@ def build_runner(spec: RunnerSpec, parallel: ParallelState) -> ModelRunner:
 
 
 class Executor(Protocol):
-    def execute(self, batch: StepBatch) -> SamplerOutput: ...
+    """Batches are collected in the order they were submitted."""
+
+    def submit(self, batch: StepBatch) -> None: ...
+
+    def collect(self) -> SamplerOutput: ...
 
     def shutdown(self) -> None: ...
 
@@ -70,9 +75,13 @@ class Executor(Protocol):
 class LocalExecutor:
     def __init__(self, spec: RunnerSpec):
         self.runner = build_runner(spec, ParallelState.single())
+        self._results: deque[SamplerOutput] = deque()
 
-    def execute(self, batch: StepBatch) -> SamplerOutput:
-        return self.runner.execute(batch)
+    def submit(self, batch: StepBatch) -> None:
+        self._results.append(self.runner.execute(batch))
+
+    def collect(self) -> SamplerOutput:
+        return self._results.popleft()
 
     def shutdown(self) -> None:
         pass

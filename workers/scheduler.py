@@ -12,6 +12,10 @@ sequence is **preempted by recompute**: its blocks are freed and it returns to t
 the waiting queue, to prefill prompt + output again later. Nothing is admitted in a step
 that preempted. After the model runs, `postprocess` advances each sequence, registers its
 full blocks in the prefix cache, appends sampled tokens and retires finished sequences.
+
+Pipeline parallelism keeps several micro-batches in flight: a sequence in a batch that has
+not come back yet is *in flight* and is neither scheduled again nor preempted until its
+`postprocess`; ``max_seqs`` caps one micro-batch so the others get sequences too.
 """
 
 from __future__ import annotations
@@ -75,20 +79,28 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_seqs: int | None = None) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        cap = max_seqs or self.config.max_num_seqs
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens, cap)
         if not out.preempted:
-            self._schedule_waiting(out, budget)
+            self._schedule_waiting(out, budget, cap)
+        for item in out.scheduled:
+            item.seq.in_flight = True
         return out
+
+    def has_schedulable(self) -> bool:
+        """Some sequence could go into another micro-batch now."""
+        return bool(self.waiting) or any(not s.in_flight for s in self.running)
 
     # ---- running ---------------------------------------------------------------------
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
-        prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
+    def _schedule_running(self, out: SchedulerOutput, budget: int, cap: int) -> int:
+        idle = [s for s in self.running if not s.in_flight]
+        decodes = [s for s in idle if s.num_uncomputed_tokens == 1]
+        prefills = [s for s in idle if s.num_uncomputed_tokens > 1]
         for seq in decodes + prefills:
-            if budget == 0:
+            if budget == 0 or len(out.decodes) + len(out.prefills) >= cap:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this step
@@ -102,9 +114,13 @@ class Scheduler:
         return budget
 
     def _make_room(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
-        """Preempt the latest arrivals until ``seq`` fits; False if ``seq`` itself went."""
+        """Preempt the latest arrivals until ``seq`` fits; False if ``seq`` itself went (or
+        only in-flight sequences are left to take blocks from: it waits for them)."""
         while not self.block_manager.can_allocate(seq, num_new):
-            victim = self.running[-1]
+            victims = [s for s in self.running if not s.in_flight]
+            if not victims:
+                return False
+            victim = victims[-1]
             self._preempt(victim, out)
             if victim is seq:
                 return False
@@ -124,8 +140,9 @@ class Scheduler:
 
     # ---- waiting ---------------------------------------------------------------------
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, cap: int) -> None:
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(out.decodes) + len(out.prefills) < cap):
             seq = self.waiting[0]
             prefix = self.block_manager.find_cached_prefix(seq)
             remaining = seq.num_tokens - prefix.num_blocks * self.block_manager.block_size
@@ -159,6 +176,9 @@ class Scheduler:
     def postprocess(self, out: SchedulerOutput) -> None:
         """Advance every scheduled sequence past the tokens it just computed."""
         for item in out.scheduled:
+            item.seq.in_flight = False
+            if item.seq.is_finished:
+                continue  # aborted while its batch was in flight: its blocks are already free
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_full_blocks(item.seq)
 

@@ -48,6 +48,8 @@ class Sequence:
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     num_preemptions: int = 0
+    #: Part of a micro-batch that has not come back from the workers yet.
+    in_flight: bool = False
 
     @property
     def token_ids(self) -> list[int]:

@@ -4,9 +4,10 @@ Lifecycle:
     start    spawn one process per rank (spawn context: safe with CUDA), give each its
              pipe; they rendezvous on a TCPStore on loopback and load their shards; wait
              for every "ready" within ``startup_timeout_s``.
-    execute  send each step's `StepBatch` to every rank; wait for the output rank's
-             result within ``step_timeout_s`` while watching every rank's process: a rank
-             that dies, raises or hangs fails the step at once with `WorkerGroupError`.
+    submit   send a micro-batch (`StepBatch`) to every rank; up to pp are in flight.
+    collect  wait for the output rank's result of the oldest one within ``step_timeout_s``
+             while watching every rank's process: a rank that dies, raises or hangs fails
+             the step at once with `WorkerGroupError`.
     shutdown ask ranks to stop, then terminate and kill what is left; also run by a
              finalizer, and ranks die with their parent (PR_SET_PDEATHSIG): no orphans.
 After a failure the group is shut down and unusable; the engine fails its requests.
@@ -84,7 +85,9 @@ class WorkerGroupExecutor:
             if kind == "ready":
                 pending.discard(rank)
 
-    def execute(self, batch: StepBatch) -> SamplerOutput:
+    def submit(self, batch: StepBatch) -> None:
+        """Send a micro-batch to every rank; ranks work through batches in order, so with
+        pipeline stages the next batch enters stage 0 while the previous one is in stage 1."""
         if self.failed:
             raise WorkerGroupError(f"worker group already failed: {self.failed}")
         for rank, conn in enumerate(self.conns):
@@ -92,6 +95,9 @@ class WorkerGroupExecutor:
                 conn.send(("step", batch))
             except OSError:
                 self._fail(f"rank {rank} is gone (pipe closed)")
+
+    def collect(self) -> SamplerOutput:
+        """The oldest outstanding batch's sampled tokens, within the step deadline."""
         deadline = time.monotonic() + self.parallel.step_timeout_s
         while True:
             rank, kind, payload = self._next_message(deadline, "step")

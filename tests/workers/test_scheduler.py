@@ -373,3 +373,22 @@ def test_disabled_prefix_cache_computes_everything():
     out = step(sched)
     assert rows(out.prefills) == [("again", 9, True)] and again.num_cached_tokens == 0
     assert_no_leak(sched)
+
+
+def test_in_flight_sequences_are_not_rescheduled_or_preempted():
+    bm = BlockManager(6, 4, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), bm)
+    a, b = Sequence("a", [1] * 8, SamplingParams(max_tokens=4)), Sequence("b", [2] * 8, SamplingParams(max_tokens=4))
+    sched.add(a)
+    sched.add(b)
+    first = sched.schedule(max_seqs=1)
+    assert [s.seq for s in first.scheduled] == [a] and a.in_flight
+    second = sched.schedule(max_seqs=1)
+    assert [s.seq for s in second.scheduled] == [b]  # a is in flight: b gets the next micro-batch
+    assert sched.schedule().is_empty and not sched.has_schedulable()
+    sched.postprocess(first)
+    assert not a.in_flight and sched.has_schedulable()
+    sched.postprocess(second)
+    for seq in (a, b):
+        sched.finish(seq, SequenceStatus.FINISHED_ABORTED)
+    assert bm.num_free_blocks == bm.num_blocks

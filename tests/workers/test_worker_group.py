@@ -83,3 +83,19 @@ def test_killed_rank_fails_generate_fast_and_leaves_no_process(tiny_models):
     assert not any(_alive(p) for p in pids)
     with pytest.raises(RuntimeError, match="failed"):
         llm.generate([[1, 2]], GREEDY)  # the engine says so instead of hanging
+
+
+def test_pipeline_keeps_micro_batches_in_flight(tiny_models):
+    folder, oracle = tiny_models("tiny-llama")
+    prompts = random_prompts(oracle.model.config.vocab_size, [6, 30, 12, 9], seed=3)
+    with LLM(str(folder), show_progress=False, pipeline_parallel_size=2, block_size=4) as llm:
+        engine, depth, done = llm.engine, [], {}
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, GREEDY)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                done[out.request_id] = out.token_ids
+            depth.append(len(engine._inflight))
+    assert max(depth) == 1  # after collecting one of two: the other is still in flight
+    assert sum(d == 1 for d in depth) > len(depth) // 2
+    assert [done[str(i)] for i in range(4)] == [oracle(p, GREEDY.max_tokens) for p in prompts]
