@@ -217,8 +217,10 @@ class LlamaForCausalLM(nn.Module):
 
 
 def random_hf_weights(cfg: ModelConfig, seed: int, device: torch.device = torch.device("cpu")):
-    """Hugging Face-named random tensors of the whole model, one at a time, seeded per name
-    (drawn on ``device``: an 8B model's worth of normals is slow on a CPU)."""
+    """Hugging Face-named random tensors of the whole model, one at a time, seeded per name.
+
+    Drawn on ``device`` (an 8B model's worth of normals is slow on a CPU), so a seed gives the
+    same weights for every tp/pp layout on one device type, but CPU and CUDA weights differ."""
     import zlib
 
     d, h = cfg.head_dim, cfg.hidden_size
