@@ -10,12 +10,15 @@ by `make_executor`; `build_runner` is the one place a rank's runner is assembled
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
+from splitserve.kvtransfer.agent import KVAgentSpec, KVTransferAgent
+from splitserve.kvtransfer.messages import TransferEvent
 from splitserve.workers.config import ModelConfig, ParallelConfig
 from splitserve.workers.kv_cache import KVCacheSpec
 from splitserve.workers.model_runner import ModelRunner
@@ -44,6 +47,8 @@ class RunnerSpec:
     device_index: int | None
     eos_token_ids: tuple[int, ...]
     show_progress: bool = True
+    #: The rank's part in the KV transfer service (disaggregated mode); None otherwise.
+    kv: KVAgentSpec | None = None
 
 
 def rank_device(spec: RunnerSpec, parallel: ParallelState) -> torch.device:
@@ -54,28 +59,65 @@ def rank_device(spec: RunnerSpec, parallel: ParallelState) -> torch.device:
     return torch.device("cuda", parallel.mapping.local_rank)
 
 
-def build_runner(spec: RunnerSpec, parallel: ParallelState) -> ModelRunner:
+def build_runner(spec: RunnerSpec, parallel: ParallelState,
+                 report: Callable[[TransferEvent], None] | None = None) -> ModelRunner:
+    """This rank's runner; with ``spec.kv`` also its KV transfer agent, reporting to ``report``."""
     device = rank_device(spec, parallel)
-    kv = KVCacheSpec.for_rank(spec.model_cfg, parallel.mapping, spec.num_blocks, spec.block_size, spec.dtype)
-    progress = spec.show_progress and parallel.mapping.rank == 0
+    m, cfg = parallel.mapping, spec.model_cfg
+    kv = KVCacheSpec.for_rank(cfg, m, spec.num_blocks, spec.block_size, spec.dtype)
+    progress = spec.show_progress and m.rank == 0
     weights = None if spec.weights_dir is None else iter_safetensors(spec.weights_dir, progress)
-    return ModelRunner.create(spec.model_cfg, parallel, kv, device, spec.eos_token_ids, weights, spec.seed)
+    runner = ModelRunner.create(cfg, parallel, kv, device, spec.eos_token_ids, weights, spec.seed)
+    if spec.kv is not None:
+        runner.agent = KVTransferAgent(spec.kv, m.rank, runner.kv_cache.data, m.pp_layers(cfg.num_layers).start,
+                                       m.kv_heads(cfg.num_kv_heads).start, report)
+    return runner
+
+
+def handle_control(runner: ModelRunner, kind: str, payload: Any) -> str | None:
+    """Apply a control message to a rank; returns the reply kind, if one is owed."""
+    if kind == "kv_connect":
+        runner.agent.connect(payload)
+        return "kv_connected"
+    if kind == "kv_recv":
+        runner.agent.post_recv(payload)
+    elif kind == "kv_cancel":
+        runner.agent.cancel(payload)
+    else:
+        raise ValueError(f"unknown control message {kind!r}")
+    return None
 
 
 class Executor(Protocol):
-    """Batches are collected in the order they were submitted."""
+    """Batches are collected in the order they were submitted; control messages (KV
+    transfer commands) reach every rank in order with the batches; rank events come back
+    through `poll_events`."""
 
     def submit(self, batch: StepBatch) -> None: ...
 
     def collect(self) -> SamplerOutput: ...
+
+    def control(self, kind: str, payload: Any, timeout_s: float | None = None) -> None: ...
+
+    def poll_events(self) -> list[TransferEvent]: ...
 
     def shutdown(self) -> None: ...
 
 
 class LocalExecutor:
     def __init__(self, spec: RunnerSpec):
-        self.runner = build_runner(spec, ParallelState.single())
+        self._events: deque[TransferEvent] = deque()  # appended by the agent's thread
+        self.runner = build_runner(spec, ParallelState.single(), self._events.append)
         self._results: deque[SamplerOutput] = deque()
+
+    def control(self, kind: str, payload: Any, timeout_s: float | None = None) -> None:
+        handle_control(self.runner, kind, payload)
+
+    def poll_events(self) -> list[TransferEvent]:
+        events = []
+        while self._events:
+            events.append(self._events.popleft())
+        return events
 
     def submit(self, batch: StepBatch) -> None:
         self._results.append(self.runner.execute(batch))
@@ -87,8 +129,9 @@ class LocalExecutor:
         pass
 
 
-def make_executor(spec: RunnerSpec, parallel: ParallelConfig) -> Executor:
-    if parallel.world_size == 1:
+def make_executor(spec: RunnerSpec, parallel: ParallelConfig, processes: bool = False) -> Executor:
+    """In this process for one rank, unless ``processes`` asks for rank processes anyway."""
+    if parallel.world_size == 1 and not processes:
         return LocalExecutor(spec)
     from splitserve.workers.worker_group import WorkerGroupExecutor
 

@@ -39,6 +39,8 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator | None] = {}
         m = parallel.mapping
         self.is_output_rank = m.is_last_pp_rank and m.tp_rank == 0
+        #: The rank's side of the KV transfer service (disaggregated mode), set by the executor.
+        self.agent = None
 
     @classmethod
     def create(cls, model_cfg: ModelConfig, parallel: ParallelState, kv_spec: KVCacheSpec, device: torch.device,
@@ -71,8 +73,9 @@ class ModelRunner:
         if not m.is_first_pp_rank:
             shape = (batch.num_tokens, self.model_cfg.hidden_size)
             intermediate = tuple(self.parallel.recv_prev([shape, shape], self.dtype, self.device))
+        hook = self.agent.layer_hook(batch.kv_sends) if self.agent and batch.kv_sends else None
         out = model(self._tensor(batch.input_ids), self._tensor(batch.positions), self.kv_layers,
-                    self._metadata(batch), intermediate)
+                    self._metadata(batch), intermediate, hook)
         if not m.is_last_pp_rank:
             self.parallel.send_next(list(out))
             return None

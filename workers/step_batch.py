@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from splitserve.kvtransfer.messages import SendCommand
 from splitserve.workers.sampling_params import SamplingParams
 from splitserve.workers.scheduler import ScheduledSeq, SchedulerOutput
 
@@ -53,13 +54,16 @@ class StepBatch:
     sample_rows: list[SampleRow]
     #: Requests that ended since the last step: the sampling rank drops their state.
     finished_request_ids: list[str] = field(default_factory=list)
+    #: KV transfers to push while this step computes (prefill groups of disaggregated mode).
+    kv_sends: list[SendCommand] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
 
 
-def build_step_batch(out: SchedulerOutput, block_size: int, finished_request_ids: list[str]) -> StepBatch:
+def build_step_batch(out: SchedulerOutput, block_size: int, finished_request_ids: list[str],
+                     kv_sends: list[SendCommand] | None = None) -> StepBatch:
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -81,7 +85,7 @@ def build_step_batch(out: SchedulerOutput, block_size: int, finished_request_ids
         decode_context_lens=[s.seq.num_computed_tokens + 1 for s in out.decodes],
         prefills=chunks, logits_indices=logits_rows,
         sample_rows=[SampleRow(s.seq.request_id, s.seq.params, s.seq.num_output_tokens) for s in sampling],
-        finished_request_ids=finished_request_ids,
+        finished_request_ids=finished_request_ids, kv_sends=kv_sends or [],
     )
 
 

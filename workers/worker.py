@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import signal
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -22,7 +23,7 @@ import torch
 
 from splitserve.mapping import Mapping
 from splitserve.workers.config import ParallelConfig
-from splitserve.workers.executor import RunnerSpec, build_runner
+from splitserve.workers.executor import RunnerSpec, build_runner, handle_control
 from splitserve.workers.parallel import ParallelState
 
 
@@ -49,12 +50,13 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def worker_main(args: WorkerArgs, conn: Connection) -> None:
+def worker_main(args: WorkerArgs, raw_conn: Connection) -> None:
     _die_with_parent()
+    conn = LockedConnection(raw_conn)
     torch.set_num_threads(args.num_threads)
     try:
         parallel = ParallelState.init(args.mapping, args.host, args.port, args.backend, args.parallel.step_timeout_s)
-        runner = build_runner(args.runner, parallel)
+        runner = build_runner(args.runner, parallel, lambda event: conn.send(("event", event)))
         conn.send(("ready", None))
         _serve(runner, conn)
     except (EOFError, BrokenPipeError):
@@ -63,17 +65,34 @@ def worker_main(args: WorkerArgs, conn: Connection) -> None:
         _report(conn, traceback.format_exc())
 
 
-def _serve(runner, conn: Connection) -> None:
+def _serve(runner, conn: "LockedConnection") -> None:
     while True:
         kind, payload = conn.recv()
         if kind == "stop":
             return
-        out = runner.execute(payload)
-        if out is not None:
-            conn.send(("result", out))
+        if kind == "step":
+            out = runner.execute(payload)
+            if out is not None:
+                conn.send(("result", out))
+        elif (reply := handle_control(runner, kind, payload)) is not None:
+            conn.send((reply, None))
 
 
-def _report(conn: Connection, message: str) -> None:
+class LockedConnection:
+    """The rank's pipe, shared by the main loop and the KV agent's thread: sends take a lock."""
+
+    def __init__(self, conn: Connection):
+        self._conn, self._lock = conn, threading.Lock()
+
+    def send(self, message: object) -> None:
+        with self._lock:
+            self._conn.send(message)
+
+    def recv(self) -> object:
+        return self._conn.recv()
+
+
+def _report(conn: LockedConnection, message: str) -> None:
     try:
         conn.send(("error", message))
     except (OSError, EOFError):

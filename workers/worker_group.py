@@ -22,6 +22,7 @@ import time
 import weakref
 from multiprocessing.connection import Connection, wait
 
+from splitserve.kvtransfer.messages import TransferEvent
 from splitserve.workers.config import ParallelConfig
 from splitserve.workers.executor import RunnerSpec, WorkerGroupError
 from splitserve.workers.sampler import SamplerOutput
@@ -72,6 +73,8 @@ class WorkerGroupExecutor:
         self._finalizer = weakref.finalize(self, _terminate, self.procs)
         self.output_rank = (parallel.pipeline_parallel_size - 1) * parallel.tensor_parallel_size
         self.failed: str | None = None
+        self._events: list[TransferEvent] = []  # KV transfer reports, kept until polled
+        self._replies: list[tuple[int, str]] = []
         self._await_ready(time.monotonic() + parallel.startup_timeout_s)
 
     @property
@@ -88,13 +91,7 @@ class WorkerGroupExecutor:
     def submit(self, batch: StepBatch) -> None:
         """Send a micro-batch to every rank; ranks work through batches in order, so with
         pipeline stages the next batch enters stage 0 while the previous one is in stage 1."""
-        if self.failed:
-            raise WorkerGroupError(f"worker group already failed: {self.failed}")
-        for rank, conn in enumerate(self.conns):
-            try:
-                conn.send(("step", batch))
-            except OSError:
-                self._fail(f"rank {rank} is gone (pipe closed)")
+        self._send_all(("step", batch))
 
     def collect(self) -> SamplerOutput:
         """The oldest outstanding batch's sampled tokens, within the step deadline."""
@@ -103,6 +100,46 @@ class WorkerGroupExecutor:
             rank, kind, payload = self._next_message(deadline, "step")
             if kind == "result" and rank == self.output_rank:
                 return payload
+            self._stash(rank, kind, payload)
+
+    def control(self, kind: str, payload: object, timeout_s: float | None = None) -> None:
+        """Send a control message to every rank; with ``timeout_s``, wait for every reply."""
+        self._send_all((kind, payload))
+        if timeout_s is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        reply = {"kv_connect": "kv_connected"}[kind]
+        while sum(1 for _, k in self._replies if k == reply) < len(self.procs):
+            self._stash(*self._next_message(deadline, kind))
+        self._replies = [r for r in self._replies if r[1] != reply]
+
+    def poll_events(self) -> list[TransferEvent]:
+        """Transfer events reported so far, without waiting (a dead rank still fails here)."""
+        for rank, conn in enumerate(self.conns):
+            while not self.failed and conn.poll(0):
+                self._stash(*self._receive(rank, conn))
+        if self.failed:
+            raise WorkerGroupError(f"worker group already failed: {self.failed}")
+        for rank, proc in enumerate(self.procs):
+            if not proc.is_alive():
+                self._fail(f"rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}")
+        events, self._events = self._events, []
+        return events
+
+    def _stash(self, rank: int, kind: str, payload: object) -> None:
+        if kind == "event":
+            self._events.append(payload)
+        else:
+            self._replies.append((rank, kind))
+
+    def _send_all(self, message: tuple) -> None:
+        if self.failed:
+            raise WorkerGroupError(f"worker group already failed: {self.failed}")
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send(message)
+            except OSError:
+                self._fail(f"rank {rank} is gone (pipe closed)")
 
     def _next_message(self, deadline: float, phase: str) -> tuple[int, str, object]:
         """The next message from any rank; a dead rank, an error or the deadline fails the group."""

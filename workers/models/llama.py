@@ -18,7 +18,7 @@ every step calls `forward(...)` on a flattened ragged batch and, on the last sta
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -144,15 +144,19 @@ class LlamaForCausalLM(nn.Module):
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata,
-                intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:
-        """Flattened batch [T] -> final hidden states (last stage) or (hidden, residual)."""
+                intermediate: Intermediate | None = None,
+                layer_hook: Callable[[int], None] | None = None) -> torch.Tensor | Intermediate:
+        """Flattened batch [T] -> final hidden states (last stage) or (hidden, residual).
+        ``layer_hook(l)`` runs after global layer ``l`` (KV streaming starts sends there)."""
         if self.is_first:
             x, residual = self.embed_tokens(input_ids), None
         else:
             x, residual = intermediate
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
             x, residual = layer(x, residual, cos, sin, kv_cache, meta)
+            if layer_hook is not None:
+                layer_hook(self.layer_range.start + index)
         if not self.is_last:
             return x, residual
         x, _ = self.norm(x, residual)

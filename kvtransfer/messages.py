@@ -1,0 +1,109 @@
+"""Typed messages of the cache-transmission service.
+
+Lifecycle of one transfer (driver's view; `TransferState`):
+
+    RESERVING     decode reserves destination blocks for the prompt (a lease with a deadline)
+    WAITING       prefill computes the prompt; its ranks will push when the last chunk runs
+    TRANSFERRING  prefill ranks send `KVRoute` slices, layer group by layer group
+    DONE          every decode rank acknowledged (`TransferEvent.ok`); prefill frees its blocks
+    FAILED        a rank failed, an acknowledgement never came, or the lease expired: both
+                  sides free their blocks and the request follows the failure policy
+
+Commands go from the driver to ranks (`SendCommand` inside a prefill `StepBatch`,
+`RecvCommand` as a control message to decode ranks); events come back from ranks.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class TransferState(enum.Enum):
+    RESERVING = "reserving"
+    WAITING = "waiting"
+    TRANSFERRING = "transferring"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class KVRoute:
+    """One slice of the KV cache that one source rank sends to one destination rank."""
+
+    #: Global rank in the prefill group / in the decode group.
+    src_rank: int
+    dst_rank: int
+    #: Model layers (global indices) and KV heads (global indices) in the slice.
+    layers: range
+    heads: range
+
+
+@dataclass(frozen=True)
+class SendCommand:
+    """For prefill ranks: push these blocks of one request once its prompt is computed."""
+
+    transfer_id: int
+    #: The prefill group's block ids to send, in order.
+    block_ids: list[int]
+    #: Every route of the transfer; each rank sends the ones whose src_rank is its own.
+    routes: list[KVRoute]
+    #: Layers per streamed message: KV goes out after each group of this many layers.
+    layers_per_message: int
+
+
+@dataclass(frozen=True)
+class RecvCommand:
+    """For decode ranks: receive a transfer into these blocks, within a deadline."""
+
+    transfer_id: int
+    #: The decode group's block ids, aligned with the sender's `SendCommand.block_ids`.
+    block_ids: list[int]
+    routes: list[KVRoute]
+    layers_per_message: int
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class TransferEvent:
+    """A rank's report on one transfer."""
+
+    transfer_id: int
+    #: "send" (prefill rank) or "recv" (decode rank).
+    side: str
+    rank: int
+    ok: bool
+    error: str | None = None
+    num_bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Fault injection, switchable from tests (all off by default)."""
+
+    #: Decode ranks do not report the n-th transfer they complete (0-based); None: off.
+    drop_ack_of_transfer: int | None = None
+    #: Prefill ranks sleep this long before sending each message of the n-th transfer.
+    delay_transfer: int | None = None
+    delay_s: float = 0.0
+    #: Prefill rank (global) that kills itself after sending its first message of the n-th transfer.
+    kill_prefill_rank: int | None = None
+    kill_on_transfer: int | None = None
+
+
+@dataclass
+class TransferMetrics:
+    """Counters of the service, for logs and (later) Prometheus."""
+
+    num_transfers: int = 0
+    num_failures: int = 0
+    num_timeouts: int = 0
+    num_bytes: int = 0
+    seconds: float = 0.0
+    #: (bytes, seconds) of each completed transfer, as the decode ranks measured them.
+    per_transfer: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.num_bytes / self.seconds / 1e9 if self.seconds else 0.0

@@ -1,0 +1,120 @@
+"""Transports: how a packed KV buffer gets from one rank to another, behind a small registry.
+
+- ``gloo``: a pairwise gloo process group per (prefill rank, decode rank) over a TCPStore
+  (CPU tensors; what CI uses).
+- ``nccl``: the same with NCCL, for GPU tensors on different devices.
+- ``inprocess``: both sides in one process (two local engines): a mailbox, one copy.
+
+Pairs are named by both ends ("P0|D1") and connected once, at start-up, by every rank in
+the same global order (sorted pair names), so connecting never deadlocks; afterwards a send
+is a tagged message on an existing group: no handshake on the hot path. A work's ``wait``
+always takes a deadline.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from datetime import timedelta
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+
+class Work(Protocol):
+    def wait(self, timeout: timedelta) -> None: ...
+
+
+class Transport(Protocol):
+    def connect(self, peers: list[str]) -> None: ...
+
+    def send(self, tensor: torch.Tensor, peer: str, tag: int) -> Work: ...
+
+    def recv(self, tensor: torch.Tensor, peer: str, tag: int) -> Work: ...
+
+
+def pair_name(a: str, b: str) -> str:
+    return "|".join(sorted((a, b)))
+
+
+class PairwiseTransport:
+    """gloo or NCCL process groups of two ranks each, built on a shared TCPStore."""
+
+    def __init__(self, me: str, backend: str, store_host: str, store_port: int, timeout_s: float):
+        self.me = me
+        self.backend = backend
+        self.timeout = timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(store_host, store_port, None, False, self.timeout)
+        self.groups: dict[str, tuple[dist.ProcessGroup, int]] = {}
+
+    def connect(self, peers: list[str]) -> None:
+        for pair in sorted(pair_name(self.me, p) for p in peers):
+            if pair in self.groups:
+                continue
+            a, b = pair.split("|")
+            rank = 0 if self.me == a else 1
+            store = dist.PrefixStore(f"kv/{pair}", self.store)
+            if self.backend == "nccl":
+                group = dist.ProcessGroupNCCL(store, rank, 2, dist.ProcessGroupNCCL.Options())
+            else:
+                group = dist.ProcessGroupGloo(store, rank, 2, self.timeout)
+            self.groups[pair] = (group, rank)
+
+    def _group(self, peer: str) -> tuple[dist.ProcessGroup, int]:
+        group, rank = self.groups[pair_name(self.me, peer)]
+        return group, 1 - rank
+
+    def send(self, tensor: torch.Tensor, peer: str, tag: int) -> Work:
+        group, other = self._group(peer)
+        return group.send([tensor], other, tag)
+
+    def recv(self, tensor: torch.Tensor, peer: str, tag: int) -> Work:
+        group, other = self._group(peer)
+        return group.recv([tensor], other, tag)
+
+
+class _Done:
+    def wait(self, timeout: timedelta) -> None:
+        return None
+
+
+class _MailboxRecv:
+    def __init__(self, box: queue.Queue, tensor: torch.Tensor):
+        self.box, self.tensor = box, tensor
+
+    def wait(self, timeout: timedelta) -> None:
+        try:
+            self.tensor.copy_(self.box.get(timeout=timeout.total_seconds()))
+        except queue.Empty:
+            raise TimeoutError(f"no message within {timeout.total_seconds():.1f} s") from None
+
+
+class Mailboxes:
+    """Shared by the in-process transports of one process: (src, dst, tag) -> queue."""
+
+    def __init__(self):
+        self._boxes: dict[tuple[str, str, int], queue.Queue] = {}
+        self._lock = threading.Lock()
+
+    def box(self, src: str, dst: str, tag: int) -> queue.Queue:
+        with self._lock:
+            return self._boxes.setdefault((src, dst, tag), queue.Queue())
+
+
+class InProcessTransport:
+    def __init__(self, me: str, mailboxes: Mailboxes):
+        self.me, self.mailboxes = me, mailboxes
+
+    def connect(self, peers: list[str]) -> None:
+        pass
+
+    def send(self, tensor: torch.Tensor, peer: str, tag: int) -> Work:
+        self.mailboxes.box(self.me, peer, tag).put(tensor.clone())
+        return _Done()
+
+    def recv(self, tensor: torch.Tensor, peer: str, tag: int) -> Work:
+        return _MailboxRecv(self.mailboxes.box(peer, self.me, tag), tensor)
+
+
+TRANSPORTS = ("gloo", "nccl", "inprocess")
