@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from splitserve.kvtransfer.agent import KVAgentSpec
+from splitserve.kvtransfer.messages import KVRoute, SendCommand
 from splitserve.mapping import Mapping
 from splitserve.workers.block_manager import BlockManager
 from splitserve.workers.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
@@ -57,6 +60,10 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     show_progress: bool = True
+    #: This engine's part in the KV transfer service (disaggregated mode).
+    kv: KVAgentSpec | None = None
+    #: Run ranks as processes even for one rank (the other group of a disaggregated pair is).
+    rank_processes: bool = False
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,6 +93,25 @@ class _Request:
     num_sent_chars: int = 0
     #: Where a matched stop string cuts the text (None keeps it all).
     truncate_to: int | None = None
+    #: Keep the KV blocks when it finishes (prefill role: until decode has them).
+    hold: bool = False
+
+
+@dataclass(frozen=True)
+class KVSendHook:
+    """Prefill role: where the KV of finished prompts goes, and who to tell."""
+
+    routes: list[KVRoute]
+    layers_per_message: int
+    #: Called with each command as its step is submitted (the decode side then posts receives).
+    on_send: Callable[[SendCommand], None]
+
+
+@dataclass(frozen=True)
+class SendPlan:
+    transfer_id: int
+    #: Leading prompt blocks the decode side already has (its prefix cache): not sent.
+    skip_blocks: int
 
 
 class LLMEngine:
@@ -105,16 +131,18 @@ class LLMEngine:
             seed=source.random_seed if source.random_seed is not None else config.seed,
             num_blocks=num_blocks, block_size=config.cache.block_size, dtype=dtype,
             device_type=self.device.type, device_index=self.device.index,
-            eos_token_ids=self.eos_token_ids, show_progress=config.show_progress,
-        ), config.parallel)
+            eos_token_ids=self.eos_token_ids, show_progress=config.show_progress, kv=config.kv,
+        ), config.parallel, processes=config.rank_processes)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []  # aborted between steps, reported by the next step
-        self._ended: list[str] = []  # finished since the last step: ranks drop their state
         self._inflight: deque[SchedulerOutput] = deque()  # submitted micro-batches, oldest first
         self._failure: str | None = None
         self._ids = itertools.count()
+        self._held: dict[str, Sequence] = {}  # prefill role: finished, blocks kept until release
+        self._send_plans: dict[str, SendPlan] = {}
+        self._kv_hook: KVSendHook | None = None
 
     def _num_blocks(self, dtype: torch.dtype) -> int:
         # The KV budget is per rank; the first pipeline stage holds the most layers.
@@ -175,11 +203,80 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
         seq = Sequence(request_id, list(prompt_ids), params)
-        needs_text = self.tokenizer is not None and (stream or bool(params.stop))
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if needs_text else None
-        self._requests[request_id] = _Request(seq, detok, stream, prompt)
+        self._track(seq, stream, prompt)
         self.scheduler.add(seq)
         return request_id
+
+    def _track(self, seq: Sequence, stream: bool, prompt: str | None, hold: bool = False) -> _Request:
+        needs_text = self.tokenizer is not None and (stream or bool(seq.params.stop))
+        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids) if needs_text else None
+        req = self._requests[seq.request_id] = _Request(seq, detok, stream, prompt, hold=hold)
+        return req
+
+    # ---- disaggregated roles (driven by DisaggEngine) ----------------------------------
+
+    def enable_kv_sends(self, hook: KVSendHook) -> None:
+        self._kv_hook = hook
+
+    def add_prefill_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                            plan: SendPlan) -> None:
+        """Prefill role: compute the prompt and sample the first token with the request's own
+        params; push the KV during the last chunk; keep the blocks until `release`."""
+        first_only = params.with_(max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=(),
+                                  include_stop_str_in_output=False)
+        self.add_request(request_id, prompt_ids, first_only)
+        self._requests[request_id].hold = True
+        self._send_plans[request_id] = plan
+
+    def release(self, request_id: str) -> None:
+        """Prefill role: decode has the KV (or gave up): free the blocks, keep them cached."""
+        self._send_plans.pop(request_id, None)
+        seq = self._held.pop(request_id, None)
+        if seq is not None:
+            self.block_manager.free(seq)
+
+    def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence | None:
+        """Decode role: blocks for the prompt and the first token, minus what the prefix cache
+        already holds; None if they are not free now. Nothing is queued."""
+        self.validate(prompt_ids, params)
+        seq = Sequence(request_id, list(prompt_ids), params)
+        prefix = self.block_manager.find_cached_prefix(seq)
+        num_new = seq.num_tokens + 1 - prefix.num_blocks * self.block_manager.block_size
+        if not self.block_manager.can_allocate(seq, num_new, prefix):
+            return None
+        self.block_manager.allocate(seq, num_new, prefix)
+        return seq
+
+    def cancel_reservation(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+
+    def admit_prefilled(self, seq: Sequence, first_token: int, logprobs: Any, *, stream: bool = False,
+                        prompt: str | None = None) -> None:
+        """Decode role: the prompt's KV arrived in the reserved blocks; decode from here."""
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.block_manager.cache_full_blocks(seq)
+        req = self._track(seq, stream, prompt)
+        self.scheduler.add_running(seq)
+        self._append_token(req, first_token, logprobs)
+        if req.stream or seq.is_finished:
+            self._pending.append(self._output(req))
+        if seq.is_finished:
+            del self._requests[seq.request_id]
+
+    def _kv_sends(self, out: SchedulerOutput) -> list[SendCommand]:
+        if self._kv_hook is None:
+            return []
+        sends = []
+        for item in out.scheduled:
+            plan = self._send_plans.pop(item.seq.request_id, None) if item.samples else None
+            if plan is None:
+                continue
+            last = self.block_manager.blocks_needed(item.seq.num_prompt_tokens)
+            cmd = SendCommand(plan.transfer_id, item.seq.block_ids[plan.skip_blocks:last],
+                              self._kv_hook.routes, self._kv_hook.layers_per_message)
+            self._kv_hook.on_send(cmd)
+            sends.append(cmd)
+        return sends
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its blocks; the next `step` reports it as "abort"."""
@@ -188,6 +285,11 @@ class LLMEngine:
             return
         self._finish(req.seq, SequenceStatus.FINISHED_ABORTED)
         self._pending.append(self._output(req))
+
+    @property
+    def failure(self) -> str | None:
+        """Why the worker group failed, once it has; None while it works."""
+        return self._failure
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0 or bool(self._pending)
@@ -213,8 +315,7 @@ class LLMEngine:
             out = self.scheduler.schedule(cap)
             if out.is_empty:
                 return
-            batch = build_step_batch(out, self.block_manager.block_size, self._ended)
-            self._ended = []
+            batch = build_step_batch(out, self.block_manager.block_size, self._kv_sends(out))
             self._guarded(lambda: self.executor.submit(batch))
             self._inflight.append(out)
 
@@ -231,14 +332,19 @@ class LLMEngine:
         self._inflight.clear()
         for request_id in list(self._requests):
             self.abort_request(request_id)
+        for request_id in list(self._held):
+            self.release(request_id)
         self._pending = []
 
     def shutdown(self) -> None:
         self.executor.shutdown()
 
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
-        self.scheduler.finish(seq, status)
-        self._ended.append(seq.request_id)
+        req = self._requests.get(seq.request_id)
+        hold = req is not None and req.hold and status is not SequenceStatus.FINISHED_ABORTED
+        self.scheduler.finish(seq, status, free_blocks=not hold)
+        if hold:
+            self._held[seq.request_id] = seq
 
     def _update(self, out: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []

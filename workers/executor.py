@@ -97,7 +97,9 @@ class Executor(Protocol):
 
     def collect(self) -> SamplerOutput: ...
 
-    def control(self, kind: str, payload: Any, timeout_s: float | None = None) -> None: ...
+    def control(self, kind: str, payload: Any) -> None: ...
+
+    def wait_replies(self, kind: str, timeout_s: float) -> None: ...
 
     def poll_events(self) -> list[TransferEvent]: ...
 
@@ -110,8 +112,11 @@ class LocalExecutor:
         self.runner = build_runner(spec, ParallelState.single(), self._events.append)
         self._results: deque[SamplerOutput] = deque()
 
-    def control(self, kind: str, payload: Any, timeout_s: float | None = None) -> None:
+    def control(self, kind: str, payload: Any) -> None:
         handle_control(self.runner, kind, payload)
+
+    def wait_replies(self, kind: str, timeout_s: float) -> None:
+        pass  # control messages run synchronously in this process
 
     def poll_events(self) -> list[TransferEvent]:
         events = []

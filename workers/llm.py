@@ -8,14 +8,16 @@ was), then the engine steps until all are done, with a progress bar.
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from dataclasses import replace
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from splitserve.kvtransfer.messages import FaultConfig
 from splitserve.workers.config import CacheConfig, ParallelConfig, SchedulerConfig
+from splitserve.workers.disagg_engine import DisaggConfig, DisaggEngine
 from splitserve.workers.engine import EngineConfig, LLMEngine
 from splitserve.workers.outputs import RequestOutput
 from splitserve.workers.sampling_params import SamplingParams
+from tqdm.auto import tqdm
 
 Prompt = str | list[int]
 
@@ -26,6 +28,10 @@ class LLM:
     Args:
         model: None (the default model, SmolLM2-135M-Instruct), a local Hugging Face folder,
             or ``random:<name>`` (random weights of a named shape, token-id prompts).
+        mode: "aggregated" (one group prefills and decodes) or "disaggregated": a prefill group
+            (prefill_tp x prefill_pp) and a decode group (decode_tp x decode_pp), KV moved
+            between them by the cache-transmission service (``transfer_timeout_s``,
+            ``failure_policy`` "recompute" or "fail", ``faults`` for tests).
         tensor_parallel_size / pipeline_parallel_size: run as a worker group of tp x pp rank
             processes (gloo on CPU, NCCL on GPU); 1 x 1 runs in this process.
         num_kv_blocks / kv_cache_memory: the KV budget, in blocks or bytes (per rank).
@@ -36,8 +42,16 @@ class LLM:
         self,
         model: str | None = None,
         *,
+        mode: str = "aggregated",
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
+        prefill_tp: int = 1,
+        prefill_pp: int = 1,
+        decode_tp: int = 1,
+        decode_pp: int = 1,
+        transfer_timeout_s: float = 30.0,
+        failure_policy: str = "recompute",
+        faults: FaultConfig | None = None,
         device: str = "auto",
         dtype: str = "auto",
         max_model_len: int | None = None,
@@ -51,6 +65,8 @@ class LLM:
         seed: int = 0,
         show_progress: bool = True,
     ):
+        if mode not in ("aggregated", "disaggregated"):
+            raise ValueError(f"mode must be 'aggregated' or 'disaggregated', got {mode!r}")
         config = EngineConfig(
             model=model, device=device, dtype=dtype, max_model_len=max_model_len, seed=seed,
             cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching),
@@ -58,7 +74,15 @@ class LLM:
             parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size),
             show_progress=show_progress,
         )
-        self.engine = LLMEngine(config)
+        if mode == "aggregated":
+            self.engine = LLMEngine(config)
+        else:
+            self.engine = DisaggEngine(DisaggConfig(
+                prefill=replace(config, parallel=ParallelConfig(prefill_tp, prefill_pp)),
+                decode=replace(config, parallel=ParallelConfig(decode_tp, decode_pp)),
+                transfer_timeout_s=transfer_timeout_s, failure_policy=failure_policy,
+                faults=faults or FaultConfig(),
+            ))
         self.show_progress = show_progress
 
     def shutdown(self) -> None:

@@ -5,7 +5,7 @@ its share of the KV cache allocated); then per step `execute(batch)`: tensors fr
 batch, attention metadata, the forward of this pipeline stage (receiving activations from
 the previous stage, sending to the next), and on the last stage the logits of the rows that
 sample. The *output rank* (last stage, tp rank 0) samples and returns the tokens; every other
-rank returns None. Seeded requests keep their RNG here, from their first token to their end.
+rank returns None.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ class ModelRunner:
         self.kv_cache = KVCache(kv_spec, device)
         self.kv_layers = self.kv_cache.layers()
         self.sampler = Sampler()
-        self._generators: dict[str, torch.Generator | None] = {}
         m = parallel.mapping
         self.is_output_rank = m.is_last_pp_rank and m.tp_rank == 0
         #: The rank's side of the KV transfer service (disaggregated mode), set by the executor.
@@ -55,8 +54,6 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> SamplerOutput | None:
-        for request_id in batch.finished_request_ids:
-            self._generators.pop(request_id, None)
         if not batch.num_tokens:
             return SamplerOutput([], []) if self.is_output_rank else None
         hidden = self._forward(batch)
@@ -92,9 +89,8 @@ class ModelRunner:
         )
 
     def _sample_request(self, row) -> SampleRequest:
-        if row.request_id not in self._generators:
-            self._generators[row.request_id] = make_generator(row.params.seed, self.device)
-        return SampleRequest(row.params, self._generators[row.request_id], row.num_output_tokens, self.eos_token_ids)
+        generator = make_generator(row.params.seed, self.device, row.num_output_tokens)
+        return SampleRequest(row.params, generator, row.num_output_tokens, self.eos_token_ids)
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

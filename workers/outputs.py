@@ -28,3 +28,5 @@ class RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""
     prompt: str | None = None
+    #: Why the request failed (finish_reason "abort"), when it did not just get cancelled.
+    error: str | None = None

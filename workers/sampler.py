@@ -18,8 +18,9 @@ Per step, in order:
      global RNG; each seeded row draws from its own generator, so its tokens depend only on its
      seed and its own logits, not on its batch neighbours or its position.
 
-The sampler holds no state: a request's RNG lives with the request (see `make_generator`), so
-preemption or moving a request to another batch does not disturb it.
+The sampler holds no state, and neither does a seeded request: the generator of its n-th
+token is derived from (seed, n) (`make_generator`), so preemption, moving to another batch,
+or to another group (prefill samples the first token, decode the rest) changes nothing.
 """
 
 from __future__ import annotations
@@ -65,12 +66,13 @@ class SamplerOutput:
     """Per row; None for rows whose params.logprobs is None."""
 
 
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """The per-request RNG for `SampleRequest.generator`: create once at admission, keep with the
-    request. None (no seed) means the row uses the global RNG."""
+def make_generator(seed: int | None, device: torch.device | str = "cpu",
+                   num_output_tokens: int = 0) -> torch.Generator | None:
+    """The RNG for a seeded request's token number ``num_output_tokens``: a function of the seed
+    and the position only. None (no seed) means the row uses the global RNG."""
     if seed is None:
         return None
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + num_output_tokens) % 2**63)
 
 
 class Sampler:

@@ -182,11 +182,18 @@ class Scheduler:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_full_blocks(item.seq)
 
-    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
-        """Retire a sequence (stopped, length, aborted) and free its blocks."""
+    def add_running(self, seq: Sequence) -> None:
+        """Admit a sequence whose prompt KV is already in its blocks (received from prefill)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def finish(self, seq: Sequence, status: SequenceStatus, free_blocks: bool = True) -> None:
+        """Retire a sequence (stopped, length, aborted) and free its blocks unless the caller
+        keeps them (a prefill group holds them until decode has received them)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        if free_blocks:
+            self.block_manager.free(seq)
         seq.status = status

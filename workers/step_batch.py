@@ -52,8 +52,6 @@ class StepBatch:
     #: Row in the flattened batch of each sampling sequence's last token.
     logits_indices: list[int]
     sample_rows: list[SampleRow]
-    #: Requests that ended since the last step: the sampling rank drops their state.
-    finished_request_ids: list[str] = field(default_factory=list)
     #: KV transfers to push while this step computes (prefill groups of disaggregated mode).
     kv_sends: list[SendCommand] = field(default_factory=list)
 
@@ -62,8 +60,7 @@ class StepBatch:
         return len(self.input_ids)
 
 
-def build_step_batch(out: SchedulerOutput, block_size: int, finished_request_ids: list[str],
-                     kv_sends: list[SendCommand] | None = None) -> StepBatch:
+def build_step_batch(out: SchedulerOutput, block_size: int, kv_sends: list[SendCommand] | None = None) -> StepBatch:
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -85,7 +82,7 @@ def build_step_batch(out: SchedulerOutput, block_size: int, finished_request_ids
         decode_context_lens=[s.seq.num_computed_tokens + 1 for s in out.decodes],
         prefills=chunks, logits_indices=logits_rows,
         sample_rows=[SampleRow(s.seq.request_id, s.seq.params, s.seq.num_output_tokens) for s in sampling],
-        finished_request_ids=finished_request_ids, kv_sends=kv_sends or [],
+        kv_sends=kv_sends or [],
     )
 
 

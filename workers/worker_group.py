@@ -102,11 +102,12 @@ class WorkerGroupExecutor:
                 return payload
             self._stash(rank, kind, payload)
 
-    def control(self, kind: str, payload: object, timeout_s: float | None = None) -> None:
-        """Send a control message to every rank; with ``timeout_s``, wait for every reply."""
+    def control(self, kind: str, payload: object) -> None:
+        """Send a control message to every rank, in order with the batches."""
         self._send_all((kind, payload))
-        if timeout_s is None:
-            return
+
+    def wait_replies(self, kind: str, timeout_s: float) -> None:
+        """Wait until every rank has answered a ``kind`` control message."""
         deadline = time.monotonic() + timeout_s
         reply = {"kv_connect": "kv_connected"}[kind]
         while sum(1 for _, k in self._replies if k == reply) < len(self.procs):

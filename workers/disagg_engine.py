@@ -1,0 +1,347 @@
+"""Disaggregated engine: a prefill group and a decode group in one driver, KV moved between.
+
+Lifecycle of a request (driver side; the transfer's `TransferState` in brackets):
+
+    add_request  validated by both engines, queued
+    reserve      [RESERVING] decode reserves blocks for prompt + first token, reusing its own
+                 prefix cache (those blocks are not sent); no blocks -> the failure policy
+    prefill      [WAITING] the prefill engine computes the prompt; when the last chunk is
+                 submitted its ranks get the `SendCommand` and the decode ranks a `RecvCommand`
+                 with the transfer deadline  [TRANSFERRING]
+    first token  sampled on prefill (the request's own params and seed); blocks held
+    ack          [DONE] every decode rank reported the KV written: decode admits the request
+                 as running with the first token; prefill frees its blocks (they stay cached)
+    failure      [FAILED] a rank reported an error, the deadline passed, or the prefill group
+                 died: decode ranks are told to drop the transfer; once every decode rank has
+                 reported, or the lease (deadline + grace) has expired, both sides free their
+                 blocks; then ``recompute`` (decode prefills the prompt itself; the default)
+                 or ``fail`` (the request ends with finish_reason "abort" and an error)
+
+`step` runs both engines (their rank processes work concurrently), then settles transfers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from splitserve.kvtransfer.agent import KVAgentSpec
+from splitserve.kvtransfer.messages import FaultConfig, RecvCommand, SendCommand, TransferEvent, TransferMetrics, TransferState
+from splitserve.kvtransfer.plan import check_compatible, make_routes
+from splitserve.mapping import Mapping
+from splitserve.workers.engine import EngineConfig, KVSendHook, LLMEngine, SendPlan
+from splitserve.workers.executor import WorkerGroupError
+from splitserve.workers.outputs import RequestOutput
+from splitserve.workers.sampling_params import SamplingParams
+from splitserve.workers.sequence import Sequence
+
+_GRACE_S = 2.0  # after the deadline: a decode rank's receive has given up by then
+
+
+@dataclass(frozen=True)
+class DisaggConfig:
+    prefill: EngineConfig
+    decode: EngineConfig
+    #: Deadline of one transfer, from the prefill step that sends it to the last decode ack.
+    transfer_timeout_s: float = 30.0
+    #: Layers per streamed message (smaller: earlier start, more messages).
+    layers_per_message: int = 4
+    #: "recompute": decode prefills the prompt itself; "fail": the request ends with an error.
+    failure_policy: str = "recompute"
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+    def __post_init__(self) -> None:
+        if self.failure_policy not in ("recompute", "fail"):
+            raise ValueError(f"failure_policy must be 'recompute' or 'fail', got {self.failure_policy!r}")
+        if self.transfer_timeout_s <= 0 or self.layers_per_message < 1:
+            raise ValueError("transfer_timeout_s must be positive and layers_per_message >= 1")
+
+
+@dataclass
+class _Transfer:
+    transfer_id: int
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    stream: bool
+    reservation: Sequence
+    #: Leading prompt blocks decode already had (its prefix cache): not sent.
+    skip_blocks: int
+    state: TransferState = TransferState.WAITING
+    deadline: float = float("inf")
+    first_token: int | None = None
+    logprobs: object = None
+    acks: set[int] = field(default_factory=set)
+    reports: set[int] = field(default_factory=set)
+    error: str | None = None
+    #: The failure policy for this transfer (an abort always fails).
+    policy: str = "recompute"
+
+
+class DisaggEngine:
+    def __init__(self, config: DisaggConfig):
+        self.config = config
+        self.metrics = TransferMetrics()
+        p_par, d_par = config.prefill.parallel, config.decode.parallel
+        local = p_par.world_size == 1 and d_par.world_size == 1
+        self._store = None if local else _start_store()
+        namespace = uuid.uuid4().hex[:8] + "/"
+        self.prefill = LLMEngine(self._role(config.prefill, "prefill", local, namespace))
+        self.decode = LLMEngine(self._role(config.decode, "decode", local, namespace))
+        self._check_compatible()
+        self.routes = make_routes(_mapping(p_par), _mapping(d_par), self.prefill.model_cfg.num_layers,
+                                  self.prefill.model_cfg.num_kv_heads)
+        self._connect()
+        self.prefill.enable_kv_sends(KVSendHook(self.routes, config.layers_per_message, self._on_send))
+        self.tokenizer = self.decode.tokenizer
+        self._queue: deque[tuple[str, list[int], SamplingParams, bool, str | None]] = deque()
+        self._transfers: dict[int, _Transfer] = {}
+        self._by_request: dict[str, int] = {}
+        self._outputs: list[RequestOutput] = []
+        self._transfer_ids = itertools.count()
+        self._request_ids = itertools.count()
+
+    def _role(self, cfg: EngineConfig, role: str, local: bool, namespace: str) -> EngineConfig:
+        transport = "inprocess" if local else ("nccl" if cfg.device.startswith("cuda") else "gloo")
+        port = self._store.port if self._store is not None else 0
+        kv = KVAgentSpec(role, transport, namespace, "127.0.0.1", port, self.config.transfer_timeout_s,
+                         self.config.faults)
+        return replace(cfg, kv=kv, rank_processes=not local)
+
+    def _check_compatible(self) -> None:
+        p, d = self.prefill.model_cfg, self.decode.model_cfg
+        check_compatible(self.config.prefill.cache.block_size, self.config.decode.cache.block_size,
+                         (p.num_layers, p.num_kv_heads, p.head_dim), (d.num_layers, d.num_kv_heads, d.head_dim))
+
+    def _connect(self) -> None:
+        """Pairwise groups between the two groups' ranks, made once (both sides at once)."""
+        for engine in (self.prefill, self.decode):
+            engine.executor.control("kv_connect", self.routes)
+        for engine in (self.prefill, self.decode):
+            engine.executor.wait_replies("kv_connect", self.config.transfer_timeout_s)
+
+    # ---- the API LLM uses ------------------------------------------------------------------
+
+    @property
+    def model_cfg(self):
+        return self.decode.model_cfg
+
+    def tokenize(self, prompt) -> list[int]:
+        return self.decode.tokenize(prompt)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.decode.validate(prompt_ids, params)
+        self.prefill.validate(prompt_ids, params.with_(max_tokens=1, min_tokens=min(params.min_tokens, 1)))
+
+    def add_request(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams | None = None,
+                    *, stream: bool = False, prompt: str | None = None) -> str:
+        params = params or SamplingParams()
+        request_id = str(next(self._request_ids)) if request_id is None else request_id
+        if request_id in self._by_request or any(q[0] == request_id for q in self._queue):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate(prompt_ids, params)
+        self._queue.append((request_id, list(prompt_ids), params, stream, prompt))
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        queued = [q for q in self._queue if q[0] == request_id]
+        if queued:
+            self._queue = deque(q for q in self._queue if q[0] != request_id)
+            self._outputs.append(_failed_output(request_id, queued[0][1], "aborted by the client"))
+        transfer_id = self._by_request.get(request_id)
+        if transfer_id is not None:
+            self._fail(self._transfers[transfer_id], "aborted by the client", policy="fail")
+        self.decode.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._queue or self._transfers or self._outputs or self.decode.has_unfinished_requests())
+
+    @property
+    def num_open_transfers(self) -> int:
+        return len(self._transfers)
+
+    def shutdown(self) -> None:
+        self.prefill.shutdown()
+        self.decode.shutdown()
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        self._reserve_queued()
+        self._step_prefill()
+        self._settle()
+        outputs, self._outputs = self._outputs, []
+        if self.decode.has_unfinished_requests():
+            outputs += self._step_decode()
+        elif self._transfers:
+            time.sleep(0.001)  # only transfers in flight: don't spin the driver
+        return outputs
+
+    def _step_decode(self) -> list[RequestOutput]:
+        try:
+            return self.decode.step()
+        except WorkerGroupError:
+            # Decode is gone: its reservations go with it, and so does the prefill side's hold.
+            for transfer in list(self._transfers.values()):
+                self._forget(transfer)
+                self.prefill.release(transfer.request_id)
+                self.prefill.abort_request(transfer.request_id)
+                self.decode.cancel_reservation(transfer.reservation)
+            raise
+
+    def _reserve_queued(self) -> None:
+        while self._queue:
+            request_id, prompt_ids, params, stream, prompt = self._queue[0]
+            if self.prefill.failure is not None:
+                self._queue.popleft()
+                self._no_transfer(request_id, prompt_ids, params, stream, prompt, "the prefill group failed")
+                continue
+            seq = self.decode.reserve(request_id, prompt_ids, params)
+            self._queue.popleft()
+            if seq is None:
+                self._no_transfer(request_id, prompt_ids, params, stream, prompt, "decode has no free KV blocks")
+                continue
+            self._start(request_id, prompt_ids, params, stream, prompt, seq)
+
+    def _start(self, request_id, prompt_ids, params, stream, prompt, seq: Sequence) -> None:
+        skip = seq.num_computed_tokens // self.decode.block_manager.block_size  # decode's own prefix hits
+        transfer = _Transfer(next(self._transfer_ids), request_id, prompt_ids, params, prompt, stream, seq, skip)
+        self._transfers[transfer.transfer_id] = transfer
+        self._by_request[request_id] = transfer.transfer_id
+        self.prefill.add_prefill_request(request_id, prompt_ids, params, SendPlan(transfer.transfer_id, skip))
+
+    def _on_send(self, cmd: SendCommand) -> None:
+        """The prefill step that pushes this transfer is being submitted: decode ranks receive."""
+        transfer = self._transfers[cmd.transfer_id]
+        transfer.state = TransferState.TRANSFERRING
+        transfer.deadline = time.monotonic() + self.config.transfer_timeout_s
+        blocks = transfer.reservation.block_ids[transfer.skip_blocks:transfer.skip_blocks + len(cmd.block_ids)]
+        recv = RecvCommand(cmd.transfer_id, blocks, cmd.routes, cmd.layers_per_message,
+                           self.config.transfer_timeout_s)
+        self.decode.executor.control("kv_recv", recv)
+
+    def _step_prefill(self) -> None:
+        if self.prefill.failure is not None or not self.prefill.has_unfinished_requests():
+            return
+        try:
+            outputs = self.prefill.step()
+        except WorkerGroupError as err:
+            for transfer in list(self._transfers.values()):
+                self._fail(transfer, f"the prefill group failed: {err}")
+            return
+        for out in outputs:
+            transfer = self._transfers.get(self._by_request.get(out.request_id, -1))
+            if transfer is not None and out.token_ids:
+                transfer.first_token = out.token_ids[0]
+                transfer.logprobs = out.logprobs[0] if out.logprobs else None
+
+    # ---- acknowledgements, deadlines, failures ---------------------------------------------
+
+    def _settle(self) -> None:
+        for event in self._events():
+            transfer = self._transfers.get(event.transfer_id)
+            if transfer is not None:
+                self._on_event(transfer, event)
+        now = time.monotonic()
+        for transfer in list(self._transfers.values()):
+            if transfer.state is TransferState.TRANSFERRING and now > transfer.deadline:
+                self.metrics.num_timeouts += 1
+                self._fail(transfer, f"no acknowledgement within {self.config.transfer_timeout_s:.1f} s")
+            if transfer.state is TransferState.FAILED and (self._all_reported(transfer) or now > transfer.deadline + _GRACE_S):
+                self._close_failed(transfer)
+            elif transfer.state is TransferState.DONE and transfer.first_token is not None:
+                self._close_done(transfer)
+
+    def _events(self) -> list[TransferEvent]:
+        events = self.decode.executor.poll_events()
+        if self.prefill.failure is None:
+            try:
+                events += self.prefill.executor.poll_events()
+            except WorkerGroupError as err:
+                self.prefill._fail_all(str(err))
+                for transfer in list(self._transfers.values()):
+                    self._fail(transfer, f"the prefill group failed: {err}")
+        return events
+
+    def _on_event(self, transfer: _Transfer, event: TransferEvent) -> None:
+        if event.side == "send":
+            if not event.ok:
+                self._fail(transfer, f"prefill rank {event.rank} could not send: {event.error}")
+            return
+        transfer.reports.add(event.rank)
+        if not event.ok:
+            self._fail(transfer, f"decode rank {event.rank}: {event.error}")
+            return
+        transfer.acks.add(event.rank)
+        self.metrics.num_bytes += event.num_bytes
+        if transfer.state is TransferState.TRANSFERRING and len(transfer.acks) == self.decode.config.parallel.world_size:
+            transfer.state = TransferState.DONE
+            self.metrics.num_transfers += 1
+            self.metrics.seconds += event.seconds
+            self.metrics.per_transfer.append((event.num_bytes, event.seconds))
+
+    def _all_reported(self, transfer: _Transfer) -> bool:
+        return len(transfer.reports) == self.decode.config.parallel.world_size
+
+    def _fail(self, transfer: _Transfer, reason: str, policy: str | None = None) -> None:
+        if transfer.state is TransferState.FAILED:
+            return
+        in_flight = transfer.state is TransferState.TRANSFERRING
+        transfer.state, transfer.error = TransferState.FAILED, reason
+        transfer.policy = policy or self.config.failure_policy
+        self.metrics.num_failures += 1
+        if in_flight:  # decode ranks may still be receiving: they must not write any more
+            self.decode.executor.control("kv_cancel", transfer.transfer_id)
+        else:  # not posted yet, or every decode rank already reported: nothing is writing
+            transfer.deadline = -_GRACE_S
+
+    def _close_done(self, transfer: _Transfer) -> None:
+        self._forget(transfer)
+        self.prefill.release(transfer.request_id)
+        self.decode.admit_prefilled(transfer.reservation, transfer.first_token, transfer.logprobs,
+                                    stream=transfer.stream, prompt=transfer.prompt)
+
+    def _close_failed(self, transfer: _Transfer) -> None:
+        self._forget(transfer)
+        self.prefill.release(transfer.request_id)
+        self.prefill.abort_request(transfer.request_id)
+        self.decode.cancel_reservation(transfer.reservation)
+        if transfer.policy == "recompute":
+            self.decode.add_request(transfer.request_id, transfer.prompt_ids, transfer.params,
+                                    stream=transfer.stream, prompt=transfer.prompt)
+        else:
+            self._outputs.append(_failed_output(transfer.request_id, transfer.prompt_ids, transfer.error))
+
+    def _forget(self, transfer: _Transfer) -> None:
+        del self._transfers[transfer.transfer_id]
+        del self._by_request[transfer.request_id]
+
+    def _no_transfer(self, request_id, prompt_ids, params, stream, prompt, reason: str) -> None:
+        """No transfer can start: recompute on decode, or fail, by the policy."""
+        self.metrics.num_failures += 1
+        if self.config.failure_policy == "recompute":
+            self.decode.add_request(request_id, prompt_ids, params, stream=stream, prompt=prompt)
+        else:
+            self._outputs.append(_failed_output(request_id, prompt_ids, reason))
+
+
+def _failed_output(request_id: str, prompt_ids: list[int], error: str) -> RequestOutput:
+    return RequestOutput(request_id=request_id, prompt_token_ids=prompt_ids, token_ids=[], text="",
+                         finished=True, finish_reason="abort", error=error)
+
+
+def _mapping(parallel) -> Mapping:
+    return Mapping(parallel.world_size, 0, parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
+
+
+def _start_store():
+    """The TCPStore the pairwise groups rendezvous on; lives as long as the engine."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=60), wait_for_workers=False)
