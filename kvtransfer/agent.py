@@ -8,11 +8,16 @@ route's layer group is complete, its slice (layers x 2 x blocks x block_size x h
 is packed into one contiguous buffer and sent at once, while the next layers compute (the
 layer-wise streaming). A waiter thread holds the sends to their deadline and reports.
 
-Decode rank (receiver): `post_recv(RecvCommand)` hands the transfer to a receiver thread,
-which posts every message's receive into a staging buffer, waits for all of them within the
-transfer's deadline, and only then writes them into the cache blocks and reports. A late or
-cancelled transfer therefore never touches the cache (the blocks may belong to someone else
-by then), and buffers of abandoned receives are kept alive until the process ends.
+Decode rank (receiver): `post_recv(RecvCommand)` starts a thread for the transfer, which
+posts every message's receive into a staging buffer, waits for all of them, and only then
+writes them into the cache blocks and reports. `cancel` (the driver gave up: deadline passed,
+a rank failed) takes the same lock as the write, so once it returns a cancelled transfer
+never touches the cache (the blocks may belong to someone else by then).
+
+Deadlines: the driver owns each transfer's deadline and cancels it. The ranks' own waits use
+the long link timeout instead, because gloo closes a pair when a wait times out: a transfer
+that is merely late must not break the connection every later transfer uses. A rank whose
+peer died gets an error from the transport at once.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class KVAgentSpec:
     store_port: int = 0
     timeout_s: float = 30.0
     faults: FaultConfig = FaultConfig()
+    #: Longest a rank waits on one message: only a stuck but living peer meets this backstop.
+    link_timeout_s: float = 300.0
 
 
 def peer_name(role: str, rank: int, namespace: str = "") -> str:
@@ -73,12 +80,11 @@ class KVTransferAgent:
         self.me = self._peer(spec.role, rank)
         self.transport = self._make_transport(mailboxes)
         self._cancelled: set[int] = set()
-        self._abandoned: list[object] = []
-        self._inbox: queue.Queue = queue.Queue()
+        self._write_lock = threading.Lock()
         self._sent: queue.Queue = queue.Queue()
-        worker = self._recv_loop if spec.role == "decode" else self._send_waiter
-        self._thread = threading.Thread(target=worker, name=f"kv-{self.me}", daemon=True)
-        self._thread.start()
+        self._link_timeout = timedelta(seconds=spec.link_timeout_s)
+        if spec.role == "prefill":
+            threading.Thread(target=self._send_waiter, name=f"kv-send-{self.me}", daemon=True).start()
 
     def _peer(self, role: str, rank: int) -> str:
         return peer_name(role, rank, self.spec.namespace)
@@ -87,7 +93,7 @@ class KVTransferAgent:
         if self.spec.transport == "inprocess":
             return InProcessTransport(self.me, mailboxes or MAILBOXES)
         return PairwiseTransport(self.me, self.spec.transport, self.spec.store_host, self.spec.store_port,
-                                 self.spec.timeout_s)
+                                 self.spec.link_timeout_s)
 
     def connect(self, routes: list[KVRoute]) -> None:
         """Build the pairwise groups this rank will use (once; every rank in the same order)."""
@@ -98,7 +104,7 @@ class KVTransferAgent:
         self.transport.connect(sorted(peers))
 
     def close(self) -> None:
-        (self._inbox if self.spec.role == "decode" else self._sent).put(None)
+        self._sent.put(None)
 
     # ---- slices of the cache ---------------------------------------------------------------
 
@@ -144,17 +150,17 @@ class KVTransferAgent:
             time.sleep(faults.delay_s)
         buf = self._pack(route, group, blocks)
         work = self.transport.send(buf, self._peer("decode", route.dst_rank), message_tag(cmd.transfer_id, group))
-        self._sent.put((cmd.transfer_id, count, buf, work, time.monotonic() + self.spec.timeout_s))
+        self._sent.put((cmd.transfer_id, count, buf, work))
         if faults.kill_prefill_rank == self.rank and faults.kill_on_transfer == cmd.transfer_id:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die mid-transfer
 
     def _send_waiter(self) -> None:
         pending: dict[int, list] = {}
         while (item := self._sent.get()) is not None:
-            transfer_id, count, buf, work, deadline = item
+            transfer_id, count, buf, work = item
             state = pending.setdefault(transfer_id, [count, 0, time.monotonic(), None])
             try:
-                work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
+                work.wait(self._link_timeout)
                 state[1] += buf.numel() * buf.element_size()
             except Exception as err:  # noqa: BLE001 - reported, the driver decides
                 state[3] = str(err)
@@ -167,19 +173,24 @@ class KVTransferAgent:
     # ---- receiving (decode ranks, on the receiver thread) --------------------------------
 
     def post_recv(self, cmd: RecvCommand) -> None:
-        self._inbox.put(cmd)
+        threading.Thread(target=self._receive, args=(cmd,), name=f"kv-recv-{cmd.transfer_id}", daemon=True).start()
 
     def cancel(self, transfer_id: int) -> None:
-        self._cancelled.add(transfer_id)
-
-    def _recv_loop(self) -> None:
-        while (cmd := self._inbox.get()) is not None:
-            self._receive(cmd)
+        with self._write_lock:  # after this, no write of that transfer is running or will run
+            self._cancelled.add(transfer_id)
 
     def _receive(self, cmd: RecvCommand) -> None:
         start = time.monotonic()
-        deadline = start + cmd.timeout_s
-        blocks = torch.tensor(cmd.block_ids, device=self.cache.device)
+        try:
+            messages = self._post(cmd)
+            for _, _, _, work in messages:
+                work.wait(self._link_timeout)
+        except Exception as err:  # noqa: BLE001 - reported, the driver decides
+            self.report(TransferEvent(cmd.transfer_id, "recv", self.rank, False, f"{type(err).__name__}: {err}"))
+            return
+        self._finish(cmd, messages, start)
+
+    def _post(self, cmd: RecvCommand) -> list:
         messages = []
         for route in (r for r in cmd.routes if r.dst_rank == self.rank):
             for group in layer_groups(route.layers, cmd.layers_per_message):
@@ -187,23 +198,15 @@ class KVTransferAgent:
                                   device=self.cache.device)
                 peer = self._peer("prefill", route.src_rank)
                 messages.append((route, group, buf, self.transport.recv(buf, peer, message_tag(cmd.transfer_id, group))))
-        try:
-            for _, _, _, work in messages:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"transfer {cmd.transfer_id} missed its {cmd.timeout_s:.1f} s deadline")
-                work.wait(timedelta(seconds=remaining))
-        except Exception as err:  # noqa: BLE001 - reported, the driver decides
-            self._abandoned.append(messages)  # late data may still land in these buffers
-            self.report(TransferEvent(cmd.transfer_id, "recv", self.rank, False, f"{type(err).__name__}: {err}"))
-            return
-        self._finish(cmd, blocks, messages, start)
+        return messages
 
-    def _finish(self, cmd: RecvCommand, blocks: torch.Tensor, messages: list, start: float) -> None:
-        if cmd.transfer_id in self._cancelled:
-            return  # the driver gave up on it: the blocks are no longer ours to write
-        for route, group, buf, _ in messages:
-            self._unpack(route, group, blocks, buf)
+    def _finish(self, cmd: RecvCommand, messages: list, start: float) -> None:
+        blocks = torch.tensor(cmd.block_ids, device=self.cache.device)
+        with self._write_lock:
+            if cmd.transfer_id in self._cancelled:
+                return  # the driver gave up on it: the blocks are no longer ours to write
+            for route, group, buf, _ in messages:
+                self._unpack(route, group, blocks, buf)
         if self.spec.faults.drop_ack_of_transfer == cmd.transfer_id:
             return  # fault injection: the acknowledgement is lost
         size = sum(buf.numel() * buf.element_size() for _, _, buf, _ in messages)

@@ -104,6 +104,13 @@ class TransferMetrics:
     #: (bytes, seconds) of each completed transfer, as the decode ranks measured them.
     per_transfer: list[tuple[int, float]] = field(default_factory=list)
 
+    def record(self, num_bytes: int, seconds: float) -> None:
+        """One completed transfer."""
+        self.num_transfers += 1
+        self.num_bytes += num_bytes
+        self.seconds += seconds
+        self.per_transfer.append((num_bytes, seconds))
+
     @property
     def gb_per_s(self) -> float:
         return self.num_bytes / self.seconds / 1e9 if self.seconds else 0.0

@@ -53,21 +53,31 @@ _ENGINES: "weakref.WeakSet" = weakref.WeakSet()
 
 @pytest.fixture(scope="session", autouse=True)
 def _track_engines():
+    from splitserve.workers.disagg_engine import DisaggEngine
     from splitserve.workers.engine import LLMEngine
 
-    original = LLMEngine.__init__
+    originals = {cls: cls.__init__ for cls in (LLMEngine, DisaggEngine)}
 
-    def tracking_init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        _ENGINES.add(self)
+    def tracking(original):
+        def init(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            _ENGINES.add(self)
+        return init
 
-    LLMEngine.__init__ = tracking_init
+    for cls, original in originals.items():
+        cls.__init__ = tracking(original)
     yield
-    LLMEngine.__init__ = original
+    for cls, original in originals.items():
+        cls.__init__ = original
 
 
 def assert_no_leaks(engine) -> None:
-    """Nothing pending, and every KV block back in the free pool."""
+    """Nothing pending, and every KV block back in the free pool (both groups of a
+    disaggregated engine, with no transfer, reservation or lease left open)."""
+    if hasattr(engine, "num_open_transfers"):
+        assert engine.num_open_transfers == 0, "a KV transfer is still open"
+        assert not engine.has_unfinished_requests(), "requests still queued or running"
+        return  # its two LLMEngines are checked on their own
     assert not engine.has_unfinished_requests(), "requests still queued or running"
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks, f"{bm.num_blocks - bm.num_free_blocks} KV blocks leaked"

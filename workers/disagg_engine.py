@@ -80,6 +80,9 @@ class _Transfer:
     error: str | None = None
     #: The failure policy for this transfer (an abort always fails).
     policy: str = "recompute"
+    #: Bytes received over all decode ranks, and the slowest rank's time.
+    num_bytes: int = 0
+    seconds: float = 0.0
 
 
 class DisaggEngine:
@@ -242,15 +245,18 @@ class DisaggEngine:
     # ---- acknowledgements, deadlines, failures ---------------------------------------------
 
     def _settle(self) -> None:
+        # Deadlines first: an acknowledgement that comes after its lease expired does not count.
+        now = time.monotonic()
+        for transfer in list(self._transfers.values()):
+            if transfer.state is TransferState.TRANSFERRING and now > transfer.deadline:
+                self.metrics.num_timeouts += 1
+                self._fail(transfer, f"no acknowledgement within {self.config.transfer_timeout_s:.1f} s")
         for event in self._events():
             transfer = self._transfers.get(event.transfer_id)
             if transfer is not None:
                 self._on_event(transfer, event)
         now = time.monotonic()
         for transfer in list(self._transfers.values()):
-            if transfer.state is TransferState.TRANSFERRING and now > transfer.deadline:
-                self.metrics.num_timeouts += 1
-                self._fail(transfer, f"no acknowledgement within {self.config.transfer_timeout_s:.1f} s")
             if transfer.state is TransferState.FAILED and (self._all_reported(transfer) or now > transfer.deadline + _GRACE_S):
                 self._close_failed(transfer)
             elif transfer.state is TransferState.DONE and transfer.first_token is not None:
@@ -277,12 +283,11 @@ class DisaggEngine:
             self._fail(transfer, f"decode rank {event.rank}: {event.error}")
             return
         transfer.acks.add(event.rank)
-        self.metrics.num_bytes += event.num_bytes
+        transfer.num_bytes += event.num_bytes
+        transfer.seconds = max(transfer.seconds, event.seconds)
         if transfer.state is TransferState.TRANSFERRING and len(transfer.acks) == self.decode.config.parallel.world_size:
             transfer.state = TransferState.DONE
-            self.metrics.num_transfers += 1
-            self.metrics.seconds += event.seconds
-            self.metrics.per_transfer.append((event.num_bytes, event.seconds))
+            self.metrics.record(transfer.num_bytes, transfer.seconds)
 
     def _all_reported(self, transfer: _Transfer) -> bool:
         return len(transfer.reports) == self.decode.config.parallel.world_size

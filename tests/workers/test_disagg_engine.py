@@ -1,0 +1,134 @@
+"""Disaggregated mode: a prefill group and a decode group, KV moved by the transfer service.
+
+Greedy output is token-exact with aggregated mode and with transformers for every pairing
+of layouts; each fault (prefill killed mid-transfer, acknowledgement dropped, decode out of
+blocks, transfer delayed past its deadline) ends with every request recomputed (or failed
+with a clear error under the "fail" policy) within its deadline, and the shared leak check
+(conftest.py) finds no block, reservation or transfer left on either side.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import random_prompts
+
+from splitserve import LLM, SamplingParams
+from splitserve.kvtransfer.messages import FaultConfig
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+def _disagg(model, p=(1, 1), d=(1, 1), **kw) -> LLM:
+    kw.setdefault("block_size", 4)
+    return LLM(str(model), mode="disaggregated", prefill_tp=p[0], prefill_pp=p[1], decode_tp=d[0],
+               decode_pp=d[1], show_progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):
+    folder, oracle = tiny_models("tiny-llama")
+    prompts = random_prompts(oracle.model.config.vocab_size, [5, 33, 18, 70])
+    return folder, prompts, [oracle(p, GREEDY.max_tokens) for p in prompts]
+
+
+@pytest.mark.parametrize(("p", "d"), [
+    ((1, 1), (1, 1)),  # both groups in this process: the in-process transport
+    ((2, 1), (1, 1)),
+    ((1, 1), (2, 1)),
+    ((2, 1), (2, 1)),
+    ((1, 2), (1, 1)),
+    ((1, 1), (1, 2)),
+])
+def test_layouts_match_transformers(p, d, tiny):
+    folder, prompts, expected = tiny
+    with _disagg(folder, p, d) as llm:
+        outs = llm.generate(prompts, GREEDY)
+        assert [o.token_ids for o in outs] == expected
+        assert llm.engine.metrics.num_transfers == len(prompts) and llm.engine.metrics.num_failures == 0
+
+
+def test_smollm2_prefill_tp3_matches_transformers(smollm2_dir, smollm2_tokenizer, smollm2_oracle):
+    texts = ["The capital of France is", "def add(a, b):", "Water boils at"]
+    prompts = [smollm2_tokenizer.encode(t) for t in texts]
+    with _disagg(smollm2_dir, (3, 1), (1, 1), block_size=16, max_model_len=256) as llm:
+        outs = llm.generate(prompts, GREEDY)
+        assert [o.token_ids for o in outs] == [smollm2_oracle(p, GREEDY.max_tokens) for p in prompts]
+        assert outs[0].text == smollm2_tokenizer.decode(outs[0].token_ids, skip_special_tokens=True)
+
+
+def test_decode_prefix_cache_hit_sends_only_the_rest(tiny):
+    folder, prompts, expected = tiny
+    with _disagg(folder) as llm:
+        [first] = llm.generate(prompts[3:], GREEDY)
+        sent_first = llm.engine.metrics.num_bytes
+        [again] = llm.generate(prompts[3:], GREEDY)  # decode holds the prompt's full blocks
+        assert first.token_ids == again.token_ids == expected[3]
+        assert llm.engine.metrics.num_bytes - sent_first < sent_first / 4
+
+
+# --- faults -------------------------------------------------------------------------------------
+
+
+def test_prefill_killed_mid_transfer_recomputes(tiny):
+    folder, prompts, expected = tiny
+    faults = FaultConfig(kill_prefill_rank=1, kill_on_transfer=1)
+    with _disagg(folder, (2, 1), (1, 1), faults=faults, transfer_timeout_s=10) as llm:
+        start = time.monotonic()
+        outs = llm.generate(prompts, GREEDY)
+        assert time.monotonic() - start < 30
+        assert [o.token_ids for o in outs] == expected  # recomputed on decode, still exact
+        assert llm.engine.prefill.failure is not None and llm.engine.metrics.num_failures >= 1
+
+
+def test_dropped_ack_times_out_and_recomputes(tiny):
+    folder, prompts, expected = tiny
+    with _disagg(folder, faults=FaultConfig(drop_ack_of_transfer=0), transfer_timeout_s=1.0) as llm:
+        start = time.monotonic()
+        outs = llm.generate(prompts, GREEDY)
+        assert time.monotonic() - start < 10
+        assert [o.token_ids for o in outs] == expected
+        m = llm.engine.metrics
+        assert m.num_timeouts == 1 and m.num_transfers == len(prompts) - 1
+
+
+def test_transfer_delayed_past_deadline_recomputes_and_pair_still_works(tiny):
+    folder, prompts, expected = tiny
+    faults = FaultConfig(delay_transfer=0, delay_s=3.0)
+    with _disagg(folder, (2, 1), (1, 1), faults=faults, transfer_timeout_s=1.0) as llm:
+        outs = llm.generate(prompts, GREEDY)
+        assert [o.token_ids for o in outs] == expected
+        m = llm.engine.metrics
+        # one prefill step pushes all four: the delay stalls it, so every transfer is late
+        assert m.num_timeouts == 4 and m.num_transfers == 0 and m.num_bytes == 0
+        # the late messages did not break the pairs: later transfers still go through them
+        assert [o.token_ids for o in llm.generate(prompts[:2], GREEDY)] == expected[:2]
+        assert m.num_transfers == 2
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_decode_out_of_blocks(policy, tiny):
+    folder, prompts, expected = tiny
+    # 24 blocks of 4: the long prompt reserves 18 and the others cannot reserve meanwhile.
+    with _disagg(folder, num_kv_blocks=24, failure_policy=policy) as llm:
+        outs = llm.generate(prompts, GREEDY)
+        if policy == "recompute":
+            assert [o.token_ids for o in outs] == expected
+        else:
+            failed = [o for o in outs if o.error]
+            assert failed and all("no free KV blocks" in o.error and o.finish_reason == "abort" for o in failed)
+            assert all(o.token_ids == e for o, e in zip(outs, expected) if not o.error)
+
+
+def test_incompatible_block_sizes_fail_at_connect(tiny):
+    from dataclasses import replace
+
+    from splitserve.workers.config import CacheConfig
+    from splitserve.workers.disagg_engine import DisaggConfig, DisaggEngine
+    from splitserve.workers.engine import EngineConfig
+
+    folder, _, _ = tiny
+    base = EngineConfig(model=str(folder), show_progress=False)
+    with pytest.raises(ValueError, match="block size"):
+        DisaggEngine(DisaggConfig(prefill=base, decode=replace(base, cache=CacheConfig(block_size=8))))
