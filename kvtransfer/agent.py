@@ -67,8 +67,31 @@ def layer_groups(layers: range, per_message: int) -> list[range]:
 
 
 def message_tag(transfer_id: int, group: range) -> int:
-    # One route per (src, dst) pair, so the transfer and the group's first layer are unique.
-    return transfer_id * 4096 + group.start
+    # One route per (src, dst) pair, so the transfer and the group's first layer are unique;
+    # wrapped to stay a C int (ids 2**19 apart never share a pair's queue at once).
+    return (transfer_id % (1 << 19)) * 4096 + group.start
+
+
+class BufferPool:
+    """Reusable staging buffers by shape (thread-safe); bounded per shape."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, keep: int = 8):
+        self.dtype, self.device, self.keep = dtype, device, keep
+        self._free: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get(shape)
+            if free:
+                return free.pop()
+        return torch.empty(shape, dtype=self.dtype, device=self.device)
+
+    def give(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            free = self._free.setdefault(tuple(buf.shape), [])
+            if len(free) < self.keep:
+                free.append(buf)
 
 
 class KVTransferAgent:
@@ -80,9 +103,12 @@ class KVTransferAgent:
         self.me = self._peer(spec.role, rank)
         self.transport = self._make_transport(mailboxes)
         self._cancelled: set[int] = set()
+        self._abandoned: list[list] = []  # kept alive: a late message may still land in them
         self._write_lock = threading.Lock()
         self._sent: queue.Queue = queue.Queue()
         self._link_timeout = timedelta(seconds=spec.link_timeout_s)
+        # Staging buffers are reused: a fresh one per message costs page faults on the hot path.
+        self._pool = BufferPool(cache_data.dtype, cache_data.device)
         if spec.role == "prefill":
             threading.Thread(target=self._send_waiter, name=f"kv-send-{self.me}", daemon=True).start()
 
@@ -114,8 +140,10 @@ class KVTransferAgent:
         return layers, heads
 
     def _pack(self, route: KVRoute, group: range, blocks: torch.Tensor) -> torch.Tensor:
+        """One copy: the (layers, heads) view's blocks gathered straight into a pooled buffer."""
         layers, heads = self._slice(route, group)
-        return self.cache[layers].index_select(2, blocks)[:, :, :, :, heads].contiguous()
+        buf = self._pool.take(self._shape(route, group, len(blocks)))
+        return torch.index_select(self.cache[layers][:, :, :, :, heads], 2, blocks, out=buf)
 
     def _unpack(self, route: KVRoute, group: range, blocks: torch.Tensor, buf: torch.Tensor) -> None:
         layers, heads = self._slice(route, group)
@@ -162,8 +190,9 @@ class KVTransferAgent:
             try:
                 work.wait(self._link_timeout)
                 state[1] += buf.numel() * buf.element_size()
+                self._pool.give(buf)
             except Exception as err:  # noqa: BLE001 - reported, the driver decides
-                state[3] = str(err)
+                state[3] = str(err)  # the buffer is not reused: the transport may still read it
             state[0] -= 1
             if state[0] == 0:
                 del pending[transfer_id]
@@ -180,34 +209,43 @@ class KVTransferAgent:
             self._cancelled.add(transfer_id)
 
     def _receive(self, cmd: RecvCommand) -> None:
+        """Post every message, then write each into the cache as it lands (under the lock,
+        unless cancelled), so the writes overlap the messages still on the wire."""
         start = time.monotonic()
+        blocks = torch.tensor(cmd.block_ids, device=self.cache.device)
+        size, messages = 0, []
         try:
             messages = self._post(cmd)
-            for _, _, _, work in messages:
+            for route, group, buf, work in messages:
                 work.wait(self._link_timeout)
+                if not self._write(cmd.transfer_id, route, group, blocks, buf):
+                    self._abandoned.append(messages)  # receives still posted into these buffers
+                    return  # cancelled: the driver no longer waits for a report
+                size += buf.numel() * buf.element_size()
         except Exception as err:  # noqa: BLE001 - reported, the driver decides
+            self._abandoned.append(messages)
             self.report(TransferEvent(cmd.transfer_id, "recv", self.rank, False, f"{type(err).__name__}: {err}"))
             return
-        self._finish(cmd, messages, start)
+        for _, _, buf, _ in messages:
+            self._pool.give(buf)
+        if self.cache.is_cuda:
+            torch.cuda.current_stream(self.cache.device).synchronize()  # written, not just queued
+        if self.spec.faults.drop_ack_of_transfer == cmd.transfer_id:
+            return  # fault injection: the acknowledgement is lost
+        self.report(TransferEvent(cmd.transfer_id, "recv", self.rank, True, None, size, time.monotonic() - start))
+
+    def _write(self, transfer_id: int, route: KVRoute, group: range, blocks: torch.Tensor, buf: torch.Tensor) -> bool:
+        with self._write_lock:
+            if transfer_id in self._cancelled:
+                return False  # the blocks may belong to another request by now
+            self._unpack(route, group, blocks, buf)
+            return True
 
     def _post(self, cmd: RecvCommand) -> list:
         messages = []
         for route in (r for r in cmd.routes if r.dst_rank == self.rank):
             for group in layer_groups(route.layers, cmd.layers_per_message):
-                buf = torch.empty(self._shape(route, group, len(cmd.block_ids)), dtype=self.cache.dtype,
-                                  device=self.cache.device)
+                buf = self._pool.take(self._shape(route, group, len(cmd.block_ids)))
                 peer = self._peer("prefill", route.src_rank)
                 messages.append((route, group, buf, self.transport.recv(buf, peer, message_tag(cmd.transfer_id, group))))
         return messages
-
-    def _finish(self, cmd: RecvCommand, messages: list, start: float) -> None:
-        blocks = torch.tensor(cmd.block_ids, device=self.cache.device)
-        with self._write_lock:
-            if cmd.transfer_id in self._cancelled:
-                return  # the driver gave up on it: the blocks are no longer ours to write
-            for route, group, buf, _ in messages:
-                self._unpack(route, group, blocks, buf)
-        if self.spec.faults.drop_ack_of_transfer == cmd.transfer_id:
-            return  # fault injection: the acknowledgement is lost
-        size = sum(buf.numel() * buf.element_size() for _, _, buf, _ in messages)
-        self.report(TransferEvent(cmd.transfer_id, "recv", self.rank, True, None, size, time.monotonic() - start))
