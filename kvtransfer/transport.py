@@ -3,6 +3,9 @@
 - ``gloo``: a pairwise gloo process group per (prefill rank, decode rank) over a TCPStore
   (CPU tensors; what CI uses).
 - ``nccl``: the same with NCCL, for GPU tensors on different devices.
+- ``cuda_ipc``: two processes on one GPU (NCCL refuses two ranks on one device): the sender
+  publishes a CUDA IPC handle of its packed buffer in the TCPStore, the receiver maps it and
+  copies device to device, then acknowledges so the sender may reuse the buffer.
 - ``inprocess``: both sides in one process (two local engines): a mailbox, one copy.
 
 Pairs are named by both ends ("P0|D1") and connected once, at start-up, by every rank in
@@ -117,4 +120,48 @@ class InProcessTransport:
         return _MailboxRecv(self.mailboxes.box(peer, self.me, tag), tensor)
 
 
-TRANSPORTS = ("gloo", "nccl", "inprocess")
+class _StoreWork:
+    """Completes when ``key`` appears in the store, then runs ``then``."""
+
+    def __init__(self, store: dist.Store, key: str, then):
+        self.store, self.key, self.then = store, key, then
+
+    def wait(self, timeout: timedelta) -> None:
+        self.store.wait([self.key], timeout)
+        self.then(self.store.get(self.key))
+        self.store.delete_key(self.key)
+
+
+class CudaIpcTransport:
+    """Two processes on one GPU: buffers shared by CUDA IPC handles passed through the store."""
+
+    def __init__(self, me: str, store_host: str, store_port: int, timeout_s: float):
+        self.me = me
+        self.store = dist.TCPStore(store_host, store_port, None, False, timedelta(seconds=timeout_s))
+
+    def connect(self, peers: list[str]) -> None:
+        pass  # nothing to set up: every message carries its own handle
+
+    def send(self, tensor: torch.Tensor, peer: str, tag: int) -> Work:
+        import pickle
+
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        torch.cuda.current_stream(tensor.device).synchronize()  # the bytes are there before the handle
+        self.store.set(f"ipc/{self.me}/{peer}/{tag}", pickle.dumps(reduce_tensor(tensor)))
+        # Done when the receiver has copied out of our buffer: then it may be reused.
+        return _StoreWork(self.store, f"ipc-ack/{self.me}/{peer}/{tag}", lambda _: None)
+
+    def recv(self, tensor: torch.Tensor, peer: str, tag: int) -> Work:
+        import pickle
+
+        def copy_out(payload: bytes) -> None:
+            rebuild, args = pickle.loads(payload)
+            tensor.copy_(rebuild(*args))
+            torch.cuda.current_stream(tensor.device).synchronize()
+            self.store.set(f"ipc-ack/{peer}/{self.me}/{tag}", b"1")
+
+        return _StoreWork(self.store, f"ipc/{peer}/{self.me}/{tag}", copy_out)
+
+
+TRANSPORTS = ("gloo", "nccl", "cuda_ipc", "inprocess")

@@ -32,7 +32,7 @@ from splitserve.kvtransfer.agent import KVAgentSpec
 from splitserve.kvtransfer.messages import FaultConfig, RecvCommand, SendCommand, TransferEvent, TransferMetrics, TransferState
 from splitserve.kvtransfer.plan import check_compatible, make_routes
 from splitserve.mapping import Mapping
-from splitserve.workers.engine import EngineConfig, KVSendHook, LLMEngine, SendPlan
+from splitserve.workers.engine import EngineConfig, KVSendHook, LLMEngine, SendPlan, resolve_device
 from splitserve.workers.executor import WorkerGroupError
 from splitserve.workers.outputs import RequestOutput
 from splitserve.workers.sampling_params import SamplingParams
@@ -52,6 +52,8 @@ class DisaggConfig:
     #: "recompute": decode prefills the prompt itself; "fail": the request ends with an error.
     failure_policy: str = "recompute"
     faults: FaultConfig = field(default_factory=FaultConfig)
+    #: Both groups in this process (in-process transport); None: when both are 1 x 1.
+    in_process: bool | None = None
 
     def __post_init__(self) -> None:
         if self.failure_policy not in ("recompute", "fail"):
@@ -90,7 +92,9 @@ class DisaggEngine:
         self.config = config
         self.metrics = TransferMetrics()
         p_par, d_par = config.prefill.parallel, config.decode.parallel
-        local = p_par.world_size == 1 and d_par.world_size == 1
+        local = config.in_process if config.in_process is not None else p_par.world_size == d_par.world_size == 1
+        if local and p_par.world_size * d_par.world_size > 1:
+            raise ValueError("in_process needs 1 x 1 groups on both sides")
         self._store = None if local else _start_store()
         namespace = uuid.uuid4().hex[:8] + "/"
         self.prefill = LLMEngine(self._role(config.prefill, "prefill", local, namespace))
@@ -109,11 +113,12 @@ class DisaggEngine:
         self._request_ids = itertools.count()
 
     def _role(self, cfg: EngineConfig, role: str, local: bool, namespace: str) -> EngineConfig:
-        transport = "inprocess" if local else ("nccl" if cfg.device.startswith("cuda") else "gloo")
         port = self._store.port if self._store is not None else 0
-        kv = KVAgentSpec(role, transport, namespace, "127.0.0.1", port, self.config.transfer_timeout_s,
-                         self.config.faults)
-        return replace(cfg, kv=kv, rank_processes=not local)
+        kv = KVAgentSpec(role, _transport(cfg, self.config, local), namespace, "127.0.0.1", port,
+                         self.config.transfer_timeout_s, self.config.faults)
+        # The decode group's GPUs come after the prefill group's (they wrap if there are too few).
+        offset = self.config.prefill.parallel.world_size if role == "decode" else 0
+        return replace(cfg, kv=kv, rank_processes=not local, device_offset=offset)
 
     def _check_compatible(self) -> None:
         p, d = self.prefill.model_cfg, self.decode.model_cfg
@@ -337,6 +342,20 @@ class DisaggEngine:
 def _failed_output(request_id: str, prompt_ids: list[int], error: str) -> RequestOutput:
     return RequestOutput(request_id=request_id, prompt_token_ids=prompt_ids, token_ids=[], text="",
                          finished=True, finish_reason="abort", error=error)
+
+
+def _transport(cfg: EngineConfig, config: DisaggConfig, local: bool) -> str:
+    """In-process for two local engines; gloo on CPU; NCCL when every rank of both groups has
+    a GPU of its own, else CUDA IPC (NCCL refuses two ranks on one device)."""
+    if local:
+        return "inprocess"
+    device = resolve_device(cfg.device)
+    if device.type != "cuda":
+        return "gloo"
+    import torch
+
+    ranks = config.prefill.parallel.world_size + config.decode.parallel.world_size
+    return "nccl" if torch.cuda.device_count() >= ranks else "cuda_ipc"
 
 
 def _mapping(parallel) -> Mapping:

@@ -64,6 +64,8 @@ class EngineConfig:
     kv: KVAgentSpec | None = None
     #: Run ranks as processes even for one rank (the other group of a disaggregated pair is).
     rank_processes: bool = False
+    #: GPUs taken by another group of this machine placed first (disaggregated mode).
+    device_offset: int = 0
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,6 +134,7 @@ class LLMEngine:
             num_blocks=num_blocks, block_size=config.cache.block_size, dtype=dtype,
             device_type=self.device.type, device_index=self.device.index,
             eos_token_ids=self.eos_token_ids, show_progress=config.show_progress, kv=config.kv,
+            device_offset=config.device_offset,
         ), config.parallel, processes=config.rank_processes)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)

@@ -41,22 +41,23 @@ class RunnerSpec:
     num_blocks: int
     block_size: int
     dtype: torch.dtype
-    #: "cpu" or "cuda": each rank of a group takes cuda:<local_rank>.
+    #: "cpu" or "cuda": rank r of a group takes cuda:<device_index + device_offset + local_rank>.
     device_type: str
-    #: Index of the engine's CUDA device when it runs in-process.
+    #: The engine's CUDA device ("cuda:1" -> 1; None -> 0).
     device_index: int | None
     eos_token_ids: tuple[int, ...]
     show_progress: bool = True
     #: The rank's part in the KV transfer service (disaggregated mode); None otherwise.
     kv: KVAgentSpec | None = None
+    #: GPUs taken by groups placed before this one (a decode group after its prefill group).
+    device_offset: int = 0
 
 
 def rank_device(spec: RunnerSpec, parallel: ParallelState) -> torch.device:
     if spec.device_type == "cpu":
         return torch.device("cpu")
-    if parallel.mapping.world_size == 1:
-        return torch.device("cuda", spec.device_index or 0)
-    return torch.device("cuda", parallel.mapping.local_rank)
+    index = (spec.device_index or 0) + spec.device_offset + parallel.mapping.local_rank
+    return torch.device("cuda", index % max(1, torch.cuda.device_count()))
 
 
 def build_runner(spec: RunnerSpec, parallel: ParallelState,

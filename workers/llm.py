@@ -85,6 +85,13 @@ class LLM:
             ))
         self.show_progress = show_progress
 
+    @classmethod
+    def from_engine(cls, engine: LLMEngine | DisaggEngine, show_progress: bool = False) -> "LLM":
+        """Wrap an engine built by hand (e.g. a `DisaggEngine` with its own `DisaggConfig`)."""
+        llm = cls.__new__(cls)
+        llm.engine, llm.show_progress = engine, show_progress
+        return llm
+
     def shutdown(self) -> None:
         """Stop the worker group's rank processes (also done when the LLM is collected)."""
         self.engine.shutdown()
