@@ -21,6 +21,9 @@ from splitserve.workers.engine import EngineConfig
 
 
 def main() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -40,7 +43,7 @@ def main() -> None:
         base = EngineConfig(model=folder, device="cuda", dtype="float32", show_progress=False,
                             cache=CacheConfig(block_size=4))
         # In this process (in-process copy), then as two processes on the one GPU (CUDA IPC).
-        for in_process in (True, False):
+        for in_process in (False, True):
             engine = DisaggEngine(DisaggConfig(prefill=base, decode=base, in_process=in_process))
             with LLM.from_engine(engine) as llm:
                 got = [o.token_ids for o in llm.generate(prompts, params)]

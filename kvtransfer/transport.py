@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from datetime import timedelta
 from typing import Protocol
 
@@ -121,15 +122,24 @@ class InProcessTransport:
 
 
 class _StoreWork:
-    """Completes when ``key`` appears in the store, then runs ``then``."""
+    """Completes when ``key`` appears in the store, then runs ``then`` (on the waiting thread,
+    with that thread's store client)."""
 
-    def __init__(self, store: dist.Store, key: str, then):
+    def __init__(self, store, key: str, then):
         self.store, self.key, self.then = store, key, then
 
     def wait(self, timeout: timedelta) -> None:
-        self.store.wait([self.key], timeout)
-        self.then(self.store.get(self.key))
-        self.store.delete_key(self.key)
+        # Polls instead of store.wait: waits of several threads on one store were seen to miss
+        # keys set meanwhile (H100 machine, torch 2.11), and a poll never holds the socket.
+        store, deadline = self.store(), time.monotonic() + timeout.total_seconds()
+        delay = 0.0002
+        while not store.check([self.key]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {self.key!r} within {timeout.total_seconds():.0f} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+        self.then(store.get(self.key))
+        store.delete_key(self.key)
 
 
 class CudaIpcTransport:
@@ -137,7 +147,17 @@ class CudaIpcTransport:
 
     def __init__(self, me: str, store_host: str, store_port: int, timeout_s: float):
         self.me = me
-        self.store = dist.TCPStore(store_host, store_port, None, False, timedelta(seconds=timeout_s))
+        self._address = (store_host, store_port, timedelta(seconds=timeout_s))
+        self._local = threading.local()
+
+    @property
+    def store(self) -> dist.Store:
+        # One client per thread: a blocking wait holds its client's socket, and the step's
+        # thread, the send waiter and each receive thread wait on each other's keys.
+        if not hasattr(self._local, "store"):
+            host, port, timeout = self._address
+            self._local.store = dist.TCPStore(host, port, None, False, timeout)
+        return self._local.store
 
     def connect(self, peers: list[str]) -> None:
         pass  # nothing to set up: every message carries its own handle
@@ -150,7 +170,7 @@ class CudaIpcTransport:
         torch.cuda.current_stream(tensor.device).synchronize()  # the bytes are there before the handle
         self.store.set(f"ipc/{self.me}/{peer}/{tag}", pickle.dumps(reduce_tensor(tensor)))
         # Done when the receiver has copied out of our buffer: then it may be reused.
-        return _StoreWork(self.store, f"ipc-ack/{self.me}/{peer}/{tag}", lambda _: None)
+        return _StoreWork(lambda: self.store, f"ipc-ack/{self.me}/{peer}/{tag}", lambda _: None)
 
     def recv(self, tensor: torch.Tensor, peer: str, tag: int) -> Work:
         import pickle
@@ -161,7 +181,7 @@ class CudaIpcTransport:
             torch.cuda.current_stream(tensor.device).synchronize()
             self.store.set(f"ipc-ack/{peer}/{self.me}/{tag}", b"1")
 
-        return _StoreWork(self.store, f"ipc/{peer}/{self.me}/{tag}", copy_out)
+        return _StoreWork(lambda: self.store, f"ipc/{peer}/{self.me}/{tag}", copy_out)
 
 
 TRANSPORTS = ("gloo", "nccl", "cuda_ipc", "inprocess")

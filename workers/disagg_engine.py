@@ -23,6 +23,7 @@ Lifecycle of a request (driver side; the transfer's `TransferState` in brackets)
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 import uuid
 from collections import deque
@@ -37,6 +38,8 @@ from splitserve.workers.executor import WorkerGroupError
 from splitserve.workers.outputs import RequestOutput
 from splitserve.workers.sampling_params import SamplingParams
 from splitserve.workers.sequence import Sequence
+
+logger = logging.getLogger(__name__)
 
 _GRACE_S = 2.0  # after the deadline: a decode rank's receive has given up by then
 
@@ -302,6 +305,8 @@ class DisaggEngine:
             return
         in_flight = transfer.state is TransferState.TRANSFERRING
         transfer.state, transfer.error = TransferState.FAILED, reason
+        logger.warning("KV transfer %d of request %s failed (%s): %s", transfer.transfer_id,
+                       transfer.request_id, transfer.policy if policy is None else policy, reason)
         transfer.policy = policy or self.config.failure_policy
         self.metrics.num_failures += 1
         if in_flight:  # decode ranks may still be receiving: they must not write any more
@@ -333,6 +338,7 @@ class DisaggEngine:
     def _no_transfer(self, request_id, prompt_ids, params, stream, prompt, reason: str) -> None:
         """No transfer can start: recompute on decode, or fail, by the policy."""
         self.metrics.num_failures += 1
+        logger.warning("request %s gets no KV transfer (%s): %s", request_id, self.config.failure_policy, reason)
         if self.config.failure_policy == "recompute":
             self.decode.add_request(request_id, prompt_ids, params, stream=stream, prompt=prompt)
         else:
