@@ -352,7 +352,8 @@ def _failed_output(request_id: str, prompt_ids: list[int], error: str) -> Reques
 
 def _transport(cfg: EngineConfig, config: DisaggConfig, local: bool) -> str:
     """In-process for two local engines; gloo on CPU; NCCL when every rank of both groups has
-    a GPU of its own, else CUDA IPC (NCCL refuses two ranks on one device)."""
+    a GPU of its own. Groups sharing a GPU across processes would need CUDA IPC (NCCL refuses
+    two ranks on one device), which is not there yet: a clear error instead."""
     if local:
         return "inprocess"
     device = resolve_device(cfg.device)
@@ -361,7 +362,12 @@ def _transport(cfg: EngineConfig, config: DisaggConfig, local: bool) -> str:
     import torch
 
     ranks = config.prefill.parallel.world_size + config.decode.parallel.world_size
-    return "nccl" if torch.cuda.device_count() >= ranks else "cuda_ipc"
+    if torch.cuda.device_count() < ranks:
+        raise ValueError(
+            f"disaggregated mode with {ranks} rank processes needs {ranks} GPUs (found "
+            f"{torch.cuda.device_count()}): groups sharing a GPU would need the CUDA IPC transport, "
+            "which is not available yet; on one GPU use 1 x 1 groups (both in this process)")
+    return "nccl"
 
 
 def _mapping(parallel) -> Mapping:
