@@ -31,7 +31,6 @@ prompt length (target: >= 0.8 at 2k-token prompts), writes JSON and a PNG beside
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -225,10 +224,8 @@ def run_worker(w: WorkerArgs) -> dict[str, Any]:
     raw_buf.normal_(generator=gen)  # real pages with real data on both sides (no zero-page reads)
 
     reports: queue.Queue = queue.Queue()
-    spec = KVAgentSpec(w.role, w.backend, "", HOST, w.store_port, w.timeout_s)
-    if "link_timeout_s" in {f.name for f in dataclasses.fields(KVAgentSpec)}:
-        # a stuck link fails this run within --timeout-s, not the service's long backstop
-        spec = dataclasses.replace(spec, link_timeout_s=w.timeout_s)
+    # a stuck link fails this run within --timeout-s, not the service's long backstop
+    spec = KVAgentSpec(w.role, w.backend, "", HOST, w.store_port, link_timeout_s=w.timeout_s)
     agent = KVTransferAgent(spec, 0, cache, 0, 0, reports.put)
     routes = make_routes(Mapping(1, 0), Mapping(1, 0), shape.num_layers, shape.num_kv_heads)
     agent.connect(routes)
@@ -260,7 +257,7 @@ def run_worker(w: WorkerArgs) -> dict[str, Any]:
             cache.index_fill_(2, dst, 0)
             settle()
         # posted before the sender starts, as decode posts its receive when it reserves
-        agent.post_recv(RecvCommand(tid, case.dst_block_ids, routes, w.layers_per_message, w.timeout_s))
+        agent.post_recv(RecvCommand(tid, case.dst_block_ids, routes, w.layers_per_message))
         sync.barrier(name)
         event = _wait_event(reports, tid, "recv", w.timeout_s)
         settle()

@@ -52,7 +52,6 @@ class KVAgentSpec:
     namespace: str = ""
     store_host: str = "127.0.0.1"
     store_port: int = 0
-    timeout_s: float = 30.0
     faults: FaultConfig = FaultConfig()
     #: Longest a rank waits on one message: only a stuck but living peer meets this backstop.
     link_timeout_s: float = 300.0

@@ -54,14 +54,14 @@ class SendCommand:
 
 @dataclass(frozen=True)
 class RecvCommand:
-    """For decode ranks: receive a transfer into these blocks, within a deadline."""
+    """For decode ranks: receive a transfer into these blocks (the driver owns the deadline
+    and cancels the transfer when it passes)."""
 
     transfer_id: int
     #: The decode group's block ids, aligned with the sender's `SendCommand.block_ids`.
     block_ids: list[int]
     routes: list[KVRoute]
     layers_per_message: int
-    timeout_s: float
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,7 @@ class DisaggEngine:
     def _role(self, cfg: EngineConfig, role: str, local: bool, namespace: str) -> EngineConfig:
         port = self._store.port if self._store is not None else 0
         kv = KVAgentSpec(role, _transport(cfg, self.config, local), namespace, "127.0.0.1", port,
-                         self.config.transfer_timeout_s, self.config.faults)
+                         faults=self.config.faults)
         # The decode group's GPUs come after the prefill group's (they wrap if there are too few).
         offset = self.config.prefill.parallel.world_size if role == "decode" else 0
         return replace(cfg, kv=kv, rank_processes=not local, device_offset=offset)
@@ -231,8 +231,7 @@ class DisaggEngine:
         transfer.state = TransferState.TRANSFERRING
         transfer.deadline = time.monotonic() + self.config.transfer_timeout_s
         blocks = transfer.reservation.block_ids[transfer.skip_blocks:transfer.skip_blocks + len(cmd.block_ids)]
-        recv = RecvCommand(cmd.transfer_id, blocks, cmd.routes, cmd.layers_per_message,
-                           self.config.transfer_timeout_s)
+        recv = RecvCommand(cmd.transfer_id, blocks, cmd.routes, cmd.layers_per_message)
         self.decode.executor.control("kv_recv", recv)
 
     def _step_prefill(self) -> None:

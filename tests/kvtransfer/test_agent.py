@@ -1,0 +1,102 @@
+"""KVTransferAgent over the in-process transport: layer-wise packing and unpacking moves exactly
+the routed (layers, heads, blocks), cancelled transfers never write, faults behave as set."""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+import torch
+
+from splitserve.kvtransfer.agent import KVAgentSpec, KVTransferAgent, layer_groups, message_tag
+from splitserve.kvtransfer.messages import FaultConfig, RecvCommand, SendCommand
+from splitserve.kvtransfer.plan import make_routes
+from splitserve.kvtransfer.transport import Mailboxes
+from splitserve.mapping import Mapping
+
+LAYERS, HEADS, DIM, BLOCKS, BS = 4, 2, 8, 12, 4
+
+
+def _cache(seed: int | None) -> torch.Tensor:
+    shape = (LAYERS, 2, BLOCKS, BS, HEADS, DIM)
+    if seed is None:
+        return torch.zeros(shape)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _pair(faults: FaultConfig = FaultConfig()):
+    boxes, events = Mailboxes(), queue.Queue()
+    src, dst = _cache(0), _cache(None)
+    sender = KVTransferAgent(KVAgentSpec("prefill", "inprocess", "t/", faults=faults), 0, src, 0, 0, events.put, boxes)
+    receiver = KVTransferAgent(KVAgentSpec("decode", "inprocess", "t/", faults=faults), 0, dst, 0, 0, events.put, boxes)
+    return sender, receiver, src, dst, events
+
+
+ROUTES = make_routes(Mapping(1, 0), Mapping(1, 0), LAYERS, HEADS)
+
+
+def _send(sender, transfer_id, blocks, per_message=3):
+    hook = sender.layer_hook([SendCommand(transfer_id, blocks, ROUTES, per_message)])
+    for layer in range(LAYERS):
+        hook(layer)
+
+
+def _events(events, n):
+    got = [events.get(timeout=10) for _ in range(n)]
+    return {(e.side, e.transfer_id): e for e in got}
+
+
+def test_blocks_arrive_where_the_decode_side_asked():
+    sender, receiver, src, dst, events = _pair()
+    src_blocks, dst_blocks = [7, 2, 9], [0, 5, 11]
+    receiver.post_recv(RecvCommand(1, dst_blocks, ROUTES, 3))
+    _send(sender, 1, src_blocks)
+    got = _events(events, 2)
+    assert got[("recv", 1)].ok and got[("send", 1)].ok
+    assert got[("recv", 1)].num_bytes == LAYERS * 2 * 3 * BS * HEADS * DIM * 4  # float32
+    assert torch.equal(dst[:, :, dst_blocks], src[:, :, src_blocks])
+    untouched = [b for b in range(BLOCKS) if b not in dst_blocks]
+    assert not dst[:, :, untouched].any()
+
+
+def test_only_the_routed_heads_and_layers_are_written():
+    # decode rank 1 of tp 2 holds KV head 1 only: it gets head 1 of every layer from rank 0
+    routes = make_routes(Mapping(1, 0), Mapping(2, 1, tp_size=2), LAYERS, HEADS)
+    boxes, events = Mailboxes(), queue.Queue()
+    src = _cache(1)
+    dst = torch.zeros(LAYERS, 2, BLOCKS, BS, 1, DIM)
+    sender = KVTransferAgent(KVAgentSpec("prefill", "inprocess", "h/"), 0, src, 0, 0, events.put, boxes)
+    receiver = KVTransferAgent(KVAgentSpec("decode", "inprocess", "h/"), 1, dst, 0, 1, events.put, boxes)
+    receiver.post_recv(RecvCommand(3, [4], routes, 2))
+    hook = sender.layer_hook([SendCommand(3, [6], routes, 2)])
+    for layer in range(LAYERS):
+        hook(layer)
+    got = {e.side: e for e in (events.get(timeout=10) for _ in range(2)) if e.rank == 1 or e.side == "send"}
+    assert got["recv"].ok
+    assert torch.equal(dst[:, :, 4, :, 0], src[:, :, 6, :, 1])
+
+
+def test_cancelled_transfer_never_writes():
+    sender, receiver, src, dst, events = _pair()
+    receiver.cancel(5)
+    receiver.post_recv(RecvCommand(5, [1, 2], ROUTES, 3))
+    _send(sender, 5, [3, 4])
+    assert _events(events, 1)[("send", 5)].ok
+    with pytest.raises(queue.Empty):
+        events.get(timeout=0.5)  # the cancelled receive reports nothing
+    assert not dst.any()
+
+
+def test_dropped_ack_writes_but_does_not_report():
+    sender, receiver, src, dst, events = _pair(FaultConfig(drop_ack_of_transfer=2))
+    receiver.post_recv(RecvCommand(2, [1], ROUTES, 3))
+    _send(sender, 2, [1])
+    assert set(_events(events, 1)) == {("send", 2)}
+    with pytest.raises(queue.Empty):
+        events.get(timeout=0.5)
+
+
+def test_layer_groups_and_tags():
+    assert layer_groups(range(2, 9), 3) == [range(2, 5), range(5, 8), range(8, 9)]
+    assert message_tag(1, range(4, 8)) == 4096 + 4
+    assert message_tag(1 << 19, range(0, 1)) == 0 and message_tag((1 << 20) + 3, range(7, 8)) < 2**31
