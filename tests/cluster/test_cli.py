@@ -30,3 +30,11 @@ def test_bad_input_exits_2_with_message(smollm2_dir, capsys):
 def test_parser_defaults():
     args = build_parser().parse_args(["generate", "x"])
     assert args.model is None and args.temperature == 0.0 and args.max_tokens == 64
+
+
+def test_generate_disaggregated_matches(smollm2_dir, smollm2_oracle, smollm2_tokenizer, capsys):
+    argv = ["generate", "The capital of France is", "--model", str(smollm2_dir), "--max-tokens", "6", "--json",
+            "--mode", "disaggregated"]
+    assert main(argv) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["token_ids"] == smollm2_oracle(smollm2_tokenizer.encode("The capital of France is"), 6)
