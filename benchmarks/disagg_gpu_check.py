@@ -1,5 +1,6 @@
-"""Disaggregated mode on one GPU: prefill and decode groups in one process move KV by the
-in-process transport; greedy output must equal aggregated mode on the same GPU.
+"""Disaggregated mode on one GPU: prefill and decode groups as two processes on the device
+(KV by CUDA IPC), then both in this process (in-process copy); greedy output must equal
+aggregated mode on the same GPU.
 
 Usage (GPU machine): python benchmarks/disagg_gpu_check.py [--out DIR]
 """
@@ -42,10 +43,9 @@ def main() -> None:
             ref = [o.token_ids for o in llm.generate(prompts, params)]
         base = EngineConfig(model=folder, device="cuda", dtype="float32", show_progress=False,
                             cache=CacheConfig(block_size=4))
-        # Both groups in this process (in-process copy). Two processes on one GPU would need
-        # CUDA IPC, which is not there yet (DisaggEngine says so).
-        for in_process in (True,):
-            engine = DisaggEngine(DisaggConfig(prefill=base, decode=base, in_process=in_process))
+        # Two processes on the one GPU (CUDA IPC), then both groups in this process.
+        for in_process in (False, True):
+            engine = DisaggEngine(DisaggConfig(prefill=base, decode=base, in_process=in_process, transfer_timeout_s=5))
             with LLM.from_engine(engine) as llm:
                 got = [o.token_ids for o in llm.generate(prompts, params)]
                 transport = engine.prefill.config.kv.transport

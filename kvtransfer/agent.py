@@ -34,7 +34,9 @@ from datetime import timedelta
 import torch
 
 from splitserve.kvtransfer.messages import FaultConfig, KVRoute, RecvCommand, SendCommand, TransferEvent
-from splitserve.kvtransfer.transport import InProcessTransport, Mailboxes, PairwiseTransport, Transport
+from splitserve.kvtransfer.transport import (
+    CudaIpcTransport, InProcessTransport, Mailboxes, PairwiseTransport, Transport,
+)
 
 #: The in-process transport's mailboxes, shared by every engine of this process.
 MAILBOXES = Mailboxes()
@@ -117,6 +119,8 @@ class KVTransferAgent:
     def _make_transport(self, mailboxes: Mailboxes | None) -> Transport:
         if self.spec.transport == "inprocess":
             return InProcessTransport(self.me, mailboxes or MAILBOXES)
+        if self.spec.transport == "cuda_ipc":
+            return CudaIpcTransport(self.me, self.spec.store_host, self.spec.store_port, self.spec.link_timeout_s)
         return PairwiseTransport(self.me, self.spec.transport, self.spec.store_host, self.spec.store_port,
                                  self.spec.link_timeout_s)
 

@@ -3,7 +3,9 @@
 - ``gloo``: a pairwise gloo process group per (prefill rank, decode rank) over a TCPStore
   (CPU tensors; what CI uses).
 - ``nccl``: the same with NCCL, for GPU tensors on different devices.
-- Not yet: CUDA IPC for two processes on one GPU (NCCL refuses two ranks on one device).
+- ``cuda_ipc``: two processes on one GPU (NCCL refuses two ranks on one device): the sender
+  publishes a CUDA IPC handle of its packed buffer in the TCPStore, the receiver maps it and
+  copies device to device, then acknowledges so the sender may reuse the buffer.
 - ``inprocess``: both sides in one process (two local engines): a mailbox, one copy.
 
 Pairs are named by both ends ("P0|D1") and connected once, at start-up, by every rank in
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from datetime import timedelta
 from typing import Protocol
 
@@ -118,4 +121,68 @@ class InProcessTransport:
         return _MailboxRecv(self.mailboxes.box(peer, self.me, tag), tensor)
 
 
-TRANSPORTS = ("gloo", "nccl", "inprocess")
+class _StoreWork:
+    """Completes when ``key`` appears in the store, then runs ``then`` (on the waiting thread,
+    with that thread's store client)."""
+
+    def __init__(self, store, key: str, then):
+        self.store, self.key, self.then = store, key, then
+
+    def wait(self, timeout: timedelta) -> None:
+        # Polls instead of store.wait, and on the waiting thread's own client: blocking waits
+        # of several threads hung transfers on the H100 machine (torch 2.11); a poll never
+        # holds a socket another thread needs.
+        store, deadline = self.store(), time.monotonic() + timeout.total_seconds()
+        delay = 0.0002
+        while not store.check([self.key]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {self.key!r} within {timeout.total_seconds():.0f} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+        self.then(store.get(self.key))
+        store.delete_key(self.key)
+
+
+class CudaIpcTransport:
+    """Two processes on one GPU: buffers shared by CUDA IPC handles passed through the store."""
+
+    def __init__(self, me: str, store_host: str, store_port: int, timeout_s: float):
+        self.me = me
+        self._address = (store_host, store_port, timedelta(seconds=timeout_s))
+        self._local = threading.local()
+
+    @property
+    def store(self) -> dist.Store:
+        # One client per thread: a blocking wait holds its client's socket, and the step's
+        # thread, the send waiter and each receive thread wait on each other's keys.
+        if not hasattr(self._local, "store"):
+            host, port, timeout = self._address
+            self._local.store = dist.TCPStore(host, port, None, False, timeout)
+        return self._local.store
+
+    def connect(self, peers: list[str]) -> None:
+        pass  # nothing to set up: every message carries its own handle
+
+    def send(self, tensor: torch.Tensor, peer: str, tag: int) -> Work:
+        import pickle
+
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        torch.cuda.current_stream(tensor.device).synchronize()  # the bytes are there before the handle
+        self.store.set(f"ipc/{self.me}/{peer}/{tag}", pickle.dumps(reduce_tensor(tensor)))
+        # Done when the receiver has copied out of our buffer: then it may be reused.
+        return _StoreWork(lambda: self.store, f"ipc-ack/{self.me}/{peer}/{tag}", lambda _: None)
+
+    def recv(self, tensor: torch.Tensor, peer: str, tag: int) -> Work:
+        import pickle
+
+        def copy_out(payload: bytes) -> None:
+            rebuild, args = pickle.loads(payload)
+            tensor.copy_(rebuild(*args))
+            torch.cuda.current_stream(tensor.device).synchronize()
+            self.store.set(f"ipc-ack/{peer}/{self.me}/{tag}", b"1")
+
+        return _StoreWork(lambda: self.store, f"ipc/{peer}/{self.me}/{tag}", copy_out)
+
+
+TRANSPORTS = ("gloo", "nccl", "cuda_ipc", "inprocess")

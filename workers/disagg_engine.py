@@ -361,12 +361,7 @@ def _transport(cfg: EngineConfig, config: DisaggConfig, local: bool) -> str:
     import torch
 
     ranks = config.prefill.parallel.world_size + config.decode.parallel.world_size
-    if torch.cuda.device_count() < ranks:
-        raise ValueError(
-            f"disaggregated mode with {ranks} rank processes needs {ranks} GPUs (found "
-            f"{torch.cuda.device_count()}): groups sharing a GPU would need the CUDA IPC transport, "
-            "which is not available yet; on one GPU use 1 x 1 groups (both in this process)")
-    return "nccl"
+    return "nccl" if torch.cuda.device_count() >= ranks else "cuda_ipc"
 
 
 def _mapping(parallel) -> Mapping:
