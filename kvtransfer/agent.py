@@ -104,7 +104,7 @@ class KVTransferAgent:
         self.me = self._peer(spec.role, rank)
         self.transport = self._make_transport(mailboxes)
         self._cancelled: set[int] = set()
-        self._abandoned: list[list] = []  # kept alive: a late message may still land in them
+        self._abandoned: list[list] = []  # failed receives: a late message may still land in them
         self._write_lock = threading.Lock()
         self._sent: queue.Queue = queue.Queue()
         self._link_timeout = timedelta(seconds=spec.link_timeout_s)
@@ -222,7 +222,7 @@ class KVTransferAgent:
             for route, group, buf, work in messages:
                 work.wait(self._link_timeout)
                 if not self._write(cmd.transfer_id, route, group, blocks, buf):
-                    self._abandoned.append(messages)  # receives still posted into these buffers
+                    self._drain(cmd.transfer_id, messages)
                     return  # cancelled: the driver no longer waits for a report
                 size += buf.numel() * buf.element_size()
         except Exception as err:  # noqa: BLE001 - reported, the driver decides
@@ -236,6 +236,18 @@ class KVTransferAgent:
         if self.spec.faults.drop_ack_of_transfer == cmd.transfer_id:
             return  # fault injection: the acknowledgement is lost
         self.report(TransferEvent(cmd.transfer_id, "recv", self.rank, True, None, size, time.monotonic() - start))
+
+    def _drain(self, transfer_id: int, messages: list) -> None:
+        """A cancelled transfer: let its remaining messages land (the sender keeps sending),
+        so the buffers can be dropped and the pair carries nothing stale."""
+        for _, _, _, work in messages:
+            try:
+                work.wait(self._link_timeout)
+            except Exception:  # noqa: BLE001 - nothing to report for a cancelled transfer
+                self._abandoned.append(messages)
+                break
+        with self._write_lock:
+            self._cancelled.discard(transfer_id)
 
     def _write(self, transfer_id: int, route: KVRoute, group: range, blocks: torch.Tensor, buf: torch.Tensor) -> bool:
         with self._write_lock:

@@ -2,8 +2,8 @@
 
 Lifecycle of one transfer (driver's view; `TransferState`):
 
-    RESERVING     decode reserves destination blocks for the prompt (a lease with a deadline)
-    WAITING       prefill computes the prompt; its ranks will push when the last chunk runs
+    WAITING       decode has reserved destination blocks (a lease with a deadline); prefill
+                  computes the prompt, its ranks push when the last chunk runs
     TRANSFERRING  prefill ranks send `KVRoute` slices, layer group by layer group
     DONE          every decode rank acknowledged (`TransferEvent.ok`); prefill frees its blocks
     FAILED        a rank failed, an acknowledgement never came, or the lease expired: both
@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 
 class TransferState(enum.Enum):
-    RESERVING = "reserving"
     WAITING = "waiting"
     TRANSFERRING = "transferring"
     DONE = "done"

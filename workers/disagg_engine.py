@@ -3,7 +3,7 @@
 Lifecycle of a request (driver side; the transfer's `TransferState` in brackets):
 
     add_request  validated by both engines, queued
-    reserve      [RESERVING] decode reserves blocks for prompt + first token, reusing its own
+    reserve      decode reserves blocks for prompt + first token at once, reusing its own
                  prefix cache (those blocks are not sent); no blocks -> the failure policy
     prefill      [WAITING] the prefill engine computes the prompt; when the last chunk is
                  submitted its ranks get the `SendCommand` and the decode ranks a `RecvCommand`
@@ -11,11 +11,13 @@ Lifecycle of a request (driver side; the transfer's `TransferState` in brackets)
     first token  sampled on prefill (the request's own params and seed); blocks held
     ack          [DONE] every decode rank reported the KV written: decode admits the request
                  as running with the first token; prefill frees its blocks (they stay cached)
-    failure      [FAILED] a rank reported an error, the deadline passed, or the prefill group
-                 died: decode ranks are told to drop the transfer; once every decode rank has
-                 reported, or the lease (deadline + grace) has expired, both sides free their
-                 blocks; then ``recompute`` (decode prefills the prompt itself; the default)
-                 or ``fail`` (the request ends with finish_reason "abort" and an error)
+    failure      [FAILED] a rank reported an error, the deadline or the reservation's lease
+                 passed, the prefill group died, or the client aborted: decode ranks are told
+                 to drop the transfer (`kv_cancel`: they process it before any later message,
+                 and it waits out a write in progress, so nothing writes those blocks after
+                 it), both sides free their blocks at once, then ``recompute`` (decode
+                 prefills the prompt itself; the default) or ``fail`` (the request ends with
+                 finish_reason "abort" and an error; always so for an abort)
 
 `step` runs both engines (their rank processes work concurrently), then settles transfers.
 """
@@ -41,7 +43,6 @@ from splitserve.workers.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
-_GRACE_S = 2.0  # after the deadline: a decode rank's receive has given up by then
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class DisaggConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     #: Both groups in this process (in-process transport); None: when both are 1 x 1.
     in_process: bool | None = None
+    #: Lease of a decode reservation while its prompt waits for the prefill group.
+    reservation_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.failure_policy not in ("recompute", "fail"):
@@ -81,7 +84,6 @@ class _Transfer:
     first_token: int | None = None
     logprobs: object = None
     acks: set[int] = field(default_factory=set)
-    reports: set[int] = field(default_factory=set)
     error: str | None = None
     #: The failure policy for this transfer (an abort always fails).
     policy: str = "recompute"
@@ -101,17 +103,26 @@ class DisaggEngine:
         self._store = None if local else _start_store()
         namespace = uuid.uuid4().hex[:8] + "/"
         self.prefill = LLMEngine(self._role(config.prefill, "prefill", local, namespace))
-        self.decode = LLMEngine(self._role(config.decode, "decode", local, namespace))
-        self._check_compatible()
-        self.routes = make_routes(_mapping(p_par), _mapping(d_par), self.prefill.model_cfg.num_layers,
-                                  self.prefill.model_cfg.num_kv_heads)
-        self._connect()
+        try:
+            self.decode = LLMEngine(self._role(config.decode, "decode", local, namespace))
+        except BaseException:
+            self.prefill.shutdown()
+            raise
+        try:
+            self._check_compatible()
+            self.routes = make_routes(_mapping(p_par), _mapping(d_par), self.prefill.model_cfg.num_layers,
+                                      self.prefill.model_cfg.num_kv_heads)
+            self._connect()
+        except BaseException:  # no rank process outlives a failed start
+            self.shutdown()
+            raise
         self.prefill.enable_kv_sends(KVSendHook(self.routes, config.layers_per_message, self._on_send))
         self.tokenizer = self.decode.tokenizer
         self._queue: deque[tuple[str, list[int], SamplingParams, bool, str | None]] = deque()
         self._transfers: dict[int, _Transfer] = {}
         self._by_request: dict[str, int] = {}
         self._outputs: list[RequestOutput] = []
+        self._decode_error: WorkerGroupError | None = None
         self._transfer_ids = itertools.count()
         self._request_ids = itertools.count()
 
@@ -152,7 +163,8 @@ class DisaggEngine:
                     *, stream: bool = False, prompt: str | None = None) -> str:
         params = params or SamplingParams()
         request_id = str(next(self._request_ids)) if request_id is None else request_id
-        if request_id in self._by_request or any(q[0] == request_id for q in self._queue):
+        if (request_id in self._by_request or any(q[0] == request_id for q in self._queue)
+                or self.decode.has_request(request_id) or self.prefill.has_request(request_id)):
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
         self._queue.append((request_id, list(prompt_ids), params, stream, prompt))
@@ -185,24 +197,32 @@ class DisaggEngine:
         self._reserve_queued()
         self._step_prefill()
         self._settle()
-        outputs, self._outputs = self._outputs, []
+        self._check_decode()
         if self.decode.has_unfinished_requests():
-            outputs += self._step_decode()
+            try:
+                self._outputs += self.decode.step()
+            except WorkerGroupError as err:
+                self._decode_error = err
+            self._check_decode()
         elif self._transfers:
             time.sleep(0.001)  # only transfers in flight: don't spin the driver
+        outputs, self._outputs = self._outputs, []
         return outputs
 
-    def _step_decode(self) -> list[RequestOutput]:
-        try:
-            return self.decode.step()
-        except WorkerGroupError:
-            # Decode is gone: its reservations go with it, and so does the prefill side's hold.
-            for transfer in list(self._transfers.values()):
-                self._forget(transfer)
-                self.prefill.release(transfer.request_id)
-                self.prefill.abort_request(transfer.request_id)
-                self.decode.cancel_reservation(transfer.reservation)
-            raise
+    def _check_decode(self) -> None:
+        """Decode is gone: end every transfer and queued request (blocks freed on both sides),
+        then raise, as an aggregated engine does when its group fails."""
+        err = self._decode_error
+        if err is None:
+            return
+        self.decode._fail_all(str(err))
+        for transfer in list(self._transfers.values()):
+            self._forget(transfer)
+            self.prefill.release(transfer.request_id)
+            self.prefill.abort_request(transfer.request_id)
+            self.decode.cancel_reservation(transfer.reservation)
+        self._queue.clear()
+        raise WorkerGroupError(f"the decode group failed: {err}")
 
     def _reserve_queued(self) -> None:
         while self._queue:
@@ -221,18 +241,29 @@ class DisaggEngine:
     def _start(self, request_id, prompt_ids, params, stream, prompt, seq: Sequence) -> None:
         skip = seq.num_computed_tokens // self.decode.block_manager.block_size  # decode's own prefix hits
         transfer = _Transfer(next(self._transfer_ids), request_id, prompt_ids, params, prompt, stream, seq, skip)
+        transfer.deadline = time.monotonic() + self.config.reservation_timeout_s  # the lease
         self._transfers[transfer.transfer_id] = transfer
         self._by_request[request_id] = transfer.transfer_id
         self.prefill.add_prefill_request(request_id, prompt_ids, params, SendPlan(transfer.transfer_id, skip))
 
-    def _on_send(self, cmd: SendCommand) -> None:
-        """The prefill step that pushes this transfer is being submitted: decode ranks receive."""
-        transfer = self._transfers[cmd.transfer_id]
+    def _on_send(self, cmd: SendCommand) -> bool:
+        """The prefill step that pushes this transfer is being submitted: decode ranks receive.
+        False drops the send (the transfer was closed, or decode cannot take it)."""
+        transfer = self._transfers.get(cmd.transfer_id)
+        if transfer is None or transfer.state is not TransferState.WAITING or self._decode_error:
+            return False
         transfer.state = TransferState.TRANSFERRING
         transfer.deadline = time.monotonic() + self.config.transfer_timeout_s
         blocks = transfer.reservation.block_ids[transfer.skip_blocks:transfer.skip_blocks + len(cmd.block_ids)]
-        recv = RecvCommand(cmd.transfer_id, blocks, cmd.routes, cmd.layers_per_message)
-        self.decode.executor.control("kv_recv", recv)
+        return self._decode_control("kv_recv", RecvCommand(cmd.transfer_id, blocks, cmd.routes, cmd.layers_per_message))
+
+    def _decode_control(self, kind: str, payload: object) -> bool:
+        try:
+            self.decode.executor.control(kind, payload)
+            return True
+        except WorkerGroupError as err:  # handled after the step, in _check_decode
+            self._decode_error = err
+            return False
 
     def _step_prefill(self) -> None:
         if self.prefill.failure is not None or not self.prefill.has_unfinished_requests():
@@ -258,19 +289,23 @@ class DisaggEngine:
             if transfer.state is TransferState.TRANSFERRING and now > transfer.deadline:
                 self.metrics.num_timeouts += 1
                 self._fail(transfer, f"no acknowledgement within {self.config.transfer_timeout_s:.1f} s")
+            elif transfer.state is TransferState.WAITING and now > transfer.deadline:
+                self._fail(transfer, f"reservation lease of {self.config.reservation_timeout_s:.0f} s expired "
+                                     "before prefill got to the prompt")
         for event in self._events():
             transfer = self._transfers.get(event.transfer_id)
             if transfer is not None:
                 self._on_event(transfer, event)
-        now = time.monotonic()
         for transfer in list(self._transfers.values()):
-            if transfer.state is TransferState.FAILED and (self._all_reported(transfer) or now > transfer.deadline + _GRACE_S):
-                self._close_failed(transfer)
-            elif transfer.state is TransferState.DONE and transfer.first_token is not None:
+            if transfer.state is TransferState.DONE and transfer.first_token is not None:
                 self._close_done(transfer)
 
     def _events(self) -> list[TransferEvent]:
-        events = self.decode.executor.poll_events()
+        try:
+            events = self.decode.executor.poll_events()
+        except WorkerGroupError as err:
+            self._decode_error = err
+            return []
         if self.prefill.failure is None:
             try:
                 events += self.prefill.executor.poll_events()
@@ -285,7 +320,6 @@ class DisaggEngine:
             if not event.ok:
                 self._fail(transfer, f"prefill rank {event.rank} could not send: {event.error}")
             return
-        transfer.reports.add(event.rank)
         if not event.ok:
             self._fail(transfer, f"decode rank {event.rank}: {event.error}")
             return
@@ -296,22 +330,18 @@ class DisaggEngine:
             transfer.state = TransferState.DONE
             self.metrics.record(transfer.num_bytes, transfer.seconds)
 
-    def _all_reported(self, transfer: _Transfer) -> bool:
-        return len(transfer.reports) == self.decode.config.parallel.world_size
-
     def _fail(self, transfer: _Transfer, reason: str, policy: str | None = None) -> None:
-        if transfer.state is TransferState.FAILED:
-            return
-        in_flight = transfer.state is TransferState.TRANSFERRING
+        """End the transfer now: cancel it on decode if posted, free both sides, apply the policy."""
+        was_posted = transfer.state in (TransferState.TRANSFERRING, TransferState.DONE)
         transfer.state, transfer.error = TransferState.FAILED, reason
-        logger.warning("KV transfer %d of request %s failed (%s): %s", transfer.transfer_id,
-                       transfer.request_id, transfer.policy if policy is None else policy, reason)
         transfer.policy = policy or self.config.failure_policy
-        self.metrics.num_failures += 1
-        if in_flight:  # decode ranks may still be receiving: they must not write any more
-            self.decode.executor.control("kv_cancel", transfer.transfer_id)
-        else:  # not posted yet, or every decode rank already reported: nothing is writing
-            transfer.deadline = -_GRACE_S
+        if policy is None:  # an abort is the client's choice, not a failure of the service
+            self.metrics.num_failures += 1
+        logger.warning("KV transfer %d of request %s failed (%s): %s", transfer.transfer_id,
+                       transfer.request_id, transfer.policy, reason)
+        if was_posted:  # ranks handle the cancel before any later message: no write after it
+            self._decode_control("kv_cancel", transfer.transfer_id)
+        self._close_failed(transfer)
 
     def _close_done(self, transfer: _Transfer) -> None:
         self._forget(transfer)

@@ -105,8 +105,9 @@ class KVSendHook:
 
     routes: list[KVRoute]
     layers_per_message: int
-    #: Called with each command as its step is submitted (the decode side then posts receives).
-    on_send: Callable[[SendCommand], None]
+    #: Called with each command as its step is submitted (the decode side then posts
+    #: receives); False drops the command (the transfer was closed meanwhile).
+    on_send: Callable[[SendCommand], bool]
 
 
 @dataclass(frozen=True)
@@ -248,6 +249,7 @@ class LLMEngine:
         if not self.block_manager.can_allocate(seq, num_new, prefix):
             return None
         self.block_manager.allocate(seq, num_new, prefix)
+        seq.num_cached_tokens = seq.num_computed_tokens
         return seq
 
     def cancel_reservation(self, seq: Sequence) -> None:
@@ -277,8 +279,8 @@ class LLMEngine:
             last = self.block_manager.blocks_needed(item.seq.num_prompt_tokens)
             cmd = SendCommand(plan.transfer_id, item.seq.block_ids[plan.skip_blocks:last],
                               self._kv_hook.routes, self._kv_hook.layers_per_message)
-            self._kv_hook.on_send(cmd)
-            sends.append(cmd)
+            if self._kv_hook.on_send(cmd):
+                sends.append(cmd)
         return sends
 
     def abort_request(self, request_id: str) -> None:
@@ -288,6 +290,10 @@ class LLMEngine:
             return
         self._finish(req.seq, SequenceStatus.FINISHED_ABORTED)
         self._pending.append(self._output(req))
+
+    def has_request(self, request_id: str) -> bool:
+        """The id is queued, running, or held for a transfer here."""
+        return request_id in self._requests or request_id in self._held
 
     @property
     def failure(self) -> str | None:
@@ -304,8 +310,8 @@ class LLMEngine:
         if not self._inflight:
             outputs, self._pending = self._pending, []
             return outputs
+        sampled = self._guarded(self.executor.collect)  # on failure the batch is still listed
         out = self._inflight.popleft()
-        sampled = self._guarded(self.executor.collect)
         self.scheduler.postprocess(out)
         return self._update(out, sampled)
 
@@ -318,9 +324,9 @@ class LLMEngine:
             out = self.scheduler.schedule(cap)
             if out.is_empty:
                 return
+            self._inflight.append(out)  # first: a failing submit must still release its sequences
             batch = build_step_batch(out, self.block_manager.block_size, self._kv_sends(out))
             self._guarded(lambda: self.executor.submit(batch))
-            self._inflight.append(out)
 
     def _guarded(self, call):
         try:
@@ -332,6 +338,9 @@ class LLMEngine:
     def _fail_all(self, reason: str) -> None:
         """The group is gone: end every request (blocks back to the pool) and refuse new ones."""
         self._failure = reason
+        for out in self._inflight:  # the group is gone: nothing writes these blocks any more
+            for item in out.scheduled:
+                item.seq.in_flight = False
         self._inflight.clear()
         for request_id in list(self._requests):
             self.abort_request(request_id)
@@ -354,8 +363,8 @@ class LLMEngine:
         items = [s for s in out.scheduled if s.samples]
         for item, token, logprobs in zip(items, sampled.token_ids, sampled.logprobs, strict=True):
             req = self._requests.get(item.seq.request_id)
-            if req is None or req.seq.is_finished:
-                continue  # aborted while its micro-batch was in flight
+            if req is None or req.seq is not item.seq or req.seq.is_finished:
+                continue  # aborted while its micro-batch was in flight (its id may be reused)
             self._append_token(req, token, logprobs)
             if req.stream or req.seq.is_finished:
                 outputs.append(self._output(req))

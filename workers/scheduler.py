@@ -177,8 +177,9 @@ class Scheduler:
         """Advance every scheduled sequence past the tokens it just computed."""
         for item in out.scheduled:
             item.seq.in_flight = False
-            if item.seq.is_finished:
-                continue  # aborted while its batch was in flight: its blocks are already free
+            if item.seq.is_finished:  # aborted while its batch was in flight
+                self.block_manager.free(item.seq)
+                continue
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_full_blocks(item.seq)
 
@@ -194,6 +195,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        if free_blocks:
-            self.block_manager.free(seq)
         seq.status = status
+        # A micro-batch still in flight writes into its blocks: they go back when it returns.
+        if free_blocks and not seq.in_flight:
+            self.block_manager.free(seq)

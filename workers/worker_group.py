@@ -20,6 +20,7 @@ import os
 import socket
 import time
 import weakref
+from collections import deque
 from multiprocessing.connection import Connection, wait
 
 from splitserve.kvtransfer.messages import TransferEvent
@@ -74,6 +75,7 @@ class WorkerGroupExecutor:
         self.output_rank = (parallel.pipeline_parallel_size - 1) * parallel.tensor_parallel_size
         self.failed: str | None = None
         self._events: list[TransferEvent] = []  # KV transfer reports, kept until polled
+        self._results: deque[SamplerOutput] = deque()  # sampled tokens, oldest batch first
         self._replies: list[tuple[int, str]] = []
         self._await_ready(time.monotonic() + parallel.startup_timeout_s)
 
@@ -96,11 +98,9 @@ class WorkerGroupExecutor:
     def collect(self) -> SamplerOutput:
         """The oldest outstanding batch's sampled tokens, within the step deadline."""
         deadline = time.monotonic() + self.parallel.step_timeout_s
-        while True:
-            rank, kind, payload = self._next_message(deadline, "step")
-            if kind == "result" and rank == self.output_rank:
-                return payload
-            self._stash(rank, kind, payload)
+        while not self._results:
+            self._stash(*self._next_message(deadline, "step"))
+        return self._results.popleft()
 
     def control(self, kind: str, payload: object) -> None:
         """Send a control message to every rank, in order with the batches."""
@@ -128,8 +128,12 @@ class WorkerGroupExecutor:
         return events
 
     def _stash(self, rank: int, kind: str, payload: object) -> None:
+        # Whatever reads the pipes (collect, poll_events, wait_replies) files each message here.
         if kind == "event":
             self._events.append(payload)
+        elif kind == "result":
+            if rank == self.output_rank:
+                self._results.append(payload)
         else:
             self._replies.append((rank, kind))
 

@@ -132,3 +132,33 @@ def test_incompatible_block_sizes_fail_at_connect(tiny):
     base = EngineConfig(model=str(folder), show_progress=False)
     with pytest.raises(ValueError, match="block size"):
         DisaggEngine(DisaggConfig(prefill=base, decode=replace(base, cache=CacheConfig(block_size=8))))
+
+
+def test_abort_before_prefill_ends_the_request_without_decoding(tiny):
+    folder, prompts, _ = tiny
+    with _disagg(folder) as llm:
+        engine = llm.engine
+        engine.add_request("a", prompts[3], GREEDY)
+        engine.add_request("b", prompts[0], GREEDY)
+        engine._reserve_queued()  # both reserved, prefill not run yet
+        engine.abort_request("a")
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                done[out.request_id] = out
+        assert done["a"].finish_reason == "abort" and done["a"].token_ids == [] and "aborted" in done["a"].error
+        assert done["b"].finish_reason in ("stop", "length") and len(done["b"].token_ids) > 0
+        assert engine.metrics.num_failures == 0  # an abort is not a failure of the service
+
+
+def test_request_id_in_use_on_decode_is_refused(tiny):
+    folder, prompts, _ = tiny
+    with _disagg(folder) as llm:
+        engine = llm.engine
+        engine.add_request("x", prompts[0], SamplingParams(max_tokens=20, temperature=0.0))
+        while not engine.decode.has_request("x"):
+            engine.step()
+        with pytest.raises(ValueError, match="already in use"):
+            engine.add_request("x", prompts[1], GREEDY)
+        while engine.has_unfinished_requests():
+            engine.step()
