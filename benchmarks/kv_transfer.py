@@ -42,7 +42,6 @@ import random
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -51,9 +50,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-RESULTS_DIR = BENCH_DIR / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_meta, beside this script
+import results_meta  # noqa: E402
+from results_meta import BENCH_DIR, REPO_ROOT, RESULTS_DIR, git_commit, slug  # noqa: E402,F401
+from results_meta import cpu_model  # noqa: E402
 
 #: The service must reach this fraction of the raw send/recv figure ...
 TARGET_RATIO = 0.8
@@ -409,7 +409,7 @@ def device_info(device: str, backend: str, num_threads: int | None) -> dict[str,
 
     info: dict[str, Any] = {"type": device, "backend": backend, "torch_version": torch.__version__,
                             "python_version": platform.python_version(), "platform": platform.platform(),
-                            "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+                            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
                             "num_threads_per_process": num_threads, "gloo_available": dist.is_gloo_available()}
     if device == "cuda":
         info["gpus"] = [torch.cuda.get_device_name(i) for i in (0, 1)]
@@ -421,35 +421,12 @@ def device_info(device: str, backend: str, num_threads: int | None) -> dict[str,
     return info
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, check=False,
-                              capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40]
-
-
 def default_out_path(device: dict[str, Any], now: datetime) -> Path:
     if device["type"] == "cuda":
-        slug = re.sub(r"^nvidia-", "", _slug(device["gpus"][0])) or "gpu"
+        name = re.sub(r"^nvidia-", "", slug(device["gpus"][0])) or "gpu"
     else:
-        slug = _slug(device["cpu_model"]) or "cpu"
-    return RESULTS_DIR / f"kv_transfer_{slug}_{now:%Y-%m-%d}.json"
+        name = slug(device["cpu_model"]) or "cpu"
+    return results_meta.default_out_path("kv_transfer", name, now)
 
 
 def write_plot(path: Path, report: dict[str, Any]) -> None:

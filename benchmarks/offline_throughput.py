@@ -27,9 +27,7 @@ import json
 import os
 import platform
 import random
-import re
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,9 +35,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-RESULTS_DIR = BENCH_DIR / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_meta, beside this script
+import results_meta  # noqa: E402
+from results_meta import BENCH_DIR, REPO_ROOT, RESULTS_DIR, git_commit, slug  # noqa: E402,F401
+from results_meta import cpu_model  # noqa: E402
 
 #: splitserve must beat transformers' padded batches by this factor in output tokens/s.
 TARGET_RATIO = 1.5
@@ -255,36 +254,14 @@ def device_info() -> dict[str, Any]:
     import torch
     import transformers
 
-    return {"type": "cpu", "cpu_model": _cpu_model(), "num_threads": torch.get_num_threads(),
+    return {"type": "cpu", "cpu_model": cpu_model(), "num_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "torch_version": torch.__version__,
             "transformers_version": transformers.__version__, "python_version": platform.python_version(),
             "platform": platform.platform()}
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if done.returncode != 0:
-        return None
-    return done.stdout.strip() or None
-
-
 def default_out_path(device: dict[str, Any], now: datetime) -> Path:
-    slug = re.sub(r"[^a-z0-9]+", "-", device["cpu_model"].lower()).strip("-")[:40] or "cpu"
-    return RESULTS_DIR / f"offline_throughput_{slug}_{now:%Y-%m-%d}.json"
+    return results_meta.default_out_path("offline_throughput", slug(device["cpu_model"]) or "cpu", now)
 
 
 def write_plot(path: Path, report: dict[str, Any]) -> None:

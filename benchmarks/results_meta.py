@@ -1,0 +1,46 @@
+"""What every benchmark records beside its figures: where the results go, the commit, the CPU.
+
+Benchmarks are scripts (``python benchmarks/<name>.py``); they import this module from their
+own folder, so it needs no installation.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_commit() -> str | None:
+    """The short commit of the checkout, or None outside a git checkout (e.g. a GPU copy)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40]
+
+
+def default_out_path(benchmark: str, device_slug: str, now: datetime) -> Path:
+    """benchmarks/results/<benchmark>_<device>_<date>.json"""
+    return RESULTS_DIR / f"{benchmark}_{device_slug}_{now:%Y-%m-%d}.json"
