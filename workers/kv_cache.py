@@ -8,6 +8,7 @@ sequence owns; this module only holds the memory.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +46,16 @@ class KVCacheSpec:
 class KVCache:
     def __init__(self, spec: KVCacheSpec, device: torch.device):
         self.spec = spec
-        # zeros, not empty: padded decode rows read unused slots (masked, but never NaN).
-        self.data = torch.zeros(
-            spec.num_layers, 2, spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim,
-            dtype=spec.dtype, device=device,
-        )
+        shape = (spec.num_layers, 2, spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        # Zeroed, not empty: padded decode rows read unused slots (masked, but must not be NaN).
+        if device.type == "cpu":
+            # An anonymous mapping is zero-filled by the kernel and takes memory only where
+            # blocks are written: a 2 GiB budget costs what the requests use, not 2 GiB up front
+            # (torch.zeros would touch every page).
+            self._mapping = mmap.mmap(-1, spec.num_blocks * spec.bytes_per_block)
+            self.data = torch.frombuffer(self._mapping, dtype=spec.dtype).view(shape)
+        else:
+            self.data = torch.zeros(shape, dtype=spec.dtype, device=device)
 
     def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(layer[0], layer[1]) for layer in self.data]
