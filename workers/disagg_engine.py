@@ -2,9 +2,11 @@
 
 Lifecycle of a request (driver side; the transfer's `TransferState` in brackets):
 
-    add_request  validated by both engines, queued
-    reserve      decode reserves blocks for prompt + first token at once, reusing its own
-                 prefix cache (those blocks are not sent); no blocks -> the failure policy
+    add_request  validated by both engines, queued (first come, first served)
+    reserve      decode reserves blocks for prompt + first token, reusing its own prefix cache
+                 (those blocks are not sent); without free blocks the request waits for running
+                 requests to end, up to ``queue_timeout_s`` (or at once if decode has nothing
+                 that could free any), then the failure policy applies
     prefill      [WAITING] the prefill engine computes the prompt; when the last chunk is
                  submitted its ranks get the `SendCommand` and the decode ranks a `RecvCommand`
                  with the transfer deadline  [TRANSFERRING]
@@ -60,6 +62,8 @@ class DisaggConfig:
     in_process: bool | None = None
     #: Lease of a decode reservation while its prompt waits for the prefill group.
     reservation_timeout_s: float = 300.0
+    #: How long a request may wait for decode blocks to reserve before the failure policy.
+    queue_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.failure_policy not in ("recompute", "fail"):
@@ -118,7 +122,8 @@ class DisaggEngine:
             raise
         self.prefill.enable_kv_sends(KVSendHook(self.routes, config.layers_per_message, self._on_send))
         self.tokenizer = self.decode.tokenizer
-        self._queue: deque[tuple[str, list[int], SamplingParams, bool, str | None]] = deque()
+        #: (request id, prompt ids, params, stream, prompt text, queued at)
+        self._queue: deque[tuple[str, list[int], SamplingParams, bool, str | None, float]] = deque()
         self._transfers: dict[int, _Transfer] = {}
         self._by_request: dict[str, int] = {}
         self._outputs: list[RequestOutput] = []
@@ -167,7 +172,7 @@ class DisaggEngine:
                 or self.decode.has_request(request_id) or self.prefill.has_request(request_id)):
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
-        self._queue.append((request_id, list(prompt_ids), params, stream, prompt))
+        self._queue.append((request_id, list(prompt_ids), params, stream, prompt, time.monotonic()))
         return request_id
 
     def abort_request(self, request_id: str) -> None:
@@ -226,17 +231,25 @@ class DisaggEngine:
 
     def _reserve_queued(self) -> None:
         while self._queue:
-            request_id, prompt_ids, params, stream, prompt = self._queue[0]
+            request_id, prompt_ids, params, stream, prompt, queued_at = self._queue[0]
             if self.prefill.failure is not None:
                 self._queue.popleft()
                 self._no_transfer(request_id, prompt_ids, params, stream, prompt, "the prefill group failed")
                 continue
             seq = self.decode.reserve(request_id, prompt_ids, params)
+            if seq is None and not self._give_up_waiting(queued_at):
+                return  # first come, first served: the rest wait behind it
             self._queue.popleft()
             if seq is None:
                 self._no_transfer(request_id, prompt_ids, params, stream, prompt, "decode has no free KV blocks")
                 continue
             self._start(request_id, prompt_ids, params, stream, prompt, seq)
+
+    def _give_up_waiting(self, queued_at: float) -> bool:
+        """Blocks come back only as decode requests end or transfers close: with none of those
+        pending, or past the queue timeout, waiting longer is pointless."""
+        idle = not self._transfers and not self.decode.has_unfinished_requests()
+        return idle or time.monotonic() - queued_at > self.config.queue_timeout_s
 
     def _start(self, request_id, prompt_ids, params, stream, prompt, seq: Sequence) -> None:
         skip = seq.num_computed_tokens // self.decode.block_manager.block_size  # decode's own prefix hits

@@ -107,11 +107,26 @@ def test_transfer_delayed_past_deadline_recomputes_and_pair_still_works(tiny):
         assert m.num_transfers == 2
 
 
-@pytest.mark.parametrize("policy", ["recompute", "fail"])
-def test_decode_out_of_blocks(policy, tiny):
+def test_decode_out_of_blocks_waits_for_blocks(tiny):
     folder, prompts, expected = tiny
-    # 24 blocks of 4: the long prompt reserves 18 and the others cannot reserve meanwhile.
-    with _disagg(folder, num_kv_blocks=24, failure_policy=policy) as llm:
+    # 24 blocks of 4: the long prompt reserves 18, the others wait for blocks instead of
+    # falling back to prefilling on decode.
+    with _disagg(folder, num_kv_blocks=24) as llm:
+        outs = llm.generate(prompts, GREEDY)
+        assert [o.token_ids for o in outs] == expected
+        assert llm.engine.metrics.num_transfers == len(prompts) and llm.engine.metrics.num_failures == 0
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_decode_out_of_blocks_past_the_queue_timeout(policy, tiny):
+    from splitserve.workers.config import CacheConfig
+    from splitserve.workers.disagg_engine import DisaggConfig, DisaggEngine
+    from splitserve.workers.engine import EngineConfig
+
+    folder, prompts, expected = tiny
+    base = EngineConfig(model=str(folder), show_progress=False, cache=CacheConfig(block_size=4, num_blocks=24))
+    engine = DisaggEngine(DisaggConfig(prefill=base, decode=base, failure_policy=policy, queue_timeout_s=0.0))
+    with LLM.from_engine(engine) as llm:
         outs = llm.generate(prompts, GREEDY)
         if policy == "recompute":
             assert [o.token_ids for o in outs] == expected
