@@ -257,7 +257,7 @@ def run_worker(w: WorkerArgs) -> dict[str, Any]:
             cache.index_fill_(2, dst, 0)
             settle()
         # posted before the sender starts, as decode posts its receive when it reserves
-        agent.post_recv(RecvCommand(tid, case.dst_block_ids, routes, w.layers_per_message))
+        agent.post_recv([RecvCommand(tid, case.dst_block_ids, routes, w.layers_per_message)])
         sync.barrier(name)
         event = _wait_event(reports, tid, "recv", w.timeout_s)
         settle()

@@ -8,9 +8,10 @@ route's layer group is complete, its slice (layers x 2 x blocks x block_size x h
 is packed into one contiguous buffer and sent at once, while the next layers compute (the
 layer-wise streaming). A waiter thread holds the sends to their deadline and reports.
 
-Decode rank (receiver): `post_recv(RecvCommand)` starts a thread for the transfer, which
-posts every message's receive into a staging buffer, waits for all of them, and only then
-writes them into the cache blocks and reports. `cancel` (the driver gave up: deadline passed,
+Decode rank (receiver): `post_recv(commands of one prefill step)` posts every message's
+receive into a staging buffer, on the rank's own thread and in the order the senders send
+(`message_order`: NCCL matches by order, gloo by tag), then a thread per transfer writes each
+message into the cache blocks as it lands and reports when all have. `cancel` (the driver gave up: deadline passed,
 a rank failed) takes the same lock as the write, so once it returns a cancelled transfer
 never touches the cache (the blocks may belong to someone else by then).
 
@@ -71,6 +72,18 @@ def message_tag(transfer_id: int, group: range) -> int:
     # One route per (src, dst) pair, so the transfer and the group's first layer are unique;
     # wrapped to stay a C int (ids 2**19 apart never share a pair's queue at once).
     return (transfer_id % (1 << 19)) * 4096 + group.start
+
+
+def message_order(cmds: list, keep: Callable[[KVRoute], bool]) -> list[tuple[object, KVRoute, range]]:
+    """The order messages go out in (and, per pair, are received in): by the layer after which
+    they are sent, then by the command's place in its step. Both sides compute it."""
+    items = []
+    for index, cmd in enumerate(cmds):
+        for route in (r for r in cmd.routes if keep(r)):
+            for group in layer_groups(route.layers, cmd.layers_per_message):
+                items.append(((group.stop - 1, index), cmd, route, group))
+    items.sort(key=lambda item: item[0])
+    return [(cmd, route, group) for _, cmd, route, group in items]
 
 
 class BufferPool:
@@ -161,10 +174,8 @@ class KVTransferAgent:
     def layer_hook(self, sends: list[SendCommand]) -> Callable[[int], None] | None:
         """A callback for the forward: after layer ``l`` (global index), send what is complete."""
         due: dict[int, list[tuple[SendCommand, KVRoute, range]]] = {}
-        for cmd in sends:
-            for route in (r for r in cmd.routes if r.src_rank == self.rank):
-                for group in layer_groups(route.layers, cmd.layers_per_message):
-                    due.setdefault(group.stop - 1, []).append((cmd, route, group))
+        for cmd, route, group in message_order(sends, lambda r: r.src_rank == self.rank):
+            due.setdefault(group.stop - 1, []).append((cmd, route, group))
         if not due:
             return None
         blocks = {cmd.transfer_id: torch.tensor(cmd.block_ids, device=self.cache.device) for cmd in sends}
@@ -204,21 +215,32 @@ class KVTransferAgent:
 
     # ---- receiving (decode ranks, on the receiver thread) --------------------------------
 
-    def post_recv(self, cmd: RecvCommand) -> None:
-        threading.Thread(target=self._receive, args=(cmd,), name=f"kv-recv-{cmd.transfer_id}", daemon=True).start()
+    def post_recv(self, cmds: list[RecvCommand]) -> None:
+        """Post the receives of one prefill step's transfers, on the caller's thread and in the
+        senders' order (NCCL matches messages by order, not tag), then wait for and write each
+        transfer on a thread of its own."""
+        try:
+            posted = self._post(cmds)
+        except Exception as err:  # noqa: BLE001 - reported, the driver decides
+            for cmd in cmds:
+                self.report(TransferEvent(cmd.transfer_id, "recv", self.rank, False, f"{type(err).__name__}: {err}"))
+            return
+        for cmd in cmds:
+            messages = [m for c, *m in posted if c is cmd]
+            threading.Thread(target=self._receive, args=(cmd, messages), name=f"kv-recv-{cmd.transfer_id}",
+                             daemon=True).start()
 
     def cancel(self, transfer_id: int) -> None:
         with self._write_lock:  # after this, no write of that transfer is running or will run
             self._cancelled.add(transfer_id)
 
-    def _receive(self, cmd: RecvCommand) -> None:
-        """Post every message, then write each into the cache as it lands (under the lock,
-        unless cancelled), so the writes overlap the messages still on the wire."""
+    def _receive(self, cmd: RecvCommand, messages: list) -> None:
+        """Write each message into the cache as it lands (under the lock, unless cancelled),
+        so the writes overlap the messages still on the wire."""
         start = time.monotonic()
         blocks = torch.tensor(cmd.block_ids, device=self.cache.device)
-        size, messages = 0, []
+        size = 0
         try:
-            messages = self._post(cmd)
             for route, group, buf, work in messages:
                 work.wait(self._link_timeout)
                 if not self._write(cmd.transfer_id, route, group, blocks, buf):
@@ -256,11 +278,10 @@ class KVTransferAgent:
             self._unpack(route, group, blocks, buf)
             return True
 
-    def _post(self, cmd: RecvCommand) -> list:
-        messages = []
-        for route in (r for r in cmd.routes if r.dst_rank == self.rank):
-            for group in layer_groups(route.layers, cmd.layers_per_message):
-                buf = self._pool.take(self._shape(route, group, len(cmd.block_ids)))
-                peer = self._peer("prefill", route.src_rank)
-                messages.append((route, group, buf, self.transport.recv(buf, peer, message_tag(cmd.transfer_id, group))))
-        return messages
+    def _post(self, cmds: list[RecvCommand]) -> list:
+        posted = []
+        for cmd, route, group in message_order(cmds, lambda r: r.dst_rank == self.rank):
+            buf = self._pool.take(self._shape(route, group, len(cmd.block_ids)))
+            work = self.transport.recv(buf, self._peer("prefill", route.src_rank), message_tag(cmd.transfer_id, group))
+            posted.append((cmd, route, group, buf, work))
+        return posted

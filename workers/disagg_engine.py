@@ -259,16 +259,25 @@ class DisaggEngine:
         self._by_request[request_id] = transfer.transfer_id
         self.prefill.add_prefill_request(request_id, prompt_ids, params, SendPlan(transfer.transfer_id, skip))
 
-    def _on_send(self, cmd: SendCommand) -> bool:
-        """The prefill step that pushes this transfer is being submitted: decode ranks receive.
-        False drops the send (the transfer was closed, or decode cannot take it)."""
-        transfer = self._transfers.get(cmd.transfer_id)
-        if transfer is None or transfer.state is not TransferState.WAITING or self._decode_error:
-            return False
-        transfer.state = TransferState.TRANSFERRING
-        transfer.deadline = time.monotonic() + self.config.transfer_timeout_s
-        blocks = transfer.reservation.block_ids[transfer.skip_blocks:transfer.skip_blocks + len(cmd.block_ids)]
-        return self._decode_control("kv_recv", RecvCommand(cmd.transfer_id, blocks, cmd.routes, cmd.layers_per_message))
+    def _on_send(self, cmds: list[SendCommand]) -> list[SendCommand]:
+        """A prefill step that pushes these transfers is being submitted: decode ranks post the
+        receives, in the same order. Closed transfers are dropped."""
+        sends, recvs = [], []
+        for cmd in cmds:
+            transfer = self._transfers.get(cmd.transfer_id)
+            if transfer is None or transfer.state is not TransferState.WAITING:
+                continue
+            skip = transfer.skip_blocks
+            recvs.append(RecvCommand(cmd.transfer_id, transfer.reservation.block_ids[skip:skip + len(cmd.block_ids)],
+                                     cmd.routes, cmd.layers_per_message))
+            sends.append(cmd)
+        if not sends or self._decode_error or not self._decode_control("kv_recv", recvs):
+            return []
+        deadline = time.monotonic() + self.config.transfer_timeout_s
+        for cmd in sends:
+            transfer = self._transfers[cmd.transfer_id]
+            transfer.state, transfer.deadline = TransferState.TRANSFERRING, deadline
+        return sends
 
     def _decode_control(self, kind: str, payload: object) -> bool:
         try:

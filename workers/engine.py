@@ -105,9 +105,9 @@ class KVSendHook:
 
     routes: list[KVRoute]
     layers_per_message: int
-    #: Called with each command as its step is submitted (the decode side then posts
-    #: receives); False drops the command (the transfer was closed meanwhile).
-    on_send: Callable[[SendCommand], bool]
+    #: Called with a step's commands as it is submitted (the decode side then posts the
+    #: receives, in this order); returns the commands to send (a closed transfer is dropped).
+    on_send: Callable[[list[SendCommand]], list[SendCommand]]
 
 
 @dataclass(frozen=True)
@@ -277,11 +277,9 @@ class LLMEngine:
             if plan is None:
                 continue
             last = self.block_manager.blocks_needed(item.seq.num_prompt_tokens)
-            cmd = SendCommand(plan.transfer_id, item.seq.block_ids[plan.skip_blocks:last],
-                              self._kv_hook.routes, self._kv_hook.layers_per_message)
-            if self._kv_hook.on_send(cmd):
-                sends.append(cmd)
-        return sends
+            sends.append(SendCommand(plan.transfer_id, item.seq.block_ids[plan.skip_blocks:last],
+                                     self._kv_hook.routes, self._kv_hook.layers_per_message))
+        return self._kv_hook.on_send(sends) if sends else []
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its blocks; the next `step` reports it as "abort"."""

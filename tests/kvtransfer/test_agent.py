@@ -49,7 +49,7 @@ def _events(events, n):
 def test_blocks_arrive_where_the_decode_side_asked():
     sender, receiver, src, dst, events = _pair()
     src_blocks, dst_blocks = [7, 2, 9], [0, 5, 11]
-    receiver.post_recv(RecvCommand(1, dst_blocks, ROUTES, 3))
+    receiver.post_recv([RecvCommand(1, dst_blocks, ROUTES, 3)])
     _send(sender, 1, src_blocks)
     got = _events(events, 2)
     assert got[("recv", 1)].ok and got[("send", 1)].ok
@@ -67,7 +67,7 @@ def test_only_the_routed_heads_and_layers_are_written():
     dst = torch.zeros(LAYERS, 2, BLOCKS, BS, 1, DIM)
     sender = KVTransferAgent(KVAgentSpec("prefill", "inprocess", "h/"), 0, src, 0, 0, events.put, boxes)
     receiver = KVTransferAgent(KVAgentSpec("decode", "inprocess", "h/"), 1, dst, 0, 1, events.put, boxes)
-    receiver.post_recv(RecvCommand(3, [4], routes, 2))
+    receiver.post_recv([RecvCommand(3, [4], routes, 2)])
     hook = sender.layer_hook([SendCommand(3, [6], routes, 2)])
     for layer in range(LAYERS):
         hook(layer)
@@ -79,7 +79,7 @@ def test_only_the_routed_heads_and_layers_are_written():
 def test_cancelled_transfer_never_writes():
     sender, receiver, src, dst, events = _pair()
     receiver.cancel(5)
-    receiver.post_recv(RecvCommand(5, [1, 2], ROUTES, 3))
+    receiver.post_recv([RecvCommand(5, [1, 2], ROUTES, 3)])
     _send(sender, 5, [3, 4])
     assert _events(events, 1)[("send", 5)].ok
     with pytest.raises(queue.Empty):
@@ -89,7 +89,7 @@ def test_cancelled_transfer_never_writes():
 
 def test_dropped_ack_writes_but_does_not_report():
     sender, receiver, src, dst, events = _pair(FaultConfig(drop_ack_of_transfer=2))
-    receiver.post_recv(RecvCommand(2, [1], ROUTES, 3))
+    receiver.post_recv([RecvCommand(2, [1], ROUTES, 3)])
     _send(sender, 2, [1])
     assert set(_events(events, 1)) == {("send", 2)}
     with pytest.raises(queue.Empty):
@@ -100,3 +100,21 @@ def test_layer_groups_and_tags():
     assert layer_groups(range(2, 9), 3) == [range(2, 5), range(5, 8), range(8, 9)]
     assert message_tag(1, range(4, 8)) == 4096 + 4
     assert message_tag(1 << 19, range(0, 1)) == 0 and message_tag((1 << 20) + 3, range(7, 8)) < 2**31
+
+
+def test_two_transfers_of_one_step_interleave_in_the_same_order_on_both_sides():
+    from splitserve.kvtransfer.agent import message_order
+
+    sender, receiver, src, dst, events = _pair()
+    sends = [SendCommand(7, [1, 2], ROUTES, 1), SendCommand(8, [3], ROUTES, 1)]
+    recvs = [RecvCommand(7, [4, 5], ROUTES, 1), RecvCommand(8, [6], ROUTES, 1)]
+    out = [(c.transfer_id, g.start) for c, _, g in message_order(sends, lambda r: True)]
+    back = [(c.transfer_id, g.start) for c, _, g in message_order(recvs, lambda r: True)]
+    assert out == back == [(7, 0), (8, 0), (7, 1), (8, 1), (7, 2), (8, 2), (7, 3), (8, 3)]
+    receiver.post_recv(recvs)
+    hook = sender.layer_hook(sends)
+    for layer in range(LAYERS):
+        hook(layer)
+    got = _events(events, 4)
+    assert all(got[(side, t)].ok for side in ("send", "recv") for t in (7, 8))
+    assert torch.equal(dst[:, :, [4, 5, 6]], src[:, :, [1, 2, 3]])
