@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
-import json
 import math
 import os
 import platform
@@ -584,13 +583,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_seconds": round(wall_s, 2),
     }
 
-    out = args.out or default_out_path(device, now)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report["plot"] = str(out.with_suffix(".png"))
-    write_plot(out.with_suffix(".png"), report)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(format_table(report))
-    print(f"wrote {out} and {report['plot']}")
+    results_meta.save_report(args.out or default_out_path(device, now), report, write_plot, format_table)
     return report
 
 

@@ -23,7 +23,6 @@ Run it on a quiet machine (it is CPU-bound and uses every torch thread):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -387,13 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "greedy_match": compare_outputs(ours.outputs, theirs.outputs),
     }
 
-    out = args.out or default_out_path(device, now)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report["plot"] = str(out.with_suffix(".png"))
-    write_plot(out.with_suffix(".png"), report)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(format_table(report))
-    print(f"wrote {out} and {report['plot']}")
+    results_meta.save_report(args.out or default_out_path(device, now), report, write_plot, format_table)
     return report
 
 

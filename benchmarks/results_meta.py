@@ -9,8 +9,11 @@ from __future__ import annotations
 import platform
 import re
 import subprocess
+import json
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -44,3 +47,14 @@ def slug(text: str) -> str:
 def default_out_path(benchmark: str, device_slug: str, now: datetime) -> Path:
     """benchmarks/results/<benchmark>_<device>_<date>.json"""
     return RESULTS_DIR / f"{benchmark}_{device_slug}_{now:%Y-%m-%d}.json"
+
+
+def save_report(out: Path, report: dict[str, Any], write_plot: Callable[[Path, dict[str, Any]], None],
+                format_table: Callable[[dict[str, Any]], str]) -> None:
+    """Write the JSON and its PNG beside it, then print the table (last, so it shows)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report["plot"] = str(out.with_suffix(".png"))
+    write_plot(out.with_suffix(".png"), report)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_table(report))
+    print(f"wrote {out} and {report['plot']}")
