@@ -84,14 +84,11 @@ class _Done:
 
 
 class _MailboxRecv:
-    def __init__(self, box: queue.Queue, tensor: torch.Tensor):
-        self.box, self.tensor = box, tensor
+    def __init__(self, mailboxes: "Mailboxes", key: tuple[str, str, int], tensor: torch.Tensor):
+        self.mailboxes, self.key, self.tensor = mailboxes, key, tensor
 
     def wait(self, timeout: timedelta) -> None:
-        try:
-            self.tensor.copy_(self.box.get(timeout=timeout.total_seconds()))
-        except queue.Empty:
-            raise TimeoutError(f"no message within {timeout.total_seconds():.1f} s") from None
+        self.tensor.copy_(self.mailboxes.take(self.key, timeout.total_seconds()))
 
 
 class Mailboxes:
@@ -101,9 +98,20 @@ class Mailboxes:
         self._boxes: dict[tuple[str, str, int], queue.Queue] = {}
         self._lock = threading.Lock()
 
-    def box(self, src: str, dst: str, tag: int) -> queue.Queue:
+    def box(self, key: tuple[str, str, int]) -> queue.Queue:
         with self._lock:
-            return self._boxes.setdefault((src, dst, tag), queue.Queue())
+            return self._boxes.setdefault(key, queue.Queue())
+
+    def take(self, key: tuple[str, str, int], timeout_s: float) -> torch.Tensor:
+        """The message under ``key``; its box goes once empty (one box per message otherwise)."""
+        try:
+            message = self.box(key).get(timeout=timeout_s)
+        except queue.Empty:
+            raise TimeoutError(f"no message within {timeout_s:.1f} s") from None
+        with self._lock:
+            if self._boxes.get(key) is not None and self._boxes[key].empty():
+                del self._boxes[key]
+        return message
 
 
 class InProcessTransport:
@@ -114,11 +122,11 @@ class InProcessTransport:
         pass
 
     def send(self, tensor: torch.Tensor, peer: str, tag: int) -> Work:
-        self.mailboxes.box(self.me, peer, tag).put(tensor.clone())
+        self.mailboxes.box((self.me, peer, tag)).put(tensor.clone())
         return _Done()
 
     def recv(self, tensor: torch.Tensor, peer: str, tag: int) -> Work:
-        return _MailboxRecv(self.mailboxes.box(peer, self.me, tag), tensor)
+        return _MailboxRecv(self.mailboxes, (peer, self.me, tag), tensor)
 
 
 class _StoreWork:

@@ -108,6 +108,8 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
+    """One rank in this process; its KV agent's thread stops with `shutdown`."""
+
     def __init__(self, spec: RunnerSpec):
         self._events: deque[TransferEvent] = deque()  # appended by the agent's thread
         self.runner = build_runner(spec, ParallelState.single(), self._events.append)
@@ -132,7 +134,8 @@ class LocalExecutor:
         return self._results.popleft()
 
     def shutdown(self) -> None:
-        pass
+        if self.runner.agent is not None:
+            self.runner.agent.close()
 
 
 def make_executor(spec: RunnerSpec, parallel: ParallelConfig, processes: bool = False) -> Executor:
