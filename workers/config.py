@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from splitserve.kernels.rotary import RopeSpec
+from splitserve.mapping import Mapping
 
 #: Architectures the model code implements (Hugging Face ``model_type``).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -181,6 +182,10 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def mapping(self, rank: int = 0) -> Mapping:
+        """Rank ``rank``'s place in this layout (rank 0 holds the first pipeline stage)."""
+        return Mapping(self.world_size, rank, self.tensor_parallel_size, self.pipeline_parallel_size)
 
 
 @dataclass(frozen=True)

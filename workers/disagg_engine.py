@@ -36,8 +36,9 @@ from dataclasses import dataclass, field, replace
 from splitserve.kvtransfer.agent import KVAgentSpec
 from splitserve.kvtransfer.messages import FaultConfig, RecvCommand, SendCommand, TransferEvent, TransferMetrics, TransferState
 from splitserve.kvtransfer.plan import check_compatible, make_routes
-from splitserve.mapping import Mapping
-from splitserve.workers.engine import EngineConfig, KVSendHook, LLMEngine, SendPlan, resolve_device
+from splitserve.workers.engine import (
+    EngineConfig, KVSendHook, LLMEngine, SendPlan, first_token_params, resolve_device,
+)
 from splitserve.workers.executor import WorkerGroupError
 from splitserve.workers.outputs import RequestOutput
 from splitserve.workers.sampling_params import SamplingParams
@@ -72,14 +73,22 @@ class DisaggConfig:
             raise ValueError("transfer_timeout_s must be positive and layers_per_message >= 1")
 
 
-@dataclass
-class _Transfer:
-    transfer_id: int
+@dataclass(frozen=True)
+class _Request:
+    """A request as the client gave it: what a transfer, a recompute or a failure needs."""
+
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    prompt: str | None
     stream: bool
+    prompt: str | None
+    queued_at: float
+
+
+@dataclass
+class _Transfer:
+    transfer_id: int
+    request: _Request
     reservation: Sequence
     #: Leading prompt blocks decode already had (its prefix cache): not sent.
     skip_blocks: int
@@ -114,7 +123,7 @@ class DisaggEngine:
             raise
         try:
             self._check_compatible()
-            self.routes = make_routes(_mapping(p_par), _mapping(d_par), self.prefill.model_cfg.num_layers,
+            self.routes = make_routes(p_par.mapping(), d_par.mapping(), self.prefill.model_cfg.num_layers,
                                       self.prefill.model_cfg.num_kv_heads)
             self._connect()
         except BaseException:  # no rank process outlives a failed start
@@ -122,8 +131,7 @@ class DisaggEngine:
             raise
         self.prefill.enable_kv_sends(KVSendHook(self.routes, config.layers_per_message, self._on_send))
         self.tokenizer = self.decode.tokenizer
-        #: (request id, prompt ids, params, stream, prompt text, queued at)
-        self._queue: deque[tuple[str, list[int], SamplingParams, bool, str | None, float]] = deque()
+        self._queue: deque[_Request] = deque()
         self._transfers: dict[int, _Transfer] = {}
         self._by_request: dict[str, int] = {}
         self._outputs: list[RequestOutput] = []
@@ -162,24 +170,24 @@ class DisaggEngine:
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         self.decode.validate(prompt_ids, params)
-        self.prefill.validate(prompt_ids, params.with_(max_tokens=1, min_tokens=min(params.min_tokens, 1)))
+        self.prefill.validate(prompt_ids, first_token_params(params))
 
     def add_request(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams | None = None,
                     *, stream: bool = False, prompt: str | None = None) -> str:
         params = params or SamplingParams()
         request_id = str(next(self._request_ids)) if request_id is None else request_id
-        if (request_id in self._by_request or any(q[0] == request_id for q in self._queue)
+        if (request_id in self._by_request or any(q.request_id == request_id for q in self._queue)
                 or self.decode.has_request(request_id) or self.prefill.has_request(request_id)):
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
-        self._queue.append((request_id, list(prompt_ids), params, stream, prompt, time.monotonic()))
+        self._queue.append(_Request(request_id, list(prompt_ids), params, stream, prompt, time.monotonic()))
         return request_id
 
     def abort_request(self, request_id: str) -> None:
-        queued = [q for q in self._queue if q[0] == request_id]
+        queued = [q for q in self._queue if q.request_id == request_id]
         if queued:
-            self._queue = deque(q for q in self._queue if q[0] != request_id)
-            self._outputs.append(_failed_output(request_id, queued[0][1], "aborted by the client"))
+            self._queue = deque(q for q in self._queue if q.request_id != request_id)
+            self._apply_policy(queued[0], "fail", "aborted by the client")
         transfer_id = self._by_request.get(request_id)
         if transfer_id is not None:
             self._fail(self._transfers[transfer_id], "aborted by the client", policy="fail")
@@ -220,30 +228,27 @@ class DisaggEngine:
         err = self._decode_error
         if err is None:
             return
-        self.decode._fail_all(str(err))
+        self.decode.fail_all(str(err))
         for transfer in list(self._transfers.values()):
-            self._forget(transfer)
-            self.prefill.release(transfer.request_id)
-            self.prefill.abort_request(transfer.request_id)
-            self.decode.cancel_reservation(transfer.reservation)
+            self._drop(transfer)
         self._queue.clear()
         raise WorkerGroupError(f"the decode group failed: {err}")
 
     def _reserve_queued(self) -> None:
         while self._queue:
-            request_id, prompt_ids, params, stream, prompt, queued_at = self._queue[0]
+            request = self._queue[0]
             if self.prefill.failure is not None:
                 self._queue.popleft()
-                self._no_transfer(request_id, prompt_ids, params, stream, prompt, "the prefill group failed")
+                self._no_transfer(request, "the prefill group failed")
                 continue
-            seq = self.decode.reserve(request_id, prompt_ids, params)
-            if seq is None and not self._give_up_waiting(queued_at):
+            seq = self.decode.reserve(request.request_id, request.prompt_ids, request.params)
+            if seq is None and not self._give_up_waiting(request.queued_at):
                 return  # first come, first served: the rest wait behind it
             self._queue.popleft()
             if seq is None:
-                self._no_transfer(request_id, prompt_ids, params, stream, prompt, "decode has no free KV blocks")
+                self._no_transfer(request, "decode has no free KV blocks")
                 continue
-            self._start(request_id, prompt_ids, params, stream, prompt, seq)
+            self._start(request, seq)
 
     def _give_up_waiting(self, queued_at: float) -> bool:
         """Blocks come back only as decode requests end or transfers close: with none of those
@@ -251,13 +256,14 @@ class DisaggEngine:
         idle = not self._transfers and not self.decode.has_unfinished_requests()
         return idle or time.monotonic() - queued_at > self.config.queue_timeout_s
 
-    def _start(self, request_id, prompt_ids, params, stream, prompt, seq: Sequence) -> None:
+    def _start(self, request: _Request, seq: Sequence) -> None:
         skip = seq.num_computed_tokens // self.decode.block_manager.block_size  # decode's own prefix hits
-        transfer = _Transfer(next(self._transfer_ids), request_id, prompt_ids, params, prompt, stream, seq, skip)
+        transfer = _Transfer(next(self._transfer_ids), request, seq, skip)
         transfer.deadline = time.monotonic() + self.config.reservation_timeout_s  # the lease
         self._transfers[transfer.transfer_id] = transfer
-        self._by_request[request_id] = transfer.transfer_id
-        self.prefill.add_prefill_request(request_id, prompt_ids, params, SendPlan(transfer.transfer_id, skip))
+        self._by_request[request.request_id] = transfer.transfer_id
+        self.prefill.add_prefill_request(request.request_id, request.prompt_ids, request.params,
+                                         SendPlan(transfer.transfer_id, skip))
 
     def _on_send(self, cmds: list[SendCommand]) -> list[SendCommand]:
         """A prefill step that pushes these transfers is being submitted: decode ranks post the
@@ -293,8 +299,7 @@ class DisaggEngine:
         try:
             outputs = self.prefill.step()
         except WorkerGroupError as err:
-            for transfer in list(self._transfers.values()):
-                self._fail(transfer, f"the prefill group failed: {err}")
+            self._prefill_failed(err)
             return
         for out in outputs:
             transfer = self._transfers.get(self._by_request.get(out.request_id, -1))
@@ -332,10 +337,15 @@ class DisaggEngine:
             try:
                 events += self.prefill.executor.poll_events()
             except WorkerGroupError as err:
-                self.prefill._fail_all(str(err))
-                for transfer in list(self._transfers.values()):
-                    self._fail(transfer, f"the prefill group failed: {err}")
+                self._prefill_failed(err)
         return events
+
+    def _prefill_failed(self, err: WorkerGroupError) -> None:
+        """Prefill is gone: its requests end there, every transfer follows the failure policy."""
+        if self.prefill.failure is None:
+            self.prefill.fail_all(str(err))
+        for transfer in list(self._transfers.values()):
+            self._fail(transfer, f"the prefill group failed: {err}")
 
     def _on_event(self, transfer: _Transfer, event: TransferEvent) -> None:
         if event.side == "send":
@@ -360,51 +370,54 @@ class DisaggEngine:
         if policy is None:  # an abort is the client's choice, not a failure of the service
             self.metrics.num_failures += 1
         logger.warning("KV transfer %d of request %s failed (%s): %s", transfer.transfer_id,
-                       transfer.request_id, transfer.policy, reason)
+                       transfer.request.request_id, transfer.policy, reason)
         if was_posted:  # ranks handle the cancel before any later message: no write after it
             self._decode_control("kv_cancel", transfer.transfer_id)
         self._close_failed(transfer)
 
     def _close_done(self, transfer: _Transfer) -> None:
+        request = transfer.request
         self._forget(transfer)
-        self.prefill.release(transfer.request_id)
+        self.prefill.release(request.request_id)
         self.decode.admit_prefilled(transfer.reservation, transfer.first_token, transfer.logprobs,
-                                    stream=transfer.stream, prompt=transfer.prompt)
+                                    stream=request.stream, prompt=request.prompt)
 
     def _close_failed(self, transfer: _Transfer) -> None:
+        self._drop(transfer)
+        self._apply_policy(transfer.request, transfer.policy, transfer.error)
+
+    def _drop(self, transfer: _Transfer) -> None:
+        """Forget the transfer and free both sides: prefill's held blocks, decode's reservation."""
         self._forget(transfer)
-        self.prefill.release(transfer.request_id)
-        self.prefill.abort_request(transfer.request_id)
+        self.prefill.release(transfer.request.request_id)
+        self.prefill.abort_request(transfer.request.request_id)
         self.decode.cancel_reservation(transfer.reservation)
-        if transfer.policy == "recompute":
-            self.decode.add_request(transfer.request_id, transfer.prompt_ids, transfer.params,
-                                    stream=transfer.stream, prompt=transfer.prompt)
-        else:
-            self._outputs.append(_failed_output(transfer.request_id, transfer.prompt_ids, transfer.error))
 
     def _forget(self, transfer: _Transfer) -> None:
         del self._transfers[transfer.transfer_id]
-        del self._by_request[transfer.request_id]
+        del self._by_request[transfer.request.request_id]
 
-    def _no_transfer(self, request_id, prompt_ids, params, stream, prompt, reason: str) -> None:
+    def _no_transfer(self, request: _Request, reason: str) -> None:
         """No transfer can start: recompute on decode, or fail, by the policy."""
         self.metrics.num_failures += 1
-        logger.warning("request %s gets no KV transfer (%s): %s", request_id, self.config.failure_policy, reason)
-        if self.config.failure_policy == "recompute":
-            self.decode.add_request(request_id, prompt_ids, params, stream=stream, prompt=prompt)
+        logger.warning("request %s gets no KV transfer (%s): %s", request.request_id,
+                       self.config.failure_policy, reason)
+        self._apply_policy(request, self.config.failure_policy, reason)
+
+    def _apply_policy(self, request: _Request, policy: str, reason: str) -> None:
+        """"recompute": decode prefills the prompt itself; "fail": the request ends with an error."""
+        if policy == "recompute":
+            self.decode.add_request(request.request_id, request.prompt_ids, request.params,
+                                    stream=request.stream, prompt=request.prompt)
         else:
-            self._outputs.append(_failed_output(request_id, prompt_ids, reason))
-
-
-def _failed_output(request_id: str, prompt_ids: list[int], error: str) -> RequestOutput:
-    return RequestOutput(request_id=request_id, prompt_token_ids=prompt_ids, token_ids=[], text="",
-                         finished=True, finish_reason="abort", error=error)
+            self._outputs.append(RequestOutput(
+                request_id=request.request_id, prompt_token_ids=request.prompt_ids, token_ids=[], text="",
+                finished=True, finish_reason="abort", error=reason))
 
 
 def _transport(cfg: EngineConfig, config: DisaggConfig, local: bool) -> str:
     """In-process for two local engines; gloo on CPU; NCCL when every rank of both groups has
-    a GPU of its own. Groups sharing a GPU across processes would need CUDA IPC (NCCL refuses
-    two ranks on one device), which is not there yet: a clear error instead."""
+    a GPU of its own, else CUDA IPC (NCCL refuses two ranks on one device)."""
     if local:
         return "inprocess"
     device = resolve_device(cfg.device)
@@ -415,9 +428,6 @@ def _transport(cfg: EngineConfig, config: DisaggConfig, local: bool) -> str:
     ranks = config.prefill.parallel.world_size + config.decode.parallel.world_size
     return "nccl" if torch.cuda.device_count() >= ranks else "cuda_ipc"
 
-
-def _mapping(parallel) -> Mapping:
-    return Mapping(parallel.world_size, 0, parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
 
 
 def _start_store():

@@ -28,7 +28,6 @@ import torch
 
 from splitserve.kvtransfer.agent import KVAgentSpec
 from splitserve.kvtransfer.messages import KVRoute, SendCommand
-from splitserve.mapping import Mapping
 from splitserve.workers.block_manager import BlockManager
 from splitserve.workers.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from splitserve.workers.detokenizer import IncrementalDetokenizer
@@ -110,6 +109,12 @@ class KVSendHook:
     on_send: Callable[[list[SendCommand]], list[SendCommand]]
 
 
+def first_token_params(params: SamplingParams) -> SamplingParams:
+    """The prefill role's params: the request's own sampling for exactly its first token."""
+    return params.with_(max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=(),
+                        include_stop_str_in_output=False)
+
+
 @dataclass(frozen=True)
 class SendPlan:
     transfer_id: int
@@ -150,8 +155,7 @@ class LLMEngine:
 
     def _num_blocks(self, dtype: torch.dtype) -> int:
         # The KV budget is per rank; the first pipeline stage holds the most layers.
-        p = self.config.parallel
-        first = Mapping(p.world_size, 0, p.tensor_parallel_size, p.pipeline_parallel_size)
+        first = self.config.parallel.mapping(0)
         per_rank = KVCacheSpec.for_rank(self.model_cfg, first, 1, self.config.cache.block_size, dtype)
         return self.config.cache.resolve_num_blocks(per_rank.bytes_per_token)
 
@@ -211,10 +215,10 @@ class LLMEngine:
         self.scheduler.add(seq)
         return request_id
 
-    def _track(self, seq: Sequence, stream: bool, prompt: str | None, hold: bool = False) -> _Request:
+    def _track(self, seq: Sequence, stream: bool, prompt: str | None) -> _Request:
         needs_text = self.tokenizer is not None and (stream or bool(seq.params.stop))
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids) if needs_text else None
-        req = self._requests[seq.request_id] = _Request(seq, detok, stream, prompt, hold=hold)
+        req = self._requests[seq.request_id] = _Request(seq, detok, stream, prompt)
         return req
 
     # ---- disaggregated roles (driven by DisaggEngine) ----------------------------------
@@ -226,9 +230,7 @@ class LLMEngine:
                             plan: SendPlan) -> None:
         """Prefill role: compute the prompt and sample the first token with the request's own
         params; push the KV during the last chunk; keep the blocks until `release`."""
-        first_only = params.with_(max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=(),
-                                  include_stop_str_in_output=False)
-        self.add_request(request_id, prompt_ids, first_only)
+        self.add_request(request_id, prompt_ids, first_token_params(params))
         self._requests[request_id].hold = True
         self._send_plans[request_id] = plan
 
@@ -263,10 +265,7 @@ class LLMEngine:
         req = self._track(seq, stream, prompt)
         self.scheduler.add_running(seq)
         self._append_token(req, first_token, logprobs)
-        if req.stream or seq.is_finished:
-            self._pending.append(self._output(req))
-        if seq.is_finished:
-            del self._requests[seq.request_id]
+        self._report(req, self._pending)
 
     def _kv_sends(self, out: SchedulerOutput) -> list[SendCommand]:
         if self._kv_hook is None:
@@ -330,10 +329,10 @@ class LLMEngine:
         try:
             return call()
         except WorkerGroupError as err:
-            self._fail_all(str(err))
+            self.fail_all(str(err))
             raise
 
-    def _fail_all(self, reason: str) -> None:
+    def fail_all(self, reason: str) -> None:
         """The group is gone: end every request (blocks back to the pool) and refuse new ones."""
         self._failure = reason
         for out in self._inflight:  # the group is gone: nothing writes these blocks any more
@@ -364,11 +363,15 @@ class LLMEngine:
             if req is None or req.seq is not item.seq or req.seq.is_finished:
                 continue  # aborted while its micro-batch was in flight (its id may be reused)
             self._append_token(req, token, logprobs)
-            if req.stream or req.seq.is_finished:
-                outputs.append(self._output(req))
-            if req.seq.is_finished:
-                del self._requests[item.seq.request_id]
+            self._report(req, outputs)
         return outputs
+
+    def _report(self, req: _Request, outputs: list[RequestOutput]) -> None:
+        """After a token: a snapshot for streams and finished requests; finished ones are forgotten."""
+        if req.stream or req.seq.is_finished:
+            outputs.append(self._output(req))
+        if req.seq.is_finished:
+            del self._requests[req.seq.request_id]
 
     def _append_token(self, req: _Request, token: int, logprobs: Any) -> None:
         seq = req.seq

@@ -39,8 +39,7 @@ class WorkerArgs:
 
     @property
     def mapping(self) -> Mapping:
-        p = self.parallel
-        return Mapping(p.world_size, self.rank, p.tensor_parallel_size, p.pipeline_parallel_size)
+        return self.parallel.mapping(self.rank)
 
 
 def _die_with_parent() -> None:
