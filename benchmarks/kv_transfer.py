@@ -39,7 +39,6 @@ import platform
 import queue
 import random
 import re
-import shlex
 import statistics
 import sys
 import time
@@ -561,11 +560,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     at_target = next((r for r in results if r["prompt_tokens"] == TARGET_PROMPT_TOKENS), None)
     device = device_info(args.device, backend, num_threads)
     report = {
-        "benchmark": "kv_transfer",
-        "command": shlex.join([sys.executable, str(Path(__file__).relative_to(REPO_ROOT)), *argv]),
-        "date": now.isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "device": device,
+        **results_meta.report_header("kv_transfer", __file__, argv, now, device),
         "parameters": {"model": shape.name, "num_layers": shape.num_layers, "num_kv_heads": shape.num_kv_heads,
                        "head_dim": shape.head_dim, "dtype": args.dtype, "block_size": args.block_size,
                        "layers_per_message": args.layers_per_message, "repeats": args.repeats,

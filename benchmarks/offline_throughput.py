@@ -26,7 +26,6 @@ import argparse
 import os
 import platform
 import random
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -370,11 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = device_info()
     ratio = ours.tokens_per_s / theirs.tokens_per_s if theirs.tokens_per_s > 0 else float("inf")
     report = {
-        "benchmark": "offline_throughput",
-        "command": shlex.join([sys.executable, str(Path(__file__).relative_to(REPO_ROOT)), *argv]),
-        "date": now.isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "device": device,
+        **results_meta.report_header("offline_throughput", __file__, argv, now, device),
         "model": {"spec": args.model, "path": str(folder), "vocab_size": vocab_size, "dtype": "float32"},
         "workload": {**asdict(workload), "token_id_range": list(token_id_range(vocab_size)),
                      "total_input_tokens": sum(len(r.prompt_ids) for r in requests),

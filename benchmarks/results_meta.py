@@ -58,3 +58,14 @@ def save_report(out: Path, report: dict[str, Any], write_plot: Callable[[Path, d
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
     print(f"wrote {out} and {report['plot']}")
+
+
+def report_header(benchmark: str, script: str, argv: list[str], now: datetime,
+                  device: dict[str, Any]) -> dict[str, Any]:
+    """The fields every result file starts with: what ran, when, at which commit, on what."""
+    import shlex
+    import sys
+
+    return {"benchmark": benchmark,
+            "command": shlex.join([sys.executable, str(Path(script).resolve().relative_to(REPO_ROOT)), *argv]),
+            "date": now.isoformat(timespec="seconds"), "git_commit": git_commit(), "device": device}

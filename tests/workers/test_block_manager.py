@@ -235,12 +235,18 @@ def test_reset_prefix_cache_forgets_every_block():
 # ---- LRU eviction ------------------------------------------------------------------------
 
 
-def test_lru_evicts_least_recently_freed_and_tail_before_head():
+def _two_cached_and_freed() -> tuple[BlockManager, list[int], list[int]]:
+    """A full 4-block cache holding two freed, cached two-block prompts: a freed before b."""
     bm = BlockManager(4, BS)
     a, b = make_seq(tokens(0, 8), "a"), make_seq(tokens(100, 8), "b")
     admit(bm, a), admit(bm, b)
     a_ids, b_ids = list(a.block_ids), list(b.block_ids)
     bm.free(a), bm.free(b)
+    return bm, a_ids, b_ids
+
+
+def test_lru_evicts_least_recently_freed_and_tail_before_head():
+    bm, a_ids, b_ids = _two_cached_and_freed()
     assert bm.num_free_blocks == 4
     assert len(hit_ids(bm, tokens(0, 8) + [1])) == 2 and len(hit_ids(bm, tokens(100, 8) + [1])) == 2
 
@@ -260,11 +266,7 @@ def test_lru_evicts_least_recently_freed_and_tail_before_head():
 
 
 def test_evicted_tail_leaves_head_hit_only():
-    bm = BlockManager(4, BS)
-    a, b = make_seq(tokens(0, 8), "a"), make_seq(tokens(100, 8), "b")
-    admit(bm, a), admit(bm, b)
-    a_ids = list(a.block_ids)
-    bm.free(a), bm.free(b)
+    bm, a_ids, _ = _two_cached_and_freed()
     c = make_seq(tokens(1000, 3), "c")
     admit(bm, c, computed=False)
     assert c.block_ids == [a_ids[1]]
@@ -275,11 +277,7 @@ def test_evicted_tail_leaves_head_hit_only():
 
 
 def test_reusing_a_cached_block_makes_it_most_recently_used():
-    bm = BlockManager(4, BS)
-    a, b = make_seq(tokens(0, 8), "a"), make_seq(tokens(100, 8), "b")
-    admit(bm, a), admit(bm, b)
-    a_ids, b_ids = list(a.block_ids), list(b.block_ids)
-    bm.free(a), bm.free(b)
+    bm, a_ids, b_ids = _two_cached_and_freed()
     a2 = make_seq(tokens(0, 8) + [7], "a2")  # hits both of a's blocks, takes them off the queue
     prefix = bm.find_cached_prefix(a2)
     bm.allocate(a2, 0, prefix)
