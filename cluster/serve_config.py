@@ -1,0 +1,195 @@
+"""What `splitserve serve` starts: the model, the worker groups, the router and the ports.
+
+Lifecycle: a YAML file (optional) is read into a `ServeConfig` (`load_serve_config`), then
+command-line flags override single fields (`ServeConfig.with_overrides`), then `validate`
+checks the whole before anything starts. With no file and no flags it is the embedded
+default: local Ray, the default model, one prefill and one decode group, 127.0.0.1.
+
+The file's shape (every key optional)::
+
+    model: null                 # default model; a local HF folder; random:<name>
+    mode: disaggregated         # or aggregated
+    device: auto                # auto | cpu | cuda
+    dtype: auto
+    max_model_len: null
+    groups:
+      prefill: {count: 1, tp: 1, pp: 1}
+      decode:  {count: 1, tp: 1, pp: 1}
+      worker:  {count: 1, tp: 1, pp: 1}   # aggregated mode's groups
+    router:
+      policy: least_loaded      # round_robin | least_loaded | prefix_affinity
+      max_inflight: 256         # requests admitted at once; beyond: overload error
+    server:
+      host: 127.0.0.1
+      grpc_port: 50051
+      http_port: 8000
+      api_key: null             # or api_key_file: a file holding the key
+      tls_cert: null
+      tls_key: null
+    ray:
+      address: null             # null: start an embedded local Ray; "auto": join a cluster
+      num_cpus: null            # embedded Ray only
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+MODES = ("aggregated", "disaggregated")
+POLICIES = ("round_robin", "least_loaded", "prefix_affinity")
+DEFAULT_GRPC_PORT = 50051
+DEFAULT_HTTP_PORT = 8000
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """How many groups of one role, and each one's layout."""
+
+    count: int = 1
+    tp: int = 1
+    pp: int = 1
+
+    def check(self, role: str) -> None:
+        if self.count < 0 or self.tp < 1 or self.pp < 1:
+            raise ValueError(f"groups.{role}: count must be >= 0 and tp, pp >= 1, got {self}")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    policy: str = "least_loaded"
+    max_inflight: int = 256
+    #: Deadline for one request when the client gives none (seconds).
+    request_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    host: str = "127.0.0.1"
+    grpc_port: int = DEFAULT_GRPC_PORT
+    http_port: int = DEFAULT_HTTP_PORT
+    api_key: str | None = None
+    api_key_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: Largest gRPC message accepted or sent (bytes).
+    max_message_bytes: int = 16 * 1024 * 1024
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key_file:
+            return Path(self.api_key_file).read_text().strip()
+        return self.api_key
+
+
+@dataclass(frozen=True)
+class RaySpec:
+    address: str | None = None
+    num_cpus: int | None = None
+    namespace: str = "splitserve"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str | None = None
+    mode: str = "disaggregated"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    prefill: GroupSpec = field(default_factory=GroupSpec)
+    decode: GroupSpec = field(default_factory=GroupSpec)
+    worker: GroupSpec = field(default_factory=GroupSpec)
+    router: RouterSpec = field(default_factory=RouterSpec)
+    server: ServerSpec = field(default_factory=ServerSpec)
+    ray: RaySpec = field(default_factory=RaySpec)
+
+    def validate(self) -> "ServeConfig":
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.router.policy not in POLICIES:
+            raise ValueError(f"router.policy must be one of {POLICIES}, got {self.router.policy!r}")
+        if self.router.max_inflight < 1:
+            raise ValueError("router.max_inflight must be >= 1")
+        for role in self.roles():
+            getattr(self, role).check(role)
+        if self.mode == "disaggregated" and (self.prefill.count < 1 or self.decode.count < 1):
+            raise ValueError("disaggregated mode needs at least one prefill and one decode group")
+        if self.mode == "aggregated" and self.worker.count < 1:
+            raise ValueError("aggregated mode needs at least one worker group")
+        if bool(self.server.tls_cert) != bool(self.server.tls_key):
+            raise ValueError("server.tls_cert and server.tls_key go together")
+        for port in (self.server.grpc_port, self.server.http_port):
+            if not 0 <= port < 65536:
+                raise ValueError(f"port out of range: {port}")
+        return self
+
+    def roles(self) -> tuple[str, ...]:
+        """The group roles this mode starts, in start order."""
+        return ("prefill", "decode") if self.mode == "disaggregated" else ("worker",)
+
+    def with_overrides(self, **flat: Any) -> "ServeConfig":
+        """Apply flags: keys are field names, ``<role>_<count|tp|pp>`` or ``<section>_<field>``;
+        a None value leaves the field as it is."""
+        cfg = self
+        for key, value in flat.items():
+            if value is None:
+                continue
+            if key in {f.name for f in fields(ServeConfig)} and not _is_section(key):
+                cfg = replace(cfg, **{key: value})
+                continue
+            section, _, name = key.partition("_")
+            if not _is_section(section):
+                raise ValueError(f"unknown setting {key!r}")
+            cfg = replace(cfg, **{section: replace(getattr(cfg, section), **{name: value})})
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SECTIONS = {"prefill": GroupSpec, "decode": GroupSpec, "worker": GroupSpec, "router": RouterSpec,
+             "server": ServerSpec, "ray": RaySpec}
+
+
+def _is_section(name: str) -> bool:
+    return name in _SECTIONS
+
+
+def config_from_dict(data: dict[str, Any]) -> ServeConfig:
+    """A `ServeConfig` from the YAML file's mapping; unknown keys are errors (typos are caught)."""
+    data = dict(data or {})
+    groups = data.pop("groups", {}) or {}
+    kwargs: dict[str, Any] = {}
+    for role, value in groups.items():
+        if role not in ("prefill", "decode", "worker"):
+            raise ValueError(f"groups: unknown role {role!r} (prefill, decode, worker)")
+        kwargs[role] = _section(GroupSpec, value, f"groups.{role}")
+    for name, value in data.items():
+        if name in ("router", "server", "ray"):
+            kwargs[name] = _section(_SECTIONS[name], value, name)
+        elif name in {f.name for f in fields(ServeConfig)} and not _is_section(name):
+            kwargs[name] = value
+        else:
+            raise ValueError(f"unknown key {name!r} in the serve config")
+    return ServeConfig(**kwargs).validate()
+
+
+def _section(cls, value: Any, where: str):
+    value = value or {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a mapping")
+    known = {f.name for f in fields(cls)}
+    unknown = set(value) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    return cls(**value)
+
+
+def load_serve_config(path: str | Path | None) -> ServeConfig:
+    """The file's config, or the embedded default when ``path`` is None."""
+    if path is None:
+        return ServeConfig().validate()
+    import yaml
+
+    with open(path) as f:
+        return config_from_dict(yaml.safe_load(f) or {})
