@@ -12,6 +12,9 @@ The file's shape (every key optional)::
     device: auto                # auto | cpu | cuda
     dtype: auto
     max_model_len: null
+    block_size: 16
+    num_kv_blocks: null         # per rank; null: sized from kv_cache_memory
+    kv_cache_memory: 2147483648 # bytes per rank
     groups:
       prefill: {count: 1, tp: 1, pp: 1}
       decode:  {count: 1, tp: 1, pp: 1}
@@ -96,6 +99,9 @@ class ServeConfig:
     device: str = "auto"
     dtype: str = "auto"
     max_model_len: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int = 2 * 1024**3
     prefill: GroupSpec = field(default_factory=GroupSpec)
     decode: GroupSpec = field(default_factory=GroupSpec)
     worker: GroupSpec = field(default_factory=GroupSpec)

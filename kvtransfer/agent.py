@@ -114,7 +114,7 @@ class KVTransferAgent:
         self.spec, self.rank, self.report = spec, rank, report
         self.cache = cache_data  # [layers, 2, blocks, block_size, kv_heads, head_dim] of this rank
         self.layer_start, self.head_start = layer_start, head_start
-        self.me = self._peer(spec.role, rank)
+        self.me = peer_name(spec.role, rank, spec.namespace)
         self.transport = self._make_transport(mailboxes)
         self._cancelled: set[int] = set()
         self._abandoned: list[list] = []  # failed receives: a late message may still land in them
@@ -126,9 +126,6 @@ class KVTransferAgent:
         if spec.role == "prefill":
             threading.Thread(target=self._send_waiter, name=f"kv-send-{self.me}", daemon=True).start()
 
-    def _peer(self, role: str, rank: int) -> str:
-        return peer_name(role, rank, self.spec.namespace)
-
     def _make_transport(self, mailboxes: Mailboxes | None) -> Transport:
         if self.spec.transport == "inprocess":
             return InProcessTransport(self.me, mailboxes or MAILBOXES)
@@ -137,13 +134,19 @@ class KVTransferAgent:
         return PairwiseTransport(self.me, self.spec.transport, self.spec.store_host, self.spec.store_port,
                                  self.spec.link_timeout_s)
 
-    def connect(self, routes: list[KVRoute]) -> None:
-        """Build the pairwise groups this rank will use (once; every rank in the same order)."""
+    def connect(self, routes: list[KVRoute], peer_namespaces: list[str] | None = None) -> None:
+        """Build the pairwise groups this rank will use with the other side's groups (each
+        named by its namespace; None: the one that shares this rank's), once, every rank in
+        the same global order."""
+        namespaces = peer_namespaces if peer_namespaces is not None else [self.spec.namespace]
         if self.spec.role == "prefill":
-            peers = {self._peer("decode", r.dst_rank) for r in routes if r.src_rank == self.rank}
+            peers = {peer_name("decode", r.dst_rank, ns) for r in routes if r.src_rank == self.rank for ns in namespaces}
         else:
-            peers = {self._peer("prefill", r.src_rank) for r in routes if r.dst_rank == self.rank}
+            peers = {peer_name("prefill", r.src_rank, ns) for r in routes if r.dst_rank == self.rank for ns in namespaces}
         self.transport.connect(sorted(peers))
+
+    def _namespace(self, cmd: SendCommand | RecvCommand) -> str:
+        return self.spec.namespace if cmd.peer_namespace is None else cmd.peer_namespace
 
     def close(self) -> None:
         self._sent.put(None)
@@ -191,7 +194,7 @@ class KVTransferAgent:
         if faults.delay_transfer == cmd.transfer_id:
             time.sleep(faults.delay_s)
         buf = self._pack(route, group, blocks)
-        work = self.transport.send(buf, self._peer("decode", route.dst_rank), message_tag(cmd.transfer_id, group))
+        work = self.transport.send(buf, peer_name("decode", route.dst_rank, self._namespace(cmd)), message_tag(cmd.transfer_id, group))
         self._sent.put((cmd.transfer_id, count, buf, work))
         if faults.kill_prefill_rank == self.rank and faults.kill_on_transfer == cmd.transfer_id:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die mid-transfer
@@ -282,6 +285,6 @@ class KVTransferAgent:
         posted = []
         for cmd, route, group in message_order(cmds, lambda r: r.dst_rank == self.rank):
             buf = self._pool.take(self._shape(route, group, len(cmd.block_ids)))
-            work = self.transport.recv(buf, self._peer("prefill", route.src_rank), message_tag(cmd.transfer_id, group))
+            work = self.transport.recv(buf, peer_name("prefill", route.src_rank, self._namespace(cmd)), message_tag(cmd.transfer_id, group))
             posted.append((cmd, route, group, buf, work))
         return posted

@@ -49,6 +49,8 @@ class SendCommand:
     routes: list[KVRoute]
     #: Layers per streamed message: KV goes out after each group of this many layers.
     layers_per_message: int
+    #: The decode group's namespace (several decode groups); None: the sender's own.
+    peer_namespace: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class RecvCommand:
     block_ids: list[int]
     routes: list[KVRoute]
     layers_per_message: int
+    #: The prefill group's namespace (several prefill groups); None: the receiver's own.
+    peer_namespace: str | None = None
 
 
 @dataclass(frozen=True)

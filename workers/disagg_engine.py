@@ -1,27 +1,41 @@
-"""Disaggregated engine: a prefill group and a decode group in one driver, KV moved between.
+"""Disaggregated engine: prefill groups and decode groups in one driver, KV moved between.
 
-Lifecycle of a request (driver side; the transfer's `TransferState` in brackets):
+One driver steps every group (each a `LLMEngine` over its ranks: in this process, spawned
+processes, or Ray actors); `LLM(mode="disaggregated")` is the 1 prefill + 1 decode case, the
+router on Ray runs any number of each. With no prefill group ("aggregated" groups) requests
+run whole on a decode group. Lifecycle of a request (the transfer's `TransferState` in brackets):
 
-    add_request  validated by both engines, queued (first come, first served)
-    reserve      decode reserves blocks for prompt + first token, reusing its own prefix cache
-                 (those blocks are not sent); without free blocks the request waits for running
-                 requests to end, up to ``queue_timeout_s`` (or at once if decode has nothing
-                 that could free any), then the failure policy applies
-    prefill      [WAITING] the prefill engine computes the prompt; when the last chunk is
-                 submitted its ranks get the `SendCommand` and the decode ranks a `RecvCommand`
-                 with the transfer deadline  [TRANSFERRING]
+    add_request  validated by both roles, queued (first come, first served)
+    reserve      a decode group (the policy's order) reserves blocks for prompt + first
+                 token, reusing its own prefix cache (those blocks are not sent); without free
+                 blocks the request waits for running requests to end, up to
+                 ``queue_timeout_s`` (or at once if nothing could free any), then the failure
+                 policy applies
+    prefill      [WAITING] a prefill group (the policy's order) computes the prompt; when the
+                 last chunk is submitted its ranks get the `SendCommand` and the decode ranks
+                 a `RecvCommand` with the transfer deadline  [TRANSFERRING]
     first token  sampled on prefill (the request's own params and seed); blocks held
     ack          [DONE] every decode rank reported the KV written: decode admits the request
                  as running with the first token; prefill frees its blocks (they stay cached)
     failure      [FAILED] a rank reported an error, the deadline or the reservation's lease
-                 passed, the prefill group died, or the client aborted: decode ranks are told
-                 to drop the transfer (`kv_cancel`: they process it before any later message,
-                 and it waits out a write in progress, so nothing writes those blocks after
-                 it), both sides free their blocks at once, then ``recompute`` (decode
-                 prefills the prompt itself; the default) or ``fail`` (the request ends with
-                 finish_reason "abort" and an error; always so for an abort)
+                 passed, or the client aborted: decode ranks are told to drop the transfer
+                 (`kv_cancel`: they process it before any later message, and it waits out a
+                 write in progress, so nothing writes those blocks after it), both sides free
+                 their blocks at once, then ``recompute`` (decode prefills the prompt itself;
+                 the default) or ``fail`` (finish_reason "abort" and an error; always so for
+                 an abort)
 
-`step` runs both engines (their rank processes work concurrently), then settles transfers.
+Groups fail and come back:
+    prefill group lost  its transfers are dropped on both sides and their requests re-sent
+                 (to another prefill group; with none left, the failure policy)
+    decode group lost   its transfers are dropped; its running requests continue on another
+                 decode group from prompt + the tokens generated so far (prefilled again, so
+                 greedy output is unchanged); with no decode group left they fail
+    rejoin       `new_group_config` + build the engine (slow, any thread) + `attach_group`
+                 (connects the new ranks' KV links to the other side) replace a lost group
+
+`step` submits to every group before collecting from any (their ranks work at once), then
+settles transfers.
 """
 
 from __future__ import annotations
@@ -31,7 +45,9 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from splitserve.kvtransfer.agent import KVAgentSpec
 from splitserve.kvtransfer.messages import FaultConfig, RecvCommand, SendCommand, TransferEvent, TransferMetrics, TransferState
@@ -47,11 +63,13 @@ from splitserve.workers.sequence import Sequence
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class DisaggConfig:
-    prefill: EngineConfig
+    #: The prefill groups' engine config; None: no prefill groups (aggregated groups).
+    prefill: EngineConfig | None
     decode: EngineConfig
+    num_prefill: int = 1
+    num_decode: int = 1
     #: Deadline of one transfer, from the prefill step that sends it to the last decode ack.
     transfer_timeout_s: float = 30.0
     #: Layers per streamed message (smaller: earlier start, more messages).
@@ -65,17 +83,81 @@ class DisaggConfig:
     reservation_timeout_s: float = 300.0
     #: How long a request may wait for decode blocks to reserve before the failure policy.
     queue_timeout_s: float = 60.0
+    #: Times a request is re-sent after losing its group before it fails.
+    max_retries: int = 3
+    #: Transport between groups; None: chosen from the devices (`_transport`).
+    transport: str | None = None
+    #: Address the groups' ranks reach this driver's TCPStore at (multi-node: a routable IP).
+    store_host: str = "127.0.0.1"
+    #: Group names are ``<prefix>-<i>``; None: "prefill"/"decode", or "worker" without prefill.
+    decode_prefix: str | None = None
 
     def __post_init__(self) -> None:
         if self.failure_policy not in ("recompute", "fail"):
             raise ValueError(f"failure_policy must be 'recompute' or 'fail', got {self.failure_policy!r}")
         if self.transfer_timeout_s <= 0 or self.layers_per_message < 1:
             raise ValueError("transfer_timeout_s must be positive and layers_per_message >= 1")
+        if self.num_decode < 1 or (self.prefill is not None and self.num_prefill < 1):
+            raise ValueError("at least one decode group, and one prefill group when prefill is configured")
 
 
 @dataclass(frozen=True)
+class GroupLoad:
+    """What a policy sees of a group when it chooses."""
+
+    name: str
+    role: str
+    index: int
+    healthy: bool
+    num_waiting: int
+    num_running: int
+    kv_usage: float
+    num_free_blocks: int
+
+
+class GroupPolicy(Protocol):
+    def rank(self, role: str, loads: list[GroupLoad], prompt_ids: list[int]) -> list[str]:
+        """The healthy groups' names, best first, for this request."""
+
+
+class InOrder:
+    """The default policy: healthy groups in index order (one group per role: no choice)."""
+
+    def rank(self, role: str, loads: list[GroupLoad], prompt_ids: list[int]) -> list[str]:
+        return [g.name for g in loads if g.healthy]
+
+
+@dataclass(eq=False)
+class Group:
+    name: str
+    role: str
+    index: int
+    config: EngineConfig
+    engine: LLMEngine | None = None
+    #: Why it failed (None while it works); it stays out of every choice until replaced.
+    error: str | None = None
+    failed_at: float = 0.0
+    restarts: int = 0
+
+    @property
+    def healthy(self) -> bool:
+        return self.engine is not None and self.error is None
+
+    @property
+    def namespace(self) -> str:
+        return self.config.kv.namespace if self.config.kv is not None else ""
+
+    def load(self) -> GroupLoad:
+        e = self.engine
+        if not self.healthy:
+            return GroupLoad(self.name, self.role, self.index, False, 0, 0, 1.0, 0)
+        return GroupLoad(self.name, self.role, self.index, True, e.num_waiting, e.num_running,
+                         e.block_manager.usage, e.block_manager.num_free_blocks)
+
+
+@dataclass(eq=False)
 class _Request:
-    """A request as the client gave it: what a transfer, a recompute or a failure needs."""
+    """A request as the client gave it, plus what it has generated on a group it lost."""
 
     request_id: str
     prompt_ids: list[int]
@@ -83,12 +165,28 @@ class _Request:
     stream: bool
     prompt: str | None
     queued_at: float
+    #: Tokens generated on decode groups that were lost since (the prompt of the continuation).
+    done_ids: list[int] = field(default_factory=list)
+    done_text: str = ""
+    retries: int = 0
+    #: The decode group it runs on, once admitted there.
+    decode: Group | None = None
+
+    def continuation(self) -> tuple[list[int], SamplingParams]:
+        """Prompt and params that generate the rest: prompt + tokens so far, fewer to go."""
+        n = len(self.done_ids)
+        if not n:
+            return self.prompt_ids, self.params
+        return self.prompt_ids + self.done_ids, self.params.with_(
+            max_tokens=self.params.max_tokens - n, min_tokens=max(0, self.params.min_tokens - n))
 
 
 @dataclass
 class _Transfer:
     transfer_id: int
     request: _Request
+    prefill: Group
+    decode: Group
     reservation: Sequence
     #: Leading prompt blocks decode already had (its prefix cache): not sent.
     skip_blocks: int
@@ -105,211 +203,359 @@ class _Transfer:
     seconds: float = 0.0
 
 
+EngineFactory = Callable[[Group], LLMEngine]
+
+
 class DisaggEngine:
-    def __init__(self, config: DisaggConfig):
+    def __init__(self, config: DisaggConfig, policy: GroupPolicy | None = None,
+                 engine_factory: EngineFactory | None = None):
         self.config = config
+        self.policy = policy or InOrder()
         self.metrics = TransferMetrics()
-        p_par, d_par = config.prefill.parallel, config.decode.parallel
-        local = config.in_process if config.in_process is not None else p_par.world_size == d_par.world_size == 1
-        if local and p_par.world_size * d_par.world_size > 1:
-            raise ValueError("in_process needs 1 x 1 groups on both sides")
-        self._store = None if local else _start_store()
-        namespace = uuid.uuid4().hex[:8] + "/"
-        self.prefill = LLMEngine(self._role(config.prefill, "prefill", local, namespace))
+        self._factory = engine_factory or (lambda group: LLMEngine(group.config))
+        d_par = config.decode.parallel
+        p_par = config.prefill.parallel if config.prefill is not None else None
+        single = p_par is not None and config.num_prefill == config.num_decode == 1
+        local = (config.in_process if config.in_process is not None
+                 else single and p_par.world_size == d_par.world_size == 1)
+        if local and (not single or p_par.world_size * d_par.world_size > 1):
+            raise ValueError("in_process needs one 1 x 1 group on each side")
+        self._local = local
+        self._store = None if local or p_par is None else _start_store()
+        self._uid = uuid.uuid4().hex[:8]
+        self.prefills = [self._new_group("prefill", i) for i in range(config.num_prefill if p_par else 0)]
+        decode_name = config.decode_prefix or ("decode" if p_par else "worker")
+        self.decodes = [self._new_group("decode", i, decode_name) for i in range(config.num_decode)]
+        self.routes = []
         try:
-            self.decode = LLMEngine(self._role(config.decode, "decode", local, namespace))
-        except BaseException:
-            self.prefill.shutdown()
-            raise
-        try:
-            self._check_compatible()
-            self.routes = make_routes(p_par.mapping(), d_par.mapping(), self.prefill.model_cfg.num_layers,
-                                      self.prefill.model_cfg.num_kv_heads)
-            self._connect()
+            for group in self.groups:
+                group.engine = self._factory(group)
+            if self.prefills:
+                self._check_compatible()
+                self.routes = make_routes(p_par.mapping(), d_par.mapping(), self.model_cfg.num_layers,
+                                          self.model_cfg.num_kv_heads)
+                self._connect(self.prefills + self.decodes)
         except BaseException:  # no rank process outlives a failed start
             self.shutdown()
             raise
-        self.prefill.enable_kv_sends(KVSendHook(self.routes, config.layers_per_message, self._on_send))
-        self.tokenizer = self.decode.tokenizer
+        for group in self.prefills:
+            self._enable_sends(group)
+        self.tokenizer = self.decodes[0].engine.tokenizer
         self._queue: deque[_Request] = deque()
+        self._live: dict[str, _Request] = {}
         self._transfers: dict[int, _Transfer] = {}
         self._by_request: dict[str, int] = {}
         self._outputs: list[RequestOutput] = []
-        self._decode_error: WorkerGroupError | None = None
         self._transfer_ids = itertools.count()
         self._request_ids = itertools.count()
 
-    def _role(self, cfg: EngineConfig, role: str, local: bool, namespace: str) -> EngineConfig:
+    # ---- groups ----------------------------------------------------------------------------
+
+    @property
+    def groups(self) -> list[Group]:
+        return self.prefills + self.decodes
+
+    @property
+    def prefill(self) -> LLMEngine:
+        """The first prefill group's engine (the one of a 1 + 1 engine)."""
+        return self.prefills[0].engine
+
+    @property
+    def decode(self) -> LLMEngine:
+        return self.decodes[0].engine
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def _new_group(self, role: str, index: int, prefix: str | None = None, restarts: int = 0) -> Group:
+        name = f"{prefix or role}-{index}"
+        return Group(name, role, index, self._group_config(role, index, name, restarts), restarts=restarts)
+
+    def _group_config(self, role: str, index: int, name: str, restarts: int) -> EngineConfig:
+        cfg = self.config.prefill if role == "prefill" else self.config.decode
+        if self.config.prefill is None:  # aggregated groups: no KV service
+            return replace(cfg, device_offset=index * cfg.parallel.world_size)
         port = self._store.port if self._store is not None else 0
-        kv = KVAgentSpec(role, _transport(cfg, self.config, local), namespace, "127.0.0.1", port,
-                         faults=self.config.faults)
-        # The decode group's GPUs come after the prefill group's (they wrap if there are too few).
-        offset = self.config.prefill.parallel.world_size if role == "decode" else 0
-        return replace(cfg, kv=kv, rank_processes=not local, device_offset=offset)
+        # Each incarnation has its own namespace: a rejoining group gets fresh KV links.
+        namespace = f"{self._uid}/{name}.{restarts}/"
+        kv = KVAgentSpec(role, self._transport(), namespace, self.config.store_host, port, faults=self.config.faults)
+        # Groups of this machine take GPUs in order: the prefill groups', then the decode groups'.
+        before = 0 if role == "prefill" else self.config.num_prefill * self.config.prefill.parallel.world_size
+        return replace(cfg, kv=kv, rank_processes=not self._local,
+                       device_offset=before + index * cfg.parallel.world_size)
+
+    def _transport(self) -> str:
+        if self.config.transport is not None:
+            return self.config.transport
+        return _transport(self.config, self._local)
+
+    def _enable_sends(self, group: Group) -> None:
+        group.engine.enable_kv_sends(KVSendHook(self.routes, self.config.layers_per_message,
+                                                lambda cmds: self._on_send(group, cmds)))
 
     def _check_compatible(self) -> None:
-        p, d = self.prefill.model_cfg, self.decode.model_cfg
+        p, d = self.prefills[0].engine.model_cfg, self.decodes[0].engine.model_cfg
         check_compatible(self.config.prefill.cache.block_size, self.config.decode.cache.block_size,
                          (p.num_layers, p.num_kv_heads, p.head_dim), (d.num_layers, d.num_kv_heads, d.head_dim))
 
-    def _connect(self) -> None:
-        """Pairwise groups between the two groups' ranks, made once (both sides at once)."""
-        for engine in (self.prefill, self.decode):
-            engine.executor.control("kv_connect", self.routes)
-        for engine in (self.prefill, self.decode):
-            engine.executor.wait_replies("kv_connect", self.config.transfer_timeout_s)
+    def _connect(self, joining: list[Group]) -> None:
+        """Pairwise KV links between the joining groups and every healthy group of the other
+        role (all at once: both ends of a link must connect together)."""
+        calls = {}
+        for group in joining:
+            other = self.decodes if group.role == "prefill" else self.prefills
+            calls[group.name] = (group, [g.namespace for g in other if g.healthy and g not in joining]
+                                 + [g.namespace for g in other if g in joining])
+        for group in (g for g in self.groups if g.healthy and g not in joining):
+            news = [j.namespace for j in joining if j.role != group.role]
+            if news:
+                calls[group.name] = (group, news)
+        for group, namespaces in calls.values():
+            group.engine.executor.control("kv_connect", (self.routes, namespaces))
+        for group, _ in calls.values():
+            group.engine.executor.wait_replies("kv_connect", self.config.transfer_timeout_s)
+
+    def loads(self, role: str) -> list[GroupLoad]:
+        return [g.load() for g in (self.prefills if role == "prefill" else self.decodes)]
+
+    def _ranked(self, role: str, prompt_ids: list[int]) -> list[Group]:
+        names = self.policy.rank(role, self.loads(role), prompt_ids)
+        return [self.group(n) for n in names if self.group(n).healthy]
+
+    def failed_groups(self) -> list[Group]:
+        return [g for g in self.groups if g.error is not None]
+
+    def new_group_config(self, name: str) -> Group:
+        """A fresh incarnation of a lost group (build its engine with ``engine_factory``, then
+        `attach_group`); safe to call from another thread."""
+        old = self.group(name)
+        prefix = old.name.rsplit("-", 1)[0]
+        return self._new_group(old.role, old.index, prefix, old.restarts + 1)
+
+    def attach_group(self, group: Group, engine: LLMEngine) -> None:
+        """Put a rebuilt group in place of the lost one of its name; its KV links connect now."""
+        group.engine = engine
+        try:
+            if self.prefills:
+                self._connect([group])
+        except WorkerGroupError:
+            engine.shutdown()
+            raise
+        role_list = self.prefills if group.role == "prefill" else self.decodes
+        old = self.group(group.name)
+        if old.engine is not None:
+            old.engine.shutdown()
+        role_list[role_list.index(old)] = group
+        if group.role == "prefill":
+            self._enable_sends(group)
+        logger.info("group %s rejoined (restart %d)", group.name, group.restarts)
 
     # ---- the API LLM uses ------------------------------------------------------------------
 
     @property
     def model_cfg(self):
-        return self.decode.model_cfg
+        return self.decodes[0].engine.model_cfg
 
     def tokenize(self, prompt) -> list[int]:
-        return self.decode.tokenize(prompt)
+        return self.decodes[0].engine.tokenize(prompt)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.decode.validate(prompt_ids, params)
-        self.prefill.validate(prompt_ids, first_token_params(params))
+        self.decodes[0].engine.validate(prompt_ids, params)
+        if self.prefills:
+            self.prefills[0].engine.validate(prompt_ids, first_token_params(params))
 
     def add_request(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams | None = None,
                     *, stream: bool = False, prompt: str | None = None) -> str:
         params = params or SamplingParams()
         request_id = str(next(self._request_ids)) if request_id is None else request_id
-        if (request_id in self._by_request or any(q.request_id == request_id for q in self._queue)
-                or self.decode.has_request(request_id) or self.prefill.has_request(request_id)):
+        if request_id in self._live or any(g.healthy and g.engine.has_request(request_id) for g in self.groups):
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
-        self._queue.append(_Request(request_id, list(prompt_ids), params, stream, prompt, time.monotonic()))
+        request = _Request(request_id, list(prompt_ids), params, stream, prompt, time.monotonic())
+        self._live[request_id] = request
+        self._queue.append(request)
         return request_id
 
     def abort_request(self, request_id: str) -> None:
-        queued = [q for q in self._queue if q.request_id == request_id]
-        if queued:
-            self._queue = deque(q for q in self._queue if q.request_id != request_id)
-            self._apply_policy(queued[0], "fail", "aborted by the client")
-        transfer_id = self._by_request.get(request_id)
-        if transfer_id is not None:
+        request = self._live.get(request_id)
+        if request is None:
+            return
+        if request in self._queue:
+            self._queue.remove(request)
+            self._apply_policy(request, "fail", "aborted by the client")
+        elif (transfer_id := self._by_request.get(request_id)) is not None:
             self._fail(self._transfers[transfer_id], "aborted by the client", policy="fail")
-        self.decode.abort_request(request_id)
+        elif request.decode is not None and request.decode.healthy:
+            request.decode.engine.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._queue or self._transfers or self._outputs or self.decode.has_unfinished_requests())
+        return bool(self._live or self._outputs)
+
+    @property
+    def num_live_requests(self) -> int:
+        """Requests added and not finished (queued, transferring, or on a group)."""
+        return len(self._live)
 
     @property
     def num_open_transfers(self) -> int:
         return len(self._transfers)
 
     def shutdown(self) -> None:
-        self.prefill.shutdown()
-        self.decode.shutdown()
+        for group in self.groups:
+            if group.engine is not None:
+                group.engine.shutdown()
 
     # ---- the loop --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        self._reserve_queued()
-        self._step_prefill()
+        self._dispatch_queued()
+        busy = [g for g in self.groups if g.healthy and g.engine.has_unfinished_requests()]
+        for group in busy:  # every group's ranks start before the driver waits on any
+            self._run(group, group.engine.submit)
+        for group in (g for g in busy if g.role == "prefill"):
+            self._collect_prefill(group)
         self._settle()
-        self._check_decode()
-        if self.decode.has_unfinished_requests():
-            try:
-                self._outputs += self.decode.step()
-            except WorkerGroupError as err:
-                self._decode_error = err
-            self._check_decode()
-        elif self._transfers:
+        for group in (g for g in busy if g.role == "decode"):
+            outputs = self._run(group, group.engine.step)
+            for out in outputs or ():
+                self._emit(out)
+        if not busy and self._transfers:
             time.sleep(0.001)  # only transfers in flight: don't spin the driver
         outputs, self._outputs = self._outputs, []
         return outputs
 
-    def _check_decode(self) -> None:
-        """Decode is gone: end every transfer and queued request (blocks freed on both sides),
-        then raise, as an aggregated engine does when its group fails."""
-        err = self._decode_error
-        if err is None:
-            return
-        self.decode.fail_all(str(err))
-        for transfer in list(self._transfers.values()):
-            self._drop(transfer)
-        self._queue.clear()
-        raise WorkerGroupError(f"the decode group failed: {err}")
+    def _run(self, group: Group, call):
+        if not group.healthy:
+            return None
+        try:
+            return call()
+        except WorkerGroupError as err:
+            self._group_failed(group, err)
+            return None
 
-    def _reserve_queued(self) -> None:
+    def _dispatch_queued(self) -> None:
         while self._queue:
             request = self._queue[0]
-            if self.prefill.failure is not None:
+            decodes = self._ranked("decode", request.prompt_ids)
+            if not decodes:
                 self._queue.popleft()
-                self._no_transfer(request, "the prefill group failed")
+                self._apply_policy(request, "fail", "no decode group is available")
                 continue
-            seq = self.decode.reserve(request.request_id, request.prompt_ids, request.params)
-            if seq is None and not self._give_up_waiting(request.queued_at):
-                return  # first come, first served: the rest wait behind it
-            self._queue.popleft()
-            if seq is None:
+            if not self.prefills:  # aggregated groups: the whole request runs there
+                self._queue.popleft()
+                self._run_on_decode(request, decodes)
+                continue
+            prefills = self._ranked("prefill", request.prompt_ids)
+            if not prefills:
+                self._queue.popleft()
+                self._no_transfer(request, "no prefill group is available")
+                continue
+            if not self._reserve(request, decodes, prefills[0]):
+                if not self._give_up_waiting(request.queued_at):
+                    return  # first come, first served: the rest wait behind it
+                self._queue.popleft()
                 self._no_transfer(request, "decode has no free KV blocks")
-                continue
-            self._start(request, seq)
+
+    def _reserve(self, request: _Request, decodes: list[Group], prefill: Group) -> bool:
+        prompt_ids, params = request.continuation()
+        for decode in decodes:
+            seq = decode.engine.reserve(request.request_id, prompt_ids, params)
+            if seq is not None:
+                self._queue.popleft()
+                self._start(request, prefill, decode, seq)
+                return True
+        return False
 
     def _give_up_waiting(self, queued_at: float) -> bool:
         """Blocks come back only as decode requests end or transfers close: with none of those
         pending, or past the queue timeout, waiting longer is pointless."""
-        idle = not self._transfers and not self.decode.has_unfinished_requests()
+        idle = not self._transfers and not any(g.healthy and g.engine.has_unfinished_requests() for g in self.decodes)
         return idle or time.monotonic() - queued_at > self.config.queue_timeout_s
 
-    def _start(self, request: _Request, seq: Sequence) -> None:
-        skip = seq.num_computed_tokens // self.decode.block_manager.block_size  # decode's own prefix hits
-        transfer = _Transfer(next(self._transfer_ids), request, seq, skip)
+    def _start(self, request: _Request, prefill: Group, decode: Group, seq: Sequence) -> None:
+        skip = seq.num_computed_tokens // decode.engine.block_manager.block_size  # decode's own prefix hits
+        transfer = _Transfer(next(self._transfer_ids), request, prefill, decode, seq, skip)
         transfer.deadline = time.monotonic() + self.config.reservation_timeout_s  # the lease
         self._transfers[transfer.transfer_id] = transfer
         self._by_request[request.request_id] = transfer.transfer_id
-        self.prefill.add_prefill_request(request.request_id, request.prompt_ids, request.params,
-                                         SendPlan(transfer.transfer_id, skip))
+        prompt_ids, params = request.continuation()
+        prefill.engine.add_prefill_request(request.request_id, prompt_ids, params,
+                                           SendPlan(transfer.transfer_id, skip, decode.namespace))
 
-    def _on_send(self, cmds: list[SendCommand]) -> list[SendCommand]:
-        """A prefill step that pushes these transfers is being submitted: decode ranks post the
-        receives, in the same order. Closed transfers are dropped."""
-        sends, recvs = [], []
+    def _run_on_decode(self, request: _Request, decodes: list[Group] | None = None) -> None:
+        decodes = decodes if decodes is not None else self._ranked("decode", request.prompt_ids)
+        if not decodes:
+            self._apply_policy(request, "fail", "no decode group is available")
+            return
+        prompt_ids, params = request.continuation()
+        request.decode = decodes[0]
+        decodes[0].engine.add_request(request.request_id, prompt_ids, params, stream=request.stream,
+                                      prompt=request.prompt)
+
+    def _on_send(self, prefill: Group, cmds: list[SendCommand]) -> list[SendCommand]:
+        """A prefill step that pushes these transfers is being submitted: each decode group's
+        ranks post the receives, in the same order. Closed transfers are dropped."""
+        by_decode: dict[str, tuple[Group, list[SendCommand], list[RecvCommand]]] = {}
         for cmd in cmds:
             transfer = self._transfers.get(cmd.transfer_id)
-            if transfer is None or transfer.state is not TransferState.WAITING:
+            if transfer is None or transfer.state is not TransferState.WAITING or not transfer.decode.healthy:
                 continue
             skip = transfer.skip_blocks
+            _, sends, recvs = by_decode.setdefault(transfer.decode.name, (transfer.decode, [], []))
             recvs.append(RecvCommand(cmd.transfer_id, transfer.reservation.block_ids[skip:skip + len(cmd.block_ids)],
-                                     cmd.routes, cmd.layers_per_message))
+                                     cmd.routes, cmd.layers_per_message, prefill.namespace))
             sends.append(cmd)
-        if not sends or self._decode_error or not self._decode_control("kv_recv", recvs):
-            return []
+        out = []
         deadline = time.monotonic() + self.config.transfer_timeout_s
-        for cmd in sends:
-            transfer = self._transfers[cmd.transfer_id]
-            transfer.state, transfer.deadline = TransferState.TRANSFERRING, deadline
-        return sends
+        for decode, sends, recvs in by_decode.values():
+            if not self._decode_control(decode, "kv_recv", recvs):
+                continue
+            for cmd in sends:
+                transfer = self._transfers[cmd.transfer_id]
+                transfer.state, transfer.deadline = TransferState.TRANSFERRING, deadline
+            out += sends
+        return out
 
-    def _decode_control(self, kind: str, payload: object) -> bool:
+    def _decode_control(self, decode: Group, kind: str, payload: object) -> bool:
         try:
-            self.decode.executor.control(kind, payload)
+            decode.engine.executor.control(kind, payload)
             return True
-        except WorkerGroupError as err:  # handled after the step, in _check_decode
-            self._decode_error = err
+        except WorkerGroupError as err:  # the group is handled once the prefill step is back
+            decode.error = decode.error or str(err)
             return False
 
-    def _step_prefill(self) -> None:
-        if self.prefill.failure is not None or not self.prefill.has_unfinished_requests():
-            return
-        try:
-            outputs = self.prefill.step()
-        except WorkerGroupError as err:
-            self._prefill_failed(err)
-            return
-        for out in outputs:
+    def _collect_prefill(self, group: Group) -> None:
+        outputs = self._run(group, group.engine.step)
+        for out in outputs or ():
             transfer = self._transfers.get(self._by_request.get(out.request_id, -1))
             if transfer is not None and out.token_ids:
                 transfer.first_token = out.token_ids[0]
                 transfer.logprobs = out.logprobs[0] if out.logprobs else None
 
+    def _emit(self, out: RequestOutput) -> None:
+        """A decode group's output, as the client sees it (tokens from lost groups first)."""
+        request = self._live.get(out.request_id)
+        if request is None:
+            return
+        if request.done_ids:
+            out.token_ids = request.done_ids + out.token_ids
+            out.text = request.done_text + out.text
+            out.prompt_token_ids = request.prompt_ids
+            if out.logprobs is not None:
+                out.logprobs = [None] * len(request.done_ids) + out.logprobs
+        if out.finished:
+            del self._live[out.request_id]
+        self._outputs.append(out)
+
     # ---- acknowledgements, deadlines, failures ---------------------------------------------
 
     def _settle(self) -> None:
+        for group in self.groups:  # a failure noticed while sending control messages
+            if group.error is not None and group.engine is not None and group.engine.failure is None:
+                self._group_failed(group, WorkerGroupError(group.error))
         # Deadlines first: an acknowledgement that comes after its lease expired does not count.
         now = time.monotonic()
         for transfer in list(self._transfers.values()):
@@ -328,24 +574,40 @@ class DisaggEngine:
                 self._close_done(transfer)
 
     def _events(self) -> list[TransferEvent]:
-        try:
-            events = self.decode.executor.poll_events()
-        except WorkerGroupError as err:
-            self._decode_error = err
-            return []
-        if self.prefill.failure is None:
-            try:
-                events += self.prefill.executor.poll_events()
-            except WorkerGroupError as err:
-                self._prefill_failed(err)
+        events = []
+        for group in self.groups:  # also how a dead rank of an idle group is noticed
+            events += self._run(group, group.engine.executor.poll_events) or []
         return events
 
-    def _prefill_failed(self, err: WorkerGroupError) -> None:
-        """Prefill is gone: its requests end there, every transfer follows the failure policy."""
-        if self.prefill.failure is None:
-            self.prefill.fail_all(str(err))
-        for transfer in list(self._transfers.values()):
-            self._fail(transfer, f"the prefill group failed: {err}")
+    def _group_failed(self, group: Group, err: WorkerGroupError) -> None:
+        """A group is gone: its requests end there; transfers through it are dropped on both
+        sides and their requests re-sent; a decode group's running requests continue elsewhere."""
+        group.error, group.failed_at = group.error or str(err), time.monotonic()
+        if group.engine.failure is None:
+            group.engine.fail_all(str(err))
+        logger.error("group %s failed: %s", group.name, group.error)
+        for transfer in [t for t in self._transfers.values() if group in (t.prefill, t.decode)]:
+            self._drop(transfer)
+            self._retry(transfer.request, f"{group.name} failed: {group.error}")
+        if group.role == "decode":
+            lost = group.engine.lost_outputs
+            for request in [r for r in self._live.values() if r.decode is group]:
+                request.decode = None
+                tokens = lost.get(request.request_id, [])
+                request.done_ids = request.done_ids + tokens
+                if tokens and self.tokenizer is not None:
+                    request.done_text = self.tokenizer.decode(request.done_ids, skip_special_tokens=True)
+                self._retry(request, f"{group.name} failed: {group.error}")
+
+    def _retry(self, request: _Request, reason: str) -> None:
+        """Send the request through again (first in line), or fail it after too many tries."""
+        request.retries += 1
+        if request.retries > self.config.max_retries:
+            self._apply_policy(request, "fail", f"gave up after {request.retries - 1} retries: {reason}")
+            return
+        logger.warning("re-sending request %s (%s)", request.request_id, reason)
+        request.queued_at = time.monotonic()
+        self._queue.appendleft(request)
 
     def _on_event(self, transfer: _Transfer, event: TransferEvent) -> None:
         if event.side == "send":
@@ -358,7 +620,7 @@ class DisaggEngine:
         transfer.acks.add(event.rank)
         transfer.num_bytes += event.num_bytes
         transfer.seconds = max(transfer.seconds, event.seconds)
-        if transfer.state is TransferState.TRANSFERRING and len(transfer.acks) == self.decode.config.parallel.world_size:
+        if transfer.state is TransferState.TRANSFERRING and len(transfer.acks) == transfer.decode.config.parallel.world_size:
             transfer.state = TransferState.DONE
             self.metrics.record(transfer.num_bytes, transfer.seconds)
 
@@ -371,27 +633,27 @@ class DisaggEngine:
             self.metrics.num_failures += 1
         logger.warning("KV transfer %d of request %s failed (%s): %s", transfer.transfer_id,
                        transfer.request.request_id, transfer.policy, reason)
-        if was_posted:  # ranks handle the cancel before any later message: no write after it
-            self._decode_control("kv_cancel", transfer.transfer_id)
-        self._close_failed(transfer)
+        if was_posted and transfer.decode.healthy:  # ranks handle the cancel before any later message
+            self._decode_control(transfer.decode, "kv_cancel", transfer.transfer_id)
+        self._drop(transfer)
+        self._apply_policy(transfer.request, transfer.policy, reason)
 
     def _close_done(self, transfer: _Transfer) -> None:
         request = transfer.request
         self._forget(transfer)
-        self.prefill.release(request.request_id)
-        self.decode.admit_prefilled(transfer.reservation, transfer.first_token, transfer.logprobs,
-                                    stream=request.stream, prompt=request.prompt)
-
-    def _close_failed(self, transfer: _Transfer) -> None:
-        self._drop(transfer)
-        self._apply_policy(transfer.request, transfer.policy, transfer.error)
+        transfer.prefill.engine.release(request.request_id)
+        request.decode = transfer.decode
+        transfer.decode.engine.admit_prefilled(transfer.reservation, transfer.first_token, transfer.logprobs,
+                                               stream=request.stream, prompt=request.prompt)
 
     def _drop(self, transfer: _Transfer) -> None:
-        """Forget the transfer and free both sides: prefill's held blocks, decode's reservation."""
+        """Forget the transfer and free both sides: prefill's held blocks, decode's reservation
+        (a failed group's engine has freed everything already)."""
         self._forget(transfer)
-        self.prefill.release(transfer.request.request_id)
-        self.prefill.abort_request(transfer.request.request_id)
-        self.decode.cancel_reservation(transfer.reservation)
+        request_id = transfer.request.request_id
+        transfer.prefill.engine.release(request_id)
+        transfer.prefill.engine.abort_request(request_id)
+        transfer.decode.engine.cancel_reservation(transfer.reservation)
 
     def _forget(self, transfer: _Transfer) -> None:
         del self._transfers[transfer.transfer_id]
@@ -407,27 +669,27 @@ class DisaggEngine:
     def _apply_policy(self, request: _Request, policy: str, reason: str) -> None:
         """"recompute": decode prefills the prompt itself; "fail": the request ends with an error."""
         if policy == "recompute":
-            self.decode.add_request(request.request_id, request.prompt_ids, request.params,
-                                    stream=request.stream, prompt=request.prompt)
-        else:
-            self._outputs.append(RequestOutput(
-                request_id=request.request_id, prompt_token_ids=request.prompt_ids, token_ids=[], text="",
-                finished=True, finish_reason="abort", error=reason))
+            self._run_on_decode(request)
+            return
+        self._live.pop(request.request_id, None)
+        self._outputs.append(RequestOutput(
+            request_id=request.request_id, prompt_token_ids=request.prompt_ids, token_ids=list(request.done_ids),
+            text=request.done_text, finished=True, finish_reason="abort", error=reason, prompt=request.prompt))
 
 
-def _transport(cfg: EngineConfig, config: DisaggConfig, local: bool) -> str:
-    """In-process for two local engines; gloo on CPU; NCCL when every rank of both groups has
+def _transport(config: DisaggConfig, local: bool) -> str:
+    """In-process for two local engines; gloo on CPU; NCCL when every rank of every group has
     a GPU of its own, else CUDA IPC (NCCL refuses two ranks on one device)."""
     if local:
         return "inprocess"
-    device = resolve_device(cfg.device)
+    device = resolve_device(config.decode.device)
     if device.type != "cuda":
         return "gloo"
     import torch
 
-    ranks = config.prefill.parallel.world_size + config.decode.parallel.world_size
+    ranks = (config.num_prefill * config.prefill.parallel.world_size
+             + config.num_decode * config.decode.parallel.world_size)
     return "nccl" if torch.cuda.device_count() >= ranks else "cuda_ipc"
-
 
 
 def _start_store():
@@ -436,4 +698,4 @@ def _start_store():
 
     import torch.distributed as dist
 
-    return dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=60), wait_for_workers=False)
+    return dist.TCPStore("0.0.0.0", 0, None, True, timedelta(seconds=60), wait_for_workers=False)

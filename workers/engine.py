@@ -120,10 +120,14 @@ class SendPlan:
     transfer_id: int
     #: Leading prompt blocks the decode side already has (its prefix cache): not sent.
     skip_blocks: int
+    #: The destination decode group's KV namespace (None: the one sharing this group's).
+    peer_namespace: str | None = None
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, launcher=None):
+        """``launcher`` starts the ranks elsewhere (Ray actors); None: this process, or spawned
+        processes for several ranks."""
         self.config = config
         source = resolve_model(config.model)
         self.tokenizer = load_tokenizer(source)
@@ -141,7 +145,7 @@ class LLMEngine:
             device_type=self.device.type, device_index=self.device.index,
             eos_token_ids=self.eos_token_ids, show_progress=config.show_progress, kv=config.kv,
             device_offset=config.device_offset,
-        ), config.parallel, processes=config.rank_processes)
+        ), config.parallel, processes=config.rank_processes, launcher=launcher)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self._requests: dict[str, _Request] = {}
@@ -152,6 +156,8 @@ class LLMEngine:
         self._held: dict[str, Sequence] = {}  # prefill role: finished, blocks kept until release
         self._send_plans: dict[str, SendPlan] = {}
         self._kv_hook: KVSendHook | None = None
+        #: Set by `fail_all`: request id -> tokens it had generated when the group failed.
+        self.lost_outputs: dict[str, list[int]] = {}
 
     def _num_blocks(self, dtype: torch.dtype) -> int:
         # The KV budget is per rank; the first pipeline stage holds the most layers.
@@ -277,7 +283,7 @@ class LLMEngine:
                 continue
             last = self.block_manager.blocks_needed(item.seq.num_prompt_tokens)
             sends.append(SendCommand(plan.transfer_id, item.seq.block_ids[plan.skip_blocks:last],
-                                     self._kv_hook.routes, self._kv_hook.layers_per_message))
+                                     self._kv_hook.routes, self._kv_hook.layers_per_message, plan.peer_namespace))
         return self._kv_hook.on_send(sends) if sends else []
 
     def abort_request(self, request_id: str) -> None:
@@ -301,6 +307,19 @@ class LLMEngine:
         return self.scheduler.num_unfinished > 0 or bool(self._pending)
 
     # ---- the loop ----------------------------------------------------------------------
+
+    def submit(self) -> None:
+        """Send ready micro-batches now (`step` also does): a driver of several groups
+        submits to all of them before collecting from any, so their ranks work at once."""
+        self._submit_ready()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
 
     def step(self) -> list[RequestOutput]:
         self._submit_ready()
@@ -333,8 +352,10 @@ class LLMEngine:
             raise
 
     def fail_all(self, reason: str) -> None:
-        """The group is gone: end every request (blocks back to the pool) and refuse new ones."""
+        """The group is gone: end every request (blocks back to the pool) and refuse new ones.
+        What each request had generated stays in ``lost_outputs`` (to continue it elsewhere)."""
         self._failure = reason
+        self.lost_outputs = {rid: list(req.seq.output_token_ids) for rid, req in self._requests.items() if not req.hold}
         for out in self._inflight:  # the group is gone: nothing writes these blocks any more
             for item in out.scheduled:
                 item.seq.in_flight = False

@@ -77,8 +77,8 @@ def build_runner(spec: RunnerSpec, parallel: ParallelState,
 
 def handle_control(runner: ModelRunner, kind: str, payload: Any) -> str | None:
     """Apply a control message to a rank; returns the reply kind, if one is owed."""
-    if kind == "kv_connect":
-        runner.agent.connect(payload)
+    if kind == "kv_connect":  # (routes, the other side's group namespaces)
+        runner.agent.connect(*payload)
         return "kv_connected"
     if kind == "kv_recv":
         runner.agent.post_recv(payload)
@@ -138,10 +138,11 @@ class LocalExecutor:
             self.runner.agent.close()
 
 
-def make_executor(spec: RunnerSpec, parallel: ParallelConfig, processes: bool = False) -> Executor:
-    """In this process for one rank, unless ``processes`` asks for rank processes anyway."""
-    if parallel.world_size == 1 and not processes:
+def make_executor(spec: RunnerSpec, parallel: ParallelConfig, processes: bool = False, launcher=None) -> Executor:
+    """In this process for one rank, unless ``processes`` asks for rank processes anyway or a
+    launcher (Ray actors) is given."""
+    if parallel.world_size == 1 and not processes and launcher is None:
         return LocalExecutor(spec)
     from splitserve.workers.worker_group import WorkerGroupExecutor
 
-    return WorkerGroupExecutor(spec, parallel)
+    return WorkerGroupExecutor(spec, parallel, launcher)

@@ -135,7 +135,7 @@ class LLM:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; use generate() with a plain prompt")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [_chat_ids(tokenizer, c, add_generation_prompt) for c in conversations]
+        prompts = [chat_prompt_ids(tokenizer, c, add_generation_prompt) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
@@ -149,7 +149,8 @@ class LLM:
         return [done[r] for r in request_ids]
 
 
-def _chat_ids(tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+def chat_prompt_ids(tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    """The conversation rendered with the model's chat template, as token ids."""
     ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=True)
     # transformers 5 returns a BatchEncoding here, 4.x a plain list.
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

@@ -49,8 +49,10 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def worker_main(args: WorkerArgs, raw_conn: Connection) -> None:
-    _die_with_parent()
+def worker_main(args: WorkerArgs, raw_conn: Connection, die_with_parent: bool = True) -> None:
+    """The rank's life; ``die_with_parent`` off where the process is not ours (a Ray actor)."""
+    if die_with_parent:
+        _die_with_parent()
     conn = LockedConnection(raw_conn)
     torch.set_num_threads(args.num_threads)
     try:

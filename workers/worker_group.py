@@ -1,9 +1,11 @@
 """A worker group as tp x pp rank processes, driven from the engine's process.
 
 Lifecycle:
-    start    spawn one process per rank (spawn context: safe with CUDA), give each its
-             pipe; they rendezvous on a TCPStore on loopback and load their shards; wait
-             for every "ready" within ``startup_timeout_s``.
+    start    a launcher starts one process per rank and gives each its connection: here
+             spawned processes with pipes (`ProcessLauncher`), or Ray actors in a placement
+             group connected back over TCP (`splitserve.cluster.ray_group.RayLauncher`);
+             they rendezvous on a TCPStore and load their shards; wait for every "ready"
+             within ``startup_timeout_s``.
     submit   send a micro-batch (`StepBatch`) to every rank; up to pp are in flight.
     collect  wait for the output rank's result of the oldest one within ``step_timeout_s``
              while watching every rank's process: a rank that dies, raises or hangs fails
@@ -53,25 +55,59 @@ def _terminate(procs: list[mp.Process]) -> None:
             p.join(timeout=1.0)
 
 
-class WorkerGroupExecutor:
-    def __init__(self, spec: RunnerSpec, parallel: ParallelConfig):
-        self.parallel = parallel
-        world = parallel.world_size
-        backend = "nccl" if spec.device_type == "cuda" else "gloo"
-        # Several ranks on a few cores: each gets its share, or they fight over every core.
-        threads = max(1, (os.cpu_count() or 1) // world) if spec.device_type == "cpu" else 1
-        port, ctx = _free_port(), mp.get_context("spawn")
-        self.conns: list[Connection] = []
+class ProcessLauncher:
+    """Ranks as spawned processes of this machine, one pipe each (spawn: safe with CUDA)."""
+
+    def __init__(self):
         self.procs: list[mp.Process] = []
-        for rank in range(world):
+
+    def rendezvous(self, world: int) -> tuple[str, int]:
+        return "127.0.0.1", _free_port()
+
+    def num_threads(self, spec: RunnerSpec, world: int) -> int:
+        # Several ranks on a few cores: each gets its share, or they fight over every core.
+        return max(1, (os.cpu_count() or 1) // world) if spec.device_type == "cpu" else 1
+
+    def start(self, args: list[WorkerArgs]) -> list[Connection]:
+        ctx, conns = mp.get_context("spawn"), []
+        for a in args:
             parent, child = ctx.Pipe()
-            args = WorkerArgs(rank, spec, parallel, "127.0.0.1", port, backend, threads)
-            proc = ctx.Process(target=worker_main, args=(args, child), name=f"splitserve-rank{rank}", daemon=True)
+            proc = ctx.Process(target=worker_main, args=(a, child), name=f"splitserve-rank{a.rank}", daemon=True)
             proc.start()
             child.close()
-            self.conns.append(parent)
+            conns.append(parent)
             self.procs.append(proc)
-        self._finalizer = weakref.finalize(self, _terminate, self.procs)
+        return conns
+
+    def sentinels(self) -> dict[int, int]:
+        """Waitable handles that fire when a rank's process ends, by rank."""
+        return {p.sentinel: rank for rank, p in enumerate(self.procs)}
+
+    def dead(self) -> list[str]:
+        return [self.describe(rank) for rank, p in enumerate(self.procs) if not p.is_alive()]
+
+    def describe(self, rank: int) -> str:
+        p = self.procs[rank]
+        return f"rank {rank} (pid {p.pid}) died with exit code {p.exitcode}"
+
+    def stopper(self):
+        """What stops the ranks (run by the executor's finalizer: holds no executor)."""
+        return lambda procs=self.procs: _terminate(procs)
+
+
+class WorkerGroupExecutor:
+    """Drives the ranks a launcher starts (local processes, or Ray actors: `RayLauncher`)."""
+
+    def __init__(self, spec: RunnerSpec, parallel: ParallelConfig, launcher=None):
+        self.parallel = parallel
+        self.launcher = launcher or ProcessLauncher()
+        world = parallel.world_size
+        backend = "nccl" if spec.device_type == "cuda" else "gloo"
+        self._finalizer = weakref.finalize(self, self.launcher.stopper())
+        host, port = self.launcher.rendezvous(world)
+        threads = self.launcher.num_threads(spec, world)
+        args = [WorkerArgs(rank, spec, parallel, host, port, backend, threads) for rank in range(world)]
+        self.conns: list[Connection] = self.launcher.start(args)
         self.output_rank = (parallel.pipeline_parallel_size - 1) * parallel.tensor_parallel_size
         self.failed: str | None = None
         self._events: list[TransferEvent] = []  # KV transfer reports, kept until polled
@@ -81,10 +117,10 @@ class WorkerGroupExecutor:
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+        return [p.pid for p in self.launcher.procs]
 
     def _await_ready(self, deadline: float) -> None:
-        pending = set(range(len(self.procs)))
+        pending = set(range(len(self.conns)))
         while pending:
             rank, kind, _ = self._next_message(deadline, "start")
             if kind == "ready":
@@ -110,7 +146,7 @@ class WorkerGroupExecutor:
         """Wait until every rank has answered a ``kind`` control message."""
         deadline = time.monotonic() + timeout_s
         reply = {"kv_connect": "kv_connected"}[kind]
-        while sum(1 for _, k in self._replies if k == reply) < len(self.procs):
+        while sum(1 for _, k in self._replies if k == reply) < len(self.conns):
             self._stash(*self._next_message(deadline, kind))
         self._replies = [r for r in self._replies if r[1] != reply]
 
@@ -121,9 +157,8 @@ class WorkerGroupExecutor:
                 self._stash(*self._receive(rank, conn))
         if self.failed:
             raise WorkerGroupError(f"worker group already failed: {self.failed}")
-        for rank, proc in enumerate(self.procs):
-            if not proc.is_alive():
-                self._fail(f"rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}")
+        for reason in self.launcher.dead():
+            self._fail(reason)
         events, self._events = self._events, []
         return events
 
@@ -148,7 +183,7 @@ class WorkerGroupExecutor:
 
     def _next_message(self, deadline: float, phase: str) -> tuple[int, str, object]:
         """The next message from any rank; a dead rank, an error or the deadline fails the group."""
-        sentinels = {p.sentinel: rank for rank, p in enumerate(self.procs)}
+        sentinels = self.launcher.sentinels()
         conns = {c: rank for rank, c in enumerate(self.conns)}
         while True:
             remaining = deadline - time.monotonic()
@@ -159,9 +194,7 @@ class WorkerGroupExecutor:
                 if obj in conns:
                     return self._receive(conns[obj], obj)
             for obj in ready:
-                rank = sentinels[obj]
-                self._fail(f"rank {rank} (pid {self.procs[rank].pid}) died during {phase} "
-                           f"with exit code {self.procs[rank].exitcode}")
+                self._fail(f"{self.launcher.describe(sentinels[obj])} during {phase}")
 
     def _receive(self, rank: int, conn: Connection) -> tuple[int, str, object]:
         try:

@@ -155,7 +155,7 @@ def test_abort_before_prefill_ends_the_request_without_decoding(tiny):
         engine = llm.engine
         engine.add_request("a", prompts[3], GREEDY)
         engine.add_request("b", prompts[0], GREEDY)
-        engine._reserve_queued()  # both reserved, prefill not run yet
+        engine._dispatch_queued()  # both reserved, prefill not run yet
         engine.abort_request("a")
         done = {}
         while engine.has_unfinished_requests():

@@ -3,17 +3,19 @@
 Lifecycle per step: the model runner builds one `AttentionMetadata` for the whole flattened
 batch (decode tokens first, then prefill chunks); every layer's `PagedAttention` writes its
 new K/V into the cache slots, then attends: all decode rows in one batched call, each
-prefill chunk on its own. The kernels live in `splitserve.kernels.attention`.
+prefill chunk on its own (the reference on CPU) or all chunks in one launch (Triton on
+CUDA). `splitserve.kernels.dispatch` picks the kernels.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
 
-from splitserve.kernels import attention as ref
+from splitserve.kernels import dispatch as kernels
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,12 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None
     prefills: tuple[PrefillChunk, ...]
 
+    @cached_property
+    def ragged_prefill(self):
+        """The prefill chunks as device tensors for one Triton launch; built by the first
+        layer that asks, then shared by the others (a frozen dataclass still caches this)."""
+        return kernels.ragged_prefill(self.prefills)
+
 
 class PagedAttention(nn.Module):
     """softmax(q k^T * scale) v over the cache of one layer; no weights of its own."""
@@ -66,17 +74,14 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hk, D] -> [T, Hq, D]."""
         k_cache, v_cache = kv_cache
-        ref.write_kv_ref(k_cache, v_cache, k, v, meta.slot_mapping)
+        kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         if meta.num_decode:
-            out[: meta.num_decode] = ref.paged_decode_attention_ref(
+            kernels.paged_decode_attention(
                 q[: meta.num_decode], k_cache, v_cache, meta.decode_block_tables,
-                meta.decode_context_lens, self.scale, self.sliding_window,
+                meta.decode_context_lens, self.scale, self.sliding_window, out=out[: meta.num_decode],
             )
-        for chunk in meta.prefills:
-            rows = slice(chunk.start, chunk.start + chunk.num_tokens)
-            out[rows] = ref.paged_prefill_attention_ref(
-                q[rows], k_cache, v_cache, chunk.block_table, chunk.context_len,
-                self.scale, self.sliding_window, k_new=k[rows], v_new=v[rows],
-            )
+        if meta.prefills:
+            kernels.prefill_attention(q, k, v, k_cache, v_cache, meta.prefills, self.scale, self.sliding_window,
+                                      out, ragged=lambda: meta.ragged_prefill)
         return out

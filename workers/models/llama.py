@@ -25,8 +25,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from splitserve.kernels.norm import add_rms_norm_ref, rms_norm_ref
-from splitserve.kernels.rotary import apply_rotary_ref, rope_cos_sin
+from splitserve.kernels import dispatch as kernels
+from splitserve.kernels.rotary import rope_cos_sin
 from splitserve.workers.config import ModelConfig
 from splitserve.workers.models.attention import AttentionMetadata, PagedAttention
 from splitserve.workers.models.layers import (
@@ -47,8 +47,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
-            return rms_norm_ref(x, self.weight, self.eps)
-        return add_rms_norm_ref(x, residual, self.weight, self.eps)
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
     def load_shard(self, param_name: str, shard: int, tensor) -> None:
         self.weight.data.copy_(tensor[:])
@@ -74,7 +74,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary_ref(q, k, cos, sin)
+        q, k = kernels.apply_rotary(q, k, cos, sin)
         out = self.attn(q, k, v, kv_cache, meta)
         return self.o_proj(out.reshape(-1, self.q_size))
 

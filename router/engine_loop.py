@@ -1,0 +1,192 @@
+"""The router's engine thread: one `DisaggEngine` over every group, stepped on its own thread.
+
+Lifecycle:
+    start      the thread steps the engine while it has work, else waits on its inbox (and
+               still steps every ``idle_step_s``, which is how a dead rank of an idle group
+               is noticed)
+    add/abort  from any thread: queued into the inbox, applied between steps (the engine is
+               only ever touched by its thread); a bad request's ValueError goes to its sink
+    outputs    each step's `RequestOutput`s become `Chunk`s for the request's sink; a request
+               the service failed gets a `RouterError` (UNAVAILABLE) instead
+    groups     after each step a snapshot of every group's state is published (`statuses`);
+               a failed group is rebuilt on a thread of its own (``rebuild``: slow, model
+               load) after ``restart_backoff_s``, then attached between steps
+    stop       the thread ends; the engine shuts its groups down
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from splitserve.router.messages import Chunk, ErrorCode, GroupStatus, RouterError
+from splitserve.workers.disagg_engine import DisaggEngine, Group
+from splitserve.workers.engine import LLMEngine
+from splitserve.workers.outputs import RequestOutput
+from splitserve.workers.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Sink = Callable[[Chunk | RouterError], None]
+
+
+class EngineLoop:
+    def __init__(self, engine: DisaggEngine, rebuild: Callable[[Group], LLMEngine] | None = None,
+                 restart_backoff_s: float = 1.0, idle_step_s: float = 0.05,
+                 on_output: Callable[[RequestOutput], None] | None = None):
+        self.engine = engine
+        self._rebuild, self._backoff = rebuild, restart_backoff_s
+        self._idle_step_s = idle_step_s
+        self._on_output = on_output
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}
+        self._rebuilding: set[str] = set()
+        self._stopped = threading.Event()
+        self.statuses: list[GroupStatus] = self._statuses()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    # ---- from any thread ---------------------------------------------------------------------
+
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run ``fn`` on the engine's thread between steps; its result or exception in a future."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as err:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(err)
+        self._inbox.put(run)
+        return fut
+
+    def add(self, request_id: str, prompt: str | list[int] | list[dict[str, str]], params: SamplingParams,
+            sink: Sink) -> None:
+        """Tokenize (a chat is rendered with the template), validate and queue the request."""
+        def add() -> None:
+            try:
+                prompt_ids = self._prompt_ids(prompt)
+                self.engine.add_request(request_id, prompt_ids, params, stream=True,
+                                        prompt=prompt if isinstance(prompt, str) else None)
+            except ValueError as err:
+                sink(RouterError(ErrorCode.INVALID_ARGUMENT, str(err)))
+                return
+            self._sinks[request_id] = sink
+        self._inbox.put(add)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(lambda: self.engine.abort_request(request_id))
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stopped.set()
+        self._inbox.put(lambda: None)
+        self._thread.join(timeout_s)
+        self.engine.shutdown()
+
+    # ---- the engine's thread -----------------------------------------------------------------
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            from splitserve.workers.llm import chat_prompt_ids
+
+            if self.engine.tokenizer is None:
+                raise ValueError("this model has no tokenizer: chat input is not possible")
+            try:
+                return chat_prompt_ids(self.engine.tokenizer, prompt)
+            except Exception as err:  # noqa: BLE001 - the template rejected the messages
+                raise ValueError(f"the chat template cannot render these messages: {err}") from err
+        return self.engine.tokenize(prompt)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self._drain(block=not self.engine.has_unfinished_requests())
+            try:
+                outputs = self.engine.step()
+            except Exception as err:  # noqa: BLE001 - a bug must not hang every client
+                logger.exception("engine step failed")
+                self._fail_everything(f"internal error: {err}")
+                continue
+            for out in outputs:
+                self._deliver(out)
+            self.statuses = self._statuses()
+            self._supervise()
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=self._idle_step_s) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            item()
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _deliver(self, out: RequestOutput) -> None:
+        if self._on_output is not None:
+            self._on_output(out)
+        sink = self._sinks.get(out.request_id)
+        if out.finished:
+            self._sinks.pop(out.request_id, None)
+        if sink is None:
+            return
+        if out.error is not None:
+            sink(RouterError(ErrorCode.UNAVAILABLE, out.error))
+            return
+        sink(Chunk(out.request_id, list(out.new_token_ids), out.new_text, out.finished, out.finish_reason,
+                   len(out.prompt_token_ids), len(out.token_ids), out.num_cached_tokens))
+
+    def _fail_everything(self, reason: str) -> None:
+        for request_id in list(self._sinks):
+            self.engine.abort_request(request_id)
+            self._sinks.pop(request_id)(RouterError(ErrorCode.INTERNAL, reason))
+
+    # ---- groups --------------------------------------------------------------------------------
+
+    def _statuses(self) -> list[GroupStatus]:
+        out = []
+        for g in self.engine.groups:
+            load = g.load()
+            bm = g.engine.block_manager if g.engine is not None else None
+            state = "ready" if g.healthy else ("restarting" if g.name in self._rebuilding else "failed")
+            out.append(GroupStatus(g.name, g.role, state, g.error, load.num_waiting, load.num_running,
+                                   load.kv_usage, bm.num_free_blocks if bm else 0, bm.num_blocks if bm else 0,
+                                   g.restarts))
+        return out
+
+    def _supervise(self) -> None:
+        if self._rebuild is None:
+            return
+        now = time.monotonic()
+        for group in self.engine.failed_groups():
+            if group.name in self._rebuilding or now - group.failed_at < self._backoff:
+                continue
+            self._rebuilding.add(group.name)
+            fresh = self.engine.new_group_config(group.name)
+            threading.Thread(target=self._rebuild_group, args=(fresh,), name=f"rebuild-{group.name}",
+                             daemon=True).start()
+
+    def _rebuild_group(self, fresh: Group) -> None:
+        try:
+            engine = self._rebuild(fresh)
+        except Exception as err:  # noqa: BLE001 - logged; tried again after the backoff
+            logger.error("rebuilding %s failed: %s", fresh.name, err)
+            self._inbox.put(lambda: self._rebuilt(fresh, None))
+            return
+        self._inbox.put(lambda: self._rebuilt(fresh, engine))
+
+    def _rebuilt(self, fresh: Group, engine: LLMEngine | None) -> None:
+        self._rebuilding.discard(fresh.name)
+        if engine is None:
+            self.engine.group(fresh.name).failed_at = time.monotonic()
+            return
+        try:
+            self.engine.attach_group(fresh, engine)
+        except Exception as err:  # noqa: BLE001 - the old group stays failed; retried later
+            logger.error("attaching the rebuilt %s failed: %s", fresh.name, err)
+            self.engine.group(fresh.name).failed_at = time.monotonic()

@@ -1,0 +1,111 @@
+"""The service's Prometheus metrics (vLLM-style names under ``splitserve:``).
+
+Lifecycle: the router owns one `RouterMetrics` (its own registry, so two routers in one
+process never share counters). Per request it records arrival, each token's time and the
+end (`RequestTimer`); per step the engine thread publishes group states and transfer counts
+(`observe_groups`, `observe_transfers`); a scrape renders the text format (`render`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from splitserve.kvtransfer.messages import TransferMetrics
+from splitserve.router.messages import GroupStatus
+
+P = "splitserve:"
+_LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+            40.0, 80.0, 160.0)
+
+
+class RouterMetrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        group = ["group", "role"]
+        self.running = Gauge(P + "num_requests_running", "Requests running on a group.", group, registry=r)
+        self.waiting = Gauge(P + "num_requests_waiting", "Requests waiting in a group's scheduler.", group, registry=r)
+        self.kv_usage = Gauge(P + "kv_cache_usage_perc", "KV-cache usage of a group (1 = full).", group, registry=r)
+        self.healthy = Gauge(P + "group_healthy", "1 while a group serves, 0 while failed or restarting.", group,
+                             registry=r)
+        self.inflight = Gauge(P + "num_requests_inflight", "Requests admitted by the router and not finished.",
+                              registry=r)
+        self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.generation_tokens = Counter(P + "generation_tokens", "Generated tokens.", registry=r)
+        self.prefix_queries = Counter(P + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      registry=r)
+        self.prefix_hits = Counter(P + "prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r)
+        self.success = Counter(P + "request_success", "Finished requests by finish reason.", ["finished_reason"],
+                               registry=r)
+        self.errors = Counter(P + "request_errors", "Requests refused or failed, by status code.", ["code"],
+                              registry=r)
+        self.ttft = Histogram(P + "time_to_first_token_seconds", "Time to first token.", buckets=_LATENCY, registry=r)
+        self.itl = Histogram(P + "inter_token_latency_seconds", "Time between tokens of a request.",
+                             buckets=_LATENCY, registry=r)
+        self.e2e = Histogram(P + "e2e_request_latency_seconds", "Arrival to last token.", buckets=_LATENCY,
+                             registry=r)
+        self.queue = Histogram(P + "request_queue_time_seconds", "Arrival to the first token's step starting "
+                               "(waiting for admission and scheduling).", buckets=_LATENCY, registry=r)
+        self.transfer_latency = Histogram(P + "kv_transfer_latency_seconds", "KV transfer, first to last byte.",
+                                          buckets=_LATENCY, registry=r)
+        self.transfer_bytes = Counter(P + "kv_transfer_bytes", "KV bytes moved prefill -> decode.", registry=r)
+        self.transfer_failures = Counter(P + "kv_transfer_failures", "KV transfers failed or timed out.", registry=r)
+        self._transfers_seen = 0
+        self._failures_seen = 0
+
+    def observe_groups(self, statuses: list[GroupStatus]) -> None:
+        for s in statuses:
+            labels = (s.name, s.role)
+            self.running.labels(*labels).set(s.num_running)
+            self.waiting.labels(*labels).set(s.num_waiting)
+            self.kv_usage.labels(*labels).set(s.kv_usage)
+            self.healthy.labels(*labels).set(1 if s.state == "ready" else 0)
+
+    def observe_transfers(self, metrics: TransferMetrics) -> None:
+        """New completed transfers since the last call (the engine keeps the recent ones)."""
+        new = metrics.num_transfers - self._transfers_seen
+        if new > 0:
+            for num_bytes, seconds in list(metrics.per_transfer)[-new:]:
+                self.transfer_latency.observe(seconds)
+                self.transfer_bytes.inc(num_bytes)
+            self._transfers_seen = metrics.num_transfers
+        failures = metrics.num_failures - self._failures_seen
+        if failures > 0:
+            self.transfer_failures.inc(failures)
+            self._failures_seen = metrics.num_failures
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass
+class RequestTimer:
+    """One request's timeline, as the router saw its chunks arrive."""
+
+    arrival: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    last_token: float | None = None
+
+    def on_tokens(self, metrics: RouterMetrics, num_tokens: int) -> None:
+        if num_tokens <= 0:
+            return
+        now = time.monotonic()
+        if self.first_token is None:
+            self.first_token = now
+            metrics.ttft.observe(now - self.arrival)
+        elif self.last_token is not None:
+            # Tokens that arrive together (a multi-token chunk) share the gap.
+            gap = (now - self.last_token) / num_tokens
+            for _ in range(num_tokens):
+                metrics.itl.observe(gap)
+        self.last_token = now
+        metrics.generation_tokens.inc(num_tokens)
+
+    def on_finish(self, metrics: RouterMetrics, reason: str | None, prompt_tokens: int, cached_tokens: int) -> None:
+        metrics.e2e.observe(time.monotonic() - self.arrival)
+        metrics.success.labels(reason or "unknown").inc()
+        metrics.prompt_tokens.inc(prompt_tokens)
+        metrics.prefix_queries.inc(prompt_tokens)
+        metrics.prefix_hits.inc(cached_tokens)
