@@ -1,0 +1,453 @@
+"""Attention over the paged KV cache in Triton: the CUDA path beside `attention.py`.
+
+Same cache layout and semantics as the references (``[num_blocks, block_size, num_kv_heads,
+head_dim]`` per layer and per K/V; token ``i`` of a sequence at slot
+``block_table[i // bs] * bs + i % bs``; key j visible to query i iff ``j <= i`` and, with a
+sliding window, ``i - j < sliding_window``).
+
+Decode (`paged_decode_attention`): one program per (sequence, KV head, context split). The
+program holds every query head of its KV head (GQA: the group is the rows of one small
+matrix product), so each K/V row is read from memory once for the whole group. Long contexts
+are cut into splits ("flash-decoding") so that a small batch still fills the GPU; each split
+writes its unnormalised partial output with its running max and sum, and a second kernel
+merges the splits. With one split the first kernel writes the output directly.
+
+Prefill (`paged_prefill_attention_ragged`): every prefill chunk of a step in one launch. One
+program per (query tile, sequence, query head); the chunk's queries sit at absolute positions
+``cached_len + i``, its keys are the cached prefix plus the chunk itself, read through the
+block table. When no chunk has a cached prefix the keys can be read straight from the new K/V
+rows (``k_new``/``v_new``), as the reference does. `paged_prefill_attention` keeps the
+reference's one-chunk signature on top of it.
+
+Softmax runs in base 2 (``exp2``) with the scale folded into ``scale * log2(e)``; max, sum
+and output accumulate in float32. float32 inputs multiply in full float32 (no TF32), so the
+CUDA float32 path stays close to the CPU one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _pow2(n: int, at_least: int = 1) -> int:
+    return max(at_least, triton.next_power_of_2(n))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # TF32 would cost float32 models ~1e-3 relative error; bf16/fp16 ignore the setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _check_cache_layout(cache: torch.Tensor, name: str) -> None:
+    if cache.stride(-1) != 1:
+        raise ValueError(f"{name}: the head dimension must be contiguous (stride 1), got strides {cache.stride()}")
+
+
+# ---- decode -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch shape of the decode kernels (tuned on an H100 for bf16, head_dim 128)."""
+
+    #: Context tokens per loop step.
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    #: Splits are made no shorter than this many tokens (the merge costs a pass over partials).
+    min_partition: int = 256
+    #: Programs wanted per SM before the context is split further.
+    programs_per_sm: int = 2
+
+
+DECODE = DecodeConfig()
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    scale_log2, window, partition,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_tb,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    num_splits,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_kv_heads = tl.num_programs(1)
+
+    ctx = tl.load(lens_ptr + seq).to(tl.int32)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(ctx - window, 0)  # key j is kept iff (ctx - 1) - j < window
+    start = lo + split * partition
+    end = tl.minimum(start + partition, ctx)
+
+    rows = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + rows
+    dims = tl.arange(0, D_PAD)
+    row_ok = rows < GROUP
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+    table = tables_ptr + seq.to(tl.int64) * stride_tb
+    # Every tile holds at least one visible key, so the running max is finite after the first.
+    for n0 in range(start, end, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        key_ok = offs < end
+        block = tl.load(table + offs // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+        slot = offs % BLOCK_SIZE
+        mask = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_kt + kv_head * stride_kh
+                    + dims[None, :], mask=mask, other=0.0)
+        v = tl.load(v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vt + kv_head * stride_vh
+                    + dims[None, :], mask=mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    out_mask = row_ok[:, None] & dim_ok[None, :]
+    if SPLIT:
+        # Partials [B, Hq, splits, D] and (max, sum) [B, Hq, splits, 2], float32; an empty
+        # split (past the context) leaves max -inf, sum 0 and weighs nothing in the merge.
+        part_row = (seq * num_kv_heads * GROUP + heads).to(tl.int64) * num_splits + split
+        tl.store(part_acc_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], acc, mask=out_mask)
+        tl.store(part_ml_ptr + part_row * 2, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + part_row * 2 + 1, l_i, mask=row_ok)
+    else:
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_acc_ptr, part_ml_ptr, out_ptr, stride_ob, stride_oh, num_splits,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    base = (seq * tl.num_programs(1) + head).to(tl.int64) * num_splits
+    dims = tl.arange(0, D_PAD)
+    dim_ok = dims < HEAD_DIM
+    # Lane j merges splits j, j + SPLIT_BLOCK, ... online; the lanes are merged at the end.
+    m_lane = tl.full([SPLIT_BLOCK], float("-inf"), tl.float32)
+    l_lane = tl.zeros([SPLIT_BLOCK], tl.float32)
+    acc = tl.zeros([SPLIT_BLOCK, D_PAD], tl.float32)
+    for s0 in range(0, num_splits, SPLIT_BLOCK):
+        splits = s0 + tl.arange(0, SPLIT_BLOCK)
+        ok = splits < num_splits
+        m = tl.load(part_ml_ptr + (base + splits) * 2, mask=ok, other=float("-inf"))
+        l = tl.load(part_ml_ptr + (base + splits) * 2 + 1, mask=ok, other=0.0)
+        part = tl.load(part_acc_ptr + (base + splits)[:, None] * HEAD_DIM + dims[None, :],
+                       mask=ok[:, None] & dim_ok[None, :], other=0.0)
+        m_new = tl.maximum(m_lane, m)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes that saw only empty splits
+        alpha = tl.exp2(m_lane - m_safe)
+        weight = tl.exp2(m - m_safe)
+        l_lane = l_lane * alpha + weight * l
+        acc = acc * alpha[:, None] + weight[:, None] * part
+        m_lane = m_new
+    # With a real row split 0 holds the query's own key, so the overall max is finite; a
+    # padded row (context 0) has none, and must come out finite (0), not NaN.
+    m_all = tl.max(m_lane, 0)
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+    weight = tl.exp2(m_lane - m_all)
+    total = tl.sum(weight * l_lane, 0)
+    total = tl.where(total == 0.0, 1.0, total)
+    out = tl.sum(weight[:, None] * acc, 0) / total
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
+
+
+def decode_num_splits(num_programs: int, span: int, device: torch.device, cfg: DecodeConfig = DECODE) -> int:
+    """How many context splits: enough programs to fill the SMs, no split under min_partition."""
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+    wanted = triton.cdiv(cfg.programs_per_sm * sms, max(1, num_programs))
+    return max(1, min(wanted, triton.cdiv(span, cfg.min_partition)))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    cfg: DecodeConfig = DECODE,
+) -> torch.Tensor:
+    """One query token per row. q [B, Hq, D]; context_lens [B] include the new token.
+
+    Same as `paged_decode_attention_ref`; ``out`` (a [B, Hq, D] view) receives the result
+    in place. ``num_splits`` overrides the context-split heuristic (tests, tuning)."""
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if out is None:
+        out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
+        _check_cache_layout(t, name)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    group = num_heads // num_kv_heads
+    span = block_tables.shape[1] * block_size  # the longest context the tables can hold
+    if sliding_window is not None:
+        span = min(span, sliding_window)
+    if num_splits is None:
+        num_splits = decode_num_splits(batch * num_kv_heads, span, q.device, cfg)
+    partition = triton.cdiv(triton.cdiv(span, num_splits), cfg.block_n) * cfg.block_n
+    num_splits = triton.cdiv(span, partition)
+    split = num_splits > 1
+    d_pad = _pow2(head_dim, 16)
+    if split:
+        part_acc = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_ml,
+        scale * LOG2E, sliding_window or 0, partition,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        num_splits,
+        GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim, D_PAD=d_pad,
+        BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, HAS_WINDOW=sliding_window is not None,
+        SPLIT=split, PRECISION=_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split:
+        _decode_merge_kernel[(batch, num_heads)](
+            part_acc, part_ml, out, out.stride(0), out.stride(1), num_splits,
+            HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT_BLOCK=min(16, _pow2(num_splits)), num_warps=1,
+        )
+    return out
+
+
+# ---- prefill ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RaggedPrefill:
+    """A step's prefill chunks as device tensors, for one kernel launch over all of them."""
+
+    #: Block ids of each sequence, int64 [B, max_blocks], short rows padded with 0.
+    block_tables: torch.Tensor
+    #: First row of each chunk in the flattened batch (q, out), int32 [B].
+    q_starts: torch.Tensor
+    #: Tokens in each chunk, int32 [B].
+    q_lens: torch.Tensor
+    #: Context of each sequence after its chunk (cached prefix + chunk), int32 [B].
+    context_lens: torch.Tensor
+    #: The longest chunk (sizes the grid; a host value, so no device sync).
+    max_q_len: int
+    #: No chunk has a cached prefix: the keys are exactly the chunks' own new K/V rows.
+    no_prefix: bool
+
+    @classmethod
+    def from_chunks(cls, chunks) -> "RaggedPrefill":
+        """From `PrefillChunk`-like objects (start, num_tokens, context_len, block_table)."""
+        tables = [c.block_table for c in chunks]
+        device = tables[0].device
+        ints = torch.tensor([[c.start for c in chunks], [c.num_tokens for c in chunks],
+                             [c.context_len for c in chunks]], dtype=torch.int32).to(device, non_blocking=True)
+        padded = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True, padding_value=0)
+        return cls(padded, ints[0], ints[1], ints[2], max(c.num_tokens for c in chunks),
+                   all(c.context_len == c.num_tokens for c in chunks))
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def prefill_config(dtype: torch.dtype, head_dim: int) -> PrefillConfig:
+    if dtype == torch.float32 or head_dim > 128:
+        return PrefillConfig(32, 32, 4, 2)
+    return PrefillConfig(128, 64, 8, 3)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, starts_ptr, qlens_ptr, lens_ptr,
+    scale_log2, window,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_tb,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, KV_DENSE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    q_len = tl.load(qlens_ptr + seq)
+    if tile * BLOCK_M >= q_len:
+        return
+    q_start = tl.load(starts_ptr + seq)
+    ctx = tl.load(lens_ptr + seq)
+    prefix = ctx - q_len
+    kv_head = head // GROUP
+
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    q_pos = prefix + rows
+    dims = tl.arange(0, D_PAD)
+    dim_ok = dims < HEAD_DIM
+    q_rows = (q_start + rows).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+    # Keys any row of this tile may see: up to the tile's last position, and with a window
+    # from the first row's earliest visible key.
+    hi = tl.minimum(ctx, prefix + (tile + 1) * BLOCK_M)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(prefix + tile * BLOCK_M - window + 1, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    table = tables_ptr + seq.to(tl.int64) * stride_tb
+    for n0 in range(lo, hi, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        key_ok = offs < hi
+        if KV_DENSE:  # no prefix: key j is row q_start + j of the new K/V
+            k_off = (q_start + offs).to(tl.int64)[:, None] * stride_kt
+            v_off = (q_start + offs).to(tl.int64)[:, None] * stride_vt
+        else:
+            block = tl.load(table + offs // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+            slot = offs % BLOCK_SIZE
+            k_off = block[:, None] * stride_kb + slot[:, None] * stride_kt
+            v_off = block[:, None] * stride_vb + slot[:, None] * stride_vt
+        mask = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_ptr + k_off + kv_head * stride_kh + dims[None, :], mask=mask, other=0.0)
+        v = tl.load(v_ptr + v_off + kv_head * stride_vh + dims[None, :], mask=mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        visible = (offs[None, :] <= q_pos[:, None]) & key_ok[None, :]
+        if HAS_WINDOW:
+            visible = visible & (q_pos[:, None] - offs[None, :] < window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row may see nothing in this tile yet (window, padding rows): keep exp2 off -inf - -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+def paged_prefill_attention_ragged(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: RaggedPrefill,
+    scale: float,
+    sliding_window: int | None = None,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    cfg: PrefillConfig | None = None,
+) -> torch.Tensor:
+    """Causal attention of every chunk in ``batch``: rows ``q_starts[b] .. + q_lens[b]`` of
+    q [T, Hq, D] attend their sequence's cached prefix and themselves; the results go to the
+    same rows of ``out`` (other rows untouched). The chunks' K/V must be in the cache already
+    unless ``batch.no_prefix`` and ``k_new``/``v_new`` [T, Hk, D] (rows as q's) are given."""
+    num_heads, head_dim = q.shape[1:]
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if out is None:
+        out = torch.empty_like(q)
+    if batch.max_q_len == 0:
+        return out
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    cfg = cfg or prefill_config(q.dtype, head_dim)
+    dense = batch.no_prefix and k_new is not None and v_new is not None
+    if dense:
+        k_src, v_src = k_new, v_new
+        k_strides = (0, k_new.stride(0), k_new.stride(1))
+        v_strides = (0, v_new.stride(0), v_new.stride(1))
+    else:
+        k_src, v_src = k_cache, v_cache
+        k_strides, v_strides = k_cache.stride()[:3], v_cache.stride()[:3]
+    for name, t in (("q", q), ("k", k_src), ("v", v_src), ("out", out)):
+        _check_cache_layout(t, name)
+    grid = (triton.cdiv(batch.max_q_len, cfg.block_m), len(batch.q_lens), num_heads)
+    _prefill_kernel[grid](
+        q, k_src, v_src, out, batch.block_tables, batch.q_starts, batch.q_lens, batch.context_lens,
+        scale * LOG2E, sliding_window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), batch.block_tables.stride(0),
+        *k_strides, *v_strides,
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, D_PAD=_pow2(head_dim, 16),
+        BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_WINDOW=sliding_window is not None, KV_DENSE=dense, PRECISION=_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    start: int
+    num_tokens: int
+    context_len: int
+    block_table: torch.Tensor
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The reference's one-chunk call (`paged_prefill_attention_ref`): q [Tq, Hq, D] are the
+    last Tq tokens of ``context_len``; with no cached prefix ``k_new``/``v_new`` are the keys."""
+    num_blocks = math.ceil(context_len / k_cache.shape[1])
+    batch = RaggedPrefill.from_chunks([_Chunk(0, q.shape[0], context_len, block_table[:num_blocks])])
+    return paged_prefill_attention_ragged(q, k_cache, v_cache, batch, scale, sliding_window, k_new, v_new)

@@ -1,0 +1,177 @@
+"""Which implementation runs each kernel: Triton on CUDA, the plain-torch reference elsewhere.
+
+The engine calls these functions, never a ``*_ref`` or ``*_triton`` module directly, so this
+is the one place the choice is made. Per call, from the tensor the work is on:
+
+- ``SPLITSERVE_KERNELS=auto`` (default): Triton when the tensor is on CUDA and ``triton``
+  imports, the reference otherwise. CPU runs never import Triton, and give exactly the
+  reference's results (the CPU path *is* the reference).
+- ``SPLITSERVE_KERNELS=torch``: the references everywhere (a baseline on GPU, or a fallback).
+- ``SPLITSERVE_KERNELS=triton``: Triton everywhere; on CPU tensors that needs Triton's
+  interpreter (``TRITON_INTERPRET=1`` before ``triton`` is imported): tests only.
+
+The variable is read once, at the first call (`kernel_mode`; tests clear its cache).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from functools import cache
+from typing import Literal
+
+import torch
+
+from splitserve.kernels import attention as attention_ref
+from splitserve.kernels import kv_pack as kv_pack_ref
+from splitserve.kernels import norm as norm_ref
+from splitserve.kernels import rotary as rotary_ref
+
+KernelMode = Literal["auto", "torch", "triton"]
+ENV_VAR = "SPLITSERVE_KERNELS"
+
+
+@cache
+def kernel_mode() -> KernelMode:
+    mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "torch", "triton"):
+        raise ValueError(f"{ENV_VAR}={mode!r}: expected 'auto', 'torch' or 'triton'")
+    return mode  # type: ignore[return-value]
+
+
+@cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether work on ``x`` runs the Triton kernels."""
+    mode = kernel_mode()
+    if mode == "torch":
+        return False
+    if mode == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{ENV_VAR}=triton but triton does not import")
+        return True
+    return x.is_cuda and triton_available()
+
+
+# ---- attention ----------------------------------------------------------------------------
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' K/V at their slots (torch's index_copy on every device)."""
+    attention_ref.write_kv_ref(k_cache, v_cache, k, v, slot_mapping)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
+                           sliding_window: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`paged_decode_attention_ref`'s call; the result is written into ``out`` if given."""
+    if use_triton(q):
+        from splitserve.kernels import attention_triton
+
+        return attention_triton.paged_decode_attention(
+            q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, out=out)
+    result = attention_ref.paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens,
+                                                      scale, sliding_window)
+    return result if out is None else out.copy_(result)
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_table, context_len: int, scale: float,
+                            sliding_window: int | None = None, k_new=None, v_new=None) -> torch.Tensor:
+    """`paged_prefill_attention_ref`'s call: one chunk."""
+    if use_triton(q):
+        from splitserve.kernels import attention_triton
+
+        return attention_triton.paged_prefill_attention(
+            q, k_cache, v_cache, block_table, context_len, scale, sliding_window, k_new, v_new)
+    return attention_ref.paged_prefill_attention_ref(
+        q, k_cache, v_cache, block_table, context_len, scale, sliding_window, k_new, v_new)
+
+
+def ragged_prefill(chunks: Sequence):
+    """A step's prefill chunks as one `RaggedPrefill` (device tensors) for the Triton kernel."""
+    from splitserve.kernels import attention_triton
+
+    return attention_triton.RaggedPrefill.from_chunks(chunks)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, chunks: Sequence, scale: float, sliding_window: int | None,
+                      out: torch.Tensor, ragged: Callable[[], object] | None = None) -> torch.Tensor:
+    """Every prefill chunk of a step. Chunk c (`PrefillChunk`-like: start, num_tokens,
+    context_len, block_table) is rows ``c.start .. + c.num_tokens`` of q, k, v [T, H, D] and
+    writes the same rows of ``out``; its K/V are already in the cache.
+
+    The reference runs chunk by chunk; Triton runs them all in one launch, from
+    ``ragged()`` (the step's `RaggedPrefill`, built once and shared by every layer) or
+    built here."""
+    if use_triton(q):
+        from splitserve.kernels import attention_triton
+
+        batch = ragged() if ragged is not None else ragged_prefill(chunks)
+        return attention_triton.paged_prefill_attention_ragged(
+            q, k_cache, v_cache, batch, scale, sliding_window, k_new=k, v_new=v, out=out)
+    for c in chunks:
+        rows = slice(c.start, c.start + c.num_tokens)
+        out[rows] = attention_ref.paged_prefill_attention_ref(
+            q[rows], k_cache, v_cache, c.block_table, c.context_len, scale, sliding_window,
+            k_new=k[rows], v_new=v[rows])
+    return out
+
+
+# ---- norm and rotary ----------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if use_triton(x):
+        from splitserve.kernels import norm_triton
+
+        return norm_triton.rms_norm(x, weight, eps)
+    return norm_ref.rms_norm_ref(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual)."""
+    if use_triton(x):
+        from splitserve.kernels import norm_triton
+
+        return norm_triton.add_rms_norm(x, residual, weight, eps)
+    return norm_ref.add_rms_norm_ref(x, residual, weight, eps)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(q):
+        from splitserve.kernels import rotary_triton
+
+        return rotary_triton.apply_rotary(q, k, cos, sin)
+    return rotary_ref.apply_rotary_ref(q, k, cos, sin)
+
+
+# ---- KV transfer --------------------------------------------------------------------------
+
+
+def pack_kv_blocks(cache: torch.Tensor, layers: slice, heads: slice, blocks: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    if use_triton(cache):
+        from splitserve.kernels import kv_pack_triton
+
+        return kv_pack_triton.pack_kv_blocks(cache, layers, heads, blocks, out)
+    return kv_pack_ref.pack_kv_blocks_ref(cache, layers, heads, blocks, out)
+
+
+def unpack_kv_blocks(cache: torch.Tensor, layers: slice, heads: slice, blocks: torch.Tensor,
+                     buf: torch.Tensor) -> None:
+    if use_triton(cache):
+        from splitserve.kernels import kv_pack_triton
+
+        kv_pack_triton.unpack_kv_blocks(cache, layers, heads, blocks, buf)
+    else:
+        kv_pack_ref.unpack_kv_blocks_ref(cache, layers, heads, blocks, buf)

@@ -1,0 +1,73 @@
+"""RMSNorm and fused residual add + RMSNorm in Triton: the CUDA path beside `norm.py`.
+
+One program per row. The rounding follows the reference step by step (the sum rounded to the
+input dtype, normalised in float32, rounded to the input dtype, then scaled by the weight and
+rounded to the output dtype), so bf16 results differ from it only where the float32 sums
+land differently (summation order), by at most one unit in the last place.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr,
+    stride_x, stride_res, stride_out, stride_sum, n_cols, eps,
+    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + row * stride_res + cols, mask=ok, other=0.0)
+        x = (x.to(tl.float32) + res.to(tl.float32)).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * stride_sum + cols, x, mask=ok)
+    xf = x.to(tl.float32)
+    variance = tl.sum(xf * xf, 0) / n_cols
+    normed = (xf * tl.math.rsqrt(variance + eps)).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0)
+    out = w.to(tl.float32) * normed.to(tl.float32)
+    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    hidden = x.shape[-1]
+    x2 = _rows(x)
+    res2 = _rows(residual) if residual is not None else x2
+    out = torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device)
+    summed = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else out
+    out2, sum2 = out.view(-1, hidden), summed.view(-1, hidden)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(hidden)
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2, res2, weight, out2, sum2,
+            x2.stride(0), res2.stride(0), out2.stride(0), sum2.stride(0), hidden, eps,
+            BLOCK=block, HAS_RESIDUAL=residual is not None,
+            num_warps=min(16, max(1, block // 256)),
+        )
+    return out, summed
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = weight * x / sqrt(mean(x^2) + eps), as `rms_norm_ref`."""
+    return _launch(x, None, weight, eps)[0]
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused residual add + RMSNorm, as `add_rms_norm_ref`: returns (norm(x + residual),
+    x + residual) in new tensors; the inputs are left untouched."""
+    if residual.dtype != x.dtype or residual.shape != x.shape:
+        raise ValueError(f"residual {residual.dtype} {tuple(residual.shape)} does not match x {x.dtype} {tuple(x.shape)}")
+    return _launch(x, residual, weight, eps)
