@@ -6,16 +6,24 @@ batch, attention metadata, the forward of this pipeline stage (receiving activat
 the previous stage, sending to the next), and on the last stage the logits of the rows that
 sample. The *output rank* (last stage, tp rank 0) samples and returns the tokens; every other
 rank returns None.
+
+On CUDA the step's integer inputs (token ids, positions, slots, block tables...) are packed
+into one pinned host buffer and reach the device in one asynchronous copy (`_StepInputs`);
+decode-only steps of a single-rank runner replay CUDA graphs (`cuda_graphs.py`) unless
+``SPLITSERVE_ENFORCE_EAGER=1``. On CPU nothing changes: the same tensors, the same kernels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from splitserve.kernels import dispatch
 from splitserve.workers.config import ModelConfig
+from splitserve.workers.cuda_graphs import CudaGraphConfig, DecodeGraphs, DecodeInputs
 from splitserve.workers.kv_cache import KVCache, KVCacheSpec
 from splitserve.workers.models.attention import AttentionMetadata, PrefillChunk
 from splitserve.workers.models.registry import build_model
@@ -33,13 +41,24 @@ class ModelRunner:
         self.device = device
         self.dtype = kv_spec.dtype
         self.eos_token_ids = eos_token_ids
-        self.kv_cache = KVCache(kv_spec, device)
+        graph_cfg = CudaGraphConfig.from_env()
+        use_graphs = (device.type == "cuda" and not graph_cfg.enforce_eager and parallel.mapping.world_size == 1
+                      and dispatch.use_triton(torch.empty(0, device=device)))
+        # Graph padding rows write their K/V into one extra block that no sequence owns.
+        self.kv_cache = KVCache(dataclasses.replace(kv_spec, num_blocks=kv_spec.num_blocks + 1)
+                                if use_graphs else kv_spec, device)
         self.kv_layers = self.kv_cache.layers()
         self.sampler = Sampler()
         m = parallel.mapping
         self.is_output_rank = m.is_last_pp_rank and m.tp_rank == 0
         #: The rank's side of the KV transfer service (disaggregated mode), set by the executor.
         self.agent = None
+        self._inputs = _StepInputs(device)
+        #: Decode CUDA graphs, captured by `capture_cuda_graphs` (None: every step eager).
+        self.cuda_graphs: DecodeGraphs | None = None
+        #: Set to run every step eagerly even where graphs were captured (benchmarks compare).
+        self.enforce_eager = not use_graphs
+        self._graph_cfg = graph_cfg
 
     @classmethod
     def create(cls, model_cfg: ModelConfig, parallel: ParallelState, kv_spec: KVCacheSpec, device: torch.device,
@@ -50,47 +69,114 @@ class ModelRunner:
             model.init_random(seed)
         else:
             model.load_weights(weights)
-        return cls(model_cfg, model, parallel, kv_spec, device, eos_token_ids)
+        runner = cls(model_cfg, model, parallel, kv_spec, device, eos_token_ids)
+        if not runner.enforce_eager:
+            runner.capture_cuda_graphs()
+        return runner
+
+    def capture_cuda_graphs(self, max_batch: int | None = None) -> None:
+        """Capture the decode graphs (weights loaded, KV cache allocated: call once, at start)."""
+        spec = self.kv_cache.spec
+        max_blocks = min(-(-self.model_cfg.max_position_embeddings // spec.block_size), spec.num_blocks - 1)
+        graphs = DecodeGraphs(self.model, self.kv_layers, self.device, max_batch or self._graph_cfg.max_batch,
+                              max_blocks, scratch_block=spec.num_blocks - 1, block_size=spec.block_size)
+        graphs.capture()
+        self.cuda_graphs = graphs
+        self.enforce_eager = False
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> SamplerOutput | None:
         if not batch.num_tokens:
             return SamplerOutput([], []) if self.is_output_rank else None
-        hidden = self._forward(batch)
+        t = self._inputs.upload(batch)
+        hidden = self._forward(batch, t)
         if hidden is None:
             return None  # an earlier pipeline stage: activations went on to the next
-        logits = self.model.compute_logits(hidden[self._tensor(batch.logits_indices)])
+        logits = self.model.compute_logits(hidden[t["logits_indices"]])
         if not self.is_output_rank:
             return None
         return self.sampler(logits, [self._sample_request(row) for row in batch.sample_rows])
 
-    def _forward(self, batch: StepBatch) -> torch.Tensor | None:
+    def _graph_fits(self, batch: StepBatch) -> bool:
+        graphs = self.cuda_graphs
+        return (graphs is not None and not self.enforce_eager and not batch.prefills and not batch.kv_sends
+                and batch.num_decode == batch.num_tokens
+                and graphs.fits(batch.num_decode, len(batch.decode_block_tables[0])))
+
+    def _forward(self, batch: StepBatch, t: dict[str, Any]) -> torch.Tensor | None:
+        if self._graph_fits(batch):
+            return self.cuda_graphs.run(DecodeInputs(t["input_ids"], t["positions"], t["slot_mapping"],
+                                                     t["decode_context_lens"], t["decode_block_tables"]))
         m, model = self.parallel.mapping, self.model
         intermediate = None
         if not m.is_first_pp_rank:
             shape = (batch.num_tokens, self.model_cfg.hidden_size)
             intermediate = tuple(self.parallel.recv_prev([shape, shape], self.dtype, self.device))
         hook = self.agent.layer_hook(batch.kv_sends) if self.agent and batch.kv_sends else None
-        out = model(self._tensor(batch.input_ids), self._tensor(batch.positions), self.kv_layers,
-                    self._metadata(batch), intermediate, hook)
+        out = model(t["input_ids"], t["positions"], self.kv_layers, self._metadata(batch, t), intermediate, hook)
         if not m.is_last_pp_rank:
             self.parallel.send_next(list(out))
             return None
         return out
 
-    def _metadata(self, batch: StepBatch) -> AttentionMetadata:
+    def _metadata(self, batch: StepBatch, t: dict[str, Any]) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=self._tensor(batch.slot_mapping),
+            slot_mapping=t["slot_mapping"],
             num_decode=batch.num_decode,
-            decode_block_tables=self._tensor(batch.decode_block_tables) if batch.num_decode else None,
-            decode_context_lens=self._tensor(batch.decode_context_lens) if batch.num_decode else None,
-            prefills=tuple(PrefillChunk(c.start, c.num_tokens, c.context_len, self._tensor(c.block_ids))
-                           for c in batch.prefills),
+            decode_block_tables=t["decode_block_tables"] if batch.num_decode else None,
+            decode_context_lens=t["decode_context_lens"] if batch.num_decode else None,
+            prefills=tuple(PrefillChunk(c.start, c.num_tokens, c.context_len, ids)
+                           for c, ids in zip(batch.prefills, t["chunk_block_ids"])),
         )
 
     def _sample_request(self, row) -> SampleRequest:
         generator = make_generator(row.params.seed, self.device, row.num_output_tokens)
         return SampleRequest(row.params, generator, row.num_output_tokens, self.eos_token_ids)
 
-    def _tensor(self, values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+
+class _StepInputs:
+    """A step's integer inputs as int64 device tensors, from one host -> device copy.
+
+    Every list of the `StepBatch` is laid end to end in one host buffer (pinned on CUDA, so
+    the copy is asynchronous) and the device tensors are views of one device buffer. The
+    pinned buffer is reused the next step only after that step's copy has finished (an event
+    recorded after it), so a later step never overwrites bytes still in flight."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._pinned: torch.Tensor | None = None
+        self._copied: torch.cuda.Event | None = None
+
+    def upload(self, batch: StepBatch) -> dict[str, Any]:
+        num_decode = batch.num_decode
+        width = len(batch.decode_block_tables[0]) if num_decode else 0
+        parts = [batch.input_ids, batch.positions, batch.slot_mapping, batch.logits_indices,
+                 batch.decode_context_lens if num_decode else [],
+                 [b for row in batch.decode_block_tables for b in row] if num_decode else []]
+        parts += [c.block_ids for c in batch.prefills]
+        flat = torch.tensor([v for p in parts for v in p], dtype=torch.int64)
+        dev = self._to_device(flat)
+        views, start = [], 0
+        for p in parts:
+            views.append(dev[start:start + len(p)])
+            start += len(p)
+        return {"input_ids": views[0], "positions": views[1], "slot_mapping": views[2], "logits_indices": views[3],
+                "decode_context_lens": views[4], "decode_block_tables": views[5].view(num_decode, width),
+                "chunk_block_ids": views[6:]}
+
+    def _to_device(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return flat.to(self.device)
+        n = flat.numel()
+        if self._copied is not None:
+            self._copied.synchronize()
+        if self._pinned is None or self._pinned.numel() < n:
+            self._pinned = torch.empty(max(n, 2 * (0 if self._pinned is None else self._pinned.numel()), 4096),
+                                       dtype=torch.int64, pin_memory=True)
+        staged = self._pinned[:n]
+        staged.copy_(flat)
+        dev = staged.to(self.device, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record(torch.cuda.current_stream(self.device))
+        return dev

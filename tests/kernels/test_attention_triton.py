@@ -1,0 +1,265 @@
+"""Paged attention in Triton (kernels/attention_triton.py) against the references, on CPU in
+Triton's interpreter (`triton_interpreter`), at tiny shapes.
+
+Caches are full of noise (unwritten slots included), block tables are shuffled and padded
+with other blocks' ids, and the output is poisoned (NaN) before each call, so a wrong slot
+formula, a read past a context or an unwritten row all show. Decode runs with small loop
+tiles (`DecodeConfig(block_n=8)`) so that several context splits really happen and the merge
+kernel runs; prefill runs ragged batches mixing chunks with and without cached prefixes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from splitserve.kernels.attention import paged_decode_attention_ref, paged_prefill_attention_ref, write_kv_ref
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+
+D = 16
+NUM_BLOCKS = 40
+HEADS = pytest.mark.parametrize("hq,hk", [(4, 1), (4, 2), (2, 2)], ids=["gqa4", "gqa2", "mha"])
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def noise_cache(bs: int, hk: int, seed: int, dtype=torch.float32):
+    g = gen(seed)
+    return (torch.randn(NUM_BLOCKS, bs, hk, D, generator=g).to(dtype),
+            torch.randn(NUM_BLOCKS, bs, hk, D, generator=g).to(dtype))
+
+
+def tables_for(lens: list[int], bs: int, seed: int) -> tuple[list[list[int]], list[int]]:
+    """Disjoint shuffled block ids per sequence, and the ids no sequence uses (padding)."""
+    perm = torch.randperm(NUM_BLOCKS, generator=gen(seed)).tolist()
+    tables = []
+    for n in lens:
+        need = -(-n // bs)
+        tables.append(perm[:need])
+        perm = perm[need:]
+    return tables, perm
+
+
+def padded(tables: list[list[int]], pad_ids: list[int], width: int | None = None) -> torch.Tensor:
+    width = width or max(len(t) for t in tables)
+    return torch.tensor([t + pad_ids[: width - len(t)] for t in tables], dtype=torch.int64)
+
+
+def poisoned(shape, dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm()).item()
+
+
+# ---- decode ------------------------------------------------------------------------------
+
+
+def _decode(hq, hk, bs, lens, window, num_splits, dtype=torch.float32, seed=0, width=None):
+    from splitserve.kernels import attention_triton as at
+
+    k_cache, v_cache = noise_cache(bs, hk, seed, dtype)
+    tables, pad_ids = tables_for(lens, bs, seed + 1)
+    bt = padded(tables, pad_ids, width)
+    q = torch.randn(len(lens), hq, D, generator=gen(seed + 2)).to(dtype)
+    ctx = torch.tensor(lens)
+    scale = 1 / math.sqrt(D)
+    out = poisoned(q.shape, dtype)
+    cfg = at.DecodeConfig(block_n=8, min_partition=8)
+    got = at.paged_decode_attention(q, k_cache, v_cache, bt, ctx, scale, window, out=out,
+                                    num_splits=num_splits, cfg=cfg)
+    assert got is out
+    want = paged_decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), bt, ctx, scale, window)
+    return got, want
+
+
+@HEADS
+@pytest.mark.parametrize("bs", [4, 16])
+@pytest.mark.parametrize("num_splits", [1, 3, None], ids=["one_split", "three_splits", "heuristic"])
+def test_decode_matches_reference_float32(hq, hk, bs, num_splits):
+    lens = [1, 5, bs + 1, 3 * bs + 2, 37]
+    got, want = _decode(hq, hk, bs, lens, None, num_splits, seed=bs + hq)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 5, 12])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_sliding_window_matches_reference(window, num_splits):
+    got, want = _decode(4, 2, 4, [1, 3, 6, 13, 30], window, num_splits, seed=window)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_decode_more_splits_than_context_leaves_empty_splits_harmless():
+    """Tables padded far past every context (a CUDA-graph bucket): most splits see no key."""
+    got, want = _decode(4, 2, 4, [1, 2, 9], None, 8, width=9, seed=7)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_decode_split_count_depends_only_on_shapes():
+    """Graph capture needs the launch shape fixed by the tensors' shapes, not their values."""
+    from splitserve.kernels import attention_triton as at
+
+    dev = torch.device("cpu")
+    a = at.decode_num_splits(8, 64 * 16, dev)
+    assert a == at.decode_num_splits(8, 64 * 16, dev)
+    assert at.decode_num_splits(1, 16, dev) == 1  # under min_partition: never split
+    assert at.decode_num_splits(1, 4096, dev) > 1
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_bfloat16_within_bf16_error(num_splits):
+    got, want = _decode(4, 2, 8, [1, 9, 40, 64], None, num_splits, dtype=torch.bfloat16, seed=3)
+    assert got.dtype == torch.bfloat16
+    assert not got.isnan().any()
+    assert rel_err(got, want) < 1e-2
+
+
+# ---- prefill -----------------------------------------------------------------------------
+
+
+class Chunk:
+    def __init__(self, start, num_tokens, context_len, block_table):
+        self.start, self.num_tokens, self.context_len, self.block_table = start, num_tokens, context_len, block_table
+
+
+def _ragged_case(hq, hk, bs, chunks, dtype=torch.float32, seed=0, gap=0):
+    """chunks: [(prefix_len, chunk_len)]. Writes every sequence's K/V (prefix + chunk) into
+    the cache; returns q/k/v rows of the flattened batch (``gap`` junk rows between chunks)."""
+    k_cache, v_cache = noise_cache(bs, hk, seed, dtype)
+    tables, _ = tables_for([p + c for p, c in chunks], bs, seed + 1)
+    g = gen(seed + 2)
+    total = sum(c for _, c in chunks) + gap * len(chunks)
+    q = torch.randn(total, hq, D, generator=g).to(dtype)
+    k = torch.randn(total, hk, D, generator=g).to(dtype)
+    v = torch.randn(total, hk, D, generator=g).to(dtype)
+    plan, row = [], 0
+    for (prefix, n), table in zip(chunks, tables):
+        ctx = prefix + n
+        k_prefix = torch.randn(prefix, hk, D, generator=g).to(dtype)
+        v_prefix = torch.randn(prefix, hk, D, generator=g).to(dtype)
+        slots = torch.tensor([table[t // bs] * bs + t % bs for t in range(ctx)])
+        write_kv_ref(k_cache, v_cache, torch.cat([k_prefix, k[row:row + n]]), torch.cat([v_prefix, v[row:row + n]]),
+                     slots)
+        plan.append(Chunk(row, n, ctx, torch.tensor(table, dtype=torch.int64)))
+        row += n + gap
+    return k_cache, v_cache, q, k, v, plan
+
+
+def _ref_rows(q, k, v, k_cache, v_cache, plan, scale, window, use_new):
+    want = torch.zeros(q.shape, dtype=torch.float32)
+    for c in plan:
+        rows = slice(c.start, c.start + c.num_tokens)
+        kw = {"k_new": k[rows].float(), "v_new": v[rows].float()} if use_new else {}
+        want[rows] = paged_prefill_attention_ref(q[rows].float(), k_cache.float(), v_cache.float(), c.block_table,
+                                                 c.context_len, scale, window, **kw)
+    return want
+
+
+def _check_rows(got, want, plan, check):
+    for c in plan:
+        rows = slice(c.start, c.start + c.num_tokens)
+        check(got[rows], want[rows])
+
+
+@HEADS
+@pytest.mark.parametrize("bs", [4, 16])
+@pytest.mark.parametrize("window", [None, 5], ids=["full", "window5"])
+def test_ragged_prefill_with_cached_prefixes_matches_reference(hq, hk, bs, window):
+    from splitserve.kernels import attention_triton as at
+
+    chunks = [(0, 7), (5, 3), (bs + 3, 20), (2 * bs, 1)]
+    k_cache, v_cache, q, k, v, plan = _ragged_case(hq, hk, bs, chunks, seed=hq + bs, gap=2)
+    out = poisoned(q.shape, q.dtype)
+    cfg = at.PrefillConfig(block_m=16, block_n=8, num_warps=4, num_stages=1)
+    at.paged_prefill_attention_ragged(q, k_cache, v_cache, at.RaggedPrefill.from_chunks(plan), 0.25, window,
+                                      k, v, out=out, cfg=cfg)
+    want = _ref_rows(q, k, v, k_cache, v_cache, plan, 0.25, window, use_new=False)
+    _check_rows(out, want, plan, lambda a, b: torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5))
+    junk = torch.ones(q.shape[0], dtype=torch.bool)
+    for c in plan:
+        junk[c.start:c.start + c.num_tokens] = False
+    assert out[junk].isnan().all(), "rows outside every chunk must be left untouched"
+
+
+@HEADS
+@pytest.mark.parametrize("window", [None, 3])
+def test_ragged_prefill_without_prefix_reads_new_kv(hq, hk, window):
+    """No chunk has a prefix: the keys come from k/v directly (the cache is zeroed to prove it)."""
+    from splitserve.kernels import attention_triton as at
+
+    chunks = [(0, 9), (0, 17), (0, 1)]
+    k_cache, v_cache, q, k, v, plan = _ragged_case(hq, hk, 4, chunks, seed=21 + hq)
+    want = _ref_rows(q, k, v, k_cache, v_cache, plan, 0.3, window, use_new=True)
+    k_cache.zero_(), v_cache.zero_()
+    batch = at.RaggedPrefill.from_chunks(plan)
+    assert batch.no_prefix
+    out = poisoned(q.shape, q.dtype)
+    at.paged_prefill_attention_ragged(q, k_cache, v_cache, batch, 0.3, window, k, v, out=out,
+                                      cfg=at.PrefillConfig(16, 16, 4, 1))
+    _check_rows(out, want, plan, lambda a, b: torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5))
+
+
+def test_ragged_prefill_default_config_float32():
+    from splitserve.kernels import attention_triton as at
+
+    chunks = [(3, 40), (0, 33)]
+    k_cache, v_cache, q, k, v, plan = _ragged_case(4, 2, 16, chunks, seed=31)
+    out = at.paged_prefill_attention_ragged(q, k_cache, v_cache, at.RaggedPrefill.from_chunks(plan), 0.25)
+    want = _ref_rows(q, k, v, k_cache, v_cache, plan, 0.25, None, use_new=False)
+    torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
+
+
+def test_ragged_prefill_bfloat16_within_bf16_error():
+    from splitserve.kernels import attention_triton as at
+
+    chunks = [(0, 24), (9, 12)]
+    k_cache, v_cache, q, k, v, plan = _ragged_case(4, 2, 8, chunks, dtype=torch.bfloat16, seed=41)
+    out = at.paged_prefill_attention_ragged(q, k_cache, v_cache, at.RaggedPrefill.from_chunks(plan), 0.25, None,
+                                            k, v, cfg=at.PrefillConfig(16, 16, 4, 1))
+    want = _ref_rows(q, k, v, k_cache, v_cache, plan, 0.25, None, use_new=False)
+    assert out.dtype == torch.bfloat16 and not out.isnan().any()
+    assert rel_err(out, want) < 1e-2
+
+
+def test_one_chunk_call_matches_reference():
+    from splitserve.kernels import attention_triton as at
+
+    chunks = [(6, 10)]
+    k_cache, v_cache, q, k, v, plan = _ragged_case(4, 2, 4, chunks, seed=51)
+    (c,) = plan
+    # The table may be longer than the context (the engine passes the sequence's whole table).
+    table = torch.cat([c.block_table, torch.tensor([NUM_BLOCKS - 1])])
+    got = at.paged_prefill_attention(q, k_cache, v_cache, table, c.context_len, 0.3, None)
+    want = paged_prefill_attention_ref(q, k_cache, v_cache, table, c.context_len, 0.3, None)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_dispatch_triton_mode_matches_reference_path(monkeypatch):
+    """The engine's call (`dispatch.prefill_attention` / `paged_decode_attention`) under
+    SPLITSERVE_KERNELS=triton gives the reference path's rows."""
+    from splitserve.kernels import dispatch
+
+    chunks = [(0, 6), (4, 5)]
+    k_cache, v_cache, q, k, v, plan = _ragged_case(4, 2, 4, chunks, seed=61)
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    dispatch.kernel_mode.cache_clear()
+    want = dispatch.prefill_attention(q, k, v, k_cache, v_cache, plan, 0.3, None, torch.zeros_like(q))
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    dispatch.kernel_mode.cache_clear()
+    try:
+        got = dispatch.prefill_attention(q, k, v, k_cache, v_cache, plan, 0.3, None, torch.zeros_like(q))
+        bt = torch.stack([c.block_table[:2] for c in plan])
+        lens = torch.tensor([5, 8])
+        dec = dispatch.paged_decode_attention(q[:2], k_cache, v_cache, bt, lens, 0.3, out=torch.empty_like(q[:2]))
+    finally:
+        dispatch.kernel_mode.cache_clear()
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(dec, paged_decode_attention_ref(q[:2], k_cache, v_cache, bt, lens, 0.3),
+                               atol=2e-6, rtol=1e-5)
