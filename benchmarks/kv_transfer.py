@@ -303,6 +303,11 @@ def run_worker(w: WorkerArgs) -> dict[str, Any]:
 
 def _worker(w: WorkerArgs, out: Any) -> None:
     """Process entry: run, report (result or traceback) to the parent, and leave at once."""
+    import faulthandler
+
+    # A side stuck past most of its deadline prints every thread's stack: the peer's error
+    # alone (a barrier timeout) does not say where this side waits.
+    faulthandler.dump_traceback_later(max(1.0, 0.8 * w.timeout_s), exit=False)
     try:
         out.put(("ok", w.role, run_worker(w)))
     except BaseException:  # noqa: BLE001 - the parent reports it

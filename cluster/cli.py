@@ -64,6 +64,8 @@ def _add_serve(sub) -> None:
     srv.add_argument("--device", default=None)
     srv.add_argument("--dtype", default=None)
     srv.add_argument("--max-model-len", type=int, default=None)
+    srv.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step of each group")
+    srv.add_argument("--max-num-seqs", type=int, default=None, help="sequences running at once in each group")
     for role in ("prefill", "decode", "worker"):
         srv.add_argument(f"--{role}-groups", type=int, default=None, help=f"number of {role} groups")
         for dim in ("tp", "pp"):
@@ -100,7 +102,8 @@ def serve_config_from_args(args: argparse.Namespace):
     cfg = load_serve_config(args.config)
     overrides = {
         "model": args.model, "mode": args.mode, "device": args.device, "dtype": args.dtype,
-        "max_model_len": args.max_model_len, "router_policy": args.policy,
+        "max_model_len": args.max_model_len, "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_num_seqs": args.max_num_seqs, "router_policy": args.policy,
         "router_max_inflight": args.max_inflight, "server_host": args.host,
         "server_grpc_port": args.grpc_port, "server_http_port": args.http_port,
         "server_api_key_file": args.api_key_file, "server_tls_cert": args.tls_cert,
@@ -120,9 +123,28 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_client(args: argparse.Namespace) -> int:
-    from splitserve.router.client_cli import run
+    """One request over gRPC: the text (streamed as it comes with --stream), errors on stderr."""
+    import os
 
-    return run(args)
+    from splitserve.router.client import Client
+    from splitserve.router.messages import RouterError
+    from splitserve.workers.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    api_key = args.api_key or os.environ.get("SPLITSERVE_API_KEY")
+    with Client(args.address, api_key=api_key, tls_ca=args.tls_ca, timeout_s=args.timeout) as client:
+        try:
+            if args.stream:
+                for chunk in client.stream(prompt, params):
+                    print(chunk.text, end="", flush=True)
+                print()
+            else:
+                print(client.generate(prompt, params).text)
+        except RouterError as err:
+            print(f"splitserve: error: {err.code.value}: {err.message}", file=sys.stderr)
+            return 1
+    return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:

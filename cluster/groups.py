@@ -14,7 +14,7 @@ import ray
 
 from splitserve.cluster.ray_group import RayGroupOptions, RayLauncher
 from splitserve.cluster.serve_config import ServeConfig
-from splitserve.workers.config import CacheConfig, ParallelConfig
+from splitserve.workers.config import CacheConfig, ParallelConfig, SchedulerConfig
 from splitserve.workers.disagg_engine import DisaggConfig, DisaggEngine, Group, GroupPolicy
 from splitserve.workers.engine import EngineConfig, LLMEngine
 
@@ -32,6 +32,7 @@ def engine_config(cfg: ServeConfig, role: str, device: str) -> EngineConfig:
         model=cfg.model, device=device, dtype=cfg.dtype, max_model_len=cfg.max_model_len, show_progress=False,
         cache=CacheConfig(cfg.block_size, cfg.num_kv_blocks, cfg.kv_cache_memory),
         parallel=ParallelConfig(spec.tp, spec.pp),
+        scheduler=SchedulerConfig(max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs),
     )
 
 

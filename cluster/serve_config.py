@@ -15,6 +15,8 @@ The file's shape (every key optional)::
     block_size: 16
     num_kv_blocks: null         # per rank; null: sized from kv_cache_memory
     kv_cache_memory: 2147483648 # bytes per rank
+    max_num_batched_tokens: 2048 # tokens one step computes per group (prefill chunks + decodes)
+    max_num_seqs: 256           # sequences running at once per group
     groups:
       prefill: {count: 1, tp: 1, pp: 1}
       decode:  {count: 1, tp: 1, pp: 1}
@@ -102,6 +104,8 @@ class ServeConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory: int = 2 * 1024**3
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
     prefill: GroupSpec = field(default_factory=GroupSpec)
     decode: GroupSpec = field(default_factory=GroupSpec)
     worker: GroupSpec = field(default_factory=GroupSpec)
@@ -122,6 +126,8 @@ class ServeConfig:
             raise ValueError("disaggregated mode needs at least one prefill and one decode group")
         if self.mode == "aggregated" and self.worker.count < 1:
             raise ValueError("aggregated mode needs at least one worker group")
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         if bool(self.server.tls_cert) != bool(self.server.tls_key):
             raise ValueError("server.tls_cert and server.tls_key go together")
         for port in (self.server.grpc_port, self.server.http_port):

@@ -123,8 +123,11 @@ class KVTransferAgent:
         self._link_timeout = timedelta(seconds=spec.link_timeout_s)
         # Staging buffers are reused: a fresh one per message costs page faults on the hot path.
         self._pool = BufferPool(cache_data.dtype, cache_data.device)
+        self._to_post: queue.Queue = queue.Queue()
         if spec.role == "prefill":
             threading.Thread(target=self._send_waiter, name=f"kv-send-{self.me}", daemon=True).start()
+        else:
+            threading.Thread(target=self._poster, name=f"kv-post-{self.me}", daemon=True).start()
 
     def _make_transport(self, mailboxes: Mailboxes | None) -> Transport:
         if self.spec.transport == "inprocess":
@@ -132,7 +135,7 @@ class KVTransferAgent:
         if self.spec.transport == "cuda_ipc":
             return CudaIpcTransport(self.me, self.spec.store_host, self.spec.store_port, self.spec.link_timeout_s)
         return PairwiseTransport(self.me, self.spec.transport, self.spec.store_host, self.spec.store_port,
-                                 self.spec.link_timeout_s)
+                                 self.spec.link_timeout_s, device=self.cache.device)
 
     def connect(self, routes: list[KVRoute], peer_namespaces: list[str] | None = None) -> None:
         """Build the pairwise groups this rank will use with the other side's groups (each
@@ -150,6 +153,7 @@ class KVTransferAgent:
 
     def close(self) -> None:
         self._sent.put(None)
+        self._to_post.put(None)
 
     # ---- slices of the cache ---------------------------------------------------------------
 
@@ -219,9 +223,20 @@ class KVTransferAgent:
     # ---- receiving (decode ranks, on the receiver thread) --------------------------------
 
     def post_recv(self, cmds: list[RecvCommand]) -> None:
-        """Post the receives of one prefill step's transfers, on the caller's thread and in the
-        senders' order (NCCL matches messages by order, not tag), then wait for and write each
-        transfer on a thread of its own."""
+        """Queue the receives of one prefill step's transfers for the posting thread, which
+        posts them in the senders' order (NCCL matches messages by order, not tag) and then
+        waits for and writes each transfer on a thread of its own. Posting is off the caller's
+        thread because a NCCL receive can block the thread that posts it until the sender's
+        matching send starts: the decode rank's step loop must never wait for prefill."""
+        self._to_post.put(cmds)
+
+    def _poster(self) -> None:
+        if self.cache.is_cuda:  # the current device is per thread; NCCL and the pool use it
+            torch.cuda.set_device(self.cache.device)
+        while (cmds := self._to_post.get()) is not None:
+            self._post_and_receive(cmds)
+
+    def _post_and_receive(self, cmds: list[RecvCommand]) -> None:
         try:
             posted = self._post(cmds)
         except Exception as err:  # noqa: BLE001 - reported, the driver decides

@@ -16,6 +16,7 @@ always takes a deadline.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -38,6 +39,10 @@ class Transport(Protocol):
     def recv(self, tensor: torch.Tensor, peer: str, tag: int) -> Work: ...
 
 
+#: Size of the message that sets up a NCCL pair's channels (see `PairwiseTransport._warm_up`).
+NCCL_WARMUP_BYTES = 64 * 1024 * 1024
+
+
 def pair_name(a: str, b: str) -> str:
     return "|".join(sorted((a, b)))
 
@@ -45,9 +50,12 @@ def pair_name(a: str, b: str) -> str:
 class PairwiseTransport:
     """gloo or NCCL process groups of two ranks each, built on a shared TCPStore."""
 
-    def __init__(self, me: str, backend: str, store_host: str, store_port: int, timeout_s: float):
+    def __init__(self, me: str, backend: str, store_host: str, store_port: int, timeout_s: float,
+                 device: torch.device | None = None):
         self.me = me
         self.backend = backend
+        #: The device this rank's KV lives on (NCCL binds a pair's communicator to it).
+        self.device = device
         self.timeout = timedelta(seconds=timeout_s)
         self.store = dist.TCPStore(store_host, store_port, None, False, self.timeout)
         self.groups: dict[str, tuple[dist.ProcessGroup, int]] = {}
@@ -60,10 +68,27 @@ class PairwiseTransport:
             rank = 0 if self.me == a else 1
             store = dist.PrefixStore(f"kv/{pair}", self.store)
             if self.backend == "nccl":
+                # Channels at communicator set-up, not at a message's first use (NCCL >= 2.22).
+                os.environ.setdefault("NCCL_RUNTIME_CONNECT", "0")
                 group = dist.ProcessGroupNCCL(store, rank, 2, dist.ProcessGroupNCCL.Options())
+                self._warm_up(group, rank)
             else:
                 group = dist.ProcessGroupGloo(store, rank, 2, self.timeout)
             self.groups[pair] = (group, rank)
+
+    def _warm_up(self, group: dist.ProcessGroup, rank: int) -> None:
+        """Connect the pair's NCCL channels now, while both ends are connecting. NCCL makes the
+        communicator at the first send/recv and, since 2.22, its channels at the first message
+        that needs them; either blocks the posting thread until the peer makes the same call,
+        so a receive posted ahead of its sender (as decode posts them) would stall the decode
+        rank's step loop until prefill sends. One message of `NCCL_WARMUP_BYTES` (as large as
+        a KV message, so it takes every channel and protocol a real one takes) settles both.
+        Pairs connect in one global order on every rank: these exchanges never wait in a cycle."""
+        device = self.device if self.device is not None else torch.device("cuda", torch.cuda.current_device())
+        buf = torch.empty(NCCL_WARMUP_BYTES, dtype=torch.uint8, device=device)
+        work = group.send([buf], 1, 0) if rank == 0 else group.recv([buf], 0, 0)
+        work.wait(self.timeout)
+        torch.cuda.synchronize(device)
 
     def _group(self, peer: str) -> tuple[dist.ProcessGroup, int]:
         group, rank = self.groups[pair_name(self.me, peer)]

@@ -44,6 +44,9 @@ class EngineLoop:
         self._on_output = on_output
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
+        #: Aborted by a client and not yet reported: they end with CANCELLED, whichever
+        #: stage (queued, transferring, decoding) the abort found them in.
+        self._aborted: set[str] = set()
         self._rebuilding: set[str] = set()
         self._stopped = threading.Event()
         self.statuses: list[GroupStatus] = self._statuses()
@@ -79,7 +82,12 @@ class EngineLoop:
         self._inbox.put(add)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(lambda: self.engine.abort_request(request_id))
+        """The client's abort: the request ends on every group, its stream with CANCELLED."""
+        def abort() -> None:
+            if request_id in self._sinks:
+                self._aborted.add(request_id)
+            self.engine.abort_request(request_id)
+        self._inbox.put(abort)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopped.set()
@@ -134,6 +142,10 @@ class EngineLoop:
         if out.finished:
             self._sinks.pop(out.request_id, None)
         if sink is None:
+            return
+        if out.finished and out.request_id in self._aborted:
+            self._aborted.discard(out.request_id)
+            sink(RouterError(ErrorCode.CANCELLED, f"request {out.request_id} was aborted by the client"))
             return
         if out.error is not None:
             sink(RouterError(ErrorCode.UNAVAILABLE, out.error))

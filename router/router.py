@@ -124,7 +124,8 @@ class RouterCore:
             groups = {g.name: (g.engine.block_manager.num_free_blocks, g.engine.block_manager.num_blocks)
                       for g in engine.groups if g.healthy}
             return {"groups": groups, "open_transfers": engine.num_open_transfers,
-                    "live_requests": engine.num_live_requests, "inflight": self._inflight}
+                    "live_requests": engine.num_live_requests, "inflight": self._inflight,
+                    "resent": engine.num_resent}
         return await asyncio.wrap_future(self.loop.call(snapshot))
 
     def shutdown(self) -> None:

@@ -162,3 +162,20 @@ def random_prompts(vocab_size: int, lengths: list[int], seed: int = 1) -> list[l
 
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in lengths]
+
+
+# --- a local Ray cluster (cluster/, router/) --------------------------------------------------------
+# One embedded Ray per test session, started by the first test that needs it (~10 s). Logical
+# CPUs are more than this machine has: each rank actor reserves one, and sets its own torch
+# threads, so several groups fit at once.
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    from splitserve.cluster.ray_cluster import connect
+
+    connect(None, num_cpus=32)
+    yield ray
+    ray.shutdown()

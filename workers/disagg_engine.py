@@ -44,7 +44,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -248,6 +248,9 @@ class DisaggEngine:
         self._outputs: list[RequestOutput] = []
         self._transfer_ids = itertools.count()
         self._request_ids = itertools.count()
+        #: Requests sent through again after losing a group (prefill re-sends and decode
+        #: migrations); the router reports it, tests check a fault really moved requests.
+        self.num_resent = 0
 
     # ---- groups ----------------------------------------------------------------------------
 
@@ -319,7 +322,13 @@ class DisaggEngine:
             group.engine.executor.wait_replies("kv_connect", self.config.transfer_timeout_s)
 
     def loads(self, role: str) -> list[GroupLoad]:
-        return [g.load() for g in (self.prefills if role == "prefill" else self.decodes)]
+        if role == "prefill":
+            return [g.load() for g in self.prefills]
+        # A decode group's reservations (prompts still on prefill or on the wire) are load it
+        # has taken on: without them a burst of requests would all rank the same group first.
+        incoming = Counter(t.decode.name for t in self._transfers.values())
+        return [replace(load, num_waiting=load.num_waiting + incoming[g.name])
+                for g in self.decodes for load in (g.load(),)]
 
     def _ranked(self, role: str, prompt_ids: list[int]) -> list[Group]:
         names = self.policy.rank(role, self.loads(role), prompt_ids)
@@ -606,6 +615,7 @@ class DisaggEngine:
             self._apply_policy(request, "fail", f"gave up after {request.retries - 1} retries: {reason}")
             return
         logger.warning("re-sending request %s (%s)", request.request_id, reason)
+        self.num_resent += 1
         request.queued_at = time.monotonic()
         self._queue.appendleft(request)
 

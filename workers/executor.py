@@ -64,6 +64,8 @@ def build_runner(spec: RunnerSpec, parallel: ParallelState,
                  report: Callable[[TransferEvent], None] | None = None) -> ModelRunner:
     """This rank's runner; with ``spec.kv`` also its KV transfer agent, reporting to ``report``."""
     device = rank_device(spec, parallel)
+    if device.type == "cuda":  # libraries that use "the current device" (NCCL, Triton) use this one
+        torch.cuda.set_device(device)
     m, cfg = parallel.mapping, spec.model_cfg
     kv = KVCacheSpec.for_rank(cfg, m, spec.num_blocks, spec.block_size, spec.dtype)
     progress = spec.show_progress and m.rank == 0
