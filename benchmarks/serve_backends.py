@@ -4,10 +4,14 @@ Both backends take a list of `Request`s (prompt ids, output length, arrival time
 when its arrival time has passed, and return one `RequestRecord` per request (in order) plus
 the run's duration, all on one clock that starts when the run starts:
 
-- `OfflineBackend` drives an `LLMEngine` in real time: between steps it adds every request
-  whose arrival time has passed, then steps; the tokens a step returns are stamped with the
-  time the step returned. A request that arrives during a step waits for that step, as it would
-  in a server's queue, so its latency counts from its arrival time.
+- `OfflineBackend` drives an engine in this process in real time: between steps it adds every
+  request whose arrival time has passed, then steps; the tokens a step returns are stamped with
+  the time the step returned. A request that arrives during a step waits for that step, as it
+  would in a server's queue, so its latency counts from its arrival time. The engine is an
+  `LLMEngine` (``--engine llm``) or a `DisaggEngine` (``disagg``: prefill groups + decode
+  groups; ``aggregated``: replicas that each run requests whole), built by `make_offline_backend`.
+  With a time cap, requests not sent by then are never sent and those still running are
+  aborted: both end with an error, so they count as missing their objectives.
 - `HTTPBackend` streams ``POST /v1/completions`` from an OpenAI-compatible server with httpx,
   one asyncio task per request. Latency counts from the moment the request is sent; how late
   the client sent requests relative to the schedule is reported as ``max_start_lag_s``.
@@ -18,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from serve_metrics import RequestRecord
@@ -34,32 +40,126 @@ def _bar(total: int, desc: str, progress: bool) -> Any:
 
 # --- offline: an engine in this process ------------------------------------------------------
 
+#: What ``--engine`` may name: one `LLMEngine`, or a `DisaggEngine` with or without prefill groups.
+ENGINES = ("llm", "disagg", "aggregated")
+#: After the time cap, how long aborted requests may take to be reported before the run fails.
+DRAIN_TIMEOUT_S = 60.0
+NOT_SENT = "not sent before the time cap"
+CUT_OFF = "unfinished at the time cap"
+
+EngineFactory = Callable[[Any], Any]
+
+
+def llm_engine(config: Any) -> Any:
+    from splitserve.workers.engine import LLMEngine
+
+    return LLMEngine(config)
+
+
+def disagg_config(engine: str, cfg: Any, num_prefill: int = 1, num_decode: int = 1) -> Any:
+    """``disagg``: ``num_prefill`` prefill groups and ``num_decode`` decode groups of ``cfg``;
+    ``aggregated``: ``num_decode`` replicas of ``cfg``. Groups take GPUs in order (prefill
+    groups first), one per rank: 1 + 1 groups of one rank are cuda:0 -> cuda:1, two replicas
+    cuda:0 and cuda:1. Every group runs its ranks as processes, so groups compute at once
+    (a rank in the driver's process would run each forward inside the driver's step)."""
+    from dataclasses import replace
+
+    from splitserve.workers.disagg_engine import DisaggConfig
+
+    if engine == "disagg":
+        return DisaggConfig(prefill=cfg, decode=cfg, num_prefill=num_prefill, num_decode=num_decode,
+                            in_process=False)
+    if engine == "aggregated":
+        return DisaggConfig(prefill=None, decode=replace(cfg, rank_processes=True), num_decode=num_decode,
+                            in_process=False)
+    raise ValueError(f"engine must be one of {ENGINES[1:]} here, got {engine!r}")
+
+
+def disagg_engine_factory(policy: str = "least_loaded") -> EngineFactory:
+    """Builds a `DisaggEngine` whose groups are chosen by a router policy (the engine's own
+    default takes the first healthy group, which would send every request to one replica)."""
+    def make(config: Any) -> Any:
+        from splitserve.router.policies import make_policy
+        from splitserve.workers.disagg_engine import DisaggEngine
+
+        return DisaggEngine(config, policy=make_policy(policy, config.decode.cache.block_size))
+    return make
+
+
+def make_offline_backend(engine: str, cfg: Any, num_prefill: int = 1, num_decode: int = 1,
+                         policy: str = "least_loaded") -> "OfflineBackend":
+    """The offline backend over ``engine`` (one of `ENGINES`) built from the group config ``cfg``."""
+    if engine == "llm":
+        return OfflineBackend(cfg)
+    return OfflineBackend(disagg_config(engine, cfg, num_prefill, num_decode), disagg_engine_factory(policy))
+
+
+def _engine_summary(cfg: Any, engine: Any) -> dict[str, Any]:
+    from splitserve.workers.engine import resolve_dtype
+
+    return {"model": cfg.model, "device": str(engine.device),
+            "dtype": str(resolve_dtype(cfg.dtype, engine.device)).removeprefix("torch."),
+            "max_model_len": engine.max_model_len, "num_kv_blocks": engine.block_manager.num_blocks,
+            "block_size": cfg.cache.block_size, "enable_prefix_caching": cfg.cache.enable_prefix_caching,
+            "max_num_batched_tokens": cfg.scheduler.max_num_batched_tokens,
+            "max_num_seqs": cfg.scheduler.max_num_seqs, "tp": cfg.parallel.tensor_parallel_size,
+            "pp": cfg.parallel.pipeline_parallel_size}
+
+
+def _group_devices(cfg: Any, engine: Any) -> list[str]:
+    """The devices of a group's ranks (see `splitserve.workers.executor.rank_device`)."""
+    if engine.device.type != "cuda":
+        return [str(engine.device)] * cfg.parallel.world_size
+    first = (engine.device.index or 0) + cfg.device_offset
+    return [f"cuda:{first + r}" for r in range(cfg.parallel.world_size)]
+
 
 class OfflineBackend:
+    """Drives an engine in this process; ``make_engine(config)`` builds it (default: an
+    `LLMEngine`). Any engine with LLMEngine's request interface works: ``add_request(...,
+    stream=True)``, ``step``, ``has_unfinished_requests``, ``abort_request``, ``validate``,
+    ``model_cfg`` and ``shutdown`` (a `DisaggEngine`, see `make_offline_backend`)."""
+
     name = "offline"
 
-    def __init__(self, config: Any):
-        from splitserve.workers.engine import LLMEngine
-
+    def __init__(self, config: Any, make_engine: EngineFactory | None = None):
         self.config = config
-        self.engine = LLMEngine(config)
+        self.engine = (make_engine or llm_engine)(config)
         self._ids = itertools.count()
+
+    @property
+    def is_disagg(self) -> bool:
+        return hasattr(self.engine, "groups")
+
+    @property
+    def kind(self) -> str:
+        if not self.is_disagg:
+            return "llm"
+        return "disagg" if self.engine.prefills else "aggregated"
+
+    @property
+    def device(self) -> Any:
+        """The engine's device (a `DisaggEngine`: its first decode group's, without the offset)."""
+        return self.engine.decode.device if self.is_disagg else self.engine.device
 
     @property
     def vocab_size(self) -> int:
         return self.engine.model_cfg.vocab_size
 
-    def describe(self) -> dict[str, Any]:
-        from splitserve.workers.engine import resolve_dtype
+    @property
+    def max_model_len(self) -> int:
+        engines = [g.engine for g in self.engine.groups] if self.is_disagg else [self.engine]
+        return min(e.max_model_len for e in engines)
 
-        c, e = self.config, self.engine
-        return {"backend": self.name, "model": c.model, "device": str(e.device),
-                "dtype": str(resolve_dtype(c.dtype, e.device)).removeprefix("torch."),
-                "max_model_len": e.max_model_len, "num_kv_blocks": e.block_manager.num_blocks,
-                "block_size": c.cache.block_size, "enable_prefix_caching": c.cache.enable_prefix_caching,
-                "max_num_batched_tokens": c.scheduler.max_num_batched_tokens,
-                "max_num_seqs": c.scheduler.max_num_seqs, "tp": c.parallel.tensor_parallel_size,
-                "pp": c.parallel.pipeline_parallel_size}
+    def describe(self) -> dict[str, Any]:
+        if not self.is_disagg:
+            return {"backend": self.name, "engine": "llm", **_engine_summary(self.config, self.engine)}
+        groups = [{"name": g.name, "role": g.role, "devices": _group_devices(g.config, g.engine),
+                   **_engine_summary(g.config, g.engine)} for g in self.engine.groups]
+        return {"backend": self.name, "engine": self.kind, "model": self.config.decode.model,
+                "device": str(self.device), "num_prefill": len(self.engine.prefills),
+                "num_decode": len(self.engine.decodes), "policy": type(self.engine.policy).__name__,
+                "groups": groups}
 
     @staticmethod
     def params(output_len: int) -> Any:
@@ -75,34 +175,56 @@ class OfflineBackend:
             except ValueError as err:
                 raise SystemExit(f"request {i} ({len(r.prompt_ids)} in, {r.output_len} out): {err}") from None
 
-    def run(self, requests: list[Request], progress: bool = False, desc: str = "requests"
-            ) -> tuple[list[RequestRecord], float]:
+    def run(self, requests: list[Request], progress: bool = False, desc: str = "requests",
+            time_cap_s: float | None = None) -> tuple[list[RequestRecord], float]:
+        """Serve ``requests`` in real time; with ``time_cap_s``, stop sending and abort what is
+        left once that many seconds have passed (those requests end with an error)."""
         engine, clock = self.engine, time.perf_counter
+        cap = math.inf if time_cap_s is None else time_cap_s
         due = deque(sorted(range(len(requests)), key=lambda i: requests[i].arrival_s))
         records: list[RequestRecord | None] = [None] * len(requests)
-        by_id: dict[str, RequestRecord] = {}
+        live: dict[str, RequestRecord] = {}
         with _bar(len(requests), desc, progress) as bar:
             t0 = clock()
             while due or engine.has_unfinished_requests():
                 now = clock() - t0
+                if now >= cap:
+                    self._cut_off(requests, due, records, live)
+                    if now >= cap + DRAIN_TIMEOUT_S:
+                        raise RuntimeError(f"{len(live)} aborted requests still unreported "
+                                           f"{DRAIN_TIMEOUT_S:.0f} s after the time cap")
                 while due and requests[due[0]].arrival_s <= now:
                     i = due.popleft()
                     r = requests[i]
                     request_id = engine.add_request(f"bench-{next(self._ids)}", r.prompt_ids,
                                                     self.params(r.output_len), stream=True)
-                    records[i] = by_id[request_id] = RequestRecord(
+                    records[i] = live[request_id] = RequestRecord(
                         len(r.prompt_ids), r.output_len, r.arrival_s, start_s=r.arrival_s)
                 if not engine.has_unfinished_requests():
-                    time.sleep(max(0.0, requests[due[0]].arrival_s - (clock() - t0)))
+                    time.sleep(max(0.0, min(requests[due[0]].arrival_s, cap) - (clock() - t0)))
                     continue
                 outputs = engine.step()
                 t = clock() - t0
                 for out in outputs:
-                    self._record(by_id[out.request_id], out, t)
+                    self._record(live[out.request_id], out, t)
                     if out.finished:
+                        del live[out.request_id]
                         bar.update(1)
             duration = clock() - t0
         return records, duration
+
+    def _cut_off(self, requests: list[Request], due: deque[int], records: list[RequestRecord | None],
+                 live: dict[str, RequestRecord]) -> None:
+        """The time cap: what was not sent never is; what runs is aborted (once)."""
+        while due:
+            i = due.popleft()
+            r = requests[i]
+            records[i] = RequestRecord(len(r.prompt_ids), r.output_len, r.arrival_s, start_s=r.arrival_s,
+                                       error=NOT_SENT)
+        for request_id, rec in live.items():
+            if rec.error is None:
+                rec.error = CUT_OFF
+                self.engine.abort_request(request_id)
 
     @staticmethod
     def _record(rec: RequestRecord, out: Any, t: float) -> None:
@@ -111,7 +233,7 @@ class OfflineBackend:
         if out.finished:
             rec.end_s = t
             if out.finish_reason == "abort":
-                rec.error = out.error or "aborted"
+                rec.error = rec.error or out.error or "aborted"
 
     def close(self) -> None:
         self.engine.shutdown()

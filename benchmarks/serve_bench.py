@@ -3,7 +3,9 @@
 A seeded workload of random token-id prompts (greedy, ignore_eos: every request generates
 exactly its output length) arrives as a Poisson process, or all at once, and is served by
 
-- ``--backend offline``: an `LLMEngine` in this process, driven in real time, or
+- ``--backend offline``: an engine in this process, driven in real time: an `LLMEngine`
+  (``--engine llm``), or a `DisaggEngine` of prefill + decode groups (``--engine disagg``) or
+  of aggregated replicas (``--engine aggregated``), or
 - ``--backend http``: a running OpenAI-compatible server (``POST /v1/completions``, streamed).
 
 The run:
@@ -19,6 +21,7 @@ Examples:
     python benchmarks/serve_bench.py --model random:tiny-llama --input-len 64 --output-len 16 \\
         --num-prompts 32 --request-rate 4
     python benchmarks/serve_bench.py --workload chat --num-prompts 200 --sweep-rates 1 2 4 8
+    python benchmarks/serve_bench.py --engine disagg --prefill-groups 1 --decode-groups 1 --workload chat
     python benchmarks/serve_bench.py --backend http --url http://127.0.0.1:8000 --vocab-size 49152
 """
 
@@ -35,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the serve_* modules, results_meta
 import results_meta  # noqa: E402
-from serve_backends import HTTPBackend, OfflineBackend  # noqa: E402
+from serve_backends import ENGINES, HTTPBackend, OfflineBackend, make_offline_backend  # noqa: E402
 from serve_metrics import (SLO, SLO_TARGET_FRACTION, RequestRecord, max_rate_meeting_slo,  # noqa: E402
                            request_metrics, summarize)
 from serve_workloads import LengthSpec, make_requests, poisson_arrivals, sample_lengths  # noqa: E402
@@ -80,6 +83,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--slo-tpot", type=float, default=0.05, help="seconds per output token after it (default 0.05)")
 
     o = p.add_argument_group("offline backend (an LLMEngine in this process)")
+    o.add_argument("--engine", choices=ENGINES, default="llm",
+                   help="llm: one LLMEngine; disagg: prefill + decode groups; aggregated: replicas (default llm)")
+    o.add_argument("--prefill-groups", type=int, default=1, help="disagg: prefill groups (default 1)")
+    o.add_argument("--decode-groups", type=int, default=1, help="disagg: decode groups (default 1)")
+    o.add_argument("--replicas", type=int, default=2, help="aggregated: replicas (default 2)")
+    o.add_argument("--policy", default="least_loaded", help="disagg/aggregated: router policy choosing groups")
     o.add_argument("--device", default="auto")
     o.add_argument("--dtype", default="auto")
     o.add_argument("--max-model-len", type=int, default=None)
@@ -87,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     o.add_argument("--pp", type=int, default=1, help="pipeline-parallel ranks (processes; default 1)")
     o.add_argument("--max-num-batched-tokens", type=int, default=2048)
     o.add_argument("--max-num-seqs", type=int, default=256)
-    o.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV-cache budget (default 2.0)")
+    o.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV-cache budget per group (default 2.0)")
     o.add_argument("--no-prefix-caching", action="store_true")
     o.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -126,13 +135,15 @@ def make_backend(args: argparse.Namespace) -> OfflineBackend | HTTPBackend:
         import torch
 
         torch.set_num_threads(args.num_threads)
-    return OfflineBackend(EngineConfig(
+    cfg = EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
         cache=CacheConfig(memory_bytes=int(args.kv_cache_gib * 1024**3),
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs),
         parallel=ParallelConfig(args.tp, args.pp),
-        show_progress=False))
+        show_progress=False)
+    num_decode = args.replicas if args.engine == "aggregated" else args.decode_groups
+    return make_offline_backend(args.engine, cfg, args.prefill_groups, num_decode, args.policy)
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -195,7 +206,7 @@ def device_info(backend: Any) -> dict[str, Any]:
         return {"type": "remote", "server": backend.server_device, **info}
     import torch
 
-    device = backend.engine.device
+    device = backend.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else results_meta.cpu_model()
     return {"type": device.type, "name": name, "num_threads": torch.get_num_threads(),
             "torch_version": torch.__version__, **info}
