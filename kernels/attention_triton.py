@@ -5,12 +5,19 @@ head_dim]`` per layer and per K/V; token ``i`` of a sequence at slot
 ``block_table[i // bs] * bs + i % bs``; key j visible to query i iff ``j <= i`` and, with a
 sliding window, ``i - j < sliding_window``).
 
-Decode (`paged_decode_attention`): one program per (sequence, KV head, context split). The
-program holds every query head of its KV head (GQA: the group is the rows of one small
-matrix product), so each K/V row is read from memory once for the whole group. Long contexts
-are cut into splits ("flash-decoding") so that a small batch still fills the GPU; each split
-writes its unnormalised partial output with its running max and sum, and a second kernel
-merges the splits. With one split the first kernel writes the output directly.
+Decode (`paged_decode_attention`): one program per (KV head, context split, sequence), KV
+heads fastest so that the programs reading the same pages run side by side. The program holds
+every query head of its KV head (GQA: the group, padded to 16 rows, is the M side of a
+``tl.dot``), so each K/V row is read from memory once for the whole group. A loop step gathers
+``block_n`` tokens from ``block_n / block_size`` pages; the page ids are loaded one step ahead
+(a loop-carried tensor), so the K/V addresses never wait on a table load in the same step and
+Triton's pipeliner can keep ``num_stages - 1`` K/V tiles in flight while it computes (with the
+table load in the same step it treats K/V as indirect loads, single-buffers them and
+serialises load and compute). Long contexts, and batches too small to fill the GPU, are cut
+into splits ("flash-decoding"); each split writes its unnormalised partial output with its
+running max and sum, and a second kernel merges them. With one split the first kernel writes
+the output directly. The launch shape (`DecodeConfig`) is tuned by
+``benchmarks/decode_attention_sweep.py``; ``SPLITSERVE_DECODE_CONFIG`` overrides the default.
 
 Prefill (`paged_prefill_attention_ragged`): every prefill chunk of a step in one launch. One
 program per (query tile, sequence, query head); the chunk's queries sit at absolute positions
@@ -27,8 +34,10 @@ CUDA float32 path stays close to the CPU one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from functools import cache
+from typing import ClassVar
 
 import torch
 import triton
@@ -59,21 +68,78 @@ def _check_cache_layout(cache: torch.Tensor, name: str) -> None:
 # ---- decode -------------------------------------------------------------------------------
 
 
+DECODE_CONFIG_ENV = "SPLITSERVE_DECODE_CONFIG"
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch shape of the decode kernels (tuned on an H100 for bf16, head_dim 128)."""
+    """Launch shape of the decode kernels (bf16, head_dim 128 in mind).
 
-    #: Context tokens per loop step.
+    Written and read as ``"block_n=64,warps=4,stages=3,min_partition=256,programs_per_sm=8"``
+    (`parse`, `spec`); a spec may name only some fields."""
+
+    #: Context tokens per loop step, gathered from ``block_n / block_size`` pages: each step
+    #: moves ``2 * block_n * head_dim * elem`` bytes (32 KiB at 64 tokens, bf16, head_dim 128).
+    #: A power of two, at least 16 on GPU (the smallest ``tl.dot`` tile).
     block_n: int = 64
+    #: Warps per program.
     num_warps: int = 4
+    #: Pipelining depth: K/V tiles are fetched ``num_stages - 1`` steps ahead, each stage one
+    #: shared-memory buffer of a step's bytes. 2 or less serialises load and compute.
     num_stages: int = 3
     #: Splits are made no shorter than this many tokens (the merge costs a pass over partials).
     min_partition: int = 256
-    #: Programs wanted per SM before the context is split further.
-    programs_per_sm: int = 2
+    #: Programs wanted per SM (batch x KV heads x splits) before the context stops being split:
+    #: enough that the last wave of programs is a small part of the run.
+    programs_per_sm: int = 8
+
+    #: Spec keys -> fields (the short names first, as `spec` writes them).
+    KEYS: ClassVar[dict[str, str]] = {
+        "block_n": "block_n", "warps": "num_warps", "stages": "num_stages", "min_partition": "min_partition",
+        "programs_per_sm": "programs_per_sm", "num_warps": "num_warps", "num_stages": "num_stages",
+    }
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"DecodeConfig.{name} must be a power of two, got {value}")
+        for name in ("num_stages", "min_partition", "programs_per_sm"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DecodeConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def parse(cls, spec: str, base: "DecodeConfig | None" = None) -> "DecodeConfig":
+        """``"block_n=64,warps=4,stages=3"`` -> a config; fields not named keep ``base``'s."""
+        fields = {}
+        for item in spec.replace(";", ",").split(","):
+            if not item.strip():
+                continue
+            key, sep, value = item.partition("=")
+            key = key.strip().lower()
+            if not sep or key not in cls.KEYS:
+                raise ValueError(f"decode config {spec!r}: expected key=value with keys {sorted(set(cls.KEYS))}")
+            try:
+                fields[cls.KEYS[key]] = int(value)
+            except ValueError:
+                raise ValueError(f"decode config {spec!r}: {key} must be an integer, got {value.strip()!r}") from None
+        return replace(base or cls(), **fields)
+
+    def spec(self) -> str:
+        return (f"block_n={self.block_n},warps={self.num_warps},stages={self.num_stages},"
+                f"min_partition={self.min_partition},programs_per_sm={self.programs_per_sm}")
 
 
+#: The built-in default: the config expected to be fastest on an H100/H200 (see the sweep).
 DECODE = DecodeConfig()
+
+
+@cache
+def default_decode_config() -> DecodeConfig:
+    """`DECODE`, with the fields ``SPLITSERVE_DECODE_CONFIG`` names replaced (read once; tests
+    clear the cache)."""
+    spec = os.environ.get(DECODE_CONFIG_ENV, "").strip()
+    return DecodeConfig.parse(spec, DECODE) if spec else DECODE
 
 
 @triton.jit
@@ -82,15 +148,15 @@ def _decode_kernel(
     scale_log2, window, partition,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_tb,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SPLIT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    num_kv_heads = tl.num_programs(1)
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    seq = tl.program_id(2)
+    num_kv_heads = tl.num_programs(0)
+    num_splits = tl.num_programs(1)
 
     ctx = tl.load(lens_ptr + seq).to(tl.int32)
     lo = 0
@@ -111,17 +177,21 @@ def _decode_kernel(
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
     table = tables_ptr + seq.to(tl.int64) * stride_tb
+    k_head = k_ptr + kv_head * stride_kh + dims[None, :]
+    v_head = v_ptr + kv_head * stride_vh + dims[None, :]
+    offs = start + tl.arange(0, BLOCK_N)
+    page = tl.load(table + offs // BLOCK_SIZE, mask=offs < end, other=0).to(tl.int64)
     # Every tile holds at least one visible key, so the running max is finite after the first.
     for n0 in range(start, end, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         key_ok = offs < end
-        block = tl.load(table + offs // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        slot = offs % BLOCK_SIZE
+        slot = (offs % BLOCK_SIZE)[:, None]
         mask = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_kt + kv_head * stride_kh
-                    + dims[None, :], mask=mask, other=0.0)
-        v = tl.load(v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vt + kv_head * stride_vh
-                    + dims[None, :], mask=mask, other=0.0)
+        k = tl.load(k_head + page[:, None] * stride_kb + slot * stride_kt, mask=mask, other=0.0)
+        v = tl.load(v_head + page[:, None] * stride_vb + slot * stride_vt, mask=mask, other=0.0)
+        # Next step's page ids now (see the module docstring: keeps K/V off the indirect path).
+        nxt = offs + BLOCK_N
+        page = tl.load(table + nxt // BLOCK_SIZE, mask=nxt < end, other=0).to(tl.int64)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -185,12 +255,26 @@ def _decode_merge_kernel(
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
 
-def decode_num_splits(num_programs: int, span: int, device: torch.device, cfg: DecodeConfig = DECODE) -> int:
-    """How many context splits: enough programs to fill the SMs, no split under min_partition."""
+def decode_num_splits(num_programs: int, span: int, device: torch.device, cfg: DecodeConfig | None = None) -> int:
+    """How many context splits for ``num_programs`` (batch x KV heads) over ``span`` tokens:
+    enough programs for ``cfg.programs_per_sm`` per SM, no split under ``cfg.min_partition``.
+    From shapes only, so a CUDA graph captures one launch shape for every context length."""
+    cfg = cfg or default_decode_config()
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 4
     wanted = triton.cdiv(cfg.programs_per_sm * sms, max(1, num_programs))
     return max(1, min(wanted, triton.cdiv(span, cfg.min_partition)))
+
+
+def decode_partition(num_programs: int, span: int, device: torch.device, cfg: DecodeConfig | None = None,
+                     num_splits: int | None = None) -> tuple[int, int]:
+    """(splits, tokens per split) of a launch: ``num_splits`` (default `decode_num_splits`)
+    rounded so that every split but the last is a whole number of ``block_n`` steps."""
+    cfg = cfg or default_decode_config()
+    if num_splits is None:
+        num_splits = decode_num_splits(num_programs, span, device, cfg)
+    partition = triton.cdiv(triton.cdiv(span, num_splits), cfg.block_n) * cfg.block_n
+    return triton.cdiv(span, partition), partition
 
 
 def paged_decode_attention(
@@ -204,12 +288,14 @@ def paged_decode_attention(
     *,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
-    cfg: DecodeConfig = DECODE,
+    cfg: DecodeConfig | None = None,
 ) -> torch.Tensor:
     """One query token per row. q [B, Hq, D]; context_lens [B] include the new token.
 
     Same as `paged_decode_attention_ref`; ``out`` (a [B, Hq, D] view) receives the result
-    in place. ``num_splits`` overrides the context-split heuristic (tests, tuning)."""
+    in place. ``num_splits`` overrides the context-split heuristic (tests, tuning); ``cfg``
+    the launch shape (default: `default_decode_config`)."""
+    cfg = cfg or default_decode_config()
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     if out is None:
@@ -220,14 +306,13 @@ def paged_decode_attention(
         _check_cache_layout(t, name)
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if batch > 65535:  # the grid's z dimension
+        raise ValueError(f"decode batch {batch} over 65535 rows: split it into several calls")
     group = num_heads // num_kv_heads
     span = block_tables.shape[1] * block_size  # the longest context the tables can hold
     if sliding_window is not None:
         span = min(span, sliding_window)
-    if num_splits is None:
-        num_splits = decode_num_splits(batch * num_kv_heads, span, q.device, cfg)
-    partition = triton.cdiv(triton.cdiv(span, num_splits), cfg.block_n) * cfg.block_n
-    num_splits = triton.cdiv(span, partition)
+    num_splits, partition = decode_partition(batch * num_kv_heads, span, q.device, cfg, num_splits)
     split = num_splits > 1
     d_pad = _pow2(head_dim, 16)
     if split:
@@ -235,13 +320,12 @@ def paged_decode_attention(
         part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # unused
-    _decode_kernel[(batch, num_kv_heads, num_splits)](
+    _decode_kernel[(num_kv_heads, num_splits, batch)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_ml,
         scale * LOG2E, sliding_window or 0, partition,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        num_splits,
         GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, HAS_WINDOW=sliding_window is not None,
         SPLIT=split, PRECISION=_precision(q.dtype),

@@ -113,6 +113,27 @@ def test_decode_split_count_depends_only_on_shapes():
     assert at.decode_num_splits(1, 4096, dev) > 1
 
 
+def test_decode_config_env_overrides_the_default(monkeypatch):
+    """SPLITSERVE_DECODE_CONFIG replaces the fields it names; calls without ``cfg`` use it."""
+    from dataclasses import replace
+
+    from splitserve.kernels import attention_triton as at
+
+    monkeypatch.setenv(at.DECODE_CONFIG_ENV, "block_n=8, warps=2,min_partition=8")
+    at.default_decode_config.cache_clear()
+    try:
+        assert at.default_decode_config() == replace(at.DECODE, block_n=8, num_warps=2, min_partition=8)
+        k_cache, v_cache = noise_cache(4, 2, seed=5)
+        tables, pad_ids = tables_for([3, 30], 4, seed=6)
+        bt, ctx = padded(tables, pad_ids), torch.tensor([3, 30])
+        q = torch.randn(2, 4, D, generator=gen(7))
+        got = at.paged_decode_attention(q, k_cache, v_cache, bt, ctx, 0.25)  # 8-token steps: 2 pages each
+    finally:
+        at.default_decode_config.cache_clear()
+    torch.testing.assert_close(got, paged_decode_attention_ref(q, k_cache, v_cache, bt, ctx, 0.25),
+                               atol=2e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_bfloat16_within_bf16_error(num_splits):
     got, want = _decode(4, 2, 8, [1, 9, 40, 64], None, num_splits, dtype=torch.bfloat16, seed=3)
