@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +44,11 @@ class EngineLoop:
         self._idle_step_s = idle_step_s
         self._on_output = on_output
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        # A doorbell the engine's step also waits on: a request that arrives while the step
+        # waits for the ranks is dispatched at once, not after the wait.
+        self._bell_rx, self._bell_tx = socket.socketpair()
+        self._bell_rx.setblocking(False)
+        engine.wake_handles = [self._bell_rx]
         self._sinks: dict[str, Sink] = {}
         #: Aborted by a client and not yet reported: they end with CANCELLED, whichever
         #: stage (queued, transferring, decoding) the abort found them in.
@@ -64,7 +70,7 @@ class EngineLoop:
                 fut.set_result(fn())
             except BaseException as err:  # noqa: BLE001 - handed to the caller
                 fut.set_exception(err)
-        self._inbox.put(run)
+        self._put(run)
         return fut
 
     def add(self, request_id: str, prompt: str | list[int] | list[dict[str, str]], params: SamplingParams,
@@ -79,7 +85,7 @@ class EngineLoop:
                 sink(RouterError(ErrorCode.INVALID_ARGUMENT, str(err)))
                 return
             self._sinks[request_id] = sink
-        self._inbox.put(add)
+        self._put(add)
 
     def abort(self, request_id: str) -> None:
         """The client's abort: the request ends on every group, its stream with CANCELLED."""
@@ -87,13 +93,22 @@ class EngineLoop:
             if request_id in self._sinks:
                 self._aborted.add(request_id)
             self.engine.abort_request(request_id)
-        self._inbox.put(abort)
+        self._put(abort)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopped.set()
-        self._inbox.put(lambda: None)
+        self._put(lambda: None)
         self._thread.join(timeout_s)
         self.engine.shutdown()
+        self._bell_rx.close()
+        self._bell_tx.close()
+
+    def _put(self, item: Callable[[], object]) -> None:
+        self._inbox.put(item)
+        try:
+            self._bell_tx.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the bell is already ringing (buffer full) or the loop has stopped
 
     # ---- the engine's thread -----------------------------------------------------------------
 
@@ -124,6 +139,11 @@ class EngineLoop:
             self._supervise()
 
     def _drain(self, block: bool) -> None:
+        try:
+            while self._bell_rx.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
         try:
             item = self._inbox.get(timeout=self._idle_step_s) if block else self._inbox.get_nowait()
         except queue.Empty:
@@ -188,9 +208,9 @@ class EngineLoop:
             engine = self._rebuild(fresh)
         except Exception as err:  # noqa: BLE001 - logged; tried again after the backoff
             logger.error("rebuilding %s failed: %s", fresh.name, err)
-            self._inbox.put(lambda: self._rebuilt(fresh, None))
+            self._put(lambda: self._rebuilt(fresh, None))
             return
-        self._inbox.put(lambda: self._rebuilt(fresh, engine))
+        self._put(lambda: self._rebuilt(fresh, engine))
 
     def _rebuilt(self, fresh: Group, engine: LLMEngine | None) -> None:
         self._rebuilding.discard(fresh.name)

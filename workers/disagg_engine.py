@@ -47,6 +47,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from multiprocessing.connection import wait
 from typing import Protocol
 
 from splitserve.kvtransfer.agent import KVAgentSpec
@@ -61,6 +62,9 @@ from splitserve.workers.sampling_params import SamplingParams
 from splitserve.workers.sequence import Sequence
 
 logger = logging.getLogger(__name__)
+
+#: Longest a driver step waits for any group's result or report before looking again.
+WAIT_SLICE_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,8 @@ class DisaggEngine:
         self._outputs: list[RequestOutput] = []
         self._transfer_ids = itertools.count()
         self._request_ids = itertools.count()
+        #: Extra objects whose readiness ends a step's wait (the router's inbox doorbell).
+        self.wake_handles: list = []
         #: Requests sent through again after losing a group (prefill re-sends and decode
         #: migrations); the router reports it, tests check a fault really moved requests.
         self.num_resent = 0
@@ -420,21 +426,42 @@ class DisaggEngine:
     # ---- the loop --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Submit to every group, then collect from those whose batch is done: groups never
+        wait on each other (a decode step is not held back by a long prefill step)."""
         self._dispatch_queued()
         busy = [g for g in self.groups if g.healthy and g.engine.has_unfinished_requests()]
         for group in busy:  # every group's ranks start before the driver waits on any
             self._run(group, group.engine.submit)
-        for group in (g for g in busy if g.role == "prefill"):
+        done = self._wait_for_any(busy)
+        for group in (g for g in done if g.role == "prefill"):
             self._collect_prefill(group)
         self._settle()
-        for group in (g for g in busy if g.role == "decode"):
+        for group in (g for g in done if g.role == "decode"):
             outputs = self._run(group, group.engine.step)
             for out in outputs or ():
                 self._emit(out)
-        if not busy and self._transfers:
-            time.sleep(0.001)  # only transfers in flight: don't spin the driver
         outputs, self._outputs = self._outputs, []
         return outputs
+
+    def _done(self, busy: list[Group]) -> list[Group]:
+        return [g for g in busy if g.healthy and self._run(g, g.engine.ready)]
+
+    def _wait_for_any(self, busy: list[Group]) -> list[Group]:
+        """The busy groups ready to step, waiting (at most `WAIT_SLICE_S`) for the first batch
+        result or transfer report when there is none yet; the step deadline is the
+        executors' (a batch past it fails its group in `ready`)."""
+        done = self._done(busy)
+        healthy = [g for g in self.groups if g.healthy]
+        if done or any(self._run(g, g.engine.executor.has_events) for g in healthy):
+            return done
+        if not any(g.engine.in_flight for g in busy) and not self._transfers:
+            return done  # nothing will arrive: the caller decides whether to wait for requests
+        handles = [h for g in healthy for h in g.engine.executor.wait_handles()] + self.wake_handles
+        if handles:
+            wait(handles, timeout=WAIT_SLICE_S)
+        else:  # in-process groups: their KV agents report from threads
+            time.sleep(0.0005)
+        return self._done(busy)
 
     def _run(self, group: Group, call):
         if not group.healthy:

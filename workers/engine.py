@@ -321,6 +321,16 @@ class LLMEngine:
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
+    @property
+    def in_flight(self) -> bool:
+        """A micro-batch is on the ranks."""
+        return bool(self._inflight)
+
+    def ready(self) -> bool:
+        """`step` would return without waiting on the ranks (it has outputs to give, or the
+        oldest batch's result is here); a driver of several groups steps only these."""
+        return bool(self._pending) or (bool(self._inflight) and self._guarded(self.executor.ready))
+
     def step(self) -> list[RequestOutput]:
         self._submit_ready()
         if not self._inflight:

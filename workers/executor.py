@@ -100,6 +100,12 @@ class Executor(Protocol):
 
     def collect(self) -> SamplerOutput: ...
 
+    def ready(self) -> bool: ...
+
+    def has_events(self) -> bool: ...
+
+    def wait_handles(self) -> list: ...
+
     def control(self, kind: str, payload: Any) -> None: ...
 
     def wait_replies(self, kind: str, timeout_s: float) -> None: ...
@@ -134,6 +140,15 @@ class LocalExecutor:
 
     def collect(self) -> SamplerOutput:
         return self._results.popleft()
+
+    def ready(self) -> bool:
+        return bool(self._results)  # a step runs inside `submit`
+
+    def has_events(self) -> bool:
+        return bool(self._events)
+
+    def wait_handles(self) -> list:
+        return []  # nothing to block on: the agent's threads append events directly
 
     def shutdown(self) -> None:
         if self.runner.agent is not None:

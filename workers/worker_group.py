@@ -112,6 +112,7 @@ class WorkerGroupExecutor:
         self.failed: str | None = None
         self._events: list[TransferEvent] = []  # KV transfer reports, kept until polled
         self._results: deque[SamplerOutput] = deque()  # sampled tokens, oldest batch first
+        self._submitted: deque[float] = deque()  # when each outstanding batch was sent
         self._replies: list[tuple[int, str]] = []
         self._await_ready(time.monotonic() + parallel.startup_timeout_s)
 
@@ -130,12 +131,33 @@ class WorkerGroupExecutor:
         """Send a micro-batch to every rank; ranks work through batches in order, so with
         pipeline stages the next batch enters stage 0 while the previous one is in stage 1."""
         self._send_all(("step", batch))
+        self._submitted.append(time.monotonic())
+
+    def ready(self) -> bool:
+        """The oldest outstanding batch's result is here (`collect` will not wait). Reads
+        what the ranks sent without waiting; a dead rank, or a batch past the step deadline,
+        fails the group here too."""
+        self._drain()
+        if not self._results and self._submitted and \
+                time.monotonic() - self._submitted[0] > self.parallel.step_timeout_s:
+            self._fail(f"step timed out after its deadline ({self.parallel.step_timeout_s:.0f} s)")
+        return bool(self._results)
+
+    def has_events(self) -> bool:
+        """Transfer reports read off the pipes and not yet polled."""
+        return bool(self._events)
+
+    def wait_handles(self) -> list:
+        """What `multiprocessing.connection.wait` can block on until a rank sends something."""
+        return list(self.conns) + list(self.launcher.sentinels())
 
     def collect(self) -> SamplerOutput:
         """The oldest outstanding batch's sampled tokens, within the step deadline."""
         deadline = time.monotonic() + self.parallel.step_timeout_s
         while not self._results:
             self._stash(*self._next_message(deadline, "step"))
+        if self._submitted:
+            self._submitted.popleft()
         return self._results.popleft()
 
     def control(self, kind: str, payload: object) -> None:
@@ -152,6 +174,12 @@ class WorkerGroupExecutor:
 
     def poll_events(self) -> list[TransferEvent]:
         """Transfer events reported so far, without waiting (a dead rank still fails here)."""
+        self._drain()
+        events, self._events = self._events, []
+        return events
+
+    def _drain(self) -> None:
+        """File every message already sent, without waiting; a dead rank fails the group."""
         for rank, conn in enumerate(self.conns):
             while not self.failed and conn.poll(0):
                 self._stash(*self._receive(rank, conn))
@@ -159,8 +187,6 @@ class WorkerGroupExecutor:
             raise WorkerGroupError(f"worker group already failed: {self.failed}")
         for reason in self.launcher.dead():
             self._fail(reason)
-        events, self._events = self._events, []
-        return events
 
     def _stash(self, rank: int, kind: str, payload: object) -> None:
         # Whatever reads the pipes (collect, poll_events, wait_replies) files each message here.
