@@ -31,7 +31,13 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str | None:
-    """The short commit of the checkout, or None outside a git checkout (e.g. a GPU copy)."""
+    """The short commit of the checkout, or None outside a git checkout. An exported copy (the
+    GPU machine gets one) names its commit in $SPLITSERVE_GIT_COMMIT: a git folder above the
+    copy would otherwise answer with its own, wrong, commit."""
+    import os
+
+    if os.environ.get("SPLITSERVE_GIT_COMMIT"):
+        return os.environ["SPLITSERVE_GIT_COMMIT"]
     try:
         done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                               capture_output=True, text=True, timeout=10)

@@ -80,18 +80,21 @@ class DecodeConfig:
 
     #: Context tokens per loop step, gathered from ``block_n / block_size`` pages: each step
     #: moves ``2 * block_n * head_dim * elem`` bytes (32 KiB at 64 tokens, bf16, head_dim 128).
-    #: A power of two, at least 16 on GPU (the smallest ``tl.dot`` tile).
-    block_n: int = 64
+    #: A power of two, at least 16 on GPU (the smallest ``tl.dot`` tile). The defaults are
+    #: the sweep's choice on an H200 (benchmarks/decode_attention_sweep.py, 2026-11-29): within
+    #: 2% of the best at batch 64 x 4k (0.99 of copy bandwidth) and batch 256 x 1k (0.98), and
+    #: the best at batch 1 x 8k.
+    block_n: int = 32
     #: Warps per program.
     num_warps: int = 4
     #: Pipelining depth: K/V tiles are fetched ``num_stages - 1`` steps ahead, each stage one
     #: shared-memory buffer of a step's bytes. 2 or less serialises load and compute.
-    num_stages: int = 3
+    num_stages: int = 4
     #: Splits are made no shorter than this many tokens (the merge costs a pass over partials).
     min_partition: int = 256
     #: Programs wanted per SM (batch x KV heads x splits) before the context stops being split:
     #: enough that the last wave of programs is a small part of the run.
-    programs_per_sm: int = 8
+    programs_per_sm: int = 2
 
     #: Spec keys -> fields (the short names first, as `spec` writes them).
     KEYS: ClassVar[dict[str, str]] = {
