@@ -81,8 +81,11 @@ class EngineLoop:
                 prompt_ids = self._prompt_ids(prompt)
                 self.engine.add_request(request_id, prompt_ids, params, stream=True,
                                         prompt=prompt if isinstance(prompt, str) else None)
-            except ValueError as err:
-                sink(RouterError(ErrorCode.INVALID_ARGUMENT, str(err)))
+            except (ValueError, TypeError) as err:  # the request's fault
+                sink(RouterError(ErrorCode.INVALID_ARGUMENT, str(err) or type(err).__name__))
+                return
+            except Exception as err:  # noqa: BLE001 - the service's (a group that failed): not fatal here
+                sink(RouterError(ErrorCode.UNAVAILABLE, f"{type(err).__name__}: {err}"))
                 return
             self._sinks[request_id] = sink
         self._put(add)
@@ -149,7 +152,10 @@ class EngineLoop:
         except queue.Empty:
             return
         while True:
-            item()
+            try:
+                item()
+            except Exception:  # noqa: BLE001 - one bad item must never stop the engine's thread
+                logger.exception("engine loop: an inbox item failed")
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:

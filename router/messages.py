@@ -99,3 +99,30 @@ class ModelInfo:
     vocab_size: int
     #: role -> (count, tp, pp)
     groups: dict[str, tuple[int, int, int]]
+
+
+@dataclass(frozen=True)
+class HealthInfo:
+    """The service's health as a client sees it: ready only when every group serves."""
+
+    ready: bool
+    groups: list[GroupStatus]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole request's result, gathered from its chunks (clients and the HTTP front door)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+    @classmethod
+    def from_chunks(cls, request_id: str, chunks: list[Chunk]) -> "Completion":
+        last = chunks[-1] if chunks else Chunk(request_id, [], "")
+        return cls(request_id, "".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids],
+                   last.finish_reason, last.prompt_tokens, last.completion_tokens, last.cached_tokens)

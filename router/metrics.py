@@ -4,11 +4,17 @@ Lifecycle: the router owns one `RouterMetrics` (its own registry, so two routers
 process never share counters). Per request it records arrival, each token's time and the
 end (`RequestTimer`); per step the engine thread publishes group states and transfer counts
 (`observe_groups`, `observe_transfers`); a scrape renders the text format (`render`).
+
+The front doors count every request they answer, by API, method and final status
+(`FrontDoorMetrics`: also those refused before reaching the router, such as a bad API key or
+a malformed body); the gRPC and HTTP servers of one router share one (`front_door_metrics`),
+and ``/metrics`` serves the router's text followed by theirs.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -109,3 +115,28 @@ class RequestTimer:
         metrics.prompt_tokens.inc(prompt_tokens)
         metrics.prefix_queries.inc(prompt_tokens)
         metrics.prefix_hits.inc(cached_tokens)
+
+
+class FrontDoorMetrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(P + "api_requests", "Requests answered by a front door, by API (grpc, http), "
+                                "method and final status (OK or the gRPC status name; HTTP maps to the same).",
+                                ["api", "method", "code"], registry=r)
+
+    def count(self, api: str, method: str, code: str) -> None:
+        self.requests.labels(api, method, code).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+_FRONT_DOORS: "weakref.WeakKeyDictionary[object, FrontDoorMetrics]" = weakref.WeakKeyDictionary()
+
+
+def front_door_metrics(router: object) -> FrontDoorMetrics:
+    """The counters of ``router``'s front doors (one set per router handle, shared by its
+    gRPC and HTTP servers; two routers in one process keep theirs apart)."""
+    if router not in _FRONT_DOORS:
+        _FRONT_DOORS[router] = FrontDoorMetrics()
+    return _FRONT_DOORS[router]

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator
 
 import ray
 
-from splitserve.cluster.serve_config import ServeConfig
+from splitserve.cluster.serve_config import ServeConfig, ServerSpec
 from splitserve.router.engine_loop import EngineLoop
 from splitserve.router.messages import Chunk, ErrorCode, GenerateRequest, GroupStatus, ModelInfo, RouterError
 from splitserve.router.metrics import RequestTimer, RouterMetrics
@@ -47,23 +48,19 @@ class RouterCore:
         self.metrics = RouterMetrics()
         self.loop = EngineLoop(engine, rebuild=rebuild, on_output=None)
         self._inflight = 0
+        self._admission = threading.Lock()
 
     # ---- requests --------------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         request.check()
-        if self._inflight >= self.cfg.router.max_inflight:
-            self.metrics.errors.labels(ErrorCode.RESOURCE_EXHAUSTED.value).inc()
-            raise RouterError(ErrorCode.RESOURCE_EXHAUSTED,
-                              f"overloaded: {self._inflight} requests in flight (the limit is "
-                              f"{self.cfg.router.max_inflight}); retry later")
+        self._admit()
         request_id = request.request_id or uuid.uuid4().hex
         timeout_s = request.timeout_s or self.cfg.router.request_timeout_s
         chunks: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        prompt = request.text if request.text is not None else (request.token_ids or request.chat)
-        self._inflight += 1
-        self.metrics.inflight.set(self._inflight)
+        prompt = request.text if request.text is not None else (
+            request.token_ids if request.token_ids is not None else request.chat)
         timer, finished = RequestTimer(), False
         try:
             self.loop.add(request_id, prompt, request.sampling,
@@ -89,7 +86,20 @@ class RouterCore:
         finally:
             if not finished:  # deadline, client gone or cancelled: free its blocks everywhere
                 self.loop.abort(request_id)
-            self._inflight -= 1
+            with self._admission:
+                self._inflight -= 1
+                self.metrics.inflight.set(self._inflight)
+
+    def _admit(self) -> None:
+        """Count the request in, or refuse it: over ``max_inflight`` it is RESOURCE_EXHAUSTED.
+        Front doors on several threads (their own event loops) admit at once: hence the lock."""
+        with self._admission:
+            if self._inflight >= self.cfg.router.max_inflight:
+                self.metrics.errors.labels(ErrorCode.RESOURCE_EXHAUSTED.value).inc()
+                raise RouterError(ErrorCode.RESOURCE_EXHAUSTED,
+                                  f"overloaded: {self._inflight} requests in flight (the limit is "
+                                  f"{self.cfg.router.max_inflight}); retry later")
+            self._inflight += 1
             self.metrics.inflight.set(self._inflight)
 
     def abort(self, request_id: str) -> None:
@@ -153,6 +163,7 @@ class Router:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         engine, factory = build_engine(cfg, make_policy(cfg.router.policy, cfg.block_size))
         self.core = RouterCore(cfg, engine, rebuild=factory)
+        self._servers: list = []
 
     async def generate(self, request: GenerateRequest):
         async for chunk in self.core.generate(request):
@@ -176,5 +187,31 @@ class Router:
     async def kv_state(self) -> dict:
         return await self.core.kv_state()
 
+    async def start_front_doors(self, spec: ServerSpec) -> tuple[int, int]:
+        """Serve gRPC and HTTP from this actor's process, on ``spec``'s host and ports; the
+        (gRPC, HTTP) ports bound. Requests then reach the `RouterCore` in-process: no Ray
+        call per request (that hop costs ~10 ms and caps the request rate; see
+        benchmarks/router_overhead.py). The actor must run on the node that owns the host."""
+        from splitserve.router.grpc_server import start_grpc_server
+        from splitserve.router.http_server import start_http_server
+        from splitserve.router.local_handle import LocalRouterHandle
+
+        def start() -> tuple[int, int]:
+            handle = LocalRouterHandle(self.core)
+            self._servers.append(start_grpc_server(handle, spec))
+            self._servers.append(start_http_server(handle, spec))
+            return self._servers[0].port, self._servers[1].port
+        try:
+            return await asyncio.to_thread(start)
+        except BaseException:
+            await self.stop_front_doors()
+            raise
+
+    async def stop_front_doors(self) -> None:
+        servers, self._servers = self._servers, []
+        for server in servers:
+            await asyncio.to_thread(server.stop)
+
     async def shutdown(self) -> None:
+        await self.stop_front_doors()
         self.core.shutdown()

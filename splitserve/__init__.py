@@ -6,6 +6,8 @@ transformers) and works while parts of the engine are still being written:
 - ``splitserve.LLM``: offline generation (``splitserve.workers.llm``).
 - ``splitserve.SamplingParams``: per-request sampling settings (``splitserve.workers.sampling_params``).
 - ``splitserve.Mapping``: a rank's place in a tp x pp worker group (``splitserve.mapping``).
+- ``splitserve.Client`` / ``splitserve.AsyncClient``: clients of a running server over gRPC
+  (``splitserve.router.client``); their errors are ``splitserve.RouterError``.
 
 The subpackages (``mapping``, ``kernels``, ``workers``, ``kvtransfer``, ``router``, ``cluster``)
 live in top-level folders of the repository; see DESIGN.md.
@@ -23,14 +25,19 @@ _LAZY = {
     "LLM": "splitserve.workers.llm",
     "SamplingParams": "splitserve.workers.sampling_params",
     "Mapping": "splitserve.mapping",
+    "Client": "splitserve.router.client",
+    "AsyncClient": "splitserve.router.client",
+    "RouterError": "splitserve.router.messages",
 }
 
-__all__ = ["LLM", "Mapping", "SamplingParams", "__version__"]
+__all__ = ["LLM", "AsyncClient", "Client", "Mapping", "RouterError", "SamplingParams", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
     from splitserve.workers.llm import LLM
     from splitserve.workers.sampling_params import SamplingParams
     from splitserve.mapping import Mapping
+    from splitserve.router.client import AsyncClient, Client
+    from splitserve.router.messages import RouterError
 
 
 def __getattr__(name: str) -> Any:

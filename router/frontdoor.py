@@ -1,0 +1,101 @@
+"""What the two front doors (gRPC, HTTP) share: the router interface they call, the thread
+their event loop runs on, and the API-key check.
+
+Lifecycle of a front door: ``start_*_server`` starts a `LoopThread` (an asyncio loop on a
+daemon thread of its own, so the caller, e.g. ``splitserve serve``, stays synchronous), starts
+the server on that loop, and returns once it listens; requests run as tasks on that loop, each
+iterating the router's async generator there (the router's sinks wake the loop that consumes
+them); ``stop`` stops the server (in-flight requests get a grace period, then are cancelled,
+which aborts them in the router) and then the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hmac
+import threading
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, Protocol
+
+from splitserve.router.messages import (
+    Chunk, ErrorCode, GenerateRequest, GroupStatus, HealthInfo, ModelInfo, RouterError,
+)
+
+
+class RouterAPI(Protocol):
+    """What a front door needs of the router: `RouterHandle` (the Ray actor) and
+    `LocalRouterHandle` (in this process) both are one."""
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        """The request's chunks, the last ``finished``; errors are `RouterError`s. Closing the
+        iterator early aborts the request."""
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def health(self) -> list[GroupStatus]: ...
+
+    async def ready(self) -> bool: ...
+
+    async def model_info(self) -> ModelInfo: ...
+
+    async def metrics_text(self) -> bytes: ...
+
+
+def check_request(request: GenerateRequest) -> GenerateRequest:
+    """`GenerateRequest.check`, plus what the router does not catch itself: an empty token-id
+    prompt (the router's engine thread cannot take one)."""
+    request.check()
+    if request.token_ids is not None and not request.token_ids:
+        raise RouterError(ErrorCode.INVALID_ARGUMENT, "empty prompt: give at least one prompt token id")
+    return request
+
+
+async def health_info(router: RouterAPI) -> HealthInfo:
+    groups = await router.health()
+    return HealthInfo(bool(groups) and all(g.state == "ready" for g in groups), groups)
+
+
+def api_key_ok(authorization: str | None, api_key: str | None) -> bool:
+    """True when no key is configured or the header is ``Bearer <key>`` (constant-time compare)."""
+    if api_key is None:
+        return True
+    return hmac.compare_digest((authorization or "").encode(), f"Bearer {api_key}".encode())
+
+
+class LoopThread:
+    """An asyncio event loop running on a daemon thread of its own."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+        self.loop.close()
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout_s: float) -> Any:
+        """Run ``coro`` on the loop and wait for its result (or its exception)."""
+        return self.submit(coro).result(timeout_s)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Cancel what still runs on the loop, then end the loop and its thread."""
+        if not self._thread.is_alive():
+            return
+        try:
+            self.run(_cancel_others(), timeout_s)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout_s)
+
+
+async def _cancel_others() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
