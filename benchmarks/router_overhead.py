@@ -6,12 +6,16 @@ of group (rank processes behind connections, one group of tp 1):
 
     direct   the `DisaggEngine` stepped in this process, one request at a time (no Ray, no
              router): the floor
-    router   the `Router` actor on a local Ray cluster, through `RouterHandle.generate` (the
-             path the gRPC and HTTP front doors take), one request at a time
+    router   the `Router` actor on a local Ray cluster, through `RouterHandle.generate` (a Ray
+             streaming call per request), one request at a time
+    grpc     the same router through its gRPC front door (served from the router actor's
+             process, as `splitserve serve` runs it) with the Python `AsyncClient`: what a
+             client sees
 
-The overhead per request is router latency minus direct latency (p50 and p99 of each). Then
-the sustained rate: ``--requests`` requests from ``--concurrency`` concurrent clients through
-the router, requests per second completed, beside the direct engine given all of them at once.
+The overhead per request is each path's latency minus direct latency (p50 and p99 of each).
+Then the sustained rate: ``--requests`` requests from ``--concurrency`` concurrent clients
+through each path, requests per second completed, beside the direct engine given all of them
+at once.
 
     python benchmarks/router_overhead.py                 # ~1 minute on 2 cores
     python benchmarks/router_overhead.py --mode disaggregated --requests 1000 --concurrency 64
@@ -120,7 +124,26 @@ async def one_request(handle, prompt: list[int]) -> float:
     return time.perf_counter() - t
 
 
+async def one_grpc_request(client, prompt: list[int]) -> float:
+    from splitserve import SamplingParams
+
+    t = time.perf_counter()
+    await client.generate(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+    return time.perf_counter() - t
+
+
 async def run_router(handle, ids: list[list[int]], concurrency: int) -> tuple[list[float], float]:
+    return await _clients(lambda p: one_request(handle, p), ids, concurrency)
+
+
+async def run_grpc(address: str, ids: list[list[int]], concurrency: int) -> tuple[list[float], float]:
+    from splitserve import AsyncClient
+
+    async with AsyncClient(address) as client:
+        return await _clients(lambda p: one_grpc_request(client, p), ids, concurrency)
+
+
+async def _clients(send, ids: list[list[int]], concurrency: int) -> tuple[list[float], float]:
     """Each of ``concurrency`` clients sends its share one after another."""
     latencies: list[float] = []
     queue: asyncio.Queue = asyncio.Queue()
@@ -129,7 +152,7 @@ async def run_router(handle, ids: list[list[int]], concurrency: int) -> tuple[li
 
     async def client() -> None:
         while not queue.empty():
-            latencies.append(await one_request(handle, queue.get_nowait()))
+            latencies.append(await send(queue.get_nowait()))
 
     t = time.perf_counter()
     await asyncio.gather(*[client() for _ in range(concurrency)])
@@ -141,6 +164,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     from splitserve.cluster.ray_cluster import connect
     from splitserve.cluster.serve import start_router, stop_router
+    from splitserve.cluster.serve_config import ServerSpec
 
     ids = prompts(max(args.sequential, args.requests))
     print(f"direct engine ({args.mode}) ...", flush=True)
@@ -159,30 +183,41 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         asyncio.run(run_router(handle, ids[:5], 1))  # warm-up
         router_lat, _ = asyncio.run(run_router(handle, ids[: args.sequential], 1))
         loaded_lat, loaded_s = asyncio.run(run_router(handle, ids[: args.requests], args.concurrency))
+        print("gRPC front door ...", flush=True)
+        grpc_port, _ = ray.get(handle.actor.start_front_doors.remote(ServerSpec(grpc_port=0, http_port=0)))
+        address = f"127.0.0.1:{grpc_port}"
+        asyncio.run(run_grpc(address, ids[:5], 1))  # warm-up
+        grpc_lat, _ = asyncio.run(run_grpc(address, ids[: args.sequential], 1))
+        grpc_loaded_lat, grpc_loaded_s = asyncio.run(run_grpc(address, ids[: args.requests], args.concurrency))
     finally:
         stop_router(handle)
         if started_ray:
             ray.shutdown()
-    direct, router = summary(direct_lat), summary(router_lat)
+    direct, router, grpc = summary(direct_lat), summary(router_lat), summary(grpc_lat)
     return {
-        "sequential": {"direct": direct, "router": router, "overhead": overhead(router, direct)},
+        "sequential": {"direct": direct, "router": router, "grpc": grpc, "overhead": overhead(router, direct),
+                       "grpc_overhead": overhead(grpc, direct)},
         "sustained": {"requests": args.requests, "concurrency": args.concurrency,
                       "router_req_s": args.requests / loaded_s, "router_latency": summary(loaded_lat),
+                      "grpc_req_s": args.requests / grpc_loaded_s, "grpc_latency": summary(grpc_loaded_lat),
                       "direct_all_at_once_req_s": args.requests / direct_all_s},
         "latencies_ms": {"direct": [1e3 * x for x in direct_lat], "router": [1e3 * x for x in router_lat],
-                         "router_loaded": [1e3 * x for x in loaded_lat]},
+                         "grpc": [1e3 * x for x in grpc_lat], "router_loaded": [1e3 * x for x in loaded_lat],
+                         "grpc_loaded": [1e3 * x for x in grpc_loaded_lat]},
     }
 
 
 def format_table(report: dict[str, Any]) -> str:
     s, u = report["sequential"], report["sustained"]
     rows = [f"{'one at a time':<24}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}"]
-    for name in ("direct", "router", "overhead"):
+    for name, label in (("direct", "direct"), ("router", "router (Ray call)"), ("grpc", "gRPC front door"),
+                        ("overhead", "router - direct"), ("grpc_overhead", "gRPC - direct")):
         r = s[name]
-        rows.append(f"{name:<24}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['mean_ms']:>10.2f}")
-    rows.append(f"sustained: {u['router_req_s']:.1f} req/s through the router ({u['concurrency']} clients, "
-                f"{u['requests']} requests; p50 {u['router_latency']['p50_ms']:.1f} ms), direct engine "
-                f"all at once {u['direct_all_at_once_req_s']:.1f} req/s")
+        rows.append(f"{label:<24}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['mean_ms']:>10.2f}")
+    rows.append(f"sustained ({u['concurrency']} clients, {u['requests']} requests): gRPC {u['grpc_req_s']:.1f} req/s "
+                f"(p50 {u['grpc_latency']['p50_ms']:.1f} ms), Ray call {u['router_req_s']:.1f} req/s "
+                f"(p50 {u['router_latency']['p50_ms']:.1f} ms), direct engine all at once "
+                f"{u['direct_all_at_once_req_s']:.1f} req/s")
     return "\n".join(rows)
 
 
@@ -200,9 +235,9 @@ def write_plot(path: Path, report: dict[str, Any]) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("request latency (ms), one output token")
     ax.set_ylabel("fraction of requests")
-    o = report["sequential"]["overhead"]
-    ax.set_title(f"router overhead p50 {o['p50_ms']:.2f} ms, p99 {o['p99_ms']:.2f} ms; "
-                 f"{report['sustained']['router_req_s']:.0f} req/s sustained", fontsize=9)
+    o, u = report["sequential"]["grpc_overhead"], report["sustained"]
+    ax.set_title(f"gRPC front door adds p50 {o['p50_ms']:.2f} ms, p99 {o['p99_ms']:.2f} ms; "
+                 f"{u['grpc_req_s']:.0f} req/s sustained ({u['concurrency']} clients)", fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

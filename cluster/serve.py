@@ -4,8 +4,9 @@ Lifecycle:
     connect     join the Ray cluster (``--address``/$RAY_ADDRESS) or start a local one
     router      the `Router` actor (named ``router`` in the ``splitserve`` namespace) builds
                 every group on Ray actors; ready once each group has loaded its shards
-    front doors gRPC and OpenAI-compatible HTTP (with /health and /metrics) in this process,
-                bound to the configured host (127.0.0.1 by default)
+    front doors gRPC and OpenAI-compatible HTTP (with /health and /metrics) in the router
+                actor's process (pinned to this node), bound to the configured host
+                (127.0.0.1 by default): a request reaches the router with no Ray call
     serve       print where it listens; log each group's state when it changes
     stop        SIGINT/SIGTERM: servers stop taking requests, the router shuts its groups
                 down, an embedded Ray stops
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from splitserve.cluster.ray_cluster import NAMESPACE, connect
 from splitserve.cluster.serve_config import ServeConfig
@@ -30,9 +32,15 @@ logger = logging.getLogger("splitserve.serve")
 
 
 def start_router(cfg: ServeConfig, name: str = ROUTER_NAME, timeout_s: float = 600.0) -> RouterHandle:
-    """The router actor with every group started (raises if they cannot start in time)."""
-    actor = Router.options(name=name, namespace=NAMESPACE, lifetime=None).remote(cfg)
-    ray.get(actor.ready.remote(), timeout=timeout_s)
+    """The router actor, on this node, with every group started (raises if they cannot start
+    in time)."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = Router.options(name=name, namespace=NAMESPACE, lifetime=None, scheduling_strategy=here).remote(cfg)
+    try:
+        ray.get(actor.ready.remote(), timeout=timeout_s)
+    except BaseException:
+        ray.kill(actor)
+        raise
     return RouterHandle(actor)
 
 
@@ -46,30 +54,24 @@ def stop_router(handle: RouterHandle, timeout_s: float = 60.0) -> None:
 @dataclass
 class Service:
     router: RouterHandle
-    servers: list
+    grpc_port: int
+    http_port: int
 
     def stop(self) -> None:
-        for server in self.servers:
-            server.stop()
-        stop_router(self.router)
+        stop_router(self.router)  # the front doors first, then the groups
 
 
 def start_service(cfg: ServeConfig) -> Service:
-    from splitserve.router.grpc_server import start_grpc_server
-    from splitserve.router.http_server import start_http_server
-
+    """Ray, the router and its groups, and the front doors in the router's process (bound on
+    this node: the router actor is pinned here)."""
     connect(cfg.ray.address, cfg.ray.num_cpus)
     router = start_router(cfg)
-    servers = []
     try:
-        servers.append(start_grpc_server(router, cfg.server))
-        servers.append(start_http_server(router, cfg.server))
+        grpc_port, http_port = ray.get(router.actor.start_front_doors.remote(cfg.server), timeout=120)
     except BaseException:
-        for server in servers:
-            server.stop()
         stop_router(router)
         raise
-    return Service(router, servers)
+    return Service(router, grpc_port, http_port)
 
 
 def serve_forever(cfg: ServeConfig) -> int:
@@ -80,7 +82,7 @@ def serve_forever(cfg: ServeConfig) -> int:
     service = start_service(cfg)
     s = cfg.server
     scheme = "https" if s.tls_cert else "http"
-    print(f"splitserve: gRPC on {s.host}:{service.servers[0].port}, HTTP on {scheme}://{s.host}:{service.servers[1].port}"
+    print(f"splitserve: gRPC on {s.host}:{service.grpc_port}, HTTP on {scheme}://{s.host}:{service.http_port}"
           f" (OpenAI API under /v1, /health, /metrics)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

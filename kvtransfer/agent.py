@@ -23,6 +23,7 @@ peer died gets an error from the transport at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -124,6 +125,12 @@ class KVTransferAgent:
         # Staging buffers are reused: a fresh one per message costs page faults on the hot path.
         self._pool = BufferPool(cache_data.dtype, cache_data.device)
         self._to_post: queue.Queue = queue.Queue()
+        # Waits on transfers and the unpacks run on side streams: `work.wait()` makes the
+        # *current* stream wait for the message, and a thread's current stream is by default
+        # the one the model computes on, so a receive posted ahead of its sender would hold
+        # every later step of the rank until prefill sends.
+        self._recv_stream = _side_stream(cache_data.device)
+        self._send_stream = _side_stream(cache_data.device)
         if spec.role == "prefill":
             threading.Thread(target=self._send_waiter, name=f"kv-send-{self.me}", daemon=True).start()
         else:
@@ -204,12 +211,17 @@ class KVTransferAgent:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die mid-transfer
 
     def _send_waiter(self) -> None:
+        with _on_stream(self._send_stream):
+            self._wait_sends()
+
+    def _wait_sends(self) -> None:
         pending: dict[int, list] = {}
         while (item := self._sent.get()) is not None:
             transfer_id, count, buf, work = item
             state = pending.setdefault(transfer_id, [count, 0, time.monotonic(), None])
             try:
                 work.wait(self._link_timeout)
+                _sync(self._send_stream)  # sent, not just queued: the buffer may be reused
                 state[1] += buf.numel() * buf.element_size()
                 self._pool.give(buf)
             except Exception as err:  # noqa: BLE001 - reported, the driver decides
@@ -253,6 +265,10 @@ class KVTransferAgent:
             self._cancelled.add(transfer_id)
 
     def _receive(self, cmd: RecvCommand, messages: list) -> None:
+        with _on_stream(self._recv_stream):
+            self._receive_on_stream(cmd, messages)
+
+    def _receive_on_stream(self, cmd: RecvCommand, messages: list) -> None:
         """Write each message into the cache as it lands (under the lock, unless cancelled),
         so the writes overlap the messages still on the wire."""
         start = time.monotonic()
@@ -269,10 +285,9 @@ class KVTransferAgent:
             self._abandoned.append(messages)
             self.report(TransferEvent(cmd.transfer_id, "recv", self.rank, False, f"{type(err).__name__}: {err}"))
             return
+        _sync(self._recv_stream)  # written, not just queued (and the buffers free to reuse)
         for _, _, buf, _ in messages:
             self._pool.give(buf)
-        if self.cache.is_cuda:
-            torch.cuda.current_stream(self.cache.device).synchronize()  # written, not just queued
         if self.spec.faults.drop_ack_of_transfer == cmd.transfer_id:
             return  # fault injection: the acknowledgement is lost
         self.report(TransferEvent(cmd.transfer_id, "recv", self.rank, True, None, size, time.monotonic() - start))
@@ -303,3 +318,20 @@ class KVTransferAgent:
             work = self.transport.recv(buf, peer_name("prefill", route.src_rank, self._namespace(cmd)), message_tag(cmd.transfer_id, group))
             posted.append((cmd, route, group, buf, work))
         return posted
+
+
+def _side_stream(device: torch.device):
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
+
+
+def _on_stream(stream):
+    """Make ``stream`` (and its device) current on this thread; nothing on CPU."""
+    if stream is None:
+        return contextlib.nullcontext()
+    torch.cuda.set_device(stream.device)
+    return torch.cuda.stream(stream)
+
+
+def _sync(stream) -> None:
+    if stream is not None:
+        stream.synchronize()

@@ -157,11 +157,8 @@ def tiny_models(tmp_path_factory) -> TinyModels:
     return TinyModels(tmp_path_factory.mktemp("tiny-models"))
 
 
-def random_prompts(vocab_size: int, lengths: list[int], seed: int = 1) -> list[list[int]]:
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in lengths]
+# `random_prompts` lives in prompt_helpers.py: test modules import it from there, since
+# `from conftest import ...` finds whichever folder's conftest.py was imported last.
 
 
 # --- a local Ray cluster (cluster/, router/) --------------------------------------------------------

@@ -32,3 +32,4 @@ def test_small_run_writes_a_report(ray_local, tmp_path):
     assert out.with_suffix(".png").exists()
     assert saved["sequential"]["router"]["n"] == 10 and saved["sequential"]["direct"]["n"] == 10
     assert report["sustained"]["router_req_s"] > 0 and len(saved["latencies_ms"]["router_loaded"]) == 40
+    assert saved["sequential"]["grpc"]["n"] == 10 and len(saved["latencies_ms"]["grpc_loaded"]) == 40

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import random_prompts
+from prompt_helpers import random_prompts
 
 from splitserve import LLM, SamplingParams
 from splitserve.kvtransfer.messages import FaultConfig

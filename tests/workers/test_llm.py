@@ -9,7 +9,7 @@ conftest.py runs after each test.
 from __future__ import annotations
 
 import pytest
-from conftest import random_prompts
+from prompt_helpers import random_prompts
 
 from splitserve import LLM, SamplingParams
 

@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from conftest import random_prompts
+from prompt_helpers import random_prompts
 
 from splitserve import LLM, SamplingParams
 from splitserve.workers.executor import WorkerGroupError
