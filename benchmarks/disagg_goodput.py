@@ -244,12 +244,16 @@ def run_rate(backend: OfflineBackend, lengths: list[tuple[int, int]], rate: floa
     backend.check(requests)
     cap = time_cap(requests, slo, args.max_run_s)
     before = transfer_counts(backend)
+    if hasattr(backend.engine, "stage_log"):
+        backend.engine.stage_log.clear()
     records, duration = backend.run(requests, desc=f"rate {rate:g}/s", time_cap_s=cap)
     after = transfer_counts(backend)
     summary = summarize(records, duration, slo)
     cut = sum(r.error is not None and r.error.endswith("time cap") for r in records)
+    # Where disaggregated requests spend their time to first token (ms per stage).
+    stages = backend.engine.stage_summary(clear=True) if hasattr(backend.engine, "stage_summary") else {}
     return {"request_rate": rate, "time_cap_s": cap, "num_cut_off": cut, **summary,
-            "kv_transfers": {k: after[k] - before[k] for k in after},
+            "kv_transfers": {k: after[k] - before[k] for k in after}, "transfer_stages_ms": stages,
             "requests": [per_request(r) for r in records]}
 
 
@@ -265,7 +269,20 @@ def describe_run(r: dict[str, Any]) -> str:
     ms = lambda s, k: "-" if s[k] is None else f"{s[k] * 1000:.0f}"  # noqa: E731
     return (f"{r['num_completed']}/{r['num_requests']} done, {r['num_cut_off']} cut off, "
             f"{r['duration_s']:.1f} s, SLO met {r['slo']['attainment']:.0%}, "
-            f"TTFT p50/p99 {ms(ttft, 'p50')}/{ms(ttft, 'p99')} ms, TPOT p50/p99 {ms(tpot, 'p50')}/{ms(tpot, 'p99')} ms")
+            f"TTFT p50/p99 {ms(ttft, 'p50')}/{ms(ttft, 'p99')} ms, TPOT p50/p99 {ms(tpot, 'p50')}/{ms(tpot, 'p99')} ms"
+            + _stages(r.get("transfer_stages_ms") or {}))
+
+
+def _stages(stages: dict[str, dict[str, float]]) -> str:
+    """The transfer stages' p50/p99 (ms), short: "| q>r 1/5 r>s 20/90 ..."."""
+    if not stages:
+        return ""
+    short = {"queued": "q", "reserved": "r", "sending": "s", "first_token": "f", "acked": "a", "admitted": "d"}
+    parts = []
+    for name, st in stages.items():
+        a, b = name.split("->")
+        parts.append(f"{short[a]}>{short[b]} {st['p50']:.0f}/{st['p99']:.0f}")
+    return " | stages p50/p99 ms: " + " ".join(parts)
 
 
 def run_system(system: str, args: argparse.Namespace, kind: str, spec: LengthSpec, slo: SLO,

@@ -205,6 +205,13 @@ class _Transfer:
     #: Bytes received over all decode ranks, and the slowest rank's time.
     num_bytes: int = 0
     seconds: float = 0.0
+    #: When it reached each stage (`STAGES`), on the driver's monotonic clock.
+    times: dict[str, float] = field(default_factory=dict)
+
+
+#: A transfer's stages, in order: reserved on decode, the prefill step that sends it submitted,
+#: the first token back from prefill, every decode rank's ack seen, admitted on decode.
+STAGES = ("reserved", "sending", "first_token", "acked", "admitted")
 
 
 EngineFactory = Callable[[Group], LLMEngine]
@@ -252,6 +259,8 @@ class DisaggEngine:
         self._outputs: list[RequestOutput] = []
         self._transfer_ids = itertools.count()
         self._request_ids = itertools.count()
+        #: Stage times of the latest completed transfers (`stage_summary`).
+        self.stage_log: deque[dict[str, float]] = deque(maxlen=20_000)
         #: Extra objects whose readiness ends a step's wait (the router's inbox doorbell).
         self.wake_handles: list = []
         #: Requests sent through again after losing a group (prefill re-sends and decode
@@ -409,6 +418,20 @@ class DisaggEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._live or self._outputs)
 
+    def stage_summary(self, clear: bool = False) -> dict[str, dict[str, float]]:
+        """Milliseconds each stage took over the logged transfers (p50, p90, p99, mean): where a
+        request's time to first token goes in disaggregated mode."""
+        stages = ("queued",) + STAGES
+        out: dict[str, dict[str, float]] = {}
+        for a, b in [*zip(stages, stages[1:]), ("queued", "admitted")]:
+            xs = sorted(1e3 * (t[b] - t[a]) for t in self.stage_log if a in t and b in t)
+            if xs:
+                out[f"{a}->{b}"] = {"n": len(xs), "mean": sum(xs) / len(xs),
+                                    **{f"p{q}": xs[min(len(xs) - 1, len(xs) * q // 100)] for q in (50, 90, 99)}}
+        if clear:
+            self.stage_log.clear()
+        return out
+
     @property
     def num_live_requests(self) -> int:
         """Requests added and not finished (queued, transferring, or on a group)."""
@@ -515,6 +538,7 @@ class DisaggEngine:
         skip = seq.num_computed_tokens // decode.engine.block_manager.block_size  # decode's own prefix hits
         transfer = _Transfer(next(self._transfer_ids), request, prefill, decode, seq, skip)
         transfer.deadline = time.monotonic() + self.config.reservation_timeout_s  # the lease
+        transfer.times["queued"], transfer.times["reserved"] = request.queued_at, time.monotonic()
         self._transfers[transfer.transfer_id] = transfer
         self._by_request[request.request_id] = transfer.transfer_id
         prompt_ids, params = request.continuation()
@@ -552,6 +576,7 @@ class DisaggEngine:
             for cmd in sends:
                 transfer = self._transfers[cmd.transfer_id]
                 transfer.state, transfer.deadline = TransferState.TRANSFERRING, deadline
+                transfer.times["sending"] = time.monotonic()
             out += sends
         return out
 
@@ -569,6 +594,7 @@ class DisaggEngine:
             transfer = self._transfers.get(self._by_request.get(out.request_id, -1))
             if transfer is not None and out.token_ids:
                 transfer.first_token = out.token_ids[0]
+                transfer.times["first_token"] = time.monotonic()
                 transfer.logprobs = out.logprobs[0] if out.logprobs else None
 
     def _emit(self, out: RequestOutput) -> None:
@@ -659,6 +685,7 @@ class DisaggEngine:
         transfer.seconds = max(transfer.seconds, event.seconds)
         if transfer.state is TransferState.TRANSFERRING and len(transfer.acks) == transfer.decode.config.parallel.world_size:
             transfer.state = TransferState.DONE
+            transfer.times["acked"] = time.monotonic()
             self.metrics.record(transfer.num_bytes, transfer.seconds)
 
     def _fail(self, transfer: _Transfer, reason: str, policy: str | None = None) -> None:
@@ -676,6 +703,8 @@ class DisaggEngine:
         self._apply_policy(transfer.request, transfer.policy, reason)
 
     def _close_done(self, transfer: _Transfer) -> None:
+        transfer.times["admitted"] = time.monotonic()
+        self.stage_log.append(transfer.times)
         request = transfer.request
         self._forget(transfer)
         transfer.prefill.engine.release(request.request_id)
