@@ -145,7 +145,9 @@ def default_decode_config() -> DecodeConfig:
     return DecodeConfig.parse(spec, DECODE) if spec else DECODE
 
 
-@triton.jit
+# Arguments that change from call to call are not specialised on (divisible by 16, equal to 1):
+# each specialisation is one more compile, and a compile stalls a serving step for about a second.
+@triton.jit(do_not_specialize=["partition", "stride_tb"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     scale_log2, window, partition,
@@ -219,7 +221,7 @@ def _decode_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr, stride_ob, stride_oh, num_splits,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
@@ -388,7 +390,7 @@ def prefill_config(dtype: torch.dtype, head_dim: int) -> PrefillConfig:
     return PrefillConfig(128, 64, 8, 3)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_tb"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, starts_ptr, qlens_ptr, lens_ptr,
     scale_log2, window,

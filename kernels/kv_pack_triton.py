@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# The block count and offset change with every transfer: no compile per specialisation of them.
+@triton.jit(do_not_specialize=["num_blocks", "cache_offset"])
 def _copy_blocks_kernel(
     cache_ptr, buf_ptr, blocks_ptr, num_blocks,
     stride_layer, stride_kv, stride_block, stride_token, cache_offset,
