@@ -37,7 +37,7 @@ def start_router(cfg: ServeConfig, name: str = ROUTER_NAME, timeout_s: float = 6
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = Router.options(name=name, namespace=NAMESPACE, lifetime=None, scheduling_strategy=here).remote(cfg)
     try:
-        ray.get(actor.ready.remote(), timeout=timeout_s)
+        ray.get(actor.start.remote(), timeout=timeout_s)
     except BaseException:
         ray.kill(actor)
         raise

@@ -152,18 +152,31 @@ def _copy_metrics(metrics):
 
 @ray.remote(num_cpus=0, max_concurrency=1000)
 class Router:
-    """The Ray actor (named ``router`` in the ``splitserve`` namespace)."""
+    """The Ray actor (named ``router`` in the ``splitserve`` namespace). `start` builds the
+    groups (slow: placement groups and model loads) on a worker thread, so the actor's event
+    loop never blocks on Ray; until then it is not ready and refuses requests."""
 
     def __init__(self, cfg: ServeConfig):
         import torch
 
-        from splitserve.cluster.groups import build_engine
-
         torch.set_num_threads(1)  # the router schedules; the ranks compute
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        engine, factory = build_engine(cfg, make_policy(cfg.router.policy, cfg.block_size))
-        self.core = RouterCore(cfg, engine, rebuild=factory)
+        self.cfg = cfg
+        self._core: RouterCore | None = None
         self._servers: list = []
+
+    async def start(self) -> None:
+        from splitserve.cluster.groups import build_engine
+
+        cfg = self.cfg
+        engine, factory = await asyncio.to_thread(build_engine, cfg, make_policy(cfg.router.policy, cfg.block_size))
+        self._core = RouterCore(cfg, engine, rebuild=factory)
+
+    @property
+    def core(self) -> RouterCore:
+        if self._core is None:
+            raise RouterError(ErrorCode.UNAVAILABLE, "the router is still starting its groups")
+        return self._core
 
     async def generate(self, request: GenerateRequest):
         async for chunk in self.core.generate(request):
@@ -176,7 +189,7 @@ class Router:
         return self.core.health()
 
     async def ready(self) -> bool:
-        return self.core.ready()
+        return self._core is not None and self._core.ready()
 
     async def model_info(self) -> ModelInfo:
         return self.core.model_info()
@@ -214,4 +227,5 @@ class Router:
 
     async def shutdown(self) -> None:
         await self.stop_front_doors()
-        self.core.shutdown()
+        if self._core is not None:
+            await asyncio.to_thread(self._core.shutdown)
