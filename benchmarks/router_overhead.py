@@ -36,19 +36,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_meta, beside this script
 from results_meta import RESULTS_DIR, cpu_model, report_header, save_report, slug  # noqa: E402
+from serve_metrics import percentile  # noqa: E402  (one definition of a percentile for every benchmark)
 
 MODEL = "random:tiny-llama"
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100) of a non-empty list."""
-    xs = sorted(values)
-    if len(xs) == 1:
-        return xs[0]
-    pos = (len(xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def summary(latencies_s: list[float]) -> dict[str, float]:

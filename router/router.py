@@ -162,24 +162,32 @@ class Router:
         torch.set_num_threads(1)  # the router schedules; the ranks compute
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.cfg = cfg
-        self._core: RouterCore | None = None
+        #: The in-process view of the `RouterCore`, shared by this actor's methods and its front
+        #: doors; None until `start` has built the groups.
+        self._local = None
         self._servers: list = []
 
     async def start(self) -> None:
         from splitserve.cluster.groups import build_engine
+        from splitserve.router.local_handle import LocalRouterHandle
 
         cfg = self.cfg
         engine, factory = await asyncio.to_thread(build_engine, cfg, make_policy(cfg.router.policy, cfg.block_size))
-        self._core = RouterCore(cfg, engine, rebuild=factory)
+        self._local = LocalRouterHandle(RouterCore(cfg, engine, rebuild=factory))
+
+    @property
+    def local(self):
+        """The `LocalRouterHandle` over the core (UNAVAILABLE while starting)."""
+        if self._local is None:
+            raise RouterError(ErrorCode.UNAVAILABLE, "the router is still starting its groups")
+        return self._local
 
     @property
     def core(self) -> RouterCore:
-        if self._core is None:
-            raise RouterError(ErrorCode.UNAVAILABLE, "the router is still starting its groups")
-        return self._core
+        return self.local.core
 
     async def generate(self, request: GenerateRequest):
-        async for chunk in self.core.generate(request):
+        async for chunk in self.local.generate(request):  # closing early aborts the request
             yield chunk
 
     async def abort(self, request_id: str) -> None:
@@ -189,7 +197,7 @@ class Router:
         return self.core.health()
 
     async def ready(self) -> bool:
-        return self._core is not None and self._core.ready()
+        return self._local is not None and self._local.core.ready()
 
     async def model_info(self) -> ModelInfo:
         return self.core.model_info()
@@ -207,12 +215,12 @@ class Router:
         benchmarks/router_overhead.py). The actor must run on the node that owns the host."""
         from splitserve.router.grpc_server import start_grpc_server
         from splitserve.router.http_server import start_http_server
-        from splitserve.router.local_handle import LocalRouterHandle
+
+        local = self.local
 
         def start() -> tuple[int, int]:
-            handle = LocalRouterHandle(self.core)
-            self._servers.append(start_grpc_server(handle, spec))
-            self._servers.append(start_http_server(handle, spec))
+            self._servers.append(start_grpc_server(local, spec))
+            self._servers.append(start_http_server(local, spec))
             return self._servers[0].port, self._servers[1].port
         try:
             return await asyncio.to_thread(start)
@@ -227,5 +235,5 @@ class Router:
 
     async def shutdown(self) -> None:
         await self.stop_front_doors()
-        if self._core is not None:
-            await asyncio.to_thread(self._core.shutdown)
+        if self._local is not None:
+            await asyncio.to_thread(self._local.close)

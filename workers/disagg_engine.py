@@ -209,9 +209,10 @@ class _Transfer:
     times: dict[str, float] = field(default_factory=dict)
 
 
-#: A transfer's stages, in order: reserved on decode, the prefill step that sends it submitted,
-#: the first token back from prefill, every decode rank's ack seen, admitted on decode.
-STAGES = ("reserved", "sending", "first_token", "acked", "admitted")
+#: A transfer's stages, in order: its request queued, reserved on decode, the prefill step that
+#: sends it submitted, the first token back from prefill, every decode rank's ack seen, admitted
+#: on decode.
+STAGES = ("queued", "reserved", "sending", "first_token", "acked", "admitted")
 
 
 EngineFactory = Callable[[Group], LLMEngine]
@@ -421,9 +422,8 @@ class DisaggEngine:
     def stage_summary(self, clear: bool = False) -> dict[str, dict[str, float]]:
         """Milliseconds each stage took over the logged transfers (p50, p90, p99, mean): where a
         request's time to first token goes in disaggregated mode."""
-        stages = ("queued",) + STAGES
         out: dict[str, dict[str, float]] = {}
-        for a, b in [*zip(stages, stages[1:]), ("queued", "admitted")]:
+        for a, b in [*zip(STAGES, STAGES[1:]), (STAGES[0], STAGES[-1])]:
             xs = sorted(1e3 * (t[b] - t[a]) for t in self.stage_log if a in t and b in t)
             if xs:
                 out[f"{a}->{b}"] = {"n": len(xs), "mean": sum(xs) / len(xs),
