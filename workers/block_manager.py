@@ -124,7 +124,7 @@ class BlockManager:
 
     def _num_new_blocks(self, seq: Sequence, num_new_tokens: int, prefix: CachedPrefix) -> int:
         owned = len(seq.block_ids) + prefix.num_blocks
-        total = seq.num_computed_tokens + prefix.num_blocks * self.block_size + num_new_tokens
+        total = seq.num_scheduled_tokens + prefix.num_blocks * self.block_size + num_new_tokens
         return max(0, self.blocks_needed(total) - owned)
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, prefix: CachedPrefix = _NO_PREFIX) -> bool:

@@ -199,6 +199,9 @@ class SchedulerConfig:
     #: Split long prompts into chunks that fit the token budget; otherwise a prompt is
     #: scheduled only when it fits whole.
     enable_chunked_prefill: bool = True
+    #: Schedule step n+1 while the device runs step n (one rank only: tp = pp = 1). None:
+    #: on where it pays, a CUDA device; the CPU computes in the scheduling thread anyway.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:

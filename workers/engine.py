@@ -11,7 +11,10 @@ Lifecycle:
 A step submits micro-batches (`_submit_ready`: schedule -> `StepBatch` -> executor), then
 collects the oldest one and advances its sequences (`postprocess`, `_update`): with one
 pipeline stage that is schedule -> forward+sample -> update; with ``pp`` stages up to ``pp``
-micro-batches are in flight so every stage has work. Text is decoded
+micro-batches are in flight so every stage has work. With async scheduling (one rank, on by
+default on CUDA) two are: step n+1 is scheduled and queued while the device runs step n, its
+decode rows' tokens left as placeholders that the runner fills from step n's samples on the
+device, so the host's work per step hides behind the device's. Text is decoded
 incrementally only for requests that stream or have stop strings; the rest are decoded once
 when they finish, which keeps the per-step cost independent of the tokenizer.
 """
@@ -39,7 +42,7 @@ from splitserve.workers.sampler import SamplerOutput
 from splitserve.workers.sampling_params import SamplingParams
 from splitserve.workers.scheduler import Scheduler, SchedulerOutput
 from splitserve.workers.sequence import Sequence, SequenceStatus
-from splitserve.workers.step_batch import build_step_batch
+from splitserve.workers.step_batch import build_step_batch, sampling_rows
 from splitserve.workers.stop_checker import check_stop, stream_holdback
 
 
@@ -147,10 +150,14 @@ class LLMEngine:
             device_offset=config.device_offset,
         ), config.parallel, processes=config.rank_processes, launcher=launcher)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.async_scheduling = self._async_scheduling()
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, lookahead=self.async_scheduling,
+                                   max_model_len=self.max_model_len)
+        self._step_ids = itertools.count(1)
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []  # aborted between steps, reported by the next step
-        self._inflight: deque[SchedulerOutput] = deque()  # submitted micro-batches, oldest first
+        #: Submitted micro-batches and their step ids, oldest first.
+        self._inflight: deque[tuple[SchedulerOutput, int]] = deque()
         self._failure: str | None = None
         self._ids = itertools.count()
         self._held: dict[str, Sequence] = {}  # prefill role: finished, blocks kept until release
@@ -158,6 +165,14 @@ class LLMEngine:
         self._kv_hook: KVSendHook | None = None
         #: Set by `fail_all`: request id -> tokens it had generated when the group failed.
         self.lost_outputs: dict[str, list[int]] = {}
+
+    def _async_scheduling(self) -> bool:
+        wanted = self.config.scheduler.async_scheduling
+        one_rank = self.config.parallel.world_size == 1
+        if wanted and not one_rank:
+            raise ValueError("async scheduling needs one rank (tp = pp = 1): the sampled tokens that the next "
+                             "step's placeholders take stay on the rank that sampled them")
+        return one_rank and (wanted if wanted is not None else self.device.type == "cuda")
 
     def _num_blocks(self, dtype: torch.dtype) -> int:
         # The KV budget is per rank; the first pipeline stage holds the most layers.
@@ -304,7 +319,9 @@ class LLMEngine:
         return self._failure
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or bool(self._pending)
+        # A batch in flight may belong to requests that already ended (a stop token one step
+        # ahead of async scheduling): it must still come back to free their blocks.
+        return self.scheduler.num_unfinished > 0 or bool(self._pending) or bool(self._inflight)
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -337,21 +354,34 @@ class LLMEngine:
             outputs, self._pending = self._pending, []
             return outputs
         sampled = self._guarded(self.executor.collect)  # on failure the batch is still listed
-        out = self._inflight.popleft()
+        out, _ = self._inflight.popleft()
         self.scheduler.postprocess(out)
-        return self._update(out, sampled)
+        outputs = self._update(out, sampled)
+        self._collect_dead()
+        return outputs
+
+    def _collect_dead(self) -> None:
+        """A batch queued ahead whose every sequence has ended since (a stop token) is taken
+        back now, freeing their blocks, rather than waiting for a step nobody may call."""
+        while self._inflight and all(item.seq.is_finished for item in self._inflight[0][0].scheduled):
+            self._guarded(self.executor.collect)
+            out, _ = self._inflight.popleft()
+            self.scheduler.postprocess(out)
 
     def _submit_ready(self) -> None:
         """Schedule and send micro-batches until ``pp`` are in flight (one without pipeline
         parallelism) or no sequence is left to put in one: stages never wait for the driver."""
-        depth = self.config.parallel.pipeline_parallel_size
+        pp = self.config.parallel.pipeline_parallel_size
+        depth = 2 if self.async_scheduling else pp
         while len(self._inflight) < depth and self.scheduler.has_schedulable():
-            cap = None if depth == 1 else -(-self.scheduler.num_unfinished // depth)
+            cap = None if pp == 1 else -(-self.scheduler.num_unfinished // pp)
             out = self.scheduler.schedule(cap)
             if out.is_empty:
                 return
-            self._inflight.append(out)  # first: a failing submit must still release its sequences
-            batch = build_step_batch(out, self.block_manager.block_size, self._kv_sends(out))
+            previous = sampling_rows(self._inflight[-1][0]) if self._inflight else None
+            step_id = next(self._step_ids)
+            self._inflight.append((out, step_id))  # first: a failing submit must still release its sequences
+            batch = build_step_batch(out, self.block_manager.block_size, self._kv_sends(out), step_id, previous)
             self._guarded(lambda: self.executor.submit(batch))
 
     def _guarded(self, call):
@@ -366,9 +396,8 @@ class LLMEngine:
         What each request had generated stays in ``lost_outputs`` (to continue it elsewhere)."""
         self._failure = reason
         self.lost_outputs = {rid: list(req.seq.output_token_ids) for rid, req in self._requests.items() if not req.hold}
-        for out in self._inflight:  # the group is gone: nothing writes these blocks any more
-            for item in out.scheduled:
-                item.seq.in_flight = False
+        for out, _ in self._inflight:  # the group is gone: nothing writes these blocks any more
+            self.scheduler.forget_in_flight([item.seq for item in out.scheduled])
         self._inflight.clear()
         for request_id in list(self._requests):
             self.abort_request(request_id)

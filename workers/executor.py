@@ -23,7 +23,7 @@ from splitserve.workers.config import ModelConfig, ParallelConfig
 from splitserve.workers.kv_cache import KVCacheSpec
 from splitserve.workers.model_runner import ModelRunner
 from splitserve.workers.parallel import ParallelState
-from splitserve.workers.sampler import SamplerOutput
+from splitserve.workers.sampler import PendingSample, SamplerOutput
 from splitserve.workers.step_batch import StepBatch
 from splitserve.workers.weights import iter_safetensors
 
@@ -121,7 +121,7 @@ class LocalExecutor:
     def __init__(self, spec: RunnerSpec):
         self._events: deque[TransferEvent] = deque()  # appended by the agent's thread
         self.runner = build_runner(spec, ParallelState.single(), self._events.append)
-        self._results: deque[SamplerOutput] = deque()
+        self._results: deque[PendingSample] = deque()
 
     def control(self, kind: str, payload: Any) -> None:
         handle_control(self.runner, kind, payload)
@@ -136,13 +136,14 @@ class LocalExecutor:
         return events
 
     def submit(self, batch: StepBatch) -> None:
-        self._results.append(self.runner.execute(batch))
+        self._results.append(self.runner.execute_async(batch))  # queued on the GPU, not waited for
 
     def collect(self) -> SamplerOutput:
-        return self._results.popleft()
+        return self._results.popleft().result()
 
     def ready(self) -> bool:
-        return bool(self._results)  # a step runs inside `submit`
+        # Only the device is left to wait for (no rank to lose): a driver may block on it.
+        return bool(self._results)
 
     def has_events(self) -> bool:
         return bool(self._events)

@@ -62,6 +62,7 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
         enable_chunked_prefill: bool = True,
+        async_scheduling: bool | None = None,
         seed: int = 0,
         show_progress: bool = True,
     ):
@@ -70,7 +71,7 @@ class LLM:
         config = EngineConfig(
             model=model, device=device, dtype=dtype, max_model_len=max_model_len, seed=seed,
             cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, enable_chunked_prefill),
+            scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, enable_chunked_prefill, async_scheduling),
             parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size),
             show_progress=show_progress,
         )

@@ -5,7 +5,9 @@ its share of the KV cache allocated); then per step `execute(batch)`: tensors fr
 batch, attention metadata, the forward of this pipeline stage (receiving activations from
 the previous stage, sending to the next), and on the last stage the logits of the rows that
 sample. The *output rank* (last stage, tp rank 0) samples and returns the tokens; every other
-rank returns None.
+rank returns None. `execute_async` returns them as a `PendingSample` (the copy to the host
+still on its way, so the engine schedules the next step meanwhile) and keeps them on the
+device: a later step's placeholder rows (async scheduling) take their token ids from there.
 
 On CUDA the step's integer inputs (token ids, positions, slots, block tables...) are packed
 into one pinned host buffer and reach the device in one asynchronous copy (`_StepInputs`);
@@ -28,7 +30,7 @@ from splitserve.workers.kv_cache import KVCache, KVCacheSpec
 from splitserve.workers.models.attention import AttentionMetadata, PrefillChunk
 from splitserve.workers.models.registry import build_model
 from splitserve.workers.parallel import ParallelState
-from splitserve.workers.sampler import Sampler, SamplerOutput, SampleRequest, make_generator
+from splitserve.workers.sampler import PendingSample, Sampler, SamplerOutput, SampleRequest, make_generator
 from splitserve.workers.step_batch import StepBatch
 
 
@@ -59,6 +61,8 @@ class ModelRunner:
         #: Set to run every step eagerly even where graphs were captured (benchmarks compare).
         self.enforce_eager = not use_graphs
         self._graph_cfg = graph_cfg
+        #: The last step's sampled tokens (on the device) and that step's id.
+        self._sampled: tuple[int, torch.Tensor] | None = None
 
     @classmethod
     def create(cls, model_cfg: ModelConfig, parallel: ParallelState, kv_spec: KVCacheSpec, device: torch.device,
@@ -84,18 +88,36 @@ class ModelRunner:
         self.cuda_graphs = graphs
         self.enforce_eager = False
 
-    @torch.inference_mode()
     def execute(self, batch: StepBatch) -> SamplerOutput | None:
+        pending = self.execute_async(batch)
+        return None if pending is None else pending.result()
+
+    @torch.inference_mode()
+    def execute_async(self, batch: StepBatch) -> PendingSample | None:
+        """Queue the step's work; the output rank gets its tokens as a `PendingSample`."""
         if not batch.num_tokens:
-            return SamplerOutput([], []) if self.is_output_rank else None
+            return PendingSample(torch.empty(0, dtype=torch.long), []) if self.is_output_rank else None
         t = self._inputs.upload(batch)
+        if batch.fill_rows:
+            self._fill_placeholders(batch, t)
         hidden = self._forward(batch, t)
         if hidden is None:
             return None  # an earlier pipeline stage: activations went on to the next
         logits = self.model.compute_logits(hidden[t["logits_indices"]])
         if not self.is_output_rank:
             return None
-        return self.sampler(logits, [self._sample_request(row) for row in batch.sample_rows])
+        pending = self.sampler.sample(logits, [self._sample_request(row) for row in batch.sample_rows])
+        self._sampled = (batch.step_id, pending.token_ids)
+        return pending
+
+    def _fill_placeholders(self, batch: StepBatch, t: dict[str, Any]) -> None:
+        """Placeholder rows get the tokens the previous step sampled, without the host."""
+        if self._sampled is None or self._sampled[0] != batch.step_id - 1:
+            last = None if self._sampled is None else self._sampled[0]
+            raise RuntimeError(f"step {batch.step_id} fills placeholders from step {batch.step_id - 1}, "
+                               f"but this rank last sampled step {last}")
+        tokens = self._sampled[1].index_select(0, t["fill_from"])
+        t["input_ids"].index_copy_(0, t["fill_rows"], tokens)
 
     def _graph_fits(self, batch: StepBatch) -> bool:
         graphs = self.cuda_graphs
@@ -154,6 +176,7 @@ class _StepInputs:
         parts = [batch.input_ids, batch.positions, batch.slot_mapping, batch.logits_indices,
                  batch.decode_context_lens if num_decode else [],
                  [b for row in batch.decode_block_tables for b in row] if num_decode else []]
+        parts += [batch.fill_rows, batch.fill_from]
         parts += [c.block_ids for c in batch.prefills]
         flat = torch.tensor([v for p in parts for v in p], dtype=torch.int64)
         dev = self._to_device(flat)
@@ -163,7 +186,7 @@ class _StepInputs:
             start += len(p)
         return {"input_ids": views[0], "positions": views[1], "slot_mapping": views[2], "logits_indices": views[3],
                 "decode_context_lens": views[4], "decode_block_tables": views[5].view(num_decode, width),
-                "chunk_block_ids": views[6:]}
+                "fill_rows": views[6], "fill_from": views[7], "chunk_block_ids": views[8:]}
 
     def _to_device(self, flat: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":

@@ -75,10 +75,42 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu",
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + num_output_tokens) % 2**63)
 
 
+class PendingSample:
+    """A step's sampled tokens on their way to the host.
+
+    On CUDA the copy to pinned host memory is queued behind the step and an event marks its
+    end, so the caller goes on (schedules the next step) while the GPU works; `result` waits
+    for the event. On the CPU the tokens are already there."""
+
+    def __init__(self, token_ids: torch.Tensor, logprobs: list[TokenLogprobs | None]):
+        self.token_ids = token_ids  # on the device: the next step's placeholders come from here
+        self._logprobs = logprobs
+        self._event: torch.cuda.Event | None = None
+        if token_ids.is_cuda:
+            self._host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            self._host.copy_(token_ids, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(token_ids.device))
+        else:
+            self._host = token_ids
+
+    def done(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def result(self) -> SamplerOutput:
+        if self._event is not None:
+            self._event.synchronize()
+        return SamplerOutput(self._host.tolist(), self._logprobs)
+
+
 class Sampler:
     """Stateless batched sampler; see the module docstring for the order of operations."""
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRequest]) -> SamplerOutput:
+        return self.sample(logits, rows).result()
+
+    def sample(self, logits: torch.Tensor, rows: list[SampleRequest]) -> PendingSample:
+        """Sample without waiting for the device (unless some row asked for logprobs)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
                 f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}"
@@ -88,7 +120,7 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         logits = _mask_min_tokens(logits, rows)
         token_ids = _sample(logits, rows)
-        return SamplerOutput(token_ids.tolist(), _gather_logprobs(raw_logprobs, token_ids, rows))
+        return PendingSample(token_ids, _gather_logprobs(raw_logprobs, token_ids, rows))
 
 
 def _sample(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
@@ -97,11 +129,11 @@ def _sample(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
     if all(greedy):
         return logits.argmax(dim=-1)  # the fast path: one op, no copies
     token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-    greedy_idx = [i for i, g in enumerate(greedy) if g]
-    random_idx = [i for i, g in enumerate(greedy) if not g]
-    if greedy_idx:
+    greedy_idx = _to_device([i for i, g in enumerate(greedy) if g], logits.device)
+    random_idx = _to_device([i for i, g in enumerate(greedy) if not g], logits.device)
+    if greedy_idx.numel():
         token_ids[greedy_idx] = logits[greedy_idx].argmax(dim=-1)
-    random_rows = [rows[i] for i in random_idx]
+    random_rows = [r for r, g in zip(rows, greedy) if not g]
     token_ids[random_idx] = _sample_random(logits[random_idx], random_rows)
     return token_ids
 
@@ -110,21 +142,33 @@ def _mask_min_tokens(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.T
     """-inf on EOS and stop_token_ids for rows still short of min_tokens, so they cannot end yet.
 
     Copies the logits only when some row needs masking: the common case stays copy-free."""
-    masked = None
+    rows_idx, cols_idx = [], []
     for i, r in enumerate(rows):
         if r.num_output_tokens >= r.params.min_tokens:
             continue
         ids = [*r.params.stop_token_ids, *r.eos_token_ids]
         ids = [t for t in ids if t < logits.shape[1]]  # an id past the vocab cannot be sampled
-        if ids:
-            masked = logits.clone() if masked is None else masked
-            masked[i, ids] = float("-inf")
-    return logits if masked is None else masked
+        rows_idx += [i] * len(ids)
+        cols_idx += ids
+    if not rows_idx:
+        return logits
+    masked = logits.clone()
+    masked[_to_device(rows_idx, logits.device), _to_device(cols_idx, logits.device)] = float("-inf")
+    return masked
+
+
+def _to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A small host list on the device without waiting for the stream: a plain copy from
+    pageable memory would wait for the step still running (async scheduling overlaps it)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _sample_random(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p, then one draw per row; [R] token ids."""
-    temperature = torch.tensor([r.params.temperature for r in rows], device=logits.device)
+    temperature = _to_device([r.params.temperature for r in rows], logits.device, logits.dtype)
     # Everything stays in vocabulary order (the sort only builds masks), so a seeded row's
     # probabilities and noise are bit-identical whatever its neighbours ask for.
     probs = (logits / temperature.unsqueeze(1)).softmax(dim=-1)
@@ -151,7 +195,7 @@ def _apply_top_k_top_p(probs: torch.Tensor, rows: list[SampleRequest]) -> torch.
 
 def _top_k_mask(sorted_probs: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     """True beyond each row's k-th position (k = vocab for rows without top-k)."""
-    k = torch.tensor(top_k, device=sorted_probs.device).unsqueeze(1)
+    k = _to_device(top_k, sorted_probs.device).unsqueeze(1)
     position = torch.arange(sorted_probs.shape[1], device=sorted_probs.device).unsqueeze(0)
     return position >= k
 
@@ -161,7 +205,7 @@ def _top_p_mask(sorted_probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
 
     A token is dropped when the tokens before it already reach top_p; the first token has nothing
     before it (0 < top_p), so it always survives and no row is left empty."""
-    p = torch.tensor(top_p, device=sorted_probs.device, dtype=sorted_probs.dtype).unsqueeze(1)
+    p = _to_device(top_p, sorted_probs.device, sorted_probs.dtype).unsqueeze(1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     return mass_before >= p * sorted_probs.sum(dim=-1, keepdim=True)
 
@@ -170,7 +214,7 @@ def _apply_min_p(probs: torch.Tensor, min_p: list[float]) -> torch.Tensor:
     """Zero tokens less likely than min_p times the row's top token (which always survives)."""
     if not any(m > 0 for m in min_p):
         return probs
-    m = torch.tensor(min_p, device=probs.device, dtype=probs.dtype).unsqueeze(1)
+    m = _to_device(min_p, probs.device, probs.dtype).unsqueeze(1)
     threshold = probs.amax(dim=-1, keepdim=True) * m
     return probs.masked_fill(probs < threshold, 0.0)
 
@@ -189,7 +233,8 @@ def _exponential_race(
     else:
         q = torch.empty_like(probs)
         if unseeded:
-            q[unseeded] = torch.empty_like(probs[unseeded]).exponential_()
+            idx = _to_device(unseeded, probs.device)
+            q[idx] = torch.empty_like(probs[idx]).exponential_()
     for i, g in enumerate(generators):
         if g is not None:
             q[i].exponential_(generator=g)

@@ -16,6 +16,12 @@ full blocks in the prefix cache, appends sampled tokens and retires finished seq
 Pipeline parallelism keeps several micro-batches in flight: a sequence in a batch that has
 not come back yet is *in flight* and is neither scheduled again nor preempted until its
 `postprocess`; ``max_seqs`` caps one micro-batch so the others get sequences too.
+
+With ``lookahead`` (async scheduling, one rank) the engine schedules step n+1 while the GPU
+runs step n: an in-flight sequence may be scheduled once more, for its next prompt chunk or
+for the token step n samples (a *placeholder*, filled in on the device by the runner). A
+sequence sure to end when that token lands (``max_tokens``, the model's length) is not; one
+that ends by a stop token wastes the one extra row, which the engine discards.
 """
 
 from __future__ import annotations
@@ -31,14 +37,23 @@ from splitserve.workers.sequence import Sequence, SequenceStatus
 @dataclass(frozen=True)
 class ScheduledSeq:
     seq: Sequence
-    #: Tokens to compute this step, starting at ``seq.num_computed_tokens``.
+    #: Tokens to compute this step, starting at position ``start``.
     num_new_tokens: int
     #: This step reaches the sequence's last token, so it yields a new one.
     samples: bool
+    #: Position of the first token (after what is computed or in flight).
+    start: int
+    #: Output tokens before the one this step samples (min_tokens, seeded RNG).
+    num_prior_outputs: int
+    #: The last token is a placeholder: the previous step samples it.
+    placeholder: bool = False
 
     @classmethod
     def of(cls, seq: Sequence, num_new_tokens: int) -> "ScheduledSeq":
-        return cls(seq, num_new_tokens, seq.num_computed_tokens + num_new_tokens == seq.num_tokens)
+        start = seq.num_scheduled_tokens
+        end = start + num_new_tokens
+        return cls(seq, num_new_tokens, samples=end == seq.num_tokens + seq.num_placeholders, start=start,
+                   num_prior_outputs=seq.num_generated, placeholder=end > seq.num_tokens)
 
 
 @dataclass
@@ -65,9 +80,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, *, lookahead: bool = False,
+                 max_model_len: int | None = None):
         self.config = config
         self.block_manager = block_manager
+        #: In-flight sequences may be scheduled again (async scheduling; see the module doc).
+        self.lookahead = lookahead
+        #: Prompt + output limit: a placeholder that reaches it ends the sequence.
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -86,19 +106,34 @@ class Scheduler:
         if not out.preempted:
             self._schedule_waiting(out, budget, cap)
         for item in out.scheduled:
-            item.seq.in_flight = True
+            item.seq.num_inflight_tokens += item.num_new_tokens
+            item.seq.num_placeholders += item.samples
         return out
 
     def has_schedulable(self) -> bool:
         """Some sequence could go into another micro-batch now."""
-        return bool(self.waiting) or any(not s.in_flight for s in self.running)
+        return bool(self.waiting) or any(self._schedulable(s) for s in self.running)
+
+    def _schedulable(self, seq: Sequence) -> bool:
+        if not seq.in_flight:
+            return True
+        if not self.lookahead or seq.num_unscheduled_tokens == 0 or seq.num_placeholders > 1:
+            return False  # one step ahead at most: a placeholder comes from the step before
+        # Its in-flight step samples the last token: schedule the next one only if the
+        # sequence can still go on once that token lands.
+        return seq.num_placeholders == 0 or not self._ends_with_placeholders(seq)
+
+    def _ends_with_placeholders(self, seq: Sequence) -> bool:
+        total = seq.num_tokens + seq.num_placeholders
+        return (seq.num_generated >= seq.params.max_tokens
+                or (self.max_model_len is not None and total >= self.max_model_len))
 
     # ---- running ---------------------------------------------------------------------
 
     def _schedule_running(self, out: SchedulerOutput, budget: int, cap: int) -> int:
-        idle = [s for s in self.running if not s.in_flight]
-        decodes = [s for s in idle if s.num_uncomputed_tokens == 1]
-        prefills = [s for s in idle if s.num_uncomputed_tokens > 1]
+        idle = [s for s in self.running if self._schedulable(s)]
+        decodes = [s for s in idle if s.num_unscheduled_tokens == 1]
+        prefills = [s for s in idle if s.num_unscheduled_tokens > 1]
         for seq in decodes + prefills:
             if budget == 0 or len(out.decodes) + len(out.prefills) >= cap:
                 break
@@ -108,7 +143,7 @@ class Scheduler:
             if num_new == 0 or not self._make_room(seq, num_new, out):
                 continue
             self.block_manager.allocate(seq, num_new)
-            (out.decodes if num_new == seq.num_uncomputed_tokens == 1 else out.prefills).append(
+            (out.decodes if num_new == seq.num_unscheduled_tokens == 1 else out.prefills).append(
                 ScheduledSeq.of(seq, num_new))
             budget -= num_new
         return budget
@@ -161,7 +196,7 @@ class Scheduler:
             budget -= num_new
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
-        remaining = seq.num_uncomputed_tokens
+        remaining = seq.num_unscheduled_tokens
         if remaining <= budget:
             return remaining
         return budget if self._may_chunk(seq) else 0
@@ -176,12 +211,20 @@ class Scheduler:
     def postprocess(self, out: SchedulerOutput) -> None:
         """Advance every scheduled sequence past the tokens it just computed."""
         for item in out.scheduled:
-            item.seq.in_flight = False
-            if item.seq.is_finished:  # aborted while its batch was in flight
-                self.block_manager.free(item.seq)
+            seq = item.seq
+            seq.num_inflight_tokens -= item.num_new_tokens
+            seq.num_placeholders -= item.samples  # the engine appends the sampled token next
+            if seq.is_finished:  # ended while its batch was in flight (aborted, or a stop token)
+                if not seq.in_flight:  # another batch still writes its blocks: that one frees them
+                    self.block_manager.free(seq)
                 continue
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(item.seq)
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(seq)
+
+    def forget_in_flight(self, seqs: list[Sequence]) -> None:
+        """The group is gone: nothing computes these sequences' batches any more."""
+        for seq in seqs:
+            seq.num_inflight_tokens = seq.num_placeholders = 0
 
     def add_running(self, seq: Sequence) -> None:
         """Admit a sequence whose prompt KV is already in its blocks (received from prefill)."""

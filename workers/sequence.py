@@ -4,6 +4,11 @@ Lifecycle: WAITING (queued, or preempted and waiting to recompute) -> RUNNING (h
 blocks; computes prompt chunks then one token per step) -> FINISHED_* (blocks freed).
 A preempted sequence goes back to WAITING with ``num_computed_tokens = 0`` and keeps its
 output tokens: recomputing prompt + output rebuilds the same KV, so output stays exact.
+
+Tokens move through three counters: *computed* (their K/V are in the cache), *in flight*
+(in a submitted micro-batch that has not come back) and *placeholders* (output tokens a
+submitted batch samples, not known here yet: with async scheduling the next step is scheduled
+before the previous one's tokens arrive, and the runner fills them in on the device).
 """
 
 from __future__ import annotations
@@ -48,8 +53,15 @@ class Sequence:
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     num_preemptions: int = 0
-    #: Part of a micro-batch that has not come back from the workers yet.
-    in_flight: bool = False
+    #: Tokens of submitted micro-batches that have not come back from the workers yet.
+    num_inflight_tokens: int = 0
+    #: Output tokens sampled by submitted micro-batches and not appended yet.
+    num_placeholders: int = 0
+
+    @property
+    def in_flight(self) -> bool:
+        """Part of a micro-batch that has not come back from the workers yet."""
+        return self.num_inflight_tokens > 0
 
     @property
     def token_ids(self) -> list[int]:
@@ -70,6 +82,21 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens computed or being computed: where the next scheduled token starts."""
+        return self.num_computed_tokens + self.num_inflight_tokens
+
+    @property
+    def num_unscheduled_tokens(self) -> int:
+        """Tokens (placeholders included) that no submitted micro-batch computes yet."""
+        return self.num_tokens + self.num_placeholders - self.num_scheduled_tokens
+
+    @property
+    def num_generated(self) -> int:
+        """Output tokens once every submitted batch is back (placeholders included)."""
+        return self.num_output_tokens + self.num_placeholders
 
     @property
     def is_finished(self) -> bool:

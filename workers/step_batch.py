@@ -2,7 +2,8 @@
 
 The driver (which owns the scheduler and the block manager) flattens a `SchedulerOutput`
 into token ids, positions, cache slots and block tables — decode rows first, then prefill
-chunks — plus what the sampling rank needs per sampling row. It is picklable and holds no
+chunks — plus what the sampling rank needs per sampling row, and where a placeholder token
+(async scheduling) is taken from the previous step's samples. It is picklable and holds no
 tensors, so the same object drives an in-process runner or every rank of a worker group.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from splitserve.kvtransfer.messages import SendCommand
 from splitserve.workers.sampling_params import SamplingParams
 from splitserve.workers.scheduler import ScheduledSeq, SchedulerOutput
+from splitserve.workers.sequence import Sequence
 
 
 @dataclass(frozen=True)
@@ -54,35 +56,57 @@ class StepBatch:
     sample_rows: list[SampleRow]
     #: KV transfers to push while this step computes (prefill groups of disaggregated mode).
     kv_sends: list[SendCommand] = field(default_factory=list)
+    #: The engine's number for this step (the runner keeps the tokens it samples).
+    step_id: int = 0
+    #: Rows whose token is a placeholder, and the sampling row of step ``step_id - 1`` whose
+    #: token goes there (async scheduling: the runner fills them in on the device).
+    fill_rows: list[int] = field(default_factory=list)
+    fill_from: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
 
 
-def build_step_batch(out: SchedulerOutput, block_size: int, kv_sends: list[SendCommand] | None = None) -> StepBatch:
+def sampling_rows(out: SchedulerOutput) -> dict[Sequence, int]:
+    """Each sampling sequence's row in the step's sampled tokens (where placeholders come from)."""
+    return {item.seq: i for i, item in enumerate(s for s in out.scheduled if s.samples)}
+
+
+def build_step_batch(out: SchedulerOutput, block_size: int, kv_sends: list[SendCommand] | None = None,
+                     step_id: int = 0, previous: dict[Sequence, int] | None = None) -> StepBatch:
+    """``previous``: `sampling_rows` of step ``step_id - 1``, where placeholder tokens come from."""
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     logits_rows: list[int] = []
     chunks: list[ChunkPlan] = []
+    fill_rows: list[int] = []
+    fill_from: list[int] = []
     for item in out.scheduled:
-        start, seq, first = len(ids), item.seq, item.seq.num_computed_tokens
-        ids += seq.token_slice(first, first + item.num_new_tokens)
-        positions += range(first, first + item.num_new_tokens)
+        start, seq, first = len(ids), item.seq, item.start
+        end = first + item.num_new_tokens
+        ids += seq.token_slice(first, min(end, seq.num_tokens))
+        if item.placeholder:
+            if previous is None or seq not in previous:
+                raise RuntimeError(f"{seq.request_id}: its placeholder token is not sampled by the previous step")
+            fill_rows.append(len(ids))
+            fill_from.append(previous[seq])
+            ids.append(0)
+        positions += range(first, end)
         slots += _slots(seq.block_ids, first, item.num_new_tokens, block_size)
         if item.samples:
             logits_rows.append(len(ids) - 1)
         if start >= len(out.decodes):
-            chunks.append(ChunkPlan(start, item.num_new_tokens, first + item.num_new_tokens, list(seq.block_ids)))
+            chunks.append(ChunkPlan(start, item.num_new_tokens, end, list(seq.block_ids)))
     sampling = [s for s in out.scheduled if s.samples]
     return StepBatch(
         input_ids=ids, positions=positions, slot_mapping=slots, num_decode=len(out.decodes),
         decode_block_tables=_decode_tables(out.decodes, block_size),
-        decode_context_lens=[s.seq.num_computed_tokens + 1 for s in out.decodes],
+        decode_context_lens=[s.start + 1 for s in out.decodes],
         prefills=chunks, logits_indices=logits_rows,
-        sample_rows=[SampleRow(s.seq.request_id, s.seq.params, s.seq.num_output_tokens) for s in sampling],
-        kv_sends=kv_sends or [],
+        sample_rows=[SampleRow(s.seq.request_id, s.seq.params, s.num_prior_outputs) for s in sampling],
+        kv_sends=kv_sends or [], step_id=step_id, fill_rows=fill_rows, fill_from=fill_from,
     )
 
 
@@ -91,5 +115,5 @@ def _slots(block_ids: list[int], first: int, count: int, block_size: int) -> lis
 
 
 def _decode_tables(decodes: list[ScheduledSeq], block_size: int) -> list[list[int]]:
-    width = max((-(-(s.seq.num_computed_tokens + 1) // block_size) for s in decodes), default=0)
+    width = max((-(-(s.start + 1) // block_size) for s in decodes), default=0)
     return [s.seq.block_ids[:width] + [0] * (width - min(width, len(s.seq.block_ids))) for s in decodes]

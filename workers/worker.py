@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -66,17 +67,36 @@ def worker_main(args: WorkerArgs, raw_conn: Connection, die_with_parent: bool = 
         _report(conn, traceback.format_exc())
 
 
+#: How often a rank with a step on the device looks for the driver's next message.
+_POLL_S = 0.0001
+
+
 def _serve(runner, conn: "LockedConnection") -> None:
+    """Steps are queued on the device as they come; a result goes back once its tokens are
+    on the host, but a step the driver already sent (async scheduling sends step n+1 before
+    it has step n's tokens) is queued first, so the device never waits for the pipe."""
+    pending: deque = deque()  # PendingSample of queued steps, oldest first
     while True:
+        if pending and not _next_message_or_done(conn, pending[0]):
+            conn.send(("result", pending.popleft().result()))
+            continue
         kind, payload = conn.recv()
         if kind == "stop":
             return
         if kind == "step":
-            out = runner.execute(payload)
+            out = runner.execute_async(payload)
             if out is not None:
-                conn.send(("result", out))
+                pending.append(out)
         elif (reply := handle_control(runner, kind, payload)) is not None:
             conn.send((reply, None))
+
+
+def _next_message_or_done(conn: "LockedConnection", oldest) -> bool:
+    """Wait until the driver sent something (True) or the oldest step is done (False)."""
+    while not oldest.done():
+        if conn.poll(_POLL_S):
+            return True
+    return False
 
 
 class LockedConnection:
@@ -91,6 +111,9 @@ class LockedConnection:
 
     def recv(self) -> object:
         return self._conn.recv()
+
+    def poll(self, timeout_s: float) -> bool:
+        return self._conn.poll(timeout_s)
 
 
 def _report(conn: LockedConnection, message: str) -> None:

@@ -392,3 +392,28 @@ def test_in_flight_sequences_are_not_rescheduled_or_preempted():
     for seq in (a, b):
         sched.finish(seq, SequenceStatus.FINISHED_ABORTED)
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_lookahead_schedules_the_sampled_token_before_it_is_known():
+    bm = BlockManager(16, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), bm, lookahead=True, max_model_len=64)
+    a = Sequence("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=3))
+    last = Sequence("last", [6, 7], SamplingParams(max_tokens=1))
+    sched.add(a)
+    sched.add(last)
+    first = sched.schedule()
+    assert [s.num_new_tokens for s in first.prefills] == [5, 2] and all(s.samples for s in first.prefills)
+    # Step 2 while step 1 runs: a's sampled token is a placeholder at position 5; "last" ends
+    # with the token step 1 samples (max_tokens=1), so it is not scheduled again.
+    second = sched.schedule()
+    [item] = second.decodes
+    assert (item.seq, item.start, item.placeholder, item.samples, item.num_prior_outputs) == (a, 5, True, True, 1)
+    assert len(a.block_ids) == 2 and not sched.has_schedulable()  # 6 tokens need 2 blocks of 4
+    sched.postprocess(first)
+    a.output_token_ids.append(9)  # what the engine does with step 1's token
+    assert a.in_flight and a.num_computed_tokens == 5 and a.num_placeholders == 1
+    sched.finish(last, SequenceStatus.FINISHED_LENGTH)
+    sched.postprocess(second)
+    assert not a.in_flight and a.num_computed_tokens == 6 and a.num_placeholders == 0
+    sched.finish(a, SequenceStatus.FINISHED_STOPPED)
+    assert bm.num_free_blocks == bm.num_blocks
