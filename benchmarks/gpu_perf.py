@@ -356,15 +356,19 @@ def section_decode(ctx: "Ctx") -> dict:
     floor_big = decode_floor_s(weight_bytes, big * (b64_len + out_len / 2) * kv_token, ctx.copy_bw)
     res: dict[str, Any] = {"weight_GB": weight_bytes / 1e9, "floor_b1_ms": 1e3 * floor_b1,
                            f"floor_b{big}_ms": 1e3 * floor_big, "graphs_captured": runner.cuda_graphs is not None}
-    variants = [("triton_graphs", "auto", False), ("triton_eager", "auto", True), ("torch_eager", "torch", True)]
+    # (name, kernels, eager, async scheduling): the first is what serving runs.
+    variants = [("triton_graphs", "auto", False, True), ("triton_graphs_sync", "auto", False, False),
+                ("triton_eager", "auto", True, True), ("torch_eager", "torch", True, True)]
     if ctx.device.type == "cpu":
-        variants = [("torch_eager", "auto", True)]
-    for name, mode, eager in variants:
-        if name == "triton_graphs" and runner.cuda_graphs is None:
+        variants = [("torch_eager", "auto", True, False)]
+    engine, default_async = llm.engine, llm.engine.async_scheduling
+    for name, mode, eager, use_async in variants:
+        if name.startswith("triton_graphs") and runner.cuda_graphs is None:
             res[name] = "no graphs captured"
             continue
         _set_kernels(mode)
         runner.enforce_eager = eager
+        engine.async_scheduling = engine.scheduler.lookahead = use_async
         try:
             for batch, plen, key in ((1, b1_len, "b1"), (big, b64_len, f"b{big}")):
                 log(f"decode {name} batch {batch}")
@@ -374,6 +378,8 @@ def section_decode(ctx: "Ctx") -> dict:
         finally:
             _set_kernels("auto")
             runner.enforce_eager = runner.cuda_graphs is None
+            engine.async_scheduling = engine.scheduler.lookahead = default_async
+    res["async_scheduling"] = default_async
     res["targets"] = {"b1": TARGETS["decode_b1_vs_floor"], "b64": TARGETS["decode_b64_vs_floor"]}
     return res
 

@@ -339,7 +339,8 @@ def paged_decode_attention(
     if split:
         _decode_merge_kernel[(batch, num_heads)](
             part_acc, part_ml, out, out.stride(0), out.stride(1), num_splits,
-            HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT_BLOCK=min(16, _pow2(num_splits)), num_warps=1,
+            # One lane count for every split count: a new value would compile a new kernel mid-serving.
+            HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT_BLOCK=16, num_warps=1,
         )
     return out
 
@@ -540,3 +541,28 @@ def paged_prefill_attention(
     num_blocks = math.ceil(context_len / k_cache.shape[1])
     batch = RaggedPrefill.from_chunks([_Chunk(0, q.shape[0], context_len, block_table[:num_blocks])])
     return paged_prefill_attention_ragged(q, k_cache, v_cache, batch, scale, sliding_window, k_new, v_new)
+
+
+# ---- warm-up ------------------------------------------------------------------------------
+
+
+def warm_up(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float,
+            sliding_window: int | None = None) -> None:
+    """Compile every launch variant the engine uses, now: decode with and without a context
+    split, prefill over the chunks' own keys and over a cached prefix. Triton compiles a
+    variant the first time it runs (about a second), and every request of that step would
+    wait for it. Reads block 0 of the cache, writes nothing there; the inputs have the
+    engine's dtypes (int64 tables and lengths), which the compiled variants depend on."""
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    dev, dt = k_cache.device, k_cache.dtype
+    q = torch.zeros(2, num_heads, head_dim, dtype=dt, device=dev)
+    k_new = torch.zeros(2, num_kv_heads, head_dim, dtype=dt, device=dev)
+    tables = torch.zeros(2, 2, dtype=torch.int64, device=dev)
+    lens = torch.full((2,), 2, dtype=torch.int64, device=dev)
+    for splits in (1, 2):
+        paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, sliding_window, num_splits=splits)
+    for prefix in (0, 1):
+        batch = RaggedPrefill.from_chunks([_Chunk(0, 2, 2 + prefix, tables[0])])
+        paged_prefill_attention_ragged(q, k_cache, v_cache, batch, scale, sliding_window, k_new, k_new)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)

@@ -94,6 +94,15 @@ def paged_prefill_attention(q, k_cache, v_cache, block_table, context_len: int, 
         q, k_cache, v_cache, block_table, context_len, scale, sliding_window, k_new, v_new)
 
 
+def warm_up_attention(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float,
+                      sliding_window: int | None) -> None:
+    """Compile the Triton attention kernels' variants at start-up (nothing to do for torch)."""
+    if use_triton(k_cache):
+        from splitserve.kernels import attention_triton
+
+        attention_triton.warm_up(k_cache, v_cache, num_heads, scale, sliding_window)
+
+
 def ragged_prefill(chunks: Sequence):
     """A step's prefill chunks as one `RaggedPrefill` (device tensors) for the Triton kernel."""
     from splitserve.kernels import attention_triton

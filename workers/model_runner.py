@@ -74,9 +74,18 @@ class ModelRunner:
         else:
             model.load_weights(weights)
         runner = cls(model_cfg, model, parallel, kv_spec, device, eos_token_ids)
+        runner.warm_up()
         if not runner.enforce_eager:
             runner.capture_cuda_graphs()
         return runner
+
+    def warm_up(self) -> None:
+        """Compile the kernels' variants before the first request (see `attention_triton.warm_up`)."""
+        if self.device.type != "cuda" or not self.model.layers:
+            return
+        attn = self.model.layers[0].self_attn.attn
+        k_cache, v_cache = self.kv_layers[0]
+        dispatch.warm_up_attention(k_cache, v_cache, attn.num_heads, attn.scale, attn.sliding_window)
 
     def capture_cuda_graphs(self, max_batch: int | None = None) -> None:
         """Capture the decode graphs (weights loaded, KV cache allocated: call once, at start)."""

@@ -284,3 +284,12 @@ def test_dispatch_triton_mode_matches_reference_path(monkeypatch):
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(dec, paged_decode_attention_ref(q[:2], k_cache, v_cache, bt, lens, 0.3),
                                atol=2e-6, rtol=1e-5)
+
+
+def test_warm_up_runs_every_variant_without_touching_the_cache():
+    from splitserve.kernels import attention_triton
+
+    k_cache, v_cache = noise_cache(4, 2, seed=31)
+    before = (k_cache.clone(), v_cache.clone())
+    attention_triton.warm_up(k_cache, v_cache, num_heads=4, scale=D**-0.5)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
