@@ -191,6 +191,7 @@ def section_kernels(ctx: "Ctx") -> dict:
     import torch
 
     from splitserve.kernels import attention as aref, attention_triton as at
+    from splitserve.kernels import activation, activation_triton
     from splitserve.kernels import kv_pack, kv_pack_triton, norm, norm_triton, rotary, rotary_triton
 
     dev = ctx.device
@@ -263,13 +264,22 @@ def section_kernels(ctx: "Ctx") -> dict:
     got_q, got_k = rotary_triton.apply_rotary(qr, kr, cos, sin)
     want_q, want_k = rotary.apply_rotary_ref(qr.float(), kr.float(), cos, sin)
     out["rotary_rel_err"] = max(rel_error(got_q, want_q), rel_error(got_k, want_k))
+    kc, vc = rnd(300, 16, 8, 128), rnd(300, 16, 8, 128)
+    want_kc, want_vc = kc.clone(), vc.clone()
+    vr, slots = rnd(4096, 8, 128), torch.randperm(300 * 16, device=dev, generator=g)[:4096]
+    got_q, got_k = rotary_triton.apply_rotary_and_write_kv(qr, kr, vr, cos, sin, kc, vc, slots)
+    aref.write_kv_ref(want_kc, want_vc, rotary.apply_rotary_ref(qr, kr, cos, sin)[1], vr, slots)
+    out["rotary_kv_write_rel_err"] = max(rel_error(got_q, want_q), rel_error(got_k, want_k), rel_error(kc, want_kc))
+    out["rotary_kv_write_v_exact"] = bool(torch.equal(vc, want_vc))
+    gu = rnd(4096, 2 * 14336)
+    out["silu_and_mul_rel_err"] = rel_error(activation_triton.silu_and_mul(gu), activation.silu_and_mul_ref(gu.float()))
     cache = rnd(8, 2, 512, 16, 8, 128)
     blocks = torch.randperm(512, device=dev, generator=g)[:100]
     packed = kv_pack_triton.pack_kv_blocks(cache, slice(2, 6), slice(0, 4), blocks)
     out["kv_pack_exact"] = bool(torch.equal(packed, kv_pack.pack_kv_blocks_ref(cache, slice(2, 6), slice(0, 4), blocks)))
     errs = [v for key, v in out.items() if key.endswith("rel_err")]
     out["max_rel_err"] = max(errs)
-    out["pass"] = all(e < 1e-2 for e in errs) and out["kv_pack_exact"]
+    out["pass"] = all(e < 1e-2 for e in errs) and out["kv_pack_exact"] and out["rotary_kv_write_v_exact"]
     return out
 
 

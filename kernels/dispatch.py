@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 
+from splitserve.kernels import activation as activation_ref
 from splitserve.kernels import attention as attention_ref
 from splitserve.kernels import kv_pack as kv_pack_ref
 from splitserve.kernels import norm as norm_ref
@@ -155,6 +156,15 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return norm_ref.add_rms_norm_ref(x, residual, weight, eps)
 
 
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2n] (gate | up) -> silu(gate) * up [T, n]."""
+    if use_triton(x):
+        from splitserve.kernels import activation_triton
+
+        return activation_triton.silu_and_mul(x)
+    return activation_ref.silu_and_mul_ref(x)
+
+
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(q):
@@ -162,6 +172,20 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
         return rotary_triton.apply_rotary(q, k, cos, sin)
     return rotary_ref.apply_rotary_ref(q, k, cos, sin)
+
+
+def apply_rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                              sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_rotary`, then the rotated k and v stored at their slots (`write_kv`): one
+    Triton launch on CUDA."""
+    if use_triton(q):
+        from splitserve.kernels import rotary_triton
+
+        return rotary_triton.apply_rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    q, k = rotary_ref.apply_rotary_ref(q, k, cos, sin)
+    attention_ref.write_kv_ref(k_cache, v_cache, k, v, slot_mapping)
+    return q, k
 
 
 # ---- KV transfer --------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Same call as `apply_rotary_ref`: q [T, Hq, D] and k [T, Hk, D] rotated by per-token cos/sin
 [T, D] (rows of the float32 tables `rope_cos_sin` builds, default or Llama 3 scaling alike:
 the kernel only reads the tables), "rotate half" convention, new output tensors. One program
-per token rotates all its q and k heads. The arithmetic rounds where the reference does
+per token rotates all its q and k heads; `apply_rotary_and_write_kv` also stores the rotated k
+and v at the token's cache slot (the decode step's K/V write, in the same launch). The arithmetic rounds where the reference does
 (cos/sin cast to the input dtype, each product and the sum rounded to it), so bf16 output
 matches it except where the GPU fuses a multiply-add.
 """
@@ -17,7 +18,9 @@ import triton.language as tl
 
 @triton.jit
 def _rotate_heads(x_ptr, o_ptr, stride_xt, stride_xh, stride_ot, stride_oh, token, c1, c2, s1, s2,
-                  NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+                  cache_ptr, slot, stride_cs, stride_ch,
+                  NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                  TO_CACHE: tl.constexpr):
     heads = tl.arange(0, HEADS_PAD)
     dims = tl.arange(0, HALF_PAD)
     mask = (heads[:, None] < NUM_HEADS) & (dims[None, :] < HALF)
@@ -31,8 +34,13 @@ def _rotate_heads(x_ptr, o_ptr, stride_xt, stride_xh, stride_ot, stride_oh, toke
     b1 = (-x2.to(tl.float32) * s1[None, :]).to(dtype).to(tl.float32)
     a2 = (x2.to(tl.float32) * c2[None, :]).to(dtype).to(tl.float32)
     b2 = (x1.to(tl.float32) * s2[None, :]).to(dtype).to(tl.float32)
-    tl.store(o_row, (a1 + b1).to(o_ptr.dtype.element_ty), mask=mask)
-    tl.store(o_row + HALF, (a2 + b2).to(o_ptr.dtype.element_ty), mask=mask)
+    lo, hi = (a1 + b1).to(o_ptr.dtype.element_ty), (a2 + b2).to(o_ptr.dtype.element_ty)
+    tl.store(o_row, lo, mask=mask)
+    tl.store(o_row + HALF, hi, mask=mask)
+    if TO_CACHE:
+        c_row = cache_ptr + slot * stride_cs + heads[:, None] * stride_ch + dims[None, :]
+        tl.store(c_row, lo, mask=mask)
+        tl.store(c_row + HALF, hi, mask=mask)
 
 
 @triton.jit
@@ -40,8 +48,9 @@ def _rotary_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_oqt, stride_oqh, stride_okt, stride_okh,
     stride_cos, stride_sin,
+    v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_vt, stride_vh, stride_cs, stride_ch,
     NUM_Q: tl.constexpr, NUM_K: tl.constexpr, Q_PAD: tl.constexpr, K_PAD: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, TO_CACHE: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     dims = tl.arange(0, HALF_PAD)
@@ -52,16 +61,44 @@ def _rotary_kernel(
     c2 = tl.load(cos_ptr + token * stride_cos + HALF + dims, mask=ok, other=0.0).to(dtype).to(tl.float32)
     s1 = tl.load(sin_ptr + token * stride_sin + dims, mask=ok, other=0.0).to(dtype).to(tl.float32)
     s2 = tl.load(sin_ptr + token * stride_sin + HALF + dims, mask=ok, other=0.0).to(dtype).to(tl.float32)
+    slot = token
+    if TO_CACHE:
+        slot = tl.load(slot_ptr + token).to(tl.int64)
     _rotate_heads(q_ptr, q_out_ptr, stride_qt, stride_qh, stride_oqt, stride_oqh, token, c1, c2, s1, s2,
-                  NUM_Q, Q_PAD, HALF, HALF_PAD)
+                  q_out_ptr, slot, 0, 0, NUM_Q, Q_PAD, HALF, HALF_PAD, False)
     _rotate_heads(k_ptr, k_out_ptr, stride_kt, stride_kh, stride_okt, stride_okh, token, c1, c2, s1, s2,
-                  NUM_K, K_PAD, HALF, HALF_PAD)
+                  k_cache_ptr, slot, stride_cs, stride_ch, NUM_K, K_PAD, HALF, HALF_PAD, TO_CACHE)
+    if TO_CACHE:  # V is stored as it is, both halves at once
+        heads = tl.arange(0, K_PAD)
+        cols = tl.arange(0, 2 * HALF_PAD)
+        mask = (heads[:, None] < NUM_K) & (cols[None, :] < 2 * HALF)
+        v = tl.load(v_ptr + token * stride_vt + heads[:, None] * stride_vh + cols[None, :], mask=mask)
+        tl.store(v_cache_ptr + slot * stride_cs + heads[:, None] * stride_ch + cols[None, :], v, mask=mask)
 
 
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hk, D] by per-token cos/sin [T, D], as `apply_rotary_ref`."""
+    return _launch(q, k, cos, sin, None)
+
+
+def apply_rotary_and_write_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_rotary`, and the rotated k and v [T, Hk, D] stored at their cache slots
+    (as `write_kv_ref`) by the same launch: one kernel per layer instead of three."""
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    k_flat, v_flat = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
+    if v.shape != k.shape or v.dtype != k_cache.dtype or k.dtype != k_cache.dtype or k_flat.stride() != v_flat.stride():
+        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} and the caches {tuple(k_cache.shape)} do not match")
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    return _launch(q, k, cos, sin, (v, k_flat, v_flat, slot_mapping))
+
+
+def _launch(q, k, cos, sin, cache) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, num_q, head_dim = q.shape
     num_k = k.shape[1]
     if head_dim % 2 or k.shape[2] != head_dim or k.dtype != q.dtype:
@@ -71,6 +108,8 @@ def apply_rotary(
     cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
     q_out, k_out = torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format)
+    # Without a cache the cache arguments are unused placeholders (TO_CACHE is off).
+    v, k_flat, v_flat, slots = cache if cache is not None else (k_out, k_out, k_out, cos)
     if tokens:
         half = head_dim // 2
         _rotary_kernel[(tokens,)](
@@ -78,7 +117,8 @@ def apply_rotary(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
             cos.stride(0), sin.stride(0),
+            v, k_flat, v_flat, slots, v.stride(0), v.stride(1), k_flat.stride(0), k_flat.stride(1),
             NUM_Q=num_q, NUM_K=num_k, Q_PAD=triton.next_power_of_2(num_q), K_PAD=triton.next_power_of_2(num_k),
-            HALF=half, HALF_PAD=triton.next_power_of_2(half), num_warps=4,
+            HALF=half, HALF_PAD=triton.next_power_of_2(half), TO_CACHE=cache is not None, num_warps=4,
         )
     return q_out, k_out

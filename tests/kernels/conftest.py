@@ -22,6 +22,7 @@ import importlib
 import pytest
 
 TRITON_MODULES = [
+    "splitserve.kernels.activation_triton",
     "splitserve.kernels.attention_triton",
     "splitserve.kernels.norm_triton",
     "splitserve.kernels.rotary_triton",

@@ -69,3 +69,29 @@ def test_bfloat16_close_to_reference():
     assert got_q.dtype == torch.bfloat16
     torch.testing.assert_close(got_q, want_q, atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(got_k, want_k, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["default", "odd_half"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_and_cache_write_match_the_two_references(name, dtype):
+    """One launch rotates q and k and stores k and v (a strided view, as the fused qkv
+    projection gives it) at scattered slots; the rest of the cache is untouched."""
+    from splitserve.kernels.attention import write_kv_ref
+    from splitserve.kernels.rotary_triton import apply_rotary_and_write_kv
+
+    spec, hq, hk, tokens, blocks, bs = SPECS[name], 4, 2, 7, 6, 4
+    q, k, cos, sin = _case(spec, hq, hk, tokens, dtype, seed=5)
+    g = torch.Generator().manual_seed(6)
+    qkv_v = torch.randn(tokens, 3 * hk, spec.head_dim, generator=g).to(dtype)[:, hk:2 * hk]  # strided rows
+    k_cache = torch.randn(blocks, bs, hk, spec.head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(blocks, bs, hk, spec.head_dim, generator=g).to(dtype)
+    slots = torch.randperm(blocks * bs, generator=g)[:tokens]
+    want_kc, want_vc = k_cache.clone(), v_cache.clone()
+    want_q, want_k = apply_rotary_ref(q, k, cos, sin)
+    write_kv_ref(want_kc, want_vc, want_k, qkv_v, slots)
+    got_q, got_k = apply_rotary_and_write_kv(q, k, qkv_v, cos, sin, k_cache, v_cache, slots)
+    tol = {"atol": 1e-6, "rtol": 1e-6} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(got_q, want_q, **tol)
+    torch.testing.assert_close(got_k, want_k, **tol)
+    torch.testing.assert_close(k_cache, want_kc, **tol)
+    assert torch.equal(v_cache, want_vc)  # v is copied, not computed

@@ -72,9 +72,9 @@ class PagedAttention(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hk, D] -> [T, Hq, D]."""
+        """q [T, Hq, D], k/v [T, Hk, D] -> [T, Hq, D]; the new k/v are in the cache already
+        (`kernels.apply_rotary_and_write_kv` put them there)."""
         k_cache, v_cache = kv_cache
-        kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         if meta.num_decode:
             kernels.paged_decode_attention(

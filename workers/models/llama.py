@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from splitserve.kernels import dispatch as kernels
 from splitserve.kernels.rotary import rope_cos_sin
@@ -74,7 +73,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = kernels.apply_rotary(q, k, cos, sin)
+        q, k = kernels.apply_rotary_and_write_kv(q, k, v, cos, sin, *kv_cache, meta.slot_mapping)
         out = self.attn(q, k, v, kv_cache, meta)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -89,8 +88,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(cols.start, n, cfg.hidden_size, False, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
