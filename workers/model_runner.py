@@ -187,12 +187,15 @@ class _StepInputs:
                  [b for row in batch.decode_block_tables for b in row] if num_decode else []]
         parts += [batch.fill_rows, batch.fill_from]
         parts += [c.block_ids for c in batch.prefills]
-        flat = torch.tensor([v for p in parts for v in p], dtype=torch.int64)
+        # Every view starts 16 bytes into alignment (each part padded to an even length):
+        # Triton compiles a kernel per pointer alignment, and a view whose alignment changed
+        # from one step to the next would compile a new variant in the middle of serving.
+        flat = torch.tensor([v for p in parts for v in (*p, 0)[:len(p) + len(p) % 2]], dtype=torch.int64)
         dev = self._to_device(flat)
         views, start = [], 0
         for p in parts:
             views.append(dev[start:start + len(p)])
-            start += len(p)
+            start += len(p) + len(p) % 2
         return {"input_ids": views[0], "positions": views[1], "slot_mapping": views[2], "logits_indices": views[3],
                 "decode_context_lens": views[4], "decode_block_tables": views[5].view(num_decode, width),
                 "fill_rows": views[6], "fill_from": views[7], "chunk_block_ids": views[8:]}
