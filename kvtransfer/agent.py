@@ -5,25 +5,35 @@ One `KVTransferAgent` per rank of a prefill or decode group, beside the rank's K
 Prefill rank (sender): a `StepBatch` carries `SendCommand`s for the requests whose prompt
 completes in that step. During the forward, `layer_hook` is called after every layer; when a
 route's layer group is complete, its slice (layers x 2 x blocks x block_size x heads x dim)
-is packed into one contiguous buffer and sent at once, while the next layers compute (the
-layer-wise streaming). A waiter thread holds the sends to their deadline and reports.
+is packed into one contiguous buffer (on the step's stream, right behind the layers it
+reads) and sent at once, while the next layers compute (the layer-wise streaming). The
+buffer goes straight back to the `BufferPool` with the send's work: it is lent again only
+once that work has completed, so the step's thread never waits for a send. A waiter thread
+holds the sends to their deadline and reports.
 
 Decode rank (receiver): `post_recv(commands of one prefill step)` posts every message's
 receive into a staging buffer, on the rank's own thread and in the order the senders send
 (`message_order`: NCCL matches by order, gloo by tag), then a thread per transfer writes each
-message into the cache blocks as it lands and reports when all have. `cancel` (the driver gave up: deadline passed,
-a rank failed) takes the same lock as the write, so once it returns a cancelled transfer
-never touches the cache (the blocks may belong to someone else by then).
+message into the cache blocks as it lands and reports when all are written. The agent's
+threads use a side stream of their own: a receive posted on the compute stream would wait
+for the compute queued before it. A message's write is queued only once the host has seen
+it land (NCCL: its end event, seen by the transport's `Watcher`), never a stream wait on
+a message still in flight, so a late transfer holds no other transfer's writes. `cancel`
+(the driver gave up: deadline passed, a rank failed) takes the same lock as the write, so
+once it returns a cancelled transfer queues no write, and on CUDA the caller's stream waits
+for any write already queued: nothing touches those blocks after their next owner does.
 
 Deadlines: the driver owns each transfer's deadline and cancels it. The ranks' own waits use
 the long link timeout instead, because gloo closes a pair when a wait times out: a transfer
 that is merely late must not break the connection every later transfer uses. A rank whose
-peer died gets an error from the transport at once.
+peer died gets an error from the transport at once. Every host wait (a message, the writes
+of a transfer) has that deadline; the pool never waits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import signal
@@ -37,11 +47,14 @@ import torch
 
 from splitserve.kvtransfer.messages import FaultConfig, KVRoute, RecvCommand, SendCommand, TransferEvent
 from splitserve.kvtransfer.transport import (
-    CudaIpcTransport, InProcessTransport, Mailboxes, PairwiseTransport, Transport,
+    CudaIpcTransport, InProcessTransport, Mailboxes, PairwiseTransport, Transport, wait_until,
 )
 
 #: The in-process transport's mailboxes, shared by every engine of this process.
 MAILBOXES = Mailboxes()
+
+#: How long the receive side spins on the writes of a transfer before it sleeps between polls.
+WRITTEN_SPIN_S = 1e-3
 
 
 @dataclass(frozen=True)
@@ -88,25 +101,102 @@ def message_order(cmds: list, keep: Callable[[KVRoute], bool]) -> list[tuple[obj
 
 
 class BufferPool:
-    """Reusable staging buffers by shape (thread-safe); bounded per shape."""
+    """Staging buffers, reused across messages of any shape (thread-safe).
 
-    def __init__(self, dtype: torch.dtype, device: torch.device, keep: int = 8):
-        self.dtype, self.device, self.keep = dtype, device, keep
-        self._free: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    Lifecycle of a buffer: `take` lends a view of the asked shape on a flat buffer at least
+    that large (a fresh one when none is free: a pack never waits); the message is packed or
+    received into it; `give` hands it back together with the work that may still read or
+    write it. It is lent again only once that work `is_completed` (for NCCL, its end event
+    has passed: asked without blocking), so no host thread waits for a send before its buffer
+    can return, and no pack overwrites bytes NCCL still reads. Free buffers beyond `keep_bytes`
+    (or `max_free` of them) go back to the allocator, oldest first, completed ones only.
+    A buffer fits a request of n elements when it holds n to 2n: prompts of nearby lengths
+    share buffers, and memory stays bounded however many shapes come by.
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, keep_bytes: int = 1 << 30, max_free: int = 64):
+        self.dtype, self.device = dtype, device
+        self.keep_bytes, self.max_free = keep_bytes, max_free
+        self._free: list[list] = []  # [flat buffer, work or None, last view], oldest first
+        self._free_bytes = 0
+        self._lent: dict[int, list] = {}  # data_ptr of a lent view -> its entry
         self._lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        numel = math.prod(shape)
         with self._lock:
-            free = self._free.get(shape)
-            if free:
-                return free.pop()
-        return torch.empty(shape, dtype=self.dtype, device=self.device)
+            entry = self._take_free(max(1, numel))  # never empty: a lent buffer's address is its key
+        if entry is None:
+            flat = torch.empty(_capacity(max(1, numel)), dtype=self.dtype, device=self.device)
+            entry = [flat, None, None]
+        if entry[2] is None or entry[2].shape != shape:
+            entry[2] = entry[0][:numel].view(shape)  # kept: a buffer mostly serves one shape
+        with self._lock:
+            self._lent[entry[2].data_ptr()] = entry
+        return entry[2]
 
-    def give(self, buf: torch.Tensor) -> None:
+    def give(self, buf: torch.Tensor, work=None) -> None:
+        """Take ``buf`` back; it is reused once ``work`` (None: nothing) has completed."""
         with self._lock:
-            free = self._free.setdefault(tuple(buf.shape), [])
-            if len(free) < self.keep:
-                free.append(buf)
+            entry = self._lent.pop(buf.data_ptr(), None)
+            if entry is not None:
+                entry[1] = work
+                self._free.append(entry)
+                self._free_bytes += _nbytes(entry[0])
+                self._trim()
+
+    def forget(self, buf: torch.Tensor) -> None:
+        """Never lend ``buf`` again (its message failed: the transport may still use it)."""
+        with self._lock:
+            self._lent.pop(buf.data_ptr(), None)
+            gone = [i for i, e in enumerate(self._free) if e[0].data_ptr() == buf.data_ptr()]
+            for i in reversed(gone):
+                self._drop(i)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def _take_free(self, numel: int) -> list | None:
+        """The oldest free buffer that fits, if its work has completed. Only that one is asked
+        (asking torch costs, and a pair's messages end in order: a newer one is no further);
+        one still in flight goes to the back, so a stuck one holds up no other."""
+        for i, entry in enumerate(self._free):
+            if numel <= entry[0].numel() <= 2 * numel:
+                if _ready(entry):
+                    return self._drop(i)
+                self._free.append(self._free.pop(i))
+                return None
+        return None
+
+    def _trim(self) -> None:
+        while len(self._free) > self.max_free or self._free_bytes > self.keep_bytes:
+            done = next((i for i, e in enumerate(self._free) if _ready(e)), None)
+            if done is None:
+                return  # the rest are still in flight: freed once they have completed
+            self._drop(done)
+
+    def _drop(self, index: int) -> list:
+        entry = self._free.pop(index)  # by place: entries hold tensors, `==` would compare them
+        self._free_bytes -= _nbytes(entry[0])
+        return entry
+
+
+def _ready(entry: list) -> bool:
+    """A free buffer's work has completed (remembered, so it is asked at most until then)."""
+    if entry[1] is not None and entry[1].is_completed():
+        entry[1] = None
+    return entry[1] is None
+
+
+def _capacity(numel: int) -> int:
+    """Round up to one of 8 to 16 sizes per power of two: at most 1/8 more than asked."""
+    step = 1 << max(0, numel.bit_length() - 4)
+    return -(-numel // step) * step
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class KVTransferAgent:
@@ -118,19 +208,18 @@ class KVTransferAgent:
         self.me = peer_name(spec.role, rank, spec.namespace)
         self.transport = self._make_transport(mailboxes)
         self._cancelled: set[int] = set()
-        self._abandoned: list[list] = []  # failed receives: a late message may still land in them
+        self._abandoned: list = []  # buffers of failed messages: the transport may still use them
         self._write_lock = threading.Lock()
         self._sent: queue.Queue = queue.Queue()
         self._link_timeout = timedelta(seconds=spec.link_timeout_s)
-        # Staging buffers are reused: a fresh one per message costs page faults on the hot path.
+        # Staging buffers are reused: a fresh one per message costs page faults (CPU) or
+        # allocator calls on the hot path.
         self._pool = BufferPool(cache_data.dtype, cache_data.device)
         self._to_post: queue.Queue = queue.Queue()
-        # Waits on transfers and the unpacks run on side streams: `work.wait()` makes the
-        # *current* stream wait for the message, and a thread's current stream is by default
-        # the one the model computes on, so a receive posted ahead of its sender would hold
-        # every later step of the rank until prefill sends.
-        self._recv_stream = _side_stream(cache_data.device)
-        self._send_stream = _side_stream(cache_data.device)
+        # The agent's threads run on a side stream: receives are posted, and unpacks queued,
+        # there. A thread's current stream is by default the one the model computes on, and a
+        # receive posted there would start only after the compute queued before it.
+        self._stream = _side_stream(cache_data.device)
         if spec.role == "prefill":
             threading.Thread(target=self._send_waiter, name=f"kv-send-{self.me}", daemon=True).start()
         else:
@@ -169,15 +258,18 @@ class KVTransferAgent:
         heads = slice(route.heads.start - self.head_start, route.heads.stop - self.head_start)
         return layers, heads
 
-    def _pack(self, route: KVRoute, group: range, blocks: torch.Tensor) -> torch.Tensor:
-        """One copy: the (layers, heads) view's blocks gathered straight into a pooled buffer."""
+    def _view(self, route: KVRoute, group: range) -> torch.Tensor:
+        """The (layers, heads) view of the cache that a message of ``route`` carries."""
         layers, heads = self._slice(route, group)
-        buf = self._pool.take(self._shape(route, group, len(blocks)))
-        return torch.index_select(self.cache[layers][:, :, :, :, heads], 2, blocks, out=buf)
+        return self.cache[layers][:, :, :, :, heads]
+
+    def _pack(self, source: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """One copy: the view's blocks gathered straight into a pooled buffer."""
+        shape = (*source.shape[:2], len(blocks), *source.shape[3:])
+        return torch.index_select(source, 2, blocks, out=self._pool.take(shape))
 
     def _unpack(self, route: KVRoute, group: range, blocks: torch.Tensor, buf: torch.Tensor) -> None:
-        layers, heads = self._slice(route, group)
-        self.cache[layers][:, :, :, :, heads].index_copy_(2, blocks, buf)
+        self._view(route, group).index_copy_(2, blocks, buf)
 
     def _shape(self, route: KVRoute, group: range, num_blocks: int) -> tuple[int, ...]:
         _, two, _, block_size, _, head_dim = self.cache.shape
@@ -192,40 +284,49 @@ class KVTransferAgent:
             due.setdefault(group.stop - 1, []).append((cmd, route, group))
         if not due:
             return None
-        blocks = {cmd.transfer_id: torch.tensor(cmd.block_ids, device=self.cache.device) for cmd in sends}
+        blocks = {cmd.transfer_id: _block_index(cmd.block_ids, self.cache.device) for cmd in sends}
         counts = {cmd.transfer_id: sum(1 for items in due.values() for c, _, _ in items if c is cmd) for cmd in sends}
+        # The views, ready before the forward: the hook runs between layers, on the hot path.
+        views = {(route, group.start): self._view(route, group) for items in due.values() for _, route, group in items}
 
         def hook(layer: int) -> None:
             for cmd, route, group in due.get(layer, ()):
-                self._send(cmd, route, group, blocks[cmd.transfer_id], counts[cmd.transfer_id])
+                tid = cmd.transfer_id
+                self._send(cmd, route, group, views[route, group.start], blocks[tid], counts[tid])
         return hook
 
-    def _send(self, cmd: SendCommand, route: KVRoute, group: range, blocks: torch.Tensor, count: int) -> None:
+    def _send(self, cmd: SendCommand, route: KVRoute, group: range, source: torch.Tensor, blocks: torch.Tensor,
+              count: int) -> None:
+        """Pack on the step's stream (after the layers just computed), send, and hand the buffer
+        back at once: the pool lends it again only once the send has completed."""
         faults = self.spec.faults
         if faults.delay_transfer == cmd.transfer_id:
             time.sleep(faults.delay_s)
-        buf = self._pack(route, group, blocks)
+        buf = self._pack(source, blocks)
         work = self.transport.send(buf, peer_name("decode", route.dst_rank, self._namespace(cmd)), message_tag(cmd.transfer_id, group))
+        self._pool.give(buf, work)
         self._sent.put((cmd.transfer_id, count, buf, work))
         if faults.kill_prefill_rank == self.rank and faults.kill_on_transfer == cmd.transfer_id:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die mid-transfer
 
     def _send_waiter(self) -> None:
-        with _on_stream(self._send_stream):
+        with _on_stream(self._stream):
             self._wait_sends()
 
     def _wait_sends(self) -> None:
+        """Reports each transfer once all its messages are through (or one failed). Nothing
+        waits on this thread: the buffers went back to the pool when the messages were sent."""
         pending: dict[int, list] = {}
         while (item := self._sent.get()) is not None:
             transfer_id, count, buf, work = item
             state = pending.setdefault(transfer_id, [count, 0, time.monotonic(), None])
             try:
                 work.wait(self._link_timeout)
-                _sync(self._send_stream)  # sent, not just queued: the buffer may be reused
-                state[1] += buf.numel() * buf.element_size()
-                self._pool.give(buf)
+                state[1] += _nbytes(buf)
             except Exception as err:  # noqa: BLE001 - reported, the driver decides
-                state[3] = str(err)  # the buffer is not reused: the transport may still read it
+                state[3] = str(err)
+                self._pool.forget(buf)  # the transport may still read it
+                self._abandoned.append(buf)
             state[0] -= 1
             if state[0] == 0:
                 del pending[transfer_id]
@@ -243,10 +344,9 @@ class KVTransferAgent:
         self._to_post.put(cmds)
 
     def _poster(self) -> None:
-        if self.cache.is_cuda:  # the current device is per thread; NCCL and the pool use it
-            torch.cuda.set_device(self.cache.device)
-        while (cmds := self._to_post.get()) is not None:
-            self._post_and_receive(cmds)
+        with _on_stream(self._stream):  # also the device: the current one is per thread
+            while (cmds := self._to_post.get()) is not None:
+                self._post_and_receive(cmds)
 
     def _post_and_receive(self, cmds: list[RecvCommand]) -> None:
         try:
@@ -261,46 +361,51 @@ class KVTransferAgent:
                              daemon=True).start()
 
     def cancel(self, transfer_id: int) -> None:
-        with self._write_lock:  # after this, no write of that transfer is running or will run
+        """After this, no write of that transfer runs or will run: none is queued once it is
+        cancelled (the lock waits out one being queued), and on CUDA the caller's stream (the
+        rank's compute stream, which reuses the blocks next) waits for those already queued.
+        Writes are queued only for messages that have landed, so that wait is short."""
+        with self._write_lock:
             self._cancelled.add(transfer_id)
+            _order_after(self._stream, self.cache.device)
 
     def _receive(self, cmd: RecvCommand, messages: list) -> None:
-        with _on_stream(self._recv_stream):
+        with _on_stream(self._stream):
             self._receive_on_stream(cmd, messages)
 
     def _receive_on_stream(self, cmd: RecvCommand, messages: list) -> None:
         """Write each message into the cache as it lands (under the lock, unless cancelled),
-        so the writes overlap the messages still on the wire."""
+        so the writes overlap the messages still on the wire; report once they are written."""
         start = time.monotonic()
-        blocks = torch.tensor(cmd.block_ids, device=self.cache.device)
+        blocks = _block_index(cmd.block_ids, self.cache.device)
         size = 0
         try:
             for route, group, buf, work in messages:
-                work.wait(self._link_timeout)
+                work.wait(self._link_timeout)  # landed: only now is its unpack queued
                 if not self._write(cmd.transfer_id, route, group, blocks, buf):
                     self._drain(cmd.transfer_id, messages)
                     return  # cancelled: the driver no longer waits for a report
-                size += buf.numel() * buf.element_size()
+                size += _nbytes(buf)
+            self._wait_written()  # written, not just queued: decode may read them after the report
         except Exception as err:  # noqa: BLE001 - reported, the driver decides
             self._abandoned.append(messages)
             self.report(TransferEvent(cmd.transfer_id, "recv", self.rank, False, f"{type(err).__name__}: {err}"))
             return
-        _sync(self._recv_stream)  # written, not just queued (and the buffers free to reuse)
-        for _, _, buf, _ in messages:
-            self._pool.give(buf)
+        self._give_back(messages)
         if self.spec.faults.drop_ack_of_transfer == cmd.transfer_id:
             return  # fault injection: the acknowledgement is lost
         self.report(TransferEvent(cmd.transfer_id, "recv", self.rank, True, None, size, time.monotonic() - start))
 
     def _drain(self, transfer_id: int, messages: list) -> None:
         """A cancelled transfer: let its remaining messages land (the sender keeps sending),
-        so the buffers can be dropped and the pair carries nothing stale."""
-        for _, _, _, work in messages:
-            try:
+        so the buffers can be reused and the pair carries nothing stale."""
+        try:
+            for _, _, _, work in messages:
                 work.wait(self._link_timeout)
-            except Exception:  # noqa: BLE001 - nothing to report for a cancelled transfer
-                self._abandoned.append(messages)
-                break
+            self._wait_written()  # the writes queued before the cancel still read their buffers
+            self._give_back(messages)
+        except Exception:  # noqa: BLE001 - nothing to report for a cancelled transfer
+            self._abandoned.append(messages)
         with self._write_lock:
             self._cancelled.discard(transfer_id)
 
@@ -311,6 +416,18 @@ class KVTransferAgent:
             self._unpack(route, group, blocks, buf)
             return True
 
+    def _wait_written(self) -> None:
+        """Host-wait, with the deadline, for the writes queued so far (CPU: done already).
+        They copy landed messages only, so they end within microseconds: spin first."""
+        if self._stream is not None:
+            written = torch.cuda.Event()
+            written.record(self._stream)
+            wait_until(written.query, self._link_timeout, "KV unpack", spin_s=WRITTEN_SPIN_S)
+
+    def _give_back(self, messages: list) -> None:
+        for _, _, buf, _ in messages:
+            self._pool.give(buf)
+
     def _post(self, cmds: list[RecvCommand]) -> list:
         posted = []
         for cmd, route, group in message_order(cmds, lambda r: r.dst_rank == self.rank):
@@ -320,8 +437,20 @@ class KVTransferAgent:
         return posted
 
 
+def _block_index(block_ids: list[int], device: torch.device) -> torch.Tensor:
+    """Block ids as an index on ``device``. On CUDA through pinned memory, without blocking:
+    a plain copy from a Python list waits for everything queued on the current stream."""
+    ids = torch.tensor(block_ids, dtype=torch.long)
+    if device.type != "cuda":
+        return ids
+    return ids.pin_memory().to(device, non_blocking=True)
+
+
 def _side_stream(device: torch.device):
-    return torch.cuda.Stream(device) if device.type == "cuda" else None
+    # High priority: the agent's copies are short and latency-bound, and torch lends
+    # high-priority streams from a pool of their own, apart from the one NCCL's streams
+    # come from, so no unpack queues behind another pair's NCCL kernel on a shared stream.
+    return torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
 
 
 def _on_stream(stream):
@@ -332,6 +461,10 @@ def _on_stream(stream):
     return torch.cuda.stream(stream)
 
 
-def _sync(stream) -> None:
+def _order_after(stream, device: torch.device) -> None:
+    """The calling thread's current stream waits (on the device, not the host) for the work
+    queued so far on ``stream``; nothing on CPU."""
     if stream is not None:
-        stream.synchronize()
+        queued = torch.cuda.Event()
+        queued.record(stream)
+        torch.cuda.current_stream(device).wait_event(queued)

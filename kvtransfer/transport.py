@@ -10,8 +10,15 @@
 
 Pairs are named by both ends ("P0|D1") and connected once, at start-up, by every rank in
 the same global order (sorted pair names), so connecting never deadlocks; afterwards a send
-is a tagged message on an existing group: no handshake on the hot path. A work's ``wait``
-always takes a deadline.
+is a tagged message on an existing group: no handshake on the hot path.
+
+Every transport returns a `Work` per message. Its ``wait`` is the host's wait, always with a
+deadline; ``is_completed`` never blocks and answers True only once the message is known to be
+through without error, so a staging buffer handed back with its work is reused no earlier.
+NCCL receives (`WatchedCudaWork`) are not waited for with torch's ``Work.wait(timeout)``,
+which sleeps 1 ms between polls: the `Watcher` learns from the driver when each has landed
+and wakes its waiters, and no shared stream is made to wait on a message still in flight.
+Sends (`CudaWork`) keep torch's wait, off the GIL: nothing on the hot path waits for them.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import os
 import queue
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Protocol
 
@@ -29,6 +38,8 @@ import torch.distributed as dist
 
 class Work(Protocol):
     def wait(self, timeout: timedelta) -> None: ...
+
+    def is_completed(self) -> bool: ...
 
 
 class Transport(Protocol):
@@ -47,6 +58,172 @@ def pair_name(a: str, b: str) -> str:
     return "|".join(sorted((a, b)))
 
 
+#: Host polling (`wait_until`): sleep from `POLL_MIN_S`, doubling up to `POLL_MAX_S`, the
+#: most a long wait is late by. No long spin of zero sleeps: a thread that gives the GIL back
+#: and at once takes it again keeps the rank's own thread waiting up to the 5 ms switch interval.
+POLL_MIN_S = 20e-6
+POLL_MAX_S = 200e-6
+
+
+class Backoff:
+    """The pause between two polls: doubling from the first up to the cap."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._delay = POLL_MIN_S / 2
+
+    def pause(self) -> None:
+        self._delay = min(2 * self._delay, POLL_MAX_S)
+        time.sleep(self._delay)
+
+
+def wait_until(done: Callable[[], bool], timeout: timedelta, what: str, spin_s: float = 0.0) -> None:
+    """Return once ``done()`` is true; raise TimeoutError past ``timeout``. ``spin_s``: first
+    poll that long with zero sleeps, for work due within microseconds (the shortest sleep
+    lasts some 70 us); kept short, as it holds the GIL most of the time."""
+    start = time.monotonic()
+    deadline, backoff = start + timeout.total_seconds(), Backoff()
+    while not done():
+        now = time.monotonic()
+        if now > deadline:
+            raise TimeoutError(f"{what}: not done within {timeout.total_seconds():.1f} s")
+        if now - start < spin_s:
+            time.sleep(0)
+        else:
+            backoff.pause()
+
+
+class CudaWork:
+    """A NCCL send. ``is_completed`` queries its end event without blocking (the staging pool
+    asks it); ``wait`` is torch's own, with the deadline: it polls each 1 ms, in C++ without
+    the GIL, which suits a send: only the report waits for it. Once it has ended, torch's
+    ``wait()`` (no timeout: a stream wait on an event already passed) releases the tensors
+    NCCL held and raises the message's error, if any."""
+
+    def __init__(self, work: dist.Work):
+        self.work = work
+        self._outcome: bool | BaseException | None = None  # True: through; an error: failed
+        self._lock = threading.Lock()  # the pool (step thread) and a waiter may both settle it
+
+    def is_completed(self) -> bool:
+        return self._settle() is True
+
+    def wait(self, timeout: timedelta) -> None:
+        self.work.wait(timeout)
+        if self._settle() is not True:
+            raise self._outcome
+
+    def _settle(self) -> bool | BaseException | None:
+        with self._lock:
+            if self._outcome is None and self._ended():
+                try:
+                    self.work.wait()
+                    self._outcome = True
+                except Exception as err:  # noqa: BLE001 - kept, raised by `wait`
+                    self._outcome = err
+            return self._outcome
+
+    def _ended(self) -> bool:
+        return self.work.is_completed()
+
+
+class WatchedCudaWork(CudaWork):
+    """A NCCL receive: the decode rank waits for it to write it, so torch's 1 ms polls (each
+    transfer came up to a millisecond late per wait) will not do, nor its first making the
+    caller's stream wait on the message (a shared stream would then hold every later transfer
+    behind one still in flight). ``landed`` is a CUDA event that passes with the message; a
+    `Watcher` sets ``ended`` once it has; ``wait`` blocks on that, with the deadline."""
+
+    def __init__(self, work: dist.Work, landed: torch.cuda.Event | None = None):
+        super().__init__(work)
+        self.landed = landed
+        self.ended = threading.Event()
+
+    def wait(self, timeout: timedelta) -> None:
+        if not self.ended.wait(timeout.total_seconds()) and self._settle() is None:
+            raise TimeoutError(f"NCCL message: not done within {timeout.total_seconds():.1f} s")
+        if self._settle() is not True:
+            raise self._outcome
+
+    def _ended(self) -> bool:
+        return self.ended.is_set() or self.work.is_completed()
+
+
+class Watcher:
+    """Finds out when NCCL receives land and wakes their waiters, without polling.
+
+    Per pair, one stream of its own waits on each receive in the order they were posted (the
+    order the pair's one NCCL stream runs them in: nothing waits longer than it would anyway)
+    and records a blocking-sync event after each; one thread per pair sleeps in that event's
+    ``synchronize`` (in the driver, without the GIL, woken as soon as the GPU passes it) and
+    sets the message's ``ended``. Waiters block on ``ended`` with their own deadline; a pair
+    whose peer never sends keeps only its own thread waiting.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._pairs: dict[str, tuple[torch.cuda.Stream, deque, threading.Condition]] = {}
+        self._lock = threading.Lock()
+
+    def watch(self, pair: str, work: dist.Work) -> WatchedCudaWork:
+        stream, open_, cond = self._pair(pair)
+        watched = WatchedCudaWork(work, self._landed(stream, work))
+        with cond:
+            open_.append(watched)
+            cond.notify()
+        return watched
+
+    def _pair(self, pair: str) -> tuple[torch.cuda.Stream, deque, threading.Condition]:
+        with self._lock:
+            if pair not in self._pairs:
+                self._pairs[pair] = (self._new_stream(), deque(), threading.Condition())
+                threading.Thread(target=self._run, args=self._pairs[pair][1:], name=f"kv-watch-{pair}",
+                                 daemon=True).start()
+            return self._pairs[pair]
+
+    def _new_stream(self) -> torch.cuda.Stream:
+        # High priority: torch lends those from a pool apart from the one NCCL's streams
+        # come from, so the stream is the pair's own.
+        return torch.cuda.Stream(self.device, priority=-1)
+
+    @staticmethod
+    def _landed(stream: torch.cuda.Stream, work: dist.Work) -> torch.cuda.Event:
+        with torch.cuda.stream(stream):
+            work.wait()  # no timeout: only this stream waits for the message
+            landed = torch.cuda.Event(blocking=True)
+            landed.record(stream)
+        return landed
+
+    def _run(self, open_: deque, cond: threading.Condition) -> None:
+        if self.device is not None:
+            torch.cuda.set_device(self.device)
+        while True:
+            with cond:
+                cond.wait_for(lambda: bool(open_))
+                head = open_[0]
+            head.landed.synchronize()
+            head.ended.set()
+            with cond:
+                open_.popleft()
+
+
+class HostWork:
+    """A gloo message: its own ``wait`` blocks on a condition variable with the deadline; gloo
+    says nothing of a send or receive before that, so it counts as completed once waited for."""
+
+    def __init__(self, work: dist.Work):
+        self.work, self._done = work, False
+
+    def is_completed(self) -> bool:
+        return self._done
+
+    def wait(self, timeout: timedelta) -> None:
+        self.work.wait(timeout)
+        self._done = True
+
+
 class PairwiseTransport:
     """gloo or NCCL process groups of two ranks each, built on a shared TCPStore."""
 
@@ -59,6 +236,7 @@ class PairwiseTransport:
         self.timeout = timedelta(seconds=timeout_s)
         self.store = dist.TCPStore(store_host, store_port, None, False, self.timeout)
         self.groups: dict[str, tuple[dist.ProcessGroup, int]] = {}
+        self._watcher = Watcher(self.device) if backend == "nccl" else None
 
     def connect(self, peers: list[str]) -> None:
         for pair in sorted(pair_name(self.me, p) for p in peers):
@@ -96,24 +274,36 @@ class PairwiseTransport:
 
     def send(self, tensor: torch.Tensor, peer: str, tag: int) -> Work:
         group, other = self._group(peer)
-        return group.send([tensor], other, tag)
+        work = group.send([tensor], other, tag)
+        return CudaWork(work) if self.backend == "nccl" else HostWork(work)
 
     def recv(self, tensor: torch.Tensor, peer: str, tag: int) -> Work:
         group, other = self._group(peer)
-        return group.recv([tensor], other, tag)
+        work = group.recv([tensor], other, tag)
+        if self.backend != "nccl":
+            return HostWork(work)
+        return self._watcher.watch(pair_name(self.me, peer), work)
 
 
 class _Done:
     def wait(self, timeout: timedelta) -> None:
         return None
 
+    def is_completed(self) -> bool:
+        return True
+
 
 class _MailboxRecv:
     def __init__(self, mailboxes: "Mailboxes", key: tuple[str, str, int], tensor: torch.Tensor):
         self.mailboxes, self.key, self.tensor = mailboxes, key, tensor
+        self._done = False
 
     def wait(self, timeout: timedelta) -> None:
         self.tensor.copy_(self.mailboxes.take(self.key, timeout.total_seconds()))
+        self._done = True
+
+    def is_completed(self) -> bool:
+        return self._done
 
 
 class Mailboxes:
@@ -160,6 +350,10 @@ class _StoreWork:
 
     def __init__(self, store, key: str, then):
         self.store, self.key, self.then = store, key, then
+        self._done = False
+
+    def is_completed(self) -> bool:
+        return self._done  # the key is deleted once read: only the waiter can tell
 
     def wait(self, timeout: timedelta) -> None:
         # Polls instead of store.wait, and on the waiting thread's own client: blocking waits
@@ -174,6 +368,7 @@ class _StoreWork:
             delay = min(delay * 2, 0.005)
         self.then(store.get(self.key))
         store.delete_key(self.key)
+        self._done = True
 
 
 class CudaIpcTransport:
