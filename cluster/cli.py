@@ -66,6 +66,8 @@ def _add_serve(sub) -> None:
     srv.add_argument("--max-model-len", type=int, default=None)
     srv.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step of each group")
     srv.add_argument("--max-num-seqs", type=int, default=None, help="sequences running at once in each group")
+    srv.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                     help="schedule step n+1 while the GPU runs step n (default: on for one-rank groups on CUDA)")
     for role in ("prefill", "decode", "worker"):
         srv.add_argument(f"--{role}-groups", type=int, default=None, help=f"number of {role} groups")
         for dim in ("tp", "pp"):
@@ -103,7 +105,7 @@ def serve_config_from_args(args: argparse.Namespace):
     overrides = {
         "model": args.model, "mode": args.mode, "device": args.device, "dtype": args.dtype,
         "max_model_len": args.max_model_len, "max_num_batched_tokens": args.max_num_batched_tokens,
-        "max_num_seqs": args.max_num_seqs, "router_policy": args.policy,
+        "max_num_seqs": args.max_num_seqs, "async_scheduling": args.async_scheduling, "router_policy": args.policy,
         "router_max_inflight": args.max_inflight, "server_host": args.host,
         "server_grpc_port": args.grpc_port, "server_http_port": args.http_port,
         "server_api_key_file": args.api_key_file, "server_tls_cert": args.tls_cert,
