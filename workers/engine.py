@@ -137,6 +137,7 @@ class LLMEngine:
         self.model_cfg = ModelConfig.from_hf(source.hf_config)
         self.eos_token_ids = self._eos_token_ids()
         self.device = resolve_device(config.device)
+        self.async_scheduling = self._async_scheduling()  # checked before any rank starts
         dtype = resolve_dtype(config.dtype, self.device)
         self.max_model_len = min(config.max_model_len or self.model_cfg.max_position_embeddings,
                                  self.model_cfg.max_position_embeddings)
@@ -150,7 +151,6 @@ class LLMEngine:
             device_offset=config.device_offset,
         ), config.parallel, processes=config.rank_processes, launcher=launcher)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.async_scheduling = self._async_scheduling()
         self.scheduler = Scheduler(config.scheduler, self.block_manager, lookahead=self.async_scheduling,
                                    max_model_len=self.max_model_len)
         self._step_ids = itertools.count(1)

@@ -96,7 +96,7 @@ def test_abort_with_two_steps_in_flight(tiny_async):
 def test_smollm2_stops_at_eos_like_transformers(smollm2_dir, smollm2_oracle, smollm2_tokenizer):
     llm = LLM(str(smollm2_dir), show_progress=False, async_scheduling=True, max_model_len=256)
     fills = _count_fills(llm.engine)
-    texts = ["The capital of France is", "1, 2, 3, 4,", "Write one word:"]
+    texts = ["The capital of France is", "Write one word:"]
     prompts = [smollm2_tokenizer.encode(t) for t in texts]
     outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0))
     for prompt, out in zip(prompts, outs):
