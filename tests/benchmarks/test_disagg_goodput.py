@@ -110,7 +110,7 @@ def test_time_cap_aborts_running_requests_and_never_sends_late_ones():
 
 def test_cpu_smoke_run_writes_report(tmp_path: Path):
     out = tmp_path / "goodput.json"
-    report = dg.main(["--device", "cpu", "--model", "random:tiny-llama", "--rates", "2", "4", "--num-prompts", "6",
+    report = dg.main(["--device", "cpu", "--model", "random:tiny-llama", "--rates", "4", "8", "--num-prompts", "6",
                       "--num-warmup", "1", "--stop-below", "0", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved == report and Path(saved["plot"]).exists()
@@ -118,7 +118,7 @@ def test_cpu_smoke_run_writes_report(tmp_path: Path):
     assert saved["workload"]["prompts_per_rate"] == [6, 6]
     for name in ("disagg", "aggregated"):
         system = saved["systems"][name]
-        assert [r["request_rate"] for r in system["runs"]] == [2, 4]
+        assert [r["request_rate"] for r in system["runs"]] == [4, 8]
         for r in system["runs"]:
             assert r["num_requests"] == 6 and len(r["requests"]) == 6
             assert r["num_completed"] + r["num_cut_off"] == 6 and r["num_wrong_length"] == 0
