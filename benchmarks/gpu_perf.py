@@ -378,7 +378,7 @@ def section_decode(ctx: "Ctx") -> dict:
             continue
         _set_kernels(mode)
         runner.enforce_eager = eager
-        engine.async_scheduling = engine.scheduler.lookahead = use_async
+        engine.scheduler.lookahead = use_async
         try:
             for batch, plen, key in ((1, b1_len, "b1"), (big, b64_len, f"b{big}")):
                 log(f"decode {name} batch {batch}")
@@ -388,7 +388,7 @@ def section_decode(ctx: "Ctx") -> dict:
         finally:
             _set_kernels("auto")
             runner.enforce_eager = runner.cuda_graphs is None
-            engine.async_scheduling = engine.scheduler.lookahead = default_async
+            engine.scheduler.lookahead = default_async
     res["async_scheduling"] = default_async
     res["targets"] = {"b1": TARGETS["decode_b1_vs_floor"], "b64": TARGETS["decode_b64_vs_floor"]}
     return res

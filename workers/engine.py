@@ -137,7 +137,7 @@ class LLMEngine:
         self.model_cfg = ModelConfig.from_hf(source.hf_config)
         self.eos_token_ids = self._eos_token_ids()
         self.device = resolve_device(config.device)
-        self.async_scheduling = self._async_scheduling()  # checked before any rank starts
+        async_scheduling = self._async_scheduling()  # checked before any rank starts
         dtype = resolve_dtype(config.dtype, self.device)
         self.max_model_len = min(config.max_model_len or self.model_cfg.max_position_embeddings,
                                  self.model_cfg.max_position_embeddings)
@@ -151,13 +151,12 @@ class LLMEngine:
             device_offset=config.device_offset,
         ), config.parallel, processes=config.rank_processes, launcher=launcher)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, lookahead=self.async_scheduling,
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, lookahead=async_scheduling,
                                    max_model_len=self.max_model_len)
         self._step_ids = itertools.count(1)
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []  # aborted between steps, reported by the next step
-        #: Submitted micro-batches and their step ids, oldest first.
-        self._inflight: deque[tuple[SchedulerOutput, int]] = deque()
+        self._inflight: deque[SchedulerOutput] = deque()  # submitted micro-batches, oldest first
         self._failure: str | None = None
         self._ids = itertools.count()
         self._held: dict[str, Sequence] = {}  # prefill role: finished, blocks kept until release
@@ -173,6 +172,11 @@ class LLMEngine:
             raise ValueError("async scheduling needs one rank (tp = pp = 1): the sampled tokens that the next "
                              "step's placeholders take stay on the rank that sampled them")
         return one_rank and (wanted if wanted is not None else self.device.type == "cuda")
+
+    @property
+    def async_scheduling(self) -> bool:
+        """Step n+1 is scheduled while step n runs (the scheduler looks ahead)."""
+        return self.scheduler.lookahead
 
     def _num_blocks(self, dtype: torch.dtype) -> int:
         # The KV budget is per rank; the first pipeline stage holds the most layers.
@@ -353,20 +357,23 @@ class LLMEngine:
         if not self._inflight:
             outputs, self._pending = self._pending, []
             return outputs
-        sampled = self._guarded(self.executor.collect)  # on failure the batch is still listed
-        out, _ = self._inflight.popleft()
-        self.scheduler.postprocess(out)
+        out, sampled = self._collect_oldest()
         outputs = self._update(out, sampled)
         self._collect_dead()
         return outputs
 
+    def _collect_oldest(self) -> tuple[SchedulerOutput, SamplerOutput]:
+        """The oldest batch's tokens, its sequences advanced past what it computed."""
+        sampled = self._guarded(self.executor.collect)  # on failure the batch is still listed
+        out = self._inflight.popleft()
+        self.scheduler.postprocess(out)
+        return out, sampled
+
     def _collect_dead(self) -> None:
         """A batch queued ahead whose every sequence has ended since (a stop token) is taken
         back now, freeing their blocks, rather than waiting for a step nobody may call."""
-        while self._inflight and all(item.seq.is_finished for item in self._inflight[0][0].scheduled):
-            self._guarded(self.executor.collect)
-            out, _ = self._inflight.popleft()
-            self.scheduler.postprocess(out)
+        while self._inflight and all(item.seq.is_finished for item in self._inflight[0].scheduled):
+            self._collect_oldest()
 
     def _submit_ready(self) -> None:
         """Schedule and send micro-batches until ``pp`` are in flight (one without pipeline
@@ -378,10 +385,10 @@ class LLMEngine:
             out = self.scheduler.schedule(cap)
             if out.is_empty:
                 return
-            previous = sampling_rows(self._inflight[-1][0]) if self._inflight else None
-            step_id = next(self._step_ids)
-            self._inflight.append((out, step_id))  # first: a failing submit must still release its sequences
-            batch = build_step_batch(out, self.block_manager.block_size, self._kv_sends(out), step_id, previous)
+            previous = sampling_rows(self._inflight[-1]) if self._inflight else None
+            self._inflight.append(out)  # first: a failing submit must still release its sequences
+            batch = build_step_batch(out, self.block_manager.block_size, self._kv_sends(out),
+                                     next(self._step_ids), previous)
             self._guarded(lambda: self.executor.submit(batch))
 
     def _guarded(self, call):
@@ -396,7 +403,7 @@ class LLMEngine:
         What each request had generated stays in ``lost_outputs`` (to continue it elsewhere)."""
         self._failure = reason
         self.lost_outputs = {rid: list(req.seq.output_token_ids) for rid, req in self._requests.items() if not req.hold}
-        for out, _ in self._inflight:  # the group is gone: nothing writes these blocks any more
+        for out in self._inflight:  # the group is gone: nothing writes these blocks any more
             self.scheduler.forget_in_flight([item.seq for item in out.scheduled])
         self._inflight.clear()
         for request_id in list(self._requests):
