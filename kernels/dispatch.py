@@ -61,6 +61,19 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and triton_available()
 
 
+# ---- host -> device -----------------------------------------------------------------------
+
+
+def upload(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A small host list as a tensor on ``device``, without waiting for its stream: a plain
+    copy from pageable memory waits for everything queued there (a step still running, a
+    transfer's compute), so on CUDA it goes through pinned memory, asynchronously."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 # ---- attention ----------------------------------------------------------------------------
 
 

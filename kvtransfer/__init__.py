@@ -1,6 +1,7 @@
-"""KV-cache transmission between prefill and decode groups (placeholder, filled by a later issue).
+"""KV-cache transmission between prefill and decode groups.
 
-Will hold the cache-transmission service: handshake, block layout translation between different
-(tp, pp) layouts on each side, transports (NCCL, gloo, CUDA IPC, same-process), deadlines and
-metrics. Nothing is implemented here yet.
+`plan` maps blocks between the two groups' (tp, pp) layouts, `messages` holds the commands and
+events that cross process boundaries, `transport` the pairwise links (NCCL, gloo, CUDA IPC,
+in-process) and `agent` each rank's side of the service: layer-wise sends during the prefill
+forward, receives written into the reserved blocks, deadlines and cancellation.
 """

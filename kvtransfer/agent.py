@@ -46,8 +46,9 @@ from datetime import timedelta
 import torch
 
 from splitserve.kvtransfer.messages import FaultConfig, KVRoute, RecvCommand, SendCommand, TransferEvent
+from splitserve.kernels.dispatch import upload
 from splitserve.kvtransfer.transport import (
-    CudaIpcTransport, InProcessTransport, Mailboxes, PairwiseTransport, Transport, wait_until,
+    CudaIpcTransport, InProcessTransport, Mailboxes, PairwiseTransport, Transport, side_stream, wait_until,
 )
 
 #: The in-process transport's mailboxes, shared by every engine of this process.
@@ -219,7 +220,7 @@ class KVTransferAgent:
         # The agent's threads run on a side stream: receives are posted, and unpacks queued,
         # there. A thread's current stream is by default the one the model computes on, and a
         # receive posted there would start only after the compute queued before it.
-        self._stream = _side_stream(cache_data.device)
+        self._stream = side_stream(cache_data.device)
         if spec.role == "prefill":
             threading.Thread(target=self._send_waiter, name=f"kv-send-{self.me}", daemon=True).start()
         else:
@@ -284,7 +285,7 @@ class KVTransferAgent:
             due.setdefault(group.stop - 1, []).append((cmd, route, group))
         if not due:
             return None
-        blocks = {cmd.transfer_id: _block_index(cmd.block_ids, self.cache.device) for cmd in sends}
+        blocks = {cmd.transfer_id: upload(cmd.block_ids, self.cache.device) for cmd in sends}
         counts = {cmd.transfer_id: sum(1 for items in due.values() for c, _, _ in items if c is cmd) for cmd in sends}
         # The views, ready before the forward: the hook runs between layers, on the hot path.
         views = {(route, group.start): self._view(route, group) for items in due.values() for _, route, group in items}
@@ -377,7 +378,7 @@ class KVTransferAgent:
         """Write each message into the cache as it lands (under the lock, unless cancelled),
         so the writes overlap the messages still on the wire; report once they are written."""
         start = time.monotonic()
-        blocks = _block_index(cmd.block_ids, self.cache.device)
+        blocks = upload(cmd.block_ids, self.cache.device)
         size = 0
         try:
             for route, group, buf, work in messages:
@@ -435,22 +436,6 @@ class KVTransferAgent:
             work = self.transport.recv(buf, peer_name("prefill", route.src_rank, self._namespace(cmd)), message_tag(cmd.transfer_id, group))
             posted.append((cmd, route, group, buf, work))
         return posted
-
-
-def _block_index(block_ids: list[int], device: torch.device) -> torch.Tensor:
-    """Block ids as an index on ``device``. On CUDA through pinned memory, without blocking:
-    a plain copy from a Python list waits for everything queued on the current stream."""
-    ids = torch.tensor(block_ids, dtype=torch.long)
-    if device.type != "cuda":
-        return ids
-    return ids.pin_memory().to(device, non_blocking=True)
-
-
-def _side_stream(device: torch.device):
-    # High priority: the agent's copies are short and latency-bound, and torch lends
-    # high-priority streams from a pool of their own, apart from the one NCCL's streams
-    # come from, so no unpack queues behind another pair's NCCL kernel on a shared stream.
-    return torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
 
 
 def _on_stream(stream):

@@ -65,6 +65,14 @@ POLL_MIN_S = 20e-6
 POLL_MAX_S = 200e-6
 
 
+def side_stream(device: torch.device) -> "torch.cuda.Stream | None":
+    """A stream of the caller's own (None on CPU). High priority: the transfer's copies and
+    waits are short and latency-bound, and torch lends high-priority streams from a pool of
+    their own, apart from the one NCCL's streams come from, so nothing queues behind another
+    pair's NCCL kernel on a shared stream."""
+    return torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
+
+
 class Backoff:
     """The pause between two polls: doubling from the first up to the cap."""
 
@@ -184,9 +192,7 @@ class Watcher:
             return self._pairs[pair]
 
     def _new_stream(self) -> torch.cuda.Stream:
-        # High priority: torch lends those from a pool apart from the one NCCL's streams
-        # come from, so the stream is the pair's own.
-        return torch.cuda.Stream(self.device, priority=-1)
+        return side_stream(self.device)  # the pair's own: see `side_stream`
 
     @staticmethod
     def _landed(stream: torch.cuda.Stream, work: dist.Work) -> torch.cuda.Event:

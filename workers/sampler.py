@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from splitserve.kernels.dispatch import upload
 from splitserve.workers.sampling_params import SamplingParams
 
 
@@ -129,8 +130,8 @@ def _sample(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
     if all(greedy):
         return logits.argmax(dim=-1)  # the fast path: one op, no copies
     token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-    greedy_idx = _to_device([i for i, g in enumerate(greedy) if g], logits.device)
-    random_idx = _to_device([i for i, g in enumerate(greedy) if not g], logits.device)
+    greedy_idx = upload([i for i, g in enumerate(greedy) if g], logits.device)
+    random_idx = upload([i for i, g in enumerate(greedy) if not g], logits.device)
     if greedy_idx.numel():
         token_ids[greedy_idx] = logits[greedy_idx].argmax(dim=-1)
     random_rows = [r for r, g in zip(rows, greedy) if not g]
@@ -153,22 +154,13 @@ def _mask_min_tokens(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.T
     if not rows_idx:
         return logits
     masked = logits.clone()
-    masked[_to_device(rows_idx, logits.device), _to_device(cols_idx, logits.device)] = float("-inf")
+    masked[upload(rows_idx, logits.device), upload(cols_idx, logits.device)] = float("-inf")
     return masked
-
-
-def _to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """A small host list on the device without waiting for the stream: a plain copy from
-    pageable memory would wait for the step still running (async scheduling overlaps it)."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _sample_random(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p, then one draw per row; [R] token ids."""
-    temperature = _to_device([r.params.temperature for r in rows], logits.device, logits.dtype)
+    temperature = upload([r.params.temperature for r in rows], logits.device, logits.dtype)
     # Everything stays in vocabulary order (the sort only builds masks), so a seeded row's
     # probabilities and noise are bit-identical whatever its neighbours ask for.
     probs = (logits / temperature.unsqueeze(1)).softmax(dim=-1)
@@ -195,7 +187,7 @@ def _apply_top_k_top_p(probs: torch.Tensor, rows: list[SampleRequest]) -> torch.
 
 def _top_k_mask(sorted_probs: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     """True beyond each row's k-th position (k = vocab for rows without top-k)."""
-    k = _to_device(top_k, sorted_probs.device).unsqueeze(1)
+    k = upload(top_k, sorted_probs.device).unsqueeze(1)
     position = torch.arange(sorted_probs.shape[1], device=sorted_probs.device).unsqueeze(0)
     return position >= k
 
@@ -205,7 +197,7 @@ def _top_p_mask(sorted_probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
 
     A token is dropped when the tokens before it already reach top_p; the first token has nothing
     before it (0 < top_p), so it always survives and no row is left empty."""
-    p = _to_device(top_p, sorted_probs.device, sorted_probs.dtype).unsqueeze(1)
+    p = upload(top_p, sorted_probs.device, sorted_probs.dtype).unsqueeze(1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     return mass_before >= p * sorted_probs.sum(dim=-1, keepdim=True)
 
@@ -214,7 +206,7 @@ def _apply_min_p(probs: torch.Tensor, min_p: list[float]) -> torch.Tensor:
     """Zero tokens less likely than min_p times the row's top token (which always survives)."""
     if not any(m > 0 for m in min_p):
         return probs
-    m = _to_device(min_p, probs.device, probs.dtype).unsqueeze(1)
+    m = upload(min_p, probs.device, probs.dtype).unsqueeze(1)
     threshold = probs.amax(dim=-1, keepdim=True) * m
     return probs.masked_fill(probs < threshold, 0.0)
 
@@ -233,7 +225,7 @@ def _exponential_race(
     else:
         q = torch.empty_like(probs)
         if unseeded:
-            idx = _to_device(unseeded, probs.device)
+            idx = upload(unseeded, probs.device)
             q[idx] = torch.empty_like(probs[idx]).exponential_()
     for i, g in enumerate(generators):
         if g is not None:
