@@ -182,31 +182,29 @@ class Router:
             raise RouterError(ErrorCode.UNAVAILABLE, "the router is still starting its groups")
         return self._local
 
-    @property
-    def core(self) -> RouterCore:
-        return self.local.core
-
     async def generate(self, request: GenerateRequest):
         async for chunk in self.local.generate(request):  # closing early aborts the request
             yield chunk
 
+    # The rest forward to the handle: the front doors in this process call the same methods.
+
     async def abort(self, request_id: str) -> None:
-        self.core.abort(request_id)
+        await self.local.abort(request_id)
 
     async def health(self) -> list[GroupStatus]:
-        return self.core.health()
+        return await self.local.health()
 
     async def ready(self) -> bool:
-        return self._local is not None and self._local.core.ready()
+        return self._local is not None and await self._local.ready()
 
     async def model_info(self) -> ModelInfo:
-        return self.core.model_info()
+        return await self.local.model_info()
 
     async def metrics_text(self) -> bytes:
-        return await self.core.metrics_text()
+        return await self.local.metrics_text()
 
     async def kv_state(self) -> dict:
-        return await self.core.kv_state()
+        return await self.local.kv_state()
 
     async def start_front_doors(self, spec: ServerSpec) -> tuple[int, int]:
         """Serve gRPC and HTTP from this actor's process, on ``spec``'s host and ports; the
