@@ -39,6 +39,16 @@ logger = logging.getLogger(__name__)
 ROUTER_NAME = "router"
 
 
+async def next_before(queue: asyncio.Queue, deadline: float):
+    """The queue's next item, or TimeoutError once the running loop's clock passes ``deadline``.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it returns the item when a cancel lands in the
+    same loop turn as the item, and the cancel is lost. A client that hung up then kept its
+    request (and its KV blocks) until the whole answer was generated."""
+    async with asyncio.timeout_at(deadline):
+        return await queue.get()
+
+
 class RouterCore:
     """Everything the router does, without Ray: the actor below is a thin shell around it
     (and tests or an in-process server can use it directly)."""
@@ -68,8 +78,8 @@ class RouterCore:
             deadline = loop.time() + timeout_s
             while not finished:
                 try:
-                    item = await asyncio.wait_for(chunks.get(), timeout=max(0.0, deadline - loop.time()))
-                except asyncio.TimeoutError:
+                    item = await next_before(chunks, deadline)
+                except TimeoutError:
                     raise RouterError(ErrorCode.DEADLINE_EXCEEDED,
                                       f"request {request_id} passed its deadline of {timeout_s:g} s") from None
                 if isinstance(item, RouterError):
