@@ -67,7 +67,8 @@ def _add_serve(sub) -> None:
     srv.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step of each group")
     srv.add_argument("--max-num-seqs", type=int, default=None, help="sequences running at once in each group")
     srv.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                     help="schedule step n+1 while the GPU runs step n (default: on for one-rank groups on CUDA)")
+                     help="schedule step n+1 while the GPU runs step n (default: on for one-rank groups on CUDA; "
+                          "needs pp = 1)")
     for role in ("prefill", "decode", "worker"):
         srv.add_argument(f"--{role}-groups", type=int, default=None, help=f"number of {role} groups")
         for dim in ("tp", "pp"):

@@ -17,8 +17,8 @@ The file's shape (every key optional)::
     kv_cache_memory: 2147483648 # bytes per rank
     max_num_batched_tokens: 2048 # tokens one step computes per group (prefill chunks + decodes)
     max_num_seqs: 256           # sequences running at once per group
-    async_scheduling: null      # schedule step n+1 while the GPU runs step n; null: on where
-                                # it pays (one-rank groups on CUDA); true needs tp = pp = 1
+    async_scheduling: null      # schedule step n+1 while the GPU runs step n; null: on for
+                                # one-rank groups on CUDA; true needs pp = 1 (any tp)
     groups:
       prefill: {count: 1, tp: 1, pp: 1}
       decode:  {count: 1, tp: 1, pp: 1}
@@ -131,10 +131,10 @@ class ServeConfig:
             raise ValueError("aggregated mode needs at least one worker group")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
-        sharded = [role for role in self.roles() if getattr(self, role).tp * getattr(self, role).pp > 1]
-        if self.async_scheduling and sharded:
-            raise ValueError(f"async_scheduling needs one rank per group (tp = pp = 1); {', '.join(sharded)} "
-                             "groups have more: leave it unset (on where it applies) or false")
+        staged = [role for role in self.roles() if getattr(self, role).pp > 1]
+        if self.async_scheduling and staged:
+            raise ValueError(f"async_scheduling needs pp = 1 in every group; {', '.join(staged)} groups have "
+                             "more stages: leave it unset (on where it applies) or false")
         if bool(self.server.tls_cert) != bool(self.server.tls_key):
             raise ValueError("server.tls_cert and server.tls_key go together")
         for port in (self.server.grpc_port, self.server.http_port):

@@ -199,8 +199,9 @@ class SchedulerConfig:
     #: Split long prompts into chunks that fit the token budget; otherwise a prompt is
     #: scheduled only when it fits whole.
     enable_chunked_prefill: bool = True
-    #: Schedule step n+1 while the device runs step n (one rank only: tp = pp = 1). None:
-    #: on where it pays, a CUDA device; the CPU computes in the scheduling thread anyway.
+    #: Schedule step n+1 while the device runs step n (pp = 1; tp > 1 ranks share each step's
+    #: samples). None: on for one-rank groups on a CUDA device; the CPU computes in the
+    #: scheduling thread anyway.
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:

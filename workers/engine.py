@@ -148,7 +148,7 @@ class LLMEngine:
             num_blocks=num_blocks, block_size=config.cache.block_size, dtype=dtype,
             device_type=self.device.type, device_index=self.device.index,
             eos_token_ids=self.eos_token_ids, show_progress=config.show_progress, kv=config.kv,
-            device_offset=config.device_offset,
+            device_offset=config.device_offset, async_scheduling=async_scheduling,
         ), config.parallel, processes=config.rank_processes, launcher=launcher)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, lookahead=async_scheduling,
@@ -166,12 +166,17 @@ class LLMEngine:
         self.lost_outputs: dict[str, list[int]] = {}
 
     def _async_scheduling(self) -> bool:
+        """Asked for: needs pp = 1 (a first stage would need the last stage's samples before
+        it starts). Unset: on for one-rank groups on CUDA, the layout measured on GPUs; tp > 1
+        groups share their samples over the tp group and take it when asked."""
         wanted = self.config.scheduler.async_scheduling
-        one_rank = self.config.parallel.world_size == 1
-        if wanted and not one_rank:
-            raise ValueError("async scheduling needs one rank (tp = pp = 1): the sampled tokens that the next "
-                             "step's placeholders take stay on the rank that sampled them")
-        return one_rank and (wanted if wanted is not None else self.device.type == "cuda")
+        parallel = self.config.parallel
+        if wanted and parallel.pipeline_parallel_size > 1:
+            raise ValueError("async scheduling needs pp = 1: the first pipeline stage would need the tokens "
+                             "that the last stage has not sampled yet")
+        if wanted is not None:
+            return wanted
+        return parallel.world_size == 1 and self.device.type == "cuda"
 
     @property
     def async_scheduling(self) -> bool:

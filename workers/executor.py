@@ -51,6 +51,8 @@ class RunnerSpec:
     kv: KVAgentSpec | None = None
     #: GPUs taken by groups placed before this one (a decode group after its prefill group).
     device_offset: int = 0
+    #: Async scheduling: a later step's placeholders take this step's samples on every rank.
+    async_scheduling: bool = False
 
 
 def rank_device(spec: RunnerSpec, parallel: ParallelState) -> torch.device:
@@ -70,7 +72,8 @@ def build_runner(spec: RunnerSpec, parallel: ParallelState,
     kv = KVCacheSpec.for_rank(cfg, m, spec.num_blocks, spec.block_size, spec.dtype)
     progress = spec.show_progress and m.rank == 0
     weights = None if spec.weights_dir is None else iter_safetensors(spec.weights_dir, progress)
-    runner = ModelRunner.create(cfg, parallel, kv, device, spec.eos_token_ids, weights, spec.seed)
+    runner = ModelRunner.create(cfg, parallel, kv, device, spec.eos_token_ids, weights, spec.seed,
+                                share_samples=spec.async_scheduling)
     if spec.kv is not None:
         runner.agent = KVTransferAgent(spec.kv, m.rank, runner.kv_cache.data, m.pp_layers(cfg.num_layers).start,
                                        m.kv_heads(cfg.num_kv_heads).start, report)

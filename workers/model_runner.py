@@ -5,7 +5,8 @@ its share of the KV cache allocated); then per step `execute(batch)`: tensors fr
 batch, attention metadata, the forward of this pipeline stage (receiving activations from
 the previous stage, sending to the next), and on the last stage the logits of the rows that
 sample. The *output rank* (last stage, tp rank 0) samples and returns the tokens; every other
-rank returns None. `execute_async` returns them as a `PendingSample` (the copy to the host
+rank returns None (with async scheduling and tp > 1 the output rank broadcasts the tokens to
+its tp peers on the device, so that each fills the next step's placeholders itself). `execute_async` returns them as a `PendingSample` (the copy to the host
 still on its way, so the engine schedules the next step meanwhile) and keeps them on the
 device: a later step's placeholder rows (async scheduling) take their token ids from there.
 
@@ -36,7 +37,10 @@ from splitserve.workers.step_batch import StepBatch
 
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, model: torch.nn.Module, parallel: ParallelState,
-                 kv_spec: KVCacheSpec, device: torch.device, eos_token_ids: tuple[int, ...]):
+                 kv_spec: KVCacheSpec, device: torch.device, eos_token_ids: tuple[int, ...],
+                 share_samples: bool = False):
+        """``share_samples``: every tp rank keeps each step's sampled tokens (async scheduling
+        with tp > 1: every rank fills the next step's placeholders)."""
         self.model_cfg = model_cfg
         self.model = model
         self.parallel = parallel
@@ -53,6 +57,9 @@ class ModelRunner:
         self.sampler = Sampler()
         m = parallel.mapping
         self.is_output_rank = m.is_last_pp_rank and m.tp_rank == 0
+        if share_samples and m.pp_size > 1:
+            raise ValueError("sampled tokens are shared within one pipeline stage only (pp = 1)")
+        self._share_samples = share_samples and m.tp_size > 1
         #: The rank's side of the KV transfer service (disaggregated mode), set by the executor.
         self.agent = None
         self._inputs = _StepInputs(device)
@@ -66,14 +73,15 @@ class ModelRunner:
 
     @classmethod
     def create(cls, model_cfg: ModelConfig, parallel: ParallelState, kv_spec: KVCacheSpec, device: torch.device,
-               eos_token_ids: tuple[int, ...], weights: Iterable[tuple[str, Any]] | None = None, seed: int = 0):
+               eos_token_ids: tuple[int, ...], weights: Iterable[tuple[str, Any]] | None = None, seed: int = 0,
+               share_samples: bool = False):
         """Build this rank's model and load ``weights`` (named tensors), or random weights if None."""
         model = build_model(model_cfg, parallel, device, kv_spec.dtype)
         if weights is None:
             model.init_random(seed)
         else:
             model.load_weights(weights)
-        runner = cls(model_cfg, model, parallel, kv_spec, device, eos_token_ids)
+        runner = cls(model_cfg, model, parallel, kv_spec, device, eos_token_ids, share_samples)
         runner.warm_up()
         if not runner.enforce_eager:
             runner.capture_cuda_graphs()
@@ -113,11 +121,23 @@ class ModelRunner:
         if hidden is None:
             return None  # an earlier pipeline stage: activations went on to the next
         logits = self.model.compute_logits(hidden[t["logits_indices"]])
-        if not self.is_output_rank:
-            return None
-        pending = self.sampler.sample(logits, [self._sample_request(row) for row in batch.sample_rows])
-        self._sampled = (batch.step_id, pending.token_ids)
+        pending = None
+        if self.is_output_rank:
+            pending = self.sampler.sample(logits, [self._sample_request(row) for row in batch.sample_rows])
+            self._sampled = (batch.step_id, pending.token_ids)
+        if self._share_samples:
+            self._share_sampled(batch)
         return pending
+
+    def _share_sampled(self, batch: StepBatch) -> None:
+        """The output rank's tokens reach its tp peers on the device, for their placeholders."""
+        if self.is_output_rank:
+            tokens = self._sampled[1]
+        else:
+            tokens = torch.empty(len(batch.sample_rows), dtype=torch.long, device=self.device)
+        if batch.sample_rows:  # the same on every rank: all call the collective, or none does
+            self.parallel.broadcast_from_tp_leader(tokens)
+        self._sampled = (batch.step_id, tokens)
 
     def _fill_placeholders(self, batch: StepBatch, t: dict[str, Any]) -> None:
         """Placeholder rows get the tokens the previous step sampled, without the host."""

@@ -60,6 +60,13 @@ class ParallelState:
         dist.all_gather(parts, x.contiguous(), group=self.tp_group)
         return torch.cat(parts, dim=-1)
 
+    def broadcast_from_tp_leader(self, x: torch.Tensor) -> torch.Tensor:
+        """Tp rank 0's ``x`` on every tp rank, in place (the step's sampled tokens). On the
+        device's streams only: the host does not wait."""
+        if self.tp_group is not None:
+            dist.broadcast(x, group=self.tp_group, group_src=0)
+        return x
+
     def send_next(self, tensors: list[torch.Tensor]) -> None:
         """Hand activations to the same tp rank of the next pipeline stage."""
         for t in tensors:

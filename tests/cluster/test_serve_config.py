@@ -1,5 +1,6 @@
 """`ServeConfig`: the async-scheduling switch from a flag or the YAML file reaches every group's
-engine config, and asking for it where a group has several ranks is refused before anything starts."""
+engine config, and asking for it where a group has several pipeline stages is refused before
+anything starts (tp > 1 takes it)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ def test_flag_reaches_each_group(flags, want):
         assert engine_config(cfg, role, "cpu").scheduler.async_scheduling is want
 
 
-def test_yaml_key_and_sharded_groups():
+def test_yaml_key_and_pipeline_stages():
     assert config_from_dict({"async_scheduling": False}).validate().async_scheduling is False
-    with pytest.raises(ValueError, match="async_scheduling needs one rank.*decode"):
-        config_from_dict({"async_scheduling": True, "groups": {"decode": {"tp": 2}}}).validate()
-    with pytest.raises(ValueError, match="one rank"):
+    tp2 = config_from_dict({"async_scheduling": True, "groups": {"decode": {"tp": 2}}}).validate()
+    assert engine_config(tp2, "decode", "cpu").scheduler.async_scheduling is True
+    with pytest.raises(ValueError, match="async_scheduling needs pp = 1.*decode"):
+        config_from_dict({"async_scheduling": True, "groups": {"decode": {"pp": 2}}}).validate()
+    with pytest.raises(ValueError, match="pp = 1"):
         _serve("--async-scheduling", "--prefill-pp", "2")

@@ -1,6 +1,6 @@
 """Async scheduling (step n+1 scheduled while step n runs, placeholder tokens filled in on the
 device): greedy output stays token-exact with transformers through stop tokens, max_tokens,
-chunked prefill, preemption, aborts and a rank process, and no block leaks. On by default only
+chunked prefill, preemption, aborts and tp = 2 rank processes, and no block leaks. On by default only
 on CUDA; these tests force it on the CPU, where the same code paths run."""
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ def tiny_async(tiny_models):
     return llm, oracle
 
 
-def test_off_by_default_on_cpu_and_refused_with_several_ranks():
+def test_off_by_default_on_cpu_and_refused_with_pipeline_stages():
     assert not LLM("random:tiny-llama", show_progress=False).engine.async_scheduling
-    with pytest.raises(ValueError, match="one rank"):
+    with pytest.raises(ValueError, match="pp = 1"):
         LLMEngine(EngineConfig(model="random:tiny-llama", show_progress=False,
                                scheduler=SchedulerConfig(async_scheduling=True),
-                               parallel=ParallelConfig(tensor_parallel_size=2)))
+                               parallel=ParallelConfig(pipeline_parallel_size=2)))
 
 
 def test_greedy_matches_transformers_with_chunks_and_preemption(tiny_async):
@@ -104,17 +104,21 @@ def test_smollm2_stops_at_eos_like_transformers(smollm2_dir, smollm2_oracle, smo
     assert sum(fills) > 0
 
 
-def test_rank_process_runs_ahead(tiny_models):
-    """One rank in its own process: it queues step n+1 before returning step n's tokens."""
+def test_tp2_rank_processes_run_ahead(tiny_models):
+    """Two tp ranks in their own processes: each queues step n+1 before step n's tokens reach
+    the driver, and the output rank's samples reach its peer on the device for the placeholders."""
     path, oracle = tiny_models("tiny-llama")
-    engine = LLMEngine(EngineConfig(model=str(path), show_progress=False, rank_processes=True,
+    engine = LLMEngine(EngineConfig(model=str(path), show_progress=False,
+                                    parallel=ParallelConfig(tensor_parallel_size=2),
                                     scheduler=SchedulerConfig(async_scheduling=True)))
     try:
         fills = _count_fills(engine)
         llm = LLM.from_engine(engine)
         prompts = random_prompts(VOCAB, [4, 12, 7, 9], seed=9)
-        outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
-        assert [o.token_ids for o in outs] == [oracle(p, 10)[:10] for p in prompts]
+        lengths = [10, 3, 14, 7]
+        params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
+        outs = llm.generate(prompts, params)
+        assert [o.token_ids for o in outs] == [oracle(p, n)[:n] for p, n in zip(prompts, lengths)]
         assert sum(fills) > 0
     finally:
         engine.shutdown()
