@@ -255,8 +255,11 @@ def run_worker(w: WorkerArgs) -> dict[str, Any]:
         if check:  # whatever an earlier transfer left there must not pass for this one's data
             cache.index_fill_(2, dst, 0)
             settle()
-        # posted before the sender starts, as decode posts its receive when it reserves
-        agent.post_recv([RecvCommand(tid, case.dst_block_ids, routes, w.layers_per_message)])
+        # posted before the sender starts, as decode posts its receive when it reserves (long
+        # before prefill sends): the agent posts on its own thread, so wait until it has
+        posted = agent.post_recv([RecvCommand(tid, case.dst_block_ids, routes, w.layers_per_message)])
+        if not posted.wait(w.timeout_s):
+            raise TimeoutError(f"{name}: the receives were not posted within {w.timeout_s:g} s")
         sync.barrier(name)
         event = _wait_event(reports, tid, "recv", w.timeout_s)
         settle()

@@ -336,18 +336,28 @@ class KVTransferAgent:
 
     # ---- receiving (decode ranks, on the receiver thread) --------------------------------
 
-    def post_recv(self, cmds: list[RecvCommand]) -> None:
+    def post_recv(self, cmds: list[RecvCommand]) -> threading.Event:
         """Queue the receives of one prefill step's transfers for the posting thread, which
         posts them in the senders' order (NCCL matches messages by order, not tag) and then
         waits for and writes each transfer on a thread of its own. Posting is off the caller's
         thread because a NCCL receive can block the thread that posts it until the sender's
-        matching send starts: the decode rank's step loop must never wait for prefill."""
-        self._to_post.put(cmds)
+        matching send starts: the decode rank's step loop must never wait for prefill.
+
+        The returned event is set once these receives are posted (or failed to be): serving
+        ignores it (decode posts when it reserves, long before prefill sends); a benchmark
+        waits for it so that it times the transfer, not the posting."""
+        posted = threading.Event()
+        self._to_post.put((cmds, posted))
+        return posted
 
     def _poster(self) -> None:
         with _on_stream(self._stream):  # also the device: the current one is per thread
-            while (cmds := self._to_post.get()) is not None:
-                self._post_and_receive(cmds)
+            while (item := self._to_post.get()) is not None:
+                cmds, posted = item
+                try:
+                    self._post_and_receive(cmds)
+                finally:
+                    posted.set()
 
     def _post_and_receive(self, cmds: list[RecvCommand]) -> None:
         try:

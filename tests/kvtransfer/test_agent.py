@@ -54,7 +54,8 @@ def _events(events, n):
 def test_blocks_arrive_where_the_decode_side_asked():
     sender, receiver, src, dst, events = _pair()
     src_blocks, dst_blocks = [7, 2, 9], [0, 5, 11]
-    receiver.post_recv([RecvCommand(1, dst_blocks, ROUTES, 3)])
+    posted = receiver.post_recv([RecvCommand(1, dst_blocks, ROUTES, 3)])
+    assert posted.wait(10), "the posting thread never posted the receives"
     _send(sender, 1, src_blocks)
     got = _events(events, 2)
     assert got[("recv", 1)].ok and got[("send", 1)].ok
