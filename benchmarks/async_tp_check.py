@@ -28,22 +28,22 @@ from results_meta import report_header  # noqa: E402
 LENGTHS = [(5, 24), (40, 7), (57, 31), (12, 16), (3, 40), (26, 11)]  # (prompt, output) tokens
 
 
-def oracle(model, prompts: list[list[int]], lengths: list[int]) -> list[list[int]]:
+def oracle(model, prompts: list[list[int]], lengths: list[int], device: str) -> list[list[int]]:
     import torch
 
     outs = []
     for prompt, n in zip(prompts, lengths):
-        ids = torch.tensor([prompt], device="cuda:0")
+        ids = torch.tensor([prompt], device=device)
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         outs.append(out[0, len(prompt):].tolist())
     return outs
 
 
-def run(folder: str, async_scheduling: bool, prompts, lengths) -> tuple[list[list[int]], float]:
+def run(folder: str, device: str, async_scheduling: bool, prompts, lengths) -> tuple[list[list[int]], float]:
     from splitserve import LLM, SamplingParams
 
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
-    with LLM(folder, device="cuda", dtype="float32", tensor_parallel_size=2, async_scheduling=async_scheduling,
+    with LLM(folder, device=device, dtype="float32", tensor_parallel_size=2, async_scheduling=async_scheduling,
              show_progress=False) as llm:
         assert llm.engine.async_scheduling is async_scheduling
         start = time.perf_counter()
@@ -61,27 +61,31 @@ def main() -> None:
         os.environ.setdefault(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a dry run over gloo")
     args = parser.parse_args()
-    if torch.cuda.device_count() < 2:
+    if args.device == "cuda" and torch.cuda.device_count() < 2:
         sys.exit("needs two GPUs")
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 200, (p,), generator=gen).tolist() for p, _ in LENGTHS]
     lengths = [n for _, n in LENGTHS]
-    device = {"type": "cuda", "gpus": torch.cuda.device_count(), "name": torch.cuda.get_device_name(0),
-              "torch": torch.__version__}
+    device = {"type": args.device, "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+              "name": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"}
     result = report_header("async_tp_check", __file__, sys.argv[1:], datetime.now(timezone.utc), device)
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(random_config("tiny-llama"), dtype=torch.float32)
         model.save_pretrained(folder)
-        expected = oracle(model.to("cuda:0").eval(), prompts, lengths)
+        first = "cuda:0" if args.device == "cuda" else "cpu"
+        expected = oracle(model.to(first).eval(), prompts, lengths, first)
+        del model
         for mode in (True, False):
-            outs, seconds = run(folder, mode, prompts, lengths)
+            outs, seconds = run(folder, args.device, mode, prompts, lengths)
             key = "async" if mode else "sync"
             result[key] = {"match": outs == expected, "seconds": round(seconds, 3),
                            "mismatched": [i for i, (a, b) in enumerate(zip(outs, expected)) if a != b]}
             print(f"tp 2, {key}: token-exact with transformers: {outs == expected} ({seconds:.2f} s)", flush=True)
-    result["layout"] = "one group, tp 2 (cuda:0, cuda:1), float32, tiny-llama random weights"
+    result["layout"] = f"one group, tp 2 ({args.device}), float32, tiny-llama random weights, kernels: " \
+                       f"{os.environ.get('SPLITSERVE_KERNELS', 'auto')}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "async_tp_check.json").write_text(json.dumps(result, indent=1))
 
