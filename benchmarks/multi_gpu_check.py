@@ -6,12 +6,17 @@ GPU per rank, so KV moves over NCCL between devices), a `DisaggEngine` with its 
 processes generates greedily for a fixed set of prompts; the tokens must equal transformers
 `generate()` on the same weights (float32, the oracle run on cuda:0). The model is the real
 SmolLM2-135M-Instruct when ``--model`` names its converted folder, else its shape with
-seeded random weights (the GPU machine has no `gguf` to convert the shipped file).
+seeded random weights (the GPU machine has no `gguf` to convert the shipped file). SmolLM2's
+9 heads and 3 KV heads do not split over tp 2, so layouts with a tp-2 side use a tiny
+Llama-shaped model (4 heads, 2 KV heads, seeded random weights); each row names its model.
 
 The fault run (needs 1 + 2 groups' ranks): one prefill group and two decode groups; once
 every request has streamed a token, one rank process of the first decode group is killed;
 every request must still finish token-exact (migrated to the other decode group), and
 afterwards every remaining group's KV blocks must be free again and no transfer open.
+
+``--device cpu`` runs every layout and the fault run on the CPU over gloo: a dry run of the
+script itself, so that scarce GPU time is not spent finding its bugs.
 
 Usage (GPU machine, NVLink multicast off):
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
@@ -27,6 +32,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,28 +53,52 @@ def prompts_for(vocab_size: int, n: int = 8) -> list[list[int]]:
             for length in (5, 17, 33, 64, 100, 129, 200, 7)[:n]]
 
 
-def make_model(spec: str | None, folder: Path):
-    """(model folder, transformers model on cuda:0 in float32, label)."""
+@dataclass
+class Model:
+    """A model folder with its transformers oracle's answers for `prompts`."""
+
+    folder: Path
+    label: str
+    num_heads: int
+    num_kv_heads: int
+    prompts: list[list[int]]
+    expected: list[list[int]]
+
+    def splits_over(self, tp: int) -> bool:
+        return self.num_heads % tp == 0 and self.num_kv_heads % tp == 0
+
+
+def make_model(spec: str | None, folder: Path, device: str, num_prompts: int, shape: str = "smollm2-135m") -> Model:
+    """The model at ``spec`` (a converted folder), or ``shape`` with seeded random weights saved
+    to ``folder``; transformers answers the prompts (float32, on ``device``) and is let go."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from splitserve.workers.model_source import random_config
 
     if spec:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
-        return Path(spec), model.to("cuda:0").eval(), spec
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(random_config("smollm2-135m"), dtype=torch.float32)
-    model.save_pretrained(folder)
-    return folder, model.to("cuda:0").eval(), "random:smollm2-135m (seed 0)"
+        hf, folder, label = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32), Path(spec), spec
+    else:
+        torch.manual_seed(0)
+        hf = AutoModelForCausalLM.from_config(random_config(shape), dtype=torch.float32)
+        hf.save_pretrained(folder)
+        label = f"random:{shape} (seed 0)"
+    hf = hf.to(device).eval()
+    prompts = prompts_for(hf.config.vocab_size, num_prompts)
+    model = Model(folder, label, hf.config.num_attention_heads, hf.config.num_key_value_heads, prompts,
+                  oracle(hf, prompts, MAX_TOKENS, device))
+    del hf
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return model
 
 
-def oracle(model, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+def oracle(model, prompts: list[list[int]], max_tokens: int, device: str) -> list[list[int]]:
     import torch
 
     out = []
     for p in prompts:
-        ids = torch.tensor([p], device="cuda:0")
+        ids = torch.tensor([p], device=device)
         with torch.no_grad():
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                                  do_sample=False, eos_token_id=model.config.eos_token_id, pad_token_id=0)
@@ -76,13 +106,13 @@ def oracle(model, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     return out
 
 
-def engine(folder: Path, p: tuple[int, int], d: tuple[int, int], num_decode: int = 1):
+def engine(folder: Path, p: tuple[int, int], d: tuple[int, int], device: str, num_decode: int = 1):
     from splitserve.workers.config import CacheConfig, ParallelConfig
     from splitserve.workers.disagg_engine import DisaggConfig, DisaggEngine
     from splitserve.workers.engine import EngineConfig
 
     def cfg(tp_pp):
-        return EngineConfig(model=str(folder), device="cuda", dtype="float32", show_progress=False,
+        return EngineConfig(model=str(folder), device=device, dtype="float32", show_progress=False,
                             cache=CacheConfig(block_size=16, num_blocks=2048), parallel=ParallelConfig(*tp_pp))
     return DisaggEngine(DisaggConfig(prefill=cfg(p), decode=cfg(d), num_decode=num_decode, in_process=False,
                                      transfer_timeout_s=60))
@@ -100,28 +130,31 @@ def leaks(eng) -> list[str]:
     return found
 
 
-def run_layout(folder, p, d, prompts, expected) -> dict:
+def run_layout(model: Model, p, d, device: str) -> dict:
     from splitserve import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    eng = engine(folder, p, d)
+    eng = engine(model.folder, p, d, device)
     with LLM.from_engine(eng) as llm:
-        got = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))]
+        outs = llm.generate(model.prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
+        got, expected = [o.token_ids for o in outs], model.expected
         transport = eng.prefill.config.kv.transport
-        row = {"prefill": list(p), "decode": list(d), "transport": transport, "token_exact": got == expected,
+        row = {"prefill": list(p), "decode": list(d), "model": model.label, "transport": transport,
+               "token_exact": got == expected,
                "mismatches": sum(g != e for g, e in zip(got, expected)), "transfers": eng.metrics.num_transfers,
                "failures": eng.metrics.num_failures, "leaks": leaks(eng), "seconds": time.perf_counter() - t0}
     return row
 
 
-def run_fault(folder, prompts, expected) -> dict:
+def run_fault(model: Model, device: str) -> dict:
     """1 prefill + 2 decode groups; a decode-0 rank killed once every request has a token."""
     from splitserve import SamplingParams
 
-    eng = engine(folder, (1, 1), (1, 1), num_decode=2)
+    eng = engine(model.folder, (1, 1), (1, 1), device, num_decode=2)
+    expected = model.expected
     try:
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
-        ids = [eng.add_request(None, p, params) for p in prompts]
+        ids = [eng.add_request(None, p, params) for p in model.prompts]
         tokens = {i: [] for i in ids}
         done: set[str] = set()
         killed, deadline = False, time.monotonic() + 300
@@ -135,7 +168,8 @@ def run_fault(folder, prompts, expected) -> dict:
                 victim.kill()
                 killed = True
         got = [tokens[i] for i in ids]
-        return {"killed": "decode-0 rank 0" if killed else None, "finished": len(done), "requests": len(ids),
+        return {"model": model.label, "killed": "decode-0 rank 0" if killed else None, "finished": len(done),
+                "requests": len(ids),
                 "token_exact": got == expected, "mismatches": sum(g != e for g, e in zip(got, expected)),
                 "resent": eng.num_resent, "leaks": leaks(eng)}
     finally:
@@ -152,33 +186,41 @@ def main() -> None:
         os.environ.setdefault(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="converted SmolLM2 folder (default: its shape, random)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: every layout and the fault run over gloo, a dry run of this script")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per layout (at most 8)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    gpus = torch.cuda.device_count()
-    device = {"type": "cuda", "gpus": gpus, "name": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    cuda = args.device == "cuda"
+    gpus = torch.cuda.device_count() if cuda else None  # CPU ranks: any number
+    oracle_device = "cuda:0" if cuda else "cpu"
+    device = {"type": args.device, "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+              "name": torch.cuda.get_device_name(0) if cuda else "cpu"}
     result = report_header("multi_gpu_check", __file__, sys.argv[1:], datetime.now(timezone.utc), device)
     result.update({"layouts": [], "fault": None})
     with tempfile.TemporaryDirectory() as tmp:
-        folder, hf, label = make_model(args.model, Path(tmp) / "model")
-        result["model"] = label
-        prompts = prompts_for(hf.config.vocab_size)
-        expected = oracle(hf, prompts, MAX_TOKENS)
-        del hf
-        torch.cuda.empty_cache()
+        models = {"main": make_model(args.model, Path(tmp) / "model", oracle_device, args.prompts)}
+        result["model"] = models["main"].label
         for p, d in LAYOUTS:
-            if p[0] * p[1] + d[0] * d[1] > gpus:
+            if gpus is not None and p[0] * p[1] + d[0] * d[1] > gpus:
                 result["layouts"].append({"prefill": list(p), "decode": list(d), "skipped": f"needs more than {gpus} GPUs"})
                 continue
+            model = models["main"]
+            if not all(model.splits_over(tp) for tp in (p[0], d[0])):
+                # SmolLM2's 9 heads / 3 KV heads do not split over tp 2: a Llama-shaped tiny model does
+                if "split" not in models:
+                    models["split"] = make_model(None, Path(tmp) / "split", oracle_device, args.prompts, "tiny-llama")
+                model = models["split"]
             try:
-                row = run_layout(folder, p, d, prompts, expected)
+                row = run_layout(model, p, d, args.device)
             except Exception as err:  # noqa: BLE001 - reported, the other layouts still run
-                row = {"prefill": list(p), "decode": list(d), "error": f"{type(err).__name__}: {err}",
-                       "trace": traceback.format_exc()[-2000:]}
+                row = {"prefill": list(p), "decode": list(d), "model": model.label,
+                       "error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:]}
             result["layouts"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "trace"}), flush=True)
-        if gpus >= 3:
+        if gpus is None or gpus >= 3:
             try:
-                result["fault"] = run_fault(folder, prompts, expected)
+                result["fault"] = run_fault(models["main"], args.device)
             except Exception as err:  # noqa: BLE001
                 result["fault"] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:]}
         else:
@@ -186,7 +228,8 @@ def main() -> None:
         print("fault:", json.dumps(result["fault"]), flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"multi_gpu_check_{gpus}gpu_{result['date'][:10]}.json"
+        what = f"{gpus}gpu" if cuda else "cpu-gloo"
+        path = args.out / f"multi_gpu_check_{what}_{result['date'][:10]}.json"
         path.write_text(json.dumps(result, indent=1))
         print("wrote", path)
 
