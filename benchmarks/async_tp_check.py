@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_meta, beside this script
-from results_meta import report_header  # noqa: E402
+from results_meta import multicast_off, report_header  # noqa: E402
 
 LENGTHS = [(5, 24), (40, 7), (57, 31), (12, 16), (3, 40), (26, 11)]  # (prompt, output) tokens
 
@@ -57,8 +57,7 @@ def main() -> None:
 
     from splitserve.workers.model_source import random_config
 
-    for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-        os.environ.setdefault(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
+    multicast_off()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a dry run over gloo")

@@ -41,27 +41,24 @@ CPU smoke path (gloo between groups, well under a minute):
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import gc
+import logging
+import math
 import os
-
-# NVLink multicast must stay off on the multi-GPU machines (set before torch/NCCL load).
-for _name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-    os.environ.setdefault(_name, "0" if _name == "NCCL_NVLS_ENABLE" else "1")
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import gc  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import replace  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import platform
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the serve_* modules, results_meta
 import results_meta  # noqa: E402
+
+results_meta.multicast_off()  # before the modules below load torch and NCCL
 from serve_backends import OfflineBackend, make_offline_backend  # noqa: E402
 from serve_bench import per_request, rounded  # noqa: E402
 from serve_metrics import SLO, SLO_TARGET_FRACTION, max_rate_meeting_slo, summarize  # noqa: E402
@@ -346,8 +343,7 @@ def device_info(kind: str) -> dict[str, Any]:
 
     info = {"type": kind, "cpu": results_meta.cpu_model(), "cpu_count": os.cpu_count(),
             "torch_version": torch.__version__, "python_version": platform.python_version(),
-            "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
-                                                   "NVSHMEM_DISABLE_NVLS")}}
+            "env": results_meta.multicast_off()}
     if kind == "cuda":
         n = torch.cuda.device_count()
         info.update(name=f"{n}x {torch.cuda.get_device_name(0)}", num_gpus=n)

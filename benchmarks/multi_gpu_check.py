@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_meta, beside this script
-from results_meta import report_header  # noqa: E402
+from results_meta import multicast_off, report_header  # noqa: E402
 
 #: (prefill tp, pp), (decode tp, pp): the pairings issue 9 asks for, smallest first.
 LAYOUTS = [((1, 1), (1, 1)), ((2, 1), (1, 1)), ((1, 1), (2, 1)), ((1, 2), (1, 1)), ((1, 1), (1, 2)),
@@ -182,8 +181,7 @@ def main() -> None:
     import torch
 
     logging.basicConfig(level=logging.WARNING)
-    for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-        os.environ.setdefault(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
+    multicast_off()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="converted SmolLM2 folder (default: its shape, random)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",

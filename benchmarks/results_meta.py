@@ -6,6 +6,7 @@ own folder, so it needs no installation.
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import subprocess
@@ -18,6 +19,17 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
+
+#: NVLink multicast stays off on the lent multi-GPU machines (their notes say why).
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def multicast_off() -> dict[str, str | None]:
+    """Turn NVLink multicast off unless the caller's environment says otherwise (before NCCL
+    starts); returns the settings in force, for the result file."""
+    for name, value in MULTICAST_OFF.items():
+        os.environ.setdefault(name, value)
+    return {name: os.environ.get(name) for name in MULTICAST_OFF}
 
 
 def cpu_model() -> str:
