@@ -21,7 +21,13 @@ length is checked: the receiver's destination blocks equal the sender's source b
 (SHA-256 of both, exchanged through the store).
 
 Prints GB/s (1e9 bytes/s, median of the repeats) of each and the ratio service/raw per
-prompt length (target: >= 0.8 at 2k-token prompts), writes JSON and a PNG beside it:
+prompt length (target: >= 0.8 at 2k-token prompts), writes JSON and a PNG beside it.
+
+``--profile`` adds one more service transfer per prompt length under `torch.profiler` in both
+processes (after the timed ones, so it costs them nothing): a Chrome trace per side beside the
+JSON, and in the JSON each side's timeline of the steps that matter (pack, send, receive,
+unpack: host calls and device kernels, in microseconds from the side's first event), which
+shows where a transfer's time goes (host issue, the wire, or the writes):
 
     python benchmarks/kv_transfer.py                                    # CPU, gloo, float32
     python benchmarks/kv_transfer.py --prompt-tokens 2048 16384 --device cuda   # 2 GPUs, NCCL, bf16
@@ -101,6 +107,8 @@ class WorkerArgs:
     store_port: int
     num_threads: int | None
     seed: int
+    #: Where the profiled transfer's Chrome traces go (None: no profiled transfer).
+    profile_dir: str | None = None
 
 
 # --- setup (parent) ----------------------------------------------------------------------
@@ -185,6 +193,41 @@ def _wait_event(reports: queue.Queue, transfer_id: int, side: str, timeout_s: fl
             return event
 
 
+#: Profiler events worth a line in the timeline: the pack and unpack copies, the NCCL or gloo
+#: calls and kernels, the agent's stream waits and copies to the device.
+TIMELINE_EVENTS = re.compile(r"kv_bench|index_select|index_copy|nccl|Nccl|gloo|SendRecv|c10d|record_param_comms|"
+                             r"cudaStreamWaitEvent|cudaEventQuery|Memcpy", re.IGNORECASE)
+#: At most this many lines per side (a 16k transfer has a few dozen messages).
+TIMELINE_MAX = 400
+
+
+def timeline(prof: Any) -> list[dict[str, Any]]:
+    """The profiled transfer's events of interest, in start order, times in us from the first
+    event of the profile (host calls and device kernels share the profiler's clock)."""
+    events = list(prof.events())
+    if not events:
+        return []
+    origin = min(e.time_range.start for e in events)
+    picked = sorted((e for e in events if TIMELINE_EVENTS.search(e.name)), key=lambda e: e.time_range.start)
+    return [{"name": e.name[:80], "on": str(e.device_type).rsplit(".", 1)[-1].lower(),
+             "start_us": round(e.time_range.start - origin, 1),
+             "dur_us": round(e.time_range.end - e.time_range.start, 1)} for e in picked[:TIMELINE_MAX]]
+
+
+def profiled(device: Any):
+    """A profiler of host calls on every thread (the agent posts, waits and unpacks on threads
+    of its own), and of kernels on CUDA."""
+    from torch._C._profiler import _ExperimentalConfig
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        config = _ExperimentalConfig(profile_all_threads=True)
+    except TypeError:  # an older torch: the calling thread's host calls only
+        config = None
+    return profile(activities=activities, experimental_config=config)
+
+
 def run_worker(w: WorkerArgs) -> dict[str, Any]:
     """One side of the benchmark; the receiver returns the timings, the sender its events."""
     import torch
@@ -194,6 +237,7 @@ def run_worker(w: WorkerArgs) -> dict[str, Any]:
     from splitserve.kvtransfer.plan import make_routes
     from splitserve.kvtransfer.transport import wait_until
     from splitserve.mapping import Mapping
+    from torch.profiler import record_function
 
     if w.num_threads is not None:
         torch.set_num_threads(w.num_threads)
@@ -242,8 +286,9 @@ def run_worker(w: WorkerArgs) -> dict[str, Any]:
             hook = agent.layer_hook([SendCommand(tid, case.src_block_ids, routes, w.layers_per_message)])
             sync.barrier(name)
             t0 = time.monotonic()
-            for layer in range(shape.num_layers):
-                hook(layer)
+            with record_function("kv_bench:layer_hooks"):  # a mark in a profiled transfer's timeline
+                for layer in range(shape.num_layers):
+                    hook(layer)
             event = _wait_event(reports, tid, "send", w.timeout_s)
             settle()
             sync.put(f"{name}/t0", repr(t0))
@@ -260,7 +305,8 @@ def run_worker(w: WorkerArgs) -> dict[str, Any]:
         posted = agent.post_recv([RecvCommand(tid, case.dst_block_ids, routes, w.layers_per_message)])
         if not posted.wait(w.timeout_s):
             raise TimeoutError(f"{name}: the receives were not posted within {w.timeout_s:g} s")
-        sync.barrier(name)
+        with record_function("kv_bench:barrier"):  # ends as the sender starts
+            sync.barrier(name)
         event = _wait_event(reports, tid, "recv", w.timeout_s)
         settle()
         t1 = time.monotonic()
@@ -304,8 +350,13 @@ def run_worker(w: WorkerArgs) -> dict[str, Any]:
         for r in range(w.repeats):  # alternate, so that a noisy moment hits both alike
             service_runs.append(service(case, f"{key}/service/{r}", check=False))
             raw_runs.append(raw(case, f"{key}/raw/{r}", post_first=True))
-        results.append({"prompt_tokens": case.prompt_tokens, "first": first,
-                        "service": service_runs, "raw": raw_runs})
+        row = {"prompt_tokens": case.prompt_tokens, "first": first, "service": service_runs, "raw": raw_runs}
+        if w.profile_dir is not None:  # after the timed transfers: the profiler costs them nothing
+            with profiled(device) as prof:
+                row["profiled"] = service(case, f"{key}/service/profiled", check=False)
+            prof.export_chrome_trace(str(Path(w.profile_dir) / f"{w.role}-p{case.prompt_tokens}.trace.json"))
+            row["timeline"] = timeline(prof)
+        results.append(row)
     sync.barrier("done")
     agent.close()
     return {"role": w.role, "results": results}
@@ -389,6 +440,14 @@ def _make_importable() -> None:
 
 
 def summarize(case: Case, nbytes: int, recv: dict[str, Any], send: dict[str, Any]) -> dict[str, Any]:
+    row = _summary(case, nbytes, recv, send)
+    if "timeline" in recv:
+        row["profiled"] = {"seconds": round(recv["profiled"]["seconds"], 6),
+                           "sender_timeline": send["timeline"], "receiver_timeline": recv["timeline"]}
+    return row
+
+
+def _summary(case: Case, nbytes: int, recv: dict[str, Any], send: dict[str, Any]) -> dict[str, Any]:
     service_s = [r["seconds"] for r in recv["service"]]
     raw_s = [r["seconds"] for r in recv["raw"]]
     moved = {r["num_bytes"] for r in recv["service"]} | {recv["first"]["num_bytes"]}
@@ -517,6 +576,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the whole run; past it both processes are killed (default 900)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (a PNG goes beside it); default benchmarks/results/kv_transfer_<device>_<date>.json")
+    p.add_argument("--profile", action="store_true",
+                   help="one more service transfer per prompt length under torch.profiler: each side's "
+                        "Chrome trace beside the JSON, and their timelines in it")
     args = p.parse_args(argv)
     for name in ("block_size", "layers_per_message", "repeats"):
         if getattr(args, name) < 1:
@@ -558,8 +620,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cache_blocks = args.cache_blocks or default_cache_blocks(args.prompt_tokens, args.block_size)
     cases = make_cases(args.prompt_tokens, args.block_size, cache_blocks, args.seed)
 
+    out_path = args.out or default_out_path(device_info(args.device, backend, num_threads), now)
+    profile_dir = None
+    if args.profile:
+        profile_dir = out_path.with_name(out_path.stem + "-traces")
+        profile_dir.mkdir(parents=True, exist_ok=True)
     store = dist.TCPStore(HOST, 0, None, True, timedelta(seconds=args.timeout_s), wait_for_workers=False)
-    common = dict(backend=backend, dtype=args.dtype, shape=shape, block_size=args.block_size,
+    common = dict(profile_dir=None if profile_dir is None else str(profile_dir), backend=backend, dtype=args.dtype, shape=shape, block_size=args.block_size,
                   cache_blocks=cache_blocks, cases=cases, layers_per_message=args.layers_per_message,
                   repeats=args.repeats, timeout_s=args.timeout_s, store_port=store.port,
                   num_threads=num_threads, seed=args.seed)
@@ -593,7 +660,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_seconds": round(wall_s, 2),
     }
 
-    results_meta.save_report(args.out or default_out_path(device, now), report, write_plot, format_table)
+    if profile_dir is not None:
+        report["traces"] = str(profile_dir)
+    results_meta.save_report(out_path, report, write_plot, format_table)
     return report
 
 

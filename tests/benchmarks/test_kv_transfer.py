@@ -33,7 +33,7 @@ def test_quick_run_reports_service_and_raw(bench, tmp_path: Path):
     out = tmp_path / "x.json"
     argv = ["--model", "smollm2-135m", "--prompt-tokens", "64", "--repeats", "2", "--device", "cpu",
             "--dtype", "float32", "--num-threads", "1", "--timeout-s", "20", "--run-timeout-s", "60",
-            "--out", str(out)]
+            "--out", str(out), "--profile"]
     report = bench.main(argv)
 
     saved = json.loads(out.read_text())
@@ -51,6 +51,15 @@ def test_quick_run_reports_service_and_raw(bench, tmp_path: Path):
     assert saved["target"]["ratio"] is None  # no 2048-token prompt in this run
     assert saved["command"] and saved["date"] and "git_commit" in saved
     assert out.with_suffix(".png").stat().st_size > 0
+    # --profile: one more transfer, profiled; both sides' timelines show the pack/send and recv/unpack
+    profiled = row["profiled"]
+    assert profiled["seconds"] > 0
+    sender = {e["name"] for e in profiled["sender_timeline"]}
+    receiver = {e["name"] for e in profiled["receiver_timeline"]}
+    assert {"kv_bench:layer_hooks", "aten::index_select", "gloo:send"} <= sender
+    assert {"kv_bench:barrier", "aten::index_copy_", "gloo:recv"} <= receiver
+    traces = {p.name for p in Path(saved["traces"]).iterdir()}
+    assert traces == {"prefill-p64.trace.json", "decode-p64.trace.json"}
 
 
 def test_block_ids_are_scattered_and_seeded(bench):
