@@ -11,8 +11,9 @@ seeded random weights (the GPU machine has no `gguf` to convert the shipped file
 Llama-shaped model (4 heads, 2 KV heads, seeded random weights); each row names its model.
 
 The fault run (needs 1 + 2 groups' ranks): one prefill group and two decode groups; once
-every request has streamed a token, one rank process of the first decode group is killed;
-every request must still finish token-exact (migrated to the other decode group), and
+every request has streamed a token, the rank process of the decode group running the most
+of them is killed; every request must still finish token-exact (moved to the other decode
+group: ``resent`` counts them, ``exercised`` says the kill hit running requests), and
 afterwards every remaining group's KV blocks must be free again and no transfer open.
 
 ``--device cpu`` runs every layout and the fault run on the CPU over gloo: a dry run of the
@@ -146,31 +147,35 @@ def run_layout(model: Model, p, d, device: str) -> dict:
 
 
 def run_fault(model: Model, device: str) -> dict:
-    """1 prefill + 2 decode groups; a decode-0 rank killed once every request has a token."""
+    """1 prefill + 2 decode groups, requests streamed; once every request has a token, the rank
+    of the decode group running the most of them is killed. They must move to the other group
+    (``resent``) and still finish token-exact, with nothing left held."""
     from splitserve import SamplingParams
 
     eng = engine(model.folder, (1, 1), (1, 1), device, num_decode=2)
     expected = model.expected
     try:
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
-        ids = [eng.add_request(None, p, params) for p in model.prompts]
+        # streamed: a request that does not stream reports only when it has finished
+        ids = [eng.add_request(None, p, params, stream=True) for p in model.prompts]
         tokens = {i: [] for i in ids}
         done: set[str] = set()
-        killed, deadline = False, time.monotonic() + 300
+        killed, deadline = None, time.monotonic() + 300
         while len(done) < len(ids) and time.monotonic() < deadline:
             for out in eng.step():
                 tokens[out.request_id] = list(out.token_ids)
                 if out.finished:
                     done.add(out.request_id)
-            if not killed and all(tokens[i] for i in ids):
-                victim = eng.decodes[0].engine.executor.launcher.procs[0]
-                victim.kill()
-                killed = True
+            if killed is None and all(tokens[i] for i in ids):
+                group = max(eng.decodes, key=lambda g: g.engine.num_running)
+                killed = {"group": group.name, "rank": 0, "running": group.engine.num_running,
+                          "tokens_so_far": sum(len(t) for t in tokens.values())}
+                group.engine.executor.launcher.procs[0].kill()
         got = [tokens[i] for i in ids]
-        return {"model": model.label, "killed": "decode-0 rank 0" if killed else None, "finished": len(done),
-                "requests": len(ids),
+        return {"model": model.label, "killed": killed, "finished": len(done), "requests": len(ids),
                 "token_exact": got == expected, "mismatches": sum(g != e for g, e in zip(got, expected)),
-                "resent": eng.num_resent, "leaks": leaks(eng)}
+                "resent": eng.num_resent, "exercised": bool(killed and killed["running"] and eng.num_resent),
+                "leaks": leaks(eng)}
     finally:
         eng.shutdown()
 

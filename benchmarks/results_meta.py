@@ -43,15 +43,14 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str | None:
-    """The short commit of the checkout, or None outside a git checkout. An exported copy (the
-    GPU machine gets one) names its commit in $SPLITSERVE_GIT_COMMIT: a git folder above the
-    copy would otherwise answer with its own, wrong, commit."""
-    import os
-
+    """The short commit of the checkout, with "-dirty" when tracked files differ from it (the
+    figures then come from code no commit holds), or None outside a git checkout. An exported
+    copy (the GPU machine gets one) names its commit in $SPLITSERVE_GIT_COMMIT: a git folder
+    above the copy would otherwise answer with its own, wrong, commit."""
     if os.environ.get("SPLITSERVE_GIT_COMMIT"):
         return os.environ["SPLITSERVE_GIT_COMMIT"]
     try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+        done = subprocess.run(["git", "describe", "--always", "--abbrev=7", "--dirty", "--exclude=*"], cwd=REPO_ROOT,
                               capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
