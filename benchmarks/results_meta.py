@@ -43,18 +43,25 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str | None:
-    """The short commit of the checkout, with "-dirty" when tracked files differ from it (the
-    figures then come from code no commit holds), or None outside a git checkout. An exported
-    copy (the GPU machine gets one) names its commit in $SPLITSERVE_GIT_COMMIT: a git folder
-    above the copy would otherwise answer with its own, wrong, commit."""
+    """The short commit of the checkout, with "-dirty" when tracked code differs from it (the
+    figures then come from code no commit holds; results files do not count), or None outside
+    a git checkout. An exported copy (the GPU machine gets one) names its commit in
+    $SPLITSERVE_GIT_COMMIT: a git folder above the copy would otherwise answer with its own,
+    wrong, commit."""
     if os.environ.get("SPLITSERVE_GIT_COMMIT"):
         return os.environ["SPLITSERVE_GIT_COMMIT"]
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+
     try:
-        done = subprocess.run(["git", "describe", "--always", "--abbrev=7", "--dirty", "--exclude=*"], cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=10)
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        changed = git("diff", "--quiet", "HEAD", "--", ".", f":(exclude){RESULTS_DIR.relative_to(REPO_ROOT)}")
     except (OSError, subprocess.SubprocessError):
         return None
-    return (done.stdout.strip() or None) if done.returncode == 0 else None
+    return head.stdout.strip() + ("-dirty" if changed.returncode == 1 else "")
 
 
 def slug(text: str) -> str:
