@@ -121,23 +121,24 @@ class ModelRunner:
         if hidden is None:
             return None  # an earlier pipeline stage: activations went on to the next
         logits = self.model.compute_logits(hidden[t["logits_indices"]])
-        pending = None
+        pending, tokens = None, None
         if self.is_output_rank:
             pending = self.sampler.sample(logits, [self._sample_request(row) for row in batch.sample_rows])
-            self._sampled = (batch.step_id, pending.token_ids)
+            tokens = pending.token_ids
         if self._share_samples:
-            self._share_sampled(batch)
+            tokens = self._shared(tokens, len(batch.sample_rows))
+        if tokens is not None:
+            self._sampled = (batch.step_id, tokens)
         return pending
 
-    def _share_sampled(self, batch: StepBatch) -> None:
-        """The output rank's tokens reach its tp peers on the device, for their placeholders."""
-        if self.is_output_rank:
-            tokens = self._sampled[1]
-        else:
-            tokens = torch.empty(len(batch.sample_rows), dtype=torch.long, device=self.device)
-        if batch.sample_rows:  # the same on every rank: all call the collective, or none does
+    def _shared(self, tokens: torch.Tensor | None, num_rows: int) -> torch.Tensor:
+        """The output rank's sampled ``tokens`` on every tp rank: its peers (``tokens`` None)
+        receive them on the device, for their placeholders."""
+        if tokens is None:
+            tokens = torch.empty(num_rows, dtype=torch.long, device=self.device)
+        if num_rows:  # the same on every rank: all call the collective, or none does
             self.parallel.broadcast_from_tp_leader(tokens)
-        self._sampled = (batch.step_id, tokens)
+        return tokens
 
     def _fill_placeholders(self, batch: StepBatch, t: dict[str, Any]) -> None:
         """Placeholder rows get the tokens the previous step sampled, without the host."""
