@@ -620,16 +620,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cache_blocks = args.cache_blocks or default_cache_blocks(args.prompt_tokens, args.block_size)
     cases = make_cases(args.prompt_tokens, args.block_size, cache_blocks, args.seed)
 
-    out_path = args.out or default_out_path(device_info(args.device, backend, num_threads), now)
+    device = device_info(args.device, backend, num_threads)
+    out_path = args.out or default_out_path(device, now)
     profile_dir = None
     if args.profile:
         profile_dir = out_path.with_name(out_path.stem + "-traces")
         profile_dir.mkdir(parents=True, exist_ok=True)
     store = dist.TCPStore(HOST, 0, None, True, timedelta(seconds=args.timeout_s), wait_for_workers=False)
-    common = dict(profile_dir=None if profile_dir is None else str(profile_dir), backend=backend, dtype=args.dtype, shape=shape, block_size=args.block_size,
+    common = dict(backend=backend, dtype=args.dtype, shape=shape, block_size=args.block_size,
                   cache_blocks=cache_blocks, cases=cases, layers_per_message=args.layers_per_message,
                   repeats=args.repeats, timeout_s=args.timeout_s, store_port=store.port,
-                  num_threads=num_threads, seed=args.seed)
+                  num_threads=num_threads, seed=args.seed,
+                  profile_dir=None if profile_dir is None else str(profile_dir))
     devices = ("cuda:0", "cuda:1") if args.device == "cuda" else ("cpu", "cpu")
     started = time.monotonic()
     reports = run_processes([WorkerArgs(role="prefill", device=devices[0], **common),
@@ -640,7 +642,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = [summarize(case, kv_bytes(shape, case.num_blocks, args.block_size, args.dtype), recv, send)
                for case, recv, send in zip(cases, reports["decode"]["results"], reports["prefill"]["results"])]
     at_target = next((r for r in results if r["prompt_tokens"] == TARGET_PROMPT_TOKENS), None)
-    device = device_info(args.device, backend, num_threads)
     report = {
         **results_meta.report_header("kv_transfer", __file__, argv, now, device),
         "parameters": {"model": shape.name, "num_layers": shape.num_layers, "num_kv_heads": shape.num_kv_heads,
