@@ -106,6 +106,14 @@ def oracle(model, prompts: list[list[int]], max_tokens: int, device: str) -> lis
     return out
 
 
+def device_summary(kind: str) -> dict:
+    """What the result file says of the machine: "cuda" or "cpu" (a dry run over gloo)."""
+    import torch
+
+    return {"type": kind, "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+            "name": torch.cuda.get_device_name(0) if kind == "cuda" else "cpu"}
+
+
 def engine(folder: Path, p: tuple[int, int], d: tuple[int, int], device: str, num_decode: int = 1):
     from splitserve.workers.config import CacheConfig, ParallelConfig
     from splitserve.workers.disagg_engine import DisaggConfig, DisaggEngine
@@ -197,9 +205,8 @@ def main() -> None:
     cuda = args.device == "cuda"
     gpus = torch.cuda.device_count() if cuda else None  # CPU ranks: any number
     oracle_device = "cuda:0" if cuda else "cpu"
-    device = {"type": args.device, "gpus": torch.cuda.device_count(), "torch": torch.__version__,
-              "name": torch.cuda.get_device_name(0) if cuda else "cpu"}
-    result = report_header("multi_gpu_check", __file__, sys.argv[1:], datetime.now(timezone.utc), device)
+    result = report_header("multi_gpu_check", __file__, sys.argv[1:], datetime.now(timezone.utc),
+                           device_summary(args.device))
     result.update({"layouts": [], "fault": None})
     with tempfile.TemporaryDirectory() as tmp:
         models = {"main": make_model(args.model, Path(tmp) / "model", oracle_device, args.prompts)}
