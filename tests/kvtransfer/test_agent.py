@@ -183,34 +183,41 @@ def test_a_send_that_never_goes_through_fails_at_the_link_timeout_and_its_buffer
     assert _ptrs(sender.transport.sends[2:]).isdisjoint(stuck)
 
 
-def test_each_message_is_written_only_once_its_receive_has_completed():
+#: Transfer 1 of the hand-delivered receive tests: its three blocks, sent and received.
+SRC_BLOCKS, DST_BLOCKS = [7, 2, 9], [0, 5, 11]
+
+
+def _posted_by_hand():
+    """A decode agent with transfer 1's receives posted: its two messages (layers 0-2, 3), which
+    the test delivers."""
     receiver, dst, events = _manual("decode")
-    src, src_blocks, dst_blocks = _cache(0), [7, 2, 9], [0, 5, 11]
-    receiver.post_recv([RecvCommand(1, dst_blocks, ROUTES, 3)])
+    receiver.post_recv([RecvCommand(1, DST_BLOCKS, ROUTES, 3)])
     _until(lambda: len(receiver.transport.recvs) == 2)
-    first, second = receiver.transport.recvs
-    first.tensor.copy_(_message(src, src_blocks, range(0, 3)))  # the bytes are there, the work not done
+    return receiver, dst, events, receiver.transport.recvs
+
+
+def test_each_message_is_written_only_once_its_receive_has_completed():
+    receiver, dst, events, (first, second) = _posted_by_hand()
+    src = _cache(0)
+    first.tensor.copy_(_message(src, SRC_BLOCKS, range(0, 3)))  # the bytes are there, the work not done
     time.sleep(0.1)
     assert not dst.any()
     first.deliver()
     _until(lambda: dst[:3].any())
-    assert torch.equal(dst[:3, :, dst_blocks], src[:3, :, src_blocks]) and not dst[3].any()
-    second.deliver(_message(src, src_blocks, range(3, 4)))
+    assert torch.equal(dst[:3, :, DST_BLOCKS], src[:3, :, SRC_BLOCKS]) and not dst[3].any()
+    second.deliver(_message(src, SRC_BLOCKS, range(3, 4)))
     event = events.get(timeout=10)
-    assert event.ok and torch.equal(dst[:, :, dst_blocks], src[:, :, src_blocks])
+    assert event.ok and torch.equal(dst[:, :, DST_BLOCKS], src[:, :, SRC_BLOCKS])
     assert receiver._pool.num_free == 2  # both staging buffers back, to be reused
 
 
 def test_a_transfer_cancelled_midway_writes_nothing_more_and_frees_every_buffer():
-    receiver, dst, events = _manual("decode")
-    src, src_blocks, dst_blocks = _cache(0), [7, 2, 9], [0, 5, 11]
-    receiver.post_recv([RecvCommand(1, dst_blocks, ROUTES, 3)])
-    _until(lambda: len(receiver.transport.recvs) == 2)
-    first, second = receiver.transport.recvs
-    first.deliver(_message(src, src_blocks, range(0, 3)))
+    receiver, dst, events, (first, second) = _posted_by_hand()
+    src = _cache(0)
+    first.deliver(_message(src, SRC_BLOCKS, range(0, 3)))
     _until(lambda: dst[:3].any())
     receiver.cancel(1)
-    second.deliver(_message(src, src_blocks, range(3, 4)))  # the sender keeps sending: drained
+    second.deliver(_message(src, SRC_BLOCKS, range(3, 4)))  # the sender keeps sending: drained
     _until(lambda: receiver._pool.num_free == 2)
     assert not dst[3].any() and not receiver._cancelled
     with pytest.raises(queue.Empty):
