@@ -11,8 +11,8 @@ Lifecycle:
 A step submits micro-batches (`_submit_ready`: schedule -> `StepBatch` -> executor), then
 collects the oldest one and advances its sequences (`postprocess`, `_update`): with one
 pipeline stage that is schedule -> forward+sample -> update; with ``pp`` stages up to ``pp``
-micro-batches are in flight so every stage has work. With async scheduling (one rank, on by
-default on CUDA) two are: step n+1 is scheduled and queued while the device runs step n, its
+micro-batches are in flight so every stage has work. With async scheduling (pp = 1; on by
+default for one rank on CUDA) two are: step n+1 is scheduled and queued while the device runs step n, its
 decode rows' tokens left as placeholders that the runner fills from step n's samples on the
 device, so the host's work per step hides behind the device's. Text is decoded
 incrementally only for requests that stream or have stop strings; the rest are decoded once
