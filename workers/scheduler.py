@@ -17,7 +17,7 @@ Pipeline parallelism keeps several micro-batches in flight: a sequence in a batc
 not come back yet is *in flight* and is neither scheduled again nor preempted until its
 `postprocess`; ``max_seqs`` caps one micro-batch so the others get sequences too.
 
-With ``lookahead`` (async scheduling, one rank) the engine schedules step n+1 while the GPU
+With ``lookahead`` (async scheduling, pp = 1) the engine schedules step n+1 while the GPU
 runs step n: an in-flight sequence may be scheduled once more, for its next prompt chunk or
 for the token step n samples (a *placeholder*, filled in on the device by the runner). A
 sequence sure to end when that token lands (``max_tokens``, the model's length) is not; one
