@@ -5,9 +5,13 @@ Lifecycle:
                still steps every ``idle_step_s``, which is how a dead rank of an idle group
                is noticed)
     add/abort  from any thread: queued into the inbox, applied between steps (the engine is
-               only ever touched by its thread); a bad request's ValueError goes to its sink
+               only ever touched by its thread); a bad request's ValueError goes to its sink;
+               beyond ``max_live`` requests a new one is refused (RESOURCE_EXHAUSTED)
     outputs    each step's `RequestOutput`s become `Chunk`s for the request's sink; a request
-               the service failed gets a `RouterError` (UNAVAILABLE) instead
+               the service failed gets a `RouterError` (UNAVAILABLE) instead; then
+               ``on_step_end`` runs once (the engine core sends one message per step there)
+    deadlines  a request still live at its deadline is aborted on every group (blocks freed)
+               and its sink gets DEADLINE_EXCEEDED, whether or not anyone reads its stream
     groups     after each step a snapshot of every group's state is published (`statuses`);
                a failed group is rebuilt on a thread of its own (``rebuild``: slow, model
                load) after ``restart_backoff_s``, then attached between steps
@@ -17,6 +21,7 @@ Lifecycle:
 from __future__ import annotations
 
 import concurrent.futures
+import heapq
 import logging
 import queue
 import socket
@@ -38,11 +43,14 @@ Sink = Callable[[Chunk | RouterError], None]
 class EngineLoop:
     def __init__(self, engine: DisaggEngine, rebuild: Callable[[Group], LLMEngine] | None = None,
                  restart_backoff_s: float = 1.0, idle_step_s: float = 0.05,
-                 on_output: Callable[[RequestOutput], None] | None = None):
+                 on_step_end: Callable[[], None] | None = None, max_live: int | None = None):
         self.engine = engine
         self._rebuild, self._backoff = rebuild, restart_backoff_s
         self._idle_step_s = idle_step_s
-        self._on_output = on_output
+        self._on_step_end = on_step_end
+        self._max_live = max_live
+        #: (monotonic deadline, request id) of live requests that have one.
+        self._deadlines: list[tuple[float, str]] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         # A doorbell the engine's step also waits on: a request that arrives while the step
         # waits for the ranks is dispatched at once, not after the wait.
@@ -73,10 +81,23 @@ class EngineLoop:
         self._put(run)
         return fut
 
+    @property
+    def num_live(self) -> int:
+        """Requests added and not yet ended (their sinks still open)."""
+        return len(self._sinks)
+
     def add(self, request_id: str, prompt: str | list[int] | list[dict[str, str]], params: SamplingParams,
-            sink: Sink) -> None:
-        """Tokenize (a chat is rendered with the template), validate and queue the request."""
+            sink: Sink, deadline: float | None = None) -> None:
+        """Tokenize (a chat is rendered with the template), validate and queue the request;
+        ``deadline`` (time.monotonic) ends it with DEADLINE_EXCEEDED if it is still live then."""
         def add() -> None:
+            if request_id in self._sinks:
+                sink(RouterError(ErrorCode.ALREADY_EXISTS, f"request id {request_id!r} is already in use"))
+                return
+            if self._max_live is not None and len(self._sinks) >= self._max_live:
+                sink(RouterError(ErrorCode.RESOURCE_EXHAUSTED, f"overloaded: {len(self._sinks)} requests in "
+                                 f"flight (the limit is {self._max_live}); retry later"))
+                return
             try:
                 prompt_ids = self._prompt_ids(prompt)
                 self.engine.add_request(request_id, prompt_ids, params, stream=True,
@@ -88,6 +109,8 @@ class EngineLoop:
                 sink(RouterError(ErrorCode.UNAVAILABLE, f"{type(err).__name__}: {err}"))
                 return
             self._sinks[request_id] = sink
+            if deadline is not None:
+                heapq.heappush(self._deadlines, (deadline, request_id))
         self._put(add)
 
     def abort(self, request_id: str) -> None:
@@ -96,6 +119,14 @@ class EngineLoop:
             if request_id in self._sinks:
                 self._aborted.add(request_id)
             self.engine.abort_request(request_id)
+        self._put(abort)
+
+    def abort_where(self, matches: Callable[[str], bool]) -> None:
+        """Abort every live request whose id ``matches`` (a front door that died)."""
+        def abort() -> None:
+            for request_id in [r for r in self._sinks if matches(r)]:
+                self._sinks.pop(request_id)
+                self.engine.abort_request(request_id)
         self._put(abort)
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -138,6 +169,9 @@ class EngineLoop:
                 continue
             for out in outputs:
                 self._deliver(out)
+            self._expire()
+            if self._on_step_end is not None:
+                self._on_step_end()
             self.statuses = self._statuses()
             self._supervise()
 
@@ -161,9 +195,19 @@ class EngineLoop:
             except queue.Empty:
                 return
 
+    def _expire(self) -> None:
+        """Requests past their deadline end now, read or not: their blocks are freed."""
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, request_id = heapq.heappop(self._deadlines)
+            sink = self._sinks.pop(request_id, None)
+            if sink is None:
+                continue  # ended already
+            self._aborted.discard(request_id)
+            self.engine.abort_request(request_id)
+            sink(RouterError(ErrorCode.DEADLINE_EXCEEDED, f"request {request_id} passed its deadline"))
+
     def _deliver(self, out: RequestOutput) -> None:
-        if self._on_output is not None:
-            self._on_output(out)
         sink = self._sinks.get(out.request_id)
         if out.finished:
             self._sinks.pop(out.request_id, None)

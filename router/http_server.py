@@ -56,13 +56,14 @@ API = "http"
 HTTP_STATUS = {
     ErrorCode.INVALID_ARGUMENT: 400, ErrorCode.UNAUTHENTICATED: 401, ErrorCode.NOT_FOUND: 404,
     ErrorCode.RESOURCE_EXHAUSTED: 429, ErrorCode.CANCELLED: 499, ErrorCode.INTERNAL: 500,
-    ErrorCode.UNAVAILABLE: 503, ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.UNAVAILABLE: 503, ErrorCode.DEADLINE_EXCEEDED: 504, ErrorCode.ALREADY_EXISTS: 409,
 }
 _ERROR_TYPE = {
     ErrorCode.INVALID_ARGUMENT: "invalid_request_error", ErrorCode.UNAUTHENTICATED: "authentication_error",
     ErrorCode.NOT_FOUND: "not_found_error", ErrorCode.RESOURCE_EXHAUSTED: "rate_limit_error",
     ErrorCode.CANCELLED: "cancelled", ErrorCode.INTERNAL: "internal_error",
     ErrorCode.UNAVAILABLE: "service_unavailable_error", ErrorCode.DEADLINE_EXCEEDED: "timeout_error",
+    ErrorCode.ALREADY_EXISTS: "conflict_error",
 }
 UNAUTHENTICATED_MESSAGE = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
 
@@ -293,7 +294,7 @@ class _Routes:
             text = await self.router.metrics_text()
         except Exception as err:  # noqa: BLE001
             return Response(f"the router cannot answer: {err}\n", status_code=503, media_type="text/plain")
-        return Response(text + self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)  # every door's counters are in it
 
     # ---- errors ---------------------------------------------------------------------------------
 

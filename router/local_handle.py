@@ -1,15 +1,17 @@
-"""The router in this process, without Ray: for tests, and for serving from one machine.
+"""An engine core and a front-door client in this process, without Ray: for tests, and for
+serving from one machine without a cluster.
 
 Lifecycle:
     build    `build_local_router(cfg)` builds the `DisaggEngine` of a `ServeConfig` with its
              groups in this process (one 1 x 1 prefill and decode group each: both in this
-             process, KV moved in memory; larger layouts: local rank processes), and a
-             `RouterCore` (its engine thread) around it
-    serve    `LocalRouterHandle` has the interface of `RouterHandle` (`RouterAPI`), so the
-             gRPC and HTTP front doors take either. Each request's generator runs on the
-             event loop that iterates it (the router's sinks wake that loop), so front
-             doors on different loops and threads can share one handle
-    close    `close()` stops the engine thread and shuts the groups down
+             process, KV moved in memory; larger layouts: local rank processes), an
+             `EngineCore` around it on ipc sockets, and one `EngineClient` connected to it.
+             Requests take the same path as in `splitserve serve` (token ids over the
+             sockets, one message per step, text made by the client), only the processes
+             differ
+    serve    `LocalRouter` is a `RouterAPI` (its client's methods), so the gRPC and HTTP front
+             doors take it; `kv_state` for leak checks
+    close    `close()` closes the client, then the core (its engine thread, its groups)
 
 A lost group is not rebuilt here (that needs Ray); it stays failed and ``health`` says so.
 """
@@ -17,55 +19,75 @@ A lost group is not rebuilt here (that needs Ray); it stays failed and ``health`
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import aclosing
 
 from splitserve.cluster.serve_config import ServeConfig
-from splitserve.router.messages import Chunk, GenerateRequest, GroupStatus, ModelInfo
-from splitserve.router.router import RouterCore
+from splitserve.router.engine_client import EngineClient
+from splitserve.router.engine_core import CoreAddress, CoreLimits, EngineCore
+from splitserve.router.messages import ModelInfo
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
-class LocalRouterHandle:
-    def __init__(self, core: RouterCore):
-        self.core = core
-
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        # aclosing: closing this iterator early closes the core's, which aborts the request.
-        async with aclosing(self.core.generate(request)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
-    async def abort(self, request_id: str) -> None:
-        self.core.abort(request_id)
-
-    async def health(self) -> list[GroupStatus]:
-        return self.core.health()
-
-    async def ready(self) -> bool:
-        return self.core.ready()
-
-    async def model_info(self) -> ModelInfo:
-        return self.core.model_info()
-
-    async def metrics_text(self) -> bytes:
-        return await self.core.metrics_text()
-
-    async def kv_state(self) -> dict:
-        return await self.core.kv_state()
+class LocalRouter:
+    def __init__(self, core: EngineCore, client: EngineClient):
+        self.core, self.client = core, client
+        self.generate = client.generate
+        self.abort = client.abort
+        self.health = client.health
+        self.ready = client.ready
+        self.model_info = client.model_info
+        self.metrics_text = client.metrics_text
+        self.kv_state = client.kv_state
+        self.door_metrics = client.door_metrics
 
     def close(self) -> None:
-        self.core.shutdown()
+        self.client.close()
+        self.core.close()
 
 
-def build_local_router(cfg: ServeConfig) -> LocalRouterHandle:
-    """The router of ``cfg`` with every group in this process or its child processes."""
+def model_info(cfg: ServeConfig, engine) -> ModelInfo:
+    """What the service tells clients about its model (fixed while the engine lives)."""
+    roles = {role: (getattr(cfg, role).count, getattr(cfg, role).tp, getattr(cfg, role).pp) for role in cfg.roles()}
+    return ModelInfo(cfg.model or DEFAULT_MODEL_NAME, cfg.mode, engine.decodes[0].engine.max_model_len,
+                     engine.model_cfg.vocab_size, roles)
+
+
+def core_limits(cfg: ServeConfig) -> CoreLimits:
+    return CoreLimits(cfg.router.max_inflight, cfg.router.request_timeout_s)
+
+
+def door_tokenizer(cfg: ServeConfig):
+    """The front door's own tokenizer (None for a model without one): resolved from the model
+    spec like the engine's, but never shared with it."""
+    from splitserve.workers.model_source import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model(cfg.model))
+
+
+def _resolve_local_mode(cfg: ServeConfig) -> ServeConfig:
+    """Mode auto on this machine alone: disaggregated on the CPU or where the GPUs suffice
+    (one per rank), else aggregated."""
+    if cfg.mode not in ("auto",):
+        return cfg
+    import torch
+
+    from dataclasses import replace
+
+    gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
+    need = sum(getattr(cfg, r).count * getattr(cfg, r).tp * getattr(cfg, r).pp for r in ("prefill", "decode"))
+    on_cpu = cfg.device == "cpu" or gpus == 0
+    return replace(cfg, mode="disaggregated" if on_cpu or gpus >= need else "aggregated")
+
+
+def build_local_router(cfg: ServeConfig, ready_timeout_s: float = 30.0) -> LocalRouter:
+    """The service of ``cfg`` with every group in this process or its child processes."""
     # cluster.groups builds a group's EngineConfig from the ServeConfig; importing it does not
     # start Ray (only its Ray launcher would).
     from splitserve.cluster.groups import engine_config
     from splitserve.router.policies import make_policy
     from splitserve.workers.disagg_engine import DisaggConfig, DisaggEngine
 
-    cfg = cfg.validate()
+    cfg = _resolve_local_mode(cfg.validate())
     if cfg.mode == "disaggregated":
         dc = DisaggConfig(prefill=engine_config(cfg, "prefill", cfg.device),
                           decode=engine_config(cfg, "decode", cfg.device),
@@ -74,4 +96,12 @@ def build_local_router(cfg: ServeConfig) -> LocalRouterHandle:
         dc = DisaggConfig(prefill=None, decode=engine_config(cfg, "worker", cfg.device), num_decode=cfg.worker.count)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     engine = DisaggEngine(dc, policy=make_policy(cfg.router.policy, cfg.block_size))
-    return LocalRouterHandle(RouterCore(cfg, engine))
+    core = EngineCore(engine, model_info(cfg, engine), CoreAddress.ipc(), core_limits(cfg))
+    try:
+        client = EngineClient(core.address, tokenizer=door_tokenizer(cfg),
+                              request_timeout_s=cfg.router.request_timeout_s)
+        client.wait_ready(ready_timeout_s)
+    except BaseException:
+        core.close()
+        raise
+    return LocalRouter(core, client)

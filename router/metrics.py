@@ -1,18 +1,21 @@
 """The service's Prometheus metrics (vLLM-style names under ``splitserve:``).
 
-Lifecycle: the router owns one `RouterMetrics` (its own registry, so two routers in one
+Lifecycle: the engine core owns one `RouterMetrics` (its own registry, so two cores in one
 process never share counters). Per request it records arrival, each token's time and the
-end (`RequestTimer`); per step the engine thread publishes group states and transfer counts
-(`observe_groups`, `observe_transfers`); a scrape renders the text format (`render`).
+end (`RequestTimer`, on the engine's thread as each step's outputs go out); a scrape reads
+group states and transfer counts between steps (`observe_groups`, `observe_transfers`) and
+renders the text format (`render`).
 
 The front doors count every request they answer, by API, method and final status
-(`FrontDoorMetrics`: also those refused before reaching the router, such as a bad API key or
-a malformed body); the gRPC and HTTP servers of one router share one (`front_door_metrics`),
-and ``/metrics`` serves the router's text followed by theirs.
+(`FrontDoorMetrics`: also those refused before reaching the core, such as a bad API key or
+a malformed body); the gRPC and HTTP servers of one door process share one
+(`front_door_metrics`). Each door hands its counts to the core with its beats (`drain`); the
+core sums them, so ``/metrics`` on any door is the whole service's text.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -123,9 +126,21 @@ class FrontDoorMetrics:
         self.requests = Counter(P + "api_requests", "Requests answered by a front door, by API (grpc, http), "
                                 "method and final status (OK or the gRPC status name; HTTP maps to the same).",
                                 ["api", "method", "code"], registry=r)
+        #: Counts not yet handed on (`drain`): a front-door process sends them to the engine
+        #: core, which sums every door's, so one scrape of any door sees them all.
+        self._undrained: dict[tuple[str, str, str], int] = {}
+        self._lock = threading.Lock()
 
     def count(self, api: str, method: str, code: str) -> None:
         self.requests.labels(api, method, code).inc()
+        with self._lock:
+            key = (api, method, code)
+            self._undrained[key] = self._undrained.get(key, 0) + 1
+
+    def drain(self) -> dict[tuple[str, str, str], int]:
+        with self._lock:
+            out, self._undrained = self._undrained, {}
+        return out
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -136,7 +151,12 @@ _FRONT_DOORS: "weakref.WeakKeyDictionary[object, FrontDoorMetrics]" = weakref.We
 
 def front_door_metrics(router: object) -> FrontDoorMetrics:
     """The counters of ``router``'s front doors (one set per router handle, shared by its
-    gRPC and HTTP servers; two routers in one process keep theirs apart)."""
+    gRPC and HTTP servers; two routers in one process keep theirs apart). A router that
+    carries its own (``door_metrics``: the engine client, which sends them to the core)
+    gives those."""
+    own = getattr(router, "door_metrics", None)
+    if own is not None:
+        return own
     if router not in _FRONT_DOORS:
         _FRONT_DOORS[router] = FrontDoorMetrics()
     return _FRONT_DOORS[router]

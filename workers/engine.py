@@ -68,6 +68,9 @@ class EngineConfig:
     rank_processes: bool = False
     #: GPUs taken by another group of this machine placed first (disaggregated mode).
     device_offset: int = 0
+    #: Decode text and apply stop strings here. The serving engine core leaves both to its
+    #: front doors (their processes, not the step's): its outputs then carry token ids only.
+    detokenize: bool = True
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -218,6 +221,8 @@ class LLMEngine:
             raise ValueError(f"prompt token ids out of range [0, {self.model_cfg.vocab_size}): {bad[:5]}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        if params.stop and not self.config.detokenize:
+            raise ValueError("this engine leaves text to its front doors: stop strings are checked there")
         budget = self.config.scheduler.max_num_batched_tokens
         if not self.config.scheduler.enable_chunked_prefill and len(prompt_ids) > budget:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds the per-step budget of {budget} "
@@ -246,7 +251,7 @@ class LLMEngine:
         return request_id
 
     def _track(self, seq: Sequence, stream: bool, prompt: str | None) -> _Request:
-        needs_text = self.tokenizer is not None and (stream or bool(seq.params.stop))
+        needs_text = self.config.detokenize and self.tokenizer is not None and (stream or bool(seq.params.stop))
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids) if needs_text else None
         req = self._requests[seq.request_id] = _Request(seq, detok, stream, prompt)
         return req
@@ -477,7 +482,7 @@ class LLMEngine:
         )
 
     def _text(self, req: _Request) -> str:
-        if self.tokenizer is None:
+        if self.tokenizer is None or not self.config.detokenize:
             return ""
         if req.detok is None:  # decoded once, at the end
             return self.tokenizer.decode(req.seq.output_token_ids, skip_special_tokens=True) if req.seq.is_finished else ""

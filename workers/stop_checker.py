@@ -69,7 +69,7 @@ def check_stop(
     num_tokens = len(output_token_ids)
     if num_tokens > params.min_tokens:
         decision = _check_token(params, new_token_id, eos_token_ids, text, new_text_len)
-        decision = decision or _check_stop_strings(params, text, new_text_len)
+        decision = decision or check_stop_string(params, text, new_text_len)
         if decision is not None:
             return decision
     if num_tokens >= params.max_tokens:
@@ -93,13 +93,13 @@ def _check_token(
     new_text_len: int,
 ) -> StopDecision | None:
     if token_id in eos_token_ids and not params.ignore_eos:
-        return StopDecision("stop", None, _cut_token_text(params, text, new_text_len))
+        return StopDecision("stop", None, cut_token_text(params, text, new_text_len))
     if token_id in params.stop_token_ids:
-        return StopDecision("stop", token_id, _cut_token_text(params, text, new_text_len))
+        return StopDecision("stop", token_id, cut_token_text(params, text, new_text_len))
     return None
 
 
-def _cut_token_text(params: SamplingParams, text: str | None, new_text_len: int) -> int | None:
+def cut_token_text(params: SamplingParams, text: str | None, new_text_len: int) -> int | None:
     # A stop token's own text is not part of the answer (vLLM drops it), unless asked to keep it.
     # EOS is usually a special token whose text is already skipped (new_text_len == 0).
     if text is None or new_text_len == 0 or params.include_stop_str_in_output:
@@ -107,7 +107,7 @@ def _cut_token_text(params: SamplingParams, text: str | None, new_text_len: int)
     return len(text) - new_text_len
 
 
-def _check_stop_strings(
+def check_stop_string(
     params: SamplingParams, text: str | None, new_text_len: int
 ) -> StopDecision | None:
     """The earliest stop string that ends inside the new text, if any.
