@@ -9,7 +9,7 @@ Subcommands:
 
 - ``splitserve serve [--config FILE] [--address auto] [--model M] [--mode aggregated|disaggregated]
   [--prefill-groups N] [--decode-groups M] [--prefill-tp/--prefill-pp/--decode-tp/--decode-pp N]
-  [--host H] [--grpc-port P] [--http-port Q] ...``: start (or join) Ray, the worker groups, the
+  [--host H] [--grpc-port P] [--http-port Q] [--api-servers N] ...``: start (or join) Ray, the worker groups, the
   router and the front doors (`splitserve.cluster.serve`); flags override the config file.
 - ``splitserve client "PROMPT" [--stream] [--address A]``: one request to a running server over gRPC.
 
@@ -78,6 +78,8 @@ def _add_serve(sub) -> None:
     srv.add_argument("--host", default=None, help="address the servers bind to (default 127.0.0.1)")
     srv.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50051)")
     srv.add_argument("--http-port", type=int, default=None, help="OpenAI-compatible HTTP port (default 8000)")
+    srv.add_argument("--api-servers", type=int, default=None,
+                     help="front-door processes (default: one per 8 CPUs, 1 to 4)")
     srv.add_argument("--api-key-file", default=None, help="file holding the API key clients must send")
     srv.add_argument("--tls-cert", default=None)
     srv.add_argument("--tls-key", default=None)
@@ -110,7 +112,8 @@ def serve_config_from_args(args: argparse.Namespace):
         "router_max_inflight": args.max_inflight, "server_host": args.host,
         "server_grpc_port": args.grpc_port, "server_http_port": args.http_port,
         "server_api_key_file": args.api_key_file, "server_tls_cert": args.tls_cert,
-        "server_tls_key": args.tls_key, "ray_address": args.address, "ray_num_cpus": args.num_cpus,
+        "server_tls_key": args.tls_key, "server_api_servers": args.api_servers, "ray_address": args.address,
+        "ray_num_cpus": args.num_cpus,
     }
     for role in ("prefill", "decode", "worker"):
         overrides[f"{role}_count"] = getattr(args, f"{role}_groups")

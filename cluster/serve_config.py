@@ -33,6 +33,7 @@ The file's shape (every key optional)::
       api_key: null             # or api_key_file: a file holding the key
       tls_cert: null
       tls_key: null
+      api_servers: null         # front-door processes; null: min(4, max(1, CPUs // 8))
     ray:
       address: null             # null: start an embedded local Ray; "auto": join a cluster
       num_cpus: null            # embedded Ray only
@@ -40,6 +41,7 @@ The file's shape (every key optional)::
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -82,11 +84,20 @@ class ServerSpec:
     tls_key: str | None = None
     #: Largest gRPC message accepted or sent (bytes).
     max_message_bytes: int = 16 * 1024 * 1024
+    #: Front-door processes (gRPC and HTTP servers); None: `resolved_api_servers`' default.
+    api_servers: int | None = None
 
     def resolved_api_key(self) -> str | None:
         if self.api_key_file:
             return Path(self.api_key_file).read_text().strip()
         return self.api_key
+
+    def resolved_api_servers(self) -> int:
+        """``api_servers``, or one per 8 CPUs of this machine, at least 1 and at most 4 (a
+        front door parses and tokenizes; more than a few only take CPUs from the ranks)."""
+        if self.api_servers is not None:
+            return self.api_servers
+        return min(4, max(1, (os.cpu_count() or 1) // 8))
 
 
 @dataclass(frozen=True)
@@ -140,6 +151,8 @@ class ServeConfig:
         for port in (self.server.grpc_port, self.server.http_port):
             if not 0 <= port < 65536:
                 raise ValueError(f"port out of range: {port}")
+        if self.server.api_servers is not None and self.server.api_servers < 1:
+            raise ValueError(f"server.api_servers must be >= 1 (or null for the default), got {self.server.api_servers}")
         return self
 
     def roles(self) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ import pytest
 
 from splitserve.cluster.cli import build_parser, serve_config_from_args
 from splitserve.cluster.groups import engine_config
-from splitserve.cluster.serve_config import config_from_dict
+from splitserve.cluster.serve_config import ServerSpec, config_from_dict
 
 
 def _serve(*flags: str):
@@ -32,3 +32,13 @@ def test_yaml_key_and_pipeline_stages():
         config_from_dict({"async_scheduling": True, "groups": {"decode": {"pp": 2}}}).validate()
     with pytest.raises(ValueError, match="pp = 1"):
         _serve("--async-scheduling", "--prefill-pp", "2")
+
+
+def test_api_servers_default_follows_the_cpus(monkeypatch):
+    assert config_from_dict({"server": {"api_servers": 3}}).server.resolved_api_servers() == 3
+    assert _serve("--api-servers", "2").server.api_servers == 2
+    for cpus, want in ((1, 1), (2, 1), (16, 2), (31, 3), (64, 4), (None, 1)):
+        monkeypatch.setattr("os.cpu_count", lambda cpus=cpus: cpus)
+        assert ServerSpec().resolved_api_servers() == want, cpus
+    with pytest.raises(ValueError, match="server.api_servers must be >= 1"):
+        _serve("--api-servers", "0")
