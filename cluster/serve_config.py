@@ -3,13 +3,22 @@
 Lifecycle: a YAML file (optional) is read into a `ServeConfig` (`load_serve_config`), then
 command-line flags override single fields (`ServeConfig.with_overrides`), then `validate`
 checks the whole before anything starts. With no file and no flags it is the embedded
-default: local Ray, the default model, one prefill and one decode group, 127.0.0.1.
+default: local Ray, the default model, mode auto (one prefill and one decode group when the
+machine has room for both, else one aggregated group), 127.0.0.1. Mode "auto" stays in the
+config until the groups are placed: `splitserve.cluster.placement` chooses against what the
+cluster has free, and `Placement.apply` gives the config of the mode chosen.
 
 The file's shape (every key optional)::
 
     model: null                 # default model; a local HF folder; random:<name>
-    mode: disaggregated         # or aggregated
+    mode: auto                  # auto | aggregated | disaggregated; auto: disaggregated when
+                                # the cluster has room for the prefill and decode groups, else
+                                # the aggregated worker groups (the choice and why are logged)
     device: auto                # auto | cpu | cuda
+    gpus_per_rank: 1.0          # GPU share of each rank (0 < x <= 1); below 1, one-rank groups
+                                # share a GPU: e.g. 0.5 puts one prefill and one decode group
+                                # on one GPU, their KV moved by CUDA IPC (all of a
+                                # disaggregated layout's groups must then fit on one GPU)
     dtype: auto
     max_model_len: null
     block_size: 16
@@ -22,7 +31,7 @@ The file's shape (every key optional)::
     groups:
       prefill: {count: 1, tp: 1, pp: 1}
       decode:  {count: 1, tp: 1, pp: 1}
-      worker:  {count: 1, tp: 1, pp: 1}   # aggregated mode's groups
+      worker:  {count: 1, tp: 1, pp: 1}   # aggregated mode's groups (auto's fallback)
     router:
       policy: least_loaded      # round_robin | least_loaded | prefix_affinity
       max_inflight: 256         # requests admitted at once; beyond: overload error
@@ -37,16 +46,33 @@ The file's shape (every key optional)::
     ray:
       address: null             # null: start an embedded local Ray; "auto": join a cluster
       num_cpus: null            # embedded Ray only
+      placement_timeout_s: null # how long a group may wait for room before it fails; null:
+                                # 60 s on an embedded Ray (it never grows), 300 s when joining
+                                # a cluster (nodes may still be starting or autoscaling)
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-MODES = ("aggregated", "disaggregated")
+
+class Mode(StrEnum):
+    """How the groups split the work. A StrEnum: the config keeps the plain string (YAML), and
+    ``cfg.mode == Mode.AUTO`` compares as a string does."""
+
+    #: disaggregated when the cluster has room for its groups, else aggregated
+    AUTO = "auto"
+    #: each group prefills and decodes (``groups.worker``)
+    AGGREGATED = "aggregated"
+    #: prefill groups hand their KV to decode groups (``groups.prefill``, ``groups.decode``)
+    DISAGGREGATED = "disaggregated"
+
+
+MODES = tuple(m.value for m in Mode)
 POLICIES = ("round_robin", "least_loaded", "prefix_affinity")
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
@@ -105,13 +131,19 @@ class RaySpec:
     address: str | None = None
     num_cpus: int | None = None
     namespace: str = "splitserve"
+    #: Seconds a group's placement group may stay pending before the group fails; None: 60 on
+    #: an embedded Ray, 300 when joining a cluster (`splitserve.cluster.placement`).
+    placement_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
 class ServeConfig:
     model: str | None = None
-    mode: str = "disaggregated"
+    #: A `Mode` value; "auto" until `splitserve.cluster.placement` chooses.
+    mode: str = Mode.AUTO.value
     device: str = "auto"
+    #: Each rank's share of a GPU (0 < x <= 1): below 1, one-rank groups share GPUs.
+    gpus_per_rank: float = 1.0
     dtype: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
@@ -134,15 +166,16 @@ class ServeConfig:
             raise ValueError(f"router.policy must be one of {POLICIES}, got {self.router.policy!r}")
         if self.router.max_inflight < 1:
             raise ValueError("router.max_inflight must be >= 1")
-        for role in self.roles():
+        for role in self._possible_roles():
             getattr(self, role).check(role)
-        if self.mode == "disaggregated" and (self.prefill.count < 1 or self.decode.count < 1):
-            raise ValueError("disaggregated mode needs at least one prefill and one decode group")
-        if self.mode == "aggregated" and self.worker.count < 1:
-            raise ValueError("aggregated mode needs at least one worker group")
+        if self.mode != Mode.AGGREGATED and (self.prefill.count < 1 or self.decode.count < 1):
+            raise ValueError(f"{self.mode} mode needs at least one prefill and one decode group")
+        if self.mode != Mode.DISAGGREGATED and self.worker.count < 1:
+            raise ValueError(f"{self.mode} mode needs at least one worker group")
+        self._check_gpu_share()
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
-        staged = [role for role in self.roles() if getattr(self, role).pp > 1]
+        staged = [role for role in self._possible_roles() if getattr(self, role).pp > 1]
         if self.async_scheduling and staged:
             raise ValueError(f"async_scheduling needs pp = 1 in every group; {', '.join(staged)} groups have "
                              "more stages: leave it unset (on where it applies) or false")
@@ -153,11 +186,40 @@ class ServeConfig:
                 raise ValueError(f"port out of range: {port}")
         if self.server.api_servers is not None and self.server.api_servers < 1:
             raise ValueError(f"server.api_servers must be >= 1 (or null for the default), got {self.server.api_servers}")
+        if self.ray.placement_timeout_s is not None and self.ray.placement_timeout_s <= 0:
+            raise ValueError(f"ray.placement_timeout_s must be positive, got {self.ray.placement_timeout_s}")
         return self
 
+    def _check_gpu_share(self) -> None:
+        g = self.gpus_per_rank
+        if not 0 < g <= 1:
+            raise ValueError(f"gpus_per_rank must be in (0, 1], got {g}")
+        if g == 1:
+            return
+        # Ranks of one group on one GPU would need NCCL between two ranks of one device, which
+        # it refuses ("Duplicate GPU detected"): only one-rank groups share.
+        multi = [r for r in self._possible_roles() if getattr(self, r).tp * getattr(self, r).pp > 1]
+        if multi:
+            raise ValueError(f"gpus_per_rank {g:g} < 1 shares GPUs between one-rank groups only; "
+                             f"{', '.join(multi)} groups have tp x pp > 1")
+        if self.mode != Mode.AGGREGATED:
+            # Groups that share a GPU move KV by CUDA IPC (one transport for the whole engine),
+            # which reaches only a process on the same GPU: all of them must fit on one.
+            ranks = self.prefill.count + self.decode.count
+            if ranks * g > 1 + 1e-9:
+                raise ValueError(f"gpus_per_rank {g:g}: the {ranks} prefill and decode groups would need "
+                                 f"{ranks * g:g} GPUs; groups that share GPUs must all fit on one (their KV "
+                                 f"moves by CUDA IPC): at most {int(1 / g + 1e-9)} groups, or gpus_per_rank 1")
+
+    def _possible_roles(self) -> tuple[str, ...]:
+        """Every role this mode may start: auto may start either layout."""
+        return ("prefill", "decode", "worker") if self.mode == Mode.AUTO else self.roles()
+
     def roles(self) -> tuple[str, ...]:
-        """The group roles this mode starts, in start order."""
-        return ("prefill", "decode") if self.mode == "disaggregated" else ("worker",)
+        """The group roles this mode starts, in start order. Mode auto has not chosen yet: it
+        answers the disaggregated roles it tries first; the config `Placement.apply` returns
+        answers the roles it really starts."""
+        return ("worker",) if self.mode == Mode.AGGREGATED else ("prefill", "decode")
 
     def with_overrides(self, **flat: Any) -> "ServeConfig":
         """Apply flags: keys are field names, ``<role>_<count|tp|pp>`` or ``<section>_<field>``;

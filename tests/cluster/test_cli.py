@@ -1,8 +1,12 @@
-"""`splitserve generate`: runs the engine in-process and prints text or JSON; bad input exits 2."""
+"""`splitserve generate`: runs the engine in-process and prints text or JSON; bad input exits 2.
+`splitserve serve`'s placement flags (``--mode auto``, ``--gpus-per-rank``, ``--api-servers``,
+``--placement-timeout``) reach the `ServeConfig` without starting anything."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from splitserve.cluster.cli import build_parser, main
 
@@ -38,3 +42,37 @@ def test_generate_disaggregated_matches(smollm2_dir, smollm2_oracle, smollm2_tok
     assert main(argv) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["token_ids"] == smollm2_oracle(smollm2_tokenizer.encode("The capital of France is"), 6)
+
+
+def _serve_config(*argv: str):
+    from splitserve.cluster.cli import serve_config_from_args
+
+    return serve_config_from_args(build_parser().parse_args(["serve", *argv]))
+
+
+def test_serve_mode_flag(tmp_path, capsys):
+    assert _serve_config().mode == "auto"
+    assert _serve_config("--mode", "aggregated").mode == "aggregated"
+    # A flag left out keeps the file's mode (its default is None, not "auto").
+    path = tmp_path / "serve.yaml"
+    path.write_text("mode: disaggregated\n")
+    assert _serve_config("--config", str(path)).mode == "disaggregated"
+    assert _serve_config("--config", str(path), "--mode", "auto").mode == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--mode", "split"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_serve_placement_flags_reach_the_config():
+    cfg = _serve_config("--gpus-per-rank", "0.5", "--api-servers", "3", "--placement-timeout", "20")
+    assert (cfg.gpus_per_rank, cfg.server.api_servers, cfg.ray.placement_timeout_s) == (0.5, 3, 20.0)
+
+
+def test_ray_address_from_the_environment(monkeypatch):
+    # connect() joins $RAY_ADDRESS when nothing names a cluster; the config says so, so
+    # placement treats the cluster as one that may grow.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _serve_config().ray.address is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert _serve_config().ray.address == "10.0.0.1:6379"
+    assert _serve_config("--address", "auto").ray.address == "auto"

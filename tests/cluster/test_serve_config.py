@@ -1,6 +1,8 @@
 """`ServeConfig`: the async-scheduling switch from a flag or the YAML file reaches every group's
 engine config, and asking for it where a group has several pipeline stages is refused before
-anything starts (tp > 1 takes it)."""
+anything starts (tp > 1 takes it). Mode auto is the default and is checked for both layouts it
+may start; ``gpus_per_rank``, ``server.api_servers`` and ``ray.placement_timeout_s`` come from
+the file or a flag and are refused up front when they cannot work."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import pytest
 
 from splitserve.cluster.cli import build_parser, serve_config_from_args
 from splitserve.cluster.groups import engine_config
-from splitserve.cluster.serve_config import ServerSpec, config_from_dict
+from splitserve.cluster.serve_config import Mode, ServerSpec, config_from_dict
 
 
 def _serve(*flags: str):
@@ -34,6 +36,37 @@ def test_yaml_key_and_pipeline_stages():
         _serve("--async-scheduling", "--prefill-pp", "2")
 
 
+# ---- mode auto, shared GPUs, front-door processes, the placement deadline ---------------------
+
+
+def test_mode_auto_is_the_default_and_asks_for_both_layouts():
+    cfg = _serve()
+    assert cfg.mode == Mode.AUTO == "auto" and cfg.roles() == ("prefill", "decode")
+    assert config_from_dict({"mode": "auto"}).mode == "auto"
+    assert config_from_dict({"mode": "aggregated"}).roles() == ("worker",)
+    with pytest.raises(ValueError, match="mode must be one of .*auto"):
+        config_from_dict({"mode": "split"})
+    # auto may start either layout: both are checked up front.
+    with pytest.raises(ValueError, match="auto mode needs at least one worker group"):
+        config_from_dict({"groups": {"worker": {"count": 0}}})
+    with pytest.raises(ValueError, match="async_scheduling needs pp = 1.*worker"):
+        config_from_dict({"async_scheduling": True, "groups": {"worker": {"pp": 2}}})
+
+
+def test_gpus_per_rank_shares_one_gpu_between_one_rank_groups():
+    assert config_from_dict({"gpus_per_rank": 0.5}).gpus_per_rank == 0.5
+    assert _serve("--gpus-per-rank", "0.5").gpus_per_rank == 0.5 and _serve().gpus_per_rank == 1.0
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match=r"gpus_per_rank must be in \(0, 1\]"):
+            config_from_dict({"gpus_per_rank": bad})
+    with pytest.raises(ValueError, match="one-rank groups only; decode groups have tp x pp > 1"):
+        config_from_dict({"gpus_per_rank": 0.5, "mode": "disaggregated", "groups": {"decode": {"tp": 2}}})
+    with pytest.raises(ValueError, match="3 prefill and decode groups would need 1.5 GPUs.*at most 2 groups"):
+        _serve("--gpus-per-rank", "0.5", "--decode-groups", "2")
+    # Aggregated groups exchange no KV: any number may share GPUs.
+    assert config_from_dict({"mode": "aggregated", "gpus_per_rank": 0.5, "groups": {"worker": {"count": 4}}})
+
+
 def test_api_servers_default_follows_the_cpus(monkeypatch):
     assert config_from_dict({"server": {"api_servers": 3}}).server.resolved_api_servers() == 3
     assert _serve("--api-servers", "2").server.api_servers == 2
@@ -42,3 +75,10 @@ def test_api_servers_default_follows_the_cpus(monkeypatch):
         assert ServerSpec().resolved_api_servers() == want, cpus
     with pytest.raises(ValueError, match="server.api_servers must be >= 1"):
         _serve("--api-servers", "0")
+
+
+def test_placement_timeout_setting():
+    assert config_from_dict({"ray": {"placement_timeout_s": 5}}).ray.placement_timeout_s == 5
+    assert _serve("--placement-timeout", "7.5").ray.placement_timeout_s == 7.5
+    with pytest.raises(ValueError, match="placement_timeout_s must be positive"):
+        _serve("--placement-timeout", "0")
