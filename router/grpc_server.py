@@ -2,7 +2,8 @@
 
 Lifecycle:
     start    `start_grpc_server(router, spec)`: a grpc.aio server on a `LoopThread` of its
-             own, bound to ``spec.host:spec.grpc_port`` (port 0: any free one), TLS when a
+             own, bound to ``spec.host:spec.grpc_port`` (port 0: any free one; shared with
+             the other front-door processes when ``share_port``), TLS when a
              cert and key are configured, messages up to ``spec.max_message_bytes``; it
              returns once the server listens
     call     with an API key configured, an interceptor answers UNAUTHENTICATED unless the
@@ -58,11 +59,13 @@ class GrpcServer:
             self._thread.stop()
 
 
-def start_grpc_server(router: RouterAPI, spec: ServerSpec) -> GrpcServer:
-    """Serve ``router`` over gRPC; returns once the server listens (raises if it cannot bind)."""
+def start_grpc_server(router: RouterAPI, spec: ServerSpec, share_port: bool = False) -> GrpcServer:
+    """Serve ``router`` over gRPC; returns once the server listens (raises if it cannot bind).
+    ``share_port``: the port is shared with the other front-door processes (SO_REUSEPORT);
+    otherwise a port already taken is an error."""
     thread = LoopThread("grpc-server")
     try:
-        server, port = thread.run(_start(router, spec, front_door_metrics(router)), 30.0)
+        server, port = thread.run(_start(router, spec, front_door_metrics(router), share_port), 30.0)
     except BaseException:
         thread.stop()
         raise
@@ -70,11 +73,12 @@ def start_grpc_server(router: RouterAPI, spec: ServerSpec) -> GrpcServer:
     return GrpcServer(port, server, thread)
 
 
-async def _start(router: RouterAPI, spec: ServerSpec, metrics: FrontDoorMetrics) -> tuple[grpc.aio.Server, int]:
+async def _start(router: RouterAPI, spec: ServerSpec, metrics: FrontDoorMetrics,
+                 share_port: bool) -> tuple[grpc.aio.Server, int]:
     api_key = spec.resolved_api_key()
     options = [("grpc.max_receive_message_length", spec.max_message_bytes),
                ("grpc.max_send_message_length", spec.max_message_bytes),
-               ("grpc.so_reuseport", 0)]  # a port already taken is an error, not shared
+               ("grpc.so_reuseport", 1 if share_port else 0)]
     interceptors = [_ApiKeyInterceptor(api_key, metrics)] if api_key else []
     server = grpc.aio.server(interceptors=interceptors, options=options)
     pb_grpc.add_GenerationServicer_to_server(_Servicer(router, metrics), server)

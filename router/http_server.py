@@ -10,7 +10,8 @@ Routes:
 
 Lifecycle:
     start    `start_http_server(router, spec)`: binds ``spec.host:spec.http_port`` (port 0:
-             any free one), serves on a `LoopThread` of its own (TLS when a cert and key are
+             any free one; shared with the other front-door processes when ``share_port``),
+             serves on a `LoopThread` of its own (TLS when a cert and key are
              configured), returns once uvicorn has started
     request  with an API key configured, /v1 needs ``Authorization: Bearer <key>`` (401
              otherwise); the body is parsed (`openai_api`), each prompt becomes a router
@@ -95,9 +96,12 @@ class HttpServer:
             self._thread.stop()
 
 
-def start_http_server(router: RouterAPI, spec: ServerSpec, startup_timeout_s: float = 30.0) -> HttpServer:
-    """Serve ``router`` over HTTP; returns once uvicorn accepts connections."""
-    sock = _bind(spec.host, spec.http_port)
+def start_http_server(router: RouterAPI, spec: ServerSpec, share_port: bool = False,
+                      startup_timeout_s: float = 30.0) -> HttpServer:
+    """Serve ``router`` over HTTP; returns once uvicorn accepts connections. ``share_port``:
+    the port is shared with the other front-door processes (SO_REUSEPORT: the kernel spreads
+    new connections over them)."""
+    sock = _bind(spec.host, spec.http_port, share_port)
     config = uvicorn.Config(build_app(router, spec), log_level="warning", access_log=False, lifespan="off",
                             ssl_certfile=spec.tls_cert, ssl_keyfile=spec.tls_key, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
@@ -116,10 +120,10 @@ def start_http_server(router: RouterAPI, spec: ServerSpec, startup_timeout_s: fl
     return HttpServer(sock.getsockname()[1], server, serving, thread)
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, share_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), family=family)
+        return socket.create_server((host, port), family=family, reuse_port=share_port)
     except OSError as err:
         raise RuntimeError(f"HTTP server cannot listen on {host}:{port}: {err}") from None
 
