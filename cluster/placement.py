@@ -156,7 +156,8 @@ def resolve_device(device: str, total: Mapping[str, float]) -> str:
     return "cuda" if total.get("GPU", 0) > 0 else "cpu"
 
 
-def groups_of(cfg: ServeConfig, mode: Mode, device: str, cpus_per_rank: float = CPUS_PER_RANK) -> tuple[GroupBundles, ...]:
+def groups_of(cfg: ServeConfig, mode: Mode, device: str,
+              cpus_per_rank: float = CPUS_PER_RANK) -> tuple[GroupBundles, ...]:
     """The groups ``mode`` starts from ``cfg``, as bundles."""
     gpus = cfg.gpus_per_rank if device.startswith("cuda") else 0.0
     roles = ("prefill", "decode") if mode is Mode.DISAGGREGATED else ("worker",)

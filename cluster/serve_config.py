@@ -185,7 +185,8 @@ class ServeConfig:
             if not 0 <= port < 65536:
                 raise ValueError(f"port out of range: {port}")
         if self.server.api_servers is not None and self.server.api_servers < 1:
-            raise ValueError(f"server.api_servers must be >= 1 (or null for the default), got {self.server.api_servers}")
+            raise ValueError(f"server.api_servers must be >= 1 (or null for the default), "
+                             f"got {self.server.api_servers}")
         if self.ray.placement_timeout_s is not None and self.ray.placement_timeout_s <= 0:
             raise ValueError(f"ray.placement_timeout_s must be positive, got {self.ray.placement_timeout_s}")
         return self
