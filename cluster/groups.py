@@ -39,6 +39,7 @@ def engine_config(cfg: ServeConfig, role: str, device: str) -> EngineConfig:
     spec = getattr(cfg, role)
     return EngineConfig(
         model=cfg.model, device=device, dtype=cfg.dtype, max_model_len=cfg.max_model_len, show_progress=False,
+        detokenize=False,  # served: the front doors decode text and check stop strings
         cache=CacheConfig(cfg.block_size, cfg.num_kv_blocks, cfg.kv_cache_memory),
         parallel=ParallelConfig(spec.tp, spec.pp),
         scheduler=SchedulerConfig(max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,

@@ -45,6 +45,9 @@ from splitserve.workers.worker import WorkerArgs, worker_main
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "splitserve"
+#: Names every group's placement group, so a restarted engine core can find its
+#: predecessor's (they outlive the actor that made them) and remove them.
+PLACEMENT_GROUP_PREFIX = "splitserve-group-"
 
 
 def rank_actor_name(group: str, rank: int) -> str:
@@ -174,7 +177,8 @@ class RayLauncher:
         """The placement group and one actor per rank; rank 0's node hosts the rendezvous."""
         o = self.options
         need = o.bundles(self.group, self.tp, world)
-        self.pg = placement_group([need.bundle for _ in range(world)], strategy=need.strategy.value)
+        self.pg = placement_group([need.bundle for _ in range(world)], strategy=need.strategy.value,
+                                  name=f"{PLACEMENT_GROUP_PREFIX}{self.group}")
         self._stop.pg = self.pg
         try:
             ray.get(self.pg.ready(), timeout=o.placement_timeout_s)
