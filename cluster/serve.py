@@ -64,10 +64,9 @@ class CoreHandle:
 def start_core(cfg: ServeConfig, timeout_s: float = 600.0, name: str = CORE_NAME) -> CoreHandle:
     """The engine core on this node with every group started (raises `PlacementError` at once
     for a layout the cluster cannot hold; raises if the groups cannot start in time)."""
+    # Raises at once on an embedded Ray for a layout that cannot fit (and logs the choice);
+    # on a joined cluster it only warns: workers may still be joining or autoscaling.
     placement = plan_on_cluster(cfg)
-    logger.info("mode %s: %s", placement.mode, placement.reason)
-    if not placement.fits:
-        raise placement.error()
     address = CoreAddress.ipc()
     actor = EngineCoreActor.options(name=name, namespace=NAMESPACE, lifetime=None, scheduling_strategy=_here(),
                                     max_restarts=CORE_RESTARTS).remote(cfg, address, placement)

@@ -133,9 +133,26 @@ class EngineLoop:
         self._stopped.set()
         self._put(lambda: None)
         self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self._drop_live()
         self.engine.shutdown()
         self._bell_rx.close()
         self._bell_tx.close()
+
+    def _drop_live(self, max_steps: int = 100) -> None:
+        """At stop: requests still live end (their sinks get UNAVAILABLE) and the groups are
+        stepped until their blocks are back, so a stopped service holds nothing."""
+        for request_id, sink in list(self._sinks.items()):
+            self.engine.abort_request(request_id)
+            sink(RouterError(ErrorCode.UNAVAILABLE, "the service is stopping"))
+        self._sinks.clear()
+        for _ in range(max_steps):
+            if not self.engine.has_unfinished_requests():
+                return
+            try:
+                self.engine.step()
+            except Exception:  # noqa: BLE001 - stopping anyway
+                return
 
     def _put(self, item: Callable[[], object]) -> None:
         self._inbox.put(item)

@@ -127,6 +127,14 @@ def smollm2_oracle(hf_smollm2) -> HFGreedy:
     return HFGreedy(hf_smollm2)
 
 
+@pytest.fixture(scope="session")
+def smol_llm(smollm2_dir):
+    """The offline engine over SmolLM2 (float32, CPU): the reference for served text."""
+    from splitserve import LLM
+
+    return LLM(str(smollm2_dir), show_progress=False)
+
+
 # --- tiny random models shared with transformers -------------------------------------------------
 
 

@@ -485,7 +485,14 @@ class LLMEngine:
         if self.tokenizer is None or not self.config.detokenize:
             return ""
         if req.detok is None:  # decoded once, at the end
-            return self.tokenizer.decode(req.seq.output_token_ids, skip_special_tokens=True) if req.seq.is_finished else ""
+            if not req.seq.is_finished:
+                return ""
+            ids = req.seq.output_token_ids
+            # Without stop strings a "stop" is EOS or a stop token id: its own text is not part
+            # of the answer, as on the streamed path (`cut_token_text`).
+            if req.seq.finish_reason == "stop" and not req.seq.params.include_stop_str_in_output:
+                ids = ids[:-1]
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
         if req.seq.is_finished:
             req.detok.flush()
             return req.detok.text[: req.truncate_to]

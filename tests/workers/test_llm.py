@@ -32,11 +32,6 @@ PROMPTS = [
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
 
 
-@pytest.fixture(scope="module")
-def smol_llm(smollm2_dir) -> LLM:
-    return LLM(str(smollm2_dir), show_progress=False)
-
-
 def _prompt_ids(tokenizer, prompts):
     return [tokenizer.encode(p) for p in prompts]
 
