@@ -18,7 +18,8 @@ Lifecycle:
               (then the core is told to abort), the deadline (enforced by the core; this
               side waits a little longer, then gives up itself), or the consumer closing the
               stream (the core aborts it, blocks freed)
-    faults    no core beat for `DEAD_AFTER_S`, or a beat from a new core incarnation: every
+    faults    the core's socket closing (its process ended: seen at once), no core beat for
+              `DEAD_AFTER_S` (a core that hangs), or a beat from a new core incarnation: every
               open stream ends with UNAVAILABLE and `health` raises until beats return
     close     the I/O thread ends, the sockets close
 """
@@ -79,6 +80,9 @@ class EngineClient:
         self._sub.setsockopt(zmq.RCVHWM, 0)  # this thread reads as fast as it can
         self._sub.setsockopt(zmq.SUBSCRIBE, self.door.encode())
         self._sub.setsockopt(zmq.SUBSCRIBE, cm.ALL)
+        # The socket's own events: a core process that dies closes its end, seen here at once
+        # (its beats stopping is the fallback, for a core that hangs).
+        self._monitor = self._sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._sub.connect(address.output)
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
@@ -189,6 +193,8 @@ class EngineClient:
         self._fail_streams("the front door is closing")
         with self._push_lock:
             self._push.close(linger=0)
+        self._sub.disable_monitor()
+        self._monitor.close(linger=0)
         self._sub.close(linger=0)
 
     # ---- requests ----------------------------------------------------------------------------
@@ -262,11 +268,17 @@ class EngineClient:
     # ---- the I/O thread ----------------------------------------------------------------------
 
     def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sub, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         next_beat = 0.0
         while not self._stopped.is_set():
             try:
-                if self._sub.poll(timeout=cm.BEAT_S * 1000 / 2):
+                ready = dict(poller.poll(timeout=cm.BEAT_S * 1000 / 2))
+                if self._sub in ready:
                     self._drain()
+                if self._monitor in ready:
+                    self._on_socket_events()
             except zmq.ZMQError:
                 if self._stopped.is_set():
                     return
@@ -277,6 +289,17 @@ class EngineClient:
                 self._beat()
             if self._alive and now - self._last_beat > cm.DEAD_AFTER_S:
                 self._core_lost(f"the engine core stopped answering (no beat for {cm.DEAD_AFTER_S:g} s)")
+
+    def _on_socket_events(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED and self._alive:
+                self._core_lost("the engine core closed its socket (its process ended)")
 
     def _beat(self) -> None:
         counts = [(*labels, n) for labels, n in self.door_metrics.drain().items()]
