@@ -42,6 +42,19 @@ class RouterAPI(Protocol):
     async def metrics_text(self) -> bytes: ...
 
 
+#: Seconds a stream may outlive its request's deadline before the front door drops its
+#: connection: the core ends the request at the deadline, but a client that stopped reading
+#: leaves the door blocked on a write that never completes.
+STREAM_GRACE_S = 5.0
+
+
+def stream_limit_s(router: RouterAPI, timeout_s: float | None) -> float:
+    """How long a front door lets one stream run at most: the request's deadline (at most the
+    service's ``request_timeout_s``) plus `STREAM_GRACE_S`."""
+    server_limit = getattr(router, "request_timeout_s", 600.0)
+    return min(timeout_s or server_limit, server_limit) + STREAM_GRACE_S
+
+
 def check_request(request: GenerateRequest) -> GenerateRequest:
     """`GenerateRequest.check`, plus what the router does not catch itself: an empty token-id
     prompt (the router's engine thread cannot take one)."""

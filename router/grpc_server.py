@@ -36,7 +36,7 @@ from splitserve.router import splitserve_pb2_grpc as pb_grpc
 from splitserve.router.convert import (
     grpc_status, health_to_proto, model_info_to_proto, request_from_proto, responses_from_chunk,
 )
-from splitserve.router.frontdoor import LoopThread, RouterAPI, api_key_ok, health_info
+from splitserve.router.frontdoor import LoopThread, RouterAPI, api_key_ok, health_info, stream_limit_s
 from splitserve.router.messages import ErrorCode, RouterError
 from splitserve.router.metrics import FrontDoorMetrics, front_door_metrics
 
@@ -106,10 +106,15 @@ class _Servicer(pb_grpc.GenerationServicer):
         try:
             req = request_from_proto(request, request.request_id or uuid.uuid4().hex, _time_left(context))
             await context.send_initial_metadata((("x-request-id", req.request_id),))
-            async with aclosing(self.router.generate(req)) as chunks:
+            # Bounded even while a write waits on a client that stopped reading.
+            async with asyncio.timeout(stream_limit_s(self.router, req.timeout_s)), \
+                    aclosing(self.router.generate(req)) as chunks:
                 async for chunk in chunks:
                     for response in responses_from_chunk(chunk):
                         yield response
+        except TimeoutError:
+            code = ErrorCode.DEADLINE_EXCEEDED.value
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the stream passed its deadline")
         except RouterError as err:
             code = err.code.value
             await context.abort(grpc_status(err.code), err.message)

@@ -49,7 +49,8 @@ from starlette.exceptions import HTTPException
 from splitserve.cluster.serve_config import ServerSpec
 from splitserve.router import openai_api as oa
 from splitserve.router.convert import DEFAULT_MAX_TOKENS
-from splitserve.router.frontdoor import LoopThread, RouterAPI, api_key_ok, check_request, health_info
+from splitserve.router.frontdoor import (LoopThread, RouterAPI, api_key_ok, check_request, health_info,
+                                         stream_limit_s)
 from splitserve.router.messages import Chunk, Completion, ErrorCode, GenerateRequest, ModelInfo, RouterError
 from splitserve.router.metrics import FrontDoorMetrics, front_door_metrics
 
@@ -165,6 +166,23 @@ class _ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class _BoundedStream(StreamingResponse):
+    """An SSE response that ends at its limit even while blocked writing to a client that
+    stopped reading: the connection is dropped then (the request itself ended in the core
+    at its deadline, its blocks freed)."""
+
+    def __init__(self, content, limit_s: float, **kwargs):
+        super().__init__(content, **kwargs)
+        self._limit_s = limit_s
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with asyncio.timeout(self._limit_s):
+                await super().__call__(scope, receive, send)
+        except TimeoutError:
+            pass  # the response is left incomplete: the server closes the connection
+
+
 # ---- the routes -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -253,8 +271,8 @@ class _Routes:
             raise
         head = (base, int(time.time()), (await self.info()).model)
         if body.stream:
-            return StreamingResponse(self._sse(path, shape, body, head, first, events),
-                                     media_type="text/event-stream")
+            return _BoundedStream(self._sse(path, shape, body, head, first, events),
+                                  stream_limit_s(self.router, body.timeout_s), media_type="text/event-stream")
         results = await _collect(ids, first, events)
         self.metrics.count(API, path, "OK")
         return JSONResponse(shape.body(*head, results, body.return_token_ids))

@@ -39,6 +39,7 @@ class LocalRouter:
         self.metrics_text = client.metrics_text
         self.kv_state = client.kv_state
         self.door_metrics = client.door_metrics
+        self.request_timeout_s = client.request_timeout_s
 
     def close(self) -> None:
         self.client.close()
