@@ -182,7 +182,8 @@ def _grpc_client_process(address: str, ids: list[list[int]], concurrency: int, b
     """One client process of the sustained gRPC run (spawned): its own `AsyncClient` (so its own
     connection, which the kernel hands to one of the doors), warmed up, then its share of the
     requests from ``concurrency`` clients once every process is ready. Sends back (latencies,
-    monotonic start, monotonic end, CPU seconds of this process during the run)."""
+    monotonic start, monotonic end, CPU seconds of this process during the run), then waits for
+    the parent to have sampled every process's CPU time."""
     from splitserve import AsyncClient
 
     async def main():
@@ -198,6 +199,10 @@ def _grpc_client_process(address: str, ids: list[list[int]], concurrency: int, b
         results.put(("ok", asyncio.run(main())))
     except BaseException as err:  # noqa: BLE001 - reported to the parent
         results.put(("error", f"{type(err).__name__}: {err}"))
+    try:
+        barrier.wait(timeout=60)  # alive until the parent has read this process's CPU time
+    except Exception:  # noqa: BLE001 - the parent gave up on us: just leave
+        pass
 
 
 def run_grpc_processes(address: str, ids: list[list[int]], concurrency: int, processes: int,
@@ -213,11 +218,13 @@ def run_grpc_processes(address: str, ids: list[list[int]], concurrency: int, pro
              for share, c in zip(shares, split(concurrency, processes))]
     for p in procs:
         p.start()
+        watch.roles[p.pid] = "clients"
     try:
         barrier.wait(timeout=120)
         watch.start()
         outs = [results.get(timeout=600) for _ in procs]
-        cpu = watch.stop()
+        cpu = watch.stop(len(ids))
+        barrier.wait(timeout=60)
     finally:
         for p in procs:
             p.join(10)
@@ -228,7 +235,7 @@ def run_grpc_processes(address: str, ids: list[list[int]], concurrency: int, pro
         raise RuntimeError(f"a gRPC client process failed: {errors[0]}")
     latencies = [x for _, o in outs for x in o[0]]
     wall = max(o[2] for _, o in outs) - min(o[1] for _, o in outs)
-    cpu["clients"] = [round(o[3], 3) for _, o in outs]
+    cpu["each_client"] = [round(o[3], 3) for _, o in outs]  # as each measured itself
     return {"latencies": latencies, "wall_s": wall, "cpu_s": cpu}
 
 
@@ -237,9 +244,9 @@ def run_grpc_processes(address: str, ids: list[list[int]], concurrency: int, pro
 
 class CpuWatch:
     """CPU seconds each process of the service spends between `start` and `stop`: the core, each
-    door (by pid), the other processes this one started (Ray's rank actors by their title, Ray's
-    own daemons together), this process, and the whole machine (which includes anything else
-    running on it)."""
+    door and the client processes (by pid), the other processes this one started (Ray's rank
+    actors by their title, Ray's own daemons together), this process, and the whole machine
+    (which includes anything else running on it)."""
 
     def __init__(self, roles: dict[int, str]):
         self.roles = roles
@@ -263,7 +270,9 @@ class CpuWatch:
 
         self._t0, self._before, self._machine0 = time.monotonic(), self._sample(), psutil.cpu_times()
 
-    def stop(self) -> dict[str, Any]:
+    def stop(self, requests: int) -> dict[str, Any]:
+        """CPU seconds by role, and per request (ms): the cost of each process for one request,
+        which other work on the machine does not change much (the wall time it does)."""
         import psutil
 
         after, machine = self._sample(), psutil.cpu_times()
@@ -271,11 +280,15 @@ class CpuWatch:
         by_role: dict[str, float] = {}
         for pid, (role, t) in after.items():
             by_role[role] = by_role.get(role, 0.0) + t - self._before.get(pid, (role, 0.0))[1]
+        by_role = {k: v for k, v in sorted(by_role.items(), key=lambda kv: -kv[1]) if v >= 0.005}
         busy = sum(getattr(machine, f) - getattr(self._machine0, f) for f in ("user", "system", "nice", "irq",
                                                                                "softirq", "steal"))
-        return {"wall_s": round(wall, 3), "machine_busy_s": round(busy, 3), "machine_cores": psutil.cpu_count(),
-                "processes": {k: round(v, 3) for k, v in sorted(by_role.items(), key=lambda kv: -kv[1])
-                              if v >= 0.005}}
+        ours = sum(by_role.values())
+        return {"wall_s": round(wall, 3), "machine_cores": psutil.cpu_count(), "machine_busy_s": round(busy, 3),
+                "not_ours_s": round(max(0.0, busy - ours), 3),  # other work on the machine meanwhile
+                "processes": {k: round(v, 3) for k, v in by_role.items()},
+                "ms_per_request": {**{k: round(1e3 * v / requests, 4) for k, v in by_role.items()},
+                                   "total": round(1e3 * ours / requests, 4)}}
 
 
 def _title(proc) -> str:
@@ -347,7 +360,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         watch = CpuWatch({core_pid: "core"})
         watch.start()
         core_loaded_lat, core_loaded_s = asyncio.run(run_core(handle.client, ids[: args.requests], args.concurrency))
-        core_cpu = watch.stop()
+        core_cpu = watch.stop(args.requests)
         grpc_lat: list[float] = []
         for doors_n in args.api_servers:
             print(f"gRPC through {doors_n} front door(s) ...", flush=True)
@@ -432,6 +445,13 @@ def format_table(report: dict[str, Any]) -> str:
         label = f"gRPC, {v['api_servers']} door(s), {v['client_processes']} client proc(s)"
         rows.append(f"  {label:<34}{v['req_s']:>9.0f}{v['req_s'] / BASELINE_GRPC_REQ_S:>8.2f}"
                     f"{v['latency']['p50_ms']:>9.1f}{v['latency']['p99_ms']:>9.1f}")
+    for v in u["grpc_variants"]:
+        per = v["cpu_s"]["ms_per_request"]
+        parts = ", ".join(f"{k} {x:.2f}" for k, x in per.items() if k != "total" and x >= 0.01)
+        rows.append(f"    CPU ms/request ({v['api_servers']} door(s), {v['client_processes']} client proc(s)): {parts}; "
+                    f"total {per['total']:.2f} (ceiling on {v['cpu_s']['machine_cores']} cores: "
+                    f"{1e3 * v['cpu_s']['machine_cores'] / per['total']:.0f} req/s; other work meanwhile: "
+                    f"{v['cpu_s']['not_ours_s']:.1f} CPU-s)")
     rows.append(f"  {'core (EngineClient, this process)':<34}{u['core_req_s']:>9.0f}{'':>8}"
                 f"{u['core_latency']['p50_ms']:>9.1f}{u['core_latency']['p99_ms']:>9.1f}")
     rows.append(f"  {'direct engine, all at once':<34}{u['direct_all_at_once_req_s']:>9.0f}")

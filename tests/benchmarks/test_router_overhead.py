@@ -43,7 +43,7 @@ def test_small_run_writes_a_report(ray_local, tmp_path):
     assert len(saved["latencies_ms"]["core_loaded"]) == 40 and len(saved["latencies_ms"]["grpc_loaded"]) == 40
     (variant,) = sus["grpc_variants"]
     assert variant["api_servers"] == 1 and variant["client_processes"] == 1 and variant["latency"]["n"] == 40
-    assert variant["cpu_s"]["processes"].get("core", 0) > 0 and len(variant["cpu_s"]["clients"]) == 1
+    assert variant["cpu_s"]["processes"].get("core", 0) > 0 and len(variant["cpu_s"]["each_client"]) == 1
     g = saved["issue14"]
     assert g["baseline_grpc_req_s"] == 361.0 and g["ratio"] == pytest.approx(sus["grpc_req_s"] / 361.0)
     assert g["grpc_added_p50_ms"] == pytest.approx(seq["grpc_overhead"]["p50_ms"])
