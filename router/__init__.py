@@ -1,11 +1,14 @@
-"""The router and its front doors.
+"""The engine core and its front doors.
 
-- `router.py`: `RouterCore` (admission, streaming, metrics) and the `Router` Ray actor that hosts
-  it, the groups' engine thread (`engine_loop.py`) and the group policies (`policies.py`);
-- `handle.py` / `local_handle.py`: the router seen from a front door, over Ray or in-process;
+- `engine_core.py`: `EngineCore`, the engine loop (`engine_loop.py`) behind local sockets:
+  requests in as token ids, one output message per step and front door (`core_messages.py`);
+  the group policies (`policies.py`);
+- `engine_client.py`: a front door's view of the core (`RouterAPI`): tokenization, chat
+  templates, detokenization and stop strings (`stream_text.py`); `local_handle.py`: a core
+  and a client in one process (tests, one machine without Ray);
 - `grpc_server.py` (service `splitserve.v1.Generation`, `splitserve.proto`), `http_server.py`
   (OpenAI-compatible, `/health`, `/metrics`), `client.py` (Python clients);
-- `messages.py`: the typed messages between them; `metrics.py`: Prometheus metrics.
+- `messages.py`: the typed messages of the front doors; `metrics.py`: Prometheus metrics.
 
 docs/architecture.md follows one request through these files.
 """

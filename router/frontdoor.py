@@ -24,8 +24,9 @@ from splitserve.router.messages import (
 
 
 class RouterAPI(Protocol):
-    """What a front door needs of the router: `RouterHandle` (the Ray actor) and
-    `LocalRouterHandle` (in this process) both are one."""
+    """What a front door needs of the service: `EngineClient` (over the engine core's
+    sockets) and `LocalRouter` (a core and a client in this process) are one; so is any
+    stand-in a test serves. ``request_timeout_s``, when present, bounds every stream."""
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         """The request's chunks, the last ``finished``; errors are `RouterError`s. Closing the

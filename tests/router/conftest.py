@@ -1,8 +1,8 @@
-"""Fixtures of the front-door tests: one router in this process (the default model, a prefill
-and a decode group, no Ray) and real servers on loopback ports, shared by the whole session
-so the model loads once.
+"""Fixtures of the front-door tests: one service in this process (an engine core over the
+default model, a prefill and a decode group, no Ray, and a client of its sockets) and real
+servers on loopback ports, shared by the whole session so the model loads once.
 
-- `local_router`: a `LocalRouterHandle` over SmolLM2-135M-Instruct (float32, CPU, a small KV
+- `local_router`: a `LocalRouter` over SmolLM2-135M-Instruct (float32, CPU, a small KV
   budget, at most ``MAX_INFLIGHT`` requests at once).
 - `servers`: its gRPC and HTTP servers, plain (no TLS, no key).
 - `secure_servers`: a second pair over the same router, with TLS and the API key ``API_KEY``.
@@ -29,7 +29,7 @@ def local_router(smollm2_dir):
     from splitserve.router.local_handle import build_local_router
 
     torch.set_num_threads(1)
-    cfg = ServeConfig(device="cpu", num_kv_blocks=NUM_KV_BLOCKS, router=RouterSpec(max_inflight=MAX_INFLIGHT))
+    cfg = ServeConfig(device="cpu", mode="disaggregated", num_kv_blocks=NUM_KV_BLOCKS, router=RouterSpec(max_inflight=MAX_INFLIGHT))
     router = build_local_router(cfg)
     _ROUTERS.append(router)
     yield router
