@@ -201,7 +201,8 @@ class OfflineBackend:
                     records[i] = live[request_id] = RequestRecord(
                         len(r.prompt_ids), r.output_len, r.arrival_s, start_s=r.arrival_s)
                 if not engine.has_unfinished_requests():
-                    time.sleep(max(0.0, min(requests[due[0]].arrival_s, cap) - (clock() - t0)))
+                    if due:  # (empty once the time cap has passed and the aborts are done)
+                        time.sleep(max(0.0, min(requests[due[0]].arrival_s, cap) - (clock() - t0)))
                     continue
                 outputs = engine.step()
                 t = clock() - t0
