@@ -1,6 +1,6 @@
-"""Where serve_bench sends its requests: an engine in this process, or an HTTP server.
+"""Where serve_bench sends its requests: an engine in this process, or a server (HTTP, gRPC).
 
-Both backends take a list of `Request`s (prompt ids, output length, arrival time), send each
+Every backend takes a list of `Request`s (prompt ids, output length, arrival time), send each
 when its arrival time has passed, and return one `RequestRecord` per request (in order) plus
 the run's duration, all on one clock that starts when the run starts:
 
@@ -13,8 +13,16 @@ the run's duration, all on one clock that starts when the run starts:
   With a time cap, requests not sent by then are never sent and those still running are
   aborted: both end with an error, so they count as missing their objectives.
 - `HTTPBackend` streams ``POST /v1/completions`` from an OpenAI-compatible server with httpx,
-  one asyncio task per request. Latency counts from the moment the request is sent; how late
-  the client sent requests relative to the schedule is reported as ``max_start_lag_s``.
+  one asyncio task per request, and asks for ``return_token_ids`` so tokens are counted from
+  their ids (models without a tokenizer stream no text).
+- `GRPCBackend` streams ``Generate`` calls from splitserve's gRPC front door with its
+  `AsyncClient`, one asyncio task per request.
+
+For both servers latency counts from the moment the request is sent, and each event (SSE
+event, gRPC chunk) is stamped when this process reads it; how late the client sent requests
+relative to the schedule is reported as ``max_start_lag_s``. The client is one asyncio loop
+on one core: serve_bench reports its CPU time per run, to tell a saturated client from a slow
+server. `ServerProcess` starts and stops a server command for serve_bench's comparison mode.
 """
 
 from __future__ import annotations
@@ -114,6 +122,13 @@ def _group_devices(cfg: Any, engine: Any) -> list[str]:
     return [f"cuda:{first + r}" for r in range(cfg.parallel.world_size)]
 
 
+def greedy_params(output_len: int) -> Any:
+    """What every backend asks for: greedy, exactly ``output_len`` tokens (EOS ignored)."""
+    from splitserve.workers.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+
+
 class OfflineBackend:
     """Drives an engine in this process; ``make_engine(config)`` builds it (default: an
     `LLMEngine`). Any engine with LLMEngine's request interface works: ``add_request(...,
@@ -121,6 +136,7 @@ class OfflineBackend:
     ``model_cfg`` and ``shutdown`` (a `DisaggEngine`, see `make_offline_backend`)."""
 
     name = "offline"
+    remote = False
 
     def __init__(self, config: Any, make_engine: EngineFactory | None = None):
         self.config = config
@@ -161,17 +177,12 @@ class OfflineBackend:
                 "num_decode": len(self.engine.decodes), "policy": type(self.engine.policy).__name__,
                 "groups": groups}
 
-    @staticmethod
-    def params(output_len: int) -> Any:
-        from splitserve.workers.sampling_params import SamplingParams
-
-        return SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-
     def check(self, requests: list[Request]) -> None:
         """Refuse, before anything runs, a workload the engine would reject (too long, ...)."""
+        check_fits(requests, None, self.vocab_size, "the engine's model")
         for i, r in enumerate(requests):
             try:
-                self.engine.validate(r.prompt_ids, self.params(r.output_len))
+                self.engine.validate(r.prompt_ids, greedy_params(r.output_len))
             except ValueError as err:
                 raise SystemExit(f"request {i} ({len(r.prompt_ids)} in, {r.output_len} out): {err}") from None
 
@@ -197,7 +208,7 @@ class OfflineBackend:
                     i = due.popleft()
                     r = requests[i]
                     request_id = engine.add_request(f"bench-{next(self._ids)}", r.prompt_ids,
-                                                    self.params(r.output_len), stream=True)
+                                                    greedy_params(r.output_len), stream=True)
                     records[i] = live[request_id] = RequestRecord(
                         len(r.prompt_ids), r.output_len, r.arrival_s, start_s=r.arrival_s)
                 if not engine.has_unfinished_requests():
@@ -240,6 +251,21 @@ class OfflineBackend:
         self.engine.shutdown()
 
 
+# --- servers: what the http and grpc backends share ------------------------------------------
+
+
+def check_fits(requests: list[Request], max_model_len: int | None, vocab_size: int | None, where: str) -> None:
+    """Refuse, before anything is sent, a workload the server would reject: a request longer
+    than its ``max_model_len`` or a prompt id outside its vocabulary (None: not known)."""
+    for i, r in enumerate(requests):
+        if max_model_len is not None and len(r.prompt_ids) + r.output_len > max_model_len:
+            raise SystemExit(f"request {i} ({len(r.prompt_ids)} in, {r.output_len} out) is longer than the "
+                             f"max_model_len {max_model_len} of {where}")
+        if vocab_size is not None and r.prompt_ids and max(r.prompt_ids) >= vocab_size:
+            raise SystemExit(f"request {i} has prompt id {max(r.prompt_ids)}, outside the vocabulary of "
+                             f"{vocab_size} ids of {where} (see --vocab-size)")
+
+
 # --- http: an OpenAI-compatible server -------------------------------------------------------
 
 DONE = object()
@@ -259,8 +285,11 @@ def parse_sse_line(line: str) -> dict[str, Any] | object | None:
 def chunk_tokens(chunk: dict[str, Any]) -> tuple[int, bool]:
     """Tokens a streamed chunk carries, and whether that count is exact.
 
-    Exact when the choice (or its ``delta``) lists ``token_ids``; otherwise a chunk with
-    non-empty text counts as one token, an estimate the final usage count corrects.
+    Exact when the choice (or its ``delta``) lists ``token_ids`` (splitserve with
+    ``return_token_ids``: every choice has them, one engine step's new tokens, an empty list
+    for a step that added none); otherwise a chunk with non-empty text counts as one token, an
+    estimate the final usage count corrects (and a model without a tokenizer, whose text is
+    empty, would show no tokens at all).
     """
     count, exact = 0, True
     for choice in chunk.get("choices") or []:
@@ -274,13 +303,21 @@ def chunk_tokens(chunk: dict[str, Any]) -> tuple[int, bool]:
 
 
 class HTTPBackend:
+    """Streams ``POST /v1/completions`` with ``return_token_ids``: splitserve's server then
+    puts each engine step's token ids in its event (one choice per event), so tokens are
+    counted exactly and per event, and models without a tokenizer (``random:``) can be
+    measured. Servers that ignore the field are counted from their text (see `chunk_tokens`)."""
+
     name = "http"
+    remote = True
 
     def __init__(self, url: str, model: str | None, vocab_size: int, timeout_s: float = 600.0,
                  server_device: str | None = None):
         self.url, self.model, self.timeout_s = url.rstrip("/"), model, timeout_s
         self.server_device = server_device
         self._vocab_size = vocab_size
+        #: What GET /v1/models says (splitserve lists it), once `check` has asked.
+        self.max_model_len: int | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -288,25 +325,29 @@ class HTTPBackend:
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "url": self.url, "model": self.model, "vocab_size": self._vocab_size,
-                "server_device": self.server_device, "timeout_s": self.timeout_s}
+                "max_model_len": self.max_model_len, "server_device": self.server_device,
+                "timeout_s": self.timeout_s}
 
     def check(self, requests: list[Request]) -> None:
-        if self.model is None:
-            self.model = self._served_model()
+        if self.model is None or self.max_model_len is None:
+            served = self._served_model()
+            self.model = self.model if self.model is not None else served.get("id")
+            self.max_model_len = served.get("max_model_len")
+        check_fits(requests, self.max_model_len, None, self.url)
 
-    def _served_model(self) -> str | None:
-        """The first model the server lists (``GET /v1/models``), or None if it lists none."""
+    def _served_model(self) -> dict[str, Any]:
+        """The first model the server lists (``GET /v1/models``), or {} if it lists none."""
         import httpx
 
         try:
             models = httpx.get(f"{self.url}/v1/models", timeout=10).json().get("data") or []
         except (httpx.HTTPError, ValueError):
-            return None
-        return models[0].get("id") if models else None
+            return {}
+        return models[0] if models else {}
 
     def payload(self, r: Request) -> dict[str, Any]:
         body = {"prompt": r.prompt_ids, "max_tokens": r.output_len, "ignore_eos": True, "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}}
+                "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}
         return {"model": self.model, **body} if self.model is not None else body
 
     def run(self, requests: list[Request], progress: bool = False, desc: str = "requests"
@@ -368,3 +409,184 @@ class HTTPBackend:
 
     def close(self) -> None:
         pass
+
+
+# --- grpc: splitserve's gRPC front door ------------------------------------------------------
+
+
+class GRPCBackend:
+    """Streams ``Generate`` calls through `splitserve.router.client.AsyncClient` (one channel
+    per run, one asyncio task per request), token ids as prompts. Each ``Chunk`` message carries one
+    engine step's new tokens and is stamped when it arrives, as the HTTP backend stamps its
+    events; the ``Complete`` message ends the request. The model, its vocabulary and its
+    ``max_model_len`` come from ``GetModelInfo``."""
+
+    name = "grpc"
+    remote = True
+
+    def __init__(self, target: str, model: str | None = None, vocab_size: int | None = None,
+                 timeout_s: float = 600.0, server_device: str | None = None):
+        self.target, self.expected_model, self.timeout_s = target, model, timeout_s
+        self.server_device = server_device
+        self._vocab_size = vocab_size
+        self._info: Any = None
+
+    def info(self) -> Any:
+        """The server's `ModelInfo` (asked once); SystemExit if no server answers."""
+        if self._info is None:
+            from splitserve.router.client import Client
+            from splitserve.router.messages import RouterError
+
+            try:
+                with Client(self.target, timeout_s=30.0) as client:
+                    self._info = client.model_info()
+            except RouterError as err:
+                raise SystemExit(f"gRPC server at {self.target}: {err}") from None
+        return self._info
+
+    @property
+    def model(self) -> str:
+        return self.info().model
+
+    @property
+    def vocab_size(self) -> int:
+        """Prompt ids are drawn below this: ``vocab_size`` if given, else the served model's."""
+        return self._vocab_size if self._vocab_size is not None else self.info().vocab_size
+
+    def describe(self) -> dict[str, Any]:
+        info = self.info()
+        return {"backend": self.name, "target": self.target, "model": info.model, "mode": info.mode,
+                "groups": {role: dict(zip(("count", "tp", "pp"), g)) for role, g in info.groups.items()},
+                "vocab_size": self.vocab_size, "max_model_len": info.max_model_len,
+                "server_device": self.server_device, "timeout_s": self.timeout_s}
+
+    def check(self, requests: list[Request]) -> None:
+        info = self.info()
+        if self.expected_model is not None and info.model != self.expected_model:
+            raise SystemExit(f"the gRPC server at {self.target} serves {info.model!r}, not {self.expected_model!r}")
+        check_fits(requests, info.max_model_len, info.vocab_size, self.target)
+
+    def run(self, requests: list[Request], progress: bool = False, desc: str = "requests"
+            ) -> tuple[list[RequestRecord], float]:
+        return asyncio.run(self._run(requests, progress, desc))
+
+    async def _run(self, requests: list[Request], progress: bool, desc: str) -> tuple[list[RequestRecord], float]:
+        from splitserve.router.client import AsyncClient
+
+        # The channel belongs to this run's event loop (each run is its own asyncio.run).
+        async with AsyncClient(self.target, timeout_s=self.timeout_s) as client:
+            with _bar(len(requests), desc, progress) as bar:
+                t0 = time.perf_counter()
+                records = await asyncio.gather(*(self._send(client, r, t0, bar) for r in requests))
+                duration = time.perf_counter() - t0
+        return list(records), duration
+
+    @staticmethod
+    async def _send(client: Any, r: Request, t0: float, bar: Any) -> RequestRecord:
+        from contextlib import aclosing
+
+        from splitserve.router.messages import RouterError
+
+        clock = lambda: time.perf_counter() - t0  # noqa: E731
+        await asyncio.sleep(max(0.0, r.arrival_s - clock()))
+        rec = RequestRecord(len(r.prompt_ids), r.output_len, r.arrival_s, start_s=clock())
+        try:
+            async with aclosing(client.stream(r.prompt_ids, greedy_params(r.output_len))) as chunks:
+                async for chunk in chunks:
+                    t = clock()
+                    if chunk.token_ids:
+                        rec.deliveries.append((t, len(chunk.token_ids)))
+                    if chunk.finished:
+                        rec.end_s = t
+                        if chunk.finish_reason == "abort":
+                            rec.error = "aborted by the server"
+            if rec.end_s is None:
+                rec.error = "stream ended before its Complete message"
+        except RouterError as err:
+            rec.error = f"{err.code.value}: {err.message}"
+        bar.update(1)
+        return rec
+
+    def close(self) -> None:
+        pass
+
+
+# --- a server this process starts (serve_bench --server-cmd) -----------------------------------
+
+
+class ServerProcess:
+    """A server command (e.g. ``splitserve serve ...``) run as a child in its own process
+    group, its output in ``log_path``. `wait_ready` polls its front doors until they answer;
+    `stop` sends SIGTERM (splitserve serve then shuts its groups and Ray down), then kills
+    the group if it has not exited after ``grace_s``."""
+
+    def __init__(self, command: str, log_path: Any):
+        import shlex
+        import subprocess
+        from pathlib import Path
+
+        self.command, self.log_path = command, Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(shlex.split(command), stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, url: str | None, target: str | None, timeout_s: float) -> float:
+        """Seconds until every given front door answers ready; SystemExit if the process exits
+        or ``timeout_s`` passes first."""
+        t0 = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the server command exited with {self.proc.returncode} before it was ready; "
+                                 f"the end of {self.log_path}:\n{self.log_tail()}")
+            if server_ready(url, target):
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout_s:
+                self.stop()
+                raise SystemExit(f"the server was not ready after {timeout_s:g} s; the end of {self.log_path}:\n"
+                                 f"{self.log_tail()}")
+            time.sleep(1.0)
+
+    def stop(self, grace_s: float = 60.0) -> int | None:
+        import os
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+def server_ready(url: str | None, target: str | None) -> bool:
+    """Whether the HTTP front door answers ``GET /health`` with 200 and the gRPC one says ready
+    (each only if given)."""
+    if url is not None:
+        import httpx
+
+        try:
+            if httpx.get(f"{url.rstrip('/')}/health", timeout=5).status_code != 200:
+                return False
+        except httpx.HTTPError:
+            return False
+    if target is not None:
+        from splitserve.router.client import Client
+        from splitserve.router.messages import RouterError
+
+        try:
+            with Client(target, timeout_s=5.0) as client:
+                return client.health().ready
+        except RouterError:
+            return False
+    return True

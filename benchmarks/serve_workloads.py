@@ -130,3 +130,15 @@ def make_requests(lengths: list[tuple[int, int]], arrivals: list[float], vocab_s
     lo, hi = token_id_range(vocab_size)
     return [Request([rng.randrange(lo, hi) for _ in range(num_in)], num_out, at)
             for (num_in, num_out), at in zip(lengths, arrivals)]
+
+
+def shift_first_tokens(requests: list[Request], shift: int, vocab_size: int) -> list[Request]:
+    """The same requests with each prompt's first id moved ``shift`` places (within the range
+    `make_requests` draws from). A prefix cache keys every block on the ids before it, so none
+    of these prompts can be served from the blocks the unshifted ones left in a server; the
+    work (lengths, arrivals, every other id) is unchanged."""
+    if shift == 0:
+        return requests
+    lo, hi = token_id_range(vocab_size)
+    return [Request([lo + (r.prompt_ids[0] - lo + shift) % (hi - lo), *r.prompt_ids[1:]], r.output_len, r.arrival_s)
+            if r.prompt_ids else r for r in requests]

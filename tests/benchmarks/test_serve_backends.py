@@ -2,8 +2,10 @@
 offline backend's real-time driver on a tiny random model.
 
 The server is a small starlette app under uvicorn that streams OpenAI-style completion chunks:
-each chunk carries ``tokens_per_chunk`` tokens, with ``token_ids`` in the choice or (``text``
-mode) text only, then a usage chunk, then ``data: [DONE]``.
+each chunk carries ``tokens_per_chunk`` tokens, with ``token_ids`` in the choice (when the body
+asks for ``return_token_ids``) or (``text`` mode) text only, then a usage chunk, then ``data:
+[DONE]``. The http and grpc backends also run against splitserve's own front doors over a tiny
+random model (`tiny_servers`, conftest.py): no tokenizer, so only token ids count tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # scripts, not a package
-from serve_backends import DONE, HTTPBackend, OfflineBackend, chunk_tokens, parse_sse_line  # noqa: E402
+from serve_backends import (DONE, GRPCBackend, HTTPBackend, OfflineBackend, chunk_tokens,  # noqa: E402
+                            parse_sse_line)
 from serve_workloads import Request  # noqa: E402
 
 
@@ -55,7 +58,7 @@ class FakeOpenAIServer:
             await asyncio.sleep(self.gap_s)
             ids = list(range(start, min(start + k, n)))
             choice = {"index": 0, "text": "".join(f" t{i}" for i in ids), "finish_reason": None}
-            if self.mode == "ids":
+            if self.mode == "ids" and body.get("return_token_ids"):  # as splitserve's server does
                 choice["token_ids"] = ids
             yield f"data: {json.dumps({'id': 'c', 'object': 'text_completion', 'choices': [choice]})}\n\n"
             if self.mode == "cut" and start >= k:
@@ -127,7 +130,8 @@ def test_streams_with_token_ids(fresh):
         assert times == sorted(times)
     body = min(fresh.bodies, key=lambda b: b["prompt"][0])
     assert body == {"model": "fake-model", "prompt": [10, 11, 12], "max_tokens": 5, "ignore_eos": True,
-                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+                    "return_token_ids": True}
 
 
 def test_text_only_stream_takes_the_usage_count(fresh):
@@ -151,6 +155,80 @@ def test_unreachable_server_is_an_error_not_a_hang():
     backend = HTTPBackend("http://127.0.0.1:9", "m", 1000, timeout_s=5)  # port 9: discard, closed
     records, _ = backend.run(requests_(2))
     assert records[0].error and not records[0].ok
+
+
+# --- against splitserve's front doors (random:tiny-llama: 256 ids, no tokenizer) ---------------
+
+
+def check_exact(records, reqs) -> None:
+    """Every request completed with exactly its tokens, counted from ids, stamped in order."""
+    assert [r.error for r in records] == [None] * len(reqs)
+    for r, q in zip(records, reqs):
+        assert r.num_output_tokens is None  # counted from the deliveries, not taken from usage
+        assert r.num_tokens == sum(n for _, n in r.deliveries) == q.output_len
+        times = [t for t, _ in r.deliveries]
+        assert q.arrival_s <= r.start_s < times[0] and times == sorted(times) and times[-1] <= r.end_s
+
+
+def test_splitserve_sse_events_carry_each_chunks_token_ids(tiny_servers):
+    """What the http backend counts on: with return_token_ids every event has one choice whose
+    token_ids are the tokens new since the last event (empty text: no tokenizer); together they
+    are the whole answer; then the usage event, then [DONE]."""
+    import httpx
+
+    body = {"prompt": [40, 41, 42, 43, 44], "max_tokens": 6, "ignore_eos": True, "temperature": 0}
+    whole = httpx.post(f"{tiny_servers.url}/v1/completions", json={**body, "return_token_ids": True}).json()
+    answer = whole["choices"][0]["token_ids"]
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}
+    with httpx.stream("POST", f"{tiny_servers.url}/v1/completions", json=stream) as resp:
+        events = [parse_sse_line(line) for line in resp.iter_lines()]
+    events = [e for e in events if e is not None]
+    assert events[-1] is DONE and events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 6
+    token_events = events[:-2]
+    assert all(len(e["choices"]) == 1 and e["choices"][0]["text"] == "" for e in token_events)
+    assert [i for e in token_events for i in e["choices"][0]["token_ids"]] == answer and len(answer) == 6
+    assert sum(chunk_tokens(e)[0] for e in token_events) == 6
+    assert all(chunk_tokens(e)[1] for e in events[:-1])
+
+
+def test_http_backend_against_splitserve(tiny_servers):
+    backend = HTTPBackend(tiny_servers.url, model=None, vocab_size=256)
+    reqs = [Request(list(range(40, 52)), 5, 0.0), Request(list(range(60, 66)), 3, 0.05)]
+    backend.check(reqs)
+    assert (backend.model, backend.max_model_len) == ("random:tiny-llama", 1024)  # from GET /v1/models
+    records, _ = backend.run(reqs)
+    check_exact(records, reqs)
+    with pytest.raises(SystemExit, match="longer than the max_model_len 1024"):
+        backend.check([Request([50] * 1020, 8, 0.0)])
+
+
+def test_grpc_backend_against_splitserve(tiny_servers):
+    backend = GRPCBackend(tiny_servers.target)
+    assert backend.vocab_size == 256 and backend.model == "random:tiny-llama"  # from GetModelInfo
+    assert backend.describe()["max_model_len"] == 1024 and backend.describe()["mode"] == "aggregated"
+    reqs = [Request(list(range(40, 52)), 5, 0.0), Request(list(range(60, 66)), 3, 0.05), Request([70] * 4, 1, 0.05)]
+    backend.check(reqs)
+    records, duration = backend.run(reqs)
+    check_exact(records, reqs)
+    assert records[1].start_s >= 0.05 and duration >= max(r.end_s for r in records)
+
+    with pytest.raises(SystemExit, match="longer than the max_model_len"):
+        backend.check([Request([50] * 1020, 8, 0.0)])
+    with pytest.raises(SystemExit, match="outside the vocabulary of 256"):
+        backend.check([Request([50, 300], 2, 0.0)])
+    with pytest.raises(SystemExit, match="serves 'random:tiny-llama', not 'other'"):
+        GRPCBackend(tiny_servers.target, model="other").check(reqs)
+
+
+def test_grpc_errors_fail_only_their_request(tiny_servers):
+    records, _ = GRPCBackend(tiny_servers.target).run([Request([50] * 8, 2, 0.0), Request([50] * 2000, 2, 0.0)])
+    assert records[0].ok and records[0].num_tokens == 2
+    assert not records[1].ok and records[1].error.startswith("INVALID_ARGUMENT")
+
+
+def test_grpc_unreachable_server_is_refused_at_once():
+    with pytest.raises(SystemExit, match="127.0.0.1:9"):
+        GRPCBackend("127.0.0.1:9").check([Request([50], 1, 0.0)])
 
 
 def test_offline_backend_adds_requests_when_they_arrive():
