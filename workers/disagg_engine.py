@@ -33,6 +33,11 @@ Groups fail and come back:
                  greedy output is unchanged); with no decode group left they fail
     rejoin       `new_group_config` + build the engine (slow, any thread) + `attach_group`
                  (connects the new ranks' KV links to the other side) replace a lost group
+    meanwhile    new and re-sent requests go to the healthy groups (a lost group validates
+                 nothing and is ranked nowhere); a group whose ranks died unnoticed and that
+                 refuses a request being placed is marked lost then and there, and the request
+                 goes to the next group: it fails only when a role has no group left, or after
+                 ``max_retries`` re-sends (a request that kills every group it reaches)
 
 `step` submits to every group before collecting from any (their ranks work at once), then
 settles transfers.
@@ -175,6 +180,9 @@ class _Request:
     retries: int = 0
     #: The decode group it runs on, once admitted there.
     decode: Group | None = None
+    #: Tokens and characters of text the client has been given (`_emit`).
+    num_sent_tokens: int = 0
+    num_sent_chars: int = 0
 
     def continuation(self) -> tuple[list[int], SamplingParams]:
         """Prompt and params that generate the rest: prompt + tokens so far, fewer to go."""
@@ -267,6 +275,8 @@ class DisaggEngine:
         #: Requests sent through again after losing a group (prefill re-sends and decode
         #: migrations); the router reports it, tests check a fault really moved requests.
         self.num_resent = 0
+        #: The latest incarnation handed out per group name (`new_group_config`).
+        self._incarnations: dict[str, int] = {}
 
     # ---- groups ----------------------------------------------------------------------------
 
@@ -358,10 +368,17 @@ class DisaggEngine:
         `attach_group`); safe to call from another thread."""
         old = self.group(name)
         prefix = old.name.rsplit("-", 1)[0]
-        return self._new_group(old.role, old.index, prefix, old.restarts + 1)
+        # Never one handed out before: an incarnation whose attach failed may have left KV
+        # links under its namespace on the other side.
+        restarts = self._incarnations[name] = max(old.restarts, self._incarnations.get(name, 0)) + 1
+        return self._new_group(old.role, old.index, prefix, restarts)
 
     def attach_group(self, group: Group, engine: LLMEngine) -> None:
-        """Put a rebuilt group in place of the lost one of its name; its KV links connect now."""
+        """Put a rebuilt group in place of the lost one of its name; its KV links connect now
+        (with the other role's healthy groups, looked at first: one that died since the last
+        step is marked failed rather than connected to)."""
+        for other in (self.decodes if group.role == "prefill" else self.prefills):
+            self._look(other)
         group.engine = engine
         try:
             if self.prefills:
@@ -388,9 +405,22 @@ class DisaggEngine:
         return self.decodes[0].engine.tokenize(prompt)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.decodes[0].engine.validate(prompt_ids, params)
-        if self.prefills:
-            self.prefills[0].engine.validate(prompt_ids, first_token_params(params))
+        """Raise ValueError if the request cannot run. Checked on a healthy group of each role
+        (a role's groups share one config): a lost group must not refuse the requests that
+        the others serve. No decode group left: RuntimeError (the service's fault, not the
+        request's); no prefill group left: decode's check is the one that counts (the
+        failure policy applies once it is dispatched)."""
+        if self._first_healthy(self.decodes, lambda e: e.validate(prompt_ids, params)) is None:
+            raise RuntimeError("no decode group is available (every one failed; they are being rebuilt)")
+        self._first_healthy(self.prefills, lambda e: e.validate(prompt_ids, first_token_params(params)))
+
+    def _first_healthy(self, groups: list[Group], call: Callable[[LLMEngine], object]) -> Group | None:
+        """The first healthy group ``call`` succeeds on (a group found failed on the way is
+        marked so); None if there is none. Any other error of ``call`` propagates."""
+        for group in groups:
+            if group.healthy and self._on_group(group, lambda: call(group.engine))[0]:
+                return group
+        return None
 
     def add_request(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams | None = None,
                     *, stream: bool = False, prompt: str | None = None) -> str:
@@ -495,37 +525,73 @@ class DisaggEngine:
             self._group_failed(group, err)
             return None
 
+    def _look(self, group: Group) -> None:
+        """Read what the group's ranks sent, now (kept for its step): a rank that died since
+        the last read fails the group here, marked and its requests re-sent."""
+        if group.healthy:
+            self._run(group, group.engine.executor.ready)
+
+    def _on_group(self, group: Group, call: Callable[[], object]) -> tuple[bool, object]:
+        """Place a request on (or check it against) ``group``: (True, the result), or (False,
+        None) if the group turns out to have failed: its ranks gone (WorkerGroupError), or
+        its engine failed already and refusing (RuntimeError). The group is then marked
+        failed and its requests re-sent, and the caller tries another group. A request's
+        own error (ValueError) propagates."""
+        try:
+            return True, call()
+        except WorkerGroupError as err:
+            self._group_failed(group, err)
+        except RuntimeError:
+            if group.engine is None or group.engine.failure is None:
+                raise  # not a lost group: a bug, never to be taken for one
+            self._group_failed(group, WorkerGroupError(group.engine.failure))
+        return False, None
+
     def _dispatch_queued(self) -> None:
         while self._queue:
-            request = self._queue[0]
+            request = self._queue.popleft()
+            if not self._place(request):
+                self._queue.appendleft(request)
+                return  # first come, first served: the rest wait behind it
+
+    def _place(self, request: _Request) -> bool:
+        """Start the request on the groups the policy ranks first; False: it waits for decode
+        blocks. A group found failed on the way (its ranks died since the last step looked)
+        is marked failed here, its own requests re-sent, and the request ranked again among
+        the rest: it never fails while a healthy group of each role is left. That costs the
+        request no retry (it never ran there); each such round takes a group out, so it ends."""
+        while True:
             decodes = self._ranked("decode", request.prompt_ids)
             if not decodes:
-                self._queue.popleft()
                 self._apply_policy(request, "fail", "no decode group is available")
-                continue
+                return True
             if not self.prefills:  # aggregated groups: the whole request runs there
-                self._queue.popleft()
                 self._run_on_decode(request, decodes)
-                continue
+                return True
             prefills = self._ranked("prefill", request.prompt_ids)
             if not prefills:
-                self._queue.popleft()
                 self._no_transfer(request, "no prefill group is available")
-                continue
-            if not self._reserve(request, decodes, prefills[0]):
-                if not self._give_up_waiting(request.queued_at):
-                    return  # first come, first served: the rest wait behind it
-                self._queue.popleft()
-                self._no_transfer(request, "decode has no free KV blocks")
+                return True
+            placed = self._reserve(request, decodes, prefills[0])
+            if placed is None:
+                continue  # a group failed: rank again
+            if placed:
+                return True
+            if not self._give_up_waiting(request.queued_at):
+                return False
+            self._no_transfer(request, "decode has no free KV blocks")
+            return True
 
-    def _reserve(self, request: _Request, decodes: list[Group], prefill: Group) -> bool:
+    def _reserve(self, request: _Request, decodes: list[Group], prefill: Group) -> bool | None:
+        """True: reserved and started; False: no decode group has the blocks free now; None: a
+        group failed on the way (marked failed)."""
         prompt_ids, params = request.continuation()
         for decode in decodes:
-            seq = decode.engine.reserve(request.request_id, prompt_ids, params)
+            ok, seq = self._on_group(decode, lambda: decode.engine.reserve(request.request_id, prompt_ids, params))
+            if not ok:
+                return None
             if seq is not None:
-                self._queue.popleft()
-                self._start(request, prefill, decode, seq)
-                return True
+                return self._start(request, prefill, decode, seq)
         return False
 
     def _give_up_waiting(self, queued_at: float) -> bool:
@@ -534,26 +600,40 @@ class DisaggEngine:
         idle = not self._transfers and not any(g.healthy and g.engine.has_unfinished_requests() for g in self.decodes)
         return idle or time.monotonic() - queued_at > self.config.queue_timeout_s
 
-    def _start(self, request: _Request, prefill: Group, decode: Group, seq: Sequence) -> None:
+    def _start(self, request: _Request, prefill: Group, decode: Group, seq: Sequence) -> bool | None:
+        """Queue the prompt on prefill, its KV bound for ``seq``'s blocks on decode; None (the
+        reservation cancelled) if the prefill group turns out to have failed."""
         skip = seq.num_computed_tokens // decode.engine.block_manager.block_size  # decode's own prefix hits
         transfer = _Transfer(next(self._transfer_ids), request, prefill, decode, seq, skip)
+        prompt_ids, params = request.continuation()
+        plan = SendPlan(transfer.transfer_id, skip, decode.namespace)
+        try:
+            ok, _ = self._on_group(prefill, lambda: prefill.engine.add_prefill_request(
+                request.request_id, prompt_ids, params, plan))
+        except ValueError as err:  # prefill's limits: only if none was healthy to check it on
+            decode.engine.cancel_reservation(seq)
+            self._no_transfer(request, f"prefill cannot take the prompt: {err}")
+            return True
+        if not ok:
+            decode.engine.cancel_reservation(seq)
+            return None
         transfer.deadline = time.monotonic() + self.config.reservation_timeout_s  # the lease
         transfer.times["queued"], transfer.times["reserved"] = request.queued_at, time.monotonic()
         self._transfers[transfer.transfer_id] = transfer
         self._by_request[request.request_id] = transfer.transfer_id
-        prompt_ids, params = request.continuation()
-        prefill.engine.add_prefill_request(request.request_id, prompt_ids, params,
-                                           SendPlan(transfer.transfer_id, skip, decode.namespace))
+        return True
 
     def _run_on_decode(self, request: _Request, decodes: list[Group] | None = None) -> None:
+        """The whole request on a decode group (the policy's order; one found failed is marked
+        so and the next tried); with none left it fails."""
         decodes = decodes if decodes is not None else self._ranked("decode", request.prompt_ids)
-        if not decodes:
-            self._apply_policy(request, "fail", "no decode group is available")
-            return
         prompt_ids, params = request.continuation()
-        request.decode = decodes[0]
-        decodes[0].engine.add_request(request.request_id, prompt_ids, params, stream=request.stream,
-                                      prompt=request.prompt)
+        for decode in decodes:
+            if decode.healthy and self._on_group(decode, lambda: decode.engine.add_request(
+                    request.request_id, prompt_ids, params, stream=request.stream, prompt=request.prompt))[0]:
+                request.decode = decode
+                return
+        self._apply_policy(request, "fail", "no decode group is available")
 
     def _on_send(self, prefill: Group, cmds: list[SendCommand]) -> list[SendCommand]:
         """A prefill step that pushes these transfers is being submitted: each decode group's
@@ -598,7 +678,10 @@ class DisaggEngine:
                 transfer.logprobs = out.logprobs[0] if out.logprobs else None
 
     def _emit(self, out: RequestOutput) -> None:
-        """A decode group's output, as the client sees it (tokens from lost groups first)."""
+        """A decode group's output, as the client sees it (tokens from lost groups first).
+        What is new is counted from what the client was given, not from the group's view: a
+        lost group may have generated tokens it never reported (the first token of a request
+        admitted just before the group died), and they come first in the next output."""
         request = self._live.get(out.request_id)
         if request is None:
             return
@@ -608,6 +691,9 @@ class DisaggEngine:
             out.prompt_token_ids = request.prompt_ids
             if out.logprobs is not None:
                 out.logprobs = [None] * len(request.done_ids) + out.logprobs
+        out.new_token_ids = out.token_ids[request.num_sent_tokens:]
+        out.new_text = out.text[request.num_sent_chars:]
+        request.num_sent_tokens, request.num_sent_chars = len(out.token_ids), len(out.text)
         if out.finished:
             del self._live[out.request_id]
         self._outputs.append(out)
@@ -648,7 +734,18 @@ class DisaggEngine:
         if group.engine.failure is None:
             group.engine.fail_all(str(err))
         logger.error("group %s failed: %s", group.name, group.error)
+        # The groups at the other end of its transfers may be gone too (both lost at once):
+        # looked at first, so that no request is aborted on a dead group that has not been
+        # marked yet (its `fail_all` would then miss blocks of a batch in flight).
+        others = {t.decode if t.prefill is group else t.prefill for t in self._transfers.values()
+                  if group in (t.prefill, t.decode)}
+        for other in others:
+            self._look(other)
         for transfer in [t for t in self._transfers.values() if group in (t.prefill, t.decode)]:
+            posted = transfer.state in (TransferState.TRANSFERRING, TransferState.DONE)
+            if posted and transfer.decode is not group and transfer.decode.healthy:
+                # Its receive is posted: nothing may write those blocks once they are free.
+                self._decode_control(transfer.decode, "kv_cancel", transfer.transfer_id)
             self._drop(transfer)
             self._retry(transfer.request, f"{group.name} failed: {group.error}")
         if group.role == "decode":
@@ -689,7 +786,17 @@ class DisaggEngine:
             self.metrics.record(transfer.num_bytes, transfer.seconds)
 
     def _fail(self, transfer: _Transfer, reason: str, policy: str | None = None) -> None:
-        """End the transfer now: cancel it on decode if posted, free both sides, apply the policy."""
+        """End the transfer now: cancel it on decode if posted, free both sides, apply the policy.
+        A rank's error is often its peer's group dying (a receive fails when the sender's
+        process is gone, before the driver reads that its pipe closed): both groups are looked
+        at first, and a dead one's failure takes the transfer over (its request re-sent)."""
+        if transfer.transfer_id not in self._transfers:
+            return  # closed already (a group failure found on the way)
+        if policy is None:
+            for group in (transfer.prefill, transfer.decode):
+                self._look(group)
+            if transfer.transfer_id not in self._transfers:
+                return
         was_posted = transfer.state in (TransferState.TRANSFERRING, TransferState.DONE)
         transfer.state, transfer.error = TransferState.FAILED, reason
         transfer.policy = policy or self.config.failure_policy
