@@ -150,15 +150,34 @@ async def one_grpc_request(client, prompt: list[int]) -> float:
     return time.perf_counter() - t
 
 
+async def warm_up_grpc(client, ids: list[list[int]], wait_s: float = 30.0) -> None:
+    """A few requests, each retried while its door answers UNAVAILABLE: `start_doors` returns
+    once the doors listen, which can be before a door's client has heard the core's first beat."""
+    from splitserve.router.messages import ErrorCode, RouterError
+
+    deadline = time.monotonic() + wait_s
+    for p in ids:
+        while True:
+            try:
+                await one_grpc_request(client, p)
+                break
+            except RouterError as err:
+                if err.code is not ErrorCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+
 async def run_core(client, ids: list[list[int]], concurrency: int) -> tuple[list[float], float]:
     """Through an `EngineClient` in this process (the core handle's)."""
     return await _clients(lambda p: one_core_request(client, p), ids, concurrency)
 
 
-async def run_grpc(address: str, ids: list[list[int]], concurrency: int) -> tuple[list[float], float]:
+async def run_grpc(address: str, ids: list[list[int]], concurrency: int,
+                   warm_up: list[list[int]] = ()) -> tuple[list[float], float]:
     from splitserve import AsyncClient
 
     async with AsyncClient(address) as client:
+        await warm_up_grpc(client, list(warm_up))
         return await _clients(lambda p: one_grpc_request(client, p), ids, concurrency)
 
 
@@ -188,8 +207,7 @@ def _grpc_client_process(address: str, ids: list[list[int]], concurrency: int, b
 
     async def main():
         async with AsyncClient(address) as client:
-            for p in ids[:WARMUP]:
-                await one_grpc_request(client, p)
+            await warm_up_grpc(client, ids[:WARMUP])
             barrier.wait()  # nothing else runs on this loop yet: blocking is fine
             cpu0, t0 = time.process_time(), time.monotonic()
             latencies, _ = await _clients(lambda p: one_grpc_request(client, p), ids, concurrency)
@@ -373,8 +391,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 address = f"127.0.0.1:{grpc_port}"
                 door_pids = ray.get([d.pid.remote() for d in doors])
                 if not grpc_lat:  # one at a time: one connection, so one door whatever their number
-                    asyncio.run(run_grpc(address, ids[:WARMUP], 1))
-                    grpc_lat, _ = asyncio.run(run_grpc(address, ids[: args.sequential], 1))
+                    grpc_lat, _ = asyncio.run(run_grpc(address, ids[: args.sequential], 1, warm_up=ids[:WARMUP]))
                     grpc_lat_doors = doors_n
                 roles = {core_pid: "core", **{pid: f"door{i}" for i, pid in enumerate(door_pids)}}
                 for procs_k in args.client_processes:
