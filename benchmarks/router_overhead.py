@@ -500,8 +500,9 @@ def write_plot(path: Path, report: dict[str, Any]) -> None:
     ax.set_ylabel("fraction of requests")
     g, u = report["issue14"], report["sustained"]
     ax.set_title(f"gRPC: {g['grpc_req_s']:.0f} req/s = {g['ratio']:.2f}x the {g['baseline_grpc_req_s']:.0f} req/s "
-                 f"before (target {g['ratio_target']:g}x), {u['concurrency']} clients, "
-                 f"{u['grpc_api_servers']} door(s)\nadds p50 {g['grpc_added_p50_ms']:.2f} ms "
+                 f"before (target {g['ratio_target']:g}x), {u['concurrency']} clients in "
+                 f"{u['grpc_client_processes']} process(es), {u['grpc_api_servers']} door(s), "
+                 f"{report['device'].get('cores', '?')} cores\nadds p50 {g['grpc_added_p50_ms']:.2f} ms "
                  f"(target <= {g['added_p50_target_ms']:g} ms), p99 {report['sequential']['grpc_overhead']['p99_ms']:.2f}"
                  f" ms over the engine alone", fontsize=8)
     ax.legend()
