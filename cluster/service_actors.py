@@ -34,6 +34,9 @@ from splitserve.router.engine_core import CoreAddress
 logger = logging.getLogger(__name__)
 
 CORE_NAME = "engine-core"
+#: How long a starting front door waits for the engine core's first beat (a core that Ray
+#: restarts rebuilds its groups first: model loads).
+_DOOR_WAITS_FOR_CORE_S = 900.0
 
 
 def door_name(index: int) -> str:
@@ -129,6 +132,10 @@ class FrontDoorActor:
 
         self.client = EngineClient(address, door=f"door{index}-{os.getpid()}", tokenizer=door_tokenizer(cfg),
                                    request_timeout_s=cfg.router.request_timeout_s)
+        # Listen only once the core answers: a door that took connections before would refuse
+        # their first requests (UNAVAILABLE). A door Ray restarts while the core is also
+        # restarting waits for it here.
+        self.client.wait_ready(_DOOR_WAITS_FOR_CORE_S)
         self._servers = [start_grpc_server(self.client, spec, share_port=True),
                          start_http_server(self.client, spec, share_port=True)]
 
