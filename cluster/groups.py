@@ -9,6 +9,8 @@ Lifecycle of `build_engine`:
                 ``worker`` groups), each an `LLMEngine` whose ranks a `RayLauncher` places (one
                 bundle per rank: ``gpus_per_rank`` of a GPU each on CUDA, else CPUs only)
     rebuild     the same factory rebuilds a lost group (`EngineLoop`'s ``rebuild``)
+    in core     a lone one-rank aggregated group runs in the engine core's own process
+                instead (`group_in_core`): the core actor is given its GPU (or CPU)
 
 KV between groups: gloo on CPU; NCCL when each rank has a GPU of its own; CUDA IPC when the
 groups share one GPU (``gpus_per_rank`` < 1: NCCL refuses two ranks on one device), every
@@ -60,6 +62,21 @@ def group_factory(device: str, cpus_per_rank: float = CPUS_PER_RANK, *, gpus_per
     return build
 
 
+def group_in_core(cfg: ServeConfig) -> bool:
+    """A lone one-rank aggregated group runs in the engine-core process, which then holds its
+    device (as vLLM's EngineCore does with one GPU): the engine loop hands each step to the
+    model directly. Through a rank process the same engine's TPOT was 12.2 ms instead of 7.9
+    (H200, Llama-3-8B shape, chat at 12 req/s, 2026-12-02): each step is pickled, piped and
+    unpickled on the critical path. ``cfg``: mode resolved (`Placement.apply`)."""
+    w = cfg.worker
+    return cfg.single_group_in_core and cfg.mode == Mode.AGGREGATED and (w.count, w.tp, w.pp) == (1, 1, 1)
+
+
+def in_this_process(group: Group) -> LLMEngine:
+    """(Re)builds a group in the engine core's own process (`group_in_core`)."""
+    return LLMEngine(group.config)
+
+
 def build_engine(cfg: ServeConfig, policy: GroupPolicy,
                  placement: Placement | None = None) -> tuple[DisaggEngine, object]:
     """The engine over every group of ``cfg`` and the factory that (re)builds a group.
@@ -76,6 +93,10 @@ def build_engine(cfg: ServeConfig, policy: GroupPolicy,
     sharing = device.startswith("cuda") and cfg.gpus_per_rank < 1
     factory = group_factory(device, gpus_per_rank=cfg.gpus_per_rank, placement_timeout_s=placement_wait_s(cfg),
                             shared_gpu=SharedGpu() if sharing and disaggregated else None)
+    if group_in_core(cfg):
+        dc = DisaggConfig(prefill=None, decode=engine_config(cfg, "worker", device), num_decode=1)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return DisaggEngine(dc, policy=policy), in_this_process
     store_host = ray.util.get_node_ip_address()
     # A GPU of its own per rank actor: NCCL between any two; gloo between CPU ranks.
     transport = ("cuda_ipc" if sharing else "nccl") if device.startswith("cuda") else "gloo"

@@ -6,7 +6,9 @@ Lifecycle:
                 groups asked for fit, else aggregated) and said; a layout that cannot be
                 placed fails here, naming what is missing
     core        the `EngineCoreActor` (named ``engine-core``, pinned to this node) builds
-                every group on Ray actors and serves them on ipc sockets of this node
+                every group on Ray actors and serves them on ipc sockets of this node; a lone
+                one-rank aggregated group runs in the core's own process, which then takes
+                that rank's GPU (or CPU)
     front doors ``api_servers`` `FrontDoorActor`s (pinned here too), each with gRPC and
                 OpenAI-compatible HTTP (/health, /live, /ready, /metrics) on the same two ports
                 (SO_REUSEPORT), talking to the core over its sockets: no Ray call per request
@@ -29,7 +31,8 @@ from dataclasses import dataclass, replace
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from splitserve.cluster.placement import plan_on_cluster
+from splitserve.cluster.groups import group_in_core
+from splitserve.cluster.placement import CPUS_PER_RANK, plan_on_cluster
 from splitserve.cluster.ray_cluster import NAMESPACE, connect
 from splitserve.cluster.serve_config import ServeConfig, ServerSpec
 from splitserve.cluster.service_actors import CORE_NAME, EngineCoreActor, FrontDoorActor, door_name
@@ -68,8 +71,13 @@ def start_core(cfg: ServeConfig, timeout_s: float = 600.0, name: str = CORE_NAME
     # on a joined cluster it only warns: workers may still be joining or autoscaling.
     placement = plan_on_cluster(cfg)
     address = CoreAddress.ipc()
+    # A group that runs in the core's own process (`group_in_core`) takes its rank's bundle.
+    in_core = group_in_core(placement.apply(cfg))
+    on_gpu = placement.device.startswith("cuda")
+    resources = dict(num_gpus=cfg.gpus_per_rank if on_gpu else 0, num_cpus=0 if on_gpu else CPUS_PER_RANK) \
+        if in_core else {}
     actor = EngineCoreActor.options(name=name, namespace=NAMESPACE, lifetime=None, scheduling_strategy=_here(),
-                                    max_restarts=CORE_RESTARTS).remote(cfg, address, placement)
+                                    max_restarts=CORE_RESTARTS, **resources).remote(cfg, address, placement)
     try:
         mode = ray.get(actor.wait_started.remote(timeout_s), timeout=timeout_s + 30)
         client = EngineClient(address, door=f"driver-{time.monotonic_ns()}",

@@ -26,6 +26,8 @@ The file's shape (every key optional)::
     kv_cache_memory: 2147483648 # bytes per rank
     max_num_batched_tokens: 2048 # tokens one step computes per group (prefill chunks + decodes)
     max_num_seqs: 256           # sequences running at once per group
+    single_group_in_core: true  # one aggregated group of one rank: the engine-core process
+                                # runs its model itself (no rank process, no per-step pipe)
     async_scheduling: null      # schedule step n+1 while the GPU runs step n; null: on for
                                 # one-rank groups on CUDA; true needs pp = 1 (any tp)
     groups:
@@ -152,6 +154,9 @@ class ServeConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     async_scheduling: bool | None = None
+    #: A lone one-rank aggregated group runs in the engine-core process (no rank process
+    #: between the engine loop and the model; see `cluster.groups.group_in_core`).
+    single_group_in_core: bool = True
     prefill: GroupSpec = field(default_factory=GroupSpec)
     decode: GroupSpec = field(default_factory=GroupSpec)
     worker: GroupSpec = field(default_factory=GroupSpec)
