@@ -414,7 +414,11 @@ class LLMEngine:
         self._failure = reason
         self.lost_outputs = {rid: list(req.seq.output_token_ids) for rid, req in self._requests.items() if not req.hold}
         for out in self._inflight:  # the group is gone: nothing writes these blocks any more
-            self.scheduler.forget_in_flight([item.seq for item in out.scheduled])
+            seqs = [item.seq for item in out.scheduled]
+            self.scheduler.forget_in_flight(seqs)
+            for seq in seqs:  # ended while in flight (aborted): their blocks waited for this batch
+                if seq.is_finished and seq.request_id not in self._held:
+                    self.block_manager.free(seq)
         self._inflight.clear()
         for request_id in list(self._requests):
             self.abort_request(request_id)

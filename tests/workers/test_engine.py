@@ -111,6 +111,18 @@ def test_abort_frees_blocks_and_reports_abort(tiny_llm):
     engine.abort_request("unknown-id")  # a no-op, not an error
 
 
+def test_a_group_failing_frees_requests_aborted_while_their_batch_was_in_flight():
+    """Their blocks wait for the batch to come back; a failed group's batch never does."""
+    engine = LLMEngine(EngineConfig(model="random:tiny-llama", device="cpu", show_progress=False, max_model_len=128))
+    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=20, temperature=0.0))
+    engine.submit()  # its prompt's batch is in flight
+    engine.abort_request("r")
+    assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks  # held for the batch
+    engine.fail_all("the ranks died")
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    engine.shutdown()
+
+
 def test_duplicate_request_id(tiny_llm):
     engine = tiny_llm.engine
     engine.add_request("same", [1, 2], SamplingParams(max_tokens=2))
