@@ -55,6 +55,9 @@ The file's shape (every key optional)::
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
@@ -79,6 +82,17 @@ POLICIES = ("round_robin", "least_loaded", "prefix_affinity")
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
 
+
+logger = logging.getLogger(__name__)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 @dataclass(frozen=True)
 class GroupSpec:
@@ -116,8 +130,21 @@ class ServerSpec:
     api_servers: int | None = None
 
     def resolved_api_key(self) -> str | None:
+        """The key clients must send, or None when none is configured. A key that is
+        configured but empty (``api_key: ""``, an empty or blank key file) is refused: it
+        must never turn authentication off."""
         if self.api_key_file:
-            return Path(self.api_key_file).read_text().strip()
+            try:
+                key = Path(self.api_key_file).read_text().strip()
+            except OSError as err:
+                raise ValueError(f"server.api_key_file {self.api_key_file!r} cannot be read: {err}") from None
+            if not key:
+                raise ValueError(f"server.api_key_file {self.api_key_file!r} is empty: refusing to serve without "
+                                 "the key it was meant to hold")
+            return key
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("server.api_key is empty: refusing to serve without authentication (leave it unset "
+                             "for none)")
         return self.api_key
 
     def resolved_api_servers(self) -> int:
@@ -186,6 +213,11 @@ class ServeConfig:
                              "more stages: leave it unset (on where it applies) or false")
         if bool(self.server.tls_cert) != bool(self.server.tls_key):
             raise ValueError("server.tls_cert and server.tls_key go together")
+        key = self.server.resolved_api_key()  # an empty key refuses to start (fails closed)
+        if key and not self.server.tls_cert and not _loopback(self.server.host):
+            logger.warning("an API key is set but TLS is not, on %s: the key crosses the network in clear text "
+                           "(set server.tls_cert/tls_key, or terminate TLS in front of the service)",
+                           self.server.host)
         for port in (self.server.grpc_port, self.server.http_port):
             if not 0 <= port < 65536:
                 raise ValueError(f"port out of range: {port}")

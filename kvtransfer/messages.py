@@ -16,6 +16,7 @@ Commands go from the driver to ranks (`SendCommand` inside a prefill `StepBatch`
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -95,6 +96,10 @@ class FaultConfig:
     kill_on_transfer: int | None = None
 
 
+#: Completed transfers whose (bytes, seconds) `TransferMetrics` keeps.
+PER_TRANSFER_KEPT = 4096
+
+
 @dataclass
 class TransferMetrics:
     """Counters of the service, for logs and (later) Prometheus."""
@@ -104,8 +109,9 @@ class TransferMetrics:
     num_timeouts: int = 0
     num_bytes: int = 0
     seconds: float = 0.0
-    #: (bytes, seconds) of each completed transfer, as the decode ranks measured them.
-    per_transfer: list[tuple[int, float]] = field(default_factory=list)
+    #: (bytes, seconds) of the latest completed transfers, as the decode ranks measured them
+    #: (bounded: a server runs for months; the totals above count every one).
+    per_transfer: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=PER_TRANSFER_KEPT))
 
     def record(self, num_bytes: int, seconds: float) -> None:
         """One completed transfer."""

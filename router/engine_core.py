@@ -42,7 +42,7 @@ import zmq
 
 from splitserve.router import core_messages as cm
 from splitserve.router.engine_loop import EngineLoop
-from splitserve.router.messages import Chunk, ErrorCode, ModelInfo, RouterError
+from splitserve.router.messages import Chunk, ModelInfo, RouterError
 from splitserve.router.metrics import FrontDoorMetrics, RequestTimer, RouterMetrics
 
 logger = logging.getLogger(__name__)

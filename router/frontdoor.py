@@ -65,16 +65,25 @@ def check_request(request: GenerateRequest) -> GenerateRequest:
     return request
 
 
+def can_serve(groups: list[GroupStatus]) -> bool:
+    """At least one ready group of every role the service has (a group being rebuilt does
+    not stop the others from serving)."""
+    roles = {g.role for g in groups}
+    return bool(roles) and all(any(g.state == "ready" for g in groups if g.role == role) for role in roles)
+
+
 async def health_info(router: RouterAPI) -> HealthInfo:
     groups = await router.health()
     return HealthInfo(bool(groups) and all(g.state == "ready" for g in groups), groups)
 
 
 def api_key_ok(authorization: str | None, api_key: str | None) -> bool:
-    """True when no key is configured or the header is ``Bearer <key>`` (constant-time compare)."""
+    """True when no key is configured or the header is ``Bearer <key>`` (the scheme in any
+    case, RFC 7235; the key compared in constant time)."""
     if api_key is None:
         return True
-    return hmac.compare_digest((authorization or "").encode(), f"Bearer {api_key}".encode())
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
 
 
 class LoopThread:

@@ -43,6 +43,7 @@ from splitserve.router.metrics import FrontDoorMetrics, front_door_metrics
 logger = logging.getLogger(__name__)
 
 API = "grpc"
+METHODS = ("Generate", "Abort", "Health", "GetModelInfo")
 UNAUTHENTICATED_MESSAGE = "missing or wrong API key: send the metadata 'authorization: Bearer <key>'"
 
 
@@ -180,7 +181,8 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if api_key_ok(metadata.get("authorization"), self._api_key):
             return await continuation(details)
         method = details.method.rsplit("/", 1)[-1]
-        self._metrics.count(API, method, ErrorCode.UNAUTHENTICATED.value)
+        # Only the service's own methods by name: random method names must not grow the labels.
+        self._metrics.count(API, method if method in METHODS else "other", ErrorCode.UNAUTHENTICATED.value)
         # The refusal must be a handler of the method's kind (Generate streams its answer).
         return self._deny_stream if method == "Generate" else self._deny_unary
 

@@ -6,6 +6,10 @@ Routes:
                                 choice per prompt)
     POST /v1/chat/completions   ``messages`` rendered with the model's chat template
     GET  /health                200 when every group is ready, else 503 (no key: for probes)
+    GET  /live                  200 while this front door's process serves (a liveness probe:
+                                a group being rebuilt must not restart the pod)
+    GET  /ready                 200 when the service can take requests: the engine core
+                                answers and at least one group of each role it needs is ready
     GET  /metrics               Prometheus text: the router's metrics, then the front doors'
 
 Lifecycle:
@@ -49,8 +53,8 @@ from starlette.exceptions import HTTPException
 from splitserve.cluster.serve_config import ServerSpec
 from splitserve.router import openai_api as oa
 from splitserve.router.convert import DEFAULT_MAX_TOKENS
-from splitserve.router.frontdoor import (LoopThread, RouterAPI, api_key_ok, check_request, health_info,
-                                         stream_limit_s)
+from splitserve.router.frontdoor import (LoopThread, RouterAPI, api_key_ok, can_serve, check_request,
+                                         health_info, stream_limit_s)
 from splitserve.router.messages import Chunk, Completion, ErrorCode, GenerateRequest, ModelInfo, RouterError
 from splitserve.router.metrics import FrontDoorMetrics, front_door_metrics
 
@@ -68,6 +72,15 @@ _ERROR_TYPE = {
     ErrorCode.ALREADY_EXISTS: "conflict_error",
 }
 UNAUTHENTICATED_MESSAGE = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
+
+
+#: The routes counted by name in the metrics; any other path is counted as "other", so a
+#: client probing random paths cannot grow the label set.
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
+def route_label(path: str) -> str:
+    return path if path in ROUTES else "other"
 
 
 def error_body(err: RouterError) -> dict[str, Any]:
@@ -136,6 +149,8 @@ def build_app(router: RouterAPI, spec: ServerSpec) -> FastAPI:
     app.add_api_route("/v1/completions", doors.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", doors.chat, methods=["POST"])
     app.add_api_route("/health", doors.health, methods=["GET"])
+    app.add_api_route("/live", doors.live, methods=["GET"])
+    app.add_api_route("/ready", doors.ready, methods=["GET"])
     app.add_api_route("/metrics", doors.metrics_text, methods=["GET"])
     app.add_exception_handler(RouterError, doors.on_router_error)
     app.add_exception_handler(RequestValidationError, doors.on_bad_body)
@@ -158,7 +173,7 @@ class _ApiKeyMiddleware:
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not api_key_ok(given, self.api_key):
-                self.metrics.count(API, scope["path"], ErrorCode.UNAUTHENTICATED.value)
+                self.metrics.count(API, route_label(scope["path"]), ErrorCode.UNAUTHENTICATED.value)
                 response = error_response(RouterError(ErrorCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE))
                 response.headers["WWW-Authenticate"] = "Bearer"
                 await response(scope, receive, send)
@@ -311,6 +326,17 @@ class _Routes:
         return JSONResponse({"status": "ok" if health.ready else "unavailable", "groups": groups},
                             status_code=200 if health.ready else 503)
 
+    async def live(self) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self) -> JSONResponse:
+        try:
+            groups = await self.router.health()
+        except Exception as err:  # noqa: BLE001 - an engine core that cannot answer: not ready
+            return JSONResponse({"status": "unavailable", "error": str(err)}, status_code=503)
+        ok = can_serve(groups)
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
     async def metrics_text(self) -> Response:
         try:
             text = await self.router.metrics_text()
@@ -339,7 +365,7 @@ class _Routes:
 
     def _count(self, request: Request, code: str) -> None:
         if request.url.path.startswith("/v1/"):
-            self.metrics.count(API, request.url.path, code)
+            self.metrics.count(API, route_label(request.url.path), code)
 
 
 def _describe(errors: list[dict[str, Any]]) -> str:

@@ -62,6 +62,7 @@ class RouterMetrics:
         self.transfer_bytes = Counter(P + "kv_transfer_bytes", "KV bytes moved prefill -> decode.", registry=r)
         self.transfer_failures = Counter(P + "kv_transfer_failures", "KV transfers failed or timed out.", registry=r)
         self._transfers_seen = 0
+        self._bytes_seen = 0
         self._failures_seen = 0
 
     def observe_groups(self, statuses: list[GroupStatus]) -> None:
@@ -75,11 +76,11 @@ class RouterMetrics:
     def observe_transfers(self, metrics: TransferMetrics) -> None:
         """New completed transfers since the last call (the engine keeps the recent ones)."""
         new = metrics.num_transfers - self._transfers_seen
-        if new > 0:
-            for num_bytes, seconds in list(metrics.per_transfer)[-new:]:
+        if new > 0:  # latencies of those still kept; bytes from the total, which counts all
+            for _, seconds in list(metrics.per_transfer)[-new:]:
                 self.transfer_latency.observe(seconds)
-                self.transfer_bytes.inc(num_bytes)
-            self._transfers_seen = metrics.num_transfers
+            self.transfer_bytes.inc(metrics.num_bytes - self._bytes_seen)
+            self._transfers_seen, self._bytes_seen = metrics.num_transfers, metrics.num_bytes
         failures = metrics.num_failures - self._failures_seen
         if failures > 0:
             self.transfer_failures.inc(failures)

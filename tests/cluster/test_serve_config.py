@@ -10,7 +10,7 @@ import pytest
 
 from splitserve.cluster.cli import build_parser, serve_config_from_args
 from splitserve.cluster.groups import engine_config
-from splitserve.cluster.serve_config import Mode, ServerSpec, config_from_dict
+from splitserve.cluster.serve_config import Mode, ServeConfig, ServerSpec, config_from_dict
 
 
 def _serve(*flags: str):
@@ -82,3 +82,29 @@ def test_placement_timeout_setting():
     assert _serve("--placement-timeout", "7.5").ray.placement_timeout_s == 7.5
     with pytest.raises(ValueError, match="placement_timeout_s must be positive"):
         _serve("--placement-timeout", "0")
+
+
+# ---- authentication fails closed ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["", "   "])
+def test_an_empty_api_key_refuses_to_start(key):
+    with pytest.raises(ValueError, match="api_key is empty"):
+        ServeConfig(server=ServerSpec(api_key=key)).validate()
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_an_empty_api_key_file_refuses_to_start(tmp_path, content):
+    path = tmp_path / "key"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="is empty"):
+        ServeConfig(server=ServerSpec(api_key_file=str(path))).validate()
+    with pytest.raises(ValueError, match="cannot be read"):
+        ServeConfig(server=ServerSpec(api_key_file=str(tmp_path / "missing"))).validate()
+
+
+def test_a_key_without_tls_off_loopback_warns(caplog):
+    ServeConfig(server=ServerSpec(api_key="k")).validate()
+    assert "clear text" not in caplog.text  # loopback: fine
+    ServeConfig(server=ServerSpec(api_key="k", host="0.0.0.0")).validate()
+    assert "clear text" in caplog.text

@@ -203,7 +203,7 @@ def test_probes_ask_the_server_for_health(rendered, name):
         if probe == "startupProbe" and probe not in container:
             continue
         get = container[probe]["httpGet"]
-        assert get["path"] == "/health", probe
+        assert get["path"] == ("/live" if probe == "livenessProbe" else "/ready"), probe
         assert container_port(container, get["port"]) == container_port(container, "http"), probe
 
 
@@ -244,7 +244,7 @@ def _head_template(rendered: dict[str, Any]) -> dict[str, Any]:
 
 POD_BREAKS = {
     "containers/0/ports/0/containerPort": lambda c: c["ports"][0].update(containerPort="gcs"),
-    "paht": lambda c: c["readinessProbe"]["httpGet"].update(paht="/health"),
+    "paht": lambda c: c["readinessProbe"]["httpGet"].update(paht="/ready"),
     "containers/0/volumeMounts/0": lambda c: c["volumeMounts"][0].pop("mountPath"),
 }
 

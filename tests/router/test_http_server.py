@@ -124,3 +124,39 @@ def test_refusals_are_openai_errors(servers, body, status, words):
     assert r.status_code == status
     err = r.json()["error"]
     assert words in err["message"] and err["type"] and err["code"]
+
+
+def test_live_and_ready_are_probes_apart_from_health():
+    """/live answers while the door does; /ready needs one ready group of each role, so one
+    group being rebuilt keeps the service ready (and /health, all groups, says 503)."""
+    import httpx
+
+    from splitserve.cluster.serve_config import ServerSpec
+    from splitserve.router.http_server import start_http_server
+    from splitserve.router.messages import GroupStatus
+
+    def status(name, role, state):
+        return GroupStatus(name, role, state, None, 0, 0, 0.0, 8, 8, 0)
+
+    class Groups:
+        groups: list = []
+
+        async def health(self):
+            if self.groups is None:
+                raise RuntimeError("the engine core is gone")
+            return self.groups
+
+    router = Groups()
+    server = start_http_server(router, ServerSpec(grpc_port=0, http_port=0))
+    url = f"http://127.0.0.1:{server.port}"
+    try:
+        router.groups = [status("prefill-0", "prefill", "ready"), status("decode-0", "decode", "restarting"),
+                         status("decode-1", "decode", "ready")]
+        codes = [httpx.get(f"{url}/{p}", timeout=10).status_code for p in ("live", "ready", "health")]
+        assert codes == [200, 200, 503]
+        router.groups = [status("prefill-0", "prefill", "ready"), status("decode-0", "decode", "failed")]
+        assert [httpx.get(f"{url}/{p}", timeout=10).status_code for p in ("live", "ready")] == [200, 503]
+        router.groups = None
+        assert [httpx.get(f"{url}/{p}", timeout=10).status_code for p in ("live", "ready")] == [200, 503]
+    finally:
+        server.stop()

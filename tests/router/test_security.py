@@ -54,6 +54,9 @@ def test_http_key_and_tls(secure_servers, tls_files):
         assert http.get(f"{url}/metrics").status_code == 200
         r = http.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        # The scheme is case-insensitive (RFC 7235); the key is not.
+        assert http.get(f"{url}/v1/models", headers={"Authorization": f"bearer {API_KEY}"}).status_code == 200
+        assert http.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY.upper()}"}).status_code == 401
     with pytest.raises(httpx.ConnectError):  # the self-signed certificate is not trusted by default
         httpx.get(f"{url}/health", timeout=10)
 
@@ -69,3 +72,29 @@ def test_openai_client_with_the_key(secure_servers, tls_files):
                        http_client=_trusting(tls_files)) as client:
         with pytest.raises(openai.AuthenticationError):
             client.models.list()
+
+
+def test_unauthenticated_probes_do_not_grow_the_metric_labels(secure_servers, tls_files):
+    """401s on random paths (and gRPC calls to made-up methods) are counted as "other"."""
+    import grpc
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from splitserve.router.grpc_server import METHODS
+    from splitserve.router.http_server import ROUTES
+
+    url = secure_servers.http_url
+    with _trusting(tls_files, timeout=30) as http:
+        for i in range(20):
+            assert http.get(f"{url}/v1/probe-{i}").status_code == 401
+        creds = grpc.ssl_channel_credentials(tls_files.cert.read_bytes())
+        with grpc.secure_channel(secure_servers.grpc_address.replace("127.0.0.1", "localhost"), creds) as channel:
+            for i in range(5):
+                call = channel.unary_unary(f"/splitserve.v1.Generation/Probe{i}")
+                with pytest.raises(grpc.RpcError) as err:
+                    call(b"", timeout=10)
+                assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        text = http.get(f"{url}/metrics").text
+    labels = {(s.labels["api"], s.labels["method"]) for f in text_string_to_metric_families(text)
+              for s in f.samples if s.name == "splitserve:api_requests_total"}
+    assert ("http", "other") in labels and ("grpc", "other") in labels
+    assert all(method in (*ROUTES, *METHODS, "other") for _, method in labels), labels
