@@ -9,6 +9,7 @@ tensors, so the same object drives an in-process runner or every rank of a worke
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from splitserve.kvtransfer.messages import SendCommand
@@ -29,11 +30,36 @@ class ChunkPlan:
 
 
 @dataclass(frozen=True)
+class RankSampling:
+    """The part of a request's `SamplingParams` the sampling rank reads. Stop strings,
+    max_tokens and the rest stay with the driver, so a request's long stop list is never
+    pickled to every rank at every step."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    seed: int | None
+    #: Masked with EOS while fewer than ``min_tokens`` tokens exist.
+    stop_token_ids: tuple[int, ...]
+    min_tokens: int
+    logprobs: int | None
+    is_greedy: bool
+
+
+@functools.lru_cache(maxsize=8192)
+def rank_sampling(params: SamplingParams) -> RankSampling:
+    """One per distinct params (a request keeps its params: built once, not every step)."""
+    return RankSampling(params.temperature, params.top_p, params.top_k, params.min_p, params.seed,
+                        params.stop_token_ids, params.min_tokens, params.logprobs, params.is_greedy)
+
+
+@dataclass(frozen=True)
 class SampleRow:
     """What the sampling rank needs for one row that yields a token this step."""
 
     request_id: str
-    params: SamplingParams
+    params: RankSampling
     #: Tokens generated before this step (min_tokens).
     num_output_tokens: int
 
@@ -105,7 +131,7 @@ def build_step_batch(out: SchedulerOutput, block_size: int, kv_sends: list[SendC
         decode_block_tables=_decode_tables(out.decodes, block_size),
         decode_context_lens=[s.start + 1 for s in out.decodes],
         prefills=chunks, logits_indices=logits_rows,
-        sample_rows=[SampleRow(s.seq.request_id, s.seq.params, s.num_prior_outputs) for s in sampling],
+        sample_rows=[SampleRow(s.seq.request_id, rank_sampling(s.seq.params), s.num_prior_outputs) for s in sampling],
         kv_sends=kv_sends or [], step_id=step_id, fill_rows=fill_rows, fill_from=fill_from,
     )
 
