@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from splitserve.cluster.serve_config import ServerSpec
 from splitserve.router import splitserve_pb2 as pb
@@ -43,6 +44,7 @@ from splitserve.router.metrics import FrontDoorMetrics, front_door_metrics
 logger = logging.getLogger(__name__)
 
 API = "grpc"
+SERVICE = "splitserve.v1.Generation"
 METHODS = ("Generate", "Abort", "Health", "GetModelInfo")
 UNAUTHENTICATED_MESSAGE = "missing or wrong API key: send the metadata 'authorization: Bearer <key>'"
 
@@ -82,7 +84,7 @@ async def _start(router: RouterAPI, spec: ServerSpec, metrics: FrontDoorMetrics,
                ("grpc.so_reuseport", 1 if share_port else 0)]
     interceptors = [_ApiKeyInterceptor(api_key, metrics)] if api_key else []
     server = grpc.aio.server(interceptors=interceptors, options=options)
-    pb_grpc.add_GenerationServicer_to_server(_Servicer(router, metrics), server)
+    _add_servicer(_Servicer(router, metrics), server)
     address = f"[{spec.host}]:{spec.grpc_port}" if ":" in spec.host else f"{spec.host}:{spec.grpc_port}"
     try:
         if spec.tls_cert:
@@ -98,6 +100,50 @@ async def _start(router: RouterAPI, spec: ServerSpec, metrics: FrontDoorMetrics,
     return server, port
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request message that did not parse (e.g. a string field that is not UTF-8)."""
+
+    error: str
+
+
+def _lenient(message_type):
+    """A deserializer that hands an unparsable message to the method (which answers
+    INVALID_ARGUMENT) instead of raising, which gRPC would answer with INTERNAL."""
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as err:
+            return _Undecodable(str(err)[:200])
+    return parse
+
+
+def _add_servicer(servicer, server: grpc.aio.Server) -> None:
+    """`add_GenerationServicer_to_server` with lenient deserializers for the requests that
+    carry strings (the generated one raises on a malformed message: INTERNAL)."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=_lenient(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "Abort": grpc.unary_unary_rpc_method_handler(
+            servicer.Abort, request_deserializer=_lenient(pb.AbortRequest),
+            response_serializer=pb.AbortResponse.SerializeToString),
+        "Health": grpc.unary_unary_rpc_method_handler(
+            servicer.Health, request_deserializer=pb.HealthRequest.FromString,
+            response_serializer=pb.HealthResponse.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo, request_deserializer=pb.ModelInfoRequest.FromString,
+            response_serializer=pb.ModelInfoResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def _parsed(request) -> None:
+    if isinstance(request, _Undecodable):
+        raise RouterError(ErrorCode.INVALID_ARGUMENT, f"the request message is malformed: {request.error}")
+
+
 class _Servicer(pb_grpc.GenerationServicer):
     def __init__(self, router: RouterAPI, metrics: FrontDoorMetrics):
         self.router, self.metrics = router, metrics
@@ -105,6 +151,7 @@ class _Servicer(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         code = "OK"
         try:
+            _parsed(request)
             req = request_from_proto(request, request.request_id or uuid.uuid4().hex, _time_left(context))
             await context.send_initial_metadata((("x-request-id", req.request_id),))
             # Bounded even while a write waits on a client that stopped reading.
@@ -131,6 +178,9 @@ class _Servicer(pb_grpc.GenerationServicer):
             self.metrics.count(API, "Generate", code)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        if isinstance(request, _Undecodable):
+            self.metrics.count(API, "Abort", "INVALID_ARGUMENT")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request message is malformed: {request.error}")
         if not request.request_id:
             self.metrics.count(API, "Abort", "INVALID_ARGUMENT")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")

@@ -111,3 +111,23 @@ def test_unreachable_server_is_unavailable():
     with Client("127.0.0.1:1", timeout_s=5) as client, pytest.raises(RouterError) as err:
         client.generate("hi", GREEDY)
     assert err.value.code is ErrorCode.UNAVAILABLE
+
+
+def test_a_string_that_is_not_utf8_is_invalid_argument(servers):
+    """Bytes that do not parse as the request (here a text field holding invalid UTF-8) are the
+    client's fault: INVALID_ARGUMENT, not INTERNAL."""
+    import grpc
+
+    from splitserve.router import splitserve_pb2 as pb
+
+    good = pb.GenerateRequest(text="xx").SerializeToString()
+    bad = good.replace(b"xx", b"\xff\xfe")
+    with grpc.insecure_channel(servers.grpc_address) as channel:
+        generate = channel.unary_stream("/splitserve.v1.Generation/Generate")
+        with pytest.raises(grpc.RpcError) as err:
+            list(generate(bad, timeout=30))
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "malformed" in err.value.details()
+        abort = channel.unary_unary("/splitserve.v1.Generation/Abort")
+        with pytest.raises(grpc.RpcError) as err:
+            abort(pb.AbortRequest(request_id="xx").SerializeToString().replace(b"xx", b"\xff\xfe"), timeout=30)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
