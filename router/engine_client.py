@@ -40,7 +40,7 @@ import zmq
 
 from splitserve.router import core_messages as cm
 from splitserve.router.engine_core import CoreAddress
-from splitserve.router.messages import Chunk, ErrorCode, GenerateRequest, GroupStatus, ModelInfo, RouterError
+from splitserve.router.messages import Chunk, ErrorCode, GenerateRequest, GroupStatus, ModelInfo, RouterError, short
 from splitserve.router.metrics import FrontDoorMetrics
 from splitserve.router.stream_text import StreamText
 
@@ -125,7 +125,7 @@ class EngineClient:
         stream = _Stream(loop)
         with self._lock:
             if request_id in self._streams:
-                raise RouterError(ErrorCode.ALREADY_EXISTS, f"request id {request_id!r} is already in use")
+                raise RouterError(ErrorCode.ALREADY_EXISTS, f"request id {short(request_id)} is already in use")
             self._streams[request_id] = stream
         timeout_s = min(request.timeout_s or self.request_timeout_s, self.request_timeout_s)
         deadline = loop.time() + timeout_s + _GRACE_S

@@ -55,7 +55,7 @@ from splitserve.router import openai_api as oa
 from splitserve.router.convert import DEFAULT_MAX_TOKENS
 from splitserve.router.frontdoor import (LoopThread, RouterAPI, api_key_ok, can_serve, check_request,
                                          health_info, stream_limit_s)
-from splitserve.router.messages import Chunk, Completion, ErrorCode, GenerateRequest, ModelInfo, RouterError
+from splitserve.router.messages import Chunk, Completion, ErrorCode, GenerateRequest, ModelInfo, RouterError, short
 from splitserve.router.metrics import FrontDoorMetrics, front_door_metrics
 
 API = "http"
@@ -267,7 +267,7 @@ class _Routes:
         body.check_supported()
         info = await self.info()
         if body.model is not None and body.model != info.model:
-            raise RouterError(ErrorCode.NOT_FOUND, f"model {body.model!r} is not served here; this server "
+            raise RouterError(ErrorCode.NOT_FOUND, f"model {short(body.model)} is not served here; this server "
                               f"serves {info.model!r} (GET /v1/models)")
         return body.sampling(default_max_tokens)
 

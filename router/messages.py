@@ -36,6 +36,12 @@ class RouterError(Exception):
         return RouterError, (self.code, self.message)
 
 
+def short(value: object, limit: int = 64) -> str:
+    """``repr(value)``, cut to ``limit`` characters: error messages never echo a whole input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
     """Exactly one of ``text``, ``token_ids`` and ``chat`` is the input."""

@@ -3,8 +3,10 @@
 A body is parsed by pydantic (strict types: ``"5"`` is not a number), then `prompts` and
 `sampling` turn it into the router's inputs: bad values raise `RouterError`
 (INVALID_ARGUMENT) naming the field, and options splitserve does not implement (``n`` > 1,
-logprobs, penalties, ``echo`` ...) are refused rather than silently ignored. Unknown fields
-are ignored, as OpenAI clients send many. The responses are built by `completion_body` /
+logprobs, penalties, ``echo`` ...) are refused rather than silently ignored. OpenAI fields
+that change nothing here (``user``, ``metadata``, ``store`` ...: `_IGNORED`) are accepted;
+any other unknown field is refused (a typo must not silently fall back to a default).
+Error messages quote at most a short prefix of a value. The responses are built by `completion_body` /
 `chat_body` (whole) and `completion_event` / `chat_event` (one stream chunk each).
 
 Extensions beyond OpenAI's fields (vLLM's names where it has them): ``top_k``, ``min_p``,
@@ -18,7 +20,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from splitserve.router.messages import Chunk, Completion, ErrorCode, RouterError
+from splitserve.router.messages import Chunk, Completion, ErrorCode, RouterError, short
 from splitserve.workers.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -33,6 +35,11 @@ _UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "logprobs": (None, False, 
                 "echo": (None, False), "suffix": (None, ""), "presence_penalty": (None, 0),
                 "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
                 "response_format": (None, {"type": "text"})}
+
+
+#: OpenAI fields accepted and ignored: they describe the caller or the account, not the output.
+_IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "tool_choice",
+                      "prediction", "modalities", "audio", "reasoning_effort", "web_search_options"})
 
 
 def invalid(message: str) -> RouterError:
@@ -69,7 +76,11 @@ class _Body(BaseModel):
         for name, neutral in _UNSUPPORTED.items():
             value = extra.get(name)
             if value not in neutral:
-                raise invalid(f"{name}={value!r} is not supported by this server")
+                raise invalid(f"{name}={short(value)} is not supported by this server")
+        unknown = sorted(name for name in extra if name not in _UNSUPPORTED and name not in _IGNORED)
+        if unknown:
+            raise invalid(f"unknown field{'s' if len(unknown) > 1 else ''}: "
+                          f"{', '.join(short(n, 40) for n in unknown[:5])}")
 
     def sampling(self, default_max_tokens: int | None) -> SamplingParams:
         max_tokens = self.max_tokens if self.max_tokens is not None else default_max_tokens

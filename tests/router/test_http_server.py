@@ -118,12 +118,20 @@ def test_deadline_is_504_and_disconnect_aborts(servers):
     ({"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
     ({"prompt": PROMPT, "max_tokens": 100000}, 400, "KV blocks"),
     ({"prompt": [1, 2, 10**6]}, 400, "out of range"),
+    ({"prompt": PROMPT, "max_tokenz": 4}, 400, "unknown field: 'max_tokenz'"),  # a typo is not ignored
+    ({"prompt": PROMPT, "model": "m" * 10_000}, 404, "(10002 characters)"),  # not echoed whole
 ])
 def test_refusals_are_openai_errors(servers, body, status, words):
     r = httpx.post(f"{servers.http_url}/v1/completions", json=body, timeout=60)
     assert r.status_code == status
     err = r.json()["error"]
     assert words in err["message"] and err["type"] and err["code"]
+    assert len(err["message"]) < 300
+
+
+def test_openai_fields_that_change_nothing_are_accepted(servers):
+    body = {"prompt": PROMPT, "max_tokens": 2, "temperature": 0, "user": "u-1", "metadata": {"k": "v"}}
+    assert httpx.post(f"{servers.http_url}/v1/completions", json=body, timeout=60).status_code == 200
 
 
 def test_live_and_ready_are_probes_apart_from_health():
