@@ -64,7 +64,7 @@ from splitserve.workers.engine import (
 from splitserve.workers.executor import WorkerGroupError
 from splitserve.workers.outputs import RequestOutput
 from splitserve.workers.sampling_params import SamplingParams
-from splitserve.workers.sequence import Sequence
+from splitserve.workers.sequence import Sequence, check_cache_salt
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +183,8 @@ class _Request:
     #: Tokens and characters of text the client has been given (`_emit`).
     num_sent_tokens: int = 0
     num_sent_chars: int = 0
+    #: Its prefix-cache partition on every group it reaches (`Sequence.cache_salt`).
+    cache_salt: str | None = None
 
     def continuation(self) -> tuple[list[int], SamplingParams]:
         """Prompt and params that generate the rest: prompt + tokens so far, fewer to go."""
@@ -423,13 +425,17 @@ class DisaggEngine:
         return None
 
     def add_request(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams | None = None,
-                    *, stream: bool = False, prompt: str | None = None) -> str:
+                    *, stream: bool = False, prompt: str | None = None, cache_salt: str | None = None) -> str:
+        """``cache_salt``: shares prefix-cache blocks (decode's and prefill's) only with
+        requests of the same salt."""
         params = params or SamplingParams()
         request_id = str(next(self._request_ids)) if request_id is None else request_id
         if request_id in self._live or any(g.healthy and g.engine.has_request(request_id) for g in self.groups):
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
-        request = _Request(request_id, list(prompt_ids), params, stream, prompt, time.monotonic())
+        check_cache_salt(cache_salt)
+        request = _Request(request_id, list(prompt_ids), params, stream, prompt, time.monotonic(),
+                           cache_salt=cache_salt)
         self._live[request_id] = request
         self._queue.append(request)
         return request_id
@@ -587,7 +593,8 @@ class DisaggEngine:
         group failed on the way (marked failed)."""
         prompt_ids, params = request.continuation()
         for decode in decodes:
-            ok, seq = self._on_group(decode, lambda: decode.engine.reserve(request.request_id, prompt_ids, params))
+            ok, seq = self._on_group(decode, lambda: decode.engine.reserve(
+                request.request_id, prompt_ids, params, request.cache_salt))
             if not ok:
                 return None
             if seq is not None:
@@ -609,7 +616,7 @@ class DisaggEngine:
         plan = SendPlan(transfer.transfer_id, skip, decode.namespace)
         try:
             ok, _ = self._on_group(prefill, lambda: prefill.engine.add_prefill_request(
-                request.request_id, prompt_ids, params, plan))
+                request.request_id, prompt_ids, params, plan, request.cache_salt))
         except ValueError as err:  # prefill's limits: only if none was healthy to check it on
             decode.engine.cancel_reservation(seq)
             self._no_transfer(request, f"prefill cannot take the prompt: {err}")
@@ -630,7 +637,8 @@ class DisaggEngine:
         prompt_ids, params = request.continuation()
         for decode in decodes:
             if decode.healthy and self._on_group(decode, lambda: decode.engine.add_request(
-                    request.request_id, prompt_ids, params, stream=request.stream, prompt=request.prompt))[0]:
+                    request.request_id, prompt_ids, params, stream=request.stream, prompt=request.prompt,
+                    cache_salt=request.cache_salt))[0]:
                 request.decode = decode
                 return
         self._apply_policy(request, "fail", "no decode group is available")

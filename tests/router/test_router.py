@@ -274,3 +274,38 @@ def test_prefill_group_killed_requests_are_resent_and_complete(services, smollm2
     assert ray.get(handle.actor.kv_state.remote())["resent"] > before
     wait_all_ready(handle, {"prefill-0": 1})
     assert_no_leaks(handle)
+
+
+# ---- tiny model, 2 prefill + 2 decode groups: groups of both roles lost while streams run ------
+
+
+def test_prefill_and_decode_groups_lost_one_after_the_other_then_together(services, tiny, prompts):
+    """Streams keep going token-exact while a prefill group and then a decode group die, and
+    again while one of each dies at once; requests sent during the rebuilds go to the healthy
+    groups; the lost groups rejoin; nothing leaks."""
+    handle = services.get(tiny[0], TWO, TWO, step_tokens=SMALL_STEPS)
+    params = SamplingParams(max_tokens=48, temperature=0.0)
+    want = _expected(tiny[1], prompts, 12, params.max_tokens)
+
+    async def scenario(kills: list[list[str]]):
+        started = [asyncio.Event() for _ in range(12)]
+        jobs = [asyncio.create_task(collect(handle, prompts[i % len(prompts)], params, first_chunk=started[i]))
+                for i in range(12)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started[:4])), 120)
+        late = []
+        for names in kills:
+            for name in names:
+                kill(name)
+            await asyncio.sleep(0.5)
+            # Sent while the lost groups are down: they must go to the healthy ones.
+            late.append(asyncio.create_task(collect(handle, prompts[len(late)], params)))
+        return await asyncio.wait_for(asyncio.gather(*jobs), DEADLINE_S), \
+            await asyncio.wait_for(asyncio.gather(*late), DEADLINE_S)
+
+    got, late = asyncio.run(scenario([["prefill-0"], ["decode-0"]]))
+    assert got == want and late == want[:2]
+    wait_all_ready(handle, {"prefill-0": 1, "decode-0": 1})
+    got, late = asyncio.run(scenario([["prefill-1", "decode-1"]]))
+    assert got == want and late == want[:1]
+    wait_all_ready(handle, {"prefill-1": 1, "decode-1": 1})
+    assert_no_leaks(handle)
