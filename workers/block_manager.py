@@ -8,6 +8,12 @@ The block manager never touches tensors; it decides which cache blocks a sequenc
 - Prefix caching keys a full block by a hash chain: hash(parent block's hash, its tokens),
   so a block is only reused under the very same prefix. Only computed, full blocks are
   registered (`cache_full_blocks`).
+- Cache salts (`splitserve.workers.cache_salt`): a sequence's salt keys the hash of its
+  first block (keyed BLAKE2b, the key derived from the salt), and the chain carries it into
+  every later block. Sequences with different salts (or one salted, one not) therefore never
+  share a block, and a hit (``num_cached_tokens``) can only come from a sequence of the same
+  salt: a tenant cannot probe whether another tenant's prompt prefix is cached. Unsalted
+  sequences hash exactly as before and share with each other.
 - Lifecycle per sequence: `find_cached_prefix` -> `can_allocate` -> `allocate` (takes the
   hits, adds new blocks) every step it grows -> `cache_full_blocks` after the step ->
   `free` when it finishes, aborts or is preempted. `num_free_blocks == num_blocks` when no
@@ -21,6 +27,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from splitserve.workers.cache_salt import salt_key
 from splitserve.workers.sequence import Sequence
 
 
@@ -46,9 +53,11 @@ class CachedPrefix:
 _NO_PREFIX = CachedPrefix(())
 
 
-def hash_block(parent: bytes | None, tokens: list[int]) -> bytes:
-    """Chain hash of one full block: identifies the block *and* everything before it."""
-    h = hashlib.blake2b(digest_size=16)
+def hash_block(parent: bytes | None, tokens: list[int], key: bytes = b"") -> bytes:
+    """Chain hash of one full block: identifies the block *and* everything before it.
+    ``key`` (`salt_key`, first block only) makes it a keyed hash: a different salt, or
+    none, gives unrelated hashes for the same tokens."""
+    h = hashlib.blake2b(digest_size=16, key=key)
     h.update(parent or b"")
     h.update(array("q", tokens).tobytes())
     return h.digest()
@@ -115,8 +124,10 @@ class BlockManager:
         if index < len(seq.block_hashes):
             return seq.block_hashes[index]
         parent = seq.block_hashes[index - 1] if index else None
+        # The salt keys the first block only; the chain carries it into every later one.
+        key = salt_key(seq.cache_salt) if index == 0 and seq.cache_salt is not None else b""
         bs = self.block_size
-        h = hash_block(parent, seq.token_slice(index * bs, (index + 1) * bs))
+        h = hash_block(parent, seq.token_slice(index * bs, (index + 1) * bs), key)
         seq.block_hashes.append(h)
         return h
 

@@ -64,7 +64,8 @@ from splitserve.workers.engine import (
 from splitserve.workers.executor import WorkerGroupError
 from splitserve.workers.outputs import RequestOutput
 from splitserve.workers.sampling_params import SamplingParams
-from splitserve.workers.sequence import Sequence, check_cache_salt
+from splitserve.workers.cache_salt import check_cache_salt
+from splitserve.workers.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ import torch
 from splitserve.kvtransfer.agent import KVAgentSpec
 from splitserve.kvtransfer.messages import KVRoute, SendCommand
 from splitserve.workers.block_manager import BlockManager
+from splitserve.workers.cache_salt import check_cache_salt
 from splitserve.workers.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from splitserve.workers.detokenizer import IncrementalDetokenizer
 from splitserve.workers.executor import RunnerSpec, WorkerGroupError, make_executor
@@ -238,14 +239,16 @@ class LLMEngine:
                 "lower max_tokens or enlarge the KV-cache budget")
 
     def add_request(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams | None = None,
-                    *, stream: bool = False, prompt: str | None = None) -> str:
-        """Queue a tokenized request (see `tokenize`); ``prompt`` is its text, for the output."""
+                    *, stream: bool = False, prompt: str | None = None, cache_salt: str | None = None) -> str:
+        """Queue a tokenized request (see `tokenize`); ``prompt`` is its text, for the output.
+        ``cache_salt``: it shares prefix-cache blocks only with requests of the same salt."""
         params = params or SamplingParams()
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
-        seq = Sequence(request_id, list(prompt_ids), params)
+        check_cache_salt(cache_salt)
+        seq = Sequence(request_id, list(prompt_ids), params, cache_salt=cache_salt)
         self._track(seq, stream, prompt)
         self.scheduler.add(seq)
         return request_id
@@ -262,10 +265,11 @@ class LLMEngine:
         self._kv_hook = hook
 
     def add_prefill_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                            plan: SendPlan) -> None:
+                            plan: SendPlan, cache_salt: str | None = None) -> None:
         """Prefill role: compute the prompt and sample the first token with the request's own
-        params; push the KV during the last chunk; keep the blocks until `release`."""
-        self.add_request(request_id, prompt_ids, first_token_params(params))
+        params; push the KV during the last chunk; keep the blocks until `release`. The salt
+        is decode's (`reserve`): both roles partition their prefix caches alike."""
+        self.add_request(request_id, prompt_ids, first_token_params(params), cache_salt=cache_salt)
         self._requests[request_id].hold = True
         self._send_plans[request_id] = plan
 
@@ -276,11 +280,14 @@ class LLMEngine:
         if seq is not None:
             self.block_manager.free(seq)
 
-    def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence | None:
+    def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                cache_salt: str | None = None) -> Sequence | None:
         """Decode role: blocks for the prompt and the first token, minus what the prefix cache
-        already holds; None if they are not free now. Nothing is queued."""
+        already holds (of this ``cache_salt`` only); None if they are not free now. Nothing is
+        queued."""
         self.validate(prompt_ids, params)
-        seq = Sequence(request_id, list(prompt_ids), params)
+        check_cache_salt(cache_salt)
+        seq = Sequence(request_id, list(prompt_ids), params, cache_salt=cache_salt)
         prefix = self.block_manager.find_cached_prefix(seq)
         num_new = seq.num_tokens + 1 - prefix.num_blocks * self.block_manager.block_size
         if not self.block_manager.can_allocate(seq, num_new, prefix):

@@ -9,6 +9,11 @@ Tokens move through three counters: *computed* (their K/V are in the cache), *in
 (in a submitted micro-batch that has not come back) and *placeholders* (output tokens a
 submitted batch samples, not known here yet: with async scheduling the next step is scheduled
 before the previous one's tokens arrive, and the runner fills them in on the device).
+
+``cache_salt`` (optional, vLLM's name) partitions the prefix cache: it keys the hash of the
+sequence's first block, so its blocks are shared only with sequences of the very same salt
+(see `cache_salt`). It is no sampling parameter: it changes no token, only which cached
+blocks a request may reuse, and so what ``num_cached_tokens`` can reveal to its caller.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ class Sequence:
     num_inflight_tokens: int = 0
     #: Output tokens sampled by submitted micro-batches and not appended yet.
     num_placeholders: int = 0
+    #: Prefix-cache partition (None: the shared, unsalted one); see the module docstring.
+    cache_salt: str | None = None
 
     @property
     def in_flight(self) -> bool:

@@ -7,6 +7,7 @@ freed, all blocks are free again (cached ones count as free) and no reference re
 import pytest
 
 from splitserve.workers.block_manager import BlockManager, CachedPrefix, hash_block
+from splitserve.workers.cache_salt import MAX_CACHE_SALT_CHARS, check_cache_salt, salt_key
 from splitserve.workers.sampling_params import SamplingParams
 from splitserve.workers.sequence import Sequence
 
@@ -374,3 +375,55 @@ def test_prefix_stats_count_each_admission_once():
     assert (bm.num_prefix_queries, bm.num_prefix_hits) == (18, 8)
     bm.free(first)
     bm.free(second)
+
+
+# ---- cache salts ---------------------------------------------------------------------------
+
+
+def salted(toks, salt, rid="s"):
+    return Sequence(rid, list(toks), SamplingParams(), cache_salt=salt)
+
+
+def test_different_salts_never_share_blocks():
+    bm = BlockManager(32, BS)
+    owner = salted(tokens(0, 13), "tenant-a", "a")
+    admit(bm, owner)
+    bm.free(owner)
+    for probe_salt in ("tenant-b", None):
+        probe = salted(tokens(0, 13), probe_salt, "probe")
+        assert bm.find_cached_prefix(probe).num_blocks == 0, probe_salt
+    assert bm.find_cached_prefix(salted(tokens(0, 13), "tenant-a", "again")).num_blocks == 3
+    assert_no_leak(bm)
+
+
+def test_unsalted_blocks_are_not_found_by_a_salted_sequence():
+    bm = BlockManager(32, BS)
+    plain = make_seq(tokens(0, 9), "plain")
+    admit(bm, plain)
+    bm.free(plain)
+    assert bm.find_cached_prefix(salted(tokens(0, 9), "x")).num_blocks == 0
+    assert bm.find_cached_prefix(make_seq(tokens(0, 9), "again")).num_blocks == 2
+    assert_no_leak(bm)
+
+
+def test_salts_key_the_first_block_and_the_chain_carries_them():
+    a, b, none = salted(tokens(0, 12), "a"), salted(tokens(0, 12), "b"), make_seq(tokens(0, 12))
+    bm = BlockManager(8, BS)
+    for seq in (a, b, none):
+        for i in range(3):
+            bm._block_hash(seq, i)
+    for i in range(3):  # every block of the chain differs, not only the first
+        assert len({a.block_hashes[i], b.block_hashes[i], none.block_hashes[i]}) == 3
+    # Unsalted hashes are as before the salts existed (a cache shared by old and new code agrees).
+    assert none.block_hashes[0] == hash_block(None, tokens(0, BS))
+    assert a.block_hashes[0] == hash_block(None, tokens(0, BS), salt_key("a"))
+
+
+@pytest.mark.parametrize("salt, ok", [(None, True), ("s", True), ("x" * MAX_CACHE_SALT_CHARS, True),
+                                      ("", False), ("x" * (MAX_CACHE_SALT_CHARS + 1), False), (b"s", False)])
+def test_cache_salt_check(salt, ok):
+    if ok:
+        check_cache_salt(salt)
+    else:
+        with pytest.raises(ValueError, match="cache_salt"):
+            check_cache_salt(salt)

@@ -16,6 +16,7 @@ from prompt_helpers import random_prompts
 
 from splitserve import LLM, SamplingParams
 from splitserve.kvtransfer.messages import FaultConfig
+from splitserve.workers.sequence import Sequence
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
@@ -177,3 +178,42 @@ def test_request_id_in_use_on_decode_is_refused(tiny):
             engine.add_request("x", prompts[1], GREEDY)
         while engine.has_unfinished_requests():
             engine.step()
+
+
+def run_to_end(engine, request_id: str, prompt: list[int], params: SamplingParams, cache_salt: str | None):
+    engine.add_request(request_id, prompt, params, cache_salt=cache_salt)
+    final = None
+    while engine.has_unfinished_requests():
+        final = next((o for o in engine.step() if o.finished and o.request_id == request_id), final)
+    return final
+
+
+def test_cache_salt_partitions_both_roles_prefix_caches(tiny):
+    """Decode's reservation and prefill's computation hash alike: another salt reuses
+    nothing on either side (the whole prompt is sent again, cached_tokens 0); the same salt
+    reuses decode's blocks (little is sent) and reports the hits; output is token-exact."""
+    folder, prompts, expected = tiny
+    with _disagg(folder) as llm:
+        engine = llm.engine
+        bs = engine.decode.block_manager.block_size
+        full = (len(prompts[3]) - 1) // bs * bs
+        sent = []
+        for rid, salt, hits in [("a", "tenant-a", 0), ("b", "tenant-b", 0), ("a2", "tenant-a", full),
+                                ("none", None, 0)]:
+            before = engine.metrics.num_bytes
+            out = run_to_end(engine, rid, prompts[3], GREEDY, salt)
+            sent.append(engine.metrics.num_bytes - before)
+            assert (out.num_cached_tokens, out.token_ids) == (hits, expected[3]), rid
+        assert sent[1] == sent[0] == sent[3] and sent[2] < sent[0] / 4
+        # Prefill's own cache is salted too: only the same salt finds its blocks there.
+        probe = lambda salt: engine.prefill.block_manager.find_cached_prefix(  # noqa: E731
+            Sequence("probe", list(prompts[3]), GREEDY, cache_salt=salt)).num_blocks
+        assert probe("tenant-a") == probe(None) == full // bs and probe("tenant-c") == 0
+
+
+def test_cache_salt_is_checked_before_queueing(tiny):
+    folder, prompts, _ = tiny
+    with _disagg(folder) as llm:
+        with pytest.raises(ValueError, match="cache_salt"):
+            llm.engine.add_request("r", prompts[0], GREEDY, cache_salt="")
+        assert not llm.engine.has_unfinished_requests()

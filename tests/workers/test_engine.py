@@ -181,3 +181,41 @@ def test_chat_applies_template(smol):
 def test_bad_dtype_is_clear():
     with pytest.raises(ValueError, match="dtype"):
         LLMEngine(EngineConfig(model="random:tiny-llama", dtype="float8", show_progress=False))
+
+
+# ---- cache salts -------------------------------------------------------------------------------
+
+
+def run_to_end(engine, request_id: str, prompt: list[int], params: SamplingParams, cache_salt: str | None):
+    """One request alone on ``engine`` (an `LLMEngine` or a `DisaggEngine`): its final output."""
+    engine.add_request(request_id, prompt, params, cache_salt=cache_salt)
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished and out.request_id == request_id:
+                final = out
+    return final
+
+
+def test_cache_salt_partitions_the_prefix_cache(tiny_llm):
+    """A second caller with another salt (or none) gets no hit on a prefix the first cached,
+    so its cached_tokens reveals nothing; the same salt hits; greedy output never changes."""
+    from prompt_helpers import random_prompts
+
+    engine = tiny_llm.engine
+    [prompt] = random_prompts(engine.model_cfg.vocab_size, [41], seed=15)
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    full = (len(prompt) - 1) // engine.block_manager.block_size * engine.block_manager.block_size
+    first = run_to_end(engine, "salt-a", prompt, params, "tenant-a")
+    assert first.num_cached_tokens == 0
+    for rid, salt, hits in [("salt-b", "tenant-b", 0), ("unsalted", None, 0), ("salt-a2", "tenant-a", full),
+                            ("unsalted2", None, full), ("salt-b2", "tenant-b", full)]:
+        out = run_to_end(engine, rid, prompt, params, salt)
+        assert (out.num_cached_tokens, out.token_ids) == (hits, first.token_ids), rid
+
+
+@pytest.mark.parametrize("salt", ["", "x" * 1025])
+def test_bad_cache_salt_is_refused(tiny_llm, salt):
+    with pytest.raises(ValueError, match="cache_salt"):
+        tiny_llm.engine.add_request("bad-salt", [1, 2, 3], SamplingParams(max_tokens=2), cache_salt=salt)
+    assert not tiny_llm.engine.has_request("bad-salt")
