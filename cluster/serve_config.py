@@ -42,9 +42,17 @@ The file's shape (every key optional)::
       grpc_port: 50051
       http_port: 8000
       api_key: null             # or api_key_file: a file holding the key
+      cache_salt_per_key: false # salt every request's prefix cache with a hash of its API key:
+                                # callers with different keys never share cached blocks, nor
+                                # see each other's hits in cached_tokens (needs a key)
       tls_cert: null
       tls_key: null
       api_servers: null         # front-door processes; null: min(4, max(1, CPUs // 8))
+      max_request_bytes: 8388608  # HTTP body; beyond: 413 (gRPC: max_message_bytes)
+      max_prompt_chars: 1048576 # text prompt (or all of a chat); beyond: 400
+      max_stop_strings: 32      # stop strings per request, each at most max_stop_chars
+      max_stop_chars: 256
+      max_stop_token_ids: 128
     ray:
       address: null             # null: start an embedded local Ray; "auto": join a cluster
       num_cpus: null            # embedded Ray only
@@ -128,6 +136,17 @@ class ServerSpec:
     max_message_bytes: int = 16 * 1024 * 1024
     #: Front-door processes (gRPC and HTTP servers); None: `resolved_api_servers`' default.
     api_servers: int | None = None
+    #: Salt every request's prefix cache with a hash of the API key it was authenticated with
+    #: (`splitserve.router.cache_salt`): tenants with different keys never share cached blocks,
+    #: so ``cached_tokens`` tells none of them what another sent. Needs an API key.
+    cache_salt_per_key: bool = False
+    #: Input limits (`splitserve.router.frontdoor.RequestLimits`): HTTP body bytes, prompt
+    #: characters, stop strings (count, characters each) and stop token ids.
+    max_request_bytes: int = 8 * 1024 * 1024
+    max_prompt_chars: int = 1024 * 1024
+    max_stop_strings: int = 32
+    max_stop_chars: int = 256
+    max_stop_token_ids: int = 128
 
     def resolved_api_key(self) -> str | None:
         """The key clients must send, or None when none is configured. A key that is
@@ -146,6 +165,13 @@ class ServerSpec:
             raise ValueError("server.api_key is empty: refusing to serve without authentication (leave it unset "
                              "for none)")
         return self.api_key
+
+    def limits(self):
+        """The front doors' `RequestLimits`."""
+        from splitserve.router.frontdoor import RequestLimits
+
+        return RequestLimits(self.max_request_bytes, self.max_prompt_chars, self.max_stop_strings,
+                             self.max_stop_chars, self.max_stop_token_ids)
 
     def resolved_api_servers(self) -> int:
         """``api_servers``, or one per 8 CPUs of this machine, at least 1 and at most 4 (a
@@ -214,6 +240,9 @@ class ServeConfig:
         if bool(self.server.tls_cert) != bool(self.server.tls_key):
             raise ValueError("server.tls_cert and server.tls_key go together")
         key = self.server.resolved_api_key()  # an empty key refuses to start (fails closed)
+        if self.server.cache_salt_per_key and not key:
+            raise ValueError("server.cache_salt_per_key salts the prefix cache by API key: set server.api_key or "
+                             "server.api_key_file (without a key it would silently salt nothing)")
         if key and not self.server.tls_cert and not _loopback(self.server.host):
             logger.warning("an API key is set but TLS is not, on %s: the key crosses the network in clear text "
                            "(set server.tls_cert/tls_key, or terminate TLS in front of the service)",
@@ -221,6 +250,11 @@ class ServeConfig:
         for port in (self.server.grpc_port, self.server.http_port):
             if not 0 <= port < 65536:
                 raise ValueError(f"port out of range: {port}")
+        limits = (self.server.max_request_bytes, self.server.max_prompt_chars, self.server.max_stop_strings,
+                  self.server.max_stop_chars, self.server.max_stop_token_ids)
+        if min(limits) < 1:
+            raise ValueError(f"server limits (max_request_bytes, max_prompt_chars, max_stop_*) must be >= 1, "
+                             f"got {limits}")
         if self.server.api_servers is not None and self.server.api_servers < 1:
             raise ValueError(f"server.api_servers must be >= 1 (or null for the default), "
                              f"got {self.server.api_servers}")

@@ -131,7 +131,7 @@ class FrontDoorActor:
         import os
 
         self.client = EngineClient(address, door=f"door{index}-{os.getpid()}", tokenizer=door_tokenizer(cfg),
-                                   request_timeout_s=cfg.router.request_timeout_s)
+                                   request_timeout_s=cfg.router.request_timeout_s, limits=cfg.server.limits())
         # Listen only once the core answers: a door that took connections before would refuse
         # their first requests (UNAVAILABLE). A door Ray restarts while the core is also
         # restarting waits for it here.

@@ -40,6 +40,7 @@ import zmq
 
 from splitserve.router import core_messages as cm
 from splitserve.router.engine_core import CoreAddress
+from splitserve.router.frontdoor import RequestLimits
 from splitserve.router.messages import Chunk, ErrorCode, GenerateRequest, GroupStatus, ModelInfo, RouterError, short
 from splitserve.router.metrics import FrontDoorMetrics
 from splitserve.router.stream_text import StreamText
@@ -66,9 +67,11 @@ class _Stream:
 
 class EngineClient:
     def __init__(self, address: CoreAddress, door: str | None = None, tokenizer=None,
-                 request_timeout_s: float = 600.0, context: zmq.Context | None = None):
+                 request_timeout_s: float = 600.0, limits: RequestLimits = RequestLimits(),
+                 context: zmq.Context | None = None):
         self.door = door or uuid.uuid4().hex[:12]
         self.tokenizer = tokenizer
+        self.limits = limits
         self.request_timeout_s = request_timeout_s
         ctx = context or zmq.Context.instance()
         self._push = ctx.socket(zmq.PUSH)
@@ -114,8 +117,13 @@ class EngineClient:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         request.check()
+        self.limits.check(request)  # before any work on it: a tokenizer run, a copy, a scan
         request_id = request.request_id or uuid.uuid4().hex
         prompt_ids = await self._prompt_ids(request)
+        max_len = (await self.model_info()).max_model_len
+        if len(prompt_ids) >= max_len:
+            raise RouterError(ErrorCode.INVALID_ARGUMENT, f"prompt of {len(prompt_ids)} tokens is too long: the "
+                              f"model's max length is {max_len} tokens, prompt + at least one generated token")
         params = request.sampling
         if params.stop and self.tokenizer is None:
             raise RouterError(ErrorCode.INVALID_ARGUMENT, "stop strings need a tokenizer; this model has none "
@@ -133,7 +141,7 @@ class EngineClient:
         ended_here = finished = False
         try:
             self._send(cm.AddRequest(self.door, request_id, prompt_ids, params.with_(stop=()) if params.stop else params,
-                                     timeout_s))
+                                     timeout_s, request.cache_salt))
             while not finished:
                 try:
                     async with asyncio.timeout_at(deadline):
@@ -203,6 +211,10 @@ class EngineClient:
         if request.token_ids is not None:
             if not request.token_ids:
                 raise RouterError(ErrorCode.INVALID_ARGUMENT, "empty prompt: give at least one prompt token id")
+            max_len = (await self.model_info()).max_model_len
+            if len(request.token_ids) >= max_len:  # before copying or scanning it
+                raise RouterError(ErrorCode.INVALID_ARGUMENT, f"prompt of {len(request.token_ids)} tokens is too "
+                                  f"long: the model's max length is {max_len} tokens")
             return list(request.token_ids)
         if self.tokenizer is None:
             raise RouterError(ErrorCode.INVALID_ARGUMENT, "this model has no tokenizer: pass prompts as token-id "

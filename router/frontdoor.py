@@ -16,6 +16,7 @@ import concurrent.futures
 import hmac
 import threading
 from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from splitserve.router.messages import (
@@ -41,6 +42,40 @@ class RouterAPI(Protocol):
     async def model_info(self) -> ModelInfo: ...
 
     async def metrics_text(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may carry, checked at the front door before any work on it (a
+    tokenizer run, a copy, a scan): beyond a limit the request is INVALID_ARGUMENT (HTTP 400),
+    a body beyond ``max_request_bytes`` is 413 before it is read past the limit. Each is a
+    `ServerSpec` field of the same name (YAML ``server:``)."""
+
+    #: HTTP request body (gRPC messages: ``max_message_bytes``).
+    max_request_bytes: int = 8 * 1024 * 1024
+    #: Characters of a text prompt, or of all of a chat's contents.
+    max_prompt_chars: int = 1024 * 1024
+    max_stop_strings: int = 32
+    max_stop_chars: int = 256
+    max_stop_token_ids: int = 128
+
+    def check(self, request: GenerateRequest) -> None:
+        chars = len(request.text) if request.text is not None else (
+            sum(len(m.get("content", "")) for m in request.chat) if request.chat is not None else 0)
+        if chars > self.max_prompt_chars:
+            raise RouterError(ErrorCode.INVALID_ARGUMENT, f"the prompt has {chars} characters; this server takes at "
+                              f"most {self.max_prompt_chars}")
+        params = request.sampling
+        if len(params.stop) > self.max_stop_strings:
+            raise RouterError(ErrorCode.INVALID_ARGUMENT, f"{len(params.stop)} stop strings; at most "
+                              f"{self.max_stop_strings}")
+        longest = max((len(s) for s in params.stop), default=0)
+        if longest > self.max_stop_chars:
+            raise RouterError(ErrorCode.INVALID_ARGUMENT, f"a stop string of {longest} characters; at most "
+                              f"{self.max_stop_chars}")
+        if len(params.stop_token_ids) > self.max_stop_token_ids:
+            raise RouterError(ErrorCode.INVALID_ARGUMENT, f"{len(params.stop_token_ids)} stop token ids; at most "
+                              f"{self.max_stop_token_ids}")
 
 
 #: Seconds a stream may outlive its request's deadline before the front door drops its

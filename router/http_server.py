@@ -52,6 +52,7 @@ from starlette.exceptions import HTTPException
 
 from splitserve.cluster.serve_config import ServerSpec
 from splitserve.router import openai_api as oa
+from splitserve.router.cache_salt import door_cache_salt, tenant_key
 from splitserve.router.convert import DEFAULT_MAX_TOKENS
 from splitserve.router.frontdoor import (LoopThread, RouterAPI, api_key_ok, can_serve, check_request,
                                          health_info, stream_limit_s)
@@ -143,7 +144,7 @@ def _bind(host: str, port: int, share_port: bool = False) -> socket.socket:
 
 
 def build_app(router: RouterAPI, spec: ServerSpec) -> FastAPI:
-    doors = _Routes(router, front_door_metrics(router))
+    doors = _Routes(router, front_door_metrics(router), tenant_key(spec))
     app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_api_route("/v1/models", doors.models, methods=["GET"])
     app.add_api_route("/v1/completions", doors.completions, methods=["POST"])
@@ -157,9 +158,45 @@ def build_app(router: RouterAPI, spec: ServerSpec) -> FastAPI:
     app.add_exception_handler(HTTPException, doors.on_http_error)
     app.add_exception_handler(Exception, doors.on_bug)
     api_key = spec.resolved_api_key()
+    # Added last, so it runs first: an oversized body is refused before auth reads a header more.
     if api_key:
         app.add_middleware(_ApiKeyMiddleware, api_key=api_key, metrics=doors.metrics)
+    app.add_middleware(_BodyLimit, max_bytes=spec.max_request_bytes, metrics=doors.metrics)
     return app
+
+
+class _BodyLimit:
+    """413 for a body over ``max_bytes``: at once when its Content-Length says so, else as
+    soon as the bytes received pass the limit (a chunked body), before the rest is read."""
+
+    def __init__(self, app, max_bytes: int, metrics: FrontDoorMetrics):
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise HTTPException(413, f"the request body passed {self.max_bytes} bytes")
+            return message
+        await self.app(scope, counted, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        self.metrics.count(API, route_label(scope["path"]), ErrorCode.INVALID_ARGUMENT.value)
+        err = RouterError(ErrorCode.INVALID_ARGUMENT, f"the request body is over {self.max_bytes} bytes")
+        response = JSONResponse(error_body(err), status_code=413, headers={"Connection": "close"})
+        await response(scope, receive, send)
 
 
 class _ApiKeyMiddleware:
@@ -220,8 +257,9 @@ _CHAT = _Shape("chatcmpl", oa.chat_body, oa.chat_event,
 
 
 class _Routes:
-    def __init__(self, router: RouterAPI, metrics: FrontDoorMetrics):
+    def __init__(self, router: RouterAPI, metrics: FrontDoorMetrics, tenant_key: str | None = None):
         self.router, self.metrics = router, metrics
+        self.tenant_key = tenant_key  # per-key cache salting (`router.cache_salt`); None: off
         self._info: ModelInfo | None = None
 
     async def info(self) -> ModelInfo:
@@ -274,7 +312,8 @@ class _Routes:
     async def _generate(self, path: str, shape: _Shape, body: oa._Body, inputs: list[dict], sampling) -> Response:
         base = f"{shape.prefix}-{uuid.uuid4().hex}"
         ids = [base] if len(inputs) == 1 else [f"{base}-{i}" for i in range(len(inputs))]
-        requests = [GenerateRequest(request_id=rid, sampling=sampling, timeout_s=body.timeout_s, **x)
+        salt = door_cache_salt(body.cache_salt, self.tenant_key)
+        requests = [GenerateRequest(request_id=rid, sampling=sampling, timeout_s=body.timeout_s, cache_salt=salt, **x)
                     for rid, x in zip(ids, inputs)]
         for request in requests:
             check_request(request)

@@ -100,7 +100,7 @@ def build_local_router(cfg: ServeConfig, ready_timeout_s: float = 30.0) -> Local
     core = EngineCore(engine, model_info(cfg, engine), CoreAddress.ipc(), core_limits(cfg))
     try:
         client = EngineClient(core.address, tokenizer=door_tokenizer(cfg),
-                              request_timeout_s=cfg.router.request_timeout_s)
+                              request_timeout_s=cfg.router.request_timeout_s, limits=cfg.server.limits())
         client.wait_ready(ready_timeout_s)
     except BaseException:
         core.close()

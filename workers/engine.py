@@ -217,6 +217,11 @@ class LLMEngine:
             raise RuntimeError(f"the engine's worker group failed and cannot take requests: {self._failure}")
         if not prompt_ids:
             raise ValueError("empty prompt: a request needs at least one prompt token")
+        # Length first: a huge prompt is refused before anything scans it.
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens is too long: the model's max length is "
+                f"{self.max_model_len} tokens, prompt + at least one generated token")
         bad = [t for t in prompt_ids if not 0 <= t < self.model_cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {self.model_cfg.vocab_size}): {bad[:5]}")
@@ -228,10 +233,6 @@ class LLMEngine:
         if not self.config.scheduler.enable_chunked_prefill and len(prompt_ids) > budget:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds the per-step budget of {budget} "
                              "tokens and chunked prefill is off")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt of {len(prompt_ids)} tokens is too long: the model's max length is "
-                f"{self.max_model_len} tokens, prompt + at least one generated token")
         need = self.block_manager.blocks_needed(min(len(prompt_ids) + params.max_tokens, self.max_model_len))
         if need > self.block_manager.num_blocks:
             raise ValueError(

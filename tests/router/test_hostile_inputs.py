@@ -1,0 +1,117 @@
+"""Hostile input through the real front doors (the shared SmolLM2 service of conftest.py):
+oversize bodies, huge prompts, stop-list bombs, over-long token prompts, duplicate ids and
+deadlines from the far future. Each is refused quickly with a clear status, before any work on
+it; then the service still answers a normal request token-exact, and the fixture's idle check
+finds every group's KV blocks free. (Non-reading clients: test_slow_readers.py; random-path
+probes with a key set: test_security.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import httpx
+import pytest
+
+from splitserve.router.client import Client
+from splitserve.router.messages import ErrorCode, GenerateRequest, RouterError
+from splitserve.workers.sampling_params import SamplingParams
+
+PROMPT = "The capital of France is"
+N = 6
+
+
+def _post(servers, body: dict, **kwargs) -> httpx.Response:
+    return httpx.post(f"{servers.http_url}/v1/completions", json=body, timeout=30, **kwargs)
+
+
+def test_an_oversize_body_is_413_before_it_is_read(servers):
+    limit = 8 * 1024 * 1024
+    t = time.monotonic()
+    r = _post(servers, {"prompt": "x" * (limit + 10)})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "INVALID_ARGUMENT"
+    # Chunked, with no Content-Length: refused once the bytes pass the limit.
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(limit // 65536 + 2):
+            yield b"x" * 65536
+        yield b'"}'
+    r = httpx.post(f"{servers.http_url}/v1/completions", content=chunks(), timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert time.monotonic() - t < 20
+
+
+def test_a_lying_content_length_is_refused(servers):
+    with socket.create_connection(("127.0.0.1", servers.http_port), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                  b"content-length: 99999999999999999999\r\n\r\n{}")
+        assert b" 413 " in s.recv(4096).split(b"\r\n", 1)[0] + b" "
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"prompt": "word " * 300_000}, "characters"),                      # 1.5 M characters: never tokenized
+    ({"prompt": [5] * 10_000}, "too long"),                             # more tokens than max_model_len
+    ({"stop": [f"s{i}" for i in range(10_000)]}, "stop strings"),       # a stop-list bomb
+    ({"stop": ["x" * 100_000]}, "stop string of 100000"),
+    ({"stop_token_ids": list(range(10_000))}, "stop token ids"),
+])
+def test_oversize_inputs_are_refused_quickly(servers, extra, words):
+    body = {"prompt": PROMPT, "max_tokens": 4, **extra}
+    t = time.monotonic()
+    r = _post(servers, body)
+    took = time.monotonic() - t
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text[:300]
+    assert len(r.json()["error"]["message"]) < 300  # the input is not echoed back
+    assert took < 5, took
+
+
+def test_grpc_refuses_the_same(servers):
+    with Client(servers.grpc_address) as client:
+        for params in (SamplingParams(max_tokens=4, stop=[f"s{i}" for i in range(100)]),
+                       SamplingParams(max_tokens=4, stop_token_ids=list(range(1000)))):
+            with pytest.raises(RouterError) as err:
+                client.generate(PROMPT, params)
+            assert err.value.code is ErrorCode.INVALID_ARGUMENT
+        with pytest.raises(RouterError) as err:
+            client.generate([7] * 10_000, SamplingParams(max_tokens=4))
+        assert err.value.code is ErrorCode.INVALID_ARGUMENT and "too long" in err.value.message
+
+
+def test_a_duplicate_live_id_over_grpc_is_already_exists(servers):
+    params = SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True)
+
+    async def scenario():
+        from splitserve import AsyncClient
+
+        async with AsyncClient(servers.grpc_address) as client:
+            first = asyncio.create_task(client.generate(PROMPT, params, request_id="same-id"))
+            await asyncio.sleep(0.1)
+            second = await asyncio.gather(client.generate(PROMPT, params, request_id="same-id"),
+                                          return_exceptions=True)
+            return await first, second[0]
+
+    first, second = asyncio.run(scenario())
+    assert len(first.token_ids) == N
+    assert isinstance(second, RouterError) and second.code is ErrorCode.ALREADY_EXISTS
+
+
+def test_a_deadline_from_the_far_future_is_clamped_not_trusted(servers):
+    """timeout_s = 1e300 neither overflows nor outlives the server's own deadline."""
+    router = servers.router
+    request = GenerateRequest(text=PROMPT, sampling=SamplingParams(max_tokens=N, temperature=0.0),
+                              timeout_s=1e300)
+
+    async def run():
+        return [c async for c in router.generate(request)]
+
+    chunks = asyncio.run(run())
+    assert chunks[-1].finished
+
+
+def test_after_the_hostile_inputs_the_service_answers_token_exact(servers, smollm2_tokenizer, smollm2_oracle):
+    ids = smollm2_tokenizer.encode(PROMPT)
+    with Client(servers.grpc_address) as client:
+        out = client.generate(ids, SamplingParams(max_tokens=N, temperature=0.0))
+    assert out.token_ids == smollm2_oracle(ids, N)
