@@ -244,7 +244,7 @@ class DisaggEngine:
         if local and (not single or p_par.world_size * d_par.world_size > 1):
             raise ValueError("in_process needs one 1 x 1 group on each side")
         self._local = local
-        self._store = None if local or p_par is None else _start_store()
+        self._store = None if local or p_par is None else _start_store(config.store_host)
         self._uid = uuid.uuid4().hex[:8]
         self.prefills = [self._new_group("prefill", i) for i in range(config.num_prefill if p_par else 0)]
         decode_name = config.decode_prefix or ("decode" if p_par else "worker")
@@ -874,10 +874,33 @@ def _transport(config: DisaggConfig, local: bool) -> str:
     return "nccl" if torch.cuda.device_count() >= ranks else "cuda_ipc"
 
 
-def _start_store():
-    """The TCPStore the pairwise groups rendezvous on; lives as long as the engine."""
+def _start_store(host: str):
+    """The TCPStore the pairwise groups rendezvous on, listening on ``host`` only (the address
+    the ranks reach it at: the node's cluster IP, or 127.0.0.1 on one machine); lives as long as
+    the engine. TCPStore itself always listens on every interface (its ``host_name`` is only
+    where clients connect), so the socket is bound here and handed over as ``master_listen_fd``:
+    the store then owns it and closes it (checked with torch 2.11 and 2.13, libuv and classic)."""
+    import contextlib
+    import os
+    import socket
     from datetime import timedelta
 
     import torch.distributed as dist
 
-    return dist.TCPStore("0.0.0.0", 0, None, True, timedelta(seconds=60), wait_for_workers=False)
+    family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.bind(address)
+        sock.listen(socket.SOMAXCONN)
+        port = sock.getsockname()[1]
+    except BaseException:
+        sock.close()
+        raise
+    fd = sock.detach()
+    try:
+        return dist.TCPStore(host, port, None, True, timedelta(seconds=60), wait_for_workers=False,
+                             master_listen_fd=fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
