@@ -5,7 +5,9 @@
 - ``nccl``: the same with NCCL, for GPU tensors on different devices.
 - ``cuda_ipc``: two processes on one GPU (NCCL refuses two ranks on one device): the sender
   publishes a CUDA IPC handle of its packed buffer in the TCPStore, the receiver maps it and
-  copies device to device, then acknowledges so the sender may reuse the buffer.
+  copies device to device, then acknowledges so the sender may reuse the buffer. The handle
+  travels in a fixed binary format (`IpcTensor`), never as a pickle: the store is a network
+  service, and unpickling what it holds would run whatever code a writer put there.
 - ``inprocess``: both sides in one process (two local engines): a mailbox, one copy.
 
 Pairs are named by both ends ("P0|D1") and connected once, at start-up, by every rank in
@@ -25,10 +27,13 @@ from __future__ import annotations
 
 import os
 import queue
+import re
+import struct
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
@@ -377,6 +382,208 @@ class _StoreWork:
         self._done = True
 
 
+class MalformedIpcMessage(ValueError):
+    """A CUDA IPC message read from the store that `IpcTensor.encode` did not write (wrong magic
+    or version, lengths that do not add up, values out of range): refused before anything is
+    opened or mapped."""
+
+
+#: The dtypes a message may carry, by their code in it (append only: a code never changes).
+IPC_DTYPES = ("uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64",
+              "bool", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "uint16",
+              "uint32", "uint64", "complex64", "complex128")
+_DTYPE_CODE = {getattr(torch, name): code for code, name in enumerate(IPC_DTYPES, 1) if hasattr(torch, name)}
+_CODE_DTYPE = {code: dtype for dtype, code in _DTYPE_CODE.items()}
+
+
+@dataclass(frozen=True)
+class IpcTensor:
+    """A CUDA tensor shared with another process, as it travels through the store.
+
+    The fields are exactly the arguments `torch.multiprocessing.reductions.reduce_tensor` gives
+    ``rebuild_cuda_tensor`` for a CUDA tensor, less its two classes (here always a plain
+    ``torch.Tensor`` on a ``TypedStorage``): `of` takes them from a tensor, `rebuild` maps the
+    tensor in the receiving process. ``storage_handle`` (the allocation's IPC handle, as
+    ``UntypedStorage._share_cuda_`` gives it), ``ref_counter_handle`` (the name of the shared
+    memory file counting the storage's users) and ``event_handle`` are None together, for a
+    storage without memory.
+
+    `encode` writes a fixed binary format, all integers little-endian::
+
+        header  magic b"SSKV", version u8, flags u8 (1: storage handles present,
+                2: requires_grad, 4: event_sync_required), dtype code u8 (`IPC_DTYPES`),
+                ndim u8, device u16, tensor offset i64, storage size i64 (bytes),
+                storage offset i64 (bytes), ref counter offset i64,
+                then the byte lengths of the three handles, u32 each
+        body    ndim sizes (i64), ndim strides (i64), the storage handle, the ref counter's
+                name, the event handle
+
+    `decode` accepts exactly that: any other bytes (a pickle included) raise
+    `MalformedIpcMessage`, and nothing in a message is ever executed or imported.
+    """
+
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int  # of the tensor in its storage, in elements
+    dtype: torch.dtype
+    device: int
+    storage_handle: bytes | None
+    storage_size_bytes: int
+    storage_offset_bytes: int  # of the storage in the CUDA allocation
+    requires_grad: bool
+    ref_counter_handle: bytes | None
+    ref_counter_offset: int
+    event_handle: bytes | None
+    event_sync_required: bool
+
+    MAGIC = b"SSKV"
+    VERSION = 1
+    HEADER = struct.Struct("<4sBBBBHqqqqIII")
+    MAX_NDIM = 16
+    MAX_STORAGE_HANDLE = 1 << 20  # bytes: a cudaIpcMemHandle, or an expandable segment's handles
+    EVENT_HANDLE = 64  # bytes: cudaIpcEventHandle_t
+    #: A shared memory file's name as torch makes them (/torch_<pid>_<random>_<n>): one
+    #: component, nothing a path could climb out of.
+    REF_COUNTER_NAME = re.compile(rb"/(?!\.\.?\Z)[A-Za-z0-9_.\-]{1,250}")
+    _HAS_STORAGE, _REQUIRES_GRAD, _EVENT_SYNC = 1, 2, 4
+    _INT64 = 1 << 63
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "IpcTensor":
+        """The message for a CUDA tensor of this process (which must keep it alive until the
+        receiver has copied it)."""
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        return cls.from_reduction(reduce_tensor(tensor))
+
+    @classmethod
+    def from_reduction(cls, reduction: tuple) -> "IpcTensor":
+        """The message for what ``reduce_tensor`` returned; anything but a plain CUDA tensor's
+        reduction raises ValueError."""
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+        rebuild, args = reduction
+        if rebuild is not rebuild_cuda_tensor or len(args) != 15:
+            raise ValueError(f"not the IPC reduction of a CUDA tensor: {getattr(rebuild, '__name__', rebuild)}")
+        (tensor_cls, size, stride, offset, storage_cls, dtype, device, storage_handle, storage_size_bytes,
+         storage_offset_bytes, requires_grad, ref_counter_handle, ref_counter_offset, event_handle,
+         event_sync_required) = args
+        if tensor_cls is not torch.Tensor or storage_cls is not torch.storage.TypedStorage:
+            raise ValueError(f"only a plain tensor on a TypedStorage travels, not {tensor_cls} on {storage_cls}")
+        message = cls(tuple(size), tuple(stride), offset, dtype, device, storage_handle, storage_size_bytes,
+                      storage_offset_bytes, bool(requires_grad), ref_counter_handle, ref_counter_offset or 0,
+                      event_handle, bool(event_sync_required))
+        try:
+            message.check()
+        except MalformedIpcMessage as err:
+            raise ValueError(f"this tensor's reduction cannot be encoded: {err}") from None
+        return message
+
+    def check(self) -> None:
+        """Raise `MalformedIpcMessage` unless every field is in range and consistent."""
+        def bad(what: str) -> MalformedIpcMessage:
+            return MalformedIpcMessage(f"CUDA IPC message refused: {what}")
+
+        def int64(name: str, value: object) -> int:
+            if type(value) is not int or not 0 <= value < self._INT64:
+                raise bad(f"{name} must be an integer in [0, 2**63)")
+            return value
+
+        if not isinstance(self.size, tuple) or not isinstance(self.stride, tuple) \
+                or len(self.size) != len(self.stride) or len(self.size) > self.MAX_NDIM:
+            raise bad(f"size and stride must be tuples of one length <= {self.MAX_NDIM}")
+        for n in self.size + self.stride:
+            int64("a size or stride", n)
+        int64("the tensor offset", self.offset)
+        int64("the storage size", self.storage_size_bytes)
+        int64("the storage offset", self.storage_offset_bytes)
+        int64("the ref counter offset", self.ref_counter_offset)
+        if self.dtype not in _DTYPE_CODE:
+            raise bad(f"dtype {self.dtype} is not one of {IPC_DTYPES}")
+        if type(self.device) is not int or not 0 <= self.device < 1 << 16:
+            raise bad("the device must be an index in [0, 65536)")
+        handles = (self.storage_handle, self.ref_counter_handle, self.event_handle)
+        if all(h is None for h in handles):
+            if self.event_sync_required:
+                raise bad("an event to wait for, without its handle")
+        elif any(type(h) is not bytes for h in handles):
+            raise bad("the storage, ref counter and event handles are bytes, all three or none")
+        else:
+            if not 0 < len(self.storage_handle) <= self.MAX_STORAGE_HANDLE:
+                raise bad(f"a storage handle of {len(self.storage_handle)} bytes")
+            if len(self.event_handle) != self.EVENT_HANDLE:
+                raise bad(f"an event handle of {len(self.event_handle)} bytes, not {self.EVENT_HANDLE}")
+            if not self.REF_COUNTER_NAME.fullmatch(self.ref_counter_handle):
+                raise bad(f"ref counter name {self.ref_counter_handle[:64]!r} is not a shared memory file's")
+        numel, last = 1, self.offset
+        for n, st in zip(self.size, self.stride):
+            numel *= n
+            last += (n - 1) * st
+        if numel:
+            needed = (last + 1) * self.dtype.itemsize
+            if self.storage_handle is None or needed > self.storage_size_bytes:
+                raise bad(f"a view of {needed} bytes into a storage of {self.storage_size_bytes}")
+
+    def encode(self) -> bytes:
+        self.check()
+        has = self.storage_handle is not None
+        flags = (self._HAS_STORAGE * has) | (self._REQUIRES_GRAD * self.requires_grad) \
+            | (self._EVENT_SYNC * self.event_sync_required)
+        handles = (self.storage_handle, self.ref_counter_handle, self.event_handle) if has else (b"", b"", b"")
+        header = self.HEADER.pack(self.MAGIC, self.VERSION, flags, _DTYPE_CODE[self.dtype], len(self.size),
+                                  self.device, self.offset, self.storage_size_bytes, self.storage_offset_bytes,
+                                  self.ref_counter_offset, *map(len, handles))
+        dims = struct.pack(f"<{2 * len(self.size)}q", *self.size, *self.stride)
+        return b"".join((header, dims, *handles))
+
+    @classmethod
+    def decode(cls, data: bytes) -> "IpcTensor":
+        """The message in ``data``, checked; anything else raises `MalformedIpcMessage`."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise MalformedIpcMessage(f"CUDA IPC message refused: {type(data).__name__}, not bytes")
+        data = bytes(data)
+        if len(data) < cls.HEADER.size or data[:4] != cls.MAGIC:
+            hint = " (a pickle: refused, never unpickled)" if data[:1] == b"\x80" else ""
+            raise MalformedIpcMessage(f"CUDA IPC message refused: not a {cls.MAGIC!r} message{hint}, "
+                                      f"{len(data)} bytes")
+        (_, version, flags, code, ndim, device, offset, storage_size, storage_offset, counter_offset,
+         handle_len, counter_len, event_len) = cls.HEADER.unpack_from(data)
+        if version != cls.VERSION:
+            raise MalformedIpcMessage(f"CUDA IPC message refused: version {version}, this build reads {cls.VERSION}")
+        if flags & ~(cls._HAS_STORAGE | cls._REQUIRES_GRAD | cls._EVENT_SYNC):
+            raise MalformedIpcMessage(f"CUDA IPC message refused: unknown flags {flags:#x}")
+        if code not in _CODE_DTYPE:
+            raise MalformedIpcMessage(f"CUDA IPC message refused: unknown dtype code {code}")
+        if ndim > cls.MAX_NDIM:
+            raise MalformedIpcMessage(f"CUDA IPC message refused: {ndim} dimensions, at most {cls.MAX_NDIM}")
+        has = bool(flags & cls._HAS_STORAGE)
+        if not has and handle_len + counter_len + event_len:
+            raise MalformedIpcMessage("CUDA IPC message refused: handles without the flag that says so")
+        expected = cls.HEADER.size + 16 * ndim + handle_len + counter_len + event_len
+        if len(data) != expected:
+            raise MalformedIpcMessage(f"CUDA IPC message refused: {len(data)} bytes where its lengths say {expected}")
+        dims = struct.unpack_from(f"<{2 * ndim}q", data, cls.HEADER.size)
+        at = cls.HEADER.size + 16 * ndim
+        handle, counter, event = (data[at:at + handle_len], data[at + handle_len:at + handle_len + counter_len],
+                                  data[at + handle_len + counter_len:])
+        message = cls(dims[:ndim], dims[ndim:], offset, _CODE_DTYPE[code], device,
+                      handle if has else None, storage_size, storage_offset, bool(flags & cls._REQUIRES_GRAD),
+                      counter if has else None, counter_offset, event if has else None,
+                      bool(flags & cls._EVENT_SYNC))
+        message.check()
+        return message
+
+    def rebuild(self) -> torch.Tensor:
+        """The peer's tensor, mapped into this process (needs CUDA)."""
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+        return rebuild_cuda_tensor(torch.Tensor, torch.Size(self.size), self.stride, self.offset,
+                                   torch.storage.TypedStorage, self.dtype, self.device, self.storage_handle,
+                                   self.storage_size_bytes, self.storage_offset_bytes, self.requires_grad,
+                                   self.ref_counter_handle, self.ref_counter_offset, self.event_handle,
+                                   self.event_sync_required)
+
+
 class CudaIpcTransport:
     """Two processes on one GPU: buffers shared by CUDA IPC handles passed through the store."""
 
@@ -398,21 +605,18 @@ class CudaIpcTransport:
         pass  # nothing to set up: every message carries its own handle
 
     def send(self, tensor: torch.Tensor, peer: str, tag: int) -> Work:
-        import pickle
-
-        from torch.multiprocessing.reductions import reduce_tensor
-
         torch.cuda.current_stream(tensor.device).synchronize()  # the bytes are there before the handle
-        self.store.set(f"ipc/{self.me}/{peer}/{tag}", pickle.dumps(reduce_tensor(tensor)))
+        self.store.set(f"ipc/{self.me}/{peer}/{tag}", IpcTensor.of(tensor).encode())
         # Done when the receiver has copied out of our buffer: then it may be reused.
         return _StoreWork(lambda: self.store, f"ipc-ack/{self.me}/{peer}/{tag}", lambda _: None)
 
     def recv(self, tensor: torch.Tensor, peer: str, tag: int) -> Work:
-        import pickle
-
         def copy_out(payload: bytes) -> None:
-            rebuild, args = pickle.loads(payload)
-            tensor.copy_(rebuild(*args))
+            message = IpcTensor.decode(payload)  # checked bytes, never a pickle
+            if message.dtype != tensor.dtype or message.size != tuple(tensor.shape):
+                raise MalformedIpcMessage(f"CUDA IPC message refused: {peer} sent {message.dtype} "
+                                          f"{list(message.size)} for a {tensor.dtype} {list(tensor.shape)} buffer")
+            tensor.copy_(message.rebuild())
             torch.cuda.current_stream(tensor.device).synchronize()
             self.store.set(f"ipc-ack/{peer}/{self.me}/{tag}", b"1")
 
