@@ -92,8 +92,8 @@ class Client:
         self._stub = pb_grpc.GenerationStub(self._channel)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str = "",
-               timeout_s: float | None = None) -> Iterator[Chunk]:
-        msg = request_to_proto(prompt, params or SamplingParams(), request_id)
+               timeout_s: float | None = None, cache_salt: str | None = None) -> Iterator[Chunk]:
+        msg = request_to_proto(prompt, params or SamplingParams(), request_id, cache_salt)
         call = self._stub.Generate(msg, metadata=self.options.metadata(), timeout=timeout_s or self.options.timeout_s)
         try:
             reader = ChunkReader(_request_id(call.initial_metadata(), request_id))
@@ -105,8 +105,8 @@ class Client:
             call.cancel()  # a stream left early: the server aborts the request
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str = "",
-                 timeout_s: float | None = None) -> Completion:
-        chunks = list(self.stream(prompt, params, request_id=request_id, timeout_s=timeout_s))
+                 timeout_s: float | None = None, cache_salt: str | None = None) -> Completion:
+        chunks = list(self.stream(prompt, params, request_id=request_id, timeout_s=timeout_s, cache_salt=cache_salt))
         return Completion.from_chunks(chunks[0].request_id if chunks else request_id, chunks)
 
     def abort(self, request_id: str) -> None:
@@ -145,8 +145,8 @@ class AsyncClient:
         self._stub = pb_grpc.GenerationStub(self._channel)
 
     async def stream(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str = "",
-                     timeout_s: float | None = None) -> AsyncIterator[Chunk]:
-        msg = request_to_proto(prompt, params or SamplingParams(), request_id)
+                     timeout_s: float | None = None, cache_salt: str | None = None) -> AsyncIterator[Chunk]:
+        msg = request_to_proto(prompt, params or SamplingParams(), request_id, cache_salt)
         call = self._stub.Generate(msg, metadata=self.options.metadata(), timeout=timeout_s or self.options.timeout_s)
         try:
             reader = ChunkReader(_request_id(await call.initial_metadata(), request_id))
@@ -158,8 +158,9 @@ class AsyncClient:
             call.cancel()
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str = "",
-                       timeout_s: float | None = None) -> Completion:
-        chunks = [c async for c in self.stream(prompt, params, request_id=request_id, timeout_s=timeout_s)]
+                       timeout_s: float | None = None, cache_salt: str | None = None) -> Completion:
+        chunks = [c async for c in self.stream(prompt, params, request_id=request_id, timeout_s=timeout_s,
+                                               cache_salt=cache_salt)]
         return Completion.from_chunks(chunks[0].request_id if chunks else request_id, chunks)
 
     async def abort(self, request_id: str) -> None:

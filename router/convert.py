@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import grpc
 
 from splitserve.router import splitserve_pb2 as pb
+from splitserve.router.cache_salt import door_cache_salt
 from splitserve.router.frontdoor import check_request
 from splitserve.router.messages import (
     Chunk, ErrorCode, GenerateRequest, GroupStatus, HealthInfo, ModelInfo, RouterError,
@@ -53,9 +54,11 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
         raise RouterError(ErrorCode.INVALID_ARGUMENT, f"sampling: {err}") from None
 
 
-def request_from_proto(msg: pb.GenerateRequest, request_id: str, timeout_s: float | None) -> GenerateRequest:
-    """The router's request; ``request_id`` is the client's or one the server made up, and
-    ``timeout_s`` what is left of the call's deadline (None: none given)."""
+def request_from_proto(msg: pb.GenerateRequest, request_id: str, timeout_s: float | None,
+                       tenant_key: str | None = None) -> GenerateRequest:
+    """The router's request; ``request_id`` is the client's or one the server made up,
+    ``timeout_s`` what is left of the call's deadline (None: none given), and ``tenant_key``
+    the API key whose hash salts the request's prefix cache (per-key salting; None: off)."""
     which = msg.WhichOneof("input")
     if which is None:
         raise RouterError(ErrorCode.INVALID_ARGUMENT, "give exactly one input: text, token_ids or chat")
@@ -64,7 +67,8 @@ def request_from_proto(msg: pb.GenerateRequest, request_id: str, timeout_s: floa
         request_id=request_id,
         text=msg.text if which == "text" else None,
         token_ids=list(msg.token_ids.ids) if which == "token_ids" else None,
-        chat=chat, sampling=sampling_from_proto(msg.sampling), timeout_s=timeout_s)
+        chat=chat, sampling=sampling_from_proto(msg.sampling), timeout_s=timeout_s,
+        cache_salt=door_cache_salt(msg.cache_salt if msg.HasField("cache_salt") else None, tenant_key))
     return check_request(request)
 
 
@@ -95,8 +99,10 @@ def model_info_to_proto(info: ModelInfo) -> pb.ModelInfoResponse:
 
 # ---- client side ----------------------------------------------------------------------------
 
-def request_to_proto(prompt: Prompt, params: SamplingParams, request_id: str = "") -> pb.GenerateRequest:
-    """A request for ``prompt``: text, token ids, or chat messages ({"role", "content"})."""
+def request_to_proto(prompt: Prompt, params: SamplingParams, request_id: str = "",
+                     cache_salt: str | None = None) -> pb.GenerateRequest:
+    """A request for ``prompt``: text, token ids, or chat messages ({"role", "content"});
+    ``cache_salt``: its prefix-cache partition (unset when None)."""
     if params.logprobs is not None or params.include_stop_str_in_output:
         raise ValueError("logprobs and include_stop_str_in_output are not part of the gRPC API")
     sampling = pb.SamplingParams(
@@ -106,6 +112,8 @@ def request_to_proto(prompt: Prompt, params: SamplingParams, request_id: str = "
     if params.seed is not None:
         sampling.seed = params.seed
     msg = pb.GenerateRequest(request_id=request_id, sampling=sampling)
+    if cache_salt is not None:
+        msg.cache_salt = cache_salt
     if isinstance(prompt, str):
         msg.text = prompt
     elif prompt and all(isinstance(m, dict) for m in prompt):

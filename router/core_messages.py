@@ -53,6 +53,9 @@ class AddRequest(msgspec.Struct, tag=True, frozen=True):
     sampling: SamplingParams
     #: Seconds the core gives the request from its arrival there; it is aborted after.
     timeout_s: float
+    #: Its prefix-cache partition (`splitserve.workers.cache_salt`): the request's own salt
+    #: and/or the door's per-API-key one, already combined by the door; None: unsalted.
+    cache_salt: str | None = None
 
 
 class AbortRequest(msgspec.Struct, tag=True, frozen=True):

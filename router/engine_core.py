@@ -155,7 +155,8 @@ class EngineCore:
                 timeout_s = min(msg.timeout_s, self.limits.request_timeout_s) if msg.timeout_s > 0 \
                     else self.limits.request_timeout_s
                 self.loop.add(_key(msg.door, msg.request_id), msg.prompt_token_ids, msg.sampling,
-                              self._sink(msg.door, msg.request_id), deadline=time.monotonic() + timeout_s)
+                              self._sink(msg.door, msg.request_id), deadline=time.monotonic() + timeout_s,
+                              cache_salt=msg.cache_salt)
             case cm.AbortRequest():
                 self.loop.abort(_key(msg.door, msg.request_id))
             case cm.FrontDoorBeat():

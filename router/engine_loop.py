@@ -87,9 +87,10 @@ class EngineLoop:
         return len(self._sinks)
 
     def add(self, request_id: str, prompt: str | list[int] | list[dict[str, str]], params: SamplingParams,
-            sink: Sink, deadline: float | None = None) -> None:
+            sink: Sink, deadline: float | None = None, cache_salt: str | None = None) -> None:
         """Tokenize (a chat is rendered with the template), validate and queue the request;
-        ``deadline`` (time.monotonic) ends it with DEADLINE_EXCEEDED if it is still live then."""
+        ``deadline`` (time.monotonic) ends it with DEADLINE_EXCEEDED if it is still live then;
+        ``cache_salt``: its prefix-cache partition (a bad one is INVALID_ARGUMENT)."""
         def add() -> None:
             if request_id in self._sinks:
                 sink(RouterError(ErrorCode.ALREADY_EXISTS, f"request id {request_id!r} is already in use"))
@@ -101,7 +102,7 @@ class EngineLoop:
             try:
                 prompt_ids = self._prompt_ids(prompt)
                 self.engine.add_request(request_id, prompt_ids, params, stream=True,
-                                        prompt=prompt if isinstance(prompt, str) else None)
+                                        prompt=prompt if isinstance(prompt, str) else None, cache_salt=cache_salt)
             except (ValueError, TypeError) as err:  # the request's fault
                 sink(RouterError(ErrorCode.INVALID_ARGUMENT, str(err) or type(err).__name__))
                 return

@@ -34,6 +34,7 @@ from google.protobuf.message import DecodeError
 from splitserve.cluster.serve_config import ServerSpec
 from splitserve.router import splitserve_pb2 as pb
 from splitserve.router import splitserve_pb2_grpc as pb_grpc
+from splitserve.router.cache_salt import tenant_key
 from splitserve.router.convert import (
     grpc_status, health_to_proto, model_info_to_proto, request_from_proto, responses_from_chunk,
 )
@@ -84,7 +85,7 @@ async def _start(router: RouterAPI, spec: ServerSpec, metrics: FrontDoorMetrics,
                ("grpc.so_reuseport", 1 if share_port else 0)]
     interceptors = [_ApiKeyInterceptor(api_key, metrics)] if api_key else []
     server = grpc.aio.server(interceptors=interceptors, options=options)
-    _add_servicer(_Servicer(router, metrics), server)
+    _add_servicer(_Servicer(router, metrics, tenant_key(spec)), server)
     address = f"[{spec.host}]:{spec.grpc_port}" if ":" in spec.host else f"{spec.host}:{spec.grpc_port}"
     try:
         if spec.tls_cert:
@@ -145,14 +146,16 @@ def _parsed(request) -> None:
 
 
 class _Servicer(pb_grpc.GenerationServicer):
-    def __init__(self, router: RouterAPI, metrics: FrontDoorMetrics):
+    def __init__(self, router: RouterAPI, metrics: FrontDoorMetrics, tenant_key: str | None = None):
         self.router, self.metrics = router, metrics
+        self.tenant_key = tenant_key  # per-key cache salting (`router.cache_salt`); None: off
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         code = "OK"
         try:
             _parsed(request)
-            req = request_from_proto(request, request.request_id or uuid.uuid4().hex, _time_left(context))
+            req = request_from_proto(request, request.request_id or uuid.uuid4().hex, _time_left(context),
+                                     self.tenant_key)
             await context.send_initial_metadata((("x-request-id", req.request_id),))
             # Bounded even while a write waits on a client that stopped reading.
             async with asyncio.timeout(stream_limit_s(self.router, req.timeout_s)), \

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from splitserve.workers.cache_salt import check_cache_salt
 from splitserve.workers.sampling_params import SamplingParams
 
 
@@ -54,6 +55,10 @@ class GenerateRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     #: Deadline of the whole request (seconds from arrival); None: the router's default.
     timeout_s: float | None = None
+    #: Prefix-cache partition (vLLM's ``cache_salt``): the request reuses cached prompt blocks
+    #: only of requests with the same salt, so ``cached_tokens`` counts only those hits.
+    #: None: the shared cache (or only the door's per-key salt, `router.cache_salt`).
+    cache_salt: str | None = None
 
     def check(self) -> None:
         inputs = [x for x in (self.text, self.token_ids, self.chat) if x is not None]
@@ -65,6 +70,10 @@ class GenerateRequest:
             raise RouterError(ErrorCode.INVALID_ARGUMENT, "chat must be a non-empty list of {role, content} strings")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise RouterError(ErrorCode.INVALID_ARGUMENT, f"timeout must be positive, got {self.timeout_s}")
+        try:
+            check_cache_salt(self.cache_salt)
+        except ValueError as err:
+            raise RouterError(ErrorCode.INVALID_ARGUMENT, str(err)) from None
 
 
 @dataclass(frozen=True)

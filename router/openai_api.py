@@ -11,7 +11,10 @@ Error messages quote at most a short prefix of a value. The responses are built 
 
 Extensions beyond OpenAI's fields (vLLM's names where it has them): ``top_k``, ``min_p``,
 ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``return_token_ids`` (each choice gets its
-``token_ids``), ``timeout_s`` (the request's deadline in seconds).
+``token_ids``), ``timeout_s`` (the request's deadline in seconds), ``cache_salt`` (a non-empty
+string: the request reuses prefix-cache blocks only of requests with the same salt, so
+``usage.prompt_tokens_details.cached_tokens`` counts only those; see
+`splitserve.workers.cache_salt`).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class _Body(BaseModel):
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False
     timeout_s: float | None = None
+    cache_salt: str | None = None
 
     def check_supported(self) -> None:
         extra = self.model_extra or {}

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"splitserve/router/splitserve.proto\x12\rsplitserve.v1\"\xca\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12+\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1b.splitserve.v1.ChatMessagesH\x00\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParamsB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\"\xd0\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x12\n\nmin_tokens\x18\n \x01(\rB\x07\n\x05_seed\"n\n\x10GenerateResponse\x12%\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x14.splitserve.v1.ChunkH\x00\x12+\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.CompleteH\x00\x42\x06\n\x04kind\"(\n\x05\x43hunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"j\n\x08\x43omplete\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"\x0f\n\rHealthRequest\"\xc2\x01\n\x0bGroupHealth\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\r\x12\x13\n\x0bnum_running\x18\x06 \x01(\r\x12\x10\n\x08kv_usage\x18\x07 \x01(\x02\x12\x17\n\x0fnum_free_blocks\x18\x08 \x01(\r\x12\x12\n\nnum_blocks\x18\t \x01(\r\x12\x10\n\x08restarts\x18\n \x01(\r\"K\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12*\n\x06groups\x18\x02 \x03(\x0b\x32\x1a.splitserve.v1.GroupHealth\"\x12\n\x10ModelInfoRequest\"B\n\x0bGroupLayout\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\n\n\x02tp\x18\x03 \x01(\r\x12\n\n\x02pp\x18\x04 \x01(\r\"\x87\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12*\n\x06groups\x18\x05 \x03(\x0b\x32\x1a.splitserve.v1.GroupLayout2\xb9\x02\n\nGeneration\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12\x45\n\x06Health\x12\x1c.splitserve.v1.HealthRequest\x1a\x1d.splitserve.v1.HealthResponse\x12Q\n\x0cGetModelInfo\x12\x1f.splitserve.v1.ModelInfoRequest\x1a .splitserve.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"splitserve/router/splitserve.proto\x12\rsplitserve.v1\"\xf2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12+\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1b.splitserve.v1.ChatMessagesH\x00\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x17\n\ncache_salt\x18\x06 \x01(\tH\x01\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_cache_salt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\"\xd0\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x12\n\nmin_tokens\x18\n \x01(\rB\x07\n\x05_seed\"n\n\x10GenerateResponse\x12%\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x14.splitserve.v1.ChunkH\x00\x12+\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.CompleteH\x00\x42\x06\n\x04kind\"(\n\x05\x43hunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"j\n\x08\x43omplete\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"\x0f\n\rHealthRequest\"\xc2\x01\n\x0bGroupHealth\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\r\x12\x13\n\x0bnum_running\x18\x06 \x01(\r\x12\x10\n\x08kv_usage\x18\x07 \x01(\x02\x12\x17\n\x0fnum_free_blocks\x18\x08 \x01(\r\x12\x12\n\nnum_blocks\x18\t \x01(\r\x12\x10\n\x08restarts\x18\n \x01(\r\"K\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12*\n\x06groups\x18\x02 \x03(\x0b\x32\x1a.splitserve.v1.GroupHealth\"\x12\n\x10ModelInfoRequest\"B\n\x0bGroupLayout\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\n\n\x02tp\x18\x03 \x01(\r\x12\n\n\x02pp\x18\x04 \x01(\r\"\x87\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12*\n\x06groups\x18\x05 \x03(\x0b\x32\x1a.splitserve.v1.GroupLayout2\xb9\x02\n\nGeneration\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12\x45\n\x06Health\x12\x1c.splitserve.v1.HealthRequest\x1a\x1d.splitserve.v1.HealthResponse\x12Q\n\x0cGetModelInfo\x12\x1f.splitserve.v1.ModelInfoRequest\x1a .splitserve.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,37 +32,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.router.splitserv
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=54
-  _globals['_GENERATEREQUEST']._serialized_end=256
-  _globals['_TOKENIDS']._serialized_start=258
-  _globals['_TOKENIDS']._serialized_end=281
-  _globals['_CHATMESSAGE']._serialized_start=283
-  _globals['_CHATMESSAGE']._serialized_end=327
-  _globals['_CHATMESSAGES']._serialized_start=329
-  _globals['_CHATMESSAGES']._serialized_end=389
-  _globals['_SAMPLINGPARAMS']._serialized_start=392
-  _globals['_SAMPLINGPARAMS']._serialized_end=600
-  _globals['_GENERATERESPONSE']._serialized_start=602
-  _globals['_GENERATERESPONSE']._serialized_end=712
-  _globals['_CHUNK']._serialized_start=714
-  _globals['_CHUNK']._serialized_end=754
-  _globals['_COMPLETE']._serialized_start=756
-  _globals['_COMPLETE']._serialized_end=862
-  _globals['_ABORTREQUEST']._serialized_start=864
-  _globals['_ABORTREQUEST']._serialized_end=898
-  _globals['_ABORTRESPONSE']._serialized_start=900
-  _globals['_ABORTRESPONSE']._serialized_end=915
-  _globals['_HEALTHREQUEST']._serialized_start=917
-  _globals['_HEALTHREQUEST']._serialized_end=932
-  _globals['_GROUPHEALTH']._serialized_start=935
-  _globals['_GROUPHEALTH']._serialized_end=1129
-  _globals['_HEALTHRESPONSE']._serialized_start=1131
-  _globals['_HEALTHRESPONSE']._serialized_end=1206
-  _globals['_MODELINFOREQUEST']._serialized_start=1208
-  _globals['_MODELINFOREQUEST']._serialized_end=1226
-  _globals['_GROUPLAYOUT']._serialized_start=1228
-  _globals['_GROUPLAYOUT']._serialized_end=1294
-  _globals['_MODELINFORESPONSE']._serialized_start=1297
-  _globals['_MODELINFORESPONSE']._serialized_end=1432
-  _globals['_GENERATION']._serialized_start=1435
-  _globals['_GENERATION']._serialized_end=1748
+  _globals['_GENERATEREQUEST']._serialized_end=296
+  _globals['_TOKENIDS']._serialized_start=298
+  _globals['_TOKENIDS']._serialized_end=321
+  _globals['_CHATMESSAGE']._serialized_start=323
+  _globals['_CHATMESSAGE']._serialized_end=367
+  _globals['_CHATMESSAGES']._serialized_start=369
+  _globals['_CHATMESSAGES']._serialized_end=429
+  _globals['_SAMPLINGPARAMS']._serialized_start=432
+  _globals['_SAMPLINGPARAMS']._serialized_end=640
+  _globals['_GENERATERESPONSE']._serialized_start=642
+  _globals['_GENERATERESPONSE']._serialized_end=752
+  _globals['_CHUNK']._serialized_start=754
+  _globals['_CHUNK']._serialized_end=794
+  _globals['_COMPLETE']._serialized_start=796
+  _globals['_COMPLETE']._serialized_end=902
+  _globals['_ABORTREQUEST']._serialized_start=904
+  _globals['_ABORTREQUEST']._serialized_end=938
+  _globals['_ABORTRESPONSE']._serialized_start=940
+  _globals['_ABORTRESPONSE']._serialized_end=955
+  _globals['_HEALTHREQUEST']._serialized_start=957
+  _globals['_HEALTHREQUEST']._serialized_end=972
+  _globals['_GROUPHEALTH']._serialized_start=975
+  _globals['_GROUPHEALTH']._serialized_end=1169
+  _globals['_HEALTHRESPONSE']._serialized_start=1171
+  _globals['_HEALTHRESPONSE']._serialized_end=1246
+  _globals['_MODELINFOREQUEST']._serialized_start=1248
+  _globals['_MODELINFOREQUEST']._serialized_end=1266
+  _globals['_GROUPLAYOUT']._serialized_start=1268
+  _globals['_GROUPLAYOUT']._serialized_end=1334
+  _globals['_MODELINFORESPONSE']._serialized_start=1337
+  _globals['_MODELINFORESPONSE']._serialized_end=1472
+  _globals['_GENERATION']._serialized_start=1475
+  _globals['_GENERATION']._serialized_end=1788
 # @@protoc_insertion_point(module_scope)

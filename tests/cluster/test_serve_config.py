@@ -108,3 +108,14 @@ def test_a_key_without_tls_off_loopback_warns(caplog):
     assert "clear text" not in caplog.text  # loopback: fine
     ServeConfig(server=ServerSpec(api_key="k", host="0.0.0.0")).validate()
     assert "clear text" in caplog.text
+
+
+def test_per_key_cache_salts_need_a_key(tmp_path):
+    with pytest.raises(ValueError, match="cache_salt_per_key"):
+        ServeConfig(server=ServerSpec(cache_salt_per_key=True)).validate()
+    ServeConfig(server=ServerSpec(api_key="k", cache_salt_per_key=True)).validate()
+    path = tmp_path / "cfg.yaml"
+    path.write_text("server: {api_key: k, cache_salt_per_key: true}\n")
+    from splitserve.cluster.serve_config import load_serve_config
+
+    assert load_serve_config(path).server.cache_salt_per_key

@@ -55,3 +55,16 @@ def test_bad_values_are_invalid_argument(sampling, words):
     with pytest.raises(RouterError) as err:
         request_from_proto(pb.GenerateRequest(text="x", sampling=sampling), "r", None)
     assert err.value.code is ErrorCode.INVALID_ARGUMENT and words in err.value.message
+
+
+def test_cache_salt_round_trip_and_checks():
+    assert request_from_proto(pb.GenerateRequest(text="x"), "r", None).cache_salt is None
+    msg = request_to_proto("x", SamplingParams(), "r", cache_salt="s1")
+    assert msg.HasField("cache_salt") and request_from_proto(msg, "r", None).cache_salt == "s1"
+    # Per-key salting: the door's key is mixed in, set or not (`router.cache_salt`).
+    salted = {request_from_proto(request_to_proto("x", SamplingParams(), "r", cache_salt=s), "r", None, k).cache_salt
+              for s in (None, "s1") for k in ("k1", "k2")}
+    assert len(salted) == 4 and None not in salted and "s1" not in salted
+    with pytest.raises(RouterError) as err:  # set but empty: refused, not taken for unset
+        request_from_proto(pb.GenerateRequest(text="x", cache_salt=""), "r", None)
+    assert err.value.code is ErrorCode.INVALID_ARGUMENT and "cache_salt" in err.value.message
