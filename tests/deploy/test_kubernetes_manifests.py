@@ -7,7 +7,9 @@
 - Then what the schemas cannot see: the GPU worker groups ask Kubernetes and Ray for the same
   GPUs, the head's own `ray start` repeats its rayStartParams, the Services and probes point at
   ports the head declares, the ServiceMonitor scrapes the HTTP Service, each overlay has its
-  layout. Ports against the server's defaults and the serve command itself: test_commands.py.
+  layout, the NetworkPolicies admit only the RayCluster's own pods to Ray's ports and anyone to
+  the API ports, the Ray dashboard listens on loopback. Ports against the server's defaults and
+  the serve command itself: test_commands.py.
 - Every check is also shown rejecting a broken copy, so a passing run means something.
 """
 
@@ -21,12 +23,12 @@ from typing import Any
 import pytest
 import yaml
 
-from deploy_helpers import (KUBERNETES, KUSTOMIZATIONS, OVERLAYS, by_kind, container_port, container_shell,
+from deploy_helpers import (DOCS, KUBERNETES, KUSTOMIZATIONS, OVERLAYS, by_kind, container_port, container_shell,
                             gpus_needed, head_container, kustomize, largest_group, load_docs, one, program_argvs,
                             ray_start_flags, selects)
 
-CORE_KINDS = {"ConfigMap", "Service"}
-EXPECTED_KINDS = {"RayCluster": 1, "ConfigMap": 1, "Service": 2, "ServiceMonitor": 1}
+CORE_KINDS = {"ConfigMap", "Service", "NetworkPolicy"}
+EXPECTED_KINDS = {"RayCluster": 1, "ConfigMap": 1, "Service": 2, "ServiceMonitor": 1, "NetworkPolicy": 2}
 #: The layout each overlay promises (prefill groups, decode groups).
 LAYOUTS = {"base": (1, 1), "small": (1, 1), "large": (2, 2)}
 GPU = "nvidia.com/gpu"
@@ -225,6 +227,139 @@ def test_each_layout_has_its_groups_and_workers(rendered, name, serve_config_in)
     assert cfg.mode == "disaggregated" and cfg.device == "cuda"
 
 
+# --- who may connect: the NetworkPolicies ----------------------------------------------------------
+# A small model of NetworkPolicy ingress (policies add up; a pod no policy selects is open to all;
+# a rule admits a connection when its ports and its peers both match, a missing list matching
+# everything), run against the pods KubeRay makes from the rendered RayCluster.
+
+#: Where connections come from: the RayCluster's pods (filled in per rendering), another pod of
+#: this namespace, a pod of another namespace, an address outside the cluster.
+OUTSIDERS = {
+    "pod in this namespace": {"pod": {"app": "intruder"}, "namespace": {"kubernetes.io/metadata.name": "ml"}},
+    "pod in another namespace": {"pod": {"app": "intruder"}, "namespace": {"kubernetes.io/metadata.name": "other"}},
+    "outside the cluster": {"ip": "203.0.113.7"},
+}
+#: Ray's ports: GCS, dashboard, client server, metrics export, dashboard agent, runtime env agent,
+#: and some of the random ones (node and object managers, worker processes: 10002-19999 by default).
+RAY_PORTS = (6379, 8265, 10001, 8080, 52365, 40513, 8076, 8077, 10002, 15000, 19999, 45678)
+NAMESPACE = {"kubernetes.io/metadata.name": "ml"}
+
+
+def kuberay_pods(cluster: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One pod per group as KubeRay creates it: its labels (KubeRay's and the template's) and its
+    named container ports."""
+    name, spec = cluster["metadata"]["name"], cluster["spec"]
+    groups = [("head", "headgroup", spec["headGroupSpec"]["template"])]
+    groups += [("worker", g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]]
+    pods = {}
+    for node_type, group, template in groups:
+        labels = {"ray.io/cluster": name, "ray.io/node-type": node_type, "ray.io/group": group,
+                  "ray.io/is-ray-node": "yes", **template.get("metadata", {}).get("labels", {})}
+        ports = {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])
+                 if "name" in p}
+        pods[f"{node_type} {group}"] = {"labels": labels, "ports": ports}
+    return pods
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"the model reads matchLabels only: {selector}"
+    return selects(selector.get("matchLabels", {}), labels)
+
+
+def _peer_matches(peer: dict[str, Any], source: dict[str, Any]) -> bool:
+    if "ipBlock" in peer:
+        import ipaddress
+
+        ip = source.get("ip")
+        block = peer["ipBlock"]
+        return ip is not None and ipaddress.ip_address(ip) in ipaddress.ip_network(block["cidr"]) \
+            and not any(ipaddress.ip_address(ip) in ipaddress.ip_network(e) for e in block.get("except", []))
+    if "pod" not in source:
+        return False  # pod and namespace selectors match pods only
+    if "namespaceSelector" in peer:
+        if not _selects(peer["namespaceSelector"], source["namespace"]):
+            return False
+    elif source["namespace"] != NAMESPACE:
+        return False  # a podSelector alone means this namespace
+    return "podSelector" not in peer or _selects(peer["podSelector"], source["pod"])
+
+
+def _port_matches(rule_port: dict[str, Any], port: int, named: dict[str, int]) -> bool:
+    if rule_port.get("protocol", "TCP") != "TCP":
+        return False
+    if "port" not in rule_port:
+        return True
+    first = rule_port["port"] if isinstance(rule_port["port"], int) else named.get(rule_port["port"])
+    return first is not None and first <= port <= rule_port.get("endPort", first)
+
+
+def admits(policies: list[dict[str, Any]], pod: dict[str, Any], port: int, source: dict[str, Any]) -> bool:
+    """Whether a TCP connection from ``source`` to ``port`` of ``pod`` gets in."""
+    selecting = [p for p in policies if _selects(p["spec"]["podSelector"], pod["labels"])
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            ports_ok = not rule.get("ports") or any(_port_matches(p, port, pod["ports"]) for p in rule["ports"])
+            from_ok = not rule.get("from") or any(_peer_matches(peer, source) for peer in rule["from"])
+            if ports_ok and from_ok:
+                return True
+    return False
+
+
+def exposure_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """Where the rendered NetworkPolicies let a connection in that they must not, or keep one out
+    that the deployment needs."""
+    cluster = one(docs, "RayCluster")
+    policies = by_kind(docs, "NetworkPolicy")
+    pods = kuberay_pods(cluster)
+    api = {container_port(head_container(cluster), name) for name in ("grpc", "http")}
+    members = {f"RayCluster pod ({name})": {"pod": pod["labels"], "namespace": NAMESPACE} for name, pod in pods.items()}
+    problems = []
+    for name, pod in pods.items():
+        for port in sorted(set(RAY_PORTS) | set(pod["ports"].values())):
+            is_api = name == "head headgroup" and port in api
+            for source_name, source in members.items():
+                if not admits(policies, pod, port, source):
+                    problems.append(f"{name}:{port} refuses {source_name}")
+            for source_name, source in OUTSIDERS.items():
+                if admits(policies, pod, port, source) != is_api:
+                    problems.append(f"{name}:{port} {'refuses' if is_api else 'admits'} {source_name}")
+    return problems
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_each_kustomization_has_the_network_policies(rendered, name):
+    names = sorted(p["metadata"]["name"] for p in by_kind(rendered[name], "NetworkPolicy"))
+    assert names == ["splitserve-api", "splitserve-ray-cluster"]
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_ray_ports_admit_only_the_rayclusters_pods_and_the_api_everyone(rendered, name):
+    assert exposure_problems(rendered[name]) == []
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_network_policies_select_the_rayclusters_pods(rendered, name):
+    """By the labels KubeRay gives the pods of *this* RayCluster: a renamed cluster must not
+    leave its pods open or its peers refused."""
+    cluster_name = one(rendered[name], "RayCluster")["metadata"]["name"]
+    for policy in by_kind(rendered[name], "NetworkPolicy"):
+        assert policy["spec"]["podSelector"]["matchLabels"]["ray.io/cluster"] == cluster_name
+        for rule in policy["spec"]["ingress"]:
+            for peer in rule.get("from", []):
+                assert peer["podSelector"]["matchLabels"] == {"ray.io/cluster": cluster_name}, peer
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_the_ray_dashboard_listens_on_loopback_only(rendered, name):
+    cluster = one(rendered[name], "RayCluster")
+    assert cluster["spec"]["headGroupSpec"]["rayStartParams"].get("dashboard-host") == "127.0.0.1"
+    [start] = [argv for argv in program_argvs(container_shell(head_container(cluster)), "ray") if argv[:1] == ["start"]]
+    assert ray_start_flags(start).get("dashboard-host") == "127.0.0.1"  # KubeRay's default would be 0.0.0.0
+
+
 # --- the checks reject what they should -------------------------------------------------------------
 
 def test_a_broken_raycluster_is_rejected(rendered, raycluster_errors):
@@ -296,3 +431,67 @@ def test_a_gpu_mismatch_is_caught(rendered):
     cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["requests"][GPU] = "2"
     problems = "\n".join(gpu_problems(cluster))
     assert "num-gpus 2 != 1" in problems and "request 2" in problems
+
+
+def _api_policy_open_to_all(docs):
+    del one(docs, "NetworkPolicy", "splitserve-api")["spec"]["ingress"][0]["ports"]
+
+
+def _cluster_policy_gone(docs):
+    docs.remove(one(docs, "NetworkPolicy", "splitserve-ray-cluster"))
+
+
+def _cluster_policy_admits_namespace(docs):
+    one(docs, "NetworkPolicy", "splitserve-ray-cluster")["spec"]["ingress"][0]["from"] = [{"podSelector": {}}]
+
+
+def _api_policy_closed(docs):
+    one(docs, "NetworkPolicy", "splitserve-api")["spec"]["ingress"][0]["from"] = [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "nowhere"}}}]
+
+
+NETPOL_BREAKS = {
+    "head headgroup:6379 admits outside the cluster": _api_policy_open_to_all,
+    "worker gpu:10002 admits pod in another namespace": _cluster_policy_gone,
+    "head headgroup:10001 admits pod in this namespace": _cluster_policy_admits_namespace,
+    "head headgroup:8000 refuses outside the cluster": _api_policy_closed,
+}
+
+
+@pytest.mark.parametrize("expected", NETPOL_BREAKS)
+def test_network_exposure_is_caught(rendered, expected):
+    docs = copy.deepcopy(rendered["base"])
+    NETPOL_BREAKS[expected](docs)
+    problems = exposure_problems(docs)
+    assert any(expected in p for p in problems), problems
+
+
+def test_a_broken_network_policy_is_rejected(rendered, k8s_errors):
+    policy = copy.deepcopy(one(rendered["base"], "NetworkPolicy", "splitserve-api"))
+    policy["spec"]["ingress"][0]["ports"][0]["protocl"] = "TCP"
+    errors = k8s_errors(policy)
+    assert errors and all("spec/ingress/0/ports/0" in e for e in errors), errors
+
+
+def test_the_documented_api_restriction_admits_only_the_namespaces_it_names(kubectl, tmp_path):
+    """The NetworkPolicy patch docs/deploy.md shows, added to an overlay: the API ports then take
+    only the namespaces it names, and Ray's ports stay as closed as before."""
+    import re
+
+    [block] = [b for b in re.findall(r"```yaml\n(.*?)```", DOCS.read_text(), flags=re.S) if "splitserve-api" in b]
+    tree = tmp_path / "kubernetes"
+    shutil.copytree(KUBERNETES, tree)
+    overlay = tree / "overlays" / "small"
+    (overlay / "api-sources.yaml").write_text(block)
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    kustomization["patches"].append({"path": "api-sources.yaml"})
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    docs = kustomize(kubectl, overlay)
+    policies, head = by_kind(docs, "NetworkPolicy"), kuberay_pods(one(docs, "RayCluster"))["head headgroup"]
+    ingress = {"pod": {"app": "ingress-nginx"}, "namespace": {"kubernetes.io/metadata.name": "ingress-nginx"}}
+    assert admits(policies, head, 8000, ingress) and admits(policies, head, 50051, ingress)
+    assert not admits(policies, head, 6379, ingress) and not admits(policies, head, 10001, ingress)
+    for source in OUTSIDERS.values():
+        assert not admits(policies, head, 8000, source)
+    problems = exposure_problems(docs)
+    assert problems and all("refuses" in p and (":8000 " in p or ":50051 " in p) for p in problems), problems
