@@ -472,11 +472,8 @@ def write_plot(path: Path, report: dict[str, Any]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     w = report["workload"]
-    fig.suptitle(f"disaggregated vs aggregated on {report['device']['name']}: chat median {w['input_len']} in / "
-                 f"{w['output_len']} out, seed {w['seed']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    results_meta.finish_figure(fig, path, f"disaggregated vs aggregated on {report['device']['name']}: chat median "
+                               f"{w['input_len']} in / {w['output_len']} out, seed {w['seed']}")
 
 
 if __name__ == "__main__":

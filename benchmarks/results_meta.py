@@ -84,6 +84,16 @@ def save_report(out: Path, report: dict[str, Any], write_plot: Callable[[Path, d
     print(f"wrote {out} and {report['plot']}")
 
 
+def finish_figure(fig, path: Path, title: str, dpi: int = 110) -> None:
+    """Title, lay out, save and close a benchmark's figure (every plot ends the same way)."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def report_header(benchmark: str, script: str, argv: list[str], now: datetime,
                   device: dict[str, Any]) -> dict[str, Any]:
     """The fields every result file starts with: what ran, when, at which commit, on what."""

@@ -561,11 +561,8 @@ def write_plot(path: Path, report: dict[str, Any]) -> None:
     if sweep:
         _plot_attainment(axes[-1], report)
     w = report["workload"]
-    fig.suptitle(f"serve_bench {report['backend']['backend']} {report['backend']['model'] or ''}: "
-                 f"{w['num_prompts']} prompts ({w['kind']}), seed {w['seed']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    results_meta.finish_figure(fig, path, f"serve_bench {report['backend']['backend']} {report['backend']['model'] or ''}: "
+                               f"{w['num_prompts']} prompts ({w['kind']}), seed {w['seed']}")
 
 
 def _plot_attainment(ax: Any, report: dict[str, Any]) -> None:
@@ -660,11 +657,8 @@ def write_compare_plot(path: Path, report: dict[str, Any]) -> None:
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
     w = report["workload"]
-    fig.suptitle(f"serve_bench compare {report['backends']['offline']['backend']['model'] or ''}: engine in-process "
-                 f"vs server; {w['num_prompts']} prompts ({w['kind']}), seed {w['seed']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    results_meta.finish_figure(fig, path, f"serve_bench compare {report['backends']['offline']['backend']['model'] or ''}: "
+                               f"engine in-process vs server; {w['num_prompts']} prompts ({w['kind']}), seed {w['seed']}")
 
 
 if __name__ == "__main__":

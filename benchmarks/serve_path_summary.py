@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_meta import report_header, save_report  # noqa: E402
+from results_meta import finish_figure, report_header, save_report  # noqa: E402
 
 
 def load_runs(spec: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -92,10 +92,7 @@ def write_plot(path: Path, report: dict[str, Any]) -> None:
         ax.set_xlabel("request rate (req/s)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(report.get("title", "serving path vs engine"), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_figure(fig, path, report.get("title", "serving path vs engine"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
