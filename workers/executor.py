@@ -5,10 +5,17 @@
 
 Both are built from one `RunnerSpec` (everything a rank needs to build its runner, picklable)
 by `make_executor`; `build_runner` is the one place a rank's runner is assembled.
+
+A step whose computation raises: an exception the rank can survive (`step_failure_is_fatal`
+says which: a Python exception of a one-rank group, or of sampling) comes back from `collect`
+in that batch's place as `StepError`, and the rank goes on serving: only the batch is lost. Any
+other ends the rank, and so the group: `WorkerGroupError`, whose ``step_failure`` names the
+step. Either way the engine learns which batch raised, and so whose requests (engine.py).
 """
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,13 +30,95 @@ from splitserve.workers.config import ModelConfig, ParallelConfig
 from splitserve.workers.kv_cache import KVCacheSpec
 from splitserve.workers.model_runner import ModelRunner
 from splitserve.workers.parallel import ParallelState
-from splitserve.workers.sampler import PendingSample, SamplerOutput
+from splitserve.workers.sampler import PendingSample, SampleError, SamplerOutput
 from splitserve.workers.step_batch import StepBatch
 from splitserve.workers.weights import iter_safetensors
 
 
+class StepError(RuntimeError):
+    """A rank raised a Python exception while computing one step and went on serving: only
+    that step's batch is lost (the group is not). The engine finds whose request it was."""
+
+    def __init__(self, step_id: int, message: str):
+        super().__init__(f"step {step_id} raised on the ranks: {message}")
+        self.step_id, self.message = step_id, message
+
+
 class WorkerGroupError(RuntimeError):
-    """A rank of the worker group died, hung past its deadline or raised."""
+    """A rank of the worker group died, hung past its deadline or raised where it could not
+    go on. ``step_failure``: the step whose exception ended it, when one did."""
+
+    def __init__(self, message: str, step_failure: StepError | None = None):
+        super().__init__(message)
+        self.step_failure = step_failure
+
+
+#: Test-only fault injection (unset in service): "<id>[:sample],...": a rank whose step has
+#: one of these tokens among its input ids raises before the forward, or, with ":sample", after
+#: it, as its sampling would (`SampleError`). Read when a runner is built: a runner built while
+#: it is unset has no hook at all.
+RAISE_ON_TOKEN_ENV = "SPLITSERVE_TEST_RAISE_ON_TOKEN"
+
+
+class InjectedStepFault(RuntimeError):
+    """Raised by the `RAISE_ON_TOKEN_ENV` hook."""
+
+
+def describe_error(err: BaseException, limit: int = 500) -> str:
+    """One line for a client or a log: type and message, cut short (a message may quote input)."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def step_failure_is_fatal(err: BaseException, batch: StepBatch, spec: RunnerSpec, world_size: int,
+                          tp_size: int) -> str | None:
+    """Why an exception raised while computing ``batch`` must end the rank (its group is then
+    rebuilt), or None when the rank can go on serving and only the batch is lost:
+    - anything but an `Exception`, and device errors (a CUDA error poisons the context);
+    - with several ranks, any exception but one of sampling on the output rank: a rank that
+      raised mid-forward leaves its peers in a collective that never completes (sampling comes
+      after every collective, unless its tokens are shared over the tp group);
+    - a step pushing KV to a decode group that raised mid-forward: part of its messages never
+      leave, and a receiver matching messages by order (NCCL) would be out of step for good."""
+    if not isinstance(err, Exception):
+        return f"{type(err).__name__} is not an Exception"
+    if any(_device_error(e) for e in (err, err.__cause__) if e is not None):
+        return "the device reported an error"
+    sampled = isinstance(err, SampleError)
+    shares = spec.async_scheduling and tp_size > 1
+    if world_size > 1 and not (sampled and not shares):
+        return f"a rank of {world_size} raised mid-step: its peers may wait in a collective"
+    if batch.kv_sends and not sampled:
+        return "it raised while sending KV to a decode group"
+    return None
+
+
+def _device_error(err: BaseException) -> bool:
+    text = str(err)
+    return (type(err).__name__ == "AcceleratorError" or "CUDA error" in text or "device-side assert" in text
+            or "NCCL" in text)
+
+
+def _fault_hook(runner: ModelRunner) -> None:
+    """Wrap ``runner.execute_async`` with the `RAISE_ON_TOKEN_ENV` hook, if it is set."""
+    value = os.environ.get(RAISE_ON_TOKEN_ENV, "")
+    if not value:
+        return
+    poisons = {int(token): where == "sample" for token, _, where in (v.partition(":") for v in value.split(","))}
+    execute = runner.execute_async
+
+    def execute_async(batch: StepBatch):
+        hit = poisons.keys() & set(batch.input_ids)
+        if not hit:
+            return execute(batch)
+        token = min(hit)
+        message = f"fault injection: token {token} in step {batch.step_id}"
+        if not poisons[token]:
+            raise InjectedStepFault(message)
+        execute(batch)  # the forward (and its KV sends) done, as before a real sampling error
+        raise SampleError(message)
+
+    runner.execute_async = execute_async
 
 
 @dataclass(frozen=True)
@@ -77,6 +166,7 @@ def build_runner(spec: RunnerSpec, parallel: ParallelState,
     if spec.kv is not None:
         runner.agent = KVTransferAgent(spec.kv, m.rank, runner.kv_cache.data, m.pp_layers(cfg.num_layers).start,
                                        m.kv_heads(cfg.num_kv_heads).start, report)
+    _fault_hook(runner)
     return runner
 
 
@@ -122,9 +212,10 @@ class LocalExecutor:
     """One rank in this process; its KV agent's thread stops with `shutdown`."""
 
     def __init__(self, spec: RunnerSpec):
+        self._spec = spec
         self._events: deque[TransferEvent] = deque()  # appended by the agent's thread
         self.runner = build_runner(spec, ParallelState.single(), self._events.append)
-        self._results: deque[PendingSample] = deque()
+        self._results: deque[PendingSample | StepError] = deque()
 
     def control(self, kind: str, payload: Any) -> None:
         handle_control(self.runner, kind, payload)
@@ -139,10 +230,19 @@ class LocalExecutor:
         return events
 
     def submit(self, batch: StepBatch) -> None:
-        self._results.append(self.runner.execute_async(batch))  # queued on the GPU, not waited for
+        try:
+            self._results.append(self.runner.execute_async(batch))  # queued on the GPU, not waited for
+        except Exception as err:
+            if step_failure_is_fatal(err, batch, self._spec, 1, 1) is not None:
+                raise
+            self._results.append(StepError(batch.step_id, describe_error(err)))  # `collect` raises it
 
     def collect(self) -> SamplerOutput:
-        return self._results.popleft().result()
+        """The oldest batch's tokens; `StepError` if computing it raised."""
+        result = self._results.popleft()
+        if isinstance(result, StepError):
+            raise result
+        return result.result()
 
     def ready(self) -> bool:
         # Only the device is left to wait for (no rank to lose): a driver may block on it.

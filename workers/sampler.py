@@ -33,6 +33,11 @@ from splitserve.kernels.dispatch import upload
 from splitserve.workers.sampling_params import SamplingParams
 
 
+class SampleError(RuntimeError):
+    """Sampling a step raised (after its forward: nothing of the step is left half done on
+    other ranks or in flight to another group)."""
+
+
 @dataclass
 class SampleRequest:
     """One row of the logits: what the sampler needs to know about its sequence."""
@@ -111,17 +116,22 @@ class Sampler:
         return self.sample(logits, rows).result()
 
     def sample(self, logits: torch.Tensor, rows: list[SampleRequest]) -> PendingSample:
-        """Sample without waiting for the device (unless some row asked for logprobs)."""
+        """Sample without waiting for the device (unless some row asked for logprobs). An
+        exception raised here comes out as `SampleError`: the forward is over, so a rank whose
+        sampling raised may go on serving (worker.py)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
                 f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}"
             )
-        logits = logits.float()  # no copy when already float32
-        want_logprobs = any(r.params.logprobs is not None for r in rows)
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        logits = _mask_min_tokens(logits, rows)
-        token_ids = _sample(logits, rows)
-        return PendingSample(token_ids, _gather_logprobs(raw_logprobs, token_ids, rows))
+        try:
+            logits = logits.float()  # no copy when already float32
+            want_logprobs = any(r.params.logprobs is not None for r in rows)
+            raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+            logits = _mask_min_tokens(logits, rows)
+            token_ids = _sample(logits, rows)
+            return PendingSample(token_ids, _gather_logprobs(raw_logprobs, token_ids, rows))
+        except Exception as err:
+            raise SampleError(f"{type(err).__name__}: {err}") from err
 
 
 def _sample(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:

@@ -4,7 +4,12 @@ Lifecycle: spawned by `WorkerGroupExecutor` -> set its thread share and ask the 
 kill it if the driver dies (no orphans) -> rendezvous with its peers (`ParallelState.init`)
 -> build its runner (its shard of the weights, its share of the KV cache) -> report
 "ready" -> then for each ("step", StepBatch) from the driver run `execute`; the output rank
-replies ("result", SamplerOutput). ("stop", None) or a closed pipe ends the loop. Any
+replies ("result", SamplerOutput). ("stop", None) or a closed pipe ends the loop.
+
+A step that raises: the rank reports ("step_error", (step_id, message, fatal)). Where it can
+go on (`step_failure_is_fatal` is None: a Python exception of a one-rank group, or of
+sampling) that reply takes the place of the step's result, in order, and the rank serves the
+next step: only that batch is lost. Otherwise ``fatal`` says why, and the rank ends. Any other
 exception is reported as ("error", traceback) before the process exits, so the driver fails
 the group at once instead of waiting for a deadline.
 """
@@ -24,7 +29,9 @@ import torch
 
 from splitserve.mapping import Mapping
 from splitserve.workers.config import ParallelConfig
-from splitserve.workers.executor import RunnerSpec, build_runner, handle_control
+from splitserve.workers.executor import (
+    RunnerSpec, StepError, build_runner, describe_error, handle_control, step_failure_is_fatal,
+)
 from splitserve.workers.parallel import ParallelState
 
 
@@ -60,7 +67,7 @@ def worker_main(args: WorkerArgs, raw_conn: Connection, die_with_parent: bool = 
         parallel = ParallelState.init(args.mapping, args.host, args.port, args.backend, args.parallel.step_timeout_s)
         runner = build_runner(args.runner, parallel, lambda event: conn.send(("event", event)))
         conn.send(("ready", None))
-        _serve(runner, conn)
+        _serve(runner, conn, args)
     except (EOFError, BrokenPipeError):
         pass  # the driver is gone: nothing to report to
     except BaseException:
@@ -71,24 +78,60 @@ def worker_main(args: WorkerArgs, raw_conn: Connection, die_with_parent: bool = 
 _POLL_S = 0.0001
 
 
-def _serve(runner, conn: "LockedConnection") -> None:
+def _serve(runner, conn: "LockedConnection", args: WorkerArgs) -> None:
     """Steps are queued on the device as they come; a result goes back once its tokens are
     on the host, but a step the driver already sent (async scheduling sends step n+1 before
     it has step n's tokens) is queued first, so the device never waits for the pipe."""
-    pending: deque = deque()  # PendingSample of queued steps, oldest first
+    pending: deque = deque()  # (step id, PendingSample or _Failed) of queued steps, oldest first
     while True:
-        if pending and not _next_message_or_done(conn, pending[0]):
-            conn.send(("result", pending.popleft().result()))
+        if pending and not _next_message_or_done(conn, pending[0][1]):
+            step_id, out = pending.popleft()
+            if isinstance(out, _Failed):
+                conn.send(("step_error", (step_id, out.error.message, None)))
+                continue
+            try:
+                result = out.result()
+            except BaseException as err:  # the device failed after the step was queued: fatal
+                _step_failed(conn, step_id, err, "it failed on the device")
+                raise
+            conn.send(("result", result))
             continue
         kind, payload = conn.recv()
         if kind == "stop":
             return
         if kind == "step":
-            out = runner.execute_async(payload)
+            try:
+                out = runner.execute_async(payload)
+            except BaseException as err:
+                world, tp = args.parallel.world_size, args.parallel.tensor_parallel_size
+                fatal = step_failure_is_fatal(err, payload, args.runner, world, tp)
+                if fatal is not None:
+                    _step_failed(conn, payload.step_id, err, fatal)
+                    raise
+                traceback.print_exc()  # the whole story for the operator; the driver gets one line
+                out = _Failed(StepError(payload.step_id, describe_error(err))) if runner.is_output_rank else None
             if out is not None:
-                pending.append(out)
+                pending.append((payload.step_id, out))
         elif (reply := handle_control(runner, kind, payload)) is not None:
             conn.send((reply, None))
+
+
+class _Failed:
+    """A queued step that raised (the rank went on): its reply waits its turn, as a result would."""
+
+    def __init__(self, error: StepError):
+        self.error = error
+
+    def done(self) -> bool:
+        return True
+
+
+def _step_failed(conn: "LockedConnection", step_id: int, err: BaseException, fatal: str) -> None:
+    """Tell the driver which step ended this rank, and why, before the process goes."""
+    try:
+        conn.send(("step_error", (step_id, describe_error(err), fatal)))
+    except (OSError, EOFError):
+        pass
 
 
 def _next_message_or_done(conn: "LockedConnection", oldest) -> bool:

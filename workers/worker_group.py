@@ -9,7 +9,8 @@ Lifecycle:
     submit   send a micro-batch (`StepBatch`) to every rank; up to pp are in flight.
     collect  wait for the output rank's result of the oldest one within ``step_timeout_s``
              while watching every rank's process: a rank that dies, raises or hangs fails
-             the step at once with `WorkerGroupError`.
+             the step at once with `WorkerGroupError`. A step that raised where its rank goes
+             on (worker.py) is `StepError` instead, in its result's place: the group goes on.
     shutdown ask ranks to stop, then terminate and kill what is left; also run by a
              finalizer, and ranks die with their parent (PR_SET_PDEATHSIG): no orphans.
 After a failure the group is shut down and unusable; the engine fails its requests.
@@ -27,7 +28,7 @@ from multiprocessing.connection import Connection, wait
 
 from splitserve.kvtransfer.messages import TransferEvent
 from splitserve.workers.config import ParallelConfig
-from splitserve.workers.executor import RunnerSpec, WorkerGroupError
+from splitserve.workers.executor import RunnerSpec, StepError, WorkerGroupError
 from splitserve.workers.sampler import SamplerOutput
 from splitserve.workers.step_batch import StepBatch
 from splitserve.workers.worker import WorkerArgs, worker_main
@@ -111,7 +112,10 @@ class WorkerGroupExecutor:
         self.output_rank = (parallel.pipeline_parallel_size - 1) * parallel.tensor_parallel_size
         self.failed: str | None = None
         self._events: list[TransferEvent] = []  # KV transfer reports, kept until polled
-        self._results: deque[SamplerOutput] = deque()  # sampled tokens, oldest batch first
+        # Sampled tokens (or the `StepError` of a step that raised), oldest batch first.
+        self._results: deque[SamplerOutput | StepError] = deque()
+        #: The step whose exception ended a rank, once one has (`WorkerGroupError.step_failure`).
+        self.step_failure: StepError | None = None
         self._submitted: deque[float] = deque()  # when each outstanding batch was sent
         self._replies: list[tuple[int, str]] = []
         self._await_ready(time.monotonic() + parallel.startup_timeout_s)
@@ -152,13 +156,17 @@ class WorkerGroupExecutor:
         return list(self.conns) + list(self.launcher.sentinels())
 
     def collect(self) -> SamplerOutput:
-        """The oldest outstanding batch's sampled tokens, within the step deadline."""
+        """The oldest outstanding batch's sampled tokens, within the step deadline; `StepError`
+        if computing it raised and the ranks went on (the group is fine)."""
         deadline = time.monotonic() + self.parallel.step_timeout_s
         while not self._results:
             self._stash(*self._next_message(deadline, "step"))
         if self._submitted:
             self._submitted.popleft()
-        return self._results.popleft()
+        result = self._results.popleft()
+        if isinstance(result, StepError):
+            raise result
+        return result
 
     def control(self, kind: str, payload: object) -> None:
         """Send a control message to every rank, in order with the batches."""
@@ -195,6 +203,9 @@ class WorkerGroupExecutor:
         elif kind == "result":
             if rank == self.output_rank:
                 self._results.append(payload)
+        elif kind == "step_error":  # one the rank survived (`_receive` fails the group on the others)
+            step_id, message, _ = payload
+            self._results.append(StepError(step_id, message))
         else:
             self._replies.append((rank, kind))
 
@@ -229,13 +240,20 @@ class WorkerGroupExecutor:
             self._fail(f"rank {rank} closed its pipe (process died)")
         if kind == "error":
             self._fail(f"rank {rank} raised:\n{payload}")
+        if kind == "step_error":
+            step_id, message, fatal = payload
+            if fatal is not None or rank != self.output_rank:  # only the output rank's replies take a step's place
+                self.step_failure = StepError(step_id, message)
+                self._fail(f"rank {rank} raised in step {step_id} and ends ({fatal or 'not the output rank'}): "
+                           f"{message}")
         return rank, kind, payload
 
     def _fail(self, reason: str):
         self.failed = reason
         self.shutdown()
         raise WorkerGroupError(f"worker group (tp={self.parallel.tensor_parallel_size}, "
-                               f"pp={self.parallel.pipeline_parallel_size}) failed: {reason}")
+                               f"pp={self.parallel.pipeline_parallel_size}) failed: {reason}",
+                               self.step_failure)
 
     def shutdown(self) -> None:
         for conn in self.conns:
