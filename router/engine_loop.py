@@ -235,8 +235,8 @@ class EngineLoop:
             self._aborted.discard(out.request_id)
             sink(RouterError(ErrorCode.CANCELLED, f"request {out.request_id} was aborted by the client"))
             return
-        if out.error is not None:
-            sink(RouterError(ErrorCode.UNAVAILABLE, out.error))
+        if out.error is not None:  # the service's trouble (UNAVAILABLE), or the request's (error_code)
+            sink(RouterError(ErrorCode(out.error_code) if out.error_code else ErrorCode.UNAVAILABLE, out.error))
             return
         sink(Chunk(out.request_id, list(out.new_token_ids), out.new_text, out.finished, out.finish_reason,
                    len(out.prompt_token_ids), len(out.token_ids), out.num_cached_tokens))

@@ -37,7 +37,17 @@ Groups fail and come back:
                  nothing and is ranked nowhere); a group whose ranks died unnoticed and that
                  refuses a request being placed is marked lost then and there, and the request
                  goes to the next group: it fails only when a role has no group left, or after
-                 ``max_retries`` re-sends (a request that kills every group it reaches)
+                 ``max_retries`` re-sends
+    query of death  a step that raises on a group's ranks (engine.py): the ranks of a one-rank
+                 group go on (only the batch is lost), others end (the group is lost). The
+                 batch's requests are judged: alone in it, a request is the culprit: it fails
+                 (its error says why) and is never re-sent; with others, each is a suspect:
+                 re-sent to run whole on a decode group, isolated (batches of its own, and no
+                 prefill step that pushes KV, whose exception would end its group), so that it
+                 raises alone if it raises again, and the innocent finish token-exact. One bad
+                 request so costs at most one group (none if the ranks survive its exception,
+                 with decode groups of one rank); with larger decode groups a suspect's second
+                 exception may end a second one
 
 `step` submits to every group before collecting from any (their ranks work at once), then
 settles transfers.
@@ -179,6 +189,8 @@ class _Request:
     done_ids: list[int] = field(default_factory=list)
     done_text: str = ""
     retries: int = 0
+    #: In a batch that raised with others: runs whole on a decode group, isolated.
+    suspect: bool = False
     #: The decode group it runs on, once admitted there.
     decode: Group | None = None
     #: Tokens and characters of text the client has been given (`_emit`).
@@ -498,6 +510,7 @@ class DisaggEngine:
         self._settle()
         for group in (g for g in done if g.role == "decode"):
             outputs = self._run(group, group.engine.step)
+            self._mark_suspects(group)
             for out in outputs or ():
                 self._emit(out)
         outputs, self._outputs = self._outputs, []
@@ -572,7 +585,7 @@ class DisaggEngine:
             if not decodes:
                 self._apply_policy(request, "fail", "no decode group is available")
                 return True
-            if not self.prefills:  # aggregated groups: the whole request runs there
+            if not self.prefills or request.suspect:  # aggregated groups, or a suspect: whole on decode
                 self._run_on_decode(request, decodes)
                 return True
             prefills = self._ranked("prefill", request.prompt_ids)
@@ -641,6 +654,8 @@ class DisaggEngine:
                     request.request_id, prompt_ids, params, stream=request.stream, prompt=request.prompt,
                     cache_salt=request.cache_salt))[0]:
                 request.decode = decode
+                if request.suspect:
+                    decode.engine.isolate(request.request_id)
                 return
         self._apply_policy(request, "fail", "no decode group is available")
 
@@ -679,6 +694,7 @@ class DisaggEngine:
 
     def _collect_prefill(self, group: Group) -> None:
         outputs = self._run(group, group.engine.step)
+        self._judged_on_prefill(group)
         for out in outputs or ():
             transfer = self._transfers.get(self._by_request.get(out.request_id, -1))
             if transfer is not None and out.token_ids:
@@ -736,12 +752,46 @@ class DisaggEngine:
             events += self._run(group, group.engine.executor.poll_events) or []
         return events
 
+    def _judged_on_prefill(self, group: Group) -> None:
+        """A prefill step raised and the group went on: its engine aborted the batch's requests
+        (`LLMEngine.blamed`); their transfers end, the culprit fails, the others are re-sent."""
+        if not group.healthy:
+            return  # a group lost on the way: `_group_failed` judged them
+        for request_id, (verdict, reason) in group.engine.blamed.items():
+            transfer = self._transfers.get(self._by_request.get(request_id, -1))
+            if transfer is None or transfer.prefill is not group:
+                continue
+            if transfer.state in (TransferState.TRANSFERRING, TransferState.DONE) and transfer.decode.healthy:
+                self._decode_control(transfer.decode, "kv_cancel", transfer.transfer_id)
+            self._drop(transfer)
+            self._after_loss(transfer.request, verdict, reason if verdict == "culprit" else f"{group.name}: {reason}")
+
+    def _mark_suspects(self, group: Group) -> None:
+        """A decode step raised and the group went on: its engine runs the suspects again
+        isolated; they stay suspects if they have to move to another group."""
+        if group.healthy:
+            for request_id, (verdict, _) in group.engine.blamed.items():
+                if verdict == "suspect" and request_id in self._live:
+                    self._live[request_id].suspect = True
+
+    def _after_loss(self, request: _Request, verdict: str | None, reason: str) -> None:
+        """A request lost with its group or its batch: the culprit of a step that raised fails
+        (never re-sent); any other is re-sent, a suspect to run isolated (module doc)."""
+        if verdict == "culprit":
+            logger.error("request %s is failed, not re-sent: %s", request.request_id, reason)
+            self._apply_policy(request, "fail", reason, code="INTERNAL")
+            return
+        request.suspect = request.suspect or verdict == "suspect"
+        self._retry(request, reason)
+
     def _group_failed(self, group: Group, err: WorkerGroupError) -> None:
         """A group is gone: its requests end there; transfers through it are dropped on both
-        sides and their requests re-sent; a decode group's running requests continue elsewhere."""
+        sides and their requests re-sent; a decode group's running requests continue elsewhere.
+        If a step's exception ended it, that batch's requests are judged first (`_after_loss`)."""
         group.error, group.failed_at = group.error or str(err), time.monotonic()
         if group.engine.failure is None:
-            group.engine.fail_all(str(err))
+            group.engine.fail_all(str(err), getattr(err, "step_failure", None))
+        blamed = group.engine.blamed
         logger.error("group %s failed: %s", group.name, group.error)
         # The groups at the other end of its transfers may be gone too (both lost at once):
         # looked at first, so that no request is aborted on a dead group that has not been
@@ -756,7 +806,8 @@ class DisaggEngine:
                 # Its receive is posted: nothing may write those blocks once they are free.
                 self._decode_control(transfer.decode, "kv_cancel", transfer.transfer_id)
             self._drop(transfer)
-            self._retry(transfer.request, f"{group.name} failed: {group.error}")
+            verdict, why = blamed.get(transfer.request.request_id, (None, ""))
+            self._after_loss(transfer.request, verdict, why or f"{group.name} failed: {group.error}")
         if group.role == "decode":
             lost = group.engine.lost_outputs
             for request in [r for r in self._live.values() if r.decode is group]:
@@ -765,7 +816,8 @@ class DisaggEngine:
                 request.done_ids = request.done_ids + tokens
                 if tokens and self.tokenizer is not None:
                     request.done_text = self.tokenizer.decode(request.done_ids, skip_special_tokens=True)
-                self._retry(request, f"{group.name} failed: {group.error}")
+                verdict, why = blamed.get(request.request_id, (None, ""))
+                self._after_loss(request, verdict, why or f"{group.name} failed: {group.error}")
 
     def _retry(self, request: _Request, reason: str) -> None:
         """Send the request through again (first in line), or fail it after too many tries."""
@@ -848,15 +900,17 @@ class DisaggEngine:
                        self.config.failure_policy, reason)
         self._apply_policy(request, self.config.failure_policy, reason)
 
-    def _apply_policy(self, request: _Request, policy: str, reason: str) -> None:
-        """"recompute": decode prefills the prompt itself; "fail": the request ends with an error."""
+    def _apply_policy(self, request: _Request, policy: str, reason: str, code: str | None = None) -> None:
+        """"recompute": decode prefills the prompt itself; "fail": the request ends with an error
+        (``code``: `RequestOutput.error_code`)."""
         if policy == "recompute":
             self._run_on_decode(request)
             return
         self._live.pop(request.request_id, None)
         self._outputs.append(RequestOutput(
             request_id=request.request_id, prompt_token_ids=request.prompt_ids, token_ids=list(request.done_ids),
-            text=request.done_text, finished=True, finish_reason="abort", error=reason, prompt=request.prompt))
+            text=request.done_text, finished=True, finish_reason="abort", error=reason, error_code=code,
+            prompt=request.prompt))
 
 
 def _transport(config: DisaggConfig, local: bool) -> str:

@@ -17,11 +17,23 @@ decode rows' tokens left as placeholders that the runner fills from step n's sam
 device, so the host's work per step hides behind the device's. Text is decoded
 incrementally only for requests that stream or have stop strings; the rest are decoded once
 when they finish, which keeps the per-step cost independent of the tokenizer.
+
+A step that raises on the ranks (a query of death: a request whose input or parameters make
+the model or the sampler throw) costs only its batch when the ranks go on (`StepError`), and
+at most its group when they cannot (`WorkerGroupError.step_failure`). The batch's requests are
+judged (`blamed`): alone in the batch, a request is the *culprit*: it fails with an error and is
+never run again; with others, each is a *suspect*: it is run again in batches of its own
+(`Scheduler.isolate`), so that if it raises again it is alone, hence the culprit, and the
+innocent finish as they would have. Batches sent after the failed one (async scheduling) are
+collected and dropped too (they may read what it never wrote); their other requests are simply
+computed again. A prefill group's requests are not re-run here: they are aborted, with their
+verdict in `blamed`, and the disaggregated driver re-sends the innocent (disagg_engine.py).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +47,7 @@ from splitserve.workers.block_manager import BlockManager
 from splitserve.workers.cache_salt import check_cache_salt
 from splitserve.workers.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from splitserve.workers.detokenizer import IncrementalDetokenizer
-from splitserve.workers.executor import RunnerSpec, WorkerGroupError, make_executor
+from splitserve.workers.executor import RunnerSpec, StepError, WorkerGroupError, make_executor
 from splitserve.workers.kv_cache import KVCacheSpec
 from splitserve.workers.model_source import load_tokenizer, resolve_model
 from splitserve.workers.outputs import RequestOutput
@@ -45,6 +57,8 @@ from splitserve.workers.scheduler import Scheduler, SchedulerOutput
 from splitserve.workers.sequence import Sequence, SequenceStatus
 from splitserve.workers.step_batch import build_step_batch, sampling_rows
 from splitserve.workers.stop_checker import check_stop, stream_holdback
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -168,6 +182,11 @@ class LLMEngine:
         self._kv_hook: KVSendHook | None = None
         #: Set by `fail_all`: request id -> tokens it had generated when the group failed.
         self.lost_outputs: dict[str, list[int]] = {}
+        #: Requests of a batch that raised on the ranks, judged in the latest `step` (or by
+        #: `fail_all`): request id -> (verdict, reason). "culprit": alone in the batch, failed
+        #: and never to be run again; "suspect": with others (run again isolated); "requeue": in
+        #: a batch sent after it, computed again. For the disaggregated driver (module doc).
+        self.blamed: dict[str, tuple[str, str]] = {}
 
     def _async_scheduling(self) -> bool:
         """Asked for: needs pp = 1 (a first stage would need the last stage's samples before
@@ -331,6 +350,13 @@ class LLMEngine:
         self._finish(req.seq, SequenceStatus.FINISHED_ABORTED)
         self._pending.append(self._output(req))
 
+    def isolate(self, request_id: str) -> None:
+        """Run this request in batches of its own from now on: a suspect of a step that raised
+        elsewhere, so that if it raises here it is found alone (module doc)."""
+        req = self._requests.get(request_id)
+        if req is not None:
+            self.scheduler.isolate(req.seq)
+
     def has_request(self, request_id: str) -> bool:
         """The id is queued, running, or held for a transfer here."""
         return request_id in self._requests or request_id in self._held
@@ -371,21 +397,97 @@ class LLMEngine:
         return bool(self._pending) or (bool(self._inflight) and self._guarded(self.executor.ready))
 
     def step(self) -> list[RequestOutput]:
+        self.blamed = {}
         self._submit_ready()
         if not self._inflight:
             outputs, self._pending = self._pending, []
             return outputs
-        out, sampled = self._collect_oldest()
-        outputs = self._update(out, sampled)
+        collected = self._collect_oldest()
+        if collected is None:  # the batch raised: its requests are judged, failed ones reported
+            outputs, self._pending = self._pending, []
+            return outputs
+        outputs = self._update(*collected)
         self._collect_dead()
         return outputs
 
-    def _collect_oldest(self) -> tuple[SchedulerOutput, SamplerOutput]:
-        """The oldest batch's tokens, its sequences advanced past what it computed."""
-        sampled = self._guarded(self.executor.collect)  # on failure the batch is still listed
+    def _collect_oldest(self) -> tuple[SchedulerOutput, SamplerOutput] | None:
+        """The oldest batch's tokens, its sequences advanced past what it computed; None if
+        computing it raised (`_step_failed`)."""
+        try:
+            sampled = self._guarded(self.executor.collect)  # on failure the batch is still listed
+        except StepError as err:
+            self._step_failed(err)
+            return None
         out = self._inflight.popleft()
         self.scheduler.postprocess(out)
         return out, sampled
+
+    def _step_failed(self, err: StepError) -> None:
+        """The oldest batch raised on the ranks, which went on serving: judge its requests
+        (`_blame`), drop the batches sent after it (they may read what it never wrote), then
+        fail the culprit, isolate the suspects and compute everyone again (module doc)."""
+        failed = self._inflight.popleft()
+        self.scheduler.discard(failed)
+        logger.warning("step %d (%d requests) raised on the ranks: %s", failed.step_id, len(failed.scheduled),
+                       err.message)
+        verdicts = self._blame(err, failed)
+        lost = []
+        while self._inflight:  # a group failure here ends everything (`fail_all`: verdicts kept)
+            try:
+                self._guarded(self.executor.collect)
+            except StepError:
+                pass
+            out = self._inflight.popleft()
+            self.scheduler.discard(out)
+            lost += [seq for seq in self._live(out) if seq.request_id not in verdicts]
+        for seq in lost:
+            verdicts[seq.request_id] = (seq, "requeue", f"a batch sent after step {failed.step_id}, which raised, "
+                                                        "was dropped with it")
+            self.blamed.setdefault(seq.request_id, ("requeue", verdicts[seq.request_id][2]))
+        for seq, verdict, reason in reversed(verdicts.values()):  # requeued to the front: keep their order
+            req = self._requests[seq.request_id]
+            if verdict == "culprit" or req.hold:  # a prefill group's requests are re-sent by the driver
+                self._fail_request(req, reason, "INTERNAL" if verdict == "culprit" else None)
+            else:
+                self.scheduler.requeue(seq)
+                if verdict == "suspect":
+                    self.scheduler.isolate(seq)
+
+    def _live(self, out: SchedulerOutput) -> list[Sequence]:
+        """The batch's sequences that are still this engine's unfinished requests."""
+        live = []
+        for item in out.scheduled:
+            req = self._requests.get(item.seq.request_id)
+            if req is not None and req.seq is item.seq and not item.seq.is_finished:
+                live.append(item.seq)
+        return live
+
+    def _blame(self, err: StepError, out: SchedulerOutput | None) -> dict[str, tuple[Sequence, str, str]]:
+        """Judge the requests of the batch that raised (recorded in `blamed` as well): alone in
+        it, a request is the culprit; with others (even ones ended since), each is a suspect."""
+        if out is None:
+            return {}
+        alone = len(out.scheduled) == 1
+        verdict = "culprit" if alone else "suspect"
+        if alone:
+            reason = (f"the model raised an exception on this request (alone in its step, so it is the "
+                      f"cause); it is failed and not retried: {err.message}")
+        else:
+            reason = (f"the model raised an exception in a step of {len(out.scheduled)} requests; each is "
+                      f"run again alone to find which one caused it: {err.message}")
+        verdicts = {seq.request_id: (seq, verdict, reason) for seq in self._live(out)}
+        for request_id in verdicts:
+            self.blamed[request_id] = (verdict, reason)
+        return verdicts
+
+    def _fail_request(self, req: _Request, reason: str, code: str | None) -> None:
+        """End the request now with an error (finish_reason "abort"), reported by this step."""
+        del self._requests[req.seq.request_id]
+        self._send_plans.pop(req.seq.request_id, None)
+        self._finish(req.seq, SequenceStatus.FINISHED_ABORTED)
+        out = self._output(req)
+        out.error, out.error_code = reason, code
+        self._pending.append(out)
 
     def _collect_dead(self) -> None:
         """A batch queued ahead whose every sequence has ended since (a stop token) is taken
@@ -405,20 +507,25 @@ class LLMEngine:
                 return
             previous = sampling_rows(self._inflight[-1]) if self._inflight else None
             self._inflight.append(out)  # first: a failing submit must still release its sequences
+            out.step_id = next(self._step_ids)
             batch = build_step_batch(out, self.block_manager.block_size, self._kv_sends(out),
-                                     next(self._step_ids), previous)
+                                     out.step_id, previous)
             self._guarded(lambda: self.executor.submit(batch))
 
     def _guarded(self, call):
         try:
             return call()
         except WorkerGroupError as err:
-            self.fail_all(str(err))
+            self.fail_all(str(err), err.step_failure)
             raise
 
-    def fail_all(self, reason: str) -> None:
+    def fail_all(self, reason: str, step_failure: StepError | None = None) -> None:
         """The group is gone: end every request (blocks back to the pool) and refuse new ones.
-        What each request had generated stays in ``lost_outputs`` (to continue it elsewhere)."""
+        What each request had generated stays in ``lost_outputs`` (to continue it elsewhere);
+        when a step's exception ended the group (``step_failure``), its batch's requests are
+        judged in `blamed` first (the driver fails the culprit rather than re-send it)."""
+        if step_failure is not None and self._failure is None:
+            self._blame(step_failure, next((o for o in self._inflight if o.step_id == step_failure.step_id), None))
         self._failure = reason
         self.lost_outputs = {rid: list(req.seq.output_token_ids) for rid, req in self._requests.items() if not req.hold}
         for out in self._inflight:  # the group is gone: nothing writes these blocks any more

@@ -30,3 +30,6 @@ class RequestOutput:
     prompt: str | None = None
     #: Why the request failed (finish_reason "abort"), when it did not just get cancelled.
     error: str | None = None
+    #: The status a server answers such a failure with, when it is not the service's to retry
+    #: (None: UNAVAILABLE): "INTERNAL" for a request that made the model raise (a query of death).
+    error_code: str | None = None

@@ -22,6 +22,10 @@ runs step n: an in-flight sequence may be scheduled once more, for its next prom
 for the token step n samples (a *placeholder*, filled in on the device by the runner). A
 sequence sure to end when that token lands (``max_tokens``, the model's length) is not; one
 that ends by a stop token wastes the one extra row, which the engine discards.
+
+**Isolated** sequences (`isolate`: suspects of a step that raised, engine.py) run in batches of
+their own, one at a time: every other batch is one of them while any is ready, so a step that
+raises again has exactly one request in it. The rest are scheduled around them as usual.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ class SchedulerOutput:
     #: Prefill chunks (whole prompts or parts of them).
     prefills: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    #: The engine's number for the step that computes it (set when it is submitted).
+    step_id: int = 0
 
     @property
     def scheduled(self) -> list[ScheduledSeq]:
@@ -91,6 +97,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        #: Unfinished isolated sequences, oldest first (a dict as an ordered set).
+        self._isolated: dict[Sequence, None] = {}
+        self._last_isolated = False  # the latest batch was an isolated one
 
     @property
     def num_unfinished(self) -> int:
@@ -99,12 +108,21 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def isolate(self, seq: Sequence) -> None:
+        """From now on ``seq`` runs in batches of its own (until it finishes)."""
+        if not seq.is_finished:
+            self._isolated[seq] = None
+
+    def is_isolated(self, seq: Sequence) -> bool:
+        return seq in self._isolated
+
     def schedule(self, max_seqs: int | None = None) -> SchedulerOutput:
         out = SchedulerOutput()
         cap = max_seqs or self.config.max_num_seqs
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens, cap)
-        if not out.preempted:
-            self._schedule_waiting(out, budget, cap)
+        if not (self._isolated and self._schedule_isolated(out)):
+            budget = self._schedule_running(out, self.config.max_num_batched_tokens, cap)
+            if not out.preempted:
+                self._schedule_waiting(out, budget, cap)
         for item in out.scheduled:
             item.seq.num_inflight_tokens += item.num_new_tokens
             item.seq.num_placeholders += item.samples
@@ -128,10 +146,35 @@ class Scheduler:
         return (seq.num_generated >= seq.params.max_tokens
                 or (self.max_model_len is not None and total >= self.max_model_len))
 
+    # ---- isolated ---------------------------------------------------------------------
+
+    def _schedule_isolated(self, out: SchedulerOutput) -> bool:
+        """A batch of one isolated sequence (the oldest that can go), every other batch while
+        others wait too; True if ``out`` is that batch."""
+        others = any(self._schedulable(s) for s in self.running if s not in self._isolated) or \
+            any(s not in self._isolated for s in self.waiting)
+        if self._last_isolated and others:
+            self._last_isolated = False
+            return False
+        budget = self.config.max_num_batched_tokens
+        for seq in self._isolated:
+            if seq.status is SequenceStatus.RUNNING and self._schedulable(seq):
+                num_new = self._chunk(seq, budget)
+                if num_new and self._make_room(seq, num_new, out):
+                    self.block_manager.allocate(seq, num_new)
+                    (out.decodes if num_new == seq.num_unscheduled_tokens == 1 else out.prefills).append(
+                        ScheduledSeq.of(seq, num_new))
+            elif seq.status is SequenceStatus.WAITING and not out.preempted:
+                self._admit(seq, budget, out)
+            if not out.is_empty or out.preempted:
+                break
+        self._last_isolated = not out.is_empty
+        return self._last_isolated
+
     # ---- running ---------------------------------------------------------------------
 
     def _schedule_running(self, out: SchedulerOutput, budget: int, cap: int) -> int:
-        idle = [s for s in self.running if self._schedulable(s)]
+        idle = [s for s in self.running if self._schedulable(s) and s not in self._isolated]
         decodes = [s for s in idle if s.num_unscheduled_tokens == 1]
         prefills = [s for s in idle if s.num_unscheduled_tokens > 1]
         for seq in decodes + prefills:
@@ -176,24 +219,38 @@ class Scheduler:
     # ---- waiting ---------------------------------------------------------------------
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, cap: int) -> None:
-        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+        skip = 0  # isolated sequences at the head of the queue: they run in batches of their own
+        while (budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(out.decodes) + len(out.prefills) < cap):
-            seq = self.waiting[0]
-            prefix = self.block_manager.find_cached_prefix(seq)
-            remaining = seq.num_tokens - prefix.num_blocks * self.block_manager.block_size
-            num_new = min(remaining, budget)
-            if num_new < remaining and not self._may_chunk(seq):
+            while skip < len(self.waiting) and self.waiting[skip] in self._isolated:
+                skip += 1
+            if skip == len(self.waiting):
                 break
-            if not self.block_manager.can_allocate(seq, num_new, prefix):
+            num_new = self._admit(self.waiting[skip], budget, out)
+            if not num_new:
                 break
-            self.waiting.popleft()
-            self.block_manager.allocate(seq, num_new, prefix)
-            if seq.num_preemptions == 0:
-                seq.num_cached_tokens = seq.num_computed_tokens
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            out.prefills.append(ScheduledSeq.of(seq, num_new))
             budget -= num_new
+
+    def _admit(self, seq: Sequence, budget: int, out: SchedulerOutput) -> int:
+        """Start the waiting ``seq`` (its prefix-cache hits, then a first chunk within
+        ``budget``): the tokens it takes, or 0 if it does not fit now."""
+        if len(self.running) >= self.config.max_num_seqs:
+            return 0
+        prefix = self.block_manager.find_cached_prefix(seq)
+        remaining = seq.num_tokens - prefix.num_blocks * self.block_manager.block_size
+        num_new = min(remaining, budget)
+        if num_new < remaining and not self._may_chunk(seq):
+            return 0
+        if not self.block_manager.can_allocate(seq, num_new, prefix):
+            return 0
+        self.waiting.remove(seq)  # the head, but for isolated sequences passed over
+        self.block_manager.allocate(seq, num_new, prefix)
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = seq.num_computed_tokens
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        out.prefills.append(ScheduledSeq.of(seq, num_new))
+        return num_new
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         remaining = seq.num_unscheduled_tokens
@@ -221,6 +278,30 @@ class Scheduler:
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_full_blocks(seq)
 
+    def discard(self, out: SchedulerOutput) -> None:
+        """The batch came back without results (computing it raised): its sequences are no
+        longer in flight for it and advance by nothing; one that ended meanwhile, and is in no
+        other batch, frees its blocks now (as `postprocess` would)."""
+        for item in out.scheduled:
+            seq = item.seq
+            seq.num_inflight_tokens -= item.num_new_tokens
+            seq.num_placeholders -= item.samples
+            if seq.is_finished and not seq.in_flight:
+                self.block_manager.free(seq)
+
+    def requeue(self, seq: Sequence) -> None:
+        """Back to the front of the waiting queue to compute prompt + output again (a batch of
+        it was lost; none is in flight): its blocks go, its tokens stay, as after a preemption."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1  # prompt + output may outgrow the budget: it may be chunked
+        self.waiting.appendleft(seq)
+
     def forget_in_flight(self, seqs: list[Sequence]) -> None:
         """The group is gone: nothing computes these sequences' batches any more."""
         for seq in seqs:
@@ -238,6 +319,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self._isolated.pop(seq, None)
         seq.status = status
         # A micro-batch still in flight writes into its blocks: they go back when it returns.
         if free_blocks and not seq.in_flight:

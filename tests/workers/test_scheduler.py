@@ -417,3 +417,48 @@ def test_lookahead_schedules_the_sampled_token_before_it_is_known():
     assert not a.in_flight and a.num_computed_tokens == 6 and a.num_placeholders == 0
     sched.finish(a, SequenceStatus.FINISHED_STOPPED)
     assert bm.num_free_blocks == bm.num_blocks
+
+
+# ---- isolation (suspects of a step that raised) ------------------------------------------
+
+
+def test_isolated_sequences_run_alone_every_other_batch_and_everyone_finishes():
+    sched = make_sched(budget=16)
+    seqs = [make_seq(f"s{i}", 5, max_tokens=3) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    for s in seqs[1:3]:  # one waiting at the head's back, one further on
+        sched.isolate(s)
+    outs = run(sched)
+    for s in seqs:
+        assert_finished(s)
+    isolated = {"s1", "s2"}
+    for out in outs:
+        ids = {item.seq.request_id for item in out.scheduled}
+        assert len(ids) == 1 or not ids & isolated, ids  # an isolated one is always alone
+    kinds = ["iso" if {i.seq.request_id for i in o.scheduled} & isolated else "rest" for o in outs]
+    rest = [i for i, k in enumerate(kinds) if k == "rest"]
+    assert rest and rest[0] <= 1  # the others were not made to wait for the isolated ones
+    both = min(max(i for i, k in enumerate(kinds) if k == "iso"), max(rest))
+    assert all(kinds[i] != kinds[i + 1] for i in range(both))  # alternating while both had work
+    assert not sched.is_isolated(seqs[1])  # forgotten once finished
+
+
+def test_requeue_and_discard_after_a_lost_batch():
+    """A batch that raised: `discard` takes it back, `requeue` computes the sequence again."""
+    sched = make_sched(budget=16)
+    a, b = make_seq("a", 6, max_tokens=2), make_seq("b", 3, max_tokens=2)
+    sched.add(a)
+    sched.add(b)
+    step(sched)  # both prompts computed, first tokens sampled
+    out = sched.schedule()  # the decode batch that "raises"
+    assert {i.seq.request_id for i in out.scheduled} == {"a", "b"}
+    sched.discard(out)
+    assert not a.in_flight and a.num_computed_tokens == 6 and a.num_placeholders == 0
+    sched.requeue(a)
+    assert a.status is SequenceStatus.WAITING and a.block_ids == [] and sched.waiting[0] is a
+    assert a.output_token_ids == [1000]  # its tokens stay: prompt + output are computed again
+    outs = run(sched)
+    assert_finished(a)
+    assert_finished(b)
+    assert outs[0].prefills[0].seq is a and outs[0].prefills[0].num_new_tokens in (3, 7)  # prefix hit or not
