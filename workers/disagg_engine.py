@@ -789,8 +789,9 @@ class DisaggEngine:
         sides and their requests re-sent; a decode group's running requests continue elsewhere.
         If a step's exception ended it, that batch's requests are judged first (`_after_loss`)."""
         group.error, group.failed_at = group.error or str(err), time.monotonic()
-        if group.engine.failure is None:
-            group.engine.fail_all(str(err), getattr(err, "step_failure", None))
+        if group.engine.failure is None:  # the step that ended it, however its loss was found
+            step_failure = getattr(err, "step_failure", None) or getattr(group.engine.executor, "step_failure", None)
+            group.engine.fail_all(str(err), step_failure)
         blamed = group.engine.blamed
         logger.error("group %s failed: %s", group.name, group.error)
         # The groups at the other end of its transfers may be gone too (both lost at once):

@@ -516,7 +516,7 @@ class LLMEngine:
         try:
             return call()
         except WorkerGroupError as err:
-            self.fail_all(str(err), err.step_failure)
+            self.fail_all(str(err), err.step_failure or getattr(self.executor, "step_failure", None))
             raise
 
     def fail_all(self, reason: str, step_failure: StepError | None = None) -> None:

@@ -216,6 +216,7 @@ class WorkerGroupExecutor:
             try:
                 conn.send(message)
             except OSError:
+                self._drain()  # what the ranks sent before going first: which step ended one, if any
                 self._fail(f"rank {rank} is gone (pipe closed)")
 
     def _next_message(self, deadline: float, phase: str) -> tuple[int, str, object]:
