@@ -115,3 +115,36 @@ def test_after_the_hostile_inputs_the_service_answers_token_exact(servers, smoll
     with Client(servers.grpc_address) as client:
         out = client.generate(ids, SamplingParams(max_tokens=N, temperature=0.0))
     assert out.token_ids == smollm2_oracle(ids, N)
+
+
+def test_a_client_deadline_cannot_outlive_the_servers():
+    """A service whose requests may take 2 s ends one that asked for 1e6 s at 2 s, its blocks
+    freed (the client's timeout_s is clamped to router.request_timeout_s)."""
+    import torch
+
+    from splitserve.cluster.serve_config import RouterSpec, ServeConfig
+    from splitserve.router.local_handle import build_local_router
+
+    torch.set_num_threads(1)
+    router = build_local_router(ServeConfig(model="random:tiny-llama", mode="aggregated", device="cpu",
+                                            num_kv_blocks=128, router=RouterSpec(request_timeout_s=2.0)))
+    # Long enough to outlast 2 s on this CPU: many tokens, each step slowed by a big batch.
+    params = SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True)
+
+    async def run():
+        async def one(i):
+            return [c async for c in router.generate(GenerateRequest(token_ids=[5 + i, 6], sampling=params,
+                                                                     timeout_s=1e6))]
+        return await asyncio.gather(*[one(i) for i in range(24)], return_exceptions=True)
+
+    try:
+        t = time.monotonic()
+        results = asyncio.run(run())
+        took = time.monotonic() - t
+        state = asyncio.run(router.kv_state())
+    finally:
+        router.close()
+    ended = [r for r in results if isinstance(r, RouterError)]
+    assert ended and all(r.code is ErrorCode.DEADLINE_EXCEEDED for r in ended), results[:2]
+    assert took < 2.0 + 3.0, took
+    assert all(free == total for free, total in state["groups"].values())
