@@ -148,3 +148,41 @@ def test_a_client_deadline_cannot_outlive_the_servers():
     assert ended and all(r.code is ErrorCode.DEADLINE_EXCEEDED for r in ended), results[:2]
     assert took < 2.0 + 3.0, took
     assert all(free == total for free, total in state["groups"].values())
+
+
+def test_a_request_that_makes_a_rank_raise_fails_alone_through_the_server(monkeypatch):
+    """A query of death through the gRPC door: the request whose prompt makes the rank raise
+    ends INTERNAL; requests beside it and after it are served, and no block is held."""
+    import torch
+
+    from splitserve.cluster.serve_config import ServeConfig, ServerSpec
+    from splitserve.router.grpc_server import start_grpc_server
+    from splitserve.router.local_handle import build_local_router
+    from splitserve.workers.executor import RAISE_ON_TOKEN_ENV
+
+    torch.set_num_threads(1)
+    poison = 201
+    monkeypatch.setenv(RAISE_ON_TOKEN_ENV, str(poison))  # read when the runner is built, below
+    router = build_local_router(ServeConfig(model="random:tiny-llama", mode="aggregated", device="cpu",
+                                            num_kv_blocks=128))
+    server = start_grpc_server(router, ServerSpec(grpc_port=0, http_port=0))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    async def scenario():
+        from splitserve import AsyncClient
+
+        async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+            return await asyncio.gather(client.generate([5, 6, poison, 7], params),
+                                        *[client.generate([5 + i, 6, 7], params) for i in range(3)],
+                                        return_exceptions=True)
+
+    try:
+        bad, *good = asyncio.run(scenario())
+        after = asyncio.run(scenario())[1:]
+        state = asyncio.run(router.kv_state())
+    finally:
+        server.stop()
+        router.close()
+    assert isinstance(bad, RouterError) and bad.code is ErrorCode.INTERNAL, bad
+    assert all(len(g.token_ids) == 8 for g in good + after), good + after
+    assert all(free == total for free, total in state["groups"].values())
