@@ -38,6 +38,7 @@ from splitserve.cluster.serve_config import ServeConfig, ServerSpec
 from splitserve.cluster.service_actors import CORE_NAME, EngineCoreActor, FrontDoorActor, door_name
 from splitserve.router.engine_client import EngineClient
 from splitserve.router.engine_core import CoreAddress
+from splitserve.router.local_handle import door_tokenizer
 
 logger = logging.getLogger("splitserve.serve")
 
@@ -82,18 +83,12 @@ def start_core(cfg: ServeConfig, timeout_s: float = 600.0, name: str = CORE_NAME
         mode = ray.get(actor.wait_started.remote(timeout_s), timeout=timeout_s + 30)
         client = EngineClient(address, door=f"driver-{time.monotonic_ns()}",
                               request_timeout_s=cfg.router.request_timeout_s, limits=cfg.server.limits(),
-                              tokenizer=_tokenizer(cfg))
+                              tokenizer=door_tokenizer(cfg))
         client.wait_ready(30.0)
     except BaseException:
         ray.kill(actor, no_restart=True)
         raise
     return CoreHandle(actor, client, address, mode)
-
-
-def _tokenizer(cfg: ServeConfig):
-    from splitserve.router.local_handle import door_tokenizer
-
-    return door_tokenizer(cfg)
 
 
 def stop_core(handle: CoreHandle, timeout_s: float = 60.0) -> None:

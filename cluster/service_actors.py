@@ -92,7 +92,7 @@ class EngineCoreActor:
     def kv_state(self) -> dict:
         if self._core is None:
             raise RuntimeError("the engine core is still starting")
-        return self._core.loop.call(self._core._kv_state).result(30)
+        return self._core.kv_state()
 
     def pid(self) -> int:
         import os

@@ -109,10 +109,6 @@ class EngineClient:
         if not self._ready.wait(timeout_s):
             raise RouterError(ErrorCode.UNAVAILABLE, f"the engine core did not answer within {timeout_s:g} s")
 
-    @property
-    def alive(self) -> bool:
-        return self._alive
-
     # ---- RouterAPI ---------------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
@@ -120,10 +116,6 @@ class EngineClient:
         self.limits.check(request)  # before any work on it: a tokenizer run, a copy, a scan
         request_id = request.request_id or uuid.uuid4().hex
         prompt_ids = await self._prompt_ids(request)
-        max_len = (await self.model_info()).max_model_len
-        if len(prompt_ids) >= max_len:
-            raise RouterError(ErrorCode.INVALID_ARGUMENT, f"prompt of {len(prompt_ids)} tokens is too long: the "
-                              f"model's max length is {max_len} tokens, prompt + at least one generated token")
         params = request.sampling
         if params.stop and self.tokenizer is None:
             raise RouterError(ErrorCode.INVALID_ARGUMENT, "stop strings need a tokenizer; this model has none "
@@ -208,14 +200,18 @@ class EngineClient:
     # ---- requests ----------------------------------------------------------------------------
 
     async def _prompt_ids(self, request: GenerateRequest) -> list[int]:
-        if request.token_ids is not None:
-            if not request.token_ids:
-                raise RouterError(ErrorCode.INVALID_ARGUMENT, "empty prompt: give at least one prompt token id")
-            max_len = (await self.model_info()).max_model_len
-            if len(request.token_ids) >= max_len:  # before copying or scanning it
-                raise RouterError(ErrorCode.INVALID_ARGUMENT, f"prompt of {len(request.token_ids)} tokens is too "
-                                  f"long: the model's max length is {max_len} tokens")
-            return list(request.token_ids)
+        """The prompt's token ids (tokenized here), refused when empty or past the model's
+        length (a token-id prompt before it is copied)."""
+        ids = request.token_ids if request.token_ids is not None else await self._tokenize(request)
+        if not ids:
+            raise RouterError(ErrorCode.INVALID_ARGUMENT, "empty prompt: a request needs at least one prompt token")
+        max_len = (await self.model_info()).max_model_len
+        if len(ids) >= max_len:
+            raise RouterError(ErrorCode.INVALID_ARGUMENT, f"prompt of {len(ids)} tokens is too long: the model's "
+                              f"max length is {max_len} tokens, prompt + at least one generated token")
+        return list(ids)
+
+    async def _tokenize(self, request: GenerateRequest) -> list[int]:
         if self.tokenizer is None:
             raise RouterError(ErrorCode.INVALID_ARGUMENT, "this model has no tokenizer: pass prompts as token-id "
                                                           "lists" + ("" if request.chat is None else
@@ -230,11 +226,8 @@ class EngineClient:
                 raise RouterError(ErrorCode.INVALID_ARGUMENT,
                                   f"the chat template cannot render these messages: {err}") from None
         if not request.text:
-            raise RouterError(ErrorCode.INVALID_ARGUMENT, "empty prompt: a request needs at least one prompt token")
-        ids = await _maybe_off_loop(len(request.text), lambda: self.tokenizer.encode(request.text))
-        if not ids:
-            raise RouterError(ErrorCode.INVALID_ARGUMENT, "empty prompt: a request needs at least one prompt token")
-        return ids
+            return []
+        return await _maybe_off_loop(len(request.text), lambda: self.tokenizer.encode(request.text))
 
     def _check_alive(self) -> None:
         if not self._alive:

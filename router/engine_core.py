@@ -170,13 +170,12 @@ class EngineCore:
         if query.kind is cm.QueryKind.MODEL_INFO:
             self._output.send_multipart([topic, cm.encode(cm.QueryReply(query.query_id, model_info=self.model_info))])
             return
-        read = self._metrics_text if query.kind is cm.QueryKind.METRICS else self._kv_state
+        metrics = query.kind is cm.QueryKind.METRICS
+        read, field = (self._metrics_text, "metrics_text") if metrics else (self._kv_state, "kv_state")
 
         def reply(fut) -> None:  # on the engine's thread: the outbox is its socket
             try:
-                result = fut.result()
-                kind = "metrics_text" if query.kind is cm.QueryKind.METRICS else "kv_state"
-                msg = cm.QueryReply(query.query_id, **{kind: result})
+                msg = cm.QueryReply(query.query_id, **{field: fut.result()})
             except Exception as err:  # noqa: BLE001 - handed to the asking door
                 msg = cm.QueryReply(query.query_id, error=f"{type(err).__name__}: {err}")
             self._outbox_tx.send_multipart([topic, cm.encode(msg)])
@@ -229,6 +228,11 @@ class EngineCore:
         self.metrics.observe_groups(self.loop.statuses)
         self.metrics.observe_transfers(engine.metrics)
         return self.metrics.render() + self.door_metrics.render()
+
+    def kv_state(self, timeout_s: float = 30.0) -> dict:
+        """Free and total blocks of every healthy group, open transfers and live requests (leak
+        checks), read between steps. From any thread but the engine's."""
+        return self.loop.call(self._kv_state).result(timeout_s)
 
     def _kv_state(self) -> dict:
         engine = self.loop.engine

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from splitserve.router.messages import Chunk, ErrorCode, GroupStatus, RouterError
+from splitserve.router.messages import Chunk, ErrorCode, GroupStatus, RouterError, short
 from splitserve.workers.disagg_engine import DisaggEngine, Group
 from splitserve.workers.engine import LLMEngine
 from splitserve.workers.outputs import RequestOutput
@@ -86,23 +86,21 @@ class EngineLoop:
         """Requests added and not yet ended (their sinks still open)."""
         return len(self._sinks)
 
-    def add(self, request_id: str, prompt: str | list[int] | list[dict[str, str]], params: SamplingParams,
-            sink: Sink, deadline: float | None = None, cache_salt: str | None = None) -> None:
-        """Tokenize (a chat is rendered with the template), validate and queue the request;
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink,
+            deadline: float | None = None, cache_salt: str | None = None) -> None:
+        """Validate and queue a tokenized request (its front door tokenized it);
         ``deadline`` (time.monotonic) ends it with DEADLINE_EXCEEDED if it is still live then;
         ``cache_salt``: its prefix-cache partition (a bad one is INVALID_ARGUMENT)."""
         def add() -> None:
             if request_id in self._sinks:
-                sink(RouterError(ErrorCode.ALREADY_EXISTS, f"request id {request_id!r} is already in use"))
+                sink(RouterError(ErrorCode.ALREADY_EXISTS, f"request id {short(request_id)} is already in use"))
                 return
             if self._max_live is not None and len(self._sinks) >= self._max_live:
                 sink(RouterError(ErrorCode.RESOURCE_EXHAUSTED, f"overloaded: {len(self._sinks)} requests in "
                                  f"flight (the limit is {self._max_live}); retry later"))
                 return
             try:
-                prompt_ids = self._prompt_ids(prompt)
-                self.engine.add_request(request_id, prompt_ids, params, stream=True,
-                                        prompt=prompt if isinstance(prompt, str) else None, cache_salt=cache_salt)
+                self.engine.add_request(request_id, prompt_ids, params, stream=True, cache_salt=cache_salt)
             except (ValueError, TypeError) as err:  # the request's fault
                 sink(RouterError(ErrorCode.INVALID_ARGUMENT, str(err) or type(err).__name__))
                 return
@@ -163,18 +161,6 @@ class EngineLoop:
             pass  # the bell is already ringing (buffer full) or the loop has stopped
 
     # ---- the engine's thread -----------------------------------------------------------------
-
-    def _prompt_ids(self, prompt) -> list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            from splitserve.workers.llm import chat_prompt_ids
-
-            if self.engine.tokenizer is None:
-                raise ValueError("this model has no tokenizer: chat input is not possible")
-            try:
-                return chat_prompt_ids(self.engine.tokenizer, prompt)
-            except Exception as err:  # noqa: BLE001 - the template rejected the messages
-                raise ValueError(f"the chat template cannot render these messages: {err}") from err
-        return self.engine.tokenize(prompt)
 
     def _run(self) -> None:
         while not self._stopped.is_set():
