@@ -69,7 +69,7 @@ from splitserve.kvtransfer.agent import KVAgentSpec
 from splitserve.kvtransfer.messages import FaultConfig, RecvCommand, SendCommand, TransferEvent, TransferMetrics, TransferState
 from splitserve.kvtransfer.plan import check_compatible, make_routes
 from splitserve.workers.engine import (
-    EngineConfig, KVSendHook, LLMEngine, SendPlan, first_token_params, resolve_device,
+    EngineConfig, KVSendHook, LLMEngine, SendPlan, Verdict, first_token_params, resolve_device,
 )
 from splitserve.workers.executor import WorkerGroupError
 from splitserve.workers.outputs import RequestOutput
@@ -764,24 +764,24 @@ class DisaggEngine:
             if transfer.state in (TransferState.TRANSFERRING, TransferState.DONE) and transfer.decode.healthy:
                 self._decode_control(transfer.decode, "kv_cancel", transfer.transfer_id)
             self._drop(transfer)
-            self._after_loss(transfer.request, verdict, reason if verdict == "culprit" else f"{group.name}: {reason}")
+            self._after_loss(transfer.request, verdict, reason if verdict is Verdict.CULPRIT else f"{group.name}: {reason}")
 
     def _mark_suspects(self, group: Group) -> None:
         """A decode step raised and the group went on: its engine runs the suspects again
         isolated; they stay suspects if they have to move to another group."""
         if group.healthy:
             for request_id, (verdict, _) in group.engine.blamed.items():
-                if verdict == "suspect" and request_id in self._live:
+                if verdict is Verdict.SUSPECT and request_id in self._live:
                     self._live[request_id].suspect = True
 
-    def _after_loss(self, request: _Request, verdict: str | None, reason: str) -> None:
+    def _after_loss(self, request: _Request, verdict: Verdict | None, reason: str) -> None:
         """A request lost with its group or its batch: the culprit of a step that raised fails
         (never re-sent); any other is re-sent, a suspect to run isolated (module doc)."""
-        if verdict == "culprit":
+        if verdict is Verdict.CULPRIT:
             logger.error("request %s is failed, not re-sent: %s", request.request_id, reason)
             self._apply_policy(request, "fail", reason, code="INTERNAL")
             return
-        request.suspect = request.suspect or verdict == "suspect"
+        request.suspect = request.suspect or verdict is Verdict.SUSPECT
         self._retry(request, reason)
 
     def _group_failed(self, group: Group, err: WorkerGroupError) -> None:

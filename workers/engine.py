@@ -32,12 +32,13 @@ verdict in `blamed`, and the disaggregated driver re-sends the innocent (disagg_
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -60,6 +61,22 @@ from splitserve.workers.stop_checker import check_stop, stream_holdback
 
 logger = logging.getLogger(__name__)
 
+
+
+class Verdict(enum.StrEnum):
+    """What a step that raised on the ranks makes of one of its requests (module doc)."""
+
+    #: Alone in the batch: it caused the exception; failed, never run again.
+    CULPRIT = "culprit"
+    #: With others: run again in batches of its own until it finishes or raises alone.
+    SUSPECT = "suspect"
+    #: In a batch sent after the one that raised: dropped with it, computed again.
+    REQUEUE = "requeue"
+
+
+class Blame(NamedTuple):
+    verdict: Verdict
+    reason: str
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -183,10 +200,8 @@ class LLMEngine:
         #: Set by `fail_all`: request id -> tokens it had generated when the group failed.
         self.lost_outputs: dict[str, list[int]] = {}
         #: Requests of a batch that raised on the ranks, judged in the latest `step` (or by
-        #: `fail_all`): request id -> (verdict, reason). "culprit": alone in the batch, failed
-        #: and never to be run again; "suspect": with others (run again isolated); "requeue": in
-        #: a batch sent after it, computed again. For the disaggregated driver (module doc).
-        self.blamed: dict[str, tuple[str, str]] = {}
+        #: `fail_all`): request id -> its `Blame`, for the disaggregated driver (module doc).
+        self.blamed: dict[str, Blame] = {}
 
     def _async_scheduling(self) -> bool:
         """Asked for: needs pp = 1 (a first stage would need the last stage's samples before
@@ -441,16 +456,16 @@ class LLMEngine:
             self.scheduler.discard(out)
             lost += [seq for seq in self._live(out) if seq.request_id not in verdicts]
         for seq in lost:
-            verdicts[seq.request_id] = (seq, "requeue", f"a batch sent after step {failed.step_id}, which raised, "
+            verdicts[seq.request_id] = (seq, Verdict.REQUEUE, f"a batch sent after step {failed.step_id}, which raised, "
                                                         "was dropped with it")
-            self.blamed.setdefault(seq.request_id, ("requeue", verdicts[seq.request_id][2]))
+            self.blamed.setdefault(seq.request_id, Blame(Verdict.REQUEUE, verdicts[seq.request_id][2]))
         for seq, verdict, reason in reversed(verdicts.values()):  # requeued to the front: keep their order
             req = self._requests[seq.request_id]
-            if verdict == "culprit" or req.hold:  # a prefill group's requests are re-sent by the driver
-                self._fail_request(req, reason, "INTERNAL" if verdict == "culprit" else None)
+            if verdict is Verdict.CULPRIT or req.hold:  # a prefill group's requests are re-sent by the driver
+                self._fail_request(req, reason, "INTERNAL" if verdict is Verdict.CULPRIT else None)
             else:
                 self.scheduler.requeue(seq)
-                if verdict == "suspect":
+                if verdict is Verdict.SUSPECT:
                     self.scheduler.isolate(seq)
 
     def _live(self, out: SchedulerOutput) -> list[Sequence]:
@@ -462,13 +477,13 @@ class LLMEngine:
                 live.append(item.seq)
         return live
 
-    def _blame(self, err: StepError, out: SchedulerOutput | None) -> dict[str, tuple[Sequence, str, str]]:
+    def _blame(self, err: StepError, out: SchedulerOutput | None) -> dict[str, tuple[Sequence, Verdict, str]]:
         """Judge the requests of the batch that raised (recorded in `blamed` as well): alone in
         it, a request is the culprit; with others (even ones ended since), each is a suspect."""
         if out is None:
             return {}
         alone = len(out.scheduled) == 1
-        verdict = "culprit" if alone else "suspect"
+        verdict = Verdict.CULPRIT if alone else Verdict.SUSPECT
         if alone:
             reason = (f"the model raised an exception on this request (alone in its step, so it is the "
                       f"cause); it is failed and not retried: {err.message}")
@@ -477,7 +492,7 @@ class LLMEngine:
                       f"run again alone to find which one caused it: {err.message}")
         verdicts = {seq.request_id: (seq, verdict, reason) for seq in self._live(out)}
         for request_id in verdicts:
-            self.blamed[request_id] = (verdict, reason)
+            self.blamed[request_id] = Blame(verdict, reason)
         return verdicts
 
     def _fail_request(self, req: _Request, reason: str, code: str | None) -> None:
