@@ -21,28 +21,17 @@ import signal
 import time
 
 import pytest
+from launch_helpers import build_group
 from prompt_helpers import random_prompts
 
 from splitserve import SamplingParams
 from splitserve.workers.config import CacheConfig, SchedulerConfig
 from splitserve.workers.disagg_engine import DisaggConfig, DisaggEngine, GroupLoad
-from splitserve.workers.engine import EngineConfig, LLMEngine
-from splitserve.workers.worker_group import ProcessLauncher
+from splitserve.workers.engine import EngineConfig
 
 MAX_TOKENS = 40
 PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
 STEP_DEADLINE_S = 30.0
-
-
-class OneThreadLauncher(ProcessLauncher):
-    """Rank processes with one torch thread each: 4 groups share 2 cores."""
-
-    def num_threads(self, spec, world: int) -> int:
-        return 1
-
-
-def build_group(group) -> LLMEngine:
-    return LLMEngine(group.config, launcher=OneThreadLauncher())
 
 
 class Alternate:

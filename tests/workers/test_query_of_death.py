@@ -19,26 +19,17 @@ from __future__ import annotations
 import os
 
 import pytest
+from launch_helpers import build_group
 from prompt_helpers import random_prompts
 
 from splitserve import LLM, SamplingParams
 from splitserve.workers.config import CacheConfig
 from splitserve.workers.disagg_engine import DisaggConfig, DisaggEngine
-from splitserve.workers.engine import EngineConfig, LLMEngine
+from splitserve.workers.engine import EngineConfig
 from splitserve.workers.executor import RAISE_ON_TOKEN_ENV, WorkerGroupError
-from splitserve.workers.worker_group import ProcessLauncher
 
 MAX_TOKENS = 12
 PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
-
-
-class OneThreadLauncher(ProcessLauncher):
-    def num_threads(self, spec, world: int) -> int:
-        return 1
-
-
-def build_group(group) -> LLMEngine:
-    return LLMEngine(group.config, launcher=OneThreadLauncher())
 
 
 class Poisons:
