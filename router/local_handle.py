@@ -65,30 +65,16 @@ def door_tokenizer(cfg: ServeConfig):
     return load_tokenizer(resolve_model(cfg.model))
 
 
-def _resolve_local_mode(cfg: ServeConfig) -> ServeConfig:
-    """Mode auto on this machine alone: disaggregated on the CPU or where the GPUs suffice
-    (one per rank), else aggregated."""
-    if cfg.mode not in ("auto",):
-        return cfg
-    import torch
-
-    from dataclasses import replace
-
-    gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
-    need = sum(getattr(cfg, r).count * getattr(cfg, r).tp * getattr(cfg, r).pp for r in ("prefill", "decode"))
-    on_cpu = cfg.device == "cpu" or gpus == 0
-    return replace(cfg, mode="disaggregated" if on_cpu or gpus >= need else "aggregated")
-
-
 def build_local_router(cfg: ServeConfig, ready_timeout_s: float = 30.0) -> LocalRouter:
     """The service of ``cfg`` with every group in this process or its child processes."""
     # cluster.groups builds a group's EngineConfig from the ServeConfig; importing it does not
     # start Ray (only its Ray launcher would).
     from splitserve.cluster.groups import engine_config
+    from splitserve.cluster.placement import resolve_local
     from splitserve.router.policies import make_policy
     from splitserve.workers.disagg_engine import DisaggConfig, DisaggEngine
 
-    cfg = _resolve_local_mode(cfg.validate())
+    cfg = resolve_local(cfg.validate())
     if cfg.mode == "disaggregated":
         dc = DisaggConfig(prefill=engine_config(cfg, "prefill", cfg.device),
                           decode=engine_config(cfg, "decode", cfg.device),
