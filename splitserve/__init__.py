@@ -10,7 +10,7 @@ transformers) and works while parts of the engine are still being written:
   (``splitserve.router.client``); their errors are ``splitserve.RouterError``.
 
 The subpackages (``mapping``, ``kernels``, ``workers``, ``kvtransfer``, ``router``, ``cluster``)
-live in top-level folders of the repository; see DESIGN.md.
+live in top-level folders of the repository; see docs/design.md.
 """
 
 from __future__ import annotations

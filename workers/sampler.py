@@ -11,7 +11,7 @@ Per step, in order:
      min_tokens masking, temperature or filtering);
   2. min_tokens: EOS and stop_token_ids get -inf while a row is still short of min_tokens;
   3. greedy rows: `argmax` of the float32 logits, the very op HF `generate()` uses, so greedy output
-     stays token-exact with transformers (DESIGN.md invariant 1);
+     stays token-exact with transformers (docs/design.md invariant 1);
   4. random rows: temperature, top-k, top-p, min-p (vectorised across rows; one sort builds the
      top-k/top-p masks), then one draw per row by the exponential race `argmax(p / q)`,
      q ~ Exp(1), which picks token i with probability p_i. Unseeded rows share one draw from the

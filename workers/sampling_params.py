@@ -2,7 +2,7 @@
 
 Lifecycle: a client builds a `SamplingParams` (directly, or from an OpenAI-style HTTP body); it is
 validated in `__post_init__`, so bad input fails at admission with a `ValueError` and never reaches
-the engine (DESIGN.md invariant 4). From then on it is read-only: the sampler reads the
+the engine (docs/design.md invariant 4). From then on it is read-only: the sampler reads the
 distribution knobs (temperature, top_k, top_p, min_p, seed, min_tokens, logprobs) every step, and
 the stop checker reads the end conditions (max_tokens, stop, stop_token_ids, ignore_eos,
 min_tokens, include_stop_str_in_output).

@@ -119,7 +119,7 @@ def test_unsupported_rope_type_raises_value_error(rope_type):
 ], ids=["yarn", "linear"])
 def test_unsupported_rope_type_in_a_model_config_raises_value_error(rope_parameters):
     """The rope type usually arrives in a Hugging Face config; it must be rejected clearly
-    (DESIGN.md invariant 4), not with a KeyError about a missing llama3 field."""
+    (docs/design.md invariant 4), not with a KeyError about a missing llama3 field."""
     from splitserve.workers.config import ModelConfig
 
     hf = LlamaConfig(hidden_size=HQ * HEAD_DIM, num_attention_heads=HQ, num_key_value_heads=HK,

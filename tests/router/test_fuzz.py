@@ -1,6 +1,6 @@
 """Bad input, fuzzed with hypothesis, against both front doors: every request is refused
 with INVALID_ARGUMENT / 400 and a message that names what is wrong, and the server keeps
-serving correct (token-exact) answers afterwards (DESIGN.md invariant 4)."""
+serving correct (token-exact) answers afterwards (docs/design.md invariant 4)."""
 
 from __future__ import annotations
 

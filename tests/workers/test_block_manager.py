@@ -1,6 +1,6 @@
 """Block manager (workers/block_manager.py): allocation, ref counts, prefix caching, LRU.
 
-Every scenario ends with the leak check of DESIGN.md invariant 2: once every sequence is
+Every scenario ends with the leak check of docs/design.md invariant 2: once every sequence is
 freed, all blocks are free again (cached ones count as free) and no reference remains.
 """
 
