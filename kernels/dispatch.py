@@ -77,12 +77,6 @@ def upload(values: list, device: torch.device, dtype: torch.dtype = torch.long) 
 # ---- attention ----------------------------------------------------------------------------
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Store the new tokens' K/V at their slots (torch's index_copy on every device)."""
-    attention_ref.write_kv_ref(k_cache, v_cache, k, v, slot_mapping)
-
-
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                            sliding_window: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """`paged_decode_attention_ref`'s call; the result is written into ``out`` if given."""
@@ -94,18 +88,6 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     result = attention_ref.paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens,
                                                       scale, sliding_window)
     return result if out is None else out.copy_(result)
-
-
-def paged_prefill_attention(q, k_cache, v_cache, block_table, context_len: int, scale: float,
-                            sliding_window: int | None = None, k_new=None, v_new=None) -> torch.Tensor:
-    """`paged_prefill_attention_ref`'s call: one chunk."""
-    if use_triton(q):
-        from splitserve.kernels import attention_triton
-
-        return attention_triton.paged_prefill_attention(
-            q, k_cache, v_cache, block_table, context_len, scale, sliding_window, k_new, v_new)
-    return attention_ref.paged_prefill_attention_ref(
-        q, k_cache, v_cache, block_table, context_len, scale, sliding_window, k_new, v_new)
 
 
 def warm_up_attention(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float,
@@ -190,7 +172,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 def apply_rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                               sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`apply_rotary`, then the rotated k and v stored at their slots (`write_kv`): one
+    """`apply_rotary`, then the rotated k and v stored at their slots (`write_kv_ref`): one
     Triton launch on CUDA."""
     if use_triton(q):
         from splitserve.kernels import rotary_triton

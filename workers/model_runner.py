@@ -1,14 +1,15 @@
 """Model runner: one rank's forward pass for a `StepBatch`, and sampling on the output rank.
 
 Lifecycle: built once per rank (this rank's shard of the model, weights loaded or random,
-its share of the KV cache allocated); then per step `execute(batch)`: tensors from the plain
-batch, attention metadata, the forward of this pipeline stage (receiving activations from
-the previous stage, sending to the next), and on the last stage the logits of the rows that
-sample. The *output rank* (last stage, tp rank 0) samples and returns the tokens; every other
-rank returns None (with async scheduling and tp > 1 the output rank broadcasts the tokens to
-its tp peers on the device, so that each fills the next step's placeholders itself). `execute_async` returns them as a `PendingSample` (the copy to the host
-still on its way, so the engine schedules the next step meanwhile) and keeps them on the
-device: a later step's placeholder rows (async scheduling) take their token ids from there.
+its share of the KV cache allocated); then per step `execute_async(batch)`: tensors from the
+plain batch, attention metadata, the forward of this pipeline stage (receiving activations
+from the previous stage, sending to the next), and on the last stage the logits of the rows
+that sample. The *output rank* (last stage, tp rank 0) samples and returns the tokens as a
+`PendingSample` (the copy to the host still on its way, so the engine schedules the next
+step meanwhile); every other rank returns None. The runner keeps the sampled tokens on the
+device: a later step's placeholder rows (async scheduling) take their token ids from there
+(with tp > 1 the output rank broadcasts them to its tp peers on the device, so that each
+fills the next step's placeholders itself).
 
 On CUDA the step's integer inputs (token ids, positions, slots, block tables...) are packed
 into one pinned host buffer and reach the device in one asynchronous copy (`_StepInputs`);
@@ -31,7 +32,7 @@ from splitserve.workers.kv_cache import KVCache, KVCacheSpec
 from splitserve.workers.models.attention import AttentionMetadata, PrefillChunk
 from splitserve.workers.models.registry import build_model
 from splitserve.workers.parallel import ParallelState
-from splitserve.workers.sampler import PendingSample, Sampler, SamplerOutput, SampleRequest, make_generator
+from splitserve.workers.sampler import PendingSample, Sampler, SampleRequest, make_generator
 from splitserve.workers.step_batch import StepBatch
 
 
@@ -104,10 +105,6 @@ class ModelRunner:
         graphs.capture()
         self.cuda_graphs = graphs
         self.enforce_eager = False
-
-    def execute(self, batch: StepBatch) -> SamplerOutput | None:
-        pending = self.execute_async(batch)
-        return None if pending is None else pending.result()
 
     @torch.inference_mode()
     def execute_async(self, batch: StepBatch) -> PendingSample | None:

@@ -3,7 +3,7 @@
 Lifecycle: spawned by `WorkerGroupExecutor` -> set its thread share and ask the kernel to
 kill it if the driver dies (no orphans) -> rendezvous with its peers (`ParallelState.init`)
 -> build its runner (its shard of the weights, its share of the KV cache) -> report
-"ready" -> then for each ("step", StepBatch) from the driver run `execute`; the output rank
+"ready" -> then for each ("step", StepBatch) from the driver run `execute_async`; the output rank
 replies ("result", SamplerOutput). ("stop", None) or a closed pipe ends the loop.
 
 A step that raises: the rank reports ("step_error", (step_id, message, fatal)). Where it can
