@@ -56,10 +56,8 @@ def rank_actor_name(group: str, rank: int) -> str:
 
 @ray.remote(max_restarts=0)
 class RankActor:
-    """One rank: runs `worker_main` on a thread; the actor's own methods stay free for pings."""
-
-    def __init__(self):
-        self._thread: threading.Thread | None = None
+    """One rank: runs `worker_main` on a thread, so the actor's own methods (where it is, a
+    free port) stay callable while the rank serves."""
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
@@ -80,12 +78,7 @@ class RankActor:
             conn.send(args.rank)
             worker_main(args, conn, die_with_parent=False)
 
-        self._thread = threading.Thread(target=run, name=f"rank{args.rank}", daemon=True)
-        self._thread.start()
-
-    def ping(self) -> bool:
-        """Alive, and its rank loop still running."""
-        return self._thread is not None and self._thread.is_alive()
+        threading.Thread(target=run, name=f"rank{args.rank}", daemon=True).start()
 
 
 class SharedGpu:

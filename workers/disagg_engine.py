@@ -71,7 +71,7 @@ from splitserve.kvtransfer.plan import check_compatible, make_routes
 from splitserve.workers.engine import (
     EngineConfig, KVSendHook, LLMEngine, SendPlan, Verdict, first_token_params, resolve_device,
 )
-from splitserve.workers.executor import WorkerGroupError
+from splitserve.workers.executor import Executor, WorkerGroupError
 from splitserve.workers.outputs import RequestOutput
 from splitserve.workers.sampling_params import SamplingParams
 from splitserve.workers.cache_salt import check_cache_salt
@@ -358,9 +358,9 @@ class DisaggEngine:
             if news:
                 calls[group.name] = (group, news)
         for group, namespaces in calls.values():
-            group.engine.executor.control("kv_connect", (self.routes, namespaces))
+            group.engine.executor.kv_connect(self.routes, namespaces)
         for group, _ in calls.values():
-            group.engine.executor.wait_replies("kv_connect", self.config.transfer_timeout_s)
+            group.engine.executor.wait_kv_connected(self.config.transfer_timeout_s)
 
     def loads(self, role: str) -> list[GroupLoad]:
         if role == "prefill":
@@ -675,7 +675,7 @@ class DisaggEngine:
         out = []
         deadline = time.monotonic() + self.config.transfer_timeout_s
         for decode, sends, recvs in by_decode.values():
-            if not self._decode_control(decode, "kv_recv", recvs):
+            if not self._decode_control(decode, lambda executor: executor.kv_recv(recvs)):
                 continue
             for cmd in sends:
                 transfer = self._transfers[cmd.transfer_id]
@@ -684,9 +684,10 @@ class DisaggEngine:
             out += sends
         return out
 
-    def _decode_control(self, decode: Group, kind: str, payload: object) -> bool:
+    def _decode_control(self, decode: Group, command: Callable[[Executor], None]) -> bool:
+        """Run a KV command on a decode group's executor; False if the group is lost."""
         try:
-            decode.engine.executor.control(kind, payload)
+            command(decode.engine.executor)
             return True
         except WorkerGroupError as err:  # the group is handled once the prefill step is back
             decode.error = decode.error or str(err)
@@ -762,7 +763,7 @@ class DisaggEngine:
             if transfer is None or transfer.prefill is not group:
                 continue
             if transfer.state in (TransferState.TRANSFERRING, TransferState.DONE) and transfer.decode.healthy:
-                self._decode_control(transfer.decode, "kv_cancel", transfer.transfer_id)
+                self._decode_control(transfer.decode, lambda executor: executor.kv_cancel(transfer.transfer_id))
             self._drop(transfer)
             self._after_loss(transfer.request, verdict, reason if verdict is Verdict.CULPRIT else f"{group.name}: {reason}")
 
@@ -805,7 +806,7 @@ class DisaggEngine:
             posted = transfer.state in (TransferState.TRANSFERRING, TransferState.DONE)
             if posted and transfer.decode is not group and transfer.decode.healthy:
                 # Its receive is posted: nothing may write those blocks once they are free.
-                self._decode_control(transfer.decode, "kv_cancel", transfer.transfer_id)
+                self._decode_control(transfer.decode, lambda executor: executor.kv_cancel(transfer.transfer_id))
             self._drop(transfer)
             verdict, why = blamed.get(transfer.request.request_id, (None, ""))
             self._after_loss(transfer.request, verdict, why or f"{group.name} failed: {group.error}")
@@ -867,7 +868,7 @@ class DisaggEngine:
         logger.warning("KV transfer %d of request %s failed (%s): %s", transfer.transfer_id,
                        transfer.request.request_id, transfer.policy, reason)
         if was_posted and transfer.decode.healthy:  # ranks handle the cancel before any later message
-            self._decode_control(transfer.decode, "kv_cancel", transfer.transfer_id)
+            self._decode_control(transfer.decode, lambda executor: executor.kv_cancel(transfer.transfer_id))
         self._drop(transfer)
         self._apply_policy(transfer.request, transfer.policy, reason)
 

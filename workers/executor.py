@@ -20,16 +20,17 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
 from splitserve.kvtransfer.agent import KVAgentSpec, KVTransferAgent
-from splitserve.kvtransfer.messages import TransferEvent
+from splitserve.kvtransfer.messages import KVRoute, RecvCommand, TransferEvent
 from splitserve.workers.config import ModelConfig, ParallelConfig
 from splitserve.workers.kv_cache import KVCacheSpec
 from splitserve.workers.model_runner import ModelRunner
 from splitserve.workers.parallel import ParallelState
+from splitserve.workers.rank_messages import ControlMessage, KVCancel, KVConnect, KVConnected, KVRecv
 from splitserve.workers.sampler import PendingSample, SampleError, SamplerOutput
 from splitserve.workers.step_batch import StepBatch
 from splitserve.workers.weights import iter_safetensors
@@ -170,24 +171,25 @@ def build_runner(spec: RunnerSpec, parallel: ParallelState,
     return runner
 
 
-def handle_control(runner: ModelRunner, kind: str, payload: Any) -> str | None:
-    """Apply a control message to a rank; returns the reply kind, if one is owed."""
-    if kind == "kv_connect":  # (routes, the other side's group namespaces)
-        runner.agent.connect(*payload)
-        return "kv_connected"
-    if kind == "kv_recv":
-        runner.agent.post_recv(payload)
-    elif kind == "kv_cancel":
-        runner.agent.cancel(payload)
-    else:
-        raise ValueError(f"unknown control message {kind!r}")
+def handle_control(runner: ModelRunner, message: ControlMessage) -> KVConnected | None:
+    """Apply a control message to a rank's KV agent; returns the reply, if one is owed."""
+    match message:
+        case KVConnect(routes=routes, namespaces=namespaces):
+            runner.agent.connect(routes, namespaces)
+            return KVConnected()
+        case KVRecv(commands=commands):
+            runner.agent.post_recv(commands)
+        case KVCancel(transfer_id=transfer_id):
+            runner.agent.cancel(transfer_id)
+        case _:
+            raise TypeError(f"not a message a rank knows: {message!r}")
     return None
 
 
 class Executor(Protocol):
-    """Batches are collected in the order they were submitted; control messages (KV
-    transfer commands) reach every rank in order with the batches; rank events come back
-    through `poll_events`."""
+    """Batches are collected in the order they were submitted; KV transfer commands
+    (`kv_connect`, `kv_recv`, `kv_cancel`) reach every rank in order with the batches; rank
+    events come back through `poll_events`."""
 
     def submit(self, batch: StepBatch) -> None: ...
 
@@ -199,9 +201,21 @@ class Executor(Protocol):
 
     def wait_handles(self) -> list: ...
 
-    def control(self, kind: str, payload: Any) -> None: ...
+    def kv_connect(self, routes: list[KVRoute], namespaces: list[str]) -> None:
+        """Every rank starts building its links to the other side's groups (named by their
+        namespaces); `wait_kv_connected` waits until they have. Two calls, because both ends
+        of a link connect together: a driver starts every group before it waits for one."""
+        ...
 
-    def wait_replies(self, kind: str, timeout_s: float) -> None: ...
+    def wait_kv_connected(self, timeout_s: float) -> None: ...
+
+    def kv_recv(self, commands: list[RecvCommand]) -> None:
+        """Post one prefill step's receives on the ranks (a decode group)."""
+        ...
+
+    def kv_cancel(self, transfer_id: int) -> None:
+        """No write of that transfer runs on the ranks after this (a decode group)."""
+        ...
 
     def poll_events(self) -> list[TransferEvent]: ...
 
@@ -217,11 +231,17 @@ class LocalExecutor:
         self.runner = build_runner(spec, ParallelState.single(), self._events.append)
         self._results: deque[PendingSample | StepError] = deque()
 
-    def control(self, kind: str, payload: Any) -> None:
-        handle_control(self.runner, kind, payload)
+    def kv_connect(self, routes: list[KVRoute], namespaces: list[str]) -> None:
+        handle_control(self.runner, KVConnect(routes, namespaces))
 
-    def wait_replies(self, kind: str, timeout_s: float) -> None:
-        pass  # control messages run synchronously in this process
+    def wait_kv_connected(self, timeout_s: float) -> None:
+        pass  # `kv_connect` ran synchronously in this process
+
+    def kv_recv(self, commands: list[RecvCommand]) -> None:
+        handle_control(self.runner, KVRecv(commands))
+
+    def kv_cancel(self, transfer_id: int) -> None:
+        handle_control(self.runner, KVCancel(transfer_id))
 
     def poll_events(self) -> list[TransferEvent]:
         events = []

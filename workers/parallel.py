@@ -79,7 +79,3 @@ class ParallelState:
             dist.recv(t, self.mapping.prev_pp_rank)
             out.append(t)
         return out
-
-    def destroy(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -30,9 +30,14 @@ import torch
 from splitserve.mapping import Mapping
 from splitserve.workers.config import ParallelConfig
 from splitserve.workers.executor import (
-    RunnerSpec, StepError, build_runner, describe_error, handle_control, step_failure_is_fatal,
+    RunnerSpec, build_runner, describe_error, handle_control, step_failure_is_fatal,
 )
 from splitserve.workers.parallel import ParallelState
+from splitserve.workers.rank_messages import (
+    DriverMessage, RankError, RankMessage, Ready, RunStep, StepFailed, StepResult, Stop, TransferReport,
+)
+from splitserve.workers.sampler import PendingSample
+from splitserve.workers.step_batch import StepBatch
 
 
 @dataclass(frozen=True)
@@ -65,8 +70,8 @@ def worker_main(args: WorkerArgs, raw_conn: Connection, die_with_parent: bool = 
     torch.set_num_threads(args.num_threads)
     try:
         parallel = ParallelState.init(args.mapping, args.host, args.port, args.backend, args.parallel.step_timeout_s)
-        runner = build_runner(args.runner, parallel, lambda event: conn.send(("event", event)))
-        conn.send(("ready", None))
+        runner = build_runner(args.runner, parallel, lambda event: conn.send(TransferReport(event)))
+        conn.send(Ready())
         _serve(runner, conn, args)
     except (EOFError, BrokenPipeError):
         pass  # the driver is gone: nothing to report to
@@ -82,60 +87,62 @@ def _serve(runner, conn: "LockedConnection", args: WorkerArgs) -> None:
     """Steps are queued on the device as they come; a result goes back once its tokens are
     on the host, but a step the driver already sent (async scheduling sends step n+1 before
     it has step n's tokens) is queued first, so the device never waits for the pipe."""
-    pending: deque = deque()  # (step id, PendingSample or _Failed) of queued steps, oldest first
+    # (step id, its tokens on their way, or the reply of a step that raised), oldest first:
+    # a failed step's reply waits its turn, as a result would.
+    pending: deque[tuple[int, PendingSample | StepFailed]] = deque()
     while True:
         if pending and not _next_message_or_done(conn, pending[0][1]):
             step_id, out = pending.popleft()
-            if isinstance(out, _Failed):
-                conn.send(("step_error", (step_id, out.error.message, None)))
+            if isinstance(out, StepFailed):
+                conn.send(out)
                 continue
             try:
                 result = out.result()
             except BaseException as err:  # the device failed after the step was queued: fatal
                 _step_failed(conn, step_id, err, "it failed on the device")
                 raise
-            conn.send(("result", result))
+            conn.send(StepResult(result))
             continue
-        kind, payload = conn.recv()
-        if kind == "stop":
-            return
-        if kind == "step":
-            try:
-                out = runner.execute_async(payload)
-            except BaseException as err:
-                world, tp = args.parallel.world_size, args.parallel.tensor_parallel_size
-                fatal = step_failure_is_fatal(err, payload, args.runner, world, tp)
-                if fatal is not None:
-                    _step_failed(conn, payload.step_id, err, fatal)
-                    raise
-                traceback.print_exc()  # the whole story for the operator; the driver gets one line
-                out = _Failed(StepError(payload.step_id, describe_error(err))) if runner.is_output_rank else None
-            if out is not None:
-                pending.append((payload.step_id, out))
-        elif (reply := handle_control(runner, kind, payload)) is not None:
-            conn.send((reply, None))
+        message: DriverMessage = conn.recv()
+        match message:
+            case Stop():
+                return
+            case RunStep(batch=batch):
+                if (out := _run_step(runner, conn, batch, args)) is not None:
+                    pending.append((batch.step_id, out))
+            case _:  # a KV control message; `handle_control` refuses anything else
+                if (reply := handle_control(runner, message)) is not None:
+                    conn.send(reply)
 
 
-class _Failed:
-    """A queued step that raised (the rank went on): its reply waits its turn, as a result would."""
-
-    def __init__(self, error: StepError):
-        self.error = error
-
-    def done(self) -> bool:
-        return True
+def _run_step(runner, conn: "LockedConnection", batch: StepBatch,
+              args: WorkerArgs) -> PendingSample | StepFailed | None:
+    """Queue ``batch`` on the device: its tokens on their way (the output rank), its reply
+    if it raised and this rank goes on (the output rank), or None (any other rank)."""
+    try:
+        return runner.execute_async(batch)
+    except BaseException as err:
+        world, tp = args.parallel.world_size, args.parallel.tensor_parallel_size
+        fatal = step_failure_is_fatal(err, batch, args.runner, world, tp)
+        if fatal is not None:
+            _step_failed(conn, batch.step_id, err, fatal)
+            raise
+        traceback.print_exc()  # the whole story for the operator; the driver gets one line
+        return StepFailed(batch.step_id, describe_error(err), None) if runner.is_output_rank else None
 
 
 def _step_failed(conn: "LockedConnection", step_id: int, err: BaseException, fatal: str) -> None:
     """Tell the driver which step ended this rank, and why, before the process goes."""
     try:
-        conn.send(("step_error", (step_id, describe_error(err), fatal)))
+        conn.send(StepFailed(step_id, describe_error(err), fatal))
     except (OSError, EOFError):
         pass
 
 
-def _next_message_or_done(conn: "LockedConnection", oldest) -> bool:
+def _next_message_or_done(conn: "LockedConnection", oldest: PendingSample | StepFailed) -> bool:
     """Wait until the driver sent something (True) or the oldest step is done (False)."""
+    if isinstance(oldest, StepFailed):
+        return False  # its reply is ready
     while not oldest.done():
         if conn.poll(_POLL_S):
             return True
@@ -148,11 +155,11 @@ class LockedConnection:
     def __init__(self, conn: Connection):
         self._conn, self._lock = conn, threading.Lock()
 
-    def send(self, message: object) -> None:
+    def send(self, message: RankMessage) -> None:
         with self._lock:
             self._conn.send(message)
 
-    def recv(self) -> object:
+    def recv(self) -> DriverMessage:
         return self._conn.recv()
 
     def poll(self, timeout_s: float) -> bool:
@@ -161,6 +168,6 @@ class LockedConnection:
 
 def _report(conn: LockedConnection, message: str) -> None:
     try:
-        conn.send(("error", message))
+        conn.send(RankError(message))
     except (OSError, EOFError):
         pass

@@ -4,7 +4,7 @@ Lifecycle:
     start    a launcher starts one process per rank and gives each its connection: here
              spawned processes with pipes (`ProcessLauncher`), or Ray actors in a placement
              group connected back over TCP (`splitserve.cluster.ray_group.RayLauncher`);
-             they rendezvous on a TCPStore and load their shards; wait for every "ready"
+             they rendezvous on a TCPStore and load their shards; wait for every `Ready`
              within ``startup_timeout_s``.
     submit   send a micro-batch (`StepBatch`) to every rank; up to pp are in flight.
     collect  wait for the output rank's result of the oldest one within ``step_timeout_s``
@@ -14,6 +14,7 @@ Lifecycle:
     shutdown ask ranks to stop, then terminate and kill what is left; also run by a
              finalizer, and ranks die with their parent (PR_SET_PDEATHSIG): no orphans.
 After a failure the group is shut down and unusable; the engine fails its requests.
+The messages each way, and when each is sent: `rank_messages`.
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ import weakref
 from collections import deque
 from multiprocessing.connection import Connection, wait
 
-from splitserve.kvtransfer.messages import TransferEvent
+from splitserve.kvtransfer.messages import KVRoute, RecvCommand, TransferEvent
 from splitserve.workers.config import ParallelConfig
 from splitserve.workers.executor import RunnerSpec, StepError, WorkerGroupError
+from splitserve.workers.rank_messages import (
+    DriverMessage, KVCancel, KVConnect, KVConnected, KVRecv, RankError, RankMessage, Ready, RunStep, StepFailed,
+    StepResult, Stop, TransferReport,
+)
 from splitserve.workers.sampler import SamplerOutput
 from splitserve.workers.step_batch import StepBatch
 from splitserve.workers.worker import WorkerArgs, worker_main
@@ -117,7 +122,7 @@ class WorkerGroupExecutor:
         #: The step whose exception ended a rank, once one has (`WorkerGroupError.step_failure`).
         self.step_failure: StepError | None = None
         self._submitted: deque[float] = deque()  # when each outstanding batch was sent
-        self._replies: list[tuple[int, str]] = []
+        self._kv_connected: list[int] = []  # ranks whose `KVConnected` is not yet waited for
         self._await_ready(time.monotonic() + parallel.startup_timeout_s)
 
     @property
@@ -127,14 +132,14 @@ class WorkerGroupExecutor:
     def _await_ready(self, deadline: float) -> None:
         pending = set(range(len(self.conns)))
         while pending:
-            rank, kind, _ = self._next_message(deadline, "start")
-            if kind == "ready":
-                pending.discard(rank)
+            match self._next_message(deadline, "start"):
+                case rank, Ready():
+                    pending.discard(rank)
 
     def submit(self, batch: StepBatch) -> None:
         """Send a micro-batch to every rank; ranks work through batches in order, so with
         pipeline stages the next batch enters stage 0 while the previous one is in stage 1."""
-        self._send_all(("step", batch))
+        self._send_all(RunStep(batch))
         self._submitted.append(time.monotonic())
 
     def ready(self) -> bool:
@@ -168,17 +173,23 @@ class WorkerGroupExecutor:
             raise result
         return result
 
-    def control(self, kind: str, payload: object) -> None:
-        """Send a control message to every rank, in order with the batches."""
-        self._send_all((kind, payload))
+    # KV transfer commands reach every rank in order with the batches (`Executor`).
 
-    def wait_replies(self, kind: str, timeout_s: float) -> None:
-        """Wait until every rank has answered a ``kind`` control message."""
+    def kv_connect(self, routes: list[KVRoute], namespaces: list[str]) -> None:
+        self._send_all(KVConnect(routes, namespaces))
+
+    def wait_kv_connected(self, timeout_s: float) -> None:
+        """Wait until every rank has answered `kv_connect`."""
         deadline = time.monotonic() + timeout_s
-        reply = {"kv_connect": "kv_connected"}[kind]
-        while sum(1 for _, k in self._replies if k == reply) < len(self.conns):
-            self._stash(*self._next_message(deadline, kind))
-        self._replies = [r for r in self._replies if r[1] != reply]
+        while len(self._kv_connected) < len(self.conns):
+            self._stash(*self._next_message(deadline, "kv_connect"))
+        self._kv_connected = []
+
+    def kv_recv(self, commands: list[RecvCommand]) -> None:
+        self._send_all(KVRecv(commands))
+
+    def kv_cancel(self, transfer_id: int) -> None:
+        self._send_all(KVCancel(transfer_id))
 
     def poll_events(self) -> list[TransferEvent]:
         """Transfer events reported so far, without waiting (a dead rank still fails here)."""
@@ -196,20 +207,22 @@ class WorkerGroupExecutor:
         for reason in self.launcher.dead():
             self._fail(reason)
 
-    def _stash(self, rank: int, kind: str, payload: object) -> None:
-        # Whatever reads the pipes (collect, poll_events, wait_replies) files each message here.
-        if kind == "event":
-            self._events.append(payload)
-        elif kind == "result":
-            if rank == self.output_rank:
-                self._results.append(payload)
-        elif kind == "step_error":  # one the rank survived (`_receive` fails the group on the others)
-            step_id, message, _ = payload
-            self._results.append(StepError(step_id, message))
-        else:
-            self._replies.append((rank, kind))
+    def _stash(self, rank: int, message: RankMessage) -> None:
+        # Whatever reads the pipes (collect, poll_events, wait_kv_connected) files each message here.
+        match message:
+            case TransferReport(event=event):
+                self._events.append(event)
+            case StepResult(output=output):
+                if rank == self.output_rank:
+                    self._results.append(output)
+            case StepFailed(step_id=step_id, message=text):  # one the rank survived (`_receive` fails the others)
+                self._results.append(StepError(step_id, text))
+            case KVConnected():
+                self._kv_connected.append(rank)
+            case _:
+                self._fail(f"rank {rank} sent {message!r} out of turn")
 
-    def _send_all(self, message: tuple) -> None:
+    def _send_all(self, message: DriverMessage) -> None:
         if self.failed:
             raise WorkerGroupError(f"worker group already failed: {self.failed}")
         for rank, conn in enumerate(self.conns):
@@ -219,7 +232,7 @@ class WorkerGroupExecutor:
                 self._drain()  # what the ranks sent before going first: which step ended one, if any
                 self._fail(f"rank {rank} is gone (pipe closed)")
 
-    def _next_message(self, deadline: float, phase: str) -> tuple[int, str, object]:
+    def _next_message(self, deadline: float, phase: str) -> tuple[int, RankMessage]:
         """The next message from any rank; a dead rank, an error or the deadline fails the group."""
         sentinels = self.launcher.sentinels()
         conns = {c: rank for rank, c in enumerate(self.conns)}
@@ -234,20 +247,21 @@ class WorkerGroupExecutor:
             for obj in ready:
                 self._fail(f"{self.launcher.describe(sentinels[obj])} during {phase}")
 
-    def _receive(self, rank: int, conn: Connection) -> tuple[int, str, object]:
+    def _receive(self, rank: int, conn: Connection) -> tuple[int, RankMessage]:
+        """The rank's next message; one saying that the rank ends fails the group here."""
         try:
-            kind, payload = conn.recv()
+            message = conn.recv()
         except (EOFError, OSError):
             self._fail(f"rank {rank} closed its pipe (process died)")
-        if kind == "error":
-            self._fail(f"rank {rank} raised:\n{payload}")
-        if kind == "step_error":
-            step_id, message, fatal = payload
-            if fatal is not None or rank != self.output_rank:  # only the output rank's replies take a step's place
-                self.step_failure = StepError(step_id, message)
-                self._fail(f"rank {rank} raised in step {step_id} and ends ({fatal or 'not the output rank'}): "
-                           f"{message}")
-        return rank, kind, payload
+        match message:
+            case RankError(traceback=tb):
+                self._fail(f"rank {rank} raised:\n{tb}")
+            # Only the output rank's replies take a step's place; any other rank's ends it.
+            case StepFailed(fatal=fatal) as failed if fatal is not None or rank != self.output_rank:
+                self.step_failure = StepError(failed.step_id, failed.message)
+                self._fail(f"rank {rank} raised in step {failed.step_id} and ends "
+                           f"({fatal or 'not the output rank'}): {failed.message}")
+        return rank, message
 
     def _fail(self, reason: str):
         self.failed = reason
@@ -259,7 +273,7 @@ class WorkerGroupExecutor:
     def shutdown(self) -> None:
         for conn in self.conns:
             try:
-                conn.send(("stop", None))
+                conn.send(Stop())
             except OSError:
                 pass
         self._finalizer()
