@@ -43,12 +43,13 @@ from typing import Any, NamedTuple
 import torch
 
 from splitserve.kvtransfer.agent import KVAgentSpec
-from splitserve.kvtransfer.messages import KVRoute, SendCommand
+from splitserve.kvtransfer.messages import KVRoute, RecvCommand, SendCommand, TransferEvent
 from splitserve.workers.block_manager import BlockManager
 from splitserve.workers.cache_salt import check_cache_salt
 from splitserve.workers.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from splitserve.workers.detokenizer import IncrementalDetokenizer
 from splitserve.workers.executor import RunnerSpec, StepError, WorkerGroupError, make_executor
+from splitserve.workers.group_engine import KVUsage
 from splitserve.workers.kv_cache import KVCacheSpec
 from splitserve.workers.model_source import load_tokenizer, resolve_model
 from splitserve.workers.outputs import RequestOutput
@@ -385,6 +386,43 @@ class LLMEngine:
         # A batch in flight may belong to requests that already ended (a stop token one step
         # ahead of async scheduling): it must still come back to free their blocks.
         return self.scheduler.num_unfinished > 0 or bool(self._pending) or bool(self._inflight)
+
+    # ---- what a driver asks of the ranks and the cache (`GroupEngine`) -------------------
+
+    def kv_usage(self) -> KVUsage:
+        bm = self.block_manager
+        return KVUsage(bm.num_blocks, bm.num_free_blocks, bm.usage, bm.block_size)
+
+    def start_kv_connect(self, routes: list[KVRoute], namespaces: list[str]) -> None:
+        self.executor.kv_connect(routes, namespaces)
+
+    def finish_kv_connect(self, timeout_s: float) -> None:
+        self.executor.wait_kv_connected(timeout_s)
+
+    def post_kv_receives(self, commands: list[RecvCommand]) -> None:
+        self.executor.kv_recv(commands)
+
+    def cancel_kv_receive(self, transfer_id: int) -> None:
+        self.executor.kv_cancel(transfer_id)
+
+    def has_transfer_events(self) -> bool:
+        return self.executor.has_events()
+
+    def poll_transfer_events(self) -> list[TransferEvent]:
+        return self.executor.poll_events()
+
+    def wait_handles(self) -> list:
+        return self.executor.wait_handles()
+
+    def poll_ranks(self) -> None:
+        """Read what the ranks sent, now (kept for the step): a dead rank raises
+        `WorkerGroupError` here rather than at the next step."""
+        self.executor.ready()
+
+    @property
+    def step_failure(self) -> StepError | None:
+        """The step whose exception ended a rank, once one has (rank processes only)."""
+        return getattr(self.executor, "step_failure", None)
 
     # ---- the loop ----------------------------------------------------------------------
 
