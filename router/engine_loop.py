@@ -238,10 +238,10 @@ class EngineLoop:
         out = []
         for g in self.engine.groups:
             load = g.load()
-            bm = g.engine.block_manager if g.engine is not None else None
+            kv = g.engine.kv_usage() if g.engine is not None else None
             state = "ready" if g.healthy else ("restarting" if g.name in self._rebuilding else "failed")
             out.append(GroupStatus(g.name, g.role, state, g.error, load.num_waiting, load.num_running,
-                                   load.kv_usage, bm.num_free_blocks if bm else 0, bm.num_blocks if bm else 0,
+                                   load.kv_usage, kv.num_free_blocks if kv else 0, kv.num_blocks if kv else 0,
                                    g.restarts))
         return out
 
