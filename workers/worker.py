@@ -2,16 +2,17 @@
 
 Lifecycle: spawned by `WorkerGroupExecutor` -> set its thread share and ask the kernel to
 kill it if the driver dies (no orphans) -> rendezvous with its peers (`ParallelState.init`)
--> build its runner (its shard of the weights, its share of the KV cache) -> report
-"ready" -> then for each ("step", StepBatch) from the driver run `execute_async`; the output rank
-replies ("result", SamplerOutput). ("stop", None) or a closed pipe ends the loop.
+-> build its runner (its shard of the weights, its share of the KV cache) -> send `Ready`
+-> then for each `RunStep` from the driver run `execute_async`; the output rank replies
+`StepResult`. KV control messages go to the runner's agent (`handle_control`). `Stop` or a
+closed pipe ends the loop. The messages, and who sends which when: `rank_messages`.
 
-A step that raises: the rank reports ("step_error", (step_id, message, fatal)). Where it can
-go on (`step_failure_is_fatal` is None: a Python exception of a one-rank group, or of
-sampling) that reply takes the place of the step's result, in order, and the rank serves the
-next step: only that batch is lost. Otherwise ``fatal`` says why, and the rank ends. Any other
-exception is reported as ("error", traceback) before the process exits, so the driver fails
-the group at once instead of waiting for a deadline.
+A step that raises: the rank reports `StepFailed`. Where it can go on (`step_failure_is_fatal`
+is None: a Python exception of a one-rank group, or of sampling) that reply takes the place of
+the step's result, in order, and the rank serves the next step: only that batch is lost.
+Otherwise its ``fatal`` says why, and the rank ends. Any exception that ends the rank is
+reported as `RankError` (its traceback) before the process exits, so the driver fails the
+group at once instead of waiting for a deadline.
 """
 
 from __future__ import annotations
