@@ -1,7 +1,10 @@
 """KV-cache transmission between prefill and decode groups.
 
-`plan` maps blocks between the two groups' (tp, pp) layouts, `messages` holds the commands and
-events that cross process boundaries, `transport` the pairwise links (NCCL, gloo, CUDA IPC,
-in-process) and `agent` each rank's side of the service: layer-wise sends during the prefill
-forward, receives written into the reserved blocks, deadlines and cancellation.
+`plan` maps blocks between the two groups' (tp, pp) layouts, `messages` holds the commands,
+events and names (`Side`, `TransportKind`, `Direction`) that cross process boundaries,
+`transport` the pairwise links (NCCL, gloo, CUDA IPC, in-process), `wire` what both ends derive
+alone (peer names, a transfer's messages, their tags and order), `buffer_pool` the staging
+buffers. Each rank has an `agent`: its transport plus its side's part, the `sender` (layer-wise
+sends during the prefill forward) or the `receiver` (receives written into the reserved blocks,
+cancellation); `faults` wraps either for tests.
 """

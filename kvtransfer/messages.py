@@ -11,6 +11,10 @@ Lifecycle of one transfer (driver's view; `TransferState`):
 
 Commands go from the driver to ranks (`SendCommand` inside a prefill `StepBatch`,
 `RecvCommand` as a control message to decode ranks); events come back from ranks.
+
+The closed sets of names (a rank's `Side`, the `TransportKind`, an event's `Direction`) are
+`enum.StrEnum`s: a value equals the string it replaced, so YAML, CLI flags, logs and pickled
+messages read the same, while the code names a set the type checker can follow.
 """
 
 from __future__ import annotations
@@ -18,6 +22,41 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
+
+
+class Side(enum.StrEnum):
+    """Which end of the service a rank is: its group's role, seen from the KV cache."""
+
+    #: Computes prompts and sends their KV (`kvtransfer.sender`).
+    PREFILL = "prefill"
+    #: Receives KV into reserved blocks (`kvtransfer.receiver`).
+    DECODE = "decode"
+
+    @property
+    def other(self) -> "Side":
+        return Side.DECODE if self is Side.PREFILL else Side.PREFILL
+
+
+class TransportKind(enum.StrEnum):
+    """How packed KV moves between two ranks (`kvtransfer.transport`)."""
+
+    #: Both groups in one process: a mailbox, one copy.
+    INPROCESS = "inprocess"
+    #: Pairwise gloo process groups: CPU tensors.
+    GLOO = "gloo"
+    #: Pairwise NCCL process groups: GPU tensors on different devices.
+    NCCL = "nccl"
+    #: Two processes on one GPU (NCCL refuses two ranks on one device).
+    CUDA_IPC = "cuda_ipc"
+
+
+class Direction(enum.StrEnum):
+    """Which half of a transfer a `TransferEvent` reports."""
+
+    #: A prefill rank: every message of the transfer has gone out.
+    SEND = "send"
+    #: A decode rank: every message has landed and been written into the blocks.
+    RECV = "recv"
 
 
 class TransferState(enum.Enum):
@@ -73,8 +112,8 @@ class TransferEvent:
     """A rank's report on one transfer."""
 
     transfer_id: int
-    #: "send" (prefill rank) or "recv" (decode rank).
-    side: str
+    #: SEND from a prefill rank, RECV from a decode rank.
+    side: Direction
     rank: int
     ok: bool
     error: str | None = None
@@ -84,7 +123,9 @@ class TransferEvent:
 
 @dataclass(frozen=True)
 class FaultConfig:
-    """Fault injection, switchable from tests (all off by default)."""
+    """Fault injection, switchable from tests (all off by default). Only a config that asks
+    for a fault gets the fault-injecting parts (`kvtransfer.faults`); the normal path checks
+    nothing."""
 
     #: Decode ranks do not report the n-th transfer they complete (0-based); None: off.
     drop_ack_of_transfer: int | None = None
@@ -94,6 +135,17 @@ class FaultConfig:
     #: Prefill rank (global) that kills itself after sending its first message of the n-th transfer.
     kill_prefill_rank: int | None = None
     kill_on_transfer: int | None = None
+
+    @property
+    def on_send(self) -> bool:
+        """Whether a prefill rank injects anything (a delay, or its own death)."""
+        return self.delay_transfer is not None or (self.kill_prefill_rank is not None
+                                                   and self.kill_on_transfer is not None)
+
+    @property
+    def on_recv(self) -> bool:
+        """Whether a decode rank injects anything (a lost acknowledgement)."""
+        return self.drop_ack_of_transfer is not None
 
 
 #: Completed transfers whose (bytes, seconds) `TransferMetrics` keeps.
@@ -119,7 +171,3 @@ class TransferMetrics:
         self.num_bytes += num_bytes
         self.seconds += seconds
         self.per_transfer.append((num_bytes, seconds))
-
-    @property
-    def gb_per_s(self) -> float:
-        return self.num_bytes / self.seconds / 1e9 if self.seconds else 0.0

@@ -54,7 +54,7 @@ are copied block for block) and serve the same model shape (num_layers, num_kv_h
 
 from __future__ import annotations
 
-from splitserve.kvtransfer.messages import KVRoute
+from splitserve.kvtransfer.messages import KVRoute, Side
 from splitserve.mapping import Mapping
 
 __all__ = ["make_routes", "routes_from", "routes_to", "check_compatible"]
@@ -69,10 +69,10 @@ def make_routes(src: Mapping, dst: Mapping, num_layers: int, num_kv_heads: int) 
     either layout cannot hold the model (num_layers < pp_size, KV heads not divisible over tp).
     """
     src_slices = [(m.rank, layers, heads)
-                  for m, layers, heads in _slices(src, num_layers, num_kv_heads, "prefill")
+                  for m, layers, heads in _slices(src, num_layers, num_kv_heads, Side.PREFILL)
                   if m.is_kv_replica_leader(num_kv_heads)]
     dst_slices = [(m.rank, layers, heads)
-                  for m, layers, heads in _slices(dst, num_layers, num_kv_heads, "decode")]
+                  for m, layers, heads in _slices(dst, num_layers, num_kv_heads, Side.DECODE)]
     routes = []
     for s_rank, s_layers, s_heads in src_slices:
         for d_rank, d_layers, d_heads in dst_slices:
@@ -102,7 +102,7 @@ def check_compatible(src_block_size: int, dst_block_size: int,
 
     `src_model` / `dst_model` are (num_layers, num_kv_heads, head_dim) of each side's model.
     """
-    for side, model in (("prefill", src_model), ("decode", dst_model)):
+    for side, model in ((Side.PREFILL, src_model), (Side.DECODE, dst_model)):
         if len(tuple(model)) != len(_MODEL_FIELDS):
             raise ValueError(f"{side} model shape must be (num_layers, num_kv_heads, head_dim), "
                              f"got {model!r}")
@@ -118,7 +118,7 @@ def check_compatible(src_block_size: int, dst_block_size: int,
                          f"{_fmt(dst_model)} ({diffs}): both groups must serve the same model")
 
 
-def _slices(mapping: Mapping, num_layers: int, num_kv_heads: int, side: str):
+def _slices(mapping: Mapping, num_layers: int, num_kv_heads: int, side: Side):
     """(rank's Mapping, its layers, its KV heads) for every rank of the group."""
     out = []
     for rank in range(mapping.world_size):

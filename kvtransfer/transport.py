@@ -1,4 +1,5 @@
-"""Transports: how a packed KV buffer gets from one rank to another, behind a small registry.
+"""Transports: how a packed KV buffer gets from one rank to another; `open_transport` picks one
+by its `TransportKind`.
 
 - ``gloo``: a pairwise gloo process group per (prefill rank, decode rank) over a TCPStore
   (CPU tensors; what CI uses).
@@ -25,6 +26,7 @@ Sends (`CudaWork`) keep torch's wait, off the GIL: nothing on the hot path waits
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -39,6 +41,8 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+
+from splitserve.kvtransfer.messages import TransportKind
 
 
 class Work(Protocol):
@@ -76,6 +80,23 @@ def side_stream(device: torch.device) -> "torch.cuda.Stream | None":
     their own, apart from the one NCCL's streams come from, so nothing queues behind another
     pair's NCCL kernel on a shared stream."""
     return torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
+
+
+def on_stream(stream: "torch.cuda.Stream | None"):
+    """Make ``stream`` (and its device) current on this thread; nothing on CPU."""
+    if stream is None:
+        return contextlib.nullcontext()
+    torch.cuda.set_device(stream.device)
+    return torch.cuda.stream(stream)
+
+
+def order_after(stream: "torch.cuda.Stream | None", device: torch.device) -> None:
+    """The calling thread's current stream waits (on the device, not the host) for the work
+    queued so far on ``stream``; nothing on CPU."""
+    if stream is not None:
+        queued = torch.cuda.Event()
+        queued.record(stream)
+        torch.cuda.current_stream(device).wait_event(queued)
 
 
 class Backoff:
@@ -623,4 +644,12 @@ class CudaIpcTransport:
         return _StoreWork(lambda: self.store, f"ipc/{peer}/{self.me}/{tag}", copy_out)
 
 
-TRANSPORTS = ("gloo", "nccl", "cuda_ipc", "inprocess")
+def open_transport(kind: TransportKind, me: str, store_host: str, store_port: int, timeout_s: float,
+                   device: torch.device, mailboxes: Mailboxes) -> Transport:
+    """The transport of ``kind`` for the rank named ``me`` (not yet connected); ``mailboxes``
+    serve the in-process one only, ``device`` (where the rank's KV lives) the pairwise ones."""
+    if kind == TransportKind.INPROCESS:
+        return InProcessTransport(me, mailboxes)
+    if kind == TransportKind.CUDA_IPC:
+        return CudaIpcTransport(me, store_host, store_port, timeout_s)
+    return PairwiseTransport(me, kind, store_host, store_port, timeout_s, device=device)

@@ -1,5 +1,5 @@
 """Fakes shared by the kvtransfer tests (a plain module: several folders have a conftest):
-messages that the test completes by hand.
+messages that the test completes by hand, and the small cache shape the tests move.
 
 `FakeTorchWork` stands for a work of torch's NCCL process group (what `transport.CudaWork`
 wraps); `ManualTransport` is a whole transport whose every message the test delivers and
@@ -10,9 +10,42 @@ agent does meanwhile (on CPU, the same logic the CUDA path runs).
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import torch
+
+from splitserve.kvtransfer.plan import make_routes
+from splitserve.mapping import Mapping
+
+#: The tests' cache: layers, KV heads, head dim, blocks, block size.
+LAYERS, HEADS, DIM, BLOCKS, BS = 4, 2, 8, 12, 4
+#: One prefill rank to one decode rank: a single route of every layer and head.
+ROUTES = make_routes(Mapping(1, 0), Mapping(1, 0), LAYERS, HEADS)
+
+
+def make_cache(seed: int | None) -> torch.Tensor:
+    """A rank's cache: random (a sender's) or zeros (a receiver's)."""
+    shape = (LAYERS, 2, BLOCKS, BS, HEADS, DIM)
+    if seed is None:
+        return torch.zeros(shape)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def run_forward(sender, transfer_id: int, blocks: list[int], per_message: int = 3) -> None:
+    """What a forward does for one transfer: the layer hook after every layer."""
+    from splitserve.kvtransfer.messages import SendCommand
+
+    hook = sender.layer_hook([SendCommand(transfer_id, blocks, ROUTES, per_message)])
+    for layer in range(LAYERS):
+        hook(layer)
+
+
+def until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
 
 
 class FakeTorchWork:
@@ -41,8 +74,8 @@ class FakeTorchWork:
 class ManualWork:
     """One message of `ManualTransport`: completed (or failed) when the test says so."""
 
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
+    def __init__(self, tensor: torch.Tensor, peer: str = "", tag: int = 0):
+        self.tensor, self.peer, self.tag = tensor, peer, tag
         self.sent = tensor.clone()  # what the buffer held when the message was sent
         self._finished = threading.Event()
         self.error: Exception | None = None
@@ -64,7 +97,8 @@ class ManualWork:
 
 
 class ManualTransport:
-    """Records every send and receive; nothing moves until the test delivers it."""
+    """Records every send and receive (each `ManualWork` knows its peer and tag); nothing moves
+    until the test delivers it."""
 
     def __init__(self):
         self.sends: list[ManualWork] = []
@@ -74,9 +108,9 @@ class ManualTransport:
         pass
 
     def send(self, tensor: torch.Tensor, peer: str, tag: int) -> ManualWork:
-        self.sends.append(ManualWork(tensor))
+        self.sends.append(ManualWork(tensor, peer, tag))
         return self.sends[-1]
 
     def recv(self, tensor: torch.Tensor, peer: str, tag: int) -> ManualWork:
-        self.recvs.append(ManualWork(tensor))
+        self.recvs.append(ManualWork(tensor, peer, tag))
         return self.recvs[-1]
