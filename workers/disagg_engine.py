@@ -66,7 +66,9 @@ from multiprocessing.connection import wait
 from typing import Protocol
 
 from splitserve.kvtransfer.agent import KVAgentSpec
-from splitserve.kvtransfer.messages import FaultConfig, RecvCommand, SendCommand, TransferEvent, TransferMetrics, TransferState
+from splitserve.kvtransfer.messages import (
+    FaultConfig, RecvCommand, SendCommand, TransferEvent, TransferMetrics, TransferState, TransportKind,
+)
 from splitserve.kvtransfer.plan import check_compatible, make_routes
 from splitserve.workers.engine import (
     EngineConfig, KVSendHook, LLMEngine, SendPlan, Verdict, first_token_params, resolve_device,
@@ -915,19 +917,19 @@ class DisaggEngine:
             prompt=request.prompt))
 
 
-def _transport(config: DisaggConfig, local: bool) -> str:
+def _transport(config: DisaggConfig, local: bool) -> TransportKind:
     """In-process for two local engines; gloo on CPU; NCCL when every rank of every group has
     a GPU of its own, else CUDA IPC (NCCL refuses two ranks on one device)."""
     if local:
-        return "inprocess"
+        return TransportKind.INPROCESS
     device = resolve_device(config.decode.device)
     if device.type != "cuda":
-        return "gloo"
+        return TransportKind.GLOO
     import torch
 
     ranks = (config.num_prefill * config.prefill.parallel.world_size
              + config.num_decode * config.decode.parallel.world_size)
-    return "nccl" if torch.cuda.device_count() >= ranks else "cuda_ipc"
+    return TransportKind.NCCL if torch.cuda.device_count() >= ranks else TransportKind.CUDA_IPC
 
 
 def _start_store(host: str):
