@@ -95,16 +95,9 @@ def split(n: int, parts: int) -> list[int]:
 
 
 def direct_engine(mode: str):
-    from splitserve.cluster.groups import engine_config
-    from splitserve.workers.disagg_engine import DisaggConfig, DisaggEngine
+    from splitserve.workers.disagg_engine import DisaggEngine
 
-    cfg = serve_config(mode)
-    if mode == "disaggregated":
-        dc = DisaggConfig(prefill=engine_config(cfg, "prefill", "cpu"), decode=engine_config(cfg, "decode", "cpu"),
-                          in_process=False)
-    else:
-        dc = DisaggConfig(prefill=None, decode=engine_config(cfg, "worker", "cpu"), in_process=False)
-    return DisaggEngine(dc)
+    return DisaggEngine(serve_config(mode).service("cpu").engine.disagg_config(in_process=False))
 
 
 def run_direct(engine, ids: list[list[int]], at_once: bool) -> tuple[list[float], float]:

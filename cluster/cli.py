@@ -29,7 +29,8 @@ import os
 import sys
 from typing import Any
 
-from splitserve.cluster.serve_config import MODES
+from splitserve.cluster.serve_config import MODES, POLICIES, Mode
+from splitserve.workers.roles import GroupRole
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (processes)")
     gen.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (processes)")
-    gen.add_argument("--mode", choices=("aggregated", "disaggregated"), default="aggregated")
-    for side in ("prefill", "decode"):
+    gen.add_argument("--mode", choices=(Mode.AGGREGATED.value, Mode.DISAGGREGATED.value),
+                     default=Mode.AGGREGATED.value)
+    for side in (GroupRole.PREFILL, GroupRole.DECODE):
         for dim in ("tp", "pp"):
             gen.add_argument(f"--{side}-{dim}", type=int, default=1, help=f"{side} group {dim} (disaggregated)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
@@ -85,11 +87,11 @@ def _add_serve(sub) -> None:
     srv.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                      help="schedule step n+1 while the GPU runs step n (default: on for one-rank groups on CUDA; "
                           "needs pp = 1)")
-    for role in ("prefill", "decode", "worker"):
+    for role in GroupRole:
         srv.add_argument(f"--{role}-groups", type=int, default=None, help=f"number of {role} groups")
         for dim in ("tp", "pp"):
             srv.add_argument(f"--{role}-{dim}", type=int, default=None, help=f"{dim} of each {role} group")
-    srv.add_argument("--policy", choices=("round_robin", "least_loaded", "prefix_affinity"), default=None)
+    srv.add_argument("--policy", choices=POLICIES, default=None)
     srv.add_argument("--max-inflight", type=int, default=None, help="requests admitted at once (overload beyond)")
     srv.add_argument("--host", default=None, help="address the servers bind to (default 127.0.0.1)")
     srv.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50051)")
@@ -132,7 +134,7 @@ def serve_config_from_args(args: argparse.Namespace):
         "ray_num_cpus": args.num_cpus, "ray_placement_timeout_s": args.placement_timeout,
         "gpus_per_rank": args.gpus_per_rank,
     }
-    for role in ("prefill", "decode", "worker"):
+    for role in GroupRole:
         overrides[f"{role}_count"] = getattr(args, f"{role}_groups")
         overrides[f"{role}_tp"] = getattr(args, f"{role}_tp")
         overrides[f"{role}_pp"] = getattr(args, f"{role}_pp")

@@ -24,12 +24,13 @@ import os
 import ray
 
 from splitserve.cluster.placement import (CPUS_PER_RANK, EMBEDDED_PLACEMENT_WAIT_S, Placement, placement_wait_s,
-                                         plan_on_cluster, resolve_device)
+                                         plan_on_cluster, resolve_device, resolve_local)
 from splitserve.cluster.ray_group import RayGroupOptions, RayLauncher, SharedGpu
 from splitserve.cluster.serve_config import Mode, ServeConfig
-from splitserve.workers.config import CacheConfig, ParallelConfig, SchedulerConfig
-from splitserve.workers.disagg_engine import DisaggConfig, DisaggEngine, Group, GroupPolicy
-from splitserve.workers.engine import EngineConfig, LLMEngine
+from splitserve.router.service_config import ServiceConfig
+from splitserve.workers.disagg_engine import DisaggEngine, Group, GroupPolicy
+from splitserve.workers.engine import LLMEngine
+from splitserve.workers.roles import GroupRole
 
 
 def cluster_device(cfg: ServeConfig) -> str:
@@ -37,16 +38,11 @@ def cluster_device(cfg: ServeConfig) -> str:
     return resolve_device(cfg.device, ray.cluster_resources())
 
 
-def engine_config(cfg: ServeConfig, role: str, device: str) -> EngineConfig:
-    spec = getattr(cfg, role)
-    return EngineConfig(
-        model=cfg.model, device=device, dtype=cfg.dtype, max_model_len=cfg.max_model_len, show_progress=False,
-        detokenize=False,  # served: the front doors decode text and check stop strings
-        cache=CacheConfig(cfg.block_size, cfg.num_kv_blocks, cfg.kv_cache_memory),
-        parallel=ParallelConfig(spec.tp, spec.pp),
-        scheduler=SchedulerConfig(max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
-                                  async_scheduling=cfg.async_scheduling),
-    )
+def local_service(cfg: ServeConfig) -> ServiceConfig:
+    """The router's config of ``cfg`` for groups in this process or its children, without Ray
+    (`splitserve.router.local_handle.build_local_router`): validated, mode auto resolved by
+    `resolve_local`, the device as configured (an engine in this process resolves "auto")."""
+    return resolve_local(cfg.validate()).service()
 
 
 def group_factory(device: str, cpus_per_rank: float = CPUS_PER_RANK, *, gpus_per_rank: float = 1.0,
@@ -68,7 +64,7 @@ def group_in_core(cfg: ServeConfig) -> bool:
     model directly. Through a rank process the same engine's TPOT was 12.2 ms instead of 7.9
     (H200, Llama-3-8B shape, chat at 12 req/s, 2026-12-02): each step is pickled, piped and
     unpickled on the critical path. ``cfg``: mode resolved (`Placement.apply`)."""
-    w = cfg.worker
+    w = cfg.group(GroupRole.WORKER)
     return cfg.single_group_in_core and cfg.mode == Mode.AGGREGATED and (w.count, w.tp, w.pp) == (1, 1, 1)
 
 
@@ -93,19 +89,14 @@ def build_engine(cfg: ServeConfig, policy: GroupPolicy,
     sharing = device.startswith("cuda") and cfg.gpus_per_rank < 1
     factory = group_factory(device, gpus_per_rank=cfg.gpus_per_rank, placement_timeout_s=placement_wait_s(cfg),
                             shared_gpu=SharedGpu() if sharing and disaggregated else None)
+    spec = cfg.service(device).engine
     if group_in_core(cfg):
-        dc = DisaggConfig(prefill=None, decode=engine_config(cfg, "worker", device), num_decode=1)
+        dc = spec.disagg_config()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         return DisaggEngine(dc, policy=policy), in_this_process
     store_host = ray.util.get_node_ip_address()
     # A GPU of its own per rank actor: NCCL between any two; gloo between CPU ranks.
     transport = ("cuda_ipc" if sharing else "nccl") if device.startswith("cuda") else "gloo"
-    if disaggregated:
-        dc = DisaggConfig(prefill=engine_config(cfg, "prefill", device), decode=engine_config(cfg, "decode", device),
-                          num_prefill=cfg.prefill.count, num_decode=cfg.decode.count, in_process=False,
-                          transport=transport, store_host=store_host)
-    else:
-        dc = DisaggConfig(prefill=None, decode=engine_config(cfg, "worker", device), num_decode=cfg.worker.count,
-                          in_process=False, store_host=store_host)
+    dc = spec.disagg_config(in_process=False, transport=transport if disaggregated else None, store_host=store_host)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return DisaggEngine(dc, policy=policy, engine_factory=factory), factory

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from splitserve.cluster.serve_config import Mode, ServeConfig
+from splitserve.workers.roles import GroupRole
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class GroupBundles:
     """The bundles of every group of one role: ``count`` placement groups of ``tp * pp``
     rank bundles each."""
 
-    role: str
+    role: GroupRole
     count: int
     tp: int
     pp: int
@@ -160,9 +161,8 @@ def groups_of(cfg: ServeConfig, mode: Mode, device: str,
               cpus_per_rank: float = CPUS_PER_RANK) -> tuple[GroupBundles, ...]:
     """The groups ``mode`` starts from ``cfg``, as bundles."""
     gpus = cfg.gpus_per_rank if device.startswith("cuda") else 0.0
-    roles = ("prefill", "decode") if mode is Mode.DISAGGREGATED else ("worker",)
     return tuple(GroupBundles(role, spec.count, spec.tp, spec.pp, cpus_per_rank, gpus)
-                 for role in roles for spec in [getattr(cfg, role)])
+                 for role in mode.roles() for spec in [cfg.group(role)])
 
 
 def shortfall(groups: Sequence[GroupBundles], free: Mapping[str, float],

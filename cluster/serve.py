@@ -83,7 +83,7 @@ def start_core(cfg: ServeConfig, timeout_s: float = 600.0, name: str = CORE_NAME
         mode = ray.get(actor.wait_started.remote(timeout_s), timeout=timeout_s + 30)
         client = EngineClient(address, door=f"driver-{time.monotonic_ns()}",
                               request_timeout_s=cfg.router.request_timeout_s, limits=cfg.server.limits(),
-                              tokenizer=door_tokenizer(cfg))
+                              tokenizer=door_tokenizer(cfg.model))
         client.wait_ready(30.0)
     except BaseException:
         ray.kill(actor, no_restart=True)

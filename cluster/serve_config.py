@@ -65,31 +65,18 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-
-import os
 from dataclasses import asdict, dataclass, field, fields, replace
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+# The router's sections are the router's types (`splitserve.router.service_config`); they are
+# named here too, since the serve config is where users meet them.
+from splitserve.router.service_config import (DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, MODES, POLICIES, EngineSpec,
+                                              GroupSpec, Mode, RouterSpec, ServerSpec, ServiceConfig)
+from splitserve.workers.roles import GroupRole
 
-class Mode(StrEnum):
-    """How the groups split the work. A StrEnum: the config keeps the plain string (YAML), and
-    ``cfg.mode == Mode.AUTO`` compares as a string does."""
-
-    #: disaggregated when the cluster has room for its groups, else aggregated
-    AUTO = "auto"
-    #: each group prefills and decodes (``groups.worker``)
-    AGGREGATED = "aggregated"
-    #: prefill groups hand their KV to decode groups (``groups.prefill``, ``groups.decode``)
-    DISAGGREGATED = "disaggregated"
-
-
-MODES = tuple(m.value for m in Mode)
-POLICIES = ("round_robin", "least_loaded", "prefix_affinity")
-DEFAULT_GRPC_PORT = 50051
-DEFAULT_HTTP_PORT = 8000
-
+__all__ = ["DEFAULT_GRPC_PORT", "DEFAULT_HTTP_PORT", "MODES", "POLICIES", "GroupSpec", "Mode", "RaySpec", "RouterSpec",
+           "ServeConfig", "ServerSpec", "config_from_dict", "load_serve_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,84 +88,6 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-@dataclass(frozen=True)
-class GroupSpec:
-    """How many groups of one role, and each one's layout."""
-
-    count: int = 1
-    tp: int = 1
-    pp: int = 1
-
-    def check(self, role: str) -> None:
-        if self.count < 0 or self.tp < 1 or self.pp < 1:
-            raise ValueError(f"groups.{role}: count must be >= 0 and tp, pp >= 1, got {self}")
-
-
-@dataclass(frozen=True)
-class RouterSpec:
-    policy: str = "least_loaded"
-    max_inflight: int = 256
-    #: Deadline for one request when the client gives none (seconds).
-    request_timeout_s: float = 600.0
-
-
-@dataclass(frozen=True)
-class ServerSpec:
-    host: str = "127.0.0.1"
-    grpc_port: int = DEFAULT_GRPC_PORT
-    http_port: int = DEFAULT_HTTP_PORT
-    api_key: str | None = None
-    api_key_file: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    #: Largest gRPC message accepted or sent (bytes).
-    max_message_bytes: int = 16 * 1024 * 1024
-    #: Front-door processes (gRPC and HTTP servers); None: `resolved_api_servers`' default.
-    api_servers: int | None = None
-    #: Salt every request's prefix cache with a hash of the API key it was authenticated with
-    #: (`splitserve.router.cache_salt`): tenants with different keys never share cached blocks,
-    #: so ``cached_tokens`` tells none of them what another sent. Needs an API key.
-    cache_salt_per_key: bool = False
-    #: Input limits (`splitserve.router.frontdoor.RequestLimits`): HTTP body bytes, prompt
-    #: characters, stop strings (count, characters each) and stop token ids.
-    max_request_bytes: int = 8 * 1024 * 1024
-    max_prompt_chars: int = 1024 * 1024
-    max_stop_strings: int = 32
-    max_stop_chars: int = 256
-    max_stop_token_ids: int = 128
-
-    def resolved_api_key(self) -> str | None:
-        """The key clients must send, or None when none is configured. A key that is
-        configured but empty (``api_key: ""``, an empty or blank key file) is refused: it
-        must never turn authentication off."""
-        if self.api_key_file:
-            try:
-                key = Path(self.api_key_file).read_text().strip()
-            except OSError as err:
-                raise ValueError(f"server.api_key_file {self.api_key_file!r} cannot be read: {err}") from None
-            if not key:
-                raise ValueError(f"server.api_key_file {self.api_key_file!r} is empty: refusing to serve without "
-                                 "the key it was meant to hold")
-            return key
-        if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("server.api_key is empty: refusing to serve without authentication (leave it unset "
-                             "for none)")
-        return self.api_key
-
-    def limits(self):
-        """The front doors' `RequestLimits`."""
-        from splitserve.router.frontdoor import RequestLimits
-
-        return RequestLimits(self.max_request_bytes, self.max_prompt_chars, self.max_stop_strings,
-                             self.max_stop_chars, self.max_stop_token_ids)
-
-    def resolved_api_servers(self) -> int:
-        """``api_servers``, or one per 8 CPUs of this machine, at least 1 and at most 4 (a
-        front door parses and tokenizes; more than a few only take CPUs from the ranks)."""
-        if self.api_servers is not None:
-            return self.api_servers
-        return min(4, max(1, (os.cpu_count() or 1) // 8))
 
 
 @dataclass(frozen=True)
@@ -225,7 +134,7 @@ class ServeConfig:
         if self.router.max_inflight < 1:
             raise ValueError("router.max_inflight must be >= 1")
         for role in self._possible_roles():
-            getattr(self, role).check(role)
+            self.group(role).check(role)
         if self.mode != Mode.AGGREGATED and (self.prefill.count < 1 or self.decode.count < 1):
             raise ValueError(f"{self.mode} mode needs at least one prefill and one decode group")
         if self.mode != Mode.DISAGGREGATED and self.worker.count < 1:
@@ -233,7 +142,7 @@ class ServeConfig:
         self._check_gpu_share()
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
-        staged = [role for role in self._possible_roles() if getattr(self, role).pp > 1]
+        staged = [role for role in self._possible_roles() if self.group(role).pp > 1]
         if self.async_scheduling and staged:
             raise ValueError(f"async_scheduling needs pp = 1 in every group; {', '.join(staged)} groups have "
                              "more stages: leave it unset (on where it applies) or false")
@@ -270,7 +179,7 @@ class ServeConfig:
             return
         # Ranks of one group on one GPU would need NCCL between two ranks of one device, which
         # it refuses ("Duplicate GPU detected"): only one-rank groups share.
-        multi = [r for r in self._possible_roles() if getattr(self, r).tp * getattr(self, r).pp > 1]
+        multi = [r for r in self._possible_roles() if self.group(r).tp * self.group(r).pp > 1]
         if multi:
             raise ValueError(f"gpus_per_rank {g:g} < 1 shares GPUs between one-rank groups only; "
                              f"{', '.join(multi)} groups have tp x pp > 1")
@@ -283,15 +192,31 @@ class ServeConfig:
                                  f"{ranks * g:g} GPUs; groups that share GPUs must all fit on one (their KV "
                                  f"moves by CUDA IPC): at most {int(1 / g + 1e-9)} groups, or gpus_per_rank 1")
 
-    def _possible_roles(self) -> tuple[str, ...]:
+    def _possible_roles(self) -> tuple[GroupRole, ...]:
         """Every role this mode may start: auto may start either layout."""
-        return ("prefill", "decode", "worker") if self.mode == Mode.AUTO else self.roles()
+        return tuple(GroupRole) if self.mode == Mode.AUTO else self.roles()
 
-    def roles(self) -> tuple[str, ...]:
+    def roles(self) -> tuple[GroupRole, ...]:
         """The group roles this mode starts, in start order. Mode auto has not chosen yet: it
         answers the disaggregated roles it tries first; the config `Placement.apply` returns
         answers the roles it really starts."""
-        return ("worker",) if self.mode == Mode.AGGREGATED else ("prefill", "decode")
+        return Mode(self.mode).roles()
+
+    def group(self, role: GroupRole) -> GroupSpec:
+        """The ``groups.<role>`` section."""
+        return getattr(self, role.value)
+
+    def service(self, device: str | None = None) -> ServiceConfig:
+        """The router's config of this (validated) config, its mode chosen (`Placement.apply`,
+        or `placement.resolve_local` without Ray); ``device``: where the ranks run, resolved
+        against the cluster (None: ``self.device`` as it is)."""
+        engine = EngineSpec(
+            mode=Mode(self.mode), device=self.device if device is None else device,
+            groups={role: self.group(role) for role in self.roles()}, model=self.model, dtype=self.dtype,
+            max_model_len=self.max_model_len, block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
+            kv_cache_memory=self.kv_cache_memory, max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=self.max_num_seqs, async_scheduling=self.async_scheduling)
+        return ServiceConfig(engine, self.router, self.server)
 
     def with_overrides(self, **flat: Any) -> "ServeConfig":
         """Apply flags: keys are field names, ``<role>_<count|tp|pp>`` or ``<section>_<field>``;
@@ -313,8 +238,8 @@ class ServeConfig:
         return asdict(self)
 
 
-_SECTIONS = {"prefill": GroupSpec, "decode": GroupSpec, "worker": GroupSpec, "router": RouterSpec,
-             "server": ServerSpec, "ray": RaySpec}
+_SECTIONS = {**{role.value: GroupSpec for role in GroupRole}, "router": RouterSpec, "server": ServerSpec,
+             "ray": RaySpec}
 
 
 def _is_section(name: str) -> bool:
@@ -327,8 +252,8 @@ def config_from_dict(data: dict[str, Any]) -> ServeConfig:
     groups = data.pop("groups", {}) or {}
     kwargs: dict[str, Any] = {}
     for role, value in groups.items():
-        if role not in ("prefill", "decode", "worker"):
-            raise ValueError(f"groups: unknown role {role!r} (prefill, decode, worker)")
+        if role not in tuple(GroupRole):
+            raise ValueError(f"groups: unknown role {role!r} ({', '.join(GroupRole)})")
         kwargs[role] = _section(GroupSpec, value, f"groups.{role}")
     for name, value in data.items():
         if name in ("router", "server", "ray"):

@@ -63,7 +63,7 @@ class EngineCoreActor:
     def _start(self) -> None:
         from splitserve.cluster.groups import build_engine
         from splitserve.router.engine_core import EngineCore
-        from splitserve.router.local_handle import core_limits, model_info
+        from splitserve.router.local_handle import model_info
         from splitserve.router.policies import make_policy
 
         try:
@@ -72,7 +72,8 @@ class EngineCoreActor:
             placement = self.placement or plan_on_cluster(self.cfg)
             cfg = self.cfg = placement.apply(self.cfg)  # mode auto resolved
             engine, factory = build_engine(cfg, make_policy(cfg.router.policy, cfg.block_size), placement)
-            self._core = EngineCore(engine, model_info(cfg, engine), self.address, core_limits(cfg), rebuild=factory)
+            self._core = EngineCore(engine, model_info(cfg.service(placement.device), engine), self.address,
+                                    cfg.router.core_limits(), rebuild=factory)
         except BaseException as err:  # noqa: BLE001 - reported by wait_started
             logger.exception("the engine core failed to start")
             self._error = err
@@ -130,7 +131,7 @@ class FrontDoorActor:
         _setup_process()
         import os
 
-        self.client = EngineClient(address, door=f"door{index}-{os.getpid()}", tokenizer=door_tokenizer(cfg),
+        self.client = EngineClient(address, door=f"door{index}-{os.getpid()}", tokenizer=door_tokenizer(cfg.model),
                                    request_timeout_s=cfg.router.request_timeout_s, limits=cfg.server.limits())
         # Listen only once the core answers: a door that took connections before would refuse
         # their first requests (UNAVAILABLE). A door Ray restarts while the core is also

@@ -8,7 +8,10 @@
   and a client in one process (tests, one machine without Ray);
 - `grpc_server.py` (service `splitserve.v1.Generation`, `splitserve.proto`), `http_server.py`
   (OpenAI-compatible, `/health`, `/metrics`), `client.py` (Python clients);
-- `messages.py`: the typed messages of the front doors; `metrics.py`: Prometheus metrics.
+- `messages.py`: the typed messages of the front doors; `metrics.py`: Prometheus metrics;
+- `service_config.py`: what the router side is configured with (`ServiceConfig`: the engine the
+  core builds, with the one builder of its groups' configs, the core's admission, the front
+  doors); `splitserve.cluster.serve_config` composes it and never the other way round.
 
 docs/architecture.md follows one request through these files.
 """

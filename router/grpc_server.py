@@ -31,7 +31,6 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import DecodeError
 
-from splitserve.cluster.serve_config import ServerSpec
 from splitserve.router import splitserve_pb2 as pb
 from splitserve.router import splitserve_pb2_grpc as pb_grpc
 from splitserve.router.cache_salt import tenant_key
@@ -41,6 +40,7 @@ from splitserve.router.convert import (
 from splitserve.router.frontdoor import LoopThread, RouterAPI, api_key_ok, health_info, stream_limit_s
 from splitserve.router.messages import ErrorCode, RouterError
 from splitserve.router.metrics import FrontDoorMetrics, front_door_metrics
+from splitserve.router.service_config import ServerSpec
 
 logger = logging.getLogger(__name__)
 

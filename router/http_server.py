@@ -50,7 +50,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from splitserve.cluster.serve_config import ServerSpec
 from splitserve.router import openai_api as oa
 from splitserve.router.cache_salt import door_cache_salt, tenant_key
 from splitserve.router.convert import DEFAULT_MAX_TOKENS
@@ -58,6 +57,7 @@ from splitserve.router.frontdoor import (LoopThread, RouterAPI, api_key_ok, can_
                                          health_info, stream_limit_s)
 from splitserve.router.messages import Chunk, Completion, ErrorCode, GenerateRequest, ModelInfo, RouterError, short
 from splitserve.router.metrics import FrontDoorMetrics, front_door_metrics
+from splitserve.router.service_config import ServerSpec
 
 API = "http"
 HTTP_STATUS = {

@@ -29,11 +29,13 @@ def tiny_servers():
     from splitserve.cluster.serve_config import ServeConfig, ServerSpec
     from splitserve.router.grpc_server import start_grpc_server
     from splitserve.router.http_server import start_http_server
+    from splitserve.cluster.groups import local_service
     from splitserve.router.local_handle import build_local_router
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    router = build_local_router(ServeConfig(model=TINY_MODEL, mode="aggregated", device="cpu", num_kv_blocks=128))
+    router = build_local_router(local_service(ServeConfig(model=TINY_MODEL, mode="aggregated", device="cpu",
+                                                          num_kv_blocks=128)))
     spec = ServerSpec(grpc_port=0, http_port=0)
     grpc_server, http_server = start_grpc_server(router, spec), start_http_server(router, spec)
     try:

@@ -18,14 +18,15 @@ def main(grpc_port: int, http_port: int) -> int:
     from splitserve.cluster.serve_config import ServeConfig, ServerSpec
     from splitserve.router.grpc_server import start_grpc_server
     from splitserve.router.http_server import start_http_server
+    from splitserve.cluster.groups import local_service
     from splitserve.router.local_handle import build_local_router
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     torch.set_num_threads(1)
-    router = build_local_router(ServeConfig(model="random:tiny-llama", mode="aggregated", device="cpu",
-                                            num_kv_blocks=128))
+    router = build_local_router(local_service(ServeConfig(model="random:tiny-llama", mode="aggregated", device="cpu",
+                                                          num_kv_blocks=128)))
     spec = ServerSpec(grpc_port=grpc_port, http_port=http_port)
     servers = [start_grpc_server(router, spec), start_http_server(router, spec)]
     print(f"serving on {grpc_port} (gRPC) and {http_port} (HTTP)", flush=True)

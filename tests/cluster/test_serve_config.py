@@ -9,8 +9,13 @@ from __future__ import annotations
 import pytest
 
 from splitserve.cluster.cli import build_parser, serve_config_from_args
-from splitserve.cluster.groups import engine_config
+from splitserve.cluster.placement import resolve_local
 from splitserve.cluster.serve_config import Mode, ServeConfig, ServerSpec, config_from_dict
+
+
+def engine_config(cfg: ServeConfig, role, device: str):
+    """The EngineConfig each group of ``role`` gets (mode auto resolved as the local router does)."""
+    return resolve_local(cfg).service(device).engine.engine_config(role)
 
 
 def _serve(*flags: str):

@@ -26,11 +26,12 @@ def local_router(smollm2_dir):
     import torch
 
     from splitserve.cluster.serve_config import RouterSpec, ServeConfig
+    from splitserve.cluster.groups import local_service
     from splitserve.router.local_handle import build_local_router
 
     torch.set_num_threads(1)
     cfg = ServeConfig(device="cpu", mode="disaggregated", num_kv_blocks=NUM_KV_BLOCKS, router=RouterSpec(max_inflight=MAX_INFLIGHT))
-    router = build_local_router(cfg)
+    router = build_local_router(local_service(cfg))
     _ROUTERS.append(router)
     yield router
     _ROUTERS.remove(router)

@@ -127,11 +127,12 @@ def test_core_gone_ends_streams_unavailable_within_a_second():
 
     from splitserve.cluster.serve_config import ServeConfig
     from splitserve.router.core_messages import DEAD_AFTER_S
+    from splitserve.cluster.groups import local_service
     from splitserve.router.local_handle import build_local_router
 
     torch.set_num_threads(1)
-    router = build_local_router(ServeConfig(model="random:tiny-llama", mode="aggregated", device="cpu",
-                                            num_kv_blocks=64))
+    router = build_local_router(local_service(ServeConfig(model="random:tiny-llama", mode="aggregated", device="cpu",
+                                                          num_kv_blocks=64)))
     params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
 
     async def scenario():

@@ -123,11 +123,12 @@ def test_a_client_deadline_cannot_outlive_the_servers():
     import torch
 
     from splitserve.cluster.serve_config import RouterSpec, ServeConfig
+    from splitserve.cluster.groups import local_service
     from splitserve.router.local_handle import build_local_router
 
     torch.set_num_threads(1)
-    router = build_local_router(ServeConfig(model="random:tiny-llama", mode="aggregated", device="cpu",
-                                            num_kv_blocks=128, router=RouterSpec(request_timeout_s=2.0)))
+    router = build_local_router(local_service(ServeConfig(model="random:tiny-llama", mode="aggregated", device="cpu",
+                                                          num_kv_blocks=128, router=RouterSpec(request_timeout_s=2.0))))
     # Long enough to outlast 2 s on this CPU: many tokens, each step slowed by a big batch.
     params = SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True)
 
@@ -157,14 +158,15 @@ def test_a_request_that_makes_a_rank_raise_fails_alone_through_the_server(monkey
 
     from splitserve.cluster.serve_config import ServeConfig, ServerSpec
     from splitserve.router.grpc_server import start_grpc_server
+    from splitserve.cluster.groups import local_service
     from splitserve.router.local_handle import build_local_router
     from splitserve.workers.executor import RAISE_ON_TOKEN_ENV
 
     torch.set_num_threads(1)
     poison = 201
     monkeypatch.setenv(RAISE_ON_TOKEN_ENV, str(poison))  # read when the runner is built, below
-    router = build_local_router(ServeConfig(model="random:tiny-llama", mode="aggregated", device="cpu",
-                                            num_kv_blocks=128))
+    router = build_local_router(local_service(ServeConfig(model="random:tiny-llama", mode="aggregated", device="cpu",
+                                                          num_kv_blocks=128)))
     server = start_grpc_server(router, ServerSpec(grpc_port=0, http_port=0))
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 

@@ -32,12 +32,13 @@ def tiny_service():
 
     from splitserve.cluster.serve_config import RouterSpec, ServeConfig, ServerSpec
     from splitserve.router.http_server import start_http_server
+    from splitserve.cluster.groups import local_service
     from splitserve.router.local_handle import build_local_router
 
     torch.set_num_threads(1)
     cfg = ServeConfig(model="random:tiny-llama", mode="aggregated", device="cpu", num_kv_blocks=8192,
                       max_num_seqs=128, router=RouterSpec(max_inflight=128))
-    router = build_local_router(cfg)
+    router = build_local_router(local_service(cfg))
     http = start_http_server(router, ServerSpec(grpc_port=0, http_port=0))
     yield router, http.port
     http.stop()
