@@ -91,7 +91,7 @@ def main() -> None:
     bw = copy_bandwidth()
     with LLM("random:llama-3-8b", device="cuda", dtype="bfloat16", kv_cache_memory=24 << 30,
              max_num_seqs=64, show_progress=False) as llm:
-        weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.executor.runner.model.parameters())
+        weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.executor_for_tests.runner.model.parameters())
         floor_ms = 1000 * weight_bytes / bw  # weights read once per step (GPU.md's convention)
         b1 = decode_step_ms(llm, 1, 128, 64)
         b64 = decode_step_ms(llm, 64, 1024, 32)

@@ -318,7 +318,7 @@ def section_attention(ctx: "Ctx") -> dict:
 
 
 def _llm_weight_bytes(llm) -> int:
-    return sum(p.numel() * p.element_size() for p in llm.engine.executor.runner.model.parameters())
+    return sum(p.numel() * p.element_size() for p in llm.engine.executor_for_tests.runner.model.parameters())
 
 
 def _distinct_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -355,7 +355,7 @@ def _set_kernels(mode: str) -> None:
 
 
 def section_decode(ctx: "Ctx") -> dict:
-    llm, runner = ctx.llm, ctx.llm.engine.executor.runner
+    llm, runner = ctx.llm, ctx.llm.engine.executor_for_tests.runner
     a = ctx.args
     weight_bytes = _llm_weight_bytes(llm)
     kv_token = ctx.shape.kv_bytes_per_token(ctx.elem_bytes)
@@ -534,7 +534,7 @@ def section_correctness(ctx: "Ctx") -> dict:
         logits = {}
         for dtype in ("float32", "bfloat16"):
             with LLM(folder, device=dev.type, dtype=dtype, show_progress=False, enable_prefix_caching=False) as llm:
-                runner = llm.engine.executor.runner
+                runner = llm.engine.executor_for_tests.runner
                 p = prompts[2]
                 n, bs = len(p), runner.kv_cache.spec.block_size
                 table = torch.arange(-(-n // bs), device=dev)
@@ -579,7 +579,7 @@ class Ctx:
                            kv_cache_memory=(64 << 20) if self.args.tiny else (self.args.kv_gb << 30),
                            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=256 if self.args.tiny else 16384,
                            show_progress=False)
-            self.shape = ModelShape.from_config(self.llm.engine.executor.runner.model_cfg)
+            self.shape = ModelShape.from_config(self.llm.engine.executor_for_tests.runner.model_cfg)
             log(f"engine ready in {time.perf_counter() - t:.1f} s")
         return self.llm
 

@@ -132,9 +132,9 @@ def leaks(eng) -> list[str]:
         found.append(f"{eng.num_open_transfers} transfers open, {eng.num_live_requests} requests live")
     for g in eng.groups:
         if g.healthy:
-            bm = g.engine.block_manager
-            if bm.num_free_blocks != bm.num_blocks:
-                found.append(f"{g.name}: {bm.num_blocks - bm.num_free_blocks} blocks not free")
+            kv = g.engine.kv_usage()
+            if kv.num_free_blocks != kv.num_blocks:
+                found.append(f"{g.name}: {kv.num_blocks - kv.num_free_blocks} blocks not free")
     return found
 
 
@@ -178,7 +178,7 @@ def run_fault(model: Model, device: str) -> dict:
                 group = max(eng.decodes, key=lambda g: g.engine.num_running)
                 killed = {"group": group.name, "rank": 0, "running": group.engine.num_running,
                           "tokens_so_far": sum(len(t) for t in tokens.values())}
-                group.engine.executor.launcher.procs[0].kill()
+                group.engine.executor_for_tests.launcher.procs[0].kill()
         got = [tokens[i] for i in ids]
         return {"model": model.label, "killed": killed, "finished": len(done), "requests": len(ids),
                 "token_exact": got == expected, "mismatches": sum(g != e for g, e in zip(got, expected)),

@@ -107,7 +107,7 @@ def _engine_summary(cfg: Any, engine: Any) -> dict[str, Any]:
 
     return {"model": cfg.model, "device": str(engine.device),
             "dtype": str(resolve_dtype(cfg.dtype, engine.device)).removeprefix("torch."),
-            "max_model_len": engine.max_model_len, "num_kv_blocks": engine.block_manager.num_blocks,
+            "max_model_len": engine.max_model_len, "num_kv_blocks": engine.kv_usage().num_blocks,
             "block_size": cfg.cache.block_size, "enable_prefix_caching": cfg.cache.enable_prefix_caching,
             "max_num_batched_tokens": cfg.scheduler.max_num_batched_tokens,
             "max_num_seqs": cfg.scheduler.max_num_seqs, "tp": cfg.parallel.tensor_parallel_size,

@@ -236,8 +236,8 @@ class EngineCore:
 
     def _kv_state(self) -> dict:
         engine = self.loop.engine
-        groups = {g.name: [g.engine.block_manager.num_free_blocks, g.engine.block_manager.num_blocks]
-                  for g in engine.groups if g.healthy}
+        usage = {g.name: g.engine.kv_usage() for g in engine.groups if g.healthy}
+        groups = {name: [kv.num_free_blocks, kv.num_blocks] for name, kv in usage.items()}
         return {"groups": groups, "open_transfers": engine.num_open_transfers,
                 "live_requests": engine.num_live_requests, "inflight": self.loop.num_live,
                 "resent": engine.num_resent}

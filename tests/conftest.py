@@ -79,7 +79,7 @@ def assert_no_leaks(engine) -> None:
         assert not engine.has_unfinished_requests(), "requests still queued or running"
         return  # its two LLMEngines are checked on their own
     assert not engine.has_unfinished_requests(), "requests still queued or running"
-    bm = engine.block_manager
+    bm = engine.block_manager_for_tests
     assert bm.num_free_blocks == bm.num_blocks, f"{bm.num_blocks - bm.num_free_blocks} KV blocks leaked"
     assert all(b.ref_count == 0 for b in bm.blocks), "a block still has references"
 

@@ -1,6 +1,9 @@
 """KV block accounting: allocation, reference counts, prefix caching, LRU eviction.
 
-The block manager never touches tensors; it decides which cache blocks a sequence owns.
+The block manager never touches tensors; it decides which cache blocks a sequence owns, and
+says so (`Allocation`, the count `cache_full_blocks` returns): the scheduler records it on the
+sequence, which is how one owner writes a sequence's progress (scheduler.py). The only thing it
+keeps on a sequence is the memo of its block hashes (``block_hashes``: tokens never change).
 
 - A block is *free* when no sequence references it. Free blocks wait in an LRU queue; a
   free block may still hold a cached prefix (it keeps its hash) and is reused by a later
@@ -15,8 +18,8 @@ The block manager never touches tensors; it decides which cache blocks a sequenc
   salt: a tenant cannot probe whether another tenant's prompt prefix is cached. Unsalted
   sequences hash exactly as before and share with each other.
 - Lifecycle per sequence: `find_cached_prefix` -> `can_allocate` -> `allocate` (takes the
-  hits, adds new blocks) every step it grows -> `cache_full_blocks` after the step ->
-  `free` when it finishes, aborts or is preempted. `num_free_blocks == num_blocks` when no
+  hits, adds new blocks, returns both) every step it grows -> `cache_full_blocks` after the
+  step -> `free` of its block ids when it finishes, aborts or is preempted. `num_free_blocks == num_blocks` when no
   sequence runs: the leak check the tests apply after every scenario.
 """
 
@@ -51,6 +54,21 @@ class CachedPrefix:
 
 
 _NO_PREFIX = CachedPrefix(())
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What `allocate` gave a sequence, for its owner to record: the prefix-cache hits (already
+    computed: their tokens count as computed) first, then fresh blocks, in block-table order."""
+
+    hit_block_ids: tuple[int, ...]
+    new_block_ids: tuple[int, ...]
+    #: Tokens the hits hold (whole blocks).
+    num_hit_tokens: int
+
+    @property
+    def block_ids(self) -> tuple[int, ...]:
+        return self.hit_block_ids + self.new_block_ids
 
 
 def hash_block(parent: bytes | None, tokens: list[int], key: bytes = b"") -> bytes:
@@ -106,10 +124,12 @@ class BlockManager:
             ids.append(block_id)
         return CachedPrefix(tuple(ids))
 
-    def cache_full_blocks(self, seq: Sequence) -> None:
-        """Register the sequence's newly computed full blocks so later requests can reuse them."""
+    def cache_full_blocks(self, seq: Sequence) -> int:
+        """Register the sequence's newly computed full blocks so later requests can reuse them;
+        returns how many leading blocks of it are registered now (its new
+        ``num_registered_blocks``, for the caller to record)."""
         if not self.enable_prefix_caching:
-            return
+            return seq.num_registered_blocks
         num_full = seq.num_computed_tokens // self.block_size
         for i in range(seq.num_registered_blocks, num_full):
             h = self._block_hash(seq, i)
@@ -117,7 +137,7 @@ class BlockManager:
             if block.block_hash is None and h not in self._cached:
                 block.block_hash = h
                 self._cached[h] = block.block_id
-        seq.num_registered_blocks = max(seq.num_registered_blocks, num_full)
+        return max(seq.num_registered_blocks, num_full)
 
     def _block_hash(self, seq: Sequence, index: int) -> bytes:
         # Hashes survive preemption (the tokens do not change), so each is computed once.
@@ -144,8 +164,9 @@ class BlockManager:
         need = self._num_new_blocks(seq, num_new_tokens, prefix)
         return need + hits_in_free <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, prefix: CachedPrefix = _NO_PREFIX) -> None:
-        """Give ``seq`` its prefix hits and enough blocks for ``num_new_tokens`` more tokens."""
+    def allocate(self, seq: Sequence, num_new_tokens: int, prefix: CachedPrefix = _NO_PREFIX) -> Allocation:
+        """Take ``seq``'s prefix hits and enough blocks for ``num_new_tokens`` more tokens, for it;
+        the caller appends them to its block table (nothing is written into ``seq``)."""
         if not self.can_allocate(seq, num_new_tokens, prefix):
             raise RuntimeError(f"out of KV blocks for {seq.request_id}; call can_allocate first")
         need = self._num_new_blocks(seq, num_new_tokens, prefix)
@@ -154,26 +175,23 @@ class BlockManager:
             self.num_prefix_hits += prefix.num_blocks * self.block_size
         for block_id in prefix.block_ids:
             self._take(block_id)
-        if prefix.num_blocks:
-            seq.block_ids.extend(prefix.block_ids)
-            seq.num_computed_tokens += prefix.num_blocks * self.block_size
-            seq.num_registered_blocks = prefix.num_blocks
+        new = []
         for _ in range(need):
             block_id = next(iter(self._free))
             self._evict(block_id)
             self._take(block_id)
-            seq.block_ids.append(block_id)
+            new.append(block_id)
+        return Allocation(prefix.block_ids, tuple(new), prefix.num_blocks * self.block_size)
 
-    def free(self, seq: Sequence) -> None:
-        """Drop the sequence's references; its cached blocks stay reusable until evicted."""
+    def free(self, block_ids: list[int]) -> None:
+        """Drop one reference to each block (a sequence's block table, which its owner then
+        clears); cached blocks stay reusable until evicted."""
         # Tail blocks go to the queue first so they are evicted before the shared head.
-        for block_id in reversed(seq.block_ids):
+        for block_id in reversed(block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block_id] = None
-        seq.block_ids = []
-        seq.num_registered_blocks = 0
 
     def reset_prefix_cache(self) -> None:
         for block_id in list(self._cached.values()):

@@ -8,9 +8,11 @@ Lifecycle:
             ...                                      # RequestOutput snapshots, `finished` last
     engine.abort_request(id)                         # any time; frees the request's blocks
 
-A step submits micro-batches (`_submit_ready`: schedule -> `StepBatch` -> executor), then
-collects the oldest one and advances its sequences (`postprocess`, `_update`): with one
-pipeline stage that is schedule -> forward+sample -> update; with ``pp`` stages up to ``pp``
+A step reads: schedule, launch, wait, update. It submits micro-batches (`_submit_ready`:
+`Scheduler.schedule` -> `StepBatch` -> executor), then waits for the oldest one and hands its
+tokens to the scheduler (`Scheduler.update_from_output`, the one writer of a request's
+progress), then reports what changed: with one pipeline stage that is schedule ->
+forward+sample -> update; with ``pp`` stages up to ``pp``
 micro-batches are in flight so every stage has work. With async scheduling (pp = 1; on by
 default for one rank on CUDA) two are: step n+1 is scheduled and queued while the device runs step n, its
 decode rows' tokens left as placeholders that the runner fills from step n's samples on the
@@ -28,6 +30,12 @@ innocent finish as they would have. Batches sent after the failed one (async sch
 collected and dropped too (they may read what it never wrote); their other requests are simply
 computed again. A prefill group's requests are not re-run here: they are aborted, with their
 verdict in `blamed`, and the disaggregated driver re-sends the innocent (disagg_engine.py).
+
+What a group does in disaggregated serving is its role's (engine_roles.py: prefill, decode, or
+none when aggregated), chosen from the KV agent's role and called at fixed points: as a step is
+submitted (its KV sends), as a request finishes (keep its blocks?), as one fails. The drivers
+above see the `GroupEngine` protocol (group_engine.py); the executor and block manager are the
+engine's own.
 """
 
 from __future__ import annotations
@@ -36,29 +44,31 @@ import enum
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 
 from splitserve.kvtransfer.agent import KVAgentSpec
-from splitserve.kvtransfer.messages import KVRoute, RecvCommand, SendCommand, TransferEvent
+from splitserve.kvtransfer.messages import KVRoute, RecvCommand, TransferEvent
 from splitserve.workers.block_manager import BlockManager
 from splitserve.workers.cache_salt import check_cache_salt
 from splitserve.workers.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from splitserve.workers.detokenizer import IncrementalDetokenizer
-from splitserve.workers.executor import RunnerSpec, StepError, WorkerGroupError, make_executor
+from splitserve.workers.engine_roles import (  # noqa: F401  (KVSendHook, SendPlan: the drivers import them here)
+    DecodeRole, EngineRole, KVSendHook, PrefillRole, SendPlan, first_token_params, make_role)
+from splitserve.workers.executor import Executor, RunnerSpec, StepError, WorkerGroupError, make_executor
 from splitserve.workers.group_engine import KVUsage
 from splitserve.workers.kv_cache import KVCacheSpec
 from splitserve.workers.model_source import load_tokenizer, resolve_model
 from splitserve.workers.outputs import RequestOutput
+from splitserve.workers.roles import GroupRole
 from splitserve.workers.sampler import SamplerOutput
 from splitserve.workers.sampling_params import SamplingParams
 from splitserve.workers.scheduler import Scheduler, SchedulerOutput
 from splitserve.workers.sequence import Sequence, SequenceStatus
 from splitserve.workers.step_batch import build_step_batch, sampling_rows
-from splitserve.workers.stop_checker import check_stop, stream_holdback
+from splitserve.workers.stop_checker import StopDecision, stream_holdback
 
 logger = logging.getLogger(__name__)
 
@@ -133,34 +143,6 @@ class _Request:
     num_sent_chars: int = 0
     #: Where a matched stop string cuts the text (None keeps it all).
     truncate_to: int | None = None
-    #: Keep the KV blocks when it finishes (prefill role: until decode has them).
-    hold: bool = False
-
-
-@dataclass(frozen=True)
-class KVSendHook:
-    """Prefill role: where the KV of finished prompts goes, and who to tell."""
-
-    routes: list[KVRoute]
-    layers_per_message: int
-    #: Called with a step's commands as it is submitted (the decode side then posts the
-    #: receives, in this order); returns the commands to send (a closed transfer is dropped).
-    on_send: Callable[[list[SendCommand]], list[SendCommand]]
-
-
-def first_token_params(params: SamplingParams) -> SamplingParams:
-    """The prefill role's params: the request's own sampling for exactly its first token."""
-    return params.with_(max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=(),
-                        include_stop_str_in_output=False)
-
-
-@dataclass(frozen=True)
-class SendPlan:
-    transfer_id: int
-    #: Leading prompt blocks the decode side already has (its prefix cache): not sent.
-    skip_blocks: int
-    #: The destination decode group's KV namespace (None: the one sharing this group's).
-    peer_namespace: str | None = None
 
 
 class LLMEngine:
@@ -178,7 +160,7 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or self.model_cfg.max_position_embeddings,
                                  self.model_cfg.max_position_embeddings)
         num_blocks = self._num_blocks(dtype)
-        self.executor = make_executor(RunnerSpec(
+        self._executor: Executor = make_executor(RunnerSpec(
             model_cfg=self.model_cfg, weights_dir=source.weights_dir,
             seed=source.random_seed if source.random_seed is not None else config.seed,
             num_blocks=num_blocks, block_size=config.cache.block_size, dtype=dtype,
@@ -186,18 +168,18 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids, show_progress=config.show_progress, kv=config.kv,
             device_offset=config.device_offset, async_scheduling=async_scheduling,
         ), config.parallel, processes=config.rank_processes, launcher=launcher)
-        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, lookahead=async_scheduling,
-                                   max_model_len=self.max_model_len)
+        self._block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self._block_manager, lookahead=async_scheduling,
+                                   max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
+                                   on_finished=self._on_finished)
+        self._role: EngineRole = make_role(GroupRole(config.kv.role) if config.kv is not None else GroupRole.WORKER,
+                                           self.scheduler)
         self._step_ids = itertools.count(1)
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []  # aborted between steps, reported by the next step
         self._inflight: deque[SchedulerOutput] = deque()  # submitted micro-batches, oldest first
         self._failure: str | None = None
         self._ids = itertools.count()
-        self._held: dict[str, Sequence] = {}  # prefill role: finished, blocks kept until release
-        self._send_plans: dict[str, SendPlan] = {}
-        self._kv_hook: KVSendHook | None = None
         #: Set by `fail_all`: request id -> tokens it had generated when the group failed.
         self.lost_outputs: dict[str, list[int]] = {}
         #: Requests of a batch that raised on the ranks, judged in the latest `step` (or by
@@ -268,17 +250,22 @@ class LLMEngine:
         if not self.config.scheduler.enable_chunked_prefill and len(prompt_ids) > budget:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds the per-step budget of {budget} "
                              "tokens and chunked prefill is off")
-        need = self.block_manager.blocks_needed(min(len(prompt_ids) + params.max_tokens, self.max_model_len))
-        if need > self.block_manager.num_blocks:
+        need = self._block_manager.blocks_needed(min(len(prompt_ids) + params.max_tokens, self.max_model_len))
+        if need > self._block_manager.num_blocks:
             raise ValueError(
-                f"request needs up to {need} KV blocks but the cache holds {self.block_manager.num_blocks}: "
+                f"request needs up to {need} KV blocks but the cache holds {self._block_manager.num_blocks}: "
                 "lower max_tokens or enlarge the KV-cache budget")
 
     def add_request(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams | None = None,
                     *, stream: bool = False, prompt: str | None = None, cache_salt: str | None = None) -> str:
         """Queue a tokenized request (see `tokenize`); ``prompt`` is its text, for the output.
         ``cache_salt``: it shares prefix-cache blocks only with requests of the same salt."""
-        params = params or SamplingParams()
+        if isinstance(self._role, PrefillRole):
+            raise RuntimeError("a prefill group computes prompts for decode groups: use add_prefill_request")
+        return self._add(request_id, prompt_ids, params or SamplingParams(), stream, prompt, cache_salt)
+
+    def _add(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams, stream: bool,
+             prompt: str | None, cache_salt: str | None) -> str:
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -295,75 +282,57 @@ class LLMEngine:
         req = self._requests[seq.request_id] = _Request(seq, detok, stream, prompt)
         return req
 
-    # ---- disaggregated roles (driven by DisaggEngine) ----------------------------------
+    # ---- disaggregated roles (driven by DisaggEngine; engine_roles.py) -----------------
+
+    def _as(self, role: type[EngineRole]) -> Any:
+        if not isinstance(self._role, role):
+            raise RuntimeError(f"this is a {self._role.kind} group: only a {role.kind} group can do that")
+        return self._role
 
     def enable_kv_sends(self, hook: KVSendHook) -> None:
-        self._kv_hook = hook
+        self._as(PrefillRole).enable_sends(hook)
 
     def add_prefill_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                             plan: SendPlan, cache_salt: str | None = None) -> None:
         """Prefill role: compute the prompt and sample the first token with the request's own
         params; push the KV during the last chunk; keep the blocks until `release`. The salt
         is decode's (`reserve`): both roles partition their prefix caches alike."""
-        self.add_request(request_id, prompt_ids, first_token_params(params), cache_salt=cache_salt)
-        self._requests[request_id].hold = True
-        self._send_plans[request_id] = plan
+        role = self._as(PrefillRole)
+        self._add(request_id, prompt_ids, first_token_params(params), False, None, cache_salt)
+        role.add(request_id, plan)
 
     def release(self, request_id: str) -> None:
         """Prefill role: decode has the KV (or gave up): free the blocks, keep them cached."""
-        self._send_plans.pop(request_id, None)
-        seq = self._held.pop(request_id, None)
-        if seq is not None:
-            self.block_manager.free(seq)
+        self._as(PrefillRole).release(request_id)
 
     def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                 cache_salt: str | None = None) -> Sequence | None:
         """Decode role: blocks for the prompt and the first token, minus what the prefix cache
         already holds (of this ``cache_salt`` only); None if they are not free now. Nothing is
         queued."""
+        role = self._as(DecodeRole)
         self.validate(prompt_ids, params)
         check_cache_salt(cache_salt)
         seq = Sequence(request_id, list(prompt_ids), params, cache_salt=cache_salt)
-        prefix = self.block_manager.find_cached_prefix(seq)
-        num_new = seq.num_tokens + 1 - prefix.num_blocks * self.block_manager.block_size
-        if not self.block_manager.can_allocate(seq, num_new, prefix):
-            return None
-        self.block_manager.allocate(seq, num_new, prefix)
-        seq.num_cached_tokens = seq.num_computed_tokens
-        return seq
+        return seq if role.reserve(seq) else None
 
     def cancel_reservation(self, seq: Sequence) -> None:
-        self.block_manager.free(seq)
+        self._as(DecodeRole).cancel(seq)
 
     def admit_prefilled(self, seq: Sequence, first_token: int, logprobs: Any, *, stream: bool = False,
                         prompt: str | None = None) -> None:
         """Decode role: the prompt's KV arrived in the reserved blocks; decode from here."""
-        seq.num_computed_tokens = seq.num_prompt_tokens
-        self.block_manager.cache_full_blocks(seq)
+        self._as(DecodeRole).admit(seq)
         req = self._track(seq, stream, prompt)
-        self.scheduler.add_running(seq)
-        self._append_token(req, first_token, logprobs)
-        self._report(req, self._pending)
-
-    def _kv_sends(self, out: SchedulerOutput) -> list[SendCommand]:
-        if self._kv_hook is None:
-            return []
-        sends = []
-        for item in out.scheduled:
-            plan = self._send_plans.pop(item.seq.request_id, None) if item.samples else None
-            if plan is None:
-                continue
-            last = self.block_manager.blocks_needed(item.seq.num_prompt_tokens)
-            sends.append(SendCommand(plan.transfer_id, item.seq.block_ids[plan.skip_blocks:last],
-                                     self._kv_hook.routes, self._kv_hook.layers_per_message, plan.peer_namespace))
-        return self._kv_hook.on_send(sends) if sends else []
+        stop = self.scheduler.append_token(seq, first_token, logprobs, self._text_of)
+        self._report(req, stop, self._pending)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its blocks; the next `step` reports it as "abort"."""
         req = self._requests.pop(request_id, None)
         if req is None or req.seq.is_finished:
             return
-        self._finish(req.seq, SequenceStatus.FINISHED_ABORTED)
+        self.scheduler.finish(req.seq, SequenceStatus.FINISHED_ABORTED)
         self._pending.append(self._output(req))
 
     def isolate(self, request_id: str) -> None:
@@ -375,7 +344,7 @@ class LLMEngine:
 
     def has_request(self, request_id: str) -> bool:
         """The id is queued, running, or held for a transfer here."""
-        return request_id in self._requests or request_id in self._held
+        return request_id in self._requests or self._role.holds(request_id)
 
     @property
     def failure(self) -> str | None:
@@ -390,39 +359,50 @@ class LLMEngine:
     # ---- what a driver asks of the ranks and the cache (`GroupEngine`) -------------------
 
     def kv_usage(self) -> KVUsage:
-        bm = self.block_manager
+        bm = self._block_manager
         return KVUsage(bm.num_blocks, bm.num_free_blocks, bm.usage, bm.block_size)
 
     def start_kv_connect(self, routes: list[KVRoute], namespaces: list[str]) -> None:
-        self.executor.kv_connect(routes, namespaces)
+        self._executor.kv_connect(routes, namespaces)
 
     def finish_kv_connect(self, timeout_s: float) -> None:
-        self.executor.wait_kv_connected(timeout_s)
+        self._executor.wait_kv_connected(timeout_s)
 
     def post_kv_receives(self, commands: list[RecvCommand]) -> None:
-        self.executor.kv_recv(commands)
+        self._executor.kv_recv(commands)
 
     def cancel_kv_receive(self, transfer_id: int) -> None:
-        self.executor.kv_cancel(transfer_id)
+        self._executor.kv_cancel(transfer_id)
 
     def has_transfer_events(self) -> bool:
-        return self.executor.has_events()
+        return self._executor.has_events()
 
     def poll_transfer_events(self) -> list[TransferEvent]:
-        return self.executor.poll_events()
+        return self._executor.poll_events()
 
     def wait_handles(self) -> list:
-        return self.executor.wait_handles()
+        return self._executor.wait_handles()
 
     def poll_ranks(self) -> None:
         """Read what the ranks sent, now (kept for the step): a dead rank raises
         `WorkerGroupError` here rather than at the next step."""
-        self.executor.ready()
+        self._executor.ready()
+
+    @property
+    def executor_for_tests(self) -> Executor:
+        """Tests and benchmark probes only (rank pids, fault injection, the in-process runner):
+        serving code goes through the engine's own methods."""
+        return self._executor
+
+    @property
+    def block_manager_for_tests(self) -> BlockManager:
+        """Tests only (leak checks of every block, prefix-cache probes): see `kv_usage`."""
+        return self._block_manager
 
     @property
     def step_failure(self) -> StepError | None:
         """The step whose exception ended a rank, once one has (rank processes only)."""
-        return getattr(self.executor, "step_failure", None)
+        return getattr(self._executor, "step_failure", None)
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -447,33 +427,31 @@ class LLMEngine:
     def ready(self) -> bool:
         """`step` would return without waiting on the ranks (it has outputs to give, or the
         oldest batch's result is here); a driver of several groups steps only these."""
-        return bool(self._pending) or (bool(self._inflight) and self._guarded(self.executor.ready))
+        return bool(self._pending) or (bool(self._inflight) and self._guarded(self._executor.ready))
 
     def step(self) -> list[RequestOutput]:
         self.blamed = {}
-        self._submit_ready()
+        self._submit_ready()  # schedule, launch
         if not self._inflight:
             outputs, self._pending = self._pending, []
             return outputs
-        collected = self._collect_oldest()
+        collected = self._collect_oldest()  # wait
         if collected is None:  # the batch raised: its requests are judged, failed ones reported
             outputs, self._pending = self._pending, []
             return outputs
-        outputs = self._update(*collected)
+        outputs = self._update(*collected)  # update
         self._collect_dead()
         return outputs
 
     def _collect_oldest(self) -> tuple[SchedulerOutput, SamplerOutput] | None:
-        """The oldest batch's tokens, its sequences advanced past what it computed; None if
+        """The oldest batch and its tokens, for `Scheduler.update_from_output`; None if
         computing it raised (`_step_failed`)."""
         try:
-            sampled = self._guarded(self.executor.collect)  # on failure the batch is still listed
+            sampled = self._guarded(self._executor.collect)  # on failure the batch is still listed
         except StepError as err:
             self._step_failed(err)
             return None
-        out = self._inflight.popleft()
-        self.scheduler.postprocess(out)
-        return out, sampled
+        return self._inflight.popleft(), sampled
 
     def _step_failed(self, err: StepError) -> None:
         """The oldest batch raised on the ranks, which went on serving: judge its requests
@@ -487,7 +465,7 @@ class LLMEngine:
         lost = []
         while self._inflight:  # a group failure here ends everything (`fail_all`: verdicts kept)
             try:
-                self._guarded(self.executor.collect)
+                self._guarded(self._executor.collect)
             except StepError:
                 pass
             out = self._inflight.popleft()
@@ -499,7 +477,7 @@ class LLMEngine:
             self.blamed.setdefault(seq.request_id, Blame(Verdict.REQUEUE, verdicts[seq.request_id][2]))
         for seq, verdict, reason in reversed(verdicts.values()):  # requeued to the front: keep their order
             req = self._requests[seq.request_id]
-            if verdict is Verdict.CULPRIT or req.hold:  # a prefill group's requests are re-sent by the driver
+            if verdict is Verdict.CULPRIT or not self._role.generates:  # a prefill group's: re-sent by the driver
                 self._fail_request(req, reason, "INTERNAL" if verdict is Verdict.CULPRIT else None)
             else:
                 self.scheduler.requeue(seq)
@@ -536,8 +514,8 @@ class LLMEngine:
     def _fail_request(self, req: _Request, reason: str, code: str | None) -> None:
         """End the request now with an error (finish_reason "abort"), reported by this step."""
         del self._requests[req.seq.request_id]
-        self._send_plans.pop(req.seq.request_id, None)
-        self._finish(req.seq, SequenceStatus.FINISHED_ABORTED)
+        self._role.on_dropped(req.seq.request_id)
+        self.scheduler.finish(req.seq, SequenceStatus.FINISHED_ABORTED)
         out = self._output(req)
         out.error, out.error_code = reason, code
         self._pending.append(out)
@@ -546,7 +524,9 @@ class LLMEngine:
         """A batch queued ahead whose every sequence has ended since (a stop token) is taken
         back now, freeing their blocks, rather than waiting for a step nobody may call."""
         while self._inflight and all(item.seq.is_finished for item in self._inflight[0].scheduled):
-            self._collect_oldest()
+            collected = self._collect_oldest()
+            if collected is not None:
+                self.scheduler.update_from_output(*collected)  # ended ones take no token
 
     def _submit_ready(self) -> None:
         """Schedule and send micro-batches until ``pp`` are in flight (one without pipeline
@@ -561,15 +541,15 @@ class LLMEngine:
             previous = sampling_rows(self._inflight[-1]) if self._inflight else None
             self._inflight.append(out)  # first: a failing submit must still release its sequences
             out.step_id = next(self._step_ids)
-            batch = build_step_batch(out, self.block_manager.block_size, self._kv_sends(out),
+            batch = build_step_batch(out, self._block_manager.block_size, self._role.on_scheduled(out),
                                      out.step_id, previous)
-            self._guarded(lambda: self.executor.submit(batch))
+            self._guarded(lambda: self._executor.submit(batch))
 
     def _guarded(self, call):
         try:
             return call()
         except WorkerGroupError as err:
-            self.fail_all(str(err), err.step_failure or getattr(self.executor, "step_failure", None))
+            self.fail_all(str(err), err.step_failure or getattr(self._executor, "step_failure", None))
             raise
 
     def fail_all(self, reason: str, step_failure: StepError | None = None) -> None:
@@ -580,63 +560,50 @@ class LLMEngine:
         if step_failure is not None and self._failure is None:
             self._blame(step_failure, next((o for o in self._inflight if o.step_id == step_failure.step_id), None))
         self._failure = reason
-        self.lost_outputs = {rid: list(req.seq.output_token_ids) for rid, req in self._requests.items() if not req.hold}
+        self.lost_outputs = ({rid: list(req.seq.output_token_ids) for rid, req in self._requests.items()}
+                             if self._role.generates else {})  # a prompt on prefill is re-sent whole
         for out in self._inflight:  # the group is gone: nothing writes these blocks any more
             seqs = [item.seq for item in out.scheduled]
             self.scheduler.forget_in_flight(seqs)
             for seq in seqs:  # ended while in flight (aborted): their blocks waited for this batch
-                if seq.is_finished and seq.request_id not in self._held:
-                    self.block_manager.free(seq)
+                if seq.is_finished and not self._role.holds(seq.request_id):
+                    self.scheduler.free_blocks(seq)
         self._inflight.clear()
         for request_id in list(self._requests):
             self.abort_request(request_id)
-        for request_id in list(self._held):
-            self.release(request_id)
+        self._role.release_all()
         self._pending = []
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        self._executor.shutdown()
 
-    def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
-        req = self._requests.get(seq.request_id)
-        hold = req is not None and req.hold and status is not SequenceStatus.FINISHED_ABORTED
-        self.scheduler.finish(seq, status, free_blocks=not hold)
-        if hold:
-            self._held[seq.request_id] = seq
+    def _on_finished(self, seq: Sequence, status: SequenceStatus) -> bool:
+        """The scheduler's hook as a sequence finishes: the role keeps its blocks, or not."""
+        return self._role.on_finished(seq, status)
 
     def _update(self, out: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
-        items = [s for s in out.scheduled if s.samples]
-        for item, token, logprobs in zip(items, sampled.token_ids, sampled.logprobs, strict=True):
-            req = self._requests.get(item.seq.request_id)
-            if req is None or req.seq is not item.seq or req.seq.is_finished:
-                continue  # aborted while its micro-batch was in flight (its id may be reused)
-            self._append_token(req, token, logprobs)
-            self._report(req, outputs)
+        for update in self.scheduler.update_from_output(out, sampled, self._text_of):
+            self._report(self._requests[update.seq.request_id], update.stop, outputs)
         return outputs
 
-    def _report(self, req: _Request, outputs: list[RequestOutput]) -> None:
+    def _text_of(self, seq: Sequence, token: int) -> tuple[str | None, int]:
+        """The scheduler's `TextFn`: the request's text with ``token`` decoded, when it is
+        followed here (streams, stop strings)."""
+        detok = self._requests[seq.request_id].detok
+        if detok is None:
+            return None, 0
+        delta = detok.append([token])
+        return detok.text, len(delta)
+
+    def _report(self, req: _Request, stop: StopDecision | None, outputs: list[RequestOutput]) -> None:
         """After a token: a snapshot for streams and finished requests; finished ones are forgotten."""
+        if stop is not None:
+            req.truncate_to = stop.truncate_to
         if req.stream or req.seq.is_finished:
             outputs.append(self._output(req))
         if req.seq.is_finished:
             del self._requests[req.seq.request_id]
-
-    def _append_token(self, req: _Request, token: int, logprobs: Any) -> None:
-        seq = req.seq
-        seq.output_token_ids.append(token)
-        if seq.params.logprobs is not None:
-            seq.logprobs.append(logprobs)
-        delta = req.detok.append([token]) if req.detok is not None else ""
-        text = req.detok.text if req.detok is not None else None
-        decision = check_stop(seq.params, seq.output_token_ids, token, self.eos_token_ids, text, len(delta))
-        if decision is None and seq.num_tokens >= self.max_model_len:
-            self._finish(seq, SequenceStatus.FINISHED_LENGTH)
-        elif decision is not None:
-            seq.stop_reason = decision.stop_reason
-            req.truncate_to = decision.truncate_to
-            status = SequenceStatus.FINISHED_LENGTH if decision.finish_reason == "length" else SequenceStatus.FINISHED_STOPPED
-            self._finish(seq, status)
 
     def _output(self, req: _Request) -> RequestOutput:
         seq = req.seq

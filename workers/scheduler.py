@@ -10,12 +10,19 @@ Each step has a token budget (``max_num_batched_tokens``). The scheduler fills i
 When a running sequence needs a block and none is free, the latest-arrived running
 sequence is **preempted by recompute**: its blocks are freed and it returns to the front of
 the waiting queue, to prefill prompt + output again later. Nothing is admitted in a step
-that preempted. After the model runs, `postprocess` advances each sequence, registers its
-full blocks in the prefix cache, appends sampled tokens and retires finished sequences.
+that preempted. After the model runs, `update_from_output` advances each sequence, registers
+its full blocks in the prefix cache, appends the sampled tokens and retires the sequences they
+finish (`stop_checker`).
+
+The scheduler owns a sequence's progress: it alone writes ``num_computed_tokens``, the block
+table (what `BlockManager.allocate` hands out, recorded by `_allocate`) and the status. The
+engine's text, when it follows it (stop strings), comes in through a `TextFn`; whether a
+finished sequence's blocks go back at once is the ``on_finished`` hook's call (a prefill
+group's role keeps them until decode has them: engine_roles.py).
 
 Pipeline parallelism keeps several micro-batches in flight: a sequence in a batch that has
 not come back yet is *in flight* and is neither scheduled again nor preempted until its
-`postprocess`; ``max_seqs`` caps one micro-batch so the others get sequences too.
+`update_from_output`; ``max_seqs`` caps one micro-batch so the others get sequences too.
 
 With ``lookahead`` (async scheduling, pp = 1) the engine schedules step n+1 while the GPU
 runs step n: an in-flight sequence may be scheduled once more, for its next prompt chunk or
@@ -31,11 +38,24 @@ raises again has exactly one request in it. The rest are scheduled around them a
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from splitserve.workers.block_manager import BlockManager
+from splitserve.workers.block_manager import BlockManager, CachedPrefix
 from splitserve.workers.config import SchedulerConfig
+from splitserve.workers.sampler import SamplerOutput, TokenLogprobs
 from splitserve.workers.sequence import Sequence, SequenceStatus
+from splitserve.workers.stop_checker import StopDecision, check_stop
+
+#: The engine's text for a sequence's new token: (its output text so far, the new text's
+#: length), or (None, 0) when its text is not followed here (no stop strings, no stream).
+TextFn = Callable[[Sequence, int], tuple[str | None, int]]
+
+#: Called as a sequence finishes; True keeps its blocks (the caller frees them later, with
+#: `Scheduler.free_blocks`): a prefill group holds them until decode has the KV.
+FinishHook = Callable[[Sequence, SequenceStatus], bool]
+
+_NO_PREFIX = CachedPrefix(())
 
 
 @dataclass(frozen=True)
@@ -58,6 +78,15 @@ class ScheduledSeq:
         end = start + num_new_tokens
         return cls(seq, num_new_tokens, samples=end == seq.num_tokens + seq.num_placeholders, start=start,
                    num_prior_outputs=seq.num_generated, placeholder=end > seq.num_tokens)
+
+
+@dataclass(frozen=True)
+class TokenUpdate:
+    """A sampled token appended to a sequence by `Scheduler.update_from_output`."""
+
+    seq: Sequence
+    #: Why the token ended the sequence (now retired); None: it runs on.
+    stop: StopDecision | None
 
 
 @dataclass
@@ -87,13 +116,16 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, *, lookahead: bool = False,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, eos_token_ids: tuple[int, ...] = (),
+                 on_finished: FinishHook | None = None):
         self.config = config
         self.block_manager = block_manager
         #: In-flight sequences may be scheduled again (async scheduling; see the module doc).
         self.lookahead = lookahead
-        #: Prompt + output limit: a placeholder that reaches it ends the sequence.
+        #: Prompt + output limit: a sequence (or a placeholder) that reaches it ends.
         self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self._on_finished = on_finished
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -161,7 +193,7 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING and self._schedulable(seq):
                 num_new = self._chunk(seq, budget)
                 if num_new and self._make_room(seq, num_new, out):
-                    self.block_manager.allocate(seq, num_new)
+                    self._allocate(seq, num_new)
                     (out.decodes if num_new == seq.num_unscheduled_tokens == 1 else out.prefills).append(
                         ScheduledSeq.of(seq, num_new))
             elif seq.status is SequenceStatus.WAITING and not out.preempted:
@@ -185,7 +217,7 @@ class Scheduler:
             num_new = self._chunk(seq, budget)
             if num_new == 0 or not self._make_room(seq, num_new, out):
                 continue
-            self.block_manager.allocate(seq, num_new)
+            self._allocate(seq, num_new)
             (out.decodes if num_new == seq.num_unscheduled_tokens == 1 else out.prefills).append(
                 ScheduledSeq.of(seq, num_new))
             budget -= num_new
@@ -208,13 +240,18 @@ class Scheduler:
         self.running.remove(seq)
         for group in (out.decodes, out.prefills):
             group[:] = [s for s in group if s.seq is not seq]
-        self.block_manager.free(seq)
+        self._restart(seq)
+        self.num_preemptions += 1
+        out.preempted.append(seq)
+
+    def _restart(self, seq: Sequence) -> None:
+        """To the front of the waiting queue, to compute prompt + output again: its blocks go,
+        its tokens stay (preempted, or requeued after a lost batch)."""
+        self.free_blocks(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
+        seq.num_preemptions += 1  # prompt + output may outgrow the budget: it may be chunked
         self.waiting.appendleft(seq)
-        out.preempted.append(seq)
 
     # ---- waiting ---------------------------------------------------------------------
 
@@ -244,7 +281,7 @@ class Scheduler:
         if not self.block_manager.can_allocate(seq, num_new, prefix):
             return 0
         self.waiting.remove(seq)  # the head, but for isolated sequences passed over
-        self.block_manager.allocate(seq, num_new, prefix)
+        self._allocate(seq, num_new, prefix)
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = seq.num_computed_tokens
         seq.status = SequenceStatus.RUNNING
@@ -263,20 +300,68 @@ class Scheduler:
         # when its prompt fit: it is chunked regardless, or it would never run again.
         return self.config.enable_chunked_prefill or seq.num_preemptions > 0
 
+    # ---- blocks ------------------------------------------------------------------------
+
+    def _allocate(self, seq: Sequence, num_new: int, prefix: CachedPrefix = _NO_PREFIX) -> None:
+        """Blocks for ``num_new`` more tokens of ``seq`` (and its prefix hits, which count as
+        computed), recorded on it."""
+        got = self.block_manager.allocate(seq, num_new, prefix)
+        seq.block_ids.extend(got.block_ids)
+        if got.hit_block_ids:
+            seq.num_computed_tokens += got.num_hit_tokens
+            seq.num_registered_blocks = len(got.hit_block_ids)
+
+    def free_blocks(self, seq: Sequence) -> None:
+        """Give ``seq``'s blocks back (cached ones stay reusable until evicted)."""
+        self.block_manager.free(seq.block_ids)
+        seq.block_ids = []
+        seq.num_registered_blocks = 0
+
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        seq.num_registered_blocks = self.block_manager.cache_full_blocks(seq)
+
     # ---- after the step --------------------------------------------------------------
 
-    def postprocess(self, out: SchedulerOutput) -> None:
-        """Advance every scheduled sequence past the tokens it just computed."""
+    def update_from_output(self, out: SchedulerOutput, sampled: SamplerOutput,
+                           text: TextFn | None = None) -> list[TokenUpdate]:
+        """The batch came back: advance every scheduled sequence past the tokens it computed
+        (their full blocks go into the prefix cache), then append each sampling row's token
+        (`append_token`: the sequences it ends are retired). A sequence that ended while the
+        batch was in flight (aborted, or a stop token one step ahead) takes no token; its
+        blocks go back once no other batch writes them."""
         for item in out.scheduled:
             seq = item.seq
             seq.num_inflight_tokens -= item.num_new_tokens
-            seq.num_placeholders -= item.samples  # the engine appends the sampled token next
-            if seq.is_finished:  # ended while its batch was in flight (aborted, or a stop token)
+            seq.num_placeholders -= item.samples  # its token is appended below
+            if seq.is_finished:
                 if not seq.in_flight:  # another batch still writes its blocks: that one frees them
-                    self.block_manager.free(seq)
+                    self.free_blocks(seq)
                 continue
             seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(seq)
+            self._cache_full_blocks(seq)
+        updates = []
+        rows = [item for item in out.scheduled if item.samples]
+        for item, token, logprobs in zip(rows, sampled.token_ids, sampled.logprobs, strict=True):
+            if not item.seq.is_finished:
+                updates.append(TokenUpdate(item.seq, self.append_token(item.seq, token, logprobs, text)))
+        return updates
+
+    def append_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None,
+                     text: TextFn | None = None) -> StopDecision | None:
+        """Append a generated token and retire ``seq`` if it ends with it (`check_stop`, or the
+        model's length): why it ended, or None."""
+        seq.output_token_ids.append(token)
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(logprobs)
+        so_far, new_len = text(seq, token) if text is not None else (None, 0)
+        decision = check_stop(seq.params, seq.output_token_ids, token, self.eos_token_ids, so_far, new_len)
+        if decision is None and self.max_model_len is not None and seq.num_tokens >= self.max_model_len:
+            decision = StopDecision("length")
+        if decision is not None:
+            seq.stop_reason = decision.stop_reason
+            length = decision.finish_reason == "length"
+            self.finish(seq, SequenceStatus.FINISHED_LENGTH if length else SequenceStatus.FINISHED_STOPPED)
+        return decision
 
     def discard(self, out: SchedulerOutput) -> None:
         """The batch came back without results (computing it raised): its sequences are no
@@ -287,7 +372,7 @@ class Scheduler:
             seq.num_inflight_tokens -= item.num_new_tokens
             seq.num_placeholders -= item.samples
             if seq.is_finished and not seq.in_flight:
-                self.block_manager.free(seq)
+                self.free_blocks(seq)
 
     def requeue(self, seq: Sequence) -> None:
         """Back to the front of the waiting queue to compute prompt + output again (a batch of
@@ -296,31 +381,45 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
-        seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1  # prompt + output may outgrow the budget: it may be chunked
-        self.waiting.appendleft(seq)
+        self._restart(seq)
 
     def forget_in_flight(self, seqs: list[Sequence]) -> None:
         """The group is gone: nothing computes these sequences' batches any more."""
         for seq in seqs:
             seq.num_inflight_tokens = seq.num_placeholders = 0
 
-    def add_running(self, seq: Sequence) -> None:
-        """Admit a sequence whose prompt KV is already in its blocks (received from prefill)."""
+    # ---- KV from elsewhere (a decode group) --------------------------------------------
+
+    def reserve(self, seq: Sequence, num_extra: int) -> bool:
+        """Blocks for a sequence whose prompt KV is to arrive (not queued): its prefix hits
+        (counted as computed and cached) and room for the rest of the prompt plus
+        ``num_extra`` tokens; False (nothing taken) if they are not free now."""
+        prefix = self.block_manager.find_cached_prefix(seq)
+        num_new = seq.num_tokens + num_extra - prefix.num_blocks * self.block_manager.block_size
+        if not self.block_manager.can_allocate(seq, num_new, prefix):
+            return False
+        self._allocate(seq, num_new, prefix)
+        seq.num_cached_tokens = seq.num_computed_tokens
+        return True
+
+    def admit_prefilled(self, seq: Sequence) -> None:
+        """Run a reserved sequence whose prompt KV has arrived in its blocks: the prompt is
+        computed (its full blocks now cached here too); it decodes from its next token."""
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self._cache_full_blocks(seq)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
-    def finish(self, seq: Sequence, status: SequenceStatus, free_blocks: bool = True) -> None:
-        """Retire a sequence (stopped, length, aborted) and free its blocks unless the caller
-        keeps them (a prefill group holds them until decode has received them)."""
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Retire a sequence (stopped, length, aborted) and free its blocks, unless the
+        ``on_finished`` hook keeps them (a prefill group holds them until decode has them)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self._isolated.pop(seq, None)
         seq.status = status
+        keep = self._on_finished is not None and self._on_finished(seq, status)
         # A micro-batch still in flight writes into its blocks: they go back when it returns.
-        if free_blocks and not seq.in_flight:
-            self.block_manager.free(seq)
+        if not keep and not seq.in_flight:
+            self.free_blocks(seq)

@@ -4,6 +4,8 @@ Lifecycle: WAITING (queued, or preempted and waiting to recompute) -> RUNNING (h
 blocks; computes prompt chunks then one token per step) -> FINISHED_* (blocks freed).
 A preempted sequence goes back to WAITING with ``num_computed_tokens = 0`` and keeps its
 output tokens: recomputing prompt + output rebuilds the same KV, so output stays exact.
+One owner writes all of this progress (tokens, counters, block table, status): the
+scheduler (scheduler.py); the block manager only says which blocks it hands out.
 
 Tokens move through three counters: *computed* (their K/V are in the cache), *in flight*
 (in a submitted micro-batch that has not come back) and *placeholders* (output tokens a
@@ -19,7 +21,6 @@ blocks a request may reuse, and so what ``num_cached_tokens`` can reveal to its 
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 from splitserve.workers.sampler import TokenLogprobs
@@ -43,7 +44,6 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     #: Tokens whose K/V are in the cache (prefix hits included).
     num_computed_tokens: int = 0

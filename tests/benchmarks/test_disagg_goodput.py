@@ -96,7 +96,8 @@ def test_time_cap_aborts_running_requests_and_never_sends_late_ones():
                 Request(list(range(80, 90)), 4, 30.0)]
         records, duration = backend.run(reqs, time_cap_s=0.25)
         assert not backend.engine.has_unfinished_requests()
-        assert backend.engine.block_manager.num_free_blocks == backend.engine.block_manager.num_blocks
+        kv = backend.engine.kv_usage()
+        assert kv.num_free_blocks == kv.num_blocks
     finally:
         backend.close()
     done, cut, unsent = records

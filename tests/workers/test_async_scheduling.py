@@ -20,13 +20,13 @@ VOCAB = 200  # below the tiny models' vocabularies
 def _count_fills(engine: LLMEngine) -> list[int]:
     """Wrap the executor's submit: the list grows by each batch's placeholder rows."""
     fills: list[int] = []
-    submit = engine.executor.submit
+    submit = engine.executor_for_tests.submit
 
     def counting(batch: StepBatch) -> None:
         fills.append(len(batch.fill_rows))
         submit(batch)
 
-    engine.executor.submit = counting
+    engine.executor_for_tests.submit = counting
     return fills
 
 
@@ -126,7 +126,7 @@ def test_tp2_rank_processes_run_ahead(tiny_models):
 
 def test_runner_refuses_placeholders_from_another_step(tiny_async):
     llm, _ = tiny_async
-    runner = llm.engine.executor.runner
+    runner = llm.engine.executor_for_tests.runner
     batch = StepBatch(input_ids=[0], positions=[0], slot_mapping=[0], num_decode=1, decode_block_tables=[[0]],
                       decode_context_lens=[1], prefills=[], logits_indices=[0], sample_rows=[],
                       step_id=10**6, fill_rows=[0], fill_from=[0])

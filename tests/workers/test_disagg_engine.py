@@ -195,7 +195,7 @@ def test_cache_salt_partitions_both_roles_prefix_caches(tiny):
     folder, prompts, expected = tiny
     with _disagg(folder) as llm:
         engine = llm.engine
-        bs = engine.decode.block_manager.block_size
+        bs = engine.decode.kv_usage().block_size
         full = (len(prompts[3]) - 1) // bs * bs
         sent = []
         for rid, salt, hits in [("a", "tenant-a", 0), ("b", "tenant-b", 0), ("a2", "tenant-a", full),
@@ -206,7 +206,7 @@ def test_cache_salt_partitions_both_roles_prefix_caches(tiny):
             assert (out.num_cached_tokens, out.token_ids) == (hits, expected[3]), rid
         assert sent[1] == sent[0] == sent[3] and sent[2] < sent[0] / 4
         # Prefill's own cache is salted too: only the same salt finds its blocks there.
-        probe = lambda salt: engine.prefill.block_manager.find_cached_prefix(  # noqa: E731
+        probe = lambda salt: engine.prefill.block_manager_for_tests.find_cached_prefix(  # noqa: E731
             Sequence("probe", list(prompts[3]), GREEDY, cache_salt=salt)).num_blocks
         assert probe("tenant-a") == probe(None) == full // bs and probe("tenant-c") == 0
 

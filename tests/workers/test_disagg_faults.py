@@ -85,7 +85,7 @@ class Driver:
     def kill(self, *names: str) -> None:
         """SIGKILL each group's rank and wait until it is gone (several: all dead before the
         driver looks again, so no order of noticing is favoured)."""
-        procs = [self.engine.group(name).engine.executor.launcher.procs[0] for name in names]
+        procs = [self.engine.group(name).engine.executor_for_tests.launcher.procs[0] for name in names]
         for proc in procs:
             os.kill(proc.pid, signal.SIGKILL)
         for proc in procs:

@@ -117,9 +117,11 @@ def test_a_group_failing_frees_requests_aborted_while_their_batch_was_in_flight(
     engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=20, temperature=0.0))
     engine.submit()  # its prompt's batch is in flight
     engine.abort_request("r")
-    assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks  # held for the batch
+    kv = engine.kv_usage()
+    assert kv.num_free_blocks < kv.num_blocks  # held for the batch
     engine.fail_all("the ranks died")
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    kv = engine.kv_usage()
+    assert kv.num_free_blocks == kv.num_blocks
     engine.shutdown()
 
 
@@ -205,7 +207,8 @@ def test_cache_salt_partitions_the_prefix_cache(tiny_llm):
     engine = tiny_llm.engine
     [prompt] = random_prompts(engine.model_cfg.vocab_size, [41], seed=15)
     params = SamplingParams(max_tokens=8, temperature=0.0)
-    full = (len(prompt) - 1) // engine.block_manager.block_size * engine.block_manager.block_size
+    bs = engine.kv_usage().block_size
+    full = (len(prompt) - 1) // bs * bs
     first = run_to_end(engine, "salt-a", prompt, params, "tenant-a")
     assert first.num_cached_tokens == 0
     for rid, salt, hits in [("salt-b", "tenant-b", 0), ("unsalted", None, 0), ("salt-a2", "tenant-a", full),

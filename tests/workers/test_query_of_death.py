@@ -102,7 +102,7 @@ def test_aggregated_groups_survive_the_culprit_and_never_resend_it(poisons, pois
     base = EngineConfig(model=str(folder), show_progress=False, cache=CacheConfig(block_size=4, num_blocks=128))
     engine = DisaggEngine(DisaggConfig(prefill=None, decode=base, num_decode=2), engine_factory=build_group)
     try:
-        pids = {g.name: g.engine.executor.pids for g in engine.groups}
+        pids = {g.name: g.engine.executor_for_tests.pids for g in engine.groups}
         for poison, raised_in, tag in [(p.forward, "InjectedStepFault", "f"), (p.sample, "SampleError", "s")]:
             requests, innocents = _wave(p, tag, [0, 1, 2, 3, 4], poison)
             final = _run(engine, requests)  # the first group takes them all: one batch with the culprit
@@ -110,7 +110,7 @@ def test_aggregated_groups_survive_the_culprit_and_never_resend_it(poisons, pois
         lone = _run(engine, {"lone": p.culprit(p.forward)})  # alone in its batch: failed at once
         assert "alone in its step" in lone["lone"].error
         assert not engine.failed_groups()
-        assert {g.name: g.engine.executor.pids for g in engine.groups} == pids  # nothing rebuilt
+        assert {g.name: g.engine.executor_for_tests.pids for g in engine.groups} == pids  # nothing rebuilt
         assert engine.num_resent == 0  # the culprit (and everyone else) stayed on its group
         again = _run(engine, {"after": p.innocents[5]})  # the group serves on
         assert again["after"].token_ids == p.expected[5]
@@ -183,11 +183,11 @@ def test_two_rank_group_goes_on_after_sampling_raised_and_ends_naming_the_step_o
     Sampling comes after every collective (tokens not shared): the group goes on."""
     folder, p = poisons
     with LLM(str(folder), show_progress=False, tensor_parallel_size=2) as llm:
-        pids = llm.engine.executor.pids
+        pids = llm.engine.executor_for_tests.pids
         outs = llm.generate([p.innocents[0], p.culprit(p.sample), p.innocents[1]], PARAMS)
         assert [outs[0].token_ids, outs[2].token_ids] == p.expected[:2]
         assert "alone in its step" in outs[1].error and "SampleError" in outs[1].error
-        assert llm.engine.executor.pids == pids and llm.engine.failure is None
+        assert llm.engine.executor_for_tests.pids == pids and llm.engine.failure is None
         with pytest.raises(WorkerGroupError, match="raised in step .* and ends") as err:
             llm.generate([p.culprit(p.forward)], PARAMS)
         assert err.value.step_failure is not None and "InjectedStepFault" in err.value.step_failure.message

@@ -1,8 +1,8 @@
 """Scheduler (workers/scheduler.py) driven step by step with a real BlockManager, no model.
 
-A step is what the engine does: ``schedule()``, the model "runs", ``postprocess()``, every
-row that samples gets a fake token, and sequences that reached ``max_tokens`` are finished
-with FINISHED_LENGTH. Every step is checked against the batch invariants (budget, no row
+A step is what the engine does: ``schedule()``, the model "runs" (every row that samples gets
+a fake token), ``update_from_output()`` advances the sequences, appends the tokens and finishes
+those that reached ``max_tokens`` (FINISHED_LENGTH). Every step is checked against the batch invariants (budget, no row
 twice, blocks cover the tokens); every scenario ends with the leak check.
 """
 
@@ -12,6 +12,7 @@ import pytest
 
 from splitserve.workers.block_manager import BlockManager
 from splitserve.workers.config import SchedulerConfig
+from splitserve.workers.sampler import SamplerOutput
 from splitserve.workers.sampling_params import SamplingParams
 from splitserve.workers.scheduler import Scheduler
 from splitserve.workers.sequence import Sequence, SequenceStatus
@@ -38,6 +39,12 @@ def make_seq(rid, prompt, max_tokens=4):
 
 def fake_token(seq):
     return 1000 + seq.num_output_tokens
+
+
+def sampled_for(out):
+    """What the model "returns" for a batch: a fake token for every row that samples."""
+    tokens = [fake_token(item.seq) for item in out.scheduled if item.samples]
+    return SamplerOutput(tokens, [None] * len(tokens))
 
 
 def rows(items):
@@ -69,13 +76,7 @@ def check_batch(sched, out):
 def step(sched):
     out = sched.schedule()
     check_batch(sched, out)
-    sched.postprocess(out)
-    for item in out.scheduled:
-        seq = item.seq
-        if item.samples:
-            seq.output_token_ids.append(fake_token(seq))
-            if seq.num_output_tokens >= seq.params.max_tokens:
-                sched.finish(seq, SequenceStatus.FINISHED_LENGTH)
+    sched.update_from_output(out, sampled_for(out))
     return out
 
 
@@ -261,8 +262,7 @@ def test_preemption_frees_the_latest_arrival_and_admits_nothing_that_step():
     # back only because this step preempted.
     left = sched.config.max_num_batched_tokens - out.num_tokens
     assert bm.can_allocate(b, min(b.num_tokens, left))
-    sched.postprocess(out)
-    a.output_token_ids.append(fake_token(a))
+    sched.update_from_output(out, sampled_for(out))
 
     recompute = []
     for out in run(sched):
@@ -355,9 +355,7 @@ def test_prefix_cache_hit_skips_the_cached_tokens():
     assert (exact.num_computed_tokens, exact.num_cached_tokens) == (4, 4)
     assert (miss.num_computed_tokens, miss.num_cached_tokens) == (0, 0)
     assert hit.block_ids[0] == exact.block_ids[0]  # one cached block, two readers
-    sched.postprocess(out)
-    for s in (hit, exact, miss):
-        s.output_token_ids.append(fake_token(s))
+    sched.update_from_output(out, sampled_for(out))
     run(sched)
     for s in (hit, exact, miss):
         assert_finished(s)
@@ -386,9 +384,9 @@ def test_in_flight_sequences_are_not_rescheduled_or_preempted():
     second = sched.schedule(max_seqs=1)
     assert [s.seq for s in second.scheduled] == [b]  # a is in flight: b gets the next micro-batch
     assert sched.schedule().is_empty and not sched.has_schedulable()
-    sched.postprocess(first)
+    sched.update_from_output(first, sampled_for(first))
     assert not a.in_flight and sched.has_schedulable()
-    sched.postprocess(second)
+    sched.update_from_output(second, sampled_for(second))
     for seq in (a, b):
         sched.finish(seq, SequenceStatus.FINISHED_ABORTED)
     assert bm.num_free_blocks == bm.num_blocks
@@ -409,11 +407,10 @@ def test_lookahead_schedules_the_sampled_token_before_it_is_known():
     [item] = second.decodes
     assert (item.seq, item.start, item.placeholder, item.samples, item.num_prior_outputs) == (a, 5, True, True, 1)
     assert len(a.block_ids) == 2 and not sched.has_schedulable()  # 6 tokens need 2 blocks of 4
-    sched.postprocess(first)
-    a.output_token_ids.append(9)  # what the engine does with step 1's token
+    sched.update_from_output(first, SamplerOutput([9, 8], [None, None]))  # step 1's tokens
     assert a.in_flight and a.num_computed_tokens == 5 and a.num_placeholders == 1
-    sched.finish(last, SequenceStatus.FINISHED_LENGTH)
-    sched.postprocess(second)
+    assert a.output_token_ids == [9] and last.status is SequenceStatus.FINISHED_LENGTH
+    sched.update_from_output(second, SamplerOutput([7], [None]))
     assert not a.in_flight and a.num_computed_tokens == 6 and a.num_placeholders == 0
     sched.finish(a, SequenceStatus.FINISHED_STOPPED)
     assert bm.num_free_blocks == bm.num_blocks

@@ -85,7 +85,7 @@ def _alive(pid: int) -> bool:
 def test_killed_rank_fails_generate_fast_and_leaves_no_process(tiny_models):
     folder, _ = tiny_models("tiny-llama")
     llm = LLM(str(folder), show_progress=False, tensor_parallel_size=2, pipeline_parallel_size=2)
-    pids = llm.engine.executor.pids
+    pids = llm.engine.executor_for_tests.pids
     killed_at = []
 
     def kill_rank_1():
