@@ -8,3 +8,10 @@ buffers. Each rank has an `agent`: its transport plus its side's part, the `send
 sends during the prefill forward) or the `receiver` (receives written into the reserved blocks,
 cancellation); `faults` wraps either for tests.
 """
+
+# The folder is installed as `splitserve.kvtransfer` (pyproject.toml's package-dir). Imported by its
+# bare name (from the repository root, where the folder is on sys.path) it would load a second
+# copy of every module, whose classes are not `splitserve.kvtransfer`'s: refuse, and say how.
+if __name__ != "splitserve.kvtransfer":
+    raise ImportError(f"import splitserve.kvtransfer, not {__name__}: this folder is the splitserve.kvtransfer package "
+                      "(installed by `make install` or `pip install -e .`)")

@@ -7,6 +7,13 @@ replication and the replica that sends each head) and weight slices each rank ow
 `to_dict`/`from_dict`. Pure Python: no torch import.
 """
 
+# The folder is installed as `splitserve.mapping` (pyproject.toml's package-dir). Imported by its
+# bare name (from the repository root, where the folder is on sys.path) it would load a second
+# copy of every module, whose classes are not `splitserve.mapping`'s: refuse, and say how.
+if __name__ != "splitserve.mapping":
+    raise ImportError(f"import splitserve.mapping, not {__name__}: this folder is the splitserve.mapping package "
+                      "(installed by `make install` or `pip install -e .`)")
+
 from splitserve.mapping.mapping import Mapping
 
 __all__ = ["Mapping"]

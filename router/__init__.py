@@ -15,3 +15,10 @@
 
 docs/architecture.md follows one request through these files.
 """
+
+# The folder is installed as `splitserve.router` (pyproject.toml's package-dir). Imported by its
+# bare name (from the repository root, where the folder is on sys.path) it would load a second
+# copy of every module, whose classes are not `splitserve.router`'s: refuse, and say how.
+if __name__ != "splitserve.router":
+    raise ImportError(f"import splitserve.router, not {__name__}: this folder is the splitserve.router package "
+                      "(installed by `make install` or `pip install -e .`)")

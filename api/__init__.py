@@ -10,10 +10,17 @@ transformers) and works while parts of the engine are still being written:
   (``splitserve.router.client``); their errors are ``splitserve.RouterError``.
 
 The subpackages (``mapping``, ``kernels``, ``workers``, ``kvtransfer``, ``router``, ``cluster``)
-live in top-level folders of the repository; see docs/design.md.
+live in top-level folders of the repository, and this package in ``api/``; see docs/design.md.
+The folder is not named ``splitserve/``: from the repository root (first on sys.path under
+``python -m``) it would shadow the installed package, whose subpackages it lacks.
 """
 
 from __future__ import annotations
+
+# Installed as `splitserve` (pyproject.toml's package-dir); under the folder's name it is a copy.
+if __name__ != "splitserve":
+    raise ImportError(f"import splitserve, not {__name__}: this folder is the splitserve package "
+                      "(installed by `make install` or `pip install -e .`)")
 
 import importlib
 from typing import TYPE_CHECKING, Any
