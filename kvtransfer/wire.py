@@ -72,12 +72,11 @@ class KVMessage:
 def message_order(cmds: list[SendCommand] | list[RecvCommand], keep: Callable[[KVRoute], bool]) -> list[KVMessage]:
     """The order messages go out in (and, per pair, are received in): by the layer after which
     they are sent, then by the command's place in its step. Both sides compute it."""
-    keyed = [((chunk.stop - 1, index), KVMessage(cmd, route, chunk))
-             for index, cmd in enumerate(cmds)
-             for route in cmd.routes if keep(route)
-             for chunk in layer_chunks(route.layers, cmd.layers_per_message)]
-    keyed.sort(key=lambda item: item[0])
-    return [message for _, message in keyed]
+    messages = [KVMessage(cmd, route, chunk)
+                for cmd in cmds
+                for route in cmd.routes if keep(route)
+                for chunk in layer_chunks(route.layers, cmd.layers_per_message)]
+    return sorted(messages, key=lambda m: m.last_layer)  # stable: ties keep the commands' order
 
 
 class RankKV:
