@@ -459,3 +459,72 @@ def test_requeue_and_discard_after_a_lost_batch():
     assert_finished(a)
     assert_finished(b)
     assert outs[0].prefills[0].seq is a and outs[0].prefills[0].num_new_tokens in (3, 7)  # prefix hit or not
+
+
+# ---- update_from_output (the one writer of a request's progress) --------------------------
+
+
+def test_update_from_output_advances_appends_and_retires_in_one_place():
+    bm = BlockManager(16, BS)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), bm, eos_token_ids=(2,), max_model_len=8)
+    eos = Sequence("eos", [5, 6, 7], SamplingParams(max_tokens=5, logprobs=0))
+    long = Sequence("long", [5, 6, 7, 8, 9, 10, 11], SamplingParams(max_tokens=5))  # reaches the model's length
+    on = Sequence("on", [9, 9], SamplingParams(max_tokens=5))
+    for s in (eos, long, on):
+        sched.add(s)
+    out = sched.schedule()
+    updates = sched.update_from_output(out, SamplerOutput([2, 3, 4], ["lp", None, None]))
+    assert [(u.seq.request_id, u.stop and u.stop.finish_reason) for u in updates] == [
+        ("eos", "stop"), ("long", "length"), ("on", None)]
+    assert eos.status is SequenceStatus.FINISHED_STOPPED and eos.logprobs == ["lp"] and eos.block_ids == []
+    assert long.status is SequenceStatus.FINISHED_LENGTH and long.output_token_ids == [3]
+    assert on.num_computed_tokens == 2 and on.output_token_ids == [4] and sched.running == [on]
+    sched.finish(on, SequenceStatus.FINISHED_ABORTED)
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_update_from_output_gives_no_token_to_a_sequence_that_ended_in_flight():
+    bm = BlockManager(16, BS)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), bm)
+    a = make_seq("a", 6)
+    sched.add(a)
+    out = sched.schedule()
+    sched.finish(a, SequenceStatus.FINISHED_ABORTED)
+    assert a.block_ids  # its batch still writes them
+    assert sched.update_from_output(out, sampled_for(out)) == []
+    assert a.output_token_ids == [] and a.block_ids == [] and bm.num_free_blocks == bm.num_blocks
+
+
+def test_update_from_output_asks_the_text_for_stop_strings_and_the_hook_for_the_blocks():
+    bm = BlockManager(16, BS)
+    kept = []
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), bm,
+                      on_finished=lambda seq, status: kept.append((seq.request_id, status)) or True)
+    a = Sequence("a", [1, 2, 3], SamplingParams(max_tokens=9, stop=("END",)))
+    sched.add(a)
+    out = sched.schedule()
+    text = {"a": "the END"}
+    [update] = sched.update_from_output(out, SamplerOutput([7], [None]), lambda seq, token: (text[seq.request_id], 7))
+    assert (update.stop.stop_reason, update.stop.truncate_to) == ("END", 4) and a.stop_reason == "END"
+    assert kept == [("a", SequenceStatus.FINISHED_STOPPED)] and a.block_ids  # kept: the hook's to free
+    sched.free_blocks(a)
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_reserve_and_admit_prefilled_record_the_hits_and_the_prompt_as_computed():
+    bm = BlockManager(16, BS)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), bm)
+    first = make_seq("first", list(range(100, 109)), max_tokens=1)
+    sched.add(first)
+    run(sched)
+    seq = make_seq("r", list(range(100, 109)), max_tokens=3)
+    assert sched.reserve(seq, num_extra=1)
+    assert seq.num_computed_tokens == seq.num_cached_tokens == 8 and len(seq.block_ids) == 3
+    sched.admit_prefilled(seq)
+    assert seq.num_computed_tokens == 9 and sched.running == [seq] and seq.num_registered_blocks == 2
+    sched.append_token(seq, 1000, None)
+    run(sched)
+    assert_finished(seq)
+    tiny = BlockManager(2, BS)
+    full = Scheduler(SchedulerConfig(max_num_batched_tokens=64), tiny)
+    assert not full.reserve(make_seq("big", 9), num_extra=1) and tiny.num_free_blocks == 2
