@@ -48,25 +48,41 @@ def test_import_contracts_hold():
     assert "2 kept, 0 broken" in done.stdout, done.stdout
 
 
+# Run from the repository root, where every folder is on sys.path under its own name.
 BARE_IMPORTS = """
 import importlib, sys
-for folder in sys.argv[1:]:
+from transformers.utils.import_utils import is_kernels_available
+folders = dict(arg.split("=") for arg in sys.argv[1:])
+for folder, package in folders.items():
     try:
-        importlib.import_module(folder)
+        importlib.import_module(folder + ".no_such_module")
     except ImportError as err:
-        print(folder, err)
-    else:
-        print(folder, "imported")
+        print("submodule", folder, err)
+    try:
+        bare = importlib.import_module(folder)
+        bare.anything
+    except (ImportError, AttributeError) as err:
+        print("attribute", folder, err)
+    copies = [m for m in sys.modules if m == folder + "." or m.startswith(folder + ".")]
+    print("copies", folder, copies)
+print("probe", "kernels", is_kernels_available())
 """
 
 
 def test_a_folder_under_its_bare_name_is_refused():
-    """From the repository root each folder is on sys.path under its own name; importing it so
-    would load second copies of its modules (classes unequal to splitserve.<name>'s)."""
-    folders = {package: folder for package, folder in PACKAGE_DIR.items() if "/" not in folder}
-    done = subprocess.run([sys.executable, "-c", BARE_IMPORTS, *folders.values()], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    """A folder imported by its own name would load second copies of its modules (classes
+    unequal to splitserve.<name>'s): a submodule's import, or any use of the bare package,
+    raises and says how; the bare import itself loads nothing and does not raise, so a
+    library's probe of a top-level name (transformers': Hugging Face's `kernels`) still finds
+    no package."""
+    folders = {folder: package for package, folder in PACKAGE_DIR.items()}
+    done = subprocess.run([sys.executable, "-c", BARE_IMPORTS, *(f"{f}={p}" for f, p in folders.items())],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    said = dict(line.split(" ", 1) for line in done.stdout.splitlines())
-    for package, folder in folders.items():
-        assert said[folder].startswith(f"import {package}, not {folder}:"), (folder, said[folder])
+    said = {tuple(line.split(" ", 2)[:2]): line.split(" ", 2)[2] for line in done.stdout.splitlines()}
+    for folder, package in folders.items():
+        how = f"import {package}, not {folder}:"
+        assert how in said["submodule", folder], said["submodule", folder]
+        assert how in said["attribute", folder], said["attribute", folder]
+        assert said["copies", folder] == "[]", (folder, said["copies", folder])
+    assert said["probe", "kernels"] == "False"
