@@ -1,9 +1,18 @@
 """Disaggregated engine: prefill groups and decode groups in one driver, KV moved between.
 
-One driver steps every group (each a `LLMEngine` over its ranks: in this process, spawned
+One driver steps every group (each a `GroupEngine` over its ranks: in this process, spawned
 processes, or Ray actors); `LLM(mode="disaggregated")` is the 1 prefill + 1 decode case, the
-router on Ray runs any number of each. With no prefill group ("aggregated" groups) requests
-run whole on a decode group. Lifecycle of a request (the transfer's `TransferState` in brackets):
+router on Ray runs any number of each. With no prefill group (aggregated groups, role
+``worker``) requests run whole on one group. Three parts, each with one job:
+
+    GroupSet       (group_set.py) the groups of each role, the policy's choice among them,
+                   a lost group's next incarnation
+    TransferTable  (transfer_table.py) every open KV transfer's phase, deadlines, acks and
+                   first token; one transition function returning the effects to carry out
+    DisaggEngine   (here) requests: queue, placement, stepping the groups, carrying out the
+                   table's effects, failover and migration
+
+Lifecycle of a request (the transfer's `Phase` in brackets):
 
     add_request  validated by both roles, queued (first come, first served)
     reserve      a decode group (the policy's order) reserves blocks for prompt + first
@@ -11,22 +20,23 @@ run whole on a decode group. Lifecycle of a request (the transfer's `TransferSta
                  blocks the request waits for running requests to end, up to
                  ``queue_timeout_s`` (or at once if nothing could free any), then the failure
                  policy applies
-    prefill      [WAITING] a prefill group (the policy's order) computes the prompt; when the
+    prefill      [RESERVED] a prefill group (the policy's order) computes the prompt; when the
                  last chunk is submitted its ranks get the `SendCommand` and the decode ranks
-                 a `RecvCommand` with the transfer deadline  [TRANSFERRING]
+                 a `RecvCommand`  [SENDING, with the ack deadline]
     first token  sampled on prefill (the request's own params and seed); blocks held
-    ack          [DONE] every decode rank reported the KV written: decode admits the request
-                 as running with the first token; prefill frees its blocks (they stay cached)
-    failure      [FAILED] a rank reported an error, the deadline or the reservation's lease
-                 passed, or the client aborted: decode ranks are told to drop the transfer
-                 (`kv_cancel`: they process it before any later message, and it waits out a
-                 write in progress, so nothing writes those blocks after it), both sides free
-                 their blocks at once, then ``recompute`` (decode prefills the prompt itself;
-                 the default) or ``fail`` (finish_reason "abort" and an error; always so for
-                 an abort)
+                 [TOKEN_BACK]; or every ack came first [ACKED]
+    admitted     [ADMITTED] both: decode runs the request from the first token; prefill frees
+                 its blocks (they stay cached)
+    failure      [FAILED] a rank reported an error, the ack deadline or the reservation's
+                 lease passed, or the client aborted: decode ranks are told to drop the
+                 transfer (`cancel_kv_receive`: they process it before any later message, and
+                 it waits out a write in progress, so nothing writes those blocks after it),
+                 both sides free their blocks at once, then ``recompute`` (decode prefills the
+                 prompt itself; the default) or ``fail`` (finish_reason "abort" and an error;
+                 always so for an abort)
 
 Groups fail and come back:
-    prefill group lost  its transfers are dropped on both sides and their requests re-sent
+    prefill group lost  its transfers are dropped on both sides [DROPPED] and their requests re-sent
                  (to another prefill group; with none left, the failure policy)
     decode group lost   its transfers are dropped; its running requests continue on another
                  decode group from prompt + the tokens generated so far (prefilled again, so
@@ -58,26 +68,32 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-import uuid
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
-from typing import Protocol
 
-from splitserve.kvtransfer.agent import KVAgentSpec
 from splitserve.kvtransfer.messages import (
-    FaultConfig, RecvCommand, SendCommand, TransferEvent, TransferMetrics, TransferState, TransportKind,
+    FaultConfig, RecvCommand, SendCommand, TransferEvent, TransferMetrics, TransportKind,
 )
 from splitserve.kvtransfer.plan import check_compatible, make_routes
+from splitserve.workers.cache_salt import check_cache_salt
 from splitserve.workers.engine import (
     EngineConfig, KVSendHook, LLMEngine, SendPlan, Verdict, first_token_params, resolve_device,
 )
-from splitserve.workers.executor import Executor, WorkerGroupError
+from splitserve.workers.executor import WorkerGroupError
+from splitserve.workers.group_engine import GroupEngine
+from splitserve.workers.group_set import Group, GroupLoad, GroupPolicy, GroupSet, InOrder, KVWiring
 from splitserve.workers.outputs import RequestOutput
+from splitserve.workers.roles import FailurePolicy, GroupRole
 from splitserve.workers.sampling_params import SamplingParams
-from splitserve.workers.cache_salt import check_cache_salt
 from splitserve.workers.sequence import Sequence
+from splitserve.workers.transfer_table import (
+    Aborted, Acked, Admit, ApplyPolicy, CancelReceive, Dropped, Event, Expired, FirstToken, FreeBoth,
+    IllegalTransition, Phase, Posted, RankFailed, Side, Transfer, TransferTable, TransferTimeouts,
+)
+
+__all__ = ["DisaggConfig", "DisaggEngine", "Group", "GroupLoad", "GroupPolicy", "InOrder"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +112,8 @@ class DisaggConfig:
     transfer_timeout_s: float = 30.0
     #: Layers per streamed message (smaller: earlier start, more messages).
     layers_per_message: int = 4
-    #: "recompute": decode prefills the prompt itself; "fail": the request ends with an error.
-    failure_policy: str = "recompute"
+    #: Recompute: decode prefills the prompt itself; fail: the request ends with an error.
+    failure_policy: FailurePolicy = FailurePolicy.RECOMPUTE
     faults: FaultConfig = field(default_factory=FaultConfig)
     #: Both groups in this process (in-process transport); None: when both are 1 x 1.
     in_process: bool | None = None
@@ -115,66 +131,13 @@ class DisaggConfig:
     decode_prefix: str | None = None
 
     def __post_init__(self) -> None:
-        if self.failure_policy not in ("recompute", "fail"):
+        if self.failure_policy not in tuple(FailurePolicy):
             raise ValueError(f"failure_policy must be 'recompute' or 'fail', got {self.failure_policy!r}")
+        object.__setattr__(self, "failure_policy", FailurePolicy(self.failure_policy))  # YAML and CLI give strings
         if self.transfer_timeout_s <= 0 or self.layers_per_message < 1:
             raise ValueError("transfer_timeout_s must be positive and layers_per_message >= 1")
         if self.num_decode < 1 or (self.prefill is not None and self.num_prefill < 1):
             raise ValueError("at least one decode group, and one prefill group when prefill is configured")
-
-
-@dataclass(frozen=True)
-class GroupLoad:
-    """What a policy sees of a group when it chooses."""
-
-    name: str
-    role: str
-    index: int
-    healthy: bool
-    num_waiting: int
-    num_running: int
-    kv_usage: float
-    num_free_blocks: int
-
-
-class GroupPolicy(Protocol):
-    def rank(self, role: str, loads: list[GroupLoad], prompt_ids: list[int]) -> list[str]:
-        """The healthy groups' names, best first, for this request."""
-
-
-class InOrder:
-    """The default policy: healthy groups in index order (one group per role: no choice)."""
-
-    def rank(self, role: str, loads: list[GroupLoad], prompt_ids: list[int]) -> list[str]:
-        return [g.name for g in loads if g.healthy]
-
-
-@dataclass(eq=False)
-class Group:
-    name: str
-    role: str
-    index: int
-    config: EngineConfig
-    engine: LLMEngine | None = None
-    #: Why it failed (None while it works); it stays out of every choice until replaced.
-    error: str | None = None
-    failed_at: float = 0.0
-    restarts: int = 0
-
-    @property
-    def healthy(self) -> bool:
-        return self.engine is not None and self.error is None
-
-    @property
-    def namespace(self) -> str:
-        return self.config.kv.namespace if self.config.kv is not None else ""
-
-    def load(self) -> GroupLoad:
-        e = self.engine
-        if not self.healthy:
-            return GroupLoad(self.name, self.role, self.index, False, 0, 0, 1.0, 0)
-        return GroupLoad(self.name, self.role, self.index, True, e.num_waiting, e.num_running,
-                         e.block_manager.usage, e.block_manager.num_free_blocks)
 
 
 @dataclass(eq=False)
@@ -210,45 +173,13 @@ class _Request:
             max_tokens=self.params.max_tokens - n, min_tokens=max(0, self.params.min_tokens - n))
 
 
-@dataclass
-class _Transfer:
-    transfer_id: int
-    request: _Request
-    prefill: Group
-    decode: Group
-    reservation: Sequence
-    #: Leading prompt blocks decode already had (its prefix cache): not sent.
-    skip_blocks: int
-    state: TransferState = TransferState.WAITING
-    deadline: float = float("inf")
-    first_token: int | None = None
-    logprobs: object = None
-    acks: set[int] = field(default_factory=set)
-    error: str | None = None
-    #: The failure policy for this transfer (an abort always fails).
-    policy: str = "recompute"
-    #: Bytes received over all decode ranks, and the slowest rank's time.
-    num_bytes: int = 0
-    seconds: float = 0.0
-    #: When it reached each stage (`STAGES`), on the driver's monotonic clock.
-    times: dict[str, float] = field(default_factory=dict)
-
-
-#: A transfer's stages, in order: its request queued, reserved on decode, the prefill step that
-#: sends it submitted, the first token back from prefill, every decode rank's ack seen, admitted
-#: on decode.
-STAGES = ("queued", "reserved", "sending", "first_token", "acked", "admitted")
-
-
-EngineFactory = Callable[[Group], LLMEngine]
+EngineFactory = Callable[[Group], GroupEngine]
 
 
 class DisaggEngine:
     def __init__(self, config: DisaggConfig, policy: GroupPolicy | None = None,
                  engine_factory: EngineFactory | None = None):
         self.config = config
-        self.policy = policy or InOrder()
-        self.metrics = TransferMetrics()
         self._factory = engine_factory or (lambda group: LLMEngine(group.config))
         d_par = config.decode.parallel
         p_par = config.prefill.parallel if config.prefill is not None else None
@@ -257,12 +188,15 @@ class DisaggEngine:
                  else single and p_par.world_size == d_par.world_size == 1)
         if local and (not single or p_par.world_size * d_par.world_size > 1):
             raise ValueError("in_process needs one 1 x 1 group on each side")
-        self._local = local
         self._store = None if local or p_par is None else _start_store(config.store_host)
-        self._uid = uuid.uuid4().hex[:8]
-        self.prefills = [self._new_group("prefill", i) for i in range(config.num_prefill if p_par else 0)]
-        decode_name = config.decode_prefix or ("decode" if p_par else "worker")
-        self.decodes = [self._new_group("decode", i, decode_name) for i in range(config.num_decode)]
+        wiring = None if p_par is None else KVWiring(
+            config.transport or _transport(config, local), config.store_host,
+            self._store.port if self._store is not None else 0, config.faults)
+        self.group_set = GroupSet(config.prefill, config.decode, config.num_prefill, config.num_decode,
+                                  policy or InOrder(), wiring=wiring, rank_processes=not local,
+                                  decode_prefix=config.decode_prefix)
+        self.transfers = TransferTable(TransferTimeouts(config.reservation_timeout_s, config.transfer_timeout_s),
+                                       config.failure_policy)
         self.routes = []
         try:
             for group in self.groups:
@@ -280,63 +214,53 @@ class DisaggEngine:
         self.tokenizer = self.decodes[0].engine.tokenizer
         self._queue: deque[_Request] = deque()
         self._live: dict[str, _Request] = {}
-        self._transfers: dict[int, _Transfer] = {}
-        self._by_request: dict[str, int] = {}
         self._outputs: list[RequestOutput] = []
-        self._transfer_ids = itertools.count()
         self._request_ids = itertools.count()
-        #: Stage times of the latest completed transfers (`stage_summary`).
-        self.stage_log: deque[dict[str, float]] = deque(maxlen=20_000)
         #: Extra objects whose readiness ends a step's wait (the router's inbox doorbell).
         self.wake_handles: list = []
         #: Requests sent through again after losing a group (prefill re-sends and decode
         #: migrations); the router reports it, tests check a fault really moved requests.
         self.num_resent = 0
-        #: The latest incarnation handed out per group name (`new_group_config`).
-        self._incarnations: dict[str, int] = {}
 
     # ---- groups ----------------------------------------------------------------------------
 
     @property
-    def groups(self) -> list[Group]:
-        return self.prefills + self.decodes
+    def policy(self) -> GroupPolicy:
+        return self.group_set.policy
 
     @property
-    def prefill(self) -> LLMEngine:
+    def prefills(self) -> list[Group]:
+        return self.group_set.prefills
+
+    @property
+    def decodes(self) -> list[Group]:
+        return self.group_set.decodes
+
+    @property
+    def groups(self) -> list[Group]:
+        return self.group_set.groups
+
+    @property
+    def prefill(self) -> GroupEngine:
         """The first prefill group's engine (the one of a 1 + 1 engine)."""
         return self.prefills[0].engine
 
     @property
-    def decode(self) -> LLMEngine:
+    def decode(self) -> GroupEngine:
         return self.decodes[0].engine
 
     def group(self, name: str) -> Group:
-        for g in self.groups:
-            if g.name == name:
-                return g
-        raise KeyError(name)
+        return self.group_set.group(name)
 
-    def _new_group(self, role: str, index: int, prefix: str | None = None, restarts: int = 0) -> Group:
-        name = f"{prefix or role}-{index}"
-        return Group(name, role, index, self._group_config(role, index, name, restarts), restarts=restarts)
+    def failed_groups(self) -> list[Group]:
+        return self.group_set.failed()
 
-    def _group_config(self, role: str, index: int, name: str, restarts: int) -> EngineConfig:
-        cfg = self.config.prefill if role == "prefill" else self.config.decode
-        if self.config.prefill is None:  # aggregated groups: no KV service
-            return replace(cfg, device_offset=index * cfg.parallel.world_size)
-        port = self._store.port if self._store is not None else 0
-        # Each incarnation has its own namespace: a rejoining group gets fresh KV links.
-        namespace = f"{self._uid}/{name}.{restarts}/"
-        kv = KVAgentSpec(role, self._transport(), namespace, self.config.store_host, port, faults=self.config.faults)
-        # Groups of this machine take GPUs in order: the prefill groups', then the decode groups'.
-        before = 0 if role == "prefill" else self.config.num_prefill * self.config.prefill.parallel.world_size
-        return replace(cfg, kv=kv, rank_processes=not self._local,
-                       device_offset=before + index * cfg.parallel.world_size)
+    def loads(self, role: GroupRole) -> list[GroupLoad]:
+        return self.group_set.loads(role, self.transfers.incoming())
 
-    def _transport(self) -> str:
-        if self.config.transport is not None:
-            return self.config.transport
-        return _transport(self.config, self._local)
+    def _ranked(self, role: GroupRole, prompt_ids: list[int]) -> list[Group]:
+        incoming = self.transfers.incoming() if role is not GroupRole.PREFILL else None
+        return self.group_set.ranked(role, prompt_ids, incoming)
 
     def _enable_sends(self, group: Group) -> None:
         group.engine.enable_kv_sends(KVSendHook(self.routes, self.config.layers_per_message,
@@ -352,7 +276,7 @@ class DisaggEngine:
         role (all at once: both ends of a link must connect together)."""
         calls = {}
         for group in joining:
-            other = self.decodes if group.role == "prefill" else self.prefills
+            other = self.group_set.peers(group)
             calls[group.name] = (group, [g.namespace for g in other if g.healthy and g not in joining]
                                  + [g.namespace for g in other if g in joining])
         for group in (g for g in self.groups if g.healthy and g not in joining):
@@ -360,41 +284,20 @@ class DisaggEngine:
             if news:
                 calls[group.name] = (group, news)
         for group, namespaces in calls.values():
-            group.engine.executor.kv_connect(self.routes, namespaces)
+            group.engine.start_kv_connect(self.routes, namespaces)
         for group, _ in calls.values():
-            group.engine.executor.wait_kv_connected(self.config.transfer_timeout_s)
-
-    def loads(self, role: str) -> list[GroupLoad]:
-        if role == "prefill":
-            return [g.load() for g in self.prefills]
-        # A decode group's reservations (prompts still on prefill or on the wire) are load it
-        # has taken on: without them a burst of requests would all rank the same group first.
-        incoming = Counter(t.decode.name for t in self._transfers.values())
-        return [replace(load, num_waiting=load.num_waiting + incoming[g.name])
-                for g in self.decodes for load in (g.load(),)]
-
-    def _ranked(self, role: str, prompt_ids: list[int]) -> list[Group]:
-        names = self.policy.rank(role, self.loads(role), prompt_ids)
-        return [self.group(n) for n in names if self.group(n).healthy]
-
-    def failed_groups(self) -> list[Group]:
-        return [g for g in self.groups if g.error is not None]
+            group.engine.finish_kv_connect(self.config.transfer_timeout_s)
 
     def new_group_config(self, name: str) -> Group:
         """A fresh incarnation of a lost group (build its engine with ``engine_factory``, then
         `attach_group`); safe to call from another thread."""
-        old = self.group(name)
-        prefix = old.name.rsplit("-", 1)[0]
-        # Never one handed out before: an incarnation whose attach failed may have left KV
-        # links under its namespace on the other side.
-        restarts = self._incarnations[name] = max(old.restarts, self._incarnations.get(name, 0)) + 1
-        return self._new_group(old.role, old.index, prefix, restarts)
+        return self.group_set.next_incarnation(name)
 
-    def attach_group(self, group: Group, engine: LLMEngine) -> None:
+    def attach_group(self, group: Group, engine: GroupEngine) -> None:
         """Put a rebuilt group in place of the lost one of its name; its KV links connect now
         (with the other role's healthy groups, looked at first: one that died since the last
         step is marked failed rather than connected to)."""
-        for other in (self.decodes if group.role == "prefill" else self.prefills):
+        for other in self.group_set.peers(group):
             self._look(other)
         group.engine = engine
         try:
@@ -403,12 +306,10 @@ class DisaggEngine:
         except WorkerGroupError:
             engine.shutdown()
             raise
-        role_list = self.prefills if group.role == "prefill" else self.decodes
-        old = self.group(group.name)
+        old = self.group_set.put(group)
         if old.engine is not None:
             old.engine.shutdown()
-        role_list[role_list.index(old)] = group
-        if group.role == "prefill":
+        if group.role is GroupRole.PREFILL:
             self._enable_sends(group)
         logger.info("group %s rejoined (restart %d)", group.name, group.restarts)
 
@@ -431,7 +332,7 @@ class DisaggEngine:
             raise RuntimeError("no decode group is available (every one failed; they are being rebuilt)")
         self._first_healthy(self.prefills, lambda e: e.validate(prompt_ids, first_token_params(params)))
 
-    def _first_healthy(self, groups: list[Group], call: Callable[[LLMEngine], object]) -> Group | None:
+    def _first_healthy(self, groups: list[Group], call: Callable[[GroupEngine], object]) -> Group | None:
         """The first healthy group ``call`` succeeds on (a group found failed on the way is
         marked so); None if there is none. Any other error of ``call`` propagates."""
         for group in groups:
@@ -461,27 +362,25 @@ class DisaggEngine:
             return
         if request in self._queue:
             self._queue.remove(request)
-            self._apply_policy(request, "fail", "aborted by the client")
-        elif (transfer_id := self._by_request.get(request_id)) is not None:
-            self._fail(self._transfers[transfer_id], "aborted by the client", policy="fail")
+            self._apply_policy(request, FailurePolicy.FAIL, "aborted by the client")
+        elif (transfer := self.transfers.of_request(request_id)) is not None:
+            self._handle(transfer, Aborted())
         elif request.decode is not None and request.decode.healthy:
             request.decode.engine.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._live or self._outputs)
 
+    @property
+    def metrics(self) -> TransferMetrics:
+        return self.transfers.metrics
+
+    @property
+    def stage_log(self):
+        return self.transfers.stage_log
+
     def stage_summary(self, clear: bool = False) -> dict[str, dict[str, float]]:
-        """Milliseconds each stage took over the logged transfers (p50, p90, p99, mean): where a
-        request's time to first token goes in disaggregated mode."""
-        out: dict[str, dict[str, float]] = {}
-        for a, b in [*zip(STAGES, STAGES[1:]), (STAGES[0], STAGES[-1])]:
-            xs = sorted(1e3 * (t[b] - t[a]) for t in self.stage_log if a in t and b in t)
-            if xs:
-                out[f"{a}->{b}"] = {"n": len(xs), "mean": sum(xs) / len(xs),
-                                    **{f"p{q}": xs[min(len(xs) - 1, len(xs) * q // 100)] for q in (50, 90, 99)}}
-        if clear:
-            self.stage_log.clear()
-        return out
+        return self.transfers.stage_summary(clear)
 
     @property
     def num_live_requests(self) -> int:
@@ -490,7 +389,7 @@ class DisaggEngine:
 
     @property
     def num_open_transfers(self) -> int:
-        return len(self._transfers)
+        return len(self.transfers)
 
     def shutdown(self) -> None:
         for group in self.groups:
@@ -500,21 +399,19 @@ class DisaggEngine:
     # ---- the loop --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Submit to every group, then collect from those whose batch is done: groups never
-        wait on each other (a decode step is not held back by a long prefill step)."""
+        """Place queued requests; submit to every group, then collect from those whose batch is
+        done (groups never wait on each other: a decode step is not held back by a long
+        prefill step); settle transfers between the two."""
         self._dispatch_queued()
         busy = [g for g in self.groups if g.healthy and g.engine.has_unfinished_requests()]
         for group in busy:  # every group's ranks start before the driver waits on any
             self._run(group, group.engine.submit)
         done = self._wait_for_any(busy)
-        for group in (g for g in done if g.role == "prefill"):
+        for group in (g for g in done if g.role is GroupRole.PREFILL):
             self._collect_prefill(group)
         self._settle()
-        for group in (g for g in done if g.role == "decode"):
-            outputs = self._run(group, group.engine.step)
-            self._mark_suspects(group)
-            for out in outputs or ():
-                self._emit(out)
+        for group in (g for g in done if g.role.generates):
+            self._collect_decode(group)
         outputs, self._outputs = self._outputs, []
         return outputs
 
@@ -527,11 +424,11 @@ class DisaggEngine:
         executors' (a batch past it fails its group in `ready`)."""
         done = self._done(busy)
         healthy = [g for g in self.groups if g.healthy]
-        if done or any(self._run(g, g.engine.executor.has_events) for g in healthy):
+        if done or any(self._run(g, g.engine.has_transfer_events) for g in healthy):
             return done
-        if not any(g.engine.in_flight for g in busy) and not self._transfers:
+        if not any(g.engine.in_flight for g in busy) and not len(self.transfers):
             return done  # nothing will arrive: the caller decides whether to wait for requests
-        handles = [h for g in healthy for h in g.engine.executor.wait_handles()] + self.wake_handles
+        handles = [h for g in healthy for h in g.engine.wait_handles()] + self.wake_handles
         if handles:
             wait(handles, timeout=WAIT_SLICE_S)
         else:  # in-process groups: their KV agents report from threads
@@ -551,7 +448,7 @@ class DisaggEngine:
         """Read what the group's ranks sent, now (kept for its step): a rank that died since
         the last read fails the group here, marked and its requests re-sent."""
         if group.healthy:
-            self._run(group, group.engine.executor.ready)
+            self._run(group, group.engine.poll_ranks)
 
     def _on_group(self, group: Group, call: Callable[[], object]) -> tuple[bool, object]:
         """Place a request on (or check it against) ``group``: (True, the result), or (False,
@@ -569,6 +466,8 @@ class DisaggEngine:
             self._group_failed(group, WorkerGroupError(group.engine.failure))
         return False, None
 
+    # ---- placing requests ------------------------------------------------------------------
+
     def _dispatch_queued(self) -> None:
         while self._queue:
             request = self._queue.popleft()
@@ -583,14 +482,15 @@ class DisaggEngine:
         the rest: it never fails while a healthy group of each role is left. That costs the
         request no retry (it never ran there); each such round takes a group out, so it ends."""
         while True:
-            decodes = self._ranked("decode", request.prompt_ids)
+            decode_role = GroupRole.DECODE if self.prefills else GroupRole.WORKER
+            decodes = self._ranked(decode_role, request.prompt_ids)
             if not decodes:
-                self._apply_policy(request, "fail", "no decode group is available")
+                self._apply_policy(request, FailurePolicy.FAIL, "no decode group is available")
                 return True
             if not self.prefills or request.suspect:  # aggregated groups, or a suspect: whole on decode
                 self._run_on_decode(request, decodes)
                 return True
-            prefills = self._ranked("prefill", request.prompt_ids)
+            prefills = self._ranked(GroupRole.PREFILL, request.prompt_ids)
             if not prefills:
                 self._no_transfer(request, "no prefill group is available")
                 return True
@@ -620,16 +520,17 @@ class DisaggEngine:
     def _give_up_waiting(self, queued_at: float) -> bool:
         """Blocks come back only as decode requests end or transfers close: with none of those
         pending, or past the queue timeout, waiting longer is pointless."""
-        idle = not self._transfers and not any(g.healthy and g.engine.has_unfinished_requests() for g in self.decodes)
+        idle = not len(self.transfers) and not any(g.healthy and g.engine.has_unfinished_requests()
+                                                   for g in self.decodes)
         return idle or time.monotonic() - queued_at > self.config.queue_timeout_s
 
     def _start(self, request: _Request, prefill: Group, decode: Group, seq: Sequence) -> bool | None:
         """Queue the prompt on prefill, its KV bound for ``seq``'s blocks on decode; None (the
         reservation cancelled) if the prefill group turns out to have failed."""
-        skip = seq.num_computed_tokens // decode.engine.block_manager.block_size  # decode's own prefix hits
-        transfer = _Transfer(next(self._transfer_ids), request, prefill, decode, seq, skip)
+        skip = seq.num_computed_tokens // decode.engine.kv_usage().block_size  # decode's own prefix hits
+        transfer_id = self.transfers.new_id()
         prompt_ids, params = request.continuation()
-        plan = SendPlan(transfer.transfer_id, skip, decode.namespace)
+        plan = SendPlan(transfer_id, skip, decode.namespace)
         try:
             ok, _ = self._on_group(prefill, lambda: prefill.engine.add_prefill_request(
                 request.request_id, prompt_ids, params, plan, request.cache_salt))
@@ -640,16 +541,17 @@ class DisaggEngine:
         if not ok:
             decode.engine.cancel_reservation(seq)
             return None
-        transfer.deadline = time.monotonic() + self.config.reservation_timeout_s  # the lease
-        transfer.times["queued"], transfer.times["reserved"] = request.queued_at, time.monotonic()
-        self._transfers[transfer.transfer_id] = transfer
-        self._by_request[request.request_id] = transfer.transfer_id
+        self.transfers.open(transfer_id, request_id=request.request_id, request=request, prefill=prefill,
+                            decode=decode, reservation=seq, skip_blocks=skip,
+                            num_decode_ranks=decode.config.parallel.world_size,
+                            queued_at=request.queued_at, now=time.monotonic())
         return True
 
     def _run_on_decode(self, request: _Request, decodes: list[Group] | None = None) -> None:
         """The whole request on a decode group (the policy's order; one found failed is marked
         so and the next tried); with none left it fails."""
-        decodes = decodes if decodes is not None else self._ranked("decode", request.prompt_ids)
+        if decodes is None:
+            decodes = self._ranked(GroupRole.DECODE if self.prefills else GroupRole.WORKER, request.prompt_ids)
         prompt_ids, params = request.continuation()
         for decode in decodes:
             if decode.healthy and self._on_group(decode, lambda: decode.engine.add_request(
@@ -659,39 +561,41 @@ class DisaggEngine:
                 if request.suspect:
                     decode.engine.isolate(request.request_id)
                 return
-        self._apply_policy(request, "fail", "no decode group is available")
+        self._apply_policy(request, FailurePolicy.FAIL, "no decode group is available")
+
+    # ---- transfers -------------------------------------------------------------------------
 
     def _on_send(self, prefill: Group, cmds: list[SendCommand]) -> list[SendCommand]:
         """A prefill step that pushes these transfers is being submitted: each decode group's
         ranks post the receives, in the same order. Closed transfers are dropped."""
-        by_decode: dict[str, tuple[Group, list[SendCommand], list[RecvCommand]]] = {}
+        by_decode: dict[str, tuple[Group, list[Transfer], list[SendCommand], list[RecvCommand]]] = {}
         for cmd in cmds:
-            transfer = self._transfers.get(cmd.transfer_id)
-            if transfer is None or transfer.state is not TransferState.WAITING or not transfer.decode.healthy:
+            transfer = self.transfers.get(cmd.transfer_id)
+            if transfer is None or transfer.phase is not Phase.RESERVED or not transfer.decode.healthy:
                 continue
             skip = transfer.skip_blocks
-            _, sends, recvs = by_decode.setdefault(transfer.decode.name, (transfer.decode, [], []))
+            _, transfers, sends, recvs = by_decode.setdefault(transfer.decode.name, (transfer.decode, [], [], []))
             recvs.append(RecvCommand(cmd.transfer_id, transfer.reservation.block_ids[skip:skip + len(cmd.block_ids)],
                                      cmd.routes, cmd.layers_per_message, prefill.namespace))
+            transfers.append(transfer)
             sends.append(cmd)
         out = []
-        deadline = time.monotonic() + self.config.transfer_timeout_s
-        for decode, sends, recvs in by_decode.values():
-            if not self._decode_control(decode, lambda executor: executor.kv_recv(recvs)):
+        for decode, transfers, sends, recvs in by_decode.values():
+            if not self._on_decode_ranks(decode, lambda: decode.engine.post_kv_receives(recvs)):
                 continue
-            for cmd in sends:
-                transfer = self._transfers[cmd.transfer_id]
-                transfer.state, transfer.deadline = TransferState.TRANSFERRING, deadline
-                transfer.times["sending"] = time.monotonic()
+            now = time.monotonic()
+            for transfer in transfers:
+                self._handle(transfer, Posted(now))
             out += sends
         return out
 
-    def _decode_control(self, decode: Group, command: Callable[[Executor], None]) -> bool:
-        """Run a KV command on a decode group's executor; False if the group is lost."""
+    def _on_decode_ranks(self, decode: Group, call: Callable[[], None]) -> bool:
+        """A control message to a decode group's ranks; False if they are gone (the group is
+        marked, and handled once the prefill step being submitted is back)."""
         try:
-            command(decode.engine.executor)
+            call()
             return True
-        except WorkerGroupError as err:  # the group is handled once the prefill step is back
+        except WorkerGroupError as err:
             decode.error = decode.error or str(err)
             return False
 
@@ -699,11 +603,16 @@ class DisaggEngine:
         outputs = self._run(group, group.engine.step)
         self._judged_on_prefill(group)
         for out in outputs or ():
-            transfer = self._transfers.get(self._by_request.get(out.request_id, -1))
+            transfer = self.transfers.of_request(out.request_id)
             if transfer is not None and out.token_ids:
-                transfer.first_token = out.token_ids[0]
-                transfer.times["first_token"] = time.monotonic()
-                transfer.logprobs = out.logprobs[0] if out.logprobs else None
+                self._handle(transfer, FirstToken(out.token_ids[0], out.logprobs[0] if out.logprobs else None,
+                                                  time.monotonic()), from_rank=True)
+
+    def _collect_decode(self, group: Group) -> None:
+        outputs = self._run(group, group.engine.step)
+        self._mark_suspects(group)
+        for out in outputs or ():
+            self._emit(out)
 
     def _emit(self, out: RequestOutput) -> None:
         """A decode group's output, as the client sees it (tokens from lost groups first).
@@ -726,34 +635,70 @@ class DisaggEngine:
             del self._live[out.request_id]
         self._outputs.append(out)
 
-    # ---- acknowledgements, deadlines, failures ---------------------------------------------
-
     def _settle(self) -> None:
         for group in self.groups:  # a failure noticed while sending control messages
             if group.error is not None and group.engine is not None and group.engine.failure is None:
                 self._group_failed(group, WorkerGroupError(group.error))
         # Deadlines first: an acknowledgement that comes after its lease expired does not count.
         now = time.monotonic()
-        for transfer in list(self._transfers.values()):
-            if transfer.state is TransferState.TRANSFERRING and now > transfer.deadline:
-                self.metrics.num_timeouts += 1
-                self._fail(transfer, f"no acknowledgement within {self.config.transfer_timeout_s:.1f} s")
-            elif transfer.state is TransferState.WAITING and now > transfer.deadline:
-                self._fail(transfer, f"reservation lease of {self.config.reservation_timeout_s:.0f} s expired "
-                                     "before prefill got to the prompt")
-        for event in self._events():
-            transfer = self._transfers.get(event.transfer_id)
-            if transfer is not None:
-                self._on_event(transfer, event)
-        for transfer in list(self._transfers.values()):
-            if transfer.state is TransferState.DONE and transfer.first_token is not None:
-                self._close_done(transfer)
-
-    def _events(self) -> list[TransferEvent]:
-        events = []
+        for transfer in self.transfers:
+            if transfer.past_deadline(now) and self._still_open_after_looking(transfer):
+                self._handle(transfer, Expired(now))
         for group in self.groups:  # also how a dead rank of an idle group is noticed
-            events += self._run(group, group.engine.executor.poll_events) or []
-        return events
+            for event in self._run(group, group.engine.poll_transfer_events) or []:
+                self._on_rank_event(event)
+
+    def _on_rank_event(self, event: TransferEvent) -> None:
+        transfer = self.transfers.get(event.transfer_id)
+        if transfer is None:
+            return  # closed already: a late report
+        if event.ok:
+            if event.side == "recv":  # a prefill rank's own report adds nothing: decode's ack counts
+                self._handle(transfer, Acked(event.rank, event.num_bytes, event.seconds, time.monotonic()),
+                             from_rank=True)
+            return
+        if self._still_open_after_looking(transfer):
+            side = Side.PREFILL if event.side == "send" else Side.DECODE
+            self._handle(transfer, RankFailed(side, event.rank, event.error))
+
+    def _still_open_after_looking(self, transfer: Transfer) -> bool:
+        """Before a transfer fails, both its groups are looked at: a rank's error is often its
+        peer's group dying (a receive fails when the sender's process is gone, before the
+        driver reads that its pipe closed), and a dead group's failure takes the transfer over
+        (its request re-sent, not put through the failure policy)."""
+        for group in (transfer.prefill, transfer.decode):
+            self._look(group)
+        return self.transfers.get(transfer.transfer_id) is transfer
+
+    def _handle(self, transfer: Transfer, event: Event, *, from_rank: bool = False) -> None:
+        """Move the transfer on and carry out the effects on the groups (transfer_table.py)."""
+        try:
+            effects = self.transfers.handle(transfer, event)
+        except IllegalTransition as err:
+            if not from_rank:
+                raise
+            logger.error("ignored a rank's report: %s", err)  # a rank's bug must not stop the driver
+            return
+        for effect in effects:
+            match effect:
+                case CancelReceive(transfer=t):
+                    if t.decode.healthy:  # ranks handle the cancel before any later message
+                        self._on_decode_ranks(t.decode, lambda: t.decode.engine.cancel_kv_receive(t.transfer_id))
+                case FreeBoth(transfer=t):  # a failed group's engine has freed everything already
+                    t.prefill.engine.release(t.request_id)
+                    t.prefill.engine.abort_request(t.request_id)
+                    t.decode.engine.cancel_reservation(t.reservation)
+                case Admit(transfer=t):
+                    t.prefill.engine.release(t.request_id)
+                    t.request.decode = t.decode
+                    t.decode.engine.admit_prefilled(t.reservation, t.first_token, t.logprobs,
+                                                    stream=t.request.stream, prompt=t.request.prompt)
+                case ApplyPolicy(transfer=t, policy=policy, reason=reason):
+                    logger.warning("KV transfer %d of request %s failed (%s): %s", t.transfer_id, t.request_id,
+                                   policy, reason)
+                    self._apply_policy(t.request, policy, reason)
+
+    # ---- failures and recovery -------------------------------------------------------------
 
     def _judged_on_prefill(self, group: Group) -> None:
         """A prefill step raised and the group went on: its engine aborted the batch's requests
@@ -761,12 +706,10 @@ class DisaggEngine:
         if not group.healthy:
             return  # a group lost on the way: `_group_failed` judged them
         for request_id, (verdict, reason) in group.engine.blamed.items():
-            transfer = self._transfers.get(self._by_request.get(request_id, -1))
+            transfer = self.transfers.of_request(request_id)
             if transfer is None or transfer.prefill is not group:
                 continue
-            if transfer.state in (TransferState.TRANSFERRING, TransferState.DONE) and transfer.decode.healthy:
-                self._decode_control(transfer.decode, lambda executor: executor.kv_cancel(transfer.transfer_id))
-            self._drop(transfer)
+            self._handle(transfer, Dropped())
             self._after_loss(transfer.request, verdict, reason if verdict is Verdict.CULPRIT else f"{group.name}: {reason}")
 
     def _mark_suspects(self, group: Group) -> None:
@@ -782,7 +725,7 @@ class DisaggEngine:
         (never re-sent); any other is re-sent, a suspect to run isolated (module doc)."""
         if verdict is Verdict.CULPRIT:
             logger.error("request %s is failed, not re-sent: %s", request.request_id, reason)
-            self._apply_policy(request, "fail", reason, code="INTERNAL")
+            self._apply_policy(request, FailurePolicy.FAIL, reason, code="INTERNAL")
             return
         request.suspect = request.suspect or verdict is Verdict.SUSPECT
         self._retry(request, reason)
@@ -793,26 +736,20 @@ class DisaggEngine:
         If a step's exception ended it, that batch's requests are judged first (`_after_loss`)."""
         group.error, group.failed_at = group.error or str(err), time.monotonic()
         if group.engine.failure is None:  # the step that ended it, however its loss was found
-            step_failure = getattr(err, "step_failure", None) or getattr(group.engine.executor, "step_failure", None)
-            group.engine.fail_all(str(err), step_failure)
+            group.engine.fail_all(str(err), err.step_failure or group.engine.step_failure)
         blamed = group.engine.blamed
         logger.error("group %s failed: %s", group.name, group.error)
         # The groups at the other end of its transfers may be gone too (both lost at once):
         # looked at first, so that no request is aborted on a dead group that has not been
         # marked yet (its `fail_all` would then miss blocks of a batch in flight).
-        others = {t.decode if t.prefill is group else t.prefill for t in self._transfers.values()
-                  if group in (t.prefill, t.decode)}
-        for other in others:
+        through = self.transfers.involving(group)
+        for other in {t.decode if t.prefill is group else t.prefill for t in through}:
             self._look(other)
-        for transfer in [t for t in self._transfers.values() if group in (t.prefill, t.decode)]:
-            posted = transfer.state in (TransferState.TRANSFERRING, TransferState.DONE)
-            if posted and transfer.decode is not group and transfer.decode.healthy:
-                # Its receive is posted: nothing may write those blocks once they are free.
-                self._decode_control(transfer.decode, lambda executor: executor.kv_cancel(transfer.transfer_id))
-            self._drop(transfer)
-            verdict, why = blamed.get(transfer.request.request_id, (None, ""))
+        for transfer in self.transfers.involving(group):
+            self._handle(transfer, Dropped())
+            verdict, why = blamed.get(transfer.request_id, (None, ""))
             self._after_loss(transfer.request, verdict, why or f"{group.name} failed: {group.error}")
-        if group.role == "decode":
+        if group.role.generates:
             lost = group.engine.lost_outputs
             for request in [r for r in self._live.values() if r.decode is group]:
                 request.decode = None
@@ -827,87 +764,24 @@ class DisaggEngine:
         """Send the request through again (first in line), or fail it after too many tries."""
         request.retries += 1
         if request.retries > self.config.max_retries:
-            self._apply_policy(request, "fail", f"gave up after {request.retries - 1} retries: {reason}")
+            self._apply_policy(request, FailurePolicy.FAIL, f"gave up after {request.retries - 1} retries: {reason}")
             return
         logger.warning("re-sending request %s (%s)", request.request_id, reason)
         self.num_resent += 1
         request.queued_at = time.monotonic()
         self._queue.appendleft(request)
 
-    def _on_event(self, transfer: _Transfer, event: TransferEvent) -> None:
-        if event.side == "send":
-            if not event.ok:
-                self._fail(transfer, f"prefill rank {event.rank} could not send: {event.error}")
-            return
-        if not event.ok:
-            self._fail(transfer, f"decode rank {event.rank}: {event.error}")
-            return
-        transfer.acks.add(event.rank)
-        transfer.num_bytes += event.num_bytes
-        transfer.seconds = max(transfer.seconds, event.seconds)
-        if transfer.state is TransferState.TRANSFERRING and len(transfer.acks) == transfer.decode.config.parallel.world_size:
-            transfer.state = TransferState.DONE
-            transfer.times["acked"] = time.monotonic()
-            self.metrics.record(transfer.num_bytes, transfer.seconds)
-
-    def _fail(self, transfer: _Transfer, reason: str, policy: str | None = None) -> None:
-        """End the transfer now: cancel it on decode if posted, free both sides, apply the policy.
-        A rank's error is often its peer's group dying (a receive fails when the sender's
-        process is gone, before the driver reads that its pipe closed): both groups are looked
-        at first, and a dead one's failure takes the transfer over (its request re-sent)."""
-        if transfer.transfer_id not in self._transfers:
-            return  # closed already (a group failure found on the way)
-        if policy is None:
-            for group in (transfer.prefill, transfer.decode):
-                self._look(group)
-            if transfer.transfer_id not in self._transfers:
-                return
-        was_posted = transfer.state in (TransferState.TRANSFERRING, TransferState.DONE)
-        transfer.state, transfer.error = TransferState.FAILED, reason
-        transfer.policy = policy or self.config.failure_policy
-        if policy is None:  # an abort is the client's choice, not a failure of the service
-            self.metrics.num_failures += 1
-        logger.warning("KV transfer %d of request %s failed (%s): %s", transfer.transfer_id,
-                       transfer.request.request_id, transfer.policy, reason)
-        if was_posted and transfer.decode.healthy:  # ranks handle the cancel before any later message
-            self._decode_control(transfer.decode, lambda executor: executor.kv_cancel(transfer.transfer_id))
-        self._drop(transfer)
-        self._apply_policy(transfer.request, transfer.policy, reason)
-
-    def _close_done(self, transfer: _Transfer) -> None:
-        transfer.times["admitted"] = time.monotonic()
-        self.stage_log.append(transfer.times)
-        request = transfer.request
-        self._forget(transfer)
-        transfer.prefill.engine.release(request.request_id)
-        request.decode = transfer.decode
-        transfer.decode.engine.admit_prefilled(transfer.reservation, transfer.first_token, transfer.logprobs,
-                                               stream=request.stream, prompt=request.prompt)
-
-    def _drop(self, transfer: _Transfer) -> None:
-        """Forget the transfer and free both sides: prefill's held blocks, decode's reservation
-        (a failed group's engine has freed everything already)."""
-        self._forget(transfer)
-        request_id = transfer.request.request_id
-        transfer.prefill.engine.release(request_id)
-        transfer.prefill.engine.abort_request(request_id)
-        transfer.decode.engine.cancel_reservation(transfer.reservation)
-
-    def _forget(self, transfer: _Transfer) -> None:
-        del self._transfers[transfer.transfer_id]
-        del self._by_request[transfer.request.request_id]
-
     def _no_transfer(self, request: _Request, reason: str) -> None:
         """No transfer can start: recompute on decode, or fail, by the policy."""
-        self.metrics.num_failures += 1
+        self.transfers.count_unstarted()
         logger.warning("request %s gets no KV transfer (%s): %s", request.request_id,
                        self.config.failure_policy, reason)
         self._apply_policy(request, self.config.failure_policy, reason)
 
-    def _apply_policy(self, request: _Request, policy: str, reason: str, code: str | None = None) -> None:
-        """"recompute": decode prefills the prompt itself; "fail": the request ends with an error
+    def _apply_policy(self, request: _Request, policy: FailurePolicy, reason: str, code: str | None = None) -> None:
+        """Recompute: decode prefills the prompt itself; fail: the request ends with an error
         (``code``: `RequestOutput.error_code`)."""
-        if policy == "recompute":
+        if policy == FailurePolicy.RECOMPUTE:
             self._run_on_decode(request)
             return
         self._live.pop(request.request_id, None)

@@ -222,6 +222,13 @@ class Transfer:
     #: When it reached each stage (`STAGES`), on the driver's monotonic clock.
     times: dict[str, float] = field(default_factory=dict)
 
+    def past_deadline(self, now: float) -> bool:
+        """`Expired(now)` would end it (the lease while RESERVED, the ack deadline while SENDING
+        or TOKEN_BACK; ACKED has none)."""
+        if self.phase is Phase.RESERVED:
+            return now > self.lease_deadline
+        return self.phase in (Phase.SENDING, Phase.TOKEN_BACK) and now > self.ack_deadline
+
 
 class TransferTable:
     def __init__(self, timeouts: TransferTimeouts, failure_policy: FailurePolicy):
@@ -259,14 +266,21 @@ class TransferTable:
 
     # ---- opening and events ----------------------------------------------------------------
 
-    def open(self, *, request_id: str, request: Any, prefill: Any, decode: Any, reservation: Any,
+    def new_id(self) -> int:
+        """The id of a transfer about to open (prefill's send plan names it before `open`)."""
+        transfer_id = self._next_id
+        self._next_id += 1
+        return transfer_id
+
+    def open(self, transfer_id: int, *, request_id: str, request: Any, prefill: Any, decode: Any, reservation: Any,
              skip_blocks: int, num_decode_ranks: int, queued_at: float, now: float) -> Transfer:
-        """A new transfer in RESERVED, its lease starting ``now``."""
+        """The transfer ``transfer_id`` (from `new_id`) opens in RESERVED, its lease starting ``now``."""
+        if transfer_id >= self._next_id or transfer_id in self._by_id:
+            raise IllegalTransition(f"transfer id {transfer_id} was not issued by new_id, or is open already")
         if request_id in self._by_request:
             raise IllegalTransition(f"request {request_id!r} has an open transfer already")
-        transfer = Transfer(self._next_id, request_id, request, prefill, decode, reservation, skip_blocks,
+        transfer = Transfer(transfer_id, request_id, request, prefill, decode, reservation, skip_blocks,
                             num_decode_ranks, lease_deadline=now + self.timeouts.lease_s)
-        self._next_id += 1
         transfer.times["queued"], transfer.times["reserved"] = queued_at, now
         self._by_id[transfer.transfer_id] = transfer
         self._by_request[request_id] = transfer.transfer_id
@@ -330,10 +344,10 @@ class TransferTable:
                 return self._close(transfer, Phase.DROPPED)
         raise IllegalTransition(f"not a transfer event: {event!r}")
 
-    def expire(self, now: float) -> list[Effect]:
-        """`Expired` for every open transfer (deadlines before anything else of a step: an
-        acknowledgement that comes after its lease or deadline passed does not count)."""
-        return [effect for t in self for effect in self.handle(t, Expired(now))]
+    def count_unstarted(self) -> None:
+        """A request that got no transfer at all (no prefill group, no blocks, refused by
+        prefill) counts as a failure of the service."""
+        self.metrics.num_failures += 1
 
     # ---- reports ---------------------------------------------------------------------------
 
