@@ -7,7 +7,9 @@ Lifecycle of `build_engine`:
                 `PlacementError` here, before any group starts); the choice is logged
     build       the `DisaggEngine` the router drives: prefill and decode groups (or aggregated
                 ``worker`` groups), each an `LLMEngine` whose ranks a `RayLauncher` places (one
-                bundle per rank: ``gpus_per_rank`` of a GPU each on CUDA, else CPUs only)
+                bundle per rank: ``gpus_per_rank`` of a GPU each on CUDA, else CPUs only); its
+                config is `ServeConfig.service(device)`'s `EngineSpec.disagg_config`, the builder
+                the local router (`local_service`) uses too, given how the groups reach each other
     rebuild     the same factory rebuilds a lost group (`EngineLoop`'s ``rebuild``)
     in core     a lone one-rank aggregated group runs in the engine core's own process
                 instead (`group_in_core`): the core actor is given its GPU (or CPU)
