@@ -4,8 +4,9 @@ serving from one machine without a cluster.
 Lifecycle:
     build    `build_local_router(service)` builds the `DisaggEngine` of a `ServiceConfig`
              (`EngineSpec.disagg_config`; from a `ServeConfig`: `cluster.groups.local_service`,
-             which resolves mode auto) with its groups in this process (one 1 x 1 prefill and decode group each: both in this
-             process, KV moved in memory; larger layouts: local rank processes), an
+             which resolves mode auto) with its groups in this process (one 1 x 1 prefill
+             and decode group each: both in this process, KV moved in memory; larger
+             layouts: local rank processes), an
              `EngineCore` around it on ipc sockets, and one `EngineClient` connected to it.
              Requests take the same path as in `splitserve serve` (token ids over the
              sockets, one message per step, text made by the client), only the processes
