@@ -9,8 +9,12 @@ router on Ray runs any number of each. With no prefill group (aggregated groups,
                    a lost group's next incarnation
     TransferTable  (transfer_table.py) every open KV transfer's phase, deadlines, acks and
                    first token; one transition function returning the effects to carry out
-    DisaggEngine   (here) requests: queue, placement, stepping the groups, carrying out the
-                   table's effects, failover and migration
+    RequestBook    (disagg_requests.py) the live requests, their line, what each client has
+                   been given (outputs stitched across lost groups), retries
+    Recovery       (recovery.py) a lost group or a batch that raised: which requests are
+                   re-sent, which fail
+    DisaggEngine   (here) the driver: placing requests, stepping the groups, carrying out
+                   the table's effects on them
 
 Lifecycle of a request (the transfer's `Phase` in brackets):
 
@@ -68,29 +72,30 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
 from splitserve.kvtransfer.messages import (
-    FaultConfig, RecvCommand, SendCommand, TransferEvent, TransferMetrics, TransportKind,
+    Direction, FaultConfig, RecvCommand, SendCommand, Side, TransferEvent, TransferMetrics, TransportKind,
 )
 from splitserve.kvtransfer.plan import check_compatible, make_routes
 from splitserve.workers.cache_salt import check_cache_salt
+from splitserve.workers.disagg_requests import DisaggRequest, RequestBook
 from splitserve.workers.engine import (
-    EngineConfig, KVSendHook, LLMEngine, SendPlan, Verdict, first_token_params, resolve_device,
+    EngineConfig, KVSendHook, LLMEngine, SendPlan, first_token_params, resolve_device,
 )
 from splitserve.workers.executor import WorkerGroupError
 from splitserve.workers.group_engine import GroupEngine
 from splitserve.workers.group_set import Group, GroupLoad, GroupPolicy, GroupSet, InOrder, KVWiring
 from splitserve.workers.outputs import RequestOutput
+from splitserve.workers.recovery import Recovery
 from splitserve.workers.roles import FailurePolicy, GroupRole
 from splitserve.workers.sampling_params import SamplingParams
 from splitserve.workers.sequence import Sequence
 from splitserve.workers.transfer_table import (
-    Aborted, Acked, Admit, ApplyPolicy, CancelReceive, Dropped, Event, Expired, FirstToken, FreeBoth,
-    IllegalTransition, Phase, Posted, RankFailed, Side, Transfer, TransferTable, TransferTimeouts,
+    Aborted, Acked, Admit, ApplyPolicy, CancelReceive, Event, Expired, FirstToken, FreeBoth,
+    IllegalTransition, Phase, Posted, RankFailed, Transfer, TransferTable, TransferTimeouts,
 )
 
 __all__ = ["DisaggConfig", "DisaggEngine", "Group", "GroupLoad", "GroupPolicy", "InOrder"]
@@ -140,39 +145,6 @@ class DisaggConfig:
             raise ValueError("at least one decode group, and one prefill group when prefill is configured")
 
 
-@dataclass(eq=False)
-class _Request:
-    """A request as the client gave it, plus what it has generated on a group it lost."""
-
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    stream: bool
-    prompt: str | None
-    queued_at: float
-    #: Tokens generated on decode groups that were lost since (the prompt of the continuation).
-    done_ids: list[int] = field(default_factory=list)
-    done_text: str = ""
-    retries: int = 0
-    #: In a batch that raised with others: runs whole on a decode group, isolated.
-    suspect: bool = False
-    #: The decode group it runs on, once admitted there.
-    decode: Group | None = None
-    #: Tokens and characters of text the client has been given (`_emit`).
-    num_sent_tokens: int = 0
-    num_sent_chars: int = 0
-    #: Its prefix-cache partition on every group it reaches (`Sequence.cache_salt`).
-    cache_salt: str | None = None
-
-    def continuation(self) -> tuple[list[int], SamplingParams]:
-        """Prompt and params that generate the rest: prompt + tokens so far, fewer to go."""
-        n = len(self.done_ids)
-        if not n:
-            return self.prompt_ids, self.params
-        return self.prompt_ids + self.done_ids, self.params.with_(
-            max_tokens=self.params.max_tokens - n, min_tokens=max(0, self.params.min_tokens - n))
-
-
 EngineFactory = Callable[[Group], GroupEngine]
 
 
@@ -212,21 +184,22 @@ class DisaggEngine:
         for group in self.prefills:
             self._enable_sends(group)
         self.tokenizer = self.decodes[0].engine.tokenizer
-        self._queue: deque[_Request] = deque()
-        self._live: dict[str, _Request] = {}
-        self._outputs: list[RequestOutput] = []
+        self.requests = RequestBook(config.max_retries)
+        self.recovery = Recovery(self.requests, self.transfers, close=self._handle, look=self._look,
+                                 tokenizer=self.tokenizer)
         self._request_ids = itertools.count()
         #: Extra objects whose readiness ends a step's wait (the router's inbox doorbell).
         self.wake_handles: list = []
-        #: Requests sent through again after losing a group (prefill re-sends and decode
-        #: migrations); the router reports it, tests check a fault really moved requests.
-        self.num_resent = 0
 
     # ---- groups ----------------------------------------------------------------------------
 
     @property
     def policy(self) -> GroupPolicy:
         return self.group_set.policy
+
+    @policy.setter
+    def policy(self, policy: GroupPolicy) -> None:
+        self.group_set.policy = policy
 
     @property
     def prefills(self) -> list[Group]:
@@ -346,30 +319,28 @@ class DisaggEngine:
         requests of the same salt."""
         params = params or SamplingParams()
         request_id = str(next(self._request_ids)) if request_id is None else request_id
-        if request_id in self._live or any(g.healthy and g.engine.has_request(request_id) for g in self.groups):
+        if request_id in self.requests or any(g.healthy and g.engine.has_request(request_id) for g in self.groups):
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
         check_cache_salt(cache_salt)
-        request = _Request(request_id, list(prompt_ids), params, stream, prompt, time.monotonic(),
-                           cache_salt=cache_salt)
-        self._live[request_id] = request
-        self._queue.append(request)
+        self.requests.add(DisaggRequest(request_id, list(prompt_ids), params, stream, prompt, time.monotonic(),
+                                        cache_salt=cache_salt))
         return request_id
 
     def abort_request(self, request_id: str) -> None:
-        request = self._live.get(request_id)
+        request = self.requests.get(request_id)
         if request is None:
             return
-        if request in self._queue:
-            self._queue.remove(request)
-            self._apply_policy(request, FailurePolicy.FAIL, "aborted by the client")
+        if self.requests.is_queued(request):
+            self.requests.unqueue(request)
+            self.requests.fail(request, "aborted by the client")
         elif (transfer := self.transfers.of_request(request_id)) is not None:
             self._handle(transfer, Aborted())
         elif request.decode is not None and request.decode.healthy:
             request.decode.engine.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._live or self._outputs)
+        return self.requests.has_unfinished()
 
     @property
     def metrics(self) -> TransferMetrics:
@@ -385,7 +356,11 @@ class DisaggEngine:
     @property
     def num_live_requests(self) -> int:
         """Requests added and not finished (queued, transferring, or on a group)."""
-        return len(self._live)
+        return self.requests.num_live
+
+    @property
+    def num_resent(self) -> int:
+        return self.requests.num_resent
 
     @property
     def num_open_transfers(self) -> int:
@@ -412,8 +387,7 @@ class DisaggEngine:
         self._settle()
         for group in (g for g in done if g.role.generates):
             self._collect_decode(group)
-        outputs, self._outputs = self._outputs, []
-        return outputs
+        return self.requests.take_outputs()
 
     def _done(self, busy: list[Group]) -> list[Group]:
         return [g for g in busy if g.healthy and self._run(g, g.engine.ready)]
@@ -441,7 +415,7 @@ class DisaggEngine:
         try:
             return call()
         except WorkerGroupError as err:
-            self._group_failed(group, err)
+            self.recovery.group_lost(group, err)
             return None
 
     def _look(self, group: Group) -> None:
@@ -459,23 +433,22 @@ class DisaggEngine:
         try:
             return True, call()
         except WorkerGroupError as err:
-            self._group_failed(group, err)
+            self.recovery.group_lost(group, err)
         except RuntimeError:
             if group.engine is None or group.engine.failure is None:
                 raise  # not a lost group: a bug, never to be taken for one
-            self._group_failed(group, WorkerGroupError(group.engine.failure))
+            self.recovery.group_lost(group, WorkerGroupError(group.engine.failure))
         return False, None
 
     # ---- placing requests ------------------------------------------------------------------
 
     def _dispatch_queued(self) -> None:
-        while self._queue:
-            request = self._queue.popleft()
+        while (request := self.requests.next_queued()) is not None:
             if not self._place(request):
-                self._queue.appendleft(request)
+                self.requests.push_front(request)
                 return  # first come, first served: the rest wait behind it
 
-    def _place(self, request: _Request) -> bool:
+    def _place(self, request: DisaggRequest) -> bool:
         """Start the request on the groups the policy ranks first; False: it waits for decode
         blocks. A group found failed on the way (its ranks died since the last step looked)
         is marked failed here, its own requests re-sent, and the request ranked again among
@@ -485,7 +458,7 @@ class DisaggEngine:
             decode_role = GroupRole.DECODE if self.prefills else GroupRole.WORKER
             decodes = self._ranked(decode_role, request.prompt_ids)
             if not decodes:
-                self._apply_policy(request, FailurePolicy.FAIL, "no decode group is available")
+                self.requests.fail(request, "no decode group is available")
                 return True
             if not self.prefills or request.suspect:  # aggregated groups, or a suspect: whole on decode
                 self._run_on_decode(request, decodes)
@@ -504,7 +477,7 @@ class DisaggEngine:
             self._no_transfer(request, "decode has no free KV blocks")
             return True
 
-    def _reserve(self, request: _Request, decodes: list[Group], prefill: Group) -> bool | None:
+    def _reserve(self, request: DisaggRequest, decodes: list[Group], prefill: Group) -> bool | None:
         """True: reserved and started; False: no decode group has the blocks free now; None: a
         group failed on the way (marked failed)."""
         prompt_ids, params = request.continuation()
@@ -524,7 +497,7 @@ class DisaggEngine:
                                                    for g in self.decodes)
         return idle or time.monotonic() - queued_at > self.config.queue_timeout_s
 
-    def _start(self, request: _Request, prefill: Group, decode: Group, seq: Sequence) -> bool | None:
+    def _start(self, request: DisaggRequest, prefill: Group, decode: Group, seq: Sequence) -> bool | None:
         """Queue the prompt on prefill, its KV bound for ``seq``'s blocks on decode; None (the
         reservation cancelled) if the prefill group turns out to have failed."""
         skip = seq.num_computed_tokens // decode.engine.kv_usage().block_size  # decode's own prefix hits
@@ -547,7 +520,7 @@ class DisaggEngine:
                             queued_at=request.queued_at, now=time.monotonic())
         return True
 
-    def _run_on_decode(self, request: _Request, decodes: list[Group] | None = None) -> None:
+    def _run_on_decode(self, request: DisaggRequest, decodes: list[Group] | None = None) -> None:
         """The whole request on a decode group (the policy's order; one found failed is marked
         so and the next tried); with none left it fails."""
         if decodes is None:
@@ -561,7 +534,7 @@ class DisaggEngine:
                 if request.suspect:
                     decode.engine.isolate(request.request_id)
                 return
-        self._apply_policy(request, FailurePolicy.FAIL, "no decode group is available")
+        self.requests.fail(request, "no decode group is available")
 
     # ---- transfers -------------------------------------------------------------------------
 
@@ -601,7 +574,7 @@ class DisaggEngine:
 
     def _collect_prefill(self, group: Group) -> None:
         outputs = self._run(group, group.engine.step)
-        self._judged_on_prefill(group)
+        self.recovery.prefill_batch_judged(group)
         for out in outputs or ():
             transfer = self.transfers.of_request(out.request_id)
             if transfer is not None and out.token_ids:
@@ -610,35 +583,14 @@ class DisaggEngine:
 
     def _collect_decode(self, group: Group) -> None:
         outputs = self._run(group, group.engine.step)
-        self._mark_suspects(group)
+        self.recovery.mark_suspects(group)
         for out in outputs or ():
-            self._emit(out)
-
-    def _emit(self, out: RequestOutput) -> None:
-        """A decode group's output, as the client sees it (tokens from lost groups first).
-        What is new is counted from what the client was given, not from the group's view: a
-        lost group may have generated tokens it never reported (the first token of a request
-        admitted just before the group died), and they come first in the next output."""
-        request = self._live.get(out.request_id)
-        if request is None:
-            return
-        if request.done_ids:
-            out.token_ids = request.done_ids + out.token_ids
-            out.text = request.done_text + out.text
-            out.prompt_token_ids = request.prompt_ids
-            if out.logprobs is not None:
-                out.logprobs = [None] * len(request.done_ids) + out.logprobs
-        out.new_token_ids = out.token_ids[request.num_sent_tokens:]
-        out.new_text = out.text[request.num_sent_chars:]
-        request.num_sent_tokens, request.num_sent_chars = len(out.token_ids), len(out.text)
-        if out.finished:
-            del self._live[out.request_id]
-        self._outputs.append(out)
+            self.requests.emit(out)
 
     def _settle(self) -> None:
         for group in self.groups:  # a failure noticed while sending control messages
             if group.error is not None and group.engine is not None and group.engine.failure is None:
-                self._group_failed(group, WorkerGroupError(group.error))
+                self.recovery.group_lost(group, WorkerGroupError(group.error))
         # Deadlines first: an acknowledgement that comes after its lease expired does not count.
         now = time.monotonic()
         for transfer in self.transfers:
@@ -653,12 +605,12 @@ class DisaggEngine:
         if transfer is None:
             return  # closed already: a late report
         if event.ok:
-            if event.side == "recv":  # a prefill rank's own report adds nothing: decode's ack counts
+            if event.side == Direction.RECV:  # a prefill rank's own report adds nothing: decode's ack counts
                 self._handle(transfer, Acked(event.rank, event.num_bytes, event.seconds, time.monotonic()),
                              from_rank=True)
             return
         if self._still_open_after_looking(transfer):
-            side = Side.PREFILL if event.side == "send" else Side.DECODE
+            side = Side.PREFILL if event.side == Direction.SEND else Side.DECODE
             self._handle(transfer, RankFailed(side, event.rank, event.error))
 
     def _still_open_after_looking(self, transfer: Transfer) -> bool:
@@ -698,97 +650,21 @@ class DisaggEngine:
                                    policy, reason)
                     self._apply_policy(t.request, policy, reason)
 
-    # ---- failures and recovery -------------------------------------------------------------
+    # ---- a request without a transfer ------------------------------------------------------
 
-    def _judged_on_prefill(self, group: Group) -> None:
-        """A prefill step raised and the group went on: its engine aborted the batch's requests
-        (`LLMEngine.blamed`); their transfers end, the culprit fails, the others are re-sent."""
-        if not group.healthy:
-            return  # a group lost on the way: `_group_failed` judged them
-        for request_id, (verdict, reason) in group.engine.blamed.items():
-            transfer = self.transfers.of_request(request_id)
-            if transfer is None or transfer.prefill is not group:
-                continue
-            self._handle(transfer, Dropped())
-            self._after_loss(transfer.request, verdict, reason if verdict is Verdict.CULPRIT else f"{group.name}: {reason}")
-
-    def _mark_suspects(self, group: Group) -> None:
-        """A decode step raised and the group went on: its engine runs the suspects again
-        isolated; they stay suspects if they have to move to another group."""
-        if group.healthy:
-            for request_id, (verdict, _) in group.engine.blamed.items():
-                if verdict is Verdict.SUSPECT and request_id in self._live:
-                    self._live[request_id].suspect = True
-
-    def _after_loss(self, request: _Request, verdict: Verdict | None, reason: str) -> None:
-        """A request lost with its group or its batch: the culprit of a step that raised fails
-        (never re-sent); any other is re-sent, a suspect to run isolated (module doc)."""
-        if verdict is Verdict.CULPRIT:
-            logger.error("request %s is failed, not re-sent: %s", request.request_id, reason)
-            self._apply_policy(request, FailurePolicy.FAIL, reason, code="INTERNAL")
-            return
-        request.suspect = request.suspect or verdict is Verdict.SUSPECT
-        self._retry(request, reason)
-
-    def _group_failed(self, group: Group, err: WorkerGroupError) -> None:
-        """A group is gone: its requests end there; transfers through it are dropped on both
-        sides and their requests re-sent; a decode group's running requests continue elsewhere.
-        If a step's exception ended it, that batch's requests are judged first (`_after_loss`)."""
-        group.error, group.failed_at = group.error or str(err), time.monotonic()
-        if group.engine.failure is None:  # the step that ended it, however its loss was found
-            group.engine.fail_all(str(err), err.step_failure or group.engine.step_failure)
-        blamed = group.engine.blamed
-        logger.error("group %s failed: %s", group.name, group.error)
-        # The groups at the other end of its transfers may be gone too (both lost at once):
-        # looked at first, so that no request is aborted on a dead group that has not been
-        # marked yet (its `fail_all` would then miss blocks of a batch in flight).
-        through = self.transfers.involving(group)
-        for other in {t.decode if t.prefill is group else t.prefill for t in through}:
-            self._look(other)
-        for transfer in self.transfers.involving(group):
-            self._handle(transfer, Dropped())
-            verdict, why = blamed.get(transfer.request_id, (None, ""))
-            self._after_loss(transfer.request, verdict, why or f"{group.name} failed: {group.error}")
-        if group.role.generates:
-            lost = group.engine.lost_outputs
-            for request in [r for r in self._live.values() if r.decode is group]:
-                request.decode = None
-                tokens = lost.get(request.request_id, [])
-                request.done_ids = request.done_ids + tokens
-                if tokens and self.tokenizer is not None:
-                    request.done_text = self.tokenizer.decode(request.done_ids, skip_special_tokens=True)
-                verdict, why = blamed.get(request.request_id, (None, ""))
-                self._after_loss(request, verdict, why or f"{group.name} failed: {group.error}")
-
-    def _retry(self, request: _Request, reason: str) -> None:
-        """Send the request through again (first in line), or fail it after too many tries."""
-        request.retries += 1
-        if request.retries > self.config.max_retries:
-            self._apply_policy(request, FailurePolicy.FAIL, f"gave up after {request.retries - 1} retries: {reason}")
-            return
-        logger.warning("re-sending request %s (%s)", request.request_id, reason)
-        self.num_resent += 1
-        request.queued_at = time.monotonic()
-        self._queue.appendleft(request)
-
-    def _no_transfer(self, request: _Request, reason: str) -> None:
+    def _no_transfer(self, request: DisaggRequest, reason: str) -> None:
         """No transfer can start: recompute on decode, or fail, by the policy."""
         self.transfers.count_unstarted()
         logger.warning("request %s gets no KV transfer (%s): %s", request.request_id,
                        self.config.failure_policy, reason)
         self._apply_policy(request, self.config.failure_policy, reason)
 
-    def _apply_policy(self, request: _Request, policy: FailurePolicy, reason: str, code: str | None = None) -> None:
-        """Recompute: decode prefills the prompt itself; fail: the request ends with an error
-        (``code``: `RequestOutput.error_code`)."""
+    def _apply_policy(self, request: DisaggRequest, policy: FailurePolicy, reason: str) -> None:
+        """Recompute: decode prefills the prompt itself; fail: the request ends with an error."""
         if policy == FailurePolicy.RECOMPUTE:
             self._run_on_decode(request)
             return
-        self._live.pop(request.request_id, None)
-        self._outputs.append(RequestOutput(
-            request_id=request.request_id, prompt_token_ids=request.prompt_ids, token_ids=list(request.done_ids),
-            text=request.done_text, finished=True, finish_reason="abort", error=reason, error_code=code,
-            prompt=request.prompt))
+        self.requests.fail(request, reason)
 
 
 def _transport(config: DisaggConfig, local: bool) -> TransportKind:

@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from splitserve.kvtransfer.messages import TransferMetrics
+from splitserve.kvtransfer.messages import Side, TransferMetrics
 from splitserve.workers.roles import FailurePolicy
 
 #: A transfer's stages, in order: its request queued, reserved on decode, the prefill step that
@@ -70,13 +70,6 @@ class Phase(enum.Enum):
         """Decode ranks have a receive posted into the reserved blocks: it must be cancelled
         before those blocks are freed (nothing may write them afterwards)."""
         return self in (Phase.SENDING, Phase.TOKEN_BACK, Phase.ACKED)
-
-
-class Side(enum.Enum):
-    """Which group's rank reported."""
-
-    PREFILL = "prefill"
-    DECODE = "decode"
 
 
 # ---- events --------------------------------------------------------------------------------
@@ -110,7 +103,7 @@ class FirstToken:
 
 @dataclass(frozen=True)
 class RankFailed:
-    """A rank reported an error on this transfer."""
+    """A rank reported an error on this transfer (``side``: the group it belongs to)."""
 
     side: Side
     rank: int

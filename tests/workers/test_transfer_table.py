@@ -9,8 +9,9 @@ import pytest
 from splitserve.workers.roles import FailurePolicy
 from splitserve.workers.transfer_table import (
     STAGES, Aborted, Acked, Admit, ApplyPolicy, CancelReceive, Dropped, Expired, FirstToken, FreeBoth,
-    IllegalTransition, Phase, Posted, RankFailed, Side, TransferTable, TransferTimeouts,
+    IllegalTransition, Phase, Posted, RankFailed, TransferTable, TransferTimeouts,
 )
+from splitserve.kvtransfer.messages import Side
 
 LEASE, ACK = 100.0, 10.0
 PREFILL, DECODE = object(), object()
