@@ -5,12 +5,12 @@ when it starts (or receives one with `from_dict`, the form that crosses process 
 checked once in `__post_init__` and never changes. Everything rank-dependent is derived from it:
 the model's loader asks which layers (`pp_layers`), query heads (`heads`), KV heads (`kv_heads`)
 and weight slices (`shard_range`) to keep; the rank process asks which process groups to join
-(`tp_group`, `pp_group`) and which neighbours to send activations to (`prev_pp_rank`,
+(`tp_peers`, `pp_peers`) and which neighbours to send activations to (`prev_pp_rank`,
 `next_pp_rank`); kvtransfer compares two `Mapping`s to decide which rank sends which KV head
 (`is_kv_replica_leader`). Nobody calls `dist.get_rank()` for these answers.
 
 Layout follows TensorRT-LLM's `Mapping`: tp ranks are contiguous (`tp_rank = rank % tp_size`),
-pipeline stages stride by tp_size (`pp_rank = rank // tp_size`), so a tp group, whose all-reduce
+pipeline stages stride by tp_size (`pp_rank = rank // tp_size`), so the tp peers, whose all-reduce
 runs every layer, lands on neighbouring GPUs of one node when tp_size <= gpus_per_node.
 """
 
@@ -99,24 +99,24 @@ class Mapping:
         """The same layout seen from another rank."""
         return replace(self, rank=rank)
 
-    # --- groups --------------------------------------------------------------------------------
+    # --- peers (rank lists; the tp communicator built from them is workers/parallel.py's) --------------------------------------------------------------------------------
 
     @property
-    def tp_group(self) -> list[int]:
+    def tp_peers(self) -> list[int]:
         """Global ranks of this rank's pipeline stage, in tp_rank order."""
-        return self.all_tp_groups()[self.pp_rank]
+        return self.all_tp_peers()[self.pp_rank]
 
     @property
-    def pp_group(self) -> list[int]:
+    def pp_peers(self) -> list[int]:
         """Global ranks with this rank's tp_rank, in pp_rank order (first stage first)."""
-        return self.all_pp_groups()[self.tp_rank]
+        return self.all_pp_peers()[self.tp_rank]
 
-    def all_tp_groups(self) -> list[list[int]]:
-        """Every tp group, indexed by pp_rank; together they hold each rank exactly once."""
+    def all_tp_peers(self) -> list[list[int]]:
+        """Every stage's tp peers, indexed by pp_rank; together they hold each rank exactly once."""
         return [list(range(p * self.tp_size, (p + 1) * self.tp_size)) for p in range(self.pp_size)]
 
-    def all_pp_groups(self) -> list[list[int]]:
-        """Every pp group, indexed by tp_rank; together they hold each rank exactly once."""
+    def all_pp_peers(self) -> list[list[int]]:
+        """Every tp_rank's pipeline peers, indexed by tp_rank; together they hold each rank exactly once."""
         return [list(range(t, self.world_size, self.tp_size)) for t in range(self.tp_size)]
 
     # --- pipeline neighbours -------------------------------------------------------------------

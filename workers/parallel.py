@@ -22,7 +22,7 @@ from splitserve.mapping import Mapping
 class ParallelState:
     mapping: Mapping
     #: Process group of this rank's tensor-parallel peers (None when tp_size == 1).
-    tp_group: dist.ProcessGroup | None = None
+    tp_comm: dist.ProcessGroup | None = None
 
     @classmethod
     def single(cls) -> "ParallelState":
@@ -30,41 +30,42 @@ class ParallelState:
 
     @classmethod
     def init(cls, mapping: Mapping, host: str, port: int, backend: str, timeout_s: float) -> "ParallelState":
-        """Join the group's rendezvous and build every tp group (collective: all ranks call it)."""
+        """Join the worker group's rendezvous and build every stage's tp communicator (collective:
+        all ranks call it)."""
         dist.init_process_group(
             backend, init_method=f"tcp://{host}:{port}", rank=mapping.rank,
             world_size=mapping.world_size, timeout=timedelta(seconds=timeout_s),
         )
-        tp_group = None
-        for ranks in mapping.all_tp_groups():  # new_group must be called by all ranks, in order
-            group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+        tp_comm = None
+        for ranks in mapping.all_tp_peers():  # new_group must be called by all ranks, in order
+            comm = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
             if mapping.rank in ranks:
-                tp_group = group
-        return cls(mapping, tp_group if mapping.tp_size > 1 else None)
+                tp_comm = comm
+        return cls(mapping, tp_comm if mapping.tp_size > 1 else None)
 
     @property
     def tp_size(self) -> int:
         return self.mapping.tp_size
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over the tp group (row-parallel outputs, vocab-parallel embeddings)."""
-        if self.tp_group is not None:
-            dist.all_reduce(x, group=self.tp_group)
+        """Sum over the tp communicator (row-parallel outputs, vocab-parallel embeddings)."""
+        if self.tp_comm is not None:
+            dist.all_reduce(x, group=self.tp_comm)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate the tp shards along the last dimension (vocab-parallel logits)."""
-        if self.tp_group is None:
+        if self.tp_comm is None:
             return x
         parts = [torch.empty_like(x) for _ in range(self.tp_size)]
-        dist.all_gather(parts, x.contiguous(), group=self.tp_group)
+        dist.all_gather(parts, x.contiguous(), group=self.tp_comm)
         return torch.cat(parts, dim=-1)
 
     def broadcast_from_tp_leader(self, x: torch.Tensor) -> torch.Tensor:
         """Tp rank 0's ``x`` on every tp rank, in place (the step's sampled tokens). On the
         device's streams only: the host does not wait."""
-        if self.tp_group is not None:
-            dist.broadcast(x, group=self.tp_group, group_src=0)
+        if self.tp_comm is not None:
+            dist.broadcast(x, group=self.tp_comm, group_src=0)
         return x
 
     def send_next(self, tensors: list[torch.Tensor]) -> None:

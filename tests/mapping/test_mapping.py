@@ -18,16 +18,16 @@ def all_ranks(tp: int, pp: int) -> list[Mapping]:
 
 def test_example_tp2_pp2():
     m = Mapping(4, 0, tp_size=2, pp_size=2)
-    assert m.all_tp_groups() == [[0, 1], [2, 3]]
-    assert m.all_pp_groups() == [[0, 2], [1, 3]]
+    assert m.all_tp_peers() == [[0, 1], [2, 3]]
+    assert m.all_pp_peers() == [[0, 2], [1, 3]]
 
 
 def test_example_tp2_pp4():
     m = Mapping(8, 5, tp_size=2, pp_size=4)
-    assert m.all_tp_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert m.all_pp_groups() == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert m.all_tp_peers() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert m.all_pp_peers() == [[0, 2, 4, 6], [1, 3, 5, 7]]
     assert (m.tp_rank, m.pp_rank, m.prev_pp_rank, m.next_pp_rank) == (1, 2, 3, 7)
-    assert (m.tp_group, m.pp_group) == ([4, 5], [1, 3, 5, 7])
+    assert (m.tp_peers, m.pp_peers) == ([4, 5], [1, 3, 5, 7])
     stages = [m.for_rank(r).pp_layers(30) for r in (0, 2, 4, 6)]
     assert stages == [range(0, 8), range(8, 16), range(16, 23), range(23, 30)]
 
@@ -54,20 +54,20 @@ def test_example_two_kv_heads_tp4():
 def test_groups_cover_each_rank_once(tp, pp):
     ranks = all_ranks(tp, pp)
     m = ranks[0]
-    for groups in (m.all_tp_groups(), m.all_pp_groups()):
+    for groups in (m.all_tp_peers(), m.all_pp_peers()):
         assert sorted(r for g in groups for r in g) == list(range(tp * pp))
     for m in ranks:
-        assert m.tp_group[m.tp_rank] == m.rank and m.pp_group[m.pp_rank] == m.rank
+        assert m.tp_peers[m.tp_rank] == m.rank and m.pp_peers[m.pp_rank] == m.rank
         assert m.rank == m.pp_rank * tp + m.tp_rank
-        assert all(m.for_rank(r).pp_rank == m.pp_rank for r in m.tp_group)
-        assert all(m.for_rank(r).tp_rank == m.tp_rank for r in m.pp_group)
+        assert all(m.for_rank(r).pp_rank == m.pp_rank for r in m.tp_peers)
+        assert all(m.for_rank(r).tp_rank == m.tp_rank for r in m.pp_peers)
 
 
 @pytest.mark.parametrize("tp, pp", LAYOUTS)
 def test_pipeline_neighbours(tp, pp):
     for m in all_ranks(tp, pp):
-        assert m.is_first_pp_rank == (m.prev_pp_rank is None) == (m.pp_group[0] == m.rank)
-        assert m.is_last_pp_rank == (m.next_pp_rank is None) == (m.pp_group[-1] == m.rank)
+        assert m.is_first_pp_rank == (m.prev_pp_rank is None) == (m.pp_peers[0] == m.rank)
+        assert m.is_last_pp_rank == (m.next_pp_rank is None) == (m.pp_peers[-1] == m.rank)
         if m.next_pp_rank is not None:
             assert m.for_rank(m.next_pp_rank).prev_pp_rank == m.rank
 
