@@ -1,13 +1,10 @@
 """Typed messages of the cache-transmission service.
 
-Lifecycle of one transfer (driver's view; `TransferState`):
-
-    WAITING       decode has reserved destination blocks (a lease with a deadline); prefill
-                  computes the prompt, its ranks push when the last chunk runs
-    TRANSFERRING  prefill ranks send `KVRoute` slices, layer group by layer group
-    DONE          every decode rank acknowledged (`TransferEvent.ok`); prefill frees its blocks
-    FAILED        a rank failed, an acknowledgement never came, or the lease expired: both
-                  sides free their blocks and the request follows the failure policy
+A transfer, as the ranks see it: a prefill rank gets a `SendCommand` with the step that
+computes the prompt's last chunk and pushes its `KVRoute` slices, layer chunk by layer chunk; a
+decode rank gets a `RecvCommand` (posted before that step runs), writes what arrives into the
+reserved blocks and reports a `TransferEvent`. The driver's view of a transfer (its phases,
+deadlines and effects) is `splitserve.workers.transfer_table`.
 
 Commands go from the driver to ranks (`SendCommand` inside a prefill `StepBatch`,
 `RecvCommand` as a control message to decode ranks); events come back from ranks.
@@ -57,13 +54,6 @@ class Direction(enum.StrEnum):
     SEND = "send"
     #: A decode rank: every message has landed and been written into the blocks.
     RECV = "recv"
-
-
-class TransferState(enum.Enum):
-    WAITING = "waiting"
-    TRANSFERRING = "transferring"
-    DONE = "done"
-    FAILED = "failed"
 
 
 @dataclass(frozen=True)
