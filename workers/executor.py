@@ -94,6 +94,25 @@ def step_failure_is_fatal(err: BaseException, batch: StepBatch, spec: RunnerSpec
     return None
 
 
+#: What torch.distributed says when the other end of a collective or a pairwise link is gone
+#: (gloo's TCP transport; NCCL and the store raise `DistNetworkError` / `DistBackendError`).
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+def peer_lost(err: BaseException) -> bool:
+    """The exception is a peer rank's loss seen from this one (a collective or a link whose
+    other end died), not anything the batch did: the rank ends like its peer, and no request
+    is blamed for it (a query-of-death verdict would fail an innocent request alone in its
+    batch, or isolate a whole batch, for a rank that was killed)."""
+    import torch.distributed as dist
+
+    network = tuple(k for k in (getattr(dist, "DistNetworkError", None), getattr(dist, "DistBackendError", None)) if k)
+    for e in (err, err.__cause__):
+        if e is not None and (isinstance(e, network) or any(m in str(e) for m in _PEER_GONE)):
+            return True
+    return False
+
+
 def _device_error(err: BaseException) -> bool:
     text = str(err)
     return (type(err).__name__ == "AcceleratorError" or "CUDA error" in text or "device-side assert" in text

@@ -31,7 +31,7 @@ import torch
 from splitserve.mapping import Mapping
 from splitserve.workers.config import ParallelConfig
 from splitserve.workers.executor import (
-    RunnerSpec, build_runner, describe_error, handle_control, step_failure_is_fatal,
+    RunnerSpec, build_runner, describe_error, handle_control, peer_lost, step_failure_is_fatal,
 )
 from splitserve.workers.parallel import ParallelState
 from splitserve.workers.rank_messages import (
@@ -123,6 +123,8 @@ def _run_step(runner, conn: "LockedConnection", batch: StepBatch,
     try:
         return runner.execute_async(batch)
     except BaseException as err:
+        if peer_lost(err):
+            raise  # a peer rank died: this one ends too (a rank error), and no request is blamed
         world, tp = args.parallel.world_size, args.parallel.tensor_parallel_size
         fatal = step_failure_is_fatal(err, batch, args.runner, world, tp)
         if fatal is not None:

@@ -15,7 +15,7 @@ from splitserve.kvtransfer.plan import make_routes
 from splitserve.mapping import Mapping
 from splitserve.workers.block_manager import BlockManager
 from splitserve.workers.config import ModelConfig, ParallelConfig, SchedulerConfig
-from splitserve.workers.executor import RunnerSpec
+from splitserve.workers.executor import RunnerSpec, peer_lost
 from splitserve.workers.model_source import random_config
 from splitserve.workers.rank_messages import (
     KVCancel, KVConnect, KVConnected, KVRecv, RankError, Ready, RunStep, StepFailed, StepResult, Stop,
@@ -143,6 +143,36 @@ def test_a_step_that_ends_the_rank_is_named_before_the_exception_leaves():
         _serve(FakeRunner(), conn, _args(tp=2))  # a rank of 2 raised mid-forward: its peers may hang
     [failed] = conn.sent
     assert (failed.step_id, failed.message) == (4, "ValueError: boom") and "rank of 2" in failed.fatal
+
+
+GLOO_PEER_GONE = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:32392: "
+                  "Connection reset by peer")
+
+
+class PeerGone(RuntimeError):
+    def __init__(self, message: str):
+        super().__init__(GLOO_PEER_GONE)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_step_that_fails_because_a_peer_died_ends_the_rank_and_blames_no_request(tp):
+    """A killed peer makes this rank's collective raise: not the batch's doing. No StepFailed
+    goes out (its verdict would fail or isolate innocent requests); the rank ends, and
+    `worker_main` reports the exception as the rank's error."""
+    conn = FakeConn(RunStep(_batch(1)), RunStep(_batch(2, [3, 99])), Stop())
+    with pytest.raises(PeerGone):
+        _serve(FakeRunner(raises=PeerGone), conn, _args(tp=tp))
+    assert conn.sent == [StepResult(SamplerOutput([1], [None]))]
+
+
+def test_peer_lost_tells_a_peer_s_death_from_the_batch_s_own_error():
+    from torch.distributed import DistNetworkError
+
+    assert peer_lost(RuntimeError(GLOO_PEER_GONE)) and peer_lost(DistNetworkError("store gone"))
+    wrapped = RuntimeError("step failed")
+    wrapped.__cause__ = RuntimeError("Connection closed by peer")
+    assert peer_lost(wrapped)
+    assert not peer_lost(ValueError("token id 99 out of range")) and not peer_lost(RuntimeError("CUDA error: x"))
 
 
 def test_kv_control_reaches_the_agent_in_order_and_only_connect_is_answered():
