@@ -331,6 +331,11 @@ class _MailboxRecv:
         self._done = False
 
     def wait(self, timeout: timedelta) -> None:
+        # Idempotent, as torch's Work.wait is: a cancelled transfer's receiver waits out every
+        # message again, those it already has included (a second take would block until the
+        # link's timeout for a message that never comes again).
+        if self._done:
+            return
         self.tensor.copy_(self.mailboxes.take(self.key, timeout.total_seconds()))
         self._done = True
 
@@ -390,7 +395,10 @@ class _StoreWork:
     def wait(self, timeout: timedelta) -> None:
         # Polls instead of store.wait, and on the waiting thread's own client: blocking waits
         # of several threads hung transfers on the H100 machine (torch 2.11); a poll never
-        # holds a socket another thread needs.
+        # holds a socket another thread needs. Idempotent, as torch's Work.wait is: the key is
+        # gone once read, so a second wait (a cancelled transfer's) would poll until the timeout.
+        if self._done:
+            return
         store, deadline = self.store(), time.monotonic() + timeout.total_seconds()
         delay = 0.0002
         while not store.check([self.key]):

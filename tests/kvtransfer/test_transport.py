@@ -422,3 +422,32 @@ def test_cuda_ipc_moves_tensors_between_two_processes_on_one_gpu(store):
             if proc.is_alive():
                 proc.kill()
     assert results == {"P0": "ok", "D0": "ok"}, results
+
+
+# --- a second wait (a cancelled transfer's receiver waits out every message again) -------------
+
+
+def test_an_in_process_receive_waited_twice_returns_at_once_the_second_time():
+    from splitserve.kvtransfer.transport import InProcessTransport, Mailboxes
+
+    boxes = Mailboxes()
+    sender, receiver = InProcessTransport("P0", boxes), InProcessTransport("D0", boxes)
+    sender.send(torch.arange(4.0), "D0", 3)
+    out = torch.zeros(4)
+    work = receiver.recv(out, "P0", 3)
+    work.wait(SHORT)
+    start = time.monotonic()
+    work.wait(timedelta(seconds=2))  # before: blocked the whole timeout on an empty box
+    assert time.monotonic() - start < 0.1 and work.is_completed() and out.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_store_work_waited_twice_reads_its_key_once_and_returns_at_once(store):
+    from splitserve.kvtransfer.transport import _StoreWork
+
+    seen = []
+    store.set("ipc/P0/D0/9", b"payload")
+    work = _StoreWork(lambda: store, "ipc/P0/D0/9", seen.append)
+    work.wait(SHORT)
+    start = time.monotonic()
+    work.wait(timedelta(seconds=2))  # before: polled for the deleted key until the timeout
+    assert time.monotonic() - start < 0.1 and seen == [b"payload"] and not store.check(["ipc/P0/D0/9"])
