@@ -16,34 +16,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from splitserve.workers.roles import GroupRole
+from splitserve.workers.roles import GroupRole, Mode
 
 if TYPE_CHECKING:  # the engine's types: imported where used, so reading a config needs no torch
     from splitserve.router.engine_core import CoreLimits
     from splitserve.router.frontdoor import RequestLimits
     from splitserve.workers.disagg_engine import DisaggConfig
     from splitserve.workers.engine import EngineConfig
-
-
-class Mode(StrEnum):
-    """How the groups split the work. A StrEnum: the config keeps the plain string (YAML), and
-    ``cfg.mode == Mode.AUTO`` compares as a string does."""
-
-    #: disaggregated when the cluster has room for its groups, else aggregated
-    AUTO = "auto"
-    #: each group prefills and decodes (``groups.worker``)
-    AGGREGATED = "aggregated"
-    #: prefill groups hand their KV to decode groups (``groups.prefill``, ``groups.decode``)
-    DISAGGREGATED = "disaggregated"
-
-    def roles(self) -> tuple[GroupRole, ...]:
-        """The group roles this mode starts, in start order. Auto has not chosen yet: it answers
-        the disaggregated roles it tries first."""
-        return (GroupRole.WORKER,) if self is Mode.AGGREGATED else (GroupRole.PREFILL, GroupRole.DECODE)
 
 
 MODES = tuple(m.value for m in Mode)

@@ -16,6 +16,7 @@ from splitserve.workers.config import CacheConfig, ParallelConfig, SchedulerConf
 from splitserve.workers.disagg_engine import DisaggConfig, DisaggEngine
 from splitserve.workers.engine import EngineConfig, LLMEngine
 from splitserve.workers.outputs import RequestOutput
+from splitserve.workers.roles import FailurePolicy, Mode
 from splitserve.workers.sampling_params import SamplingParams
 from tqdm.auto import tqdm
 
@@ -42,7 +43,7 @@ class LLM:
         self,
         model: str | None = None,
         *,
-        mode: str = "aggregated",
+        mode: Mode | str = Mode.AGGREGATED,
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         prefill_tp: int = 1,
@@ -50,7 +51,7 @@ class LLM:
         decode_tp: int = 1,
         decode_pp: int = 1,
         transfer_timeout_s: float = 30.0,
-        failure_policy: str = "recompute",
+        failure_policy: FailurePolicy | str = FailurePolicy.RECOMPUTE,
         faults: FaultConfig | None = None,
         device: str = "auto",
         dtype: str = "auto",
@@ -66,7 +67,7 @@ class LLM:
         seed: int = 0,
         show_progress: bool = True,
     ):
-        if mode not in ("aggregated", "disaggregated"):
+        if mode not in (Mode.AGGREGATED, Mode.DISAGGREGATED):  # auto is the server's: it needs a cluster
             raise ValueError(f"mode must be 'aggregated' or 'disaggregated', got {mode!r}")
         config = EngineConfig(
             model=model, device=device, dtype=dtype, max_model_len=max_model_len, seed=seed,
@@ -75,7 +76,7 @@ class LLM:
             parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size),
             show_progress=show_progress,
         )
-        if mode == "aggregated":
+        if mode == Mode.AGGREGATED:
             self.engine = LLMEngine(config)
         else:
             self.engine = DisaggEngine(DisaggConfig(
