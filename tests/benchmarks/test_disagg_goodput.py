@@ -129,7 +129,7 @@ def test_cpu_smoke_run_writes_report(tmp_path: Path):
     groups = {n: [(g["role"], g["name"]) for g in saved["systems"][n]["backend"]["groups"]]
               for n in ("disagg", "aggregated")}
     assert groups == {"disagg": [("prefill", "prefill-0"), ("decode", "decode-0")],
-                      "aggregated": [("decode", "worker-0"), ("decode", "worker-1")]}
+                      "aggregated": [("worker", "worker-0"), ("worker", "worker-1")]}
     disagg_runs = saved["systems"]["disagg"]["runs"]
     assert sum(r["kv_transfers"]["num_transfers"] for r in disagg_runs) >= sum(r["num_completed"] for r in disagg_runs)
     assert set(saved["disagg_over_aggregated"]) == {"goodput_rate", "goodput_rate_interpolated",
