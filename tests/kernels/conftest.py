@@ -27,6 +27,7 @@ TRITON_MODULES = [
     "splitserve.kernels.norm_triton",
     "splitserve.kernels.rotary_triton",
     "splitserve.kernels.kv_pack_triton",
+    "splitserve.kernels.moe_triton",
 ]
 
 

@@ -1,0 +1,335 @@
+"""The fused MoE layer in Triton: the CUDA path beside `moe.py` (`fused_moe_ref`).
+
+One call, four launches, no host synchronisation (so it records into a CUDA graph):
+
+1. **align** (`align_by_expert`): the (token, slot) pairs, ``pair = t * top_k + j``, sorted
+   by local expert, each expert's run padded up to a multiple of ``block_m`` rows. Out come
+   ``sorted_pairs`` (the pair of each padded row; padding rows hold ``num_pairs``) and
+   ``block_expert`` (the expert of each ``block_m``-row block; -1 for blocks past the last
+   expert's run). Pairs whose id falls outside ``[expert_offset, expert_offset + E_local)``
+   (another rank's experts) get no row. The number of blocks depends on the routing, so the
+   buffers are sized for the worst case (every non-empty expert wastes ``block_m - 1`` rows)
+   and the spare blocks exit at once. Up to `ALIGN_TRITON_MAX_PAIRS` pairs this is one
+   single-program Triton kernel (a decode step: a handful of torch ops would cost more in
+   launches than the kernel does); above it, torch ops (argsort, scatter), whose launches
+   are nothing next to a prefill's GEMMs. Both give the same layout: within an expert, pairs
+   in token order.
+2. **gate_up** (`_gate_up_kernel`): program (block, n) multiplies its block's rows of x
+   (gathered by token) with the gate and the up tile ``n`` of the block's expert, together,
+   and writes ``silu(gate) * up`` (float32 accumulation, rounded once to x's dtype) into
+   row ``block * block_m + i`` of the intermediate [rows, I].
+3. **down** (`_down_kernel`): program (block, n) multiplies the block's intermediate rows
+   with the expert's ``w2`` tile ``n``, scales each row by its routing weight and writes it
+   to its pair's slot of ``slots`` [T * top_k, H].
+4. **combine** (`_combine_kernel`): ``out[t] = sum_j slots[t * top_k + j]`` over the slots
+   whose expert is local, in float32: no atomics, the same order every run, and the
+   skipped slots are never read (so ``slots`` needs no zeroing).
+
+Every active expert's weights are streamed once per call (each block reads its expert's
+tiles; at decode one block per expert), so a decode step is memory bound and the launch
+shape is chosen by the number of pairs (`moe_config`): small blocks and narrow tiles at
+decode, for enough programs to keep the HBM busy; larger tiles for prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+import triton
+import triton.language as tl
+
+#: Up to this many (token, slot) pairs the alignment is the single-program Triton kernel.
+ALIGN_TRITON_MAX_PAIRS = 4096
+#: Pairs per step of the alignment kernel's loop (a [chunk, experts] one-hot in registers).
+ALIGN_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Launch shape of the fused MoE kernels. Written and read as
+    ``"block_m=16,n1=32,k1=128,n2=64,k2=128,warps=4,stages=4"`` (`parse`, `spec`)."""
+
+    #: Rows per block: every expert's run is padded to a multiple (at least 16, tl.dot's tile).
+    block_m: int = 16
+    #: gate_up: intermediate columns per program (each of gate and up), hidden columns per step.
+    block_n1: int = 32
+    block_k1: int = 128
+    #: down: hidden columns per program, intermediate columns per step.
+    block_n2: int = 64
+    block_k2: int = 128
+    num_warps: int = 4
+    num_stages: int = 4
+
+    KEYS: ClassVar[dict[str, str]] = {
+        "block_m": "block_m", "n1": "block_n1", "k1": "block_k1", "n2": "block_n2", "k2": "block_k2",
+        "warps": "num_warps", "stages": "num_stages",
+    }
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "num_stages":
+                if value < 1:
+                    raise ValueError(f"MoeConfig.num_stages must be >= 1, got {value}")
+            elif value < 1 or value & (value - 1) or (f.name != "num_warps" and value < 16):
+                raise ValueError(f"MoeConfig.{f.name} must be a power of two (tiles at least 16), got {value}")
+
+    @classmethod
+    def parse(cls, spec: str, base: "MoeConfig | None" = None) -> "MoeConfig":
+        values = {f.name: getattr(base or cls(), f.name) for f in fields(cls)}
+        for item in filter(None, (s.strip() for s in spec.replace(";", ",").split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or key.strip() not in cls.KEYS:
+                raise ValueError(f"MoeConfig spec item {item!r}: expected one of {sorted(cls.KEYS)} = int")
+            try:
+                values[cls.KEYS[key.strip()]] = int(value)
+            except ValueError:
+                raise ValueError(f"MoeConfig spec item {item!r}: not an integer") from None
+        return cls(**values)
+
+    def spec(self) -> str:
+        names = {v: k for k, v in self.KEYS.items()}
+        return ",".join(f"{names[f.name]}={getattr(self, f.name)}" for f in fields(self))
+
+
+#: By pairs (tokens x top_k), smallest first: the first whose bound is >= the call's pairs.
+#: Decode sizes are memory bound (narrow tiles: more programs streaming weights); prefill
+#: sizes compute bound (wide tiles, more reuse of each weight tile).
+CONFIGS: tuple[tuple[int, MoeConfig], ...] = (
+    (256, MoeConfig()),
+    (2048, MoeConfig(block_m=32, block_n1=64, block_k1=64, block_n2=64, block_k2=64, num_warps=4, num_stages=4)),
+    (1 << 62, MoeConfig(block_m=64, block_n1=64, block_k1=64, block_n2=128, block_k2=64, num_warps=8,
+                        num_stages=3)),
+)
+
+
+def moe_config(num_pairs: int) -> MoeConfig:
+    return next(cfg for bound, cfg in CONFIGS if num_pairs <= bound)
+
+
+def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Blocks the padded layout can need: each non-empty expert (at most min(E, pairs) of
+    them) pads its run by at most block_m - 1 rows."""
+    return (num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m
+
+
+# ---- 1. align -------------------------------------------------------------------------------
+
+
+@triton.jit
+def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_pairs, expert_offset, num_experts, num_rows,
+                  num_blocks, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+    experts = tl.arange(0, E_PAD)
+    lanes = tl.arange(0, CHUNK)
+    # Pass 1: tokens per expert.
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        p = start + lanes
+        e = tl.load(ids_ptr + p, mask=p < num_pairs, other=0) - expert_offset
+        valid = (p < num_pairs) & (e >= 0) & (e < num_experts)
+        onehot = ((e[:, None] == experts[None, :]) & valid[:, None]).to(tl.int32)
+        counts += tl.sum(onehot, axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    row_start = tl.cumsum(padded, 0) - padded
+    block_end = tl.cumsum(padded // BLOCK_M, 0)
+    # Block b belongs to the first expert whose blocks end after b; past the last, to none.
+    for start in range(0, num_blocks, CHUNK):
+        b = start + lanes
+        owner = tl.sum((block_end[None, :] <= b[:, None]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b, tl.where(owner < num_experts, owner, -1), mask=b < num_blocks)
+    # Padding rows hold num_pairs; the real rows overwrite theirs below (after the barrier:
+    # another thread of the program may store the same row).
+    for start in range(0, num_rows, CHUNK):
+        r = start + lanes
+        tl.store(sorted_ptr + r, tl.zeros([CHUNK], dtype=tl.int32) + num_pairs, mask=r < num_rows)
+    tl.debug_barrier()
+    # Pass 2: each pair's row = its expert's first row + how many pairs of that expert precede it.
+    seen = tl.zeros([E_PAD], dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        p = start + lanes
+        e = tl.load(ids_ptr + p, mask=p < num_pairs, other=0) - expert_offset
+        valid = (p < num_pairs) & (e >= 0) & (e < num_experts)
+        onehot = ((e[:, None] == experts[None, :]) & valid[:, None]).to(tl.int32)
+        before = tl.cumsum(onehot, 0) - onehot + seen[None, :]
+        row = tl.sum(onehot * (row_start[None, :] + before), axis=1)
+        tl.store(sorted_ptr + row, p.to(tl.int32), mask=valid)
+        seen += tl.sum(onehot, axis=0)
+
+
+def _align_torch(ids: torch.Tensor, num_experts: int, expert_offset: int, block_m: int, num_rows: int,
+                 num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_align_kernel`'s layout from torch ops, without a host sync (no boolean indexing,
+    no bincount): for calls with many pairs."""
+    device = ids.device
+    num_pairs = ids.numel()
+    local = ids.reshape(-1).long() - expert_offset
+    key = torch.where((local >= 0) & (local < num_experts), local, num_experts)  # E: not ours
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded[num_experts] = 0
+    row_start = torch.cumsum(padded, 0) - padded
+    row_start[num_experts] = num_rows  # foreign pairs go to a spare row, cut off below
+    order = torch.argsort(key, stable=True)
+    key_sorted = key[order]
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(num_pairs, device=device) - first[key_sorted]
+    row = torch.where(key_sorted < num_experts, row_start[key_sorted] + rank, num_rows)
+    sorted_pairs = torch.full((num_rows + 1,), num_pairs, dtype=torch.int32, device=device)
+    sorted_pairs[row] = order.to(torch.int32)
+    block_end = torch.cumsum(padded[:num_experts] // block_m, 0)
+    owner = torch.searchsorted(block_end, torch.arange(num_blocks, device=device), right=True)
+    block_expert = torch.where(owner < num_experts, owner, -1).to(torch.int32)
+    return sorted_pairs[:num_rows], block_expert
+
+
+def align_by_expert(ids: torch.Tensor, num_experts: int, expert_offset: int, block_m: int,
+                    use_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_pairs int32 [blocks * block_m], block_expert int32 [blocks]) for ids [T, k]:
+    see the module docstring. ``use_kernel`` forces one implementation (tests)."""
+    num_pairs = ids.numel()
+    num_blocks = max_blocks(num_pairs, num_experts, block_m)
+    num_rows = num_blocks * block_m
+    if use_kernel is None:
+        use_kernel = num_pairs <= ALIGN_TRITON_MAX_PAIRS
+    if not use_kernel:
+        return _align_torch(ids, num_experts, expert_offset, block_m, num_rows, num_blocks)
+    flat = ids.reshape(-1).to(torch.int32)
+    sorted_pairs = torch.empty(num_rows, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=ids.device)
+    _align_kernel[(1,)](flat, sorted_pairs, block_expert, num_pairs, expert_offset, num_experts, num_rows,
+                        num_blocks, BLOCK_M=block_m, CHUNK=ALIGN_CHUNK,
+                        E_PAD=max(16, triton.next_power_of_2(num_experts)), num_warps=4)
+    return sorted_pairs, block_expert
+
+
+# ---- 2. gate_up, 3. down ----------------------------------------------------------------------
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_pairs, top_k, inter, hidden,
+                    stride_xt, stride_we, stride_wn, stride_ot, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block)
+    if expert < 0:  # a spare block past the last expert's run
+        return
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + rows)
+    real = pair < num_pairs
+    token = (pair // top_k).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < inter
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :]
+    # Weight tiles are read [K, N] from the [N, K] rows of w13 (K contiguous).
+    g_ptrs = w13_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
+    u_ptrs = g_ptrs + inter * stride_wn
+    gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k_ok = ks < hidden - k0
+        a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
+        wg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        wu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        gate = tl.dot(a, wg, gate, input_precision=PRECISION)
+        up = tl.dot(a, wu, up, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    act = gate / (1.0 + tl.exp(-gate)) * up
+    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_ot + cols[None, :]
+    tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=real[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert_ptr, num_pairs, hidden, inter,
+                 stride_ht, stride_we, stride_wn, stride_st, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block)
+    if expert < 0:
+        return
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + rows)
+    real = pair < num_pairs
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_ht + ks[None, :]
+    w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        k_ok = ks < inter - k0
+        a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    weight = tl.load(weights_ptr + pair, mask=real, other=0.0)
+    acc = acc * weight[:, None]
+    out_ptrs = slots_ptr + pair[:, None].to(tl.int64) * stride_st + cols[None, :]
+    tl.store(out_ptrs, acc.to(slots_ptr.dtype.element_ty), mask=real[:, None] & col_ok[None, :])
+
+
+# ---- 4. combine -------------------------------------------------------------------------------
+
+
+@triton.jit
+def _combine_kernel(slots_ptr, ids_ptr, out_ptr, top_k, hidden, expert_offset, num_experts, stride_st, stride_ot,
+                    BLOCK: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < hidden
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, top_k):
+        e = tl.load(ids_ptr + token * top_k + j) - expert_offset
+        if (e >= 0) & (e < num_experts):
+            acc += tl.load(slots_ptr + (token * top_k + j) * stride_st + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * stride_ot + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+COMBINE_BLOCK = 1024
+
+
+def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                     ids: torch.Tensor, expert_offset: int = 0, config: MoeConfig | None = None) -> torch.Tensor:
+    """`fused_moe_ref`'s call: x [T, H], w13 [E_local, 2I, H] (gate rows, then up), w2
+    [E_local, H, I], routing weights float32 [T, k] and ids int32 [T, k] -> [T, H] in x's
+    dtype. ``config`` overrides `moe_config` (benchmarks)."""
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, _ = w13.shape
+    inter = two_inter // 2
+    top_k = ids.shape[1]
+    if w13.shape[2] != hidden or w2.shape != (num_experts, hidden, inter) or two_inter % 2:
+        raise ValueError(f"fused_moe: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} disagree")
+    out = torch.empty_like(x)
+    if num_tokens == 0:
+        return out
+    num_pairs = num_tokens * top_k
+    cfg = config or moe_config(num_pairs)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
+    w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
+    ids = ids.contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    sorted_pairs, block_expert = align_by_expert(ids, num_experts, expert_offset, cfg.block_m)
+    num_blocks = block_expert.shape[0]
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
+    launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    h = torch.empty(sorted_pairs.shape[0], inter, dtype=x.dtype, device=x.device)
+    _gate_up_kernel[(num_blocks, triton.cdiv(inter, cfg.block_n1))](
+        x, w13, h, sorted_pairs, block_expert, num_pairs, top_k, inter, hidden,
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), PRECISION=precision,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1, **launch)
+    slots = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
+    _down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n2))](
+        h, w2, slots, weights, sorted_pairs, block_expert, num_pairs, hidden, inter,
+        h.stride(0), w2.stride(0), w2.stride(1), slots.stride(0), PRECISION=precision,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2, **launch)
+    _combine_kernel[(num_tokens, triton.cdiv(hidden, COMBINE_BLOCK))](
+        slots, ids, out, top_k, hidden, expert_offset, num_experts, slots.stride(0), out.stride(0),
+        BLOCK=COMBINE_BLOCK, num_warps=4)
+    return out

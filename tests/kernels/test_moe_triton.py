@@ -1,0 +1,125 @@
+"""The fused MoE kernels in Triton (kernels/moe_triton.py) against `fused_moe_ref`, on CPU in
+Triton's interpreter (`triton_interpreter`), at tiny shapes: random routing with experts that
+get no token, one token, token counts off the block size, expert-parallel offsets that skip
+other ranks' ids, and the alignment's two implementations against each other."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitserve.kernels.moe import fused_moe_ref
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+
+HIDDEN, INTER = 32, 48  # 48: the intermediate tiles of 32 end in a masked tail
+
+
+def make_case(num_tokens: int, num_experts: int, top_k: int, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, HIDDEN, generator=g).to(dtype)
+    w13 = (torch.randn(num_experts, 2 * INTER, HIDDEN, generator=g) / HIDDEN ** 0.5).to(dtype)
+    w2 = (torch.randn(num_experts, HIDDEN, INTER, generator=g) / INTER ** 0.5).to(dtype)
+    # top_k distinct experts per token, as the router gives.
+    ids = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(num_tokens)]
+                      or [torch.zeros(0, top_k, dtype=torch.long)]).view(num_tokens, top_k)
+    weights = torch.rand(num_tokens, top_k, generator=g)
+    return x, w13, w2, weights, ids.to(torch.int32)
+
+
+def check_layout(sorted_pairs, block_expert, ids, num_experts, offset, block_m):
+    """Every local pair in exactly one row of its expert's blocks; padding elsewhere."""
+    num_pairs = ids.numel()
+    flat = ids.reshape(-1).long() - offset
+    local = {p for p in range(num_pairs) if 0 <= flat[p] < num_experts}
+    rows = sorted_pairs.view(-1, block_m)
+    seen = []
+    for b, e in enumerate(block_expert.tolist()):
+        real = [p for p in rows[b].tolist() if p < num_pairs]
+        if e < 0:
+            assert not real
+            continue
+        assert all(flat[p] == e for p in real)
+        seen += real
+    assert sorted(seen) == sorted(local)
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,offset,block_m", [
+    (1, 8, 2, 0, 16), (13, 8, 3, 0, 16), (40, 6, 2, 2, 16), (9, 5, 5, 0, 32)])
+def test_alignment_kernel_and_torch_agree(num_tokens, num_experts, top_k, offset, block_m):
+    from splitserve.kernels.moe_triton import align_by_expert
+
+    ids = make_case(num_tokens, num_experts + offset + 1, top_k, seed=num_tokens)[4]
+    got_kernel = align_by_expert(ids, num_experts, offset, block_m, use_kernel=True)
+    got_torch = align_by_expert(ids, num_experts, offset, block_m, use_kernel=False)
+    for got in (got_kernel, got_torch):
+        check_layout(*got, ids, num_experts, offset, block_m)
+    # Same layout (within an expert, pairs in token order) from both.
+    assert torch.equal(got_kernel[0], got_torch[0]) and torch.equal(got_kernel[1], got_torch[1])
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [
+    (1, 8, 2),    # decode: one token, most experts empty
+    (3, 16, 4),   # more experts than pairs: empty experts, spare blocks
+    (37, 6, 2),   # several blocks per expert, a partial last block
+])
+def test_matches_reference(num_tokens, num_experts, top_k):
+    from splitserve.kernels.moe_triton import fused_moe_triton
+
+    x, w13, w2, weights, ids = make_case(num_tokens, num_experts, top_k, seed=num_tokens)
+    got = fused_moe_triton(x, w13, w2, weights, ids)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    torch.testing.assert_close(got, fused_moe_ref(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_expert_parallel_skips_other_ranks_ids():
+    """Rank holding experts 4..9 of 12: choices of 0..3 and 10..11 contribute nothing, and a
+    token routed only elsewhere comes out zero."""
+    from splitserve.kernels.moe_triton import fused_moe_triton
+
+    x, w13, w2, weights, ids = make_case(11, 12, 3, seed=5)
+    ids[0] = torch.tensor([0, 1, 11], dtype=torch.int32)  # nothing local
+    local_w13, local_w2 = w13[4:10], w2[4:10]
+    got = fused_moe_triton(x, local_w13, local_w2, weights, ids, expert_offset=4)
+    want = fused_moe_ref(x, local_w13, local_w2, weights, ids, expert_offset=4)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[0], torch.zeros(HIDDEN))
+    # The ranks' outputs add up to the whole layer's.
+    rest = [fused_moe_triton(x, w13[a:b], w2[a:b], weights, ids, expert_offset=a) for a, b in ((0, 4), (10, 12))]
+    torch.testing.assert_close(got + sum(rest), fused_moe_ref(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_sizes_take_the_torch_alignment_and_wider_blocks(monkeypatch):
+    """Above the kernel's pair limit the alignment is torch ops, the blocks the prefill config's."""
+    from splitserve.kernels import moe_triton
+
+    monkeypatch.setattr(moe_triton, "ALIGN_TRITON_MAX_PAIRS", 8)
+    cfg = moe_triton.MoeConfig(block_m=32, block_n1=16, block_k1=16, block_n2=16, block_k2=32)
+    x, w13, w2, weights, ids = make_case(21, 4, 2, dtype=torch.float16, seed=7)
+    got = moe_triton.fused_moe_triton(x, w13, w2, weights, ids, config=cfg)
+    want = fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids)
+    torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
+
+
+def test_no_tokens():
+    from splitserve.kernels.moe_triton import fused_moe_triton
+
+    x, w13, w2, weights, ids = make_case(0, 4, 2)
+    assert ids.shape == (0, 2)
+    assert fused_moe_triton(x, w13, w2, weights, ids).shape == (0, HIDDEN)
+
+
+def test_config_choice_and_specs():
+    from splitserve.kernels.moe_triton import CONFIGS, MoeConfig, max_blocks, moe_config
+
+    assert moe_config(8).block_m == 16  # decode: the smallest tile
+    assert moe_config(16 * 2048 * 8).block_m == CONFIGS[-1][1].block_m
+    cfg = MoeConfig.parse("block_m=32, n1=64;warps=8")
+    assert (cfg.block_m, cfg.block_n1, cfg.num_warps, cfg.block_k2) == (32, 64, 8, MoeConfig().block_k2)
+    assert MoeConfig.parse(cfg.spec()) == cfg
+    for bad in ("block_m=8", "n1=48", "tile=16", "warps"):
+        with pytest.raises(ValueError):
+            MoeConfig.parse(bad)
+    # One pair per expert: one block each; worst case pads every non-empty expert.
+    assert max_blocks(8, 128, 16) == 8
+    assert max_blocks(64 * 8, 128, 16) == (512 + 128 * 15) // 16
