@@ -25,6 +25,7 @@ import torch
 from splitserve.kernels import activation as activation_ref
 from splitserve.kernels import attention as attention_ref
 from splitserve.kernels import kv_pack as kv_pack_ref
+from splitserve.kernels import moe as moe_ref
 from splitserve.kernels import norm as norm_ref
 from splitserve.kernels import rotary as rotary_ref
 
@@ -181,6 +182,21 @@ def apply_rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q, k = rotary_ref.apply_rotary_ref(q, k, cos, sin)
     attention_ref.write_kv_ref(k_cache, v_cache, k, v, slot_mapping)
     return q, k
+
+
+# ---- mixture of experts -------------------------------------------------------------------
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+              ids: torch.Tensor, expert_offset: int = 0) -> torch.Tensor:
+    """Each token through its top-k experts, weighted and summed (`moe.fused_moe_ref`):
+    x [T, H], w13 [E_local, 2I, H], w2 [E_local, H, I], weights [T, k] float32, ids [T, k]
+    int32 (global expert ids; those outside [expert_offset, expert_offset + E_local) skipped)."""
+    if use_triton(x):
+        from splitserve.kernels import moe_triton
+
+        return moe_triton.fused_moe_triton(x, w13, w2, weights, ids, expert_offset)
+    return moe_ref.fused_moe_ref(x, w13, w2, weights, ids, expert_offset)
 
 
 # ---- KV transfer --------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Engine configuration: one small frozen dataclass per topic, checked at construction.
 
-- `ModelConfig`: the architecture, read once from a Hugging Face config (v4 or v5 style).
+- `ModelConfig`: the architecture, read once from a Hugging Face config (v4 or v5 style):
+  the Llama family, Qwen3 (per-head q/k RMSNorm) and the mixture-of-experts Qwen3-MoE and Mixtral.
 - `CacheConfig`: paged KV cache size and block size, prefix caching.
 - `SchedulerConfig`: per-step token budget, sequence cap, chunked prefill.
+- `ParallelConfig`: a worker group's tp x pp layout (and expert parallelism over tp).
 
 The engine derives everything else (number of blocks, max model length) from these.
 """
@@ -16,7 +18,9 @@ from splitserve.kernels.rotary import RopeSpec
 from splitserve.mapping import Mapping
 
 #: Architectures the model code implements (Hugging Face ``model_type``).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+#: Of those, the mixture-of-experts ones.
+MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
 
 
 def check_supported(
@@ -35,7 +39,7 @@ def check_supported(
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The shape of a Llama-family decoder."""
+    """The shape of a Llama-family decoder, dense or mixture-of-experts."""
 
     model_type: str
     vocab_size: int
@@ -57,11 +61,41 @@ class ModelConfig:
     sliding_window: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    #: Qwen3: RMSNorm over each query and key head (one weight of head_dim, shared by the
+    #: heads) after the projections, before RoPE.
+    qk_norm: bool = False
+    #: Mixture of experts (0: dense). Routed experts, and how many each token uses.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    #: Each expert's gated-MLP width (``intermediate_size`` stays the dense layers' width).
+    moe_intermediate_size: int = 0
+    #: Divide the top-k routing probabilities by their sum (Mixtral always; Qwen3-MoE when
+    #: ``norm_topk_prob``).
+    norm_topk_prob: bool = True
+    #: Qwen3-MoE: layer i is sparse when (i + 1) % decoder_sparse_step == 0 and i is not in
+    #: ``mlp_only_layers`` (those keep a dense MLP of ``intermediate_size``).
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_supported(self.model_type)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.num_heads} heads is not a multiple of {self.num_kv_heads} KV heads")
+        if self.num_experts:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"num_experts_per_tok must be in [1, {self.num_experts}], "
+                                 f"got {self.num_experts_per_tok}")
+            if self.moe_intermediate_size < 1 or self.decoder_sparse_step < 1:
+                raise ValueError("moe_intermediate_size and decoder_sparse_step must be >= 1")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether global layer ``layer`` routes its tokens to experts (else a dense MLP)."""
+        return (self.is_moe and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     @classmethod
     def from_hf(cls, hf: Any) -> "ModelConfig":
@@ -84,10 +118,13 @@ class ModelConfig:
             max_position_embeddings=hf.max_position_embeddings,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or bias,
-            o_bias=bias and model_type == "llama",
+            # Llama and Qwen3 put ``attention_bias`` on o_proj too; Qwen2 never has one there.
+            o_bias=bias and model_type in ("llama", "qwen3", "qwen3_moe"),
             sliding_window=_sliding_window(hf, model_type),
             eos_token_ids=_as_ids(getattr(hf, "eos_token_id", None)),
             bos_token_id=getattr(hf, "bos_token_id", None),
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            **_moe_fields(hf, model_type),
         )
 
 
@@ -99,10 +136,28 @@ def _as_ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+def _moe_fields(hf: Any, model_type: str) -> dict[str, Any]:
+    if model_type == "mixtral":  # every layer sparse; the experts' width is ``intermediate_size``
+        return dict(num_experts=int(hf.num_local_experts), num_experts_per_tok=int(hf.num_experts_per_tok),
+                    moe_intermediate_size=int(hf.intermediate_size), norm_topk_prob=True)
+    if model_type == "qwen3_moe":
+        # transformers 5 calls it num_local_experts (num_experts is an alias); 4 only num_experts.
+        experts = getattr(hf, "num_experts", None) or getattr(hf, "num_local_experts", 0)
+        return dict(num_experts=int(experts), num_experts_per_tok=int(hf.num_experts_per_tok),
+                    moe_intermediate_size=int(hf.moe_intermediate_size),
+                    norm_topk_prob=bool(getattr(hf, "norm_topk_prob", False)),
+                    decoder_sparse_step=int(getattr(hf, "decoder_sparse_step", 1) or 1),
+                    mlp_only_layers=tuple(int(i) for i in (getattr(hf, "mlp_only_layers", None) or ())))
+    return {}
+
+
 def _sliding_window(hf: Any, model_type: str) -> int | None:
     window = getattr(hf, "sliding_window", None)
-    if model_type == "qwen2" and not getattr(hf, "use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") and not getattr(hf, "use_sliding_window", False):
         return None
+    if model_type == "qwen3" and window:
+        # Qwen3 slides only in the layers from max_window_layers on; one window for all is wrong.
+        raise ValueError("Qwen3 with use_sliding_window (a per-layer window) is not supported")
     return int(window) if window else None
 
 
@@ -170,6 +225,10 @@ class ParallelConfig:
     step_timeout_s: float = 120.0
     #: Rank processes must start, rendezvous and load weights within this.
     startup_timeout_s: float = 300.0
+    #: Mixture-of-experts models: each tp rank holds whole experts (num_experts / tp of them)
+    #: instead of every expert's 1/tp slice; a token's expert outputs are computed on the
+    #: ranks that own its experts and summed back by the tp all-reduce. Dense models ignore it.
+    expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:

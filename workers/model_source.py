@@ -179,12 +179,17 @@ def _tiny(family: str, **overrides: Any) -> PretrainedConfig:
 def _config(family: str, **kwargs: Any) -> PretrainedConfig:
     # ``rope_theta`` and ``rope_scaling`` are the v4 keywords; transformers 5 still accepts them
     # and folds both into ``config.rope_parameters``, so one spelling serves both versions.
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (
+        LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig,
+    )
 
     cls, arch = {
         "llama": (LlamaConfig, "LlamaForCausalLM"),
         "mistral": (MistralConfig, "MistralForCausalLM"),
         "qwen2": (Qwen2Config, "Qwen2ForCausalLM"),
+        "qwen3": (Qwen3Config, "Qwen3ForCausalLM"),
+        "qwen3_moe": (Qwen3MoeConfig, "Qwen3MoeForCausalLM"),
+        "mixtral": (MixtralConfig, "MixtralForCausalLM"),
     }[family]
     return cls(architectures=[arch], **kwargs)
 
@@ -204,6 +209,13 @@ RANDOM_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "tiny-mistral": lambda: _tiny("mistral", sliding_window=32),
     # Qwen2 always has q/k/v bias; tied embeddings exercise the shared lm_head path.
     "tiny-qwen2": lambda: _tiny("qwen2", tie_word_embeddings=True),
+    # Qwen3's default head_dim is 128 whatever the width: tiny ones set it.
+    "tiny-qwen3": lambda: _tiny("qwen3", head_dim=16),
+    # 8 experts, 2 per token, not renormalised (Mixtral covers renormalisation); layer 1 keeps a
+    # dense MLP (``mlp_only_layers``), so sparse and dense layers meet in one model.
+    "tiny-qwen3-moe": lambda: _tiny("qwen3_moe", head_dim=16, num_experts=8, num_experts_per_tok=2,
+                                    moe_intermediate_size=32, norm_topk_prob=False, mlp_only_layers=[1]),
+    "tiny-mixtral": lambda: _tiny("mixtral", num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
     "smollm2-135m": lambda: _config(
         "llama",
         hidden_size=576,
@@ -233,6 +245,61 @@ RANDOM_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
         tie_word_embeddings=False,
         bos_token_id=128000,
         eos_token_id=128001,
+    ),
+    "qwen3-8b": lambda: _config(
+        "qwen3",
+        hidden_size=4096,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=12288,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    ),
+    "qwen3-30b-a3b": lambda: _config(
+        "qwen3_moe",
+        hidden_size=2048,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    ),
+    "mixtral-8x7b": lambda: _config(
+        "mixtral",
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        vocab_size=32000,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
     ),
 }
 RANDOM_MODEL_NAMES = tuple(RANDOM_CONFIGS)

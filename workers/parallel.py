@@ -23,13 +23,17 @@ class ParallelState:
     mapping: Mapping
     #: Process group of this rank's tensor-parallel peers (None when tp_size == 1).
     tp_comm: dist.ProcessGroup | None = None
+    #: MoE layers hold whole experts per tp rank instead of every expert's slice
+    #: (`ParallelConfig.expert_parallel`; see workers/models/moe.py).
+    expert_parallel: bool = False
 
     @classmethod
     def single(cls) -> "ParallelState":
         return cls(Mapping(world_size=1, rank=0))
 
     @classmethod
-    def init(cls, mapping: Mapping, host: str, port: int, backend: str, timeout_s: float) -> "ParallelState":
+    def init(cls, mapping: Mapping, host: str, port: int, backend: str, timeout_s: float,
+             expert_parallel: bool = False) -> "ParallelState":
         """Join the worker group's rendezvous and build every stage's tp communicator (collective:
         all ranks call it)."""
         dist.init_process_group(
@@ -41,7 +45,7 @@ class ParallelState:
             comm = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
             if mapping.rank in ranks:
                 tp_comm = comm
-        return cls(mapping, tp_comm if mapping.tp_size > 1 else None)
+        return cls(mapping, tp_comm if mapping.tp_size > 1 else None, expert_parallel)
 
     @property
     def tp_size(self) -> int:

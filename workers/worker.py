@@ -70,7 +70,8 @@ def worker_main(args: WorkerArgs, raw_conn: Connection, die_with_parent: bool = 
     conn = LockedConnection(raw_conn)
     torch.set_num_threads(args.num_threads)
     try:
-        parallel = ParallelState.init(args.mapping, args.host, args.port, args.backend, args.parallel.step_timeout_s)
+        parallel = ParallelState.init(args.mapping, args.host, args.port, args.backend, args.parallel.step_timeout_s,
+                                      args.parallel.expert_parallel)
         runner = build_runner(args.runner, parallel, lambda event: conn.send(TransferReport(event)))
         conn.send(Ready())
         _serve(runner, conn, args)

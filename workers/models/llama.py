@@ -1,9 +1,11 @@
-"""Llama-family decoder (Llama, Llama 3.x RoPE scaling, Mistral, Qwen2), our own code.
+"""Llama-family decoder (Llama, Llama 3.x RoPE scaling, Mistral, Qwen2), our own code; the
+base of Qwen3, Qwen3-MoE and Mixtral too (workers/models/qwen3.py, mixtral.py).
 
 One class serves the family; the differences are configuration (`ModelConfig`): GQA head
 counts, q/k/v bias (Qwen2), sliding window (Mistral), RoPE scaling (Llama 3), tied
-embeddings. Projections that read the same input are fused (q|k|v, gate|up) so a step makes
-fewer, larger matrix multiplies.
+embeddings, per-head q/k RMSNorm (Qwen3), and which layers route to experts instead of a
+dense MLP (`SparseMoeBlock`, workers/models/moe.py). Projections that read the same input
+are fused (q|k|v, gate|up) so a step makes fewer, larger matrix multiplies.
 
 Parallelism comes from the rank's `ParallelState` (its `Mapping`): attention heads, KV heads
 (replicated when there are fewer than tp ranks), the MLP and the vocabulary are split over
@@ -31,6 +33,7 @@ from splitserve.workers.models.attention import AttentionMetadata, PagedAttentio
 from splitserve.workers.models.layers import (
     ColumnParallelLinear, RowParallelLinear, ShardSpec, VocabParallelEmbedding,
 )
+from splitserve.workers.models.moe import SparseMoeBlock, expert_shard, random_expert_shapes
 from splitserve.workers.parallel import ParallelState
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -67,9 +70,15 @@ class LlamaAttention(nn.Module):
         ], bias=cfg.qkv_bias)
         self.o_proj = RowParallelLinear(heads.start * d, self.q_size, cfg.hidden_size, cfg.o_bias, parallel)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, cfg.sliding_window)
+        if cfg.qk_norm:  # one head_dim weight shared by every head: replicated, not sharded
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if hasattr(self, "q_norm"):  # per head, before RoPE, as Qwen3 does
+            q = self.q_norm(q.reshape(-1, self.head_dim))
+            k = self.k_norm(k.reshape(-1, self.head_dim))
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -92,12 +101,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelState):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState, layer: int):
+        """``layer``: the global layer index (whether it is sparse depends on it)."""
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(cfg, parallel)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg, parallel)
+        self.mlp = SparseMoeBlock(cfg, parallel) if cfg.is_moe_layer(layer) else LlamaMLP(cfg, parallel)
 
     def forward(self, x, residual, cos, sin, kv_cache, meta):
         if residual is None:
@@ -114,10 +124,13 @@ _FUSED = {
     "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
 }
-_NUM_SHARDS = {"qkv_proj": 3, "gate_up_proj": 2}
 
 
 class LlamaForCausalLM(nn.Module):
+    #: Checkpoint name fragment -> ours, applied to layer-relative names before `_FUSED`
+    #: (a family whose checkpoints name things differently sets it: Mixtral).
+    checkpoint_renames: dict[str, str] = {}
+
     def __init__(self, cfg: ModelConfig, parallel: ParallelState):
         super().__init__()
         self.cfg = cfg
@@ -128,7 +141,7 @@ class LlamaForCausalLM(nn.Module):
         # The last stage needs the embedding too when the LM head is tied to it.
         if self.is_first or (self.is_last and cfg.tie_word_embeddings):
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, parallel) for _ in self.layer_range)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, parallel, i) for i in self.layer_range)
         if self.is_last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             if not cfg.tie_word_embeddings:
@@ -190,9 +203,14 @@ class LlamaForCausalLM(nn.Module):
             _, index, rest = module.split(".", 2)
             if int(index) not in self.layer_range:
                 return None  # another pipeline stage's layer
+            local = f"layers.{int(index) - self.layer_range.start}"
+            for old, new in self.checkpoint_renames.items():
+                rest = rest.replace(old, new)
+            if ".experts." in f"{rest}.":
+                target = expert_shard(rest, self.get_submodule(f"{local}.mlp.experts"))
+                return None if target is None else (f"{local}.{target[0]}", target[1], target[2])
             parent, _, leaf = rest.rpartition(".")
             fused, shard = _FUSED.get(leaf, (leaf, 0))
-            local = f"layers.{int(index) - self.layer_range.start}"
             return ".".join(p for p in (local, parent, fused) if p), param, shard
         return (module, param, 0) if self._has(module) else None
 
@@ -207,7 +225,11 @@ class LlamaForCausalLM(nn.Module):
         expected = set()
         for full_name, _ in self.named_parameters():
             path, _, param = full_name.rpartition(".")
-            n = _NUM_SHARDS.get(path.rpartition(".")[2], 1)
+            module = self.get_submodule(path)
+            if isinstance(module, ColumnParallelLinear):
+                n = len(module.shards)  # one per logical output: q, k, v or gate, up
+            else:
+                n = getattr(module, "num_shards", {}).get(param, 1)
             expected.update((path, param, i) for i in range(n))
         return expected
 
@@ -241,8 +263,12 @@ def random_hf_weights(cfg: ModelConfig, seed: int, device: torch.device = torch.
                   "self_attn.v_proj.bias": (cfg.num_kv_heads * d,)}
     if cfg.o_bias:
         layer["self_attn.o_proj.bias"] = (h,)
+    if cfg.qk_norm:
+        layer |= {"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)}
+    dense_mlp = {k: layer.pop(k) for k in list(layer) if k.startswith("mlp.")}
     for i in range(cfg.num_layers):
-        shapes |= {f"layers.{i}.{k}": v for k, v in layer.items()}
+        mlp = random_expert_shapes(cfg) if cfg.is_moe_layer(i) else dense_mlp
+        shapes |= {f"layers.{i}.{k}": v for k, v in (layer | mlp).items()}
     for name, shape in shapes.items():
         if name.endswith("norm.weight"):
             yield f"model.{name}", torch.ones(shape)

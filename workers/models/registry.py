@@ -10,12 +10,17 @@ from torch import nn
 
 from splitserve.workers.config import ModelConfig
 from splitserve.workers.models.llama import LlamaForCausalLM
+from splitserve.workers.models.mixtral import MixtralForCausalLM
+from splitserve.workers.models.qwen3 import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 from splitserve.workers.parallel import ParallelState
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+    "qwen3_moe": Qwen3MoeForCausalLM,
+    "mixtral": MixtralForCausalLM,
 }
 
 
