@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (processes)")
     gen.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (processes)")
+    gen.add_argument("--expert-parallel", action="store_true",
+                     help="MoE models: each tp rank holds whole experts instead of every expert's slice")
     gen.add_argument("--mode", choices=(Mode.AGGREGATED.value, Mode.DISAGGREGATED.value),
                      default=Mode.AGGREGATED.value)
     for side in (GroupRole.PREFILL, GroupRole.DECODE):
@@ -91,6 +93,8 @@ def _add_serve(sub) -> None:
         srv.add_argument(f"--{role}-groups", type=int, default=None, help=f"number of {role} groups")
         for dim in ("tp", "pp"):
             srv.add_argument(f"--{role}-{dim}", type=int, default=None, help=f"{dim} of each {role} group")
+    srv.add_argument("--expert-parallel", action="store_true", default=None,
+                     help="MoE models: each tp rank of every group holds whole experts")
     srv.add_argument("--policy", choices=POLICIES, default=None)
     srv.add_argument("--max-inflight", type=int, default=None, help="requests admitted at once (overload beyond)")
     srv.add_argument("--host", default=None, help="address the servers bind to (default 127.0.0.1)")
@@ -138,6 +142,7 @@ def serve_config_from_args(args: argparse.Namespace):
         overrides[f"{role}_count"] = getattr(args, f"{role}_groups")
         overrides[f"{role}_tp"] = getattr(args, f"{role}_tp")
         overrides[f"{role}_pp"] = getattr(args, f"{role}_pp")
+        overrides[f"{role}_expert_parallel"] = args.expert_parallel
     # connect() joins $RAY_ADDRESS when the config names no cluster; say so in the config too,
     # since placement treats an embedded Ray (fixed resources: fail fast) and a joined cluster
     # (nodes may still join: wait) differently.
@@ -181,6 +186,7 @@ def run_generate(args: argparse.Namespace) -> int:
                             top_k=args.top_k, seed=args.seed, stop=args.stop)
     llm = LLM(args.model, device=args.device, show_progress=not args.json,
               tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, mode=args.mode,
+              expert_parallel=args.expert_parallel,
               prefill_tp=args.prefill_tp, prefill_pp=args.prefill_pp,
               decode_tp=args.decode_tp, decode_pp=args.decode_pp)
     if args.chat:

@@ -34,6 +34,7 @@ The file's shape (every key optional)::
       prefill: {count: 1, tp: 1, pp: 1}
       decode:  {count: 1, tp: 1, pp: 1}
       worker:  {count: 1, tp: 1, pp: 1}   # aggregated mode's groups (auto's fallback)
+                                          # (any group: expert_parallel: true for MoE models)
     router:
       policy: least_loaded      # round_robin | least_loaded | prefix_affinity
       max_inflight: 256         # requests admitted at once; beyond: overload error

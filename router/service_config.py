@@ -43,6 +43,8 @@ class GroupSpec:
     count: int = 1
     tp: int = 1
     pp: int = 1
+    #: MoE models: whole experts per tp rank (`ParallelConfig.expert_parallel`).
+    expert_parallel: bool = False
 
     def check(self, role: GroupRole) -> None:
         if self.count < 0 or self.tp < 1 or self.pp < 1:
@@ -159,7 +161,7 @@ class EngineSpec:
             show_progress=False,
             detokenize=False,  # served: the front doors decode text and check stop strings
             cache=CacheConfig(self.block_size, self.num_kv_blocks, self.kv_cache_memory),
-            parallel=ParallelConfig(spec.tp, spec.pp),
+            parallel=ParallelConfig(spec.tp, spec.pp, expert_parallel=spec.expert_parallel),
             scheduler=SchedulerConfig(max_num_batched_tokens=self.max_num_batched_tokens,
                                       max_num_seqs=self.max_num_seqs, async_scheduling=self.async_scheduling),
         )

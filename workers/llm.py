@@ -35,6 +35,8 @@ class LLM:
             ``failure_policy`` "recompute" or "fail", ``faults`` for tests).
         tensor_parallel_size / pipeline_parallel_size: run as a worker group of tp x pp rank
             processes (gloo on CPU, NCCL on GPU); 1 x 1 runs in this process.
+        expert_parallel: mixture-of-experts models hold whole experts per tp rank instead of
+            every expert's slice (`ParallelConfig.expert_parallel`), in every group.
         num_kv_blocks / kv_cache_memory: the KV budget, in blocks or bytes (per rank).
         Other arguments: see `EngineConfig`, `CacheConfig`, `SchedulerConfig`.
     """
@@ -46,6 +48,7 @@ class LLM:
         mode: Mode | str = Mode.AGGREGATED,
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
+        expert_parallel: bool = False,
         prefill_tp: int = 1,
         prefill_pp: int = 1,
         decode_tp: int = 1,
@@ -73,15 +76,15 @@ class LLM:
             model=model, device=device, dtype=dtype, max_model_len=max_model_len, seed=seed,
             cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, enable_chunked_prefill, async_scheduling),
-            parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size),
+            parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size, expert_parallel=expert_parallel),
             show_progress=show_progress,
         )
         if mode == Mode.AGGREGATED:
             self.engine = LLMEngine(config)
         else:
             self.engine = DisaggEngine(DisaggConfig(
-                prefill=replace(config, parallel=ParallelConfig(prefill_tp, prefill_pp)),
-                decode=replace(config, parallel=ParallelConfig(decode_tp, decode_pp)),
+                prefill=replace(config, parallel=ParallelConfig(prefill_tp, prefill_pp, expert_parallel=expert_parallel)),
+                decode=replace(config, parallel=ParallelConfig(decode_tp, decode_pp, expert_parallel=expert_parallel)),
                 transfer_timeout_s=transfer_timeout_s, failure_policy=failure_policy,
                 faults=faults or FaultConfig(),
             ))
