@@ -50,6 +50,17 @@ def test_layouts_match_transformers(p, d, tiny):
         assert llm.engine.metrics.num_transfers == len(prompts) and llm.engine.metrics.num_failures == 0
 
 
+def test_moe_prefill_tp1_decode_tp2_matches_transformers(tiny_models):
+    # The KV layout does not change with experts: a one-rank prefill hands over to tp 2 ranks
+    # that each hold a slice of every expert.
+    folder, oracle = tiny_models("tiny-qwen3-moe")
+    prompts = random_prompts(oracle.model.config.vocab_size, [5, 33, 18])
+    with _disagg(folder, (1, 1), (2, 1)) as llm:
+        outs = llm.generate(prompts, GREEDY)
+        assert [o.token_ids for o in outs] == [oracle(p, GREEDY.max_tokens) for p in prompts]
+        assert llm.engine.metrics.num_transfers == len(prompts) and llm.engine.metrics.num_failures == 0
+
+
 def test_smollm2_prefill_tp3_matches_transformers(smollm2_dir, smollm2_tokenizer, smollm2_oracle):
     texts = ["The capital of France is", "def add(a, b):", "Water boils at"]
     prompts = [smollm2_tokenizer.encode(t) for t in texts]

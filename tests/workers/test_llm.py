@@ -83,7 +83,8 @@ def test_preemption_under_tiny_kv_budget_matches(smollm2_dir, smollm2_tokenizer,
 # --- tiny random configs of each family ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["tiny-llama", "tiny-llama3", "tiny-mistral", "tiny-qwen2"])
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-llama3", "tiny-mistral", "tiny-qwen2", "tiny-qwen3",
+                                    "tiny-qwen3-moe", "tiny-mixtral"])
 def test_tiny_random_families_match(family, tiny_models):
     folder, oracle = tiny_models(family)
     prompts = random_prompts(oracle.model.config.vocab_size, [5, 17, 40, 90, 3, 64])

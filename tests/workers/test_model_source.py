@@ -210,7 +210,16 @@ EXPECTED_SHAPES = {  # name: (model_type, hidden, layers, heads, kv heads, vocab
     "tiny-qwen2": ("qwen2", 64, 3, 4, 2, 256, True),
     "smollm2-135m": ("llama", 576, 30, 9, 3, 49152, True),
     "llama-3-8b": ("llama", 4096, 32, 32, 8, 128256, False),
+    "tiny-qwen3": ("qwen3", 64, 3, 4, 2, 256, False),
+    "tiny-qwen3-moe": ("qwen3_moe", 64, 3, 4, 2, 256, False),
+    "tiny-mixtral": ("mixtral", 64, 3, 4, 2, 256, False),
+    "qwen3-8b": ("qwen3", 4096, 36, 32, 8, 151936, False),
+    "qwen3-30b-a3b": ("qwen3_moe", 2048, 48, 32, 4, 151936, False),
+    "mixtral-8x7b": ("mixtral", 4096, 32, 32, 8, 32000, False),
 }
+#: Parameter counts of the real-size shapes, as published (billions, inclusive range).
+EXPECTED_PARAMS = {"llama-3-8b": (8.0, 8.1), "qwen3-8b": (8.1, 8.3), "qwen3-30b-a3b": (30.4, 30.6),
+                   "mixtral-8x7b": (46.6, 46.8)}
 
 
 def test_every_named_shape_is_tested() -> None:
@@ -228,11 +237,13 @@ def test_random_named_config_builds_the_hf_model(name: str) -> None:
     with torch.device("meta"):  # the shape only: llama-3-8b would need 32 GB in float32
         model = AutoModelForCausalLM.from_config(c)
     assert type(model).__name__ == c.architectures[0]
-    if name == "llama-3-8b":
-        assert 8.0e9 < sum(p.numel() for p in model.parameters()) < 8.1e9
+    if name in EXPECTED_PARAMS:
+        low, high = EXPECTED_PARAMS[name]
+        assert low * 1e9 < sum(p.numel() for p in model.parameters()) < high * 1e9
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama3", "tiny-mistral", "tiny-qwen2"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama3", "tiny-mistral", "tiny-qwen2", "tiny-qwen3",
+                                  "tiny-qwen3-moe", "tiny-mixtral"])
 def test_tiny_models_run_a_forward_pass(name: str) -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(random_config(name)).eval()

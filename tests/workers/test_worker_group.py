@@ -54,6 +54,8 @@ def _generate(model: str, tp: int, pp: int, prompts, **kw):
     ("tiny-llama", 1, 3),
     ("tiny-llama", 2, 2),
     ("tiny-qwen2", 2, 1),  # q/k/v bias split with the heads; tied embeddings, vocab-parallel head
+    ("tiny-qwen3-moe", 2, 1),  # every expert's intermediate slice on each rank
+    ("tiny-qwen3-moe", 1, 2),  # a sparse layer, then the dense one and a sparse one
 ])
 def test_tiny_layouts_match_single_process_and_transformers(family, tp, pp, tiny_models):
     folder, oracle = tiny_models(family)
@@ -61,6 +63,14 @@ def test_tiny_layouts_match_single_process_and_transformers(family, tp, pp, tiny
     single = _generate(str(folder), 1, 1, prompts)
     assert single == [oracle(p, GREEDY.max_tokens) for p in prompts]
     assert _generate(str(folder), tp, pp, prompts) == single
+
+
+def test_expert_parallel_tp2_matches_transformers(tiny_models):
+    # Each rank holds 4 whole experts of the 8; the tp all-reduce combines their outputs.
+    folder, oracle = tiny_models("tiny-qwen3-moe")
+    prompts = random_prompts(oracle.model.config.vocab_size, [6, 30, 70, 2])
+    got = _generate(str(folder), 2, 1, prompts, expert_parallel=True)
+    assert got == [oracle(p, GREEDY.max_tokens) for p in prompts]
 
 
 @pytest.mark.parametrize(("tp", "pp"), [(3, 1), (1, 2)])
