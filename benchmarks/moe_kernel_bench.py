@@ -78,9 +78,9 @@ SMOKE = MoeShape("smoke", hidden=64, intermediate=48, experts=8, top_k=2, elem_b
 
 
 def floor_seconds(bytes_read: float, copy_bw: float) -> float:
-    """Time to read ``bytes_read`` at the copy rate (``copy_bw`` counts bytes read + written:
-    a copy of n bytes moves 2n)."""
-    return bytes_read / (copy_bw / 2)
+    """Time to move ``bytes_read`` at the copy bandwidth (bytes read + written per second: the
+    HBM's traffic rate), as gpu_perf.py's decode floor counts it."""
+    return bytes_read / copy_bw
 
 
 def rel_error(got, want) -> float:

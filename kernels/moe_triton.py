@@ -1,6 +1,6 @@
 """The fused MoE layer in Triton: the CUDA path beside `moe.py` (`fused_moe_ref`).
 
-One call, four launches, no host synchronisation (so it records into a CUDA graph):
+One call, four launches (three at one or two tokens), no host synchronisation (so it records into a CUDA graph):
 
 1. **align** (`align_by_expert`): the (token, slot) pairs, ``pair = t * top_k + j``, sorted
    by local expert, each expert's run padded up to a multiple of ``block_m`` rows. Out come
@@ -13,7 +13,8 @@ One call, four launches, no host synchronisation (so it records into a CUDA grap
    single-program Triton kernel (a decode step: a handful of torch ops would cost more in
    launches than the kernel does); above it, torch ops (argsort, scatter), whose launches
    are nothing next to a prefill's GEMMs. Both give the same layout: within an expert, pairs
-   in token order.
+   in token order. Up to `DIRECT_MAX_TOKENS` tokens there is no alignment at all (three
+   launches): block b is pair b alone, its expert read from the ids by the GEMM kernels.
 2. **gate_up** (`_gate_up_kernel`): program (block, n) multiplies its block's rows of x
    (gathered by token) with the gate and the up tile ``n`` of the block's expert, together,
    and writes ``silu(gate) * up`` (float32 accumulation, rounded once to x's dtype) into
@@ -44,6 +45,11 @@ import triton.language as tl
 ALIGN_TRITON_MAX_PAIRS = 4096
 #: Pairs per step of the alignment kernel's loop (a [chunk, experts] one-hot in registers).
 ALIGN_CHUNK = 32
+#: Up to this many tokens there is no alignment: each (token, slot) pair is a block of its
+#: own. A token's k experts are distinct (top-k), so at one token no expert is read twice;
+#: at two, the few experts both tokens chose (0.5 of 8 of 128, on average) cost less
+#: re-read than the alignment launch does (3.6 us against ~1 us on an H200).
+DIRECT_MAX_TOKENS = 2
 
 
 @dataclass(frozen=True)
@@ -97,10 +103,13 @@ class MoeConfig:
 #: By pairs (tokens x top_k), smallest first: the first whose bound is >= the call's pairs.
 #: Decode sizes are memory bound (narrow tiles: more programs streaming weights); prefill
 #: sizes compute bound (wide tiles, more reuse of each weight tile).
+#: Chosen from benchmarks/moe_kernel_bench.py on an H200 at Qwen3-30B-A3B's shape
+#: (2026-12-02): at T = 1..64 gate_up and down each run within 5% of their bytes' floor.
 CONFIGS: tuple[tuple[int, MoeConfig], ...] = (
-    (256, MoeConfig()),
-    (2048, MoeConfig(block_m=32, block_n1=64, block_k1=64, block_n2=64, block_k2=64, num_warps=4, num_stages=4)),
-    (1 << 62, MoeConfig(block_m=64, block_n1=64, block_k1=64, block_n2=128, block_k2=64, num_warps=8,
+    (64, MoeConfig()),
+    (512, MoeConfig(block_n1=64, block_k1=128, block_n2=64, block_k2=128)),
+    (4096, MoeConfig(block_m=32, block_n1=64, block_k1=128, block_n2=64, block_k2=128)),
+    (1 << 62, MoeConfig(block_m=128, block_n1=64, block_k1=64, block_n2=128, block_k2=64, num_warps=8,
                         num_stages=3)),
 )
 
@@ -209,15 +218,30 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, expert_offset: int, blo
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_pairs, top_k, inter, hidden,
-                    stride_xt, stride_we, stride_wn, stride_ot, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _block_rows(block, rows, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, expert_offset, DIRECT: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """(local expert, pair of each row) of a block: from the alignment, or (direct) block b
+    is pair b alone, its expert read from the ids."""
+    if DIRECT:
+        expert = tl.load(ids_ptr + block) - expert_offset
+        pair = tl.where(tl.arange(0, BLOCK_M) == 0, block, num_pairs)
+    else:
+        expert = tl.load(block_expert_ptr + block)
+        pair = tl.load(sorted_ptr + rows)
+    return expert, pair
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, top_k, inter,
+                    hidden, expert_offset, num_experts, stride_xt, stride_we, stride_wn, stride_ot,
+                    DIRECT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
     block = tl.program_id(0)
-    expert = tl.load(block_expert_ptr + block)
-    if expert < 0:  # a spare block past the last expert's run
-        return
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + rows)
+    expert, pair = _block_rows(block, rows, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, expert_offset,
+                               DIRECT, BLOCK_M)
+    if (expert < 0) | (expert >= num_experts):  # a spare block, or (direct) another rank's expert
+        return
     real = pair < num_pairs
     token = (pair // top_k).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -245,15 +269,16 @@ def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_p
 
 
 @triton.jit
-def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert_ptr, num_pairs, hidden, inter,
-                 stride_ht, stride_we, stride_wn, stride_st, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, hidden,
+                 inter, expert_offset, num_experts, stride_ht, stride_we, stride_wn, stride_st,
+                 DIRECT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     block = tl.program_id(0)
-    expert = tl.load(block_expert_ptr + block)
-    if expert < 0:
-        return
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + rows)
+    expert, pair = _block_rows(block, rows, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, expert_offset,
+                               DIRECT, BLOCK_M)
+    if (expert < 0) | (expert >= num_experts):
+        return
     real = pair < num_pairs
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
@@ -315,19 +340,24 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weigh
     w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
     ids = ids.contiguous()
     weights = weights.to(torch.float32).contiguous()
-    sorted_pairs, block_expert = align_by_expert(ids, num_experts, expert_offset, cfg.block_m)
-    num_blocks = block_expert.shape[0]
+    direct = num_tokens <= DIRECT_MAX_TOKENS
+    if direct:  # no alignment: block b is pair b (the buffers are unread placeholders)
+        sorted_pairs = block_expert = ids
+        num_blocks = num_pairs
+    else:
+        sorted_pairs, block_expert = align_by_expert(ids, num_experts, expert_offset, cfg.block_m)
+        num_blocks = block_expert.shape[0]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
     launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    h = torch.empty(sorted_pairs.shape[0], inter, dtype=x.dtype, device=x.device)
+    h = torch.empty(num_blocks * cfg.block_m, inter, dtype=x.dtype, device=x.device)
     _gate_up_kernel[(num_blocks, triton.cdiv(inter, cfg.block_n1))](
-        x, w13, h, sorted_pairs, block_expert, num_pairs, top_k, inter, hidden,
-        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), PRECISION=precision,
+        x, w13, h, sorted_pairs, block_expert, ids, num_pairs, top_k, inter, hidden, expert_offset, num_experts,
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), DIRECT=direct, PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1, **launch)
     slots = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     _down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n2))](
-        h, w2, slots, weights, sorted_pairs, block_expert, num_pairs, hidden, inter,
-        h.stride(0), w2.stride(0), w2.stride(1), slots.stride(0), PRECISION=precision,
+        h, w2, slots, weights, sorted_pairs, block_expert, ids, num_pairs, hidden, inter, expert_offset, num_experts,
+        h.stride(0), w2.stride(0), w2.stride(1), slots.stride(0), DIRECT=direct, PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2, **launch)
     _combine_kernel[(num_tokens, triton.cdiv(hidden, COMBINE_BLOCK))](
         slots, ids, out, top_k, hidden, expert_offset, num_experts, slots.stride(0), out.stride(0),

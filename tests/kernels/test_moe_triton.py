@@ -59,7 +59,7 @@ def test_alignment_kernel_and_torch_agree(num_tokens, num_experts, top_k, offset
 
 
 @pytest.mark.parametrize("num_tokens,num_experts,top_k", [
-    (1, 8, 2),    # decode: one token, most experts empty
+    (1, 8, 2),    # decode: one token, no alignment
     (3, 16, 4),   # more experts than pairs: empty experts, spare blocks
     (37, 6, 2),   # several blocks per expert, a partial last block
 ])
@@ -72,12 +72,14 @@ def test_matches_reference(num_tokens, num_experts, top_k):
     torch.testing.assert_close(got, fused_moe_ref(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
 
 
-def test_expert_parallel_skips_other_ranks_ids():
+# 2 tokens: no alignment (a block per pair); 11: aligned.
+@pytest.mark.parametrize("num_tokens", [2, 11])
+def test_expert_parallel_skips_other_ranks_ids(num_tokens):
     """Rank holding experts 4..9 of 12: choices of 0..3 and 10..11 contribute nothing, and a
     token routed only elsewhere comes out zero."""
     from splitserve.kernels.moe_triton import fused_moe_triton
 
-    x, w13, w2, weights, ids = make_case(11, 12, 3, seed=5)
+    x, w13, w2, weights, ids = make_case(num_tokens, 12, 3, seed=5)
     ids[0] = torch.tensor([0, 1, 11], dtype=torch.int32)  # nothing local
     local_w13, local_w2 = w13[4:10], w2[4:10]
     got = fused_moe_triton(x, local_w13, local_w2, weights, ids, expert_offset=4)
