@@ -125,3 +125,20 @@ def test_config_choice_and_specs():
     # One pair per expert: one block each; worst case pads every non-empty expert.
     assert max_blocks(8, 128, 16) == 8
     assert max_blocks(64 * 8, 128, 16) == (512 + 128 * 15) // 16
+
+
+def test_dispatch_runs_the_triton_kernel_when_asked(monkeypatch):
+    from splitserve.kernels import dispatch, moe_triton
+
+    calls = []
+    kernel = moe_triton.fused_moe_triton
+    monkeypatch.setattr(moe_triton, "fused_moe_triton", lambda *a: calls.append(a) or kernel(*a))
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    dispatch.kernel_mode.cache_clear()
+    try:
+        x, w13, w2, weights, ids = make_case(5, 6, 2, seed=9)
+        got = dispatch.fused_moe(x, w13[1:], w2[1:], weights, ids, 1)
+    finally:
+        dispatch.kernel_mode.cache_clear()
+    assert len(calls) == 1
+    torch.testing.assert_close(got, fused_moe_ref(x, w13[1:], w2[1:], weights, ids, 1), atol=1e-5, rtol=1e-5)
