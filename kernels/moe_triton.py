@@ -1,6 +1,7 @@
 """The fused MoE layer in Triton: the CUDA path beside `moe.py` (`fused_moe_ref`).
 
-One call, four launches (three at one or two tokens), no host synchronisation (so it records into a CUDA graph):
+One call, four launches (three at one or two tokens), no host synchronisation (so it
+records into a CUDA graph):
 
 1. **align** (`align_by_expert`): the (token, slot) pairs, ``pair = t * top_k + j``, sorted
    by local expert, each expert's run padded up to a multiple of ``block_m`` rows. Out come
@@ -26,8 +27,9 @@ One call, four launches (three at one or two tokens), no host synchronisation (s
    whose expert is local, in float32: no atomics, the same order every run, and the
    skipped slots are never read (so ``slots`` needs no zeroing).
 
-Every active expert's weights are streamed once per call (each block reads its expert's
-tiles; at decode one block per expert), so a decode step is memory bound and the launch
+Each block streams its expert's weights; at decode an active expert is one block, so its
+weights are read from HBM once per call (prefill's several blocks per expert share them
+through L2). A decode step is thus memory bound, and the launch
 shape is chosen by the number of pairs (`moe_config`): small blocks and narrow tiles at
 decode, for enough programs to keep the HBM busy; larger tiles for prefill.
 """
