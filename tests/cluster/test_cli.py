@@ -76,3 +76,13 @@ def test_ray_address_from_the_environment(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert _serve_config().ray.address == "10.0.0.1:6379"
     assert _serve_config("--address", "auto").ray.address == "auto"
+
+
+def test_expert_parallel_flag_reaches_every_groups_engine_config():
+    from splitserve.workers.roles import GroupRole
+
+    assert not _serve_config().group(GroupRole.WORKER).expert_parallel
+    cfg = _serve_config("--expert-parallel", "--mode", "aggregated", "--worker-tp", "2")
+    engine = cfg.service().engine.engine_config(GroupRole.WORKER)
+    assert engine.parallel.expert_parallel and engine.parallel.tensor_parallel_size == 2
+    assert build_parser().parse_args(["generate", "x", "--expert-parallel"]).expert_parallel
