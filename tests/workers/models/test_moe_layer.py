@@ -87,3 +87,23 @@ def test_a_missing_expert_is_named_and_expert_parallel_needs_divisible_experts()
     with pytest.raises(ValueError, match="8 experts do not divide over tp 3"):
         cfg3 = dataclasses.replace(cfg, num_heads=6, num_kv_heads=3, head_dim=16)
         build_model(cfg3, ParallelState(Mapping(3, 0, 3, 1), None, True), torch.device("cpu"), torch.float32)
+
+
+def test_sharded_safetensors_folder_loads_like_one_file(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from splitserve.workers.weights import iter_safetensors
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(random_config("tiny-qwen3-moe"), dtype=torch.float32)
+    hf.save_pretrained(tmp_path / "one")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
+    one = _model("tiny-qwen3-moe", weights=iter_safetensors(tmp_path / "one", progress=False))
+    sharded = _model("tiny-qwen3-moe", weights=iter_safetensors(tmp_path / "sharded", progress=False))
+    for (name, a), (_, b) in zip(one.named_parameters(), sharded.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    # The router and an expert really came from the checkpoint (transformers' names).
+    layer = hf.model.layers[2].mlp
+    assert torch.equal(one.layers[2].mlp.gate.weight, layer.gate.weight)
+    assert torch.equal(one.layers[2].mlp.experts.w2[5], layer.experts.down_proj[5])
