@@ -1,7 +1,7 @@
 """The fused MoE layer in Triton: the CUDA path beside `moe.py` (`fused_moe_ref`).
 
-One call, four launches (three at one or two tokens), no host synchronisation (so it
-records into a CUDA graph):
+One call, four launches (two at one or two tokens), no host synchronisation (so it records
+into a CUDA graph):
 
 1. **align** (`align_by_expert`): the (token, slot) pairs, ``pair = t * top_k + j``, sorted
    by local expert, each expert's run padded up to a multiple of ``block_m`` rows. Out come
@@ -14,8 +14,9 @@ records into a CUDA graph):
    single-program Triton kernel (a decode step: a handful of torch ops would cost more in
    launches than the kernel does); above it, torch ops (argsort, scatter), whose launches
    are nothing next to a prefill's GEMMs. Both give the same layout: within an expert, pairs
-   in token order. Up to `DIRECT_MAX_TOKENS` tokens there is no alignment at all (three
-   launches): block b is pair b alone, its expert read from the ids by the GEMM kernels.
+   in token order. Up to `DIRECT_MAX_TOKENS` tokens there is no alignment at all: block b
+   is pair b alone, its expert read from the ids by gate_up, and down and combine are one
+   kernel (`_down_direct_kernel`): two launches in all.
 2. **gate_up** (`_gate_up_kernel`): program (block, n) multiplies its block's rows of x
    (gathered by token) with the gate and the up tile ``n`` of the block's expert, together,
    and writes ``silu(gate) * up`` (float32 accumulation, rounded once to x's dtype) into
@@ -52,6 +53,8 @@ ALIGN_CHUNK = 32
 #: at two, the few experts both tokens chose (0.5 of 8 of 128, on average) cost less
 #: re-read than the alignment launch does (3.6 us against ~1 us on an H200).
 DIRECT_MAX_TOKENS = 2
+#: `_down_direct_kernel`'s (block_n, block_k, num_warps, num_stages).
+DIRECT_DOWN = (16, 256, 4, 4)
 
 
 @dataclass(frozen=True)
@@ -179,10 +182,10 @@ def _align_torch(ids: torch.Tensor, num_experts: int, expert_offset: int, block_
     key = torch.where((local >= 0) & (local < num_experts), local, num_experts)  # E: not ours
     counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
     counts.scatter_add_(0, key, torch.ones_like(key))
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded[num_experts] = 0
-    row_start = torch.cumsum(padded, 0) - padded
-    row_start[num_experts] = num_rows  # foreign pairs go to a spare row, cut off below
+    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
+    # Foreign pairs go to a spare row, cut off below. (Tensors, not item assignments: those
+    # copy from the host, which a CUDA graph capture refuses.)
+    row_start = torch.cat([torch.cumsum(padded, 0) - padded, padded.new_full((1,), num_rows)])
     order = torch.argsort(key, stable=True)
     key_sorted = key[order]
     first = torch.cumsum(counts, 0) - counts
@@ -190,7 +193,7 @@ def _align_torch(ids: torch.Tensor, num_experts: int, expert_offset: int, block_
     row = torch.where(key_sorted < num_experts, row_start[key_sorted] + rank, num_rows)
     sorted_pairs = torch.full((num_rows + 1,), num_pairs, dtype=torch.int32, device=device)
     sorted_pairs[row] = order.to(torch.int32)
-    block_end = torch.cumsum(padded[:num_experts] // block_m, 0)
+    block_end = torch.cumsum(padded // block_m, 0)
     owner = torch.searchsorted(block_end, torch.arange(num_blocks, device=device), right=True)
     block_expert = torch.where(owner < num_experts, owner, -1).to(torch.int32)
     return sorted_pairs[:num_rows], block_expert
@@ -301,6 +304,36 @@ def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert
     tl.store(out_ptrs, acc.to(slots_ptr.dtype.element_ty), mask=real[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _down_direct_kernel(h_ptr, w2_ptr, out_ptr, weights_ptr, ids_ptr, top_k, hidden, inter, expert_offset,
+                        num_experts, stride_hp, stride_we, stride_wn, stride_ot,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Down and combine at once, for the unaligned layout: program (t, n) runs token t's k
+    pairs one after the other over hidden tile n and writes out[t] itself. A vector-matrix
+    product per pair (one row: no tile of 16 to fill), and no slots to write and read back."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in range(0, top_k):
+        pair = token * top_k + j
+        expert = tl.load(ids_ptr + pair) - expert_offset
+        if (expert >= 0) & (expert < num_experts):
+            part = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            h_ptrs = h_ptr + pair * stride_hp + ks
+            w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]
+            for k0 in range(0, inter, BLOCK_K):
+                k_ok = ks < inter - k0
+                hv = tl.load(h_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+                wv = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                part += wv * hv[None, :]
+                h_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K
+            acc += tl.sum(part, axis=1) * tl.load(weights_ptr + pair)
+    tl.store(out_ptr + token * stride_ot + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
 # ---- 4. combine -------------------------------------------------------------------------------
 
 
@@ -356,6 +389,12 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weigh
         x, w13, h, sorted_pairs, block_expert, ids, num_pairs, top_k, inter, hidden, expert_offset, num_experts,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), DIRECT=direct, PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1, **launch)
+    if direct:
+        bn, bk, warps, stages = DIRECT_DOWN
+        _down_direct_kernel[(num_tokens, triton.cdiv(hidden, bn))](
+            h, w2, out, weights, ids, top_k, hidden, inter, expert_offset, num_experts, cfg.block_m * h.stride(0),
+            w2.stride(0), w2.stride(1), out.stride(0), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        return out
     slots = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     _down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n2))](
         h, w2, slots, weights, sorted_pairs, block_expert, ids, num_pairs, hidden, inter, expert_offset, num_experts,
