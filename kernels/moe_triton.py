@@ -1,7 +1,7 @@
 """The fused MoE layer in Triton: the CUDA path beside `moe.py` (`fused_moe_ref`).
 
-One call, four launches (two at one or two tokens), no host synchronisation (so it records
-into a CUDA graph):
+One call, four launches (three at one or two tokens), no host synchronisation (so it
+records into a CUDA graph):
 
 1. **align** (`align_by_expert`): the (token, slot) pairs, ``pair = t * top_k + j``, sorted
    by local expert, each expert's run padded up to a multiple of ``block_m`` rows. Out come
@@ -15,8 +15,9 @@ into a CUDA graph):
    launches than the kernel does); above it, torch ops (argsort, scatter), whose launches
    are nothing next to a prefill's GEMMs. Both give the same layout: within an expert, pairs
    in token order. Up to `DIRECT_MAX_TOKENS` tokens there is no alignment at all: block b
-   is pair b alone, its expert read from the ids by gate_up, and down and combine are one
-   kernel (`_down_direct_kernel`): two launches in all.
+   is pair b alone, its expert read from the ids by the GEMM kernels. (Down and combine as
+   one per-token kernel of vector-matrix products was tried there: slower, 31 against 27 us
+   at one token on an H200, for want of tensor-core tiles and programs.)
 2. **gate_up** (`_gate_up_kernel`): program (block, n) multiplies its block's rows of x
    (gathered by token) with the gate and the up tile ``n`` of the block's expert, together,
    and writes ``silu(gate) * up`` (float32 accumulation, rounded once to x's dtype) into
@@ -47,14 +48,12 @@ import triton.language as tl
 #: Up to this many (token, slot) pairs the alignment is the single-program Triton kernel.
 ALIGN_TRITON_MAX_PAIRS = 4096
 #: Pairs per step of the alignment kernel's loop (a [chunk, experts] one-hot in registers).
-ALIGN_CHUNK = 32
+ALIGN_CHUNK = 64
 #: Up to this many tokens there is no alignment: each (token, slot) pair is a block of its
 #: own. A token's k experts are distinct (top-k), so at one token no expert is read twice;
 #: at two, the few experts both tokens chose (0.5 of 8 of 128, on average) cost less
 #: re-read than the alignment launch does (3.6 us against ~1 us on an H200).
 DIRECT_MAX_TOKENS = 2
-#: `_down_direct_kernel`'s (block_n, block_k, num_warps, num_stages).
-DIRECT_DOWN = (16, 256, 4, 4)
 
 
 @dataclass(frozen=True)
@@ -134,17 +133,17 @@ def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 @triton.jit
 def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_pairs, expert_offset, num_experts, num_rows,
-                  num_blocks, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+                  num_blocks, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr,
+                  FILL: tl.constexpr):
     experts = tl.arange(0, E_PAD)
     lanes = tl.arange(0, CHUNK)
-    # Pass 1: tokens per expert.
+    # Pass 1: pairs per expert (a one-hot [chunk, experts] summed down its columns).
     counts = tl.zeros([E_PAD], dtype=tl.int32)
     for start in range(0, num_pairs, CHUNK):
         p = start + lanes
         e = tl.load(ids_ptr + p, mask=p < num_pairs, other=0) - expert_offset
         valid = (p < num_pairs) & (e >= 0) & (e < num_experts)
-        onehot = ((e[:, None] == experts[None, :]) & valid[:, None]).to(tl.int32)
-        counts += tl.sum(onehot, axis=0)
+        counts += tl.sum(((e[:, None] == experts[None, :]) & valid[:, None]).to(tl.int32), axis=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     row_start = tl.cumsum(padded, 0) - padded
     block_end = tl.cumsum(padded // BLOCK_M, 0)
@@ -155,21 +154,24 @@ def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_pairs, expert_offse
         tl.store(block_expert_ptr + b, tl.where(owner < num_experts, owner, -1), mask=b < num_blocks)
     # Padding rows hold num_pairs; the real rows overwrite theirs below (after the barrier:
     # another thread of the program may store the same row).
-    for start in range(0, num_rows, CHUNK):
-        r = start + lanes
-        tl.store(sorted_ptr + r, tl.zeros([CHUNK], dtype=tl.int32) + num_pairs, mask=r < num_rows)
+    for start in range(0, num_rows, FILL):
+        r = start + tl.arange(0, FILL)
+        tl.store(sorted_ptr + r, tl.zeros([FILL], dtype=tl.int32) + num_pairs, mask=r < num_rows)
     tl.debug_barrier()
-    # Pass 2: each pair's row = its expert's first row + how many pairs of that expert precede it.
-    seen = tl.zeros([E_PAD], dtype=tl.int32)
+    # Pass 2: a pair's row = its expert's first row + the pairs of that expert before it: in
+    # earlier chunks (`next_row`, gathered through the one-hot) and earlier in this chunk (a
+    # [chunk, chunk] comparison; a scan down the [chunk, experts] one-hot costs far more).
+    next_row = row_start
     for start in range(0, num_pairs, CHUNK):
         p = start + lanes
         e = tl.load(ids_ptr + p, mask=p < num_pairs, other=0) - expert_offset
         valid = (p < num_pairs) & (e >= 0) & (e < num_experts)
-        onehot = ((e[:, None] == experts[None, :]) & valid[:, None]).to(tl.int32)
-        before = tl.cumsum(onehot, 0) - onehot + seen[None, :]
-        row = tl.sum(onehot * (row_start[None, :] + before), axis=1)
+        e = tl.where(valid, e, -1)
+        onehot = (e[:, None] == experts[None, :]).to(tl.int32)
+        earlier = ((e[:, None] == e[None, :]) & (lanes[None, :] < lanes[:, None])).to(tl.int32)
+        row = tl.sum(onehot * next_row[None, :], axis=1) + tl.sum(earlier, axis=1)
         tl.store(sorted_ptr + row, p.to(tl.int32), mask=valid)
-        seen += tl.sum(onehot, axis=0)
+        next_row += tl.sum(onehot, axis=0)
 
 
 def _align_torch(ids: torch.Tensor, num_experts: int, expert_offset: int, block_m: int, num_rows: int,
@@ -215,7 +217,7 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, expert_offset: int, blo
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=ids.device)
     _align_kernel[(1,)](flat, sorted_pairs, block_expert, num_pairs, expert_offset, num_experts, num_rows,
                         num_blocks, BLOCK_M=block_m, CHUNK=ALIGN_CHUNK,
-                        E_PAD=max(16, triton.next_power_of_2(num_experts)), num_warps=4)
+                        E_PAD=max(16, triton.next_power_of_2(num_experts)), FILL=1024, num_warps=4)
     return sorted_pairs, block_expert
 
 
@@ -304,36 +306,6 @@ def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert
     tl.store(out_ptrs, acc.to(slots_ptr.dtype.element_ty), mask=real[:, None] & col_ok[None, :])
 
 
-@triton.jit
-def _down_direct_kernel(h_ptr, w2_ptr, out_ptr, weights_ptr, ids_ptr, top_k, hidden, inter, expert_offset,
-                        num_experts, stride_hp, stride_we, stride_wn, stride_ot,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Down and combine at once, for the unaligned layout: program (t, n) runs token t's k
-    pairs one after the other over hidden tile n and writes out[t] itself. A vector-matrix
-    product per pair (one row: no tile of 16 to fill), and no slots to write and read back."""
-    token = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < hidden
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for j in range(0, top_k):
-        pair = token * top_k + j
-        expert = tl.load(ids_ptr + pair) - expert_offset
-        if (expert >= 0) & (expert < num_experts):
-            part = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            h_ptrs = h_ptr + pair * stride_hp + ks
-            w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]
-            for k0 in range(0, inter, BLOCK_K):
-                k_ok = ks < inter - k0
-                hv = tl.load(h_ptrs, mask=k_ok, other=0.0).to(tl.float32)
-                wv = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                part += wv * hv[None, :]
-                h_ptrs += BLOCK_K
-                w_ptrs += BLOCK_K
-            acc += tl.sum(part, axis=1) * tl.load(weights_ptr + pair)
-    tl.store(out_ptr + token * stride_ot + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
-
-
 # ---- 4. combine -------------------------------------------------------------------------------
 
 
@@ -389,12 +361,6 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weigh
         x, w13, h, sorted_pairs, block_expert, ids, num_pairs, top_k, inter, hidden, expert_offset, num_experts,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), DIRECT=direct, PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1, **launch)
-    if direct:
-        bn, bk, warps, stages = DIRECT_DOWN
-        _down_direct_kernel[(num_tokens, triton.cdiv(hidden, bn))](
-            h, w2, out, weights, ids, top_k, hidden, inter, expert_offset, num_experts, cfg.block_m * h.stride(0),
-            w2.stride(0), w2.stride(1), out.stride(0), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-        return out
     slots = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     _down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n2))](
         h, w2, slots, weights, sorted_pairs, block_expert, ids, num_pairs, hidden, inter, expert_offset, num_experts,
