@@ -12,12 +12,25 @@ recorded and the next runs):
     e attention   paged decode kernel alone, batch 64 @ 4k context: bandwidth vs copy bandwidth
     f offline     N requests 1024 in / 128 out (ignore_eos) vs a roofline; transformers
                   generate() at batch 128 for a few batches
-    g correct     greedy tokens on GPU == transformers (tiny random float32 model); bf16 logits
-                  vs float32 within bf16 error
+    g correct     greedy tokens on GPU == transformers (tiny random float32 model of the
+                  model's family); bf16 logits vs float32 within bf16 error
+
+``--model`` picks the engine sections' model (default the Llama-3-8B shape). A mixture-of-experts
+model (issue 17) is counted by what it computes and reads: prefill FLOPs of the router and the
+top_k experts of each token (not all experts); decode floors of the bytes a step must read (the
+non-expert weights, one embedding row, the distinct experts the step touches: top_k per layer at
+batch 1, at batch 64 the mean measured in an untimed pass), and its own targets (`MOE_TARGETS`).
+Dense models keep their all-weights floor as the target basis and report the bytes-read floor
+beside it. ``--compare-model`` runs the offline workload on a second model after releasing the
+first, in the same process, and tabulates both.
 
 Usage (from the repository root, package on PYTHONPATH):
     python benchmarks/gpu_perf.py --out benchmarks/results [--num-requests 1000] [--quick]
+    python benchmarks/gpu_perf.py --model random:qwen3-30b-a3b --kv-gb 48 --sections ceilings,decode,prefill
+    python benchmarks/gpu_perf.py --model random:qwen3-30b-a3b --compare-model random:qwen3-8b \
+        --kv-gb 48 --sections ceilings,offline
     python benchmarks/gpu_perf.py --device cpu --tiny          # a smoke test of the plumbing
+    python benchmarks/gpu_perf.py --device cpu --tiny --model random:tiny-qwen3-moe --compare-model random:tiny-qwen3
 """
 
 from __future__ import annotations
@@ -471,7 +484,8 @@ def section_decode(ctx: "Ctx") -> dict:
     if shape.is_moe:
         counts = distinct_experts_per_step(llm, big, b64_len, out_len, seed=4242, vocab=shape.vocab)
         experts_big = sum(counts) / len(counts) if counts else float("nan")
-        extra |= {f"experts_per_layer_b{big}_mean": experts_big, f"experts_per_layer_b{big}_min": min(counts, default=0),
+        extra |= {f"experts_per_layer_b{big}_mean": experts_big,
+                  f"experts_per_layer_b{big}_min": min(counts, default=0),
                   f"experts_per_layer_b{big}_uniform": expected_distinct_experts(shape.num_experts, shape.top_k, big),
                   "experts_per_layer_b1": shape.top_k, "expert_calls_counted": len(counts)}
     read_b1 = shape.step_read_params(shape.top_k) * ctx.elem_bytes
@@ -808,8 +822,8 @@ def _fmt(v: Any) -> str:
 
 def format_table(report: dict) -> str:
     rows = [("section", "figure", "value")]
-    keep = ("TBps", "TFLOPs", "rel_err", "_ms", "vs_floor", "frac", "tok_s", "vs_roofline", "pass", "match", "error", "_us",
-            "_s", "_GB", "vs_read_floor", "experts_per_layer", "floor_kind", "model")
+    keep = ("TBps", "TFLOPs", "rel_err", "_ms", "vs_floor", "frac", "tok_s", "vs_roofline", "pass", "match", "error",
+            "_us", "_s", "_GB", "vs_read_floor", "experts_per_layer", "floor_kind", "model")
     for name in SECTIONS:
         sec = report.get(name)
         if not isinstance(sec, dict):
