@@ -276,54 +276,92 @@ def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_p
 
 
 @triton.jit
-def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, hidden,
-                 inter, expert_offset, num_experts, stride_ht, stride_we, stride_wn, stride_st,
-                 DIRECT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert_ptr, ids_ptr, out_ptr, arrivals_ptr,
+                 num_tokens, top_k, hidden, inter, expert_offset, num_experts, stride_ht, stride_we, stride_wn,
+                 stride_st, stride_ot, DIRECT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     block = tl.program_id(0)
+    num_pairs = num_tokens * top_k
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     expert, pair = _block_rows(block, rows, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, expert_offset,
                                DIRECT, BLOCK_M)
-    if (expert < 0) | (expert >= num_experts):
-        return
-    real = pair < num_pairs
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_ht + ks[None, :]
-    w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        k_ok = ks < inter - k0
-        a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    weight = tl.load(weights_ptr + pair, mask=real, other=0.0)
-    acc = acc * weight[:, None]
-    out_ptrs = slots_ptr + pair[:, None].to(tl.int64) * stride_st + cols[None, :]
-    tl.store(out_ptrs, acc.to(slots_ptr.dtype.element_ty), mask=real[:, None] & col_ok[None, :])
+    if not DIRECT:
+        if (expert < 0) | (expert >= num_experts):
+            return
+    if (expert >= 0) & (expert < num_experts):
+        real = pair < num_pairs
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_ht + ks[None, :]
+        w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            k_ok = ks < inter - k0
+            a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        weight = tl.load(weights_ptr + pair, mask=real, other=0.0)
+        acc = acc * weight[:, None]
+        out_ptrs = slots_ptr + pair[:, None].to(tl.int64) * stride_st + cols[None, :]
+        tl.store(out_ptrs, acc.to(slots_ptr.dtype.element_ty), mask=real[:, None] & col_ok[None, :])
+    if DIRECT:
+        # Combine here, in the last of the tile's programs to finish (every block arrives,
+        # a foreign expert's too): it sums the slots in slot order, as `_combine_kernel`
+        # would, and resets the tile's counter for the next call. The barrier puts all of
+        # this program's slot stores before its release; the last arriver acquires them all.
+        tl.debug_barrier()
+        tile = tl.program_id(1)
+        arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel")
+        if arrived == tl.num_programs(0) - 1:
+            tl.atomic_xchg(arrivals_ptr + tile, 0)
+            for t in range(0, num_tokens):
+                _combine_token(slots_ptr, ids_ptr, out_ptr, t, cols, col_ok, top_k, expert_offset, num_experts,
+                               stride_st, stride_ot, BLOCK_N)
 
 
 # ---- 4. combine -------------------------------------------------------------------------------
 
 
 @triton.jit
-def _combine_kernel(slots_ptr, ids_ptr, out_ptr, top_k, hidden, expert_offset, num_experts, stride_st, stride_ot,
-                    BLOCK: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < hidden
+def _combine_token(slots_ptr, ids_ptr, out_ptr, token, cols, col_ok, top_k, expert_offset, num_experts, stride_st,
+                   stride_ot, BLOCK: tl.constexpr):
+    """out[token, cols] = the sum, in float32 and slot order, of the token's local slots
+    (``token`` int64 where offsets could pass 2**31)."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for j in range(0, top_k):
         e = tl.load(ids_ptr + token * top_k + j) - expert_offset
         if (e >= 0) & (e < num_experts):
-            acc += tl.load(slots_ptr + (token * top_k + j) * stride_st + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + token * stride_ot + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+            # .cg: from L2, where other programs' stores are (L1 is not coherent).
+            acc += tl.load(slots_ptr + (token * top_k + j) * stride_st + cols, mask=col_ok, other=0.0,
+                           cache_modifier=".cg").to(tl.float32)
+    tl.store(out_ptr + token * stride_ot + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _combine_kernel(slots_ptr, ids_ptr, out_ptr, top_k, hidden, expert_offset, num_experts, stride_st, stride_ot,
+                    BLOCK: tl.constexpr):
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    _combine_token(slots_ptr, ids_ptr, out_ptr, tl.program_id(0).to(tl.int64), cols, cols < hidden, top_k, expert_offset,
+                   num_experts, stride_st, stride_ot, BLOCK)
 
 
 COMBINE_BLOCK = 1024
+
+
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The down kernel's per-tile arrival counters (direct layout), zero between calls: each
+    call's last arriver resets its tile's. Kept per device, made on the first call (which
+    the engine makes before it captures its CUDA graphs), grown when a wider layer needs."""
+    counters = _ARRIVALS.get(device)
+    if counters is None or counters.numel() < tiles:
+        counters = _ARRIVALS[device] = torch.zeros(max(tiles, 64), dtype=torch.int32, device=device)
+    return counters
 
 
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
@@ -362,10 +400,15 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weigh
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), DIRECT=direct, PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1, **launch)
     slots = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
-    _down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n2))](
-        h, w2, slots, weights, sorted_pairs, block_expert, ids, num_pairs, hidden, inter, expert_offset, num_experts,
-        h.stride(0), w2.stride(0), w2.stride(1), slots.stride(0), DIRECT=direct, PRECISION=precision,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2, **launch)
+    tiles = triton.cdiv(hidden, cfg.block_n2)
+    arrivals = _arrival_counters(x.device, tiles) if direct else slots  # (unread unless direct)
+    _down_kernel[(num_blocks, tiles)](
+        h, w2, slots, weights, sorted_pairs, block_expert, ids, out, arrivals, num_tokens, top_k, hidden, inter,
+        expert_offset, num_experts, h.stride(0), w2.stride(0), w2.stride(1), slots.stride(0), out.stride(0),
+        DIRECT=direct, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
+        **launch)
+    if direct:  # combined by the down kernel
+        return out
     _combine_kernel[(num_tokens, triton.cdiv(hidden, COMBINE_BLOCK))](
         slots, ids, out, top_k, hidden, expert_offset, num_experts, slots.stride(0), out.stride(0),
         BLOCK=COMBINE_BLOCK, num_warps=4)
