@@ -17,7 +17,8 @@ records into a CUDA graph):
    in token order. Up to `DIRECT_MAX_TOKENS` tokens there is no alignment at all: block b
    is pair b alone, its expert read from the ids by the GEMM kernels. (Down and combine as
    one per-token kernel of vector-matrix products was tried there: slower, 31 against 27 us
-   at one token on an H200, for want of tensor-core tiles and programs.)
+   at one token on an H200, for want of tensor-core tiles and programs; so was combining in
+   the down kernel's last program per tile: no faster than the combine launch.)
 2. **gate_up** (`_gate_up_kernel`): program (block, n) multiplies its block's rows of x
    (gathered by token) with the gate and the up tile ``n`` of the block's expert, together,
    and writes ``silu(gate) * up`` (float32 accumulation, rounded once to x's dtype) into
@@ -46,9 +47,11 @@ import triton
 import triton.language as tl
 
 #: Up to this many (token, slot) pairs the alignment is the single-program Triton kernel.
-ALIGN_TRITON_MAX_PAIRS = 4096
+#: Its time grows with the pairs (a serial loop: on an H200 3 us at 32 pairs, 25 us at 512,
+#: 86 us at 2048), the torch ops' hardly (65 us at 32, 100 us at 2048, 150 us at 16k).
+ALIGN_TRITON_MAX_PAIRS = 2048
 #: Pairs per step of the alignment kernel's loop (a [chunk, experts] one-hot in registers).
-ALIGN_CHUNK = 64
+ALIGN_CHUNK = 32
 #: Up to this many tokens there is no alignment: each (token, slot) pair is a block of its
 #: own. A token's k experts are distinct (top-k), so at one token no expert is read twice;
 #: at two, the few experts both tokens chose (0.5 of 8 of 128, on average) cost less
@@ -108,7 +111,9 @@ class MoeConfig:
 #: Decode sizes are memory bound (narrow tiles: more programs streaming weights); prefill
 #: sizes compute bound (wide tiles, more reuse of each weight tile).
 #: Chosen from benchmarks/moe_kernel_bench.py on an H200 at Qwen3-30B-A3B's shape
-#: (2026-12-02): at T = 1..64 gate_up and down each run within 5% of their bytes' floor.
+#: (2026-12-02): at 1 and 8 tokens gate_up and down each run within 8% of the time their
+#: weights take to read at copy bandwidth; the whole call is within 1.15x of its floor at
+#: 8 to 64 tokens, 1.5x at one (three launches for 18 us of reading).
 CONFIGS: tuple[tuple[int, MoeConfig], ...] = (
     (64, MoeConfig()),
     (512, MoeConfig(block_n1=64, block_k1=128, block_n2=64, block_k2=128)),
@@ -133,17 +138,17 @@ def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 @triton.jit
 def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_pairs, expert_offset, num_experts, num_rows,
-                  num_blocks, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr,
-                  FILL: tl.constexpr):
+                  num_blocks, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
     experts = tl.arange(0, E_PAD)
     lanes = tl.arange(0, CHUNK)
-    # Pass 1: pairs per expert (a one-hot [chunk, experts] summed down its columns).
+    # Pass 1: tokens per expert.
     counts = tl.zeros([E_PAD], dtype=tl.int32)
     for start in range(0, num_pairs, CHUNK):
         p = start + lanes
         e = tl.load(ids_ptr + p, mask=p < num_pairs, other=0) - expert_offset
         valid = (p < num_pairs) & (e >= 0) & (e < num_experts)
-        counts += tl.sum(((e[:, None] == experts[None, :]) & valid[:, None]).to(tl.int32), axis=0)
+        onehot = ((e[:, None] == experts[None, :]) & valid[:, None]).to(tl.int32)
+        counts += tl.sum(onehot, axis=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     row_start = tl.cumsum(padded, 0) - padded
     block_end = tl.cumsum(padded // BLOCK_M, 0)
@@ -154,24 +159,21 @@ def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_pairs, expert_offse
         tl.store(block_expert_ptr + b, tl.where(owner < num_experts, owner, -1), mask=b < num_blocks)
     # Padding rows hold num_pairs; the real rows overwrite theirs below (after the barrier:
     # another thread of the program may store the same row).
-    for start in range(0, num_rows, FILL):
-        r = start + tl.arange(0, FILL)
-        tl.store(sorted_ptr + r, tl.zeros([FILL], dtype=tl.int32) + num_pairs, mask=r < num_rows)
+    for start in range(0, num_rows, CHUNK):
+        r = start + lanes
+        tl.store(sorted_ptr + r, tl.zeros([CHUNK], dtype=tl.int32) + num_pairs, mask=r < num_rows)
     tl.debug_barrier()
-    # Pass 2: a pair's row = its expert's first row + the pairs of that expert before it: in
-    # earlier chunks (`next_row`, gathered through the one-hot) and earlier in this chunk (a
-    # [chunk, chunk] comparison; a scan down the [chunk, experts] one-hot costs far more).
-    next_row = row_start
+    # Pass 2: each pair's row = its expert's first row + how many pairs of that expert precede it.
+    seen = tl.zeros([E_PAD], dtype=tl.int32)
     for start in range(0, num_pairs, CHUNK):
         p = start + lanes
         e = tl.load(ids_ptr + p, mask=p < num_pairs, other=0) - expert_offset
         valid = (p < num_pairs) & (e >= 0) & (e < num_experts)
-        e = tl.where(valid, e, -1)
-        onehot = (e[:, None] == experts[None, :]).to(tl.int32)
-        earlier = ((e[:, None] == e[None, :]) & (lanes[None, :] < lanes[:, None])).to(tl.int32)
-        row = tl.sum(onehot * next_row[None, :], axis=1) + tl.sum(earlier, axis=1)
+        onehot = ((e[:, None] == experts[None, :]) & valid[:, None]).to(tl.int32)
+        before = tl.cumsum(onehot, 0) - onehot + seen[None, :]
+        row = tl.sum(onehot * (row_start[None, :] + before), axis=1)
         tl.store(sorted_ptr + row, p.to(tl.int32), mask=valid)
-        next_row += tl.sum(onehot, axis=0)
+        seen += tl.sum(onehot, axis=0)
 
 
 def _align_torch(ids: torch.Tensor, num_experts: int, expert_offset: int, block_m: int, num_rows: int,
@@ -217,7 +219,7 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, expert_offset: int, blo
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=ids.device)
     _align_kernel[(1,)](flat, sorted_pairs, block_expert, num_pairs, expert_offset, num_experts, num_rows,
                         num_blocks, BLOCK_M=block_m, CHUNK=ALIGN_CHUNK,
-                        E_PAD=max(16, triton.next_power_of_2(num_experts)), FILL=1024, num_warps=4)
+                        E_PAD=max(16, triton.next_power_of_2(num_experts)), num_warps=4)
     return sorted_pairs, block_expert
 
 
@@ -276,92 +278,54 @@ def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_p
 
 
 @triton.jit
-def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert_ptr, ids_ptr, out_ptr, arrivals_ptr,
-                 num_tokens, top_k, hidden, inter, expert_offset, num_experts, stride_ht, stride_we, stride_wn,
-                 stride_st, stride_ot, DIRECT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, hidden,
+                 inter, expert_offset, num_experts, stride_ht, stride_we, stride_wn, stride_st,
+                 DIRECT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     block = tl.program_id(0)
-    num_pairs = num_tokens * top_k
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     expert, pair = _block_rows(block, rows, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, expert_offset,
                                DIRECT, BLOCK_M)
+    if (expert < 0) | (expert >= num_experts):
+        return
+    real = pair < num_pairs
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
-    if not DIRECT:
-        if (expert < 0) | (expert >= num_experts):
-            return
-    if (expert >= 0) & (expert < num_experts):
-        real = pair < num_pairs
-        ks = tl.arange(0, BLOCK_K)
-        a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_ht + ks[None, :]
-        w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, inter, BLOCK_K):
-            k_ok = ks < inter - k0
-            a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
-        weight = tl.load(weights_ptr + pair, mask=real, other=0.0)
-        acc = acc * weight[:, None]
-        out_ptrs = slots_ptr + pair[:, None].to(tl.int64) * stride_st + cols[None, :]
-        tl.store(out_ptrs, acc.to(slots_ptr.dtype.element_ty), mask=real[:, None] & col_ok[None, :])
-    if DIRECT:
-        # Combine here, in the last of the tile's programs to finish (every block arrives,
-        # a foreign expert's too): it sums the slots in slot order, as `_combine_kernel`
-        # would, and resets the tile's counter for the next call. The barrier puts all of
-        # this program's slot stores before its release; the last arriver acquires them all.
-        tl.debug_barrier()
-        tile = tl.program_id(1)
-        arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel")
-        if arrived == tl.num_programs(0) - 1:
-            tl.atomic_xchg(arrivals_ptr + tile, 0)
-            for t in range(0, num_tokens):
-                _combine_token(slots_ptr, ids_ptr, out_ptr, t, cols, col_ok, top_k, expert_offset, num_experts,
-                               stride_st, stride_ot, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_ht + ks[None, :]
+    w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        k_ok = ks < inter - k0
+        a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    weight = tl.load(weights_ptr + pair, mask=real, other=0.0)
+    acc = acc * weight[:, None]
+    out_ptrs = slots_ptr + pair[:, None].to(tl.int64) * stride_st + cols[None, :]
+    tl.store(out_ptrs, acc.to(slots_ptr.dtype.element_ty), mask=real[:, None] & col_ok[None, :])
 
 
 # ---- 4. combine -------------------------------------------------------------------------------
 
 
 @triton.jit
-def _combine_token(slots_ptr, ids_ptr, out_ptr, token, cols, col_ok, top_k, expert_offset, num_experts, stride_st,
-                   stride_ot, BLOCK: tl.constexpr):
-    """out[token, cols] = the sum, in float32 and slot order, of the token's local slots
-    (``token`` int64 where offsets could pass 2**31)."""
+def _combine_kernel(slots_ptr, ids_ptr, out_ptr, top_k, hidden, expert_offset, num_experts, stride_st, stride_ot,
+                    BLOCK: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < hidden
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for j in range(0, top_k):
         e = tl.load(ids_ptr + token * top_k + j) - expert_offset
         if (e >= 0) & (e < num_experts):
-            # .cg: from L2, where other programs' stores are (L1 is not coherent).
-            acc += tl.load(slots_ptr + (token * top_k + j) * stride_st + cols, mask=col_ok, other=0.0,
-                           cache_modifier=".cg").to(tl.float32)
-    tl.store(out_ptr + token * stride_ot + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
-
-
-@triton.jit
-def _combine_kernel(slots_ptr, ids_ptr, out_ptr, top_k, hidden, expert_offset, num_experts, stride_st, stride_ot,
-                    BLOCK: tl.constexpr):
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    _combine_token(slots_ptr, ids_ptr, out_ptr, tl.program_id(0).to(tl.int64), cols, cols < hidden, top_k, expert_offset,
-                   num_experts, stride_st, stride_ot, BLOCK)
+            acc += tl.load(slots_ptr + (token * top_k + j) * stride_st + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * stride_ot + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 COMBINE_BLOCK = 1024
-
-
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """The down kernel's per-tile arrival counters (direct layout), zero between calls: each
-    call's last arriver resets its tile's. Kept per device, made on the first call (which
-    the engine makes before it captures its CUDA graphs), grown when a wider layer needs."""
-    counters = _ARRIVALS.get(device)
-    if counters is None or counters.numel() < tiles:
-        counters = _ARRIVALS[device] = torch.zeros(max(tiles, 64), dtype=torch.int32, device=device)
-    return counters
 
 
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
@@ -400,15 +364,10 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weigh
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), DIRECT=direct, PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1, **launch)
     slots = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
-    tiles = triton.cdiv(hidden, cfg.block_n2)
-    arrivals = _arrival_counters(x.device, tiles) if direct else slots  # (unread unless direct)
-    _down_kernel[(num_blocks, tiles)](
-        h, w2, slots, weights, sorted_pairs, block_expert, ids, out, arrivals, num_tokens, top_k, hidden, inter,
-        expert_offset, num_experts, h.stride(0), w2.stride(0), w2.stride(1), slots.stride(0), out.stride(0),
-        DIRECT=direct, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
-        **launch)
-    if direct:  # combined by the down kernel
-        return out
+    _down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n2))](
+        h, w2, slots, weights, sorted_pairs, block_expert, ids, num_pairs, hidden, inter, expert_offset, num_experts,
+        h.stride(0), w2.stride(0), w2.stride(1), slots.stride(0), DIRECT=direct, PRECISION=precision,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2, **launch)
     _combine_kernel[(num_tokens, triton.cdiv(hidden, COMBINE_BLOCK))](
         slots, ids, out, top_k, hidden, expert_offset, num_experts, slots.stride(0), out.stride(0),
         BLOCK=COMBINE_BLOCK, num_warps=4)
