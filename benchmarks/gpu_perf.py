@@ -506,6 +506,8 @@ def section_decode(ctx: "Ctx") -> dict:
                 ("triton_eager", "auto", True, True), ("torch_eager", "torch", True, True)]
     if ctx.device.type == "cpu":
         variants = [("torch_eager", "auto", True, False)]
+    elif a.decode_variants:  # a short device budget: only the variants asked for
+        variants = [v for v in variants if v[0] in a.decode_variants.split(",")]
     engine, default_async = llm.engine, llm.engine.async_scheduling
     for name, mode, eager, use_async in variants:
         if name.startswith("triton_graphs") and runner.cuda_graphs is None:
@@ -907,6 +909,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--num-requests", type=int, default=None, help="offline section (default 1000, tiny 8)")
     p.add_argument("--hf-batches", type=int, default=1, help="transformers generate() batches of 128 to time")
     p.add_argument("--kv-gb", type=int, default=60, help="KV cache budget of the engine, GiB")
+    p.add_argument("--decode-variants", default="",
+                   help="decode section: comma list of triton_graphs,triton_graphs_sync,triton_eager,torch_eager "
+                        "(default: all)")
     p.add_argument("--sections", default=",".join(["correctness", "ceilings", "kernels", "attention", "decode",
                                                      "prefill", "offline"]))
     args = p.parse_args(argv)
