@@ -187,6 +187,16 @@ def apply_rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # ---- mixture of experts -------------------------------------------------------------------
 
 
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's choice (`moe.route`): softmax in float32, top-k, renormalised if asked ->
+    (weights [T, k] float32, expert ids [T, k] int32), highest first."""
+    if use_triton(router_logits):
+        from splitserve.kernels import moe_route_triton
+
+        return moe_route_triton.route_triton(router_logits, top_k, renormalize)
+    return moe_ref.route(router_logits, top_k, renormalize)
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
               ids: torch.Tensor, expert_offset: int = 0) -> torch.Tensor:
     """Each token through its top-k experts, weighted and summed (`moe.fused_moe_ref`):

@@ -28,6 +28,7 @@ TRITON_MODULES = [
     "splitserve.kernels.rotary_triton",
     "splitserve.kernels.kv_pack_triton",
     "splitserve.kernels.moe_triton",
+    "splitserve.kernels.moe_route_triton",
 ]
 
 

@@ -1,6 +1,6 @@
 """The mixture-of-experts layer (Qwen3-MoE, Mixtral): a router and the experts' gated MLPs.
 
-A step's tokens [T, H] go through the router (a replicated [E, H] linear; `route`: softmax,
+A step's tokens [T, H] go through the router (a replicated [E, H] linear; `kernels.route`: softmax,
 top-k, the model's renormalisation), then through their k experts (`kernels.fused_moe`),
 weighted and summed. Two ways to lay the experts over the tensor-parallel ranks:
 
@@ -26,7 +26,6 @@ from torch import nn
 import torch.nn.functional as F
 
 from splitserve.kernels import dispatch as kernels
-from splitserve.kernels.moe import route
 from splitserve.workers.config import ModelConfig
 from splitserve.workers.models.layers import _copy_checked
 from splitserve.workers.parallel import ParallelState
@@ -106,7 +105,7 @@ class SparseMoeBlock(nn.Module):
         self.experts = FusedExperts(cfg, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        weights, ids = kernels.route(self.gate(x), self.top_k, self.renormalize)
         return self.parallel.all_reduce(self.experts(x, weights, ids))
 
 
