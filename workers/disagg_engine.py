@@ -455,8 +455,7 @@ class DisaggEngine:
         the rest: it never fails while a healthy group of each role is left. That costs the
         request no retry (it never ran there); each such round takes a group out, so it ends."""
         while True:
-            decode_role = GroupRole.DECODE if self.prefills else GroupRole.WORKER
-            decodes = self._ranked(decode_role, request.prompt_ids)
+            decodes = self._ranked(self.group_set.decode_role, request.prompt_ids)
             if not decodes:
                 self.requests.fail(request, "no decode group is available")
                 return True
@@ -524,7 +523,7 @@ class DisaggEngine:
         """The whole request on a decode group (the policy's order; one found failed is marked
         so and the next tried); with none left it fails."""
         if decodes is None:
-            decodes = self._ranked(GroupRole.DECODE if self.prefills else GroupRole.WORKER, request.prompt_ids)
+            decodes = self._ranked(self.group_set.decode_role, request.prompt_ids)
         prompt_ids, params = request.continuation()
         for decode in decodes:
             if decode.healthy and self._on_group(decode, lambda: decode.engine.add_request(

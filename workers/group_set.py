@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from splitserve.kvtransfer.agent import KVAgentSpec
+from splitserve.kvtransfer.messages import FaultConfig
 from splitserve.workers.engine import EngineConfig
 from splitserve.workers.group_engine import GroupEngine
 from splitserve.workers.roles import GroupRole
@@ -92,7 +93,7 @@ class KVWiring:
     transport: str
     store_host: str
     store_port: int
-    faults: object
+    faults: FaultConfig
 
 
 class GroupSet:
@@ -107,9 +108,10 @@ class GroupSet:
         self.policy = policy
         #: The latest incarnation handed out per group name (`next_incarnation`).
         self._incarnations: dict[str, int] = {}
-        decode_role = GroupRole.DECODE if prefill is not None else GroupRole.WORKER
+        #: The role of the groups requests generate on: decode, or worker without prefill groups.
+        self.decode_role = GroupRole.DECODE if prefill is not None else GroupRole.WORKER
         self.prefills = [self._new(GroupRole.PREFILL, i) for i in range(self._num_prefill)]
-        self.decodes = [self._new(decode_role, i, decode_prefix) for i in range(num_decode)]
+        self.decodes = [self._new(self.decode_role, i, decode_prefix) for i in range(num_decode)]
 
     @property
     def groups(self) -> list[Group]:

@@ -61,6 +61,7 @@ def test_aggregated_groups_are_workers_without_a_kv_service():
     assert gs.prefills == [] and [g.name for g in gs.decodes] == ["w-0", "w-1", "w-2"]
     assert all(g.role is GroupRole.WORKER and g.config.kv is None and g.namespace == "" for g in gs.decodes)
     assert gs.peers(gs.decodes[0]) == [] and GroupRole.WORKER.generates and not GroupRole.PREFILL.generates
+    assert gs.decode_role is GroupRole.WORKER and _disagg().decode_role is GroupRole.DECODE
 
 
 def test_ranking_counts_open_transfers_as_waiting_and_skips_failed_groups():
