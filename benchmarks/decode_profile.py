@@ -1,4 +1,4 @@
-"""Where a batch-1 decode step's time goes on a GPU: kernels (their device time, and how many)
+"""Where a decode step's time goes on a GPU: kernels (their device time, and how many)
 against the step's wall time, with CUDA graphs and eager.
 
 A step within a small factor of its bytes-read floor spends its time streaming weights; one
@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default="random:qwen3-30b-a3b")
     p.add_argument("--kv-gb", type=int, default=16)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
+    p.add_argument("--context", type=int, default=128, help="prompt tokens of each sequence")
     p.add_argument("--out", type=Path, default=results_meta.RESULTS_DIR)
     args = p.parse_args(argv)
     import torch
@@ -42,15 +44,18 @@ def main(argv: list[str] | None = None) -> dict:
     report = results_meta.report_header("decode_profile", __file__, sys.argv[1:] if argv is None else argv, now,
                                         {"name": torch.cuda.get_device_name() if torch.cuda.is_available()
                                          else results_meta.cpu_model(), "torch": torch.__version__})
-    llm = LLM(args.model, kv_cache_memory=args.kv_gb << 30, max_num_seqs=8, show_progress=False)
+    llm = LLM(args.model, kv_cache_memory=args.kv_gb << 30, max_num_seqs=max(8, args.batch),
+              show_progress=False)
     engine, runner = llm.engine, llm.engine.executor_for_tests.runner
     vocab = runner.model_cfg.vocab_size
-    report["graph_step_ms"] = 1e3 * gpu_perf.decode_step_s(llm, 1, 128, 24, seed=1, vocab=vocab)
+    report["graph_step_ms"] = 1e3 * gpu_perf.decode_step_s(llm, args.batch, args.context, 24, seed=1, vocab=vocab)
     runner.enforce_eager = True
-    report["eager_step_ms"] = 1e3 * gpu_perf.decode_step_s(llm, 1, 128, 24, seed=2, vocab=vocab)
-    engine.add_request("prof", gpu_perf._distinct_prompts(1, 128, vocab, 3)[0],
-                       SamplingParams(max_tokens=args.steps + 4, temperature=0.0, ignore_eos=True))
-    for _ in range(3):  # prefill and the first decode steps, outside the trace
+    report["eager_step_ms"] = 1e3 * gpu_perf.decode_step_s(llm, args.batch, args.context, 24, seed=2, vocab=vocab)
+    for i, prompt in enumerate(gpu_perf._distinct_prompts(args.batch, args.context, vocab, 3)):
+        engine.add_request(f"prof{i}", prompt,
+                           SamplingParams(max_tokens=args.steps + 64, temperature=0.0, ignore_eos=True))
+    budget = llm.engine.config.scheduler.max_num_batched_tokens
+    for _ in range(-(-args.batch * args.context // budget) + 3):  # prefills, first decodes: untraced
         engine.step()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -68,12 +73,13 @@ def main(argv: list[str] | None = None) -> dict:
     for e in kernels:
         by_name[e.name[:90]] += e.device_time / args.steps
         counts[e.name[:90]] += 1 / args.steps
-    report |= {"model": args.model, "profiled_eager_step_ms": 1e3 * wall, "kernel_device_ms_per_step": device_us / 1e3,
+    report |= {"model": args.model, "batch": args.batch, "context": args.context, "profiled_eager_step_ms": 1e3 * wall, "kernel_device_ms_per_step": device_us / 1e3,
                "kernels_per_step": len(kernels) / args.steps,
                "top_kernels": [{"name": n, "us_per_step": round(us, 1), "count_per_step": round(counts[n], 1)}
                                for n, us in by_name.most_common(25)]}
     llm.shutdown()
-    out = args.out / f"decode_profile_{results_meta.slug(report['device']['name'])}_{now:%Y-%m-%dT%H%M}.json"
+    out = args.out / (f"decode_profile_{results_meta.slug(report['device']['name'])}_b{args.batch}"
+                      f"_{now:%Y-%m-%dT%H%M}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "top_kernels"}, indent=1))
