@@ -21,6 +21,7 @@ from functools import cache
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from splitserve.kernels import activation as activation_ref
 from splitserve.kernels import attention as attention_ref
@@ -73,6 +74,26 @@ def upload(values: list, device: torch.device, dtype: torch.dtype = torch.long) 
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
+
+
+# ---- linear layers --------------------------------------------------------------------------
+
+#: Up to this many rows a linear layer on CUDA is the skinny Triton kernel (`linear_triton`);
+#: above it cuBLAS, whose GEMM tiles no longer waste the weight reads. 0 turns it off.
+SKINNY_MAX_ROWS = 16
+
+
+def _skinny(x: torch.Tensor) -> bool:
+    return x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS and use_triton(x)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``: a decode batch's few rows through the skinny Triton kernel on CUDA."""
+    if _skinny(x):
+        from splitserve.kernels import linear_triton
+
+        return linear_triton.skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 # ---- attention ----------------------------------------------------------------------------
@@ -195,6 +216,18 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
 
         return moe_route_triton.route_triton(router_logits, top_k, renormalize)
     return moe_ref.route(router_logits, top_k, renormalize)
+
+
+def router(x: torch.Tensor, weight: torch.Tensor, top_k: int,
+           renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route` of the router logits ``x weight^T``. A decode batch's few rows on CUDA: the
+    skinny kernel's float32 partial sums go to the router kernel, which adds them (two
+    launches for logits, softmax, top-k)."""
+    if _skinny(x):
+        from splitserve.kernels import linear_triton, moe_route_triton
+
+        return moe_route_triton.route_triton(linear_triton.skinny_partials(x, weight), top_k, renormalize)
+    return route(F.linear(x, weight), top_k, renormalize)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,

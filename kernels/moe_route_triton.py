@@ -7,7 +7,9 @@ layer's batch-1 decode step, more than a third of what its experts' GEMMs take
 token loads its row of router logits, takes the softmax in float32, picks the k largest by
 k rounds of max-and-mask (k is small: 2 to 8; the lowest expert id wins a tie), renormalises
 over them if asked, and writes the weights (float32) and expert ids (int32), highest first,
-as `moe.route` does.
+as `moe.route` does. The logits may come as float32 partial sums over shares of the hidden
+dimension (the router's skinny GEMM, `linear_triton.skinny_partials`): the program adds them
+as it loads its row, which saves the reduction's launch.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _route_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_row,
-                  TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr):
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_row, stride_split,
+                  SPLITS: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
+                  RENORMALIZE: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
     valid = offs < num_experts
     x = tl.load(logits_ptr + row * stride_row + offs, mask=valid, other=-float("inf")).to(tl.float32)
+    for s in tl.static_range(1, SPLITS):  # partial sums of the logits: added in a fixed order
+        x += tl.load(logits_ptr + s * stride_split + row * stride_row + offs, mask=valid, other=0.0)
     e = tl.exp(x - tl.max(x, axis=0))
     p = tl.where(valid, e / tl.sum(e, axis=0), -2.0)  # padding lanes never win a round
     slots = tl.arange(0, K_PAD)
@@ -43,15 +48,19 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_row,
 
 
 def route_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int32), highest first."""
-    num_tokens, num_experts = router_logits.shape
+    """Logits [T, E], or float32 partial sums of them [S, T, E] (`linear_triton.skinny_partials`)
+    -> (weights [T, k] float32, expert ids [T, k] int32), highest first."""
+    logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+    if logits.dim() == 2:
+        logits = logits.unsqueeze(0)
+    splits, num_tokens, num_experts = logits.shape
     if not 0 < top_k <= num_experts:
         raise ValueError(f"top_k must be in 1..{num_experts}, got {top_k}")
-    logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
     if num_tokens:
-        _route_kernel[(num_tokens,)](logits, weights, ids, num_experts, logits.stride(0), TOP_K=top_k,
+        _route_kernel[(num_tokens,)](logits, weights, ids, num_experts, logits.stride(1), logits.stride(0),
+                                     SPLITS=splits, TOP_K=top_k,
                                      K_PAD=triton.next_power_of_2(top_k), BLOCK_E=triton.next_power_of_2(num_experts),
                                      RENORMALIZE=renormalize)
     return weights, ids

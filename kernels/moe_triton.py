@@ -204,9 +204,11 @@ def _align_torch(ids: torch.Tensor, num_experts: int, expert_offset: int, block_
 
 
 def align_by_expert(ids: torch.Tensor, num_experts: int, expert_offset: int, block_m: int,
-                    use_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    use_kernel: bool | None = None, chunk: int = ALIGN_CHUNK,
+                    num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted_pairs int32 [blocks * block_m], block_expert int32 [blocks]) for ids [T, k]:
-    see the module docstring. ``use_kernel`` forces one implementation (tests)."""
+    see the module docstring. ``use_kernel`` forces one implementation (tests); ``chunk`` and
+    ``num_warps`` shape the kernel (benchmarks)."""
     num_pairs = ids.numel()
     num_blocks = max_blocks(num_pairs, num_experts, block_m)
     num_rows = num_blocks * block_m
@@ -218,8 +220,8 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, expert_offset: int, blo
     sorted_pairs = torch.empty(num_rows, dtype=torch.int32, device=ids.device)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=ids.device)
     _align_kernel[(1,)](flat, sorted_pairs, block_expert, num_pairs, expert_offset, num_experts, num_rows,
-                        num_blocks, BLOCK_M=block_m, CHUNK=ALIGN_CHUNK,
-                        E_PAD=max(16, triton.next_power_of_2(num_experts)), num_warps=4)
+                        num_blocks, BLOCK_M=block_m, CHUNK=chunk,
+                        E_PAD=max(16, triton.next_power_of_2(num_experts)), num_warps=num_warps)
     return sorted_pairs, block_expert
 
 

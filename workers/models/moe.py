@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from splitserve.kernels import dispatch as kernels
 from splitserve.workers.config import ModelConfig
@@ -35,14 +34,16 @@ _EXPERT_PROJ = {"gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w
 
 
 class Router(nn.Module):
-    """Router logits x W^T [T, E]; the weight is replicated on every rank."""
+    """The router (``gate``): logits x W^T [T, E] (the weight is replicated on every rank),
+    routed by `kernels.router`."""
 
     def __init__(self, hidden_size: int, num_experts: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+    def forward(self, x: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (weights [T, k] float32, expert ids [T, k] int32)."""
+        return kernels.router(x, self.weight, top_k, renormalize)
 
     def load_shard(self, param_name: str, shard: int, tensor) -> None:
         _copy_checked(self.weight.data, tensor[:], "router weight")
@@ -105,7 +106,7 @@ class SparseMoeBlock(nn.Module):
         self.experts = FusedExperts(cfg, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = kernels.route(self.gate(x), self.top_k, self.renormalize)
+        weights, ids = self.gate(x, self.top_k, self.renormalize)
         return self.parallel.all_reduce(self.experts(x, weights, ids))
 
 

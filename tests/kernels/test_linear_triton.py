@@ -1,0 +1,99 @@
+"""The skinny linear kernel (kernels/linear_triton.py) against ``F.linear``, on CPU in Triton's
+interpreter: a decode batch's rows (1 to 16), ragged N and K, a bias, K split in shares
+(reduced by the kernel, or handed to the router kernel as partial sums), float32 and bfloat16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from splitserve.kernels import dispatch
+from splitserve.kernels.moe import route
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+
+
+def _inputs(m, n, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype),
+            torch.randn(n, generator=g).to(dtype))
+
+
+@pytest.mark.parametrize("m,n,k,split_k", [(1, 40, 96, 1), (3, 64, 300, 2), (16, 24, 64, 1), (5, 33, 512, 4)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_skinny_linear_matches_f_linear_in_float32(m, n, k, split_k, with_bias):
+    from splitserve.kernels.linear_triton import SkinnyConfig, skinny_linear
+
+    x, w, b = _inputs(m, n, k, torch.float32, seed=m + n)
+    cfg = SkinnyConfig(block_n=16, block_k=64, split_k=split_k)
+    got = skinny_linear(x, w, b if with_bias else None, cfg)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got, F.linear(x, w, b if with_bias else None), rtol=1e-5, atol=1e-4)
+
+
+def test_bfloat16_rounds_once_like_a_float32_accumulation():
+    from splitserve.kernels.linear_triton import SkinnyConfig, skinny_linear
+
+    x, w, b = _inputs(2, 48, 256, torch.bfloat16, seed=7)
+    want = F.linear(x.float(), w.float(), b.float()).to(torch.bfloat16)
+    for split_k in (1, 2):
+        got = skinny_linear(x, w, b, SkinnyConfig(block_n=16, block_k=64, split_k=split_k))
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-2)
+
+
+def test_partials_add_up_to_the_product_and_route_like_the_reference():
+    from splitserve.kernels.linear_triton import SkinnyConfig, skinny_partials
+    from splitserve.kernels.moe_route_triton import route_triton
+
+    x, w, _ = _inputs(3, 32, 256, torch.float32, seed=3)
+    parts = skinny_partials(x, w, SkinnyConfig(block_n=16, block_k=64, split_k=4))
+    assert parts.shape == (4, 3, 32) and parts.dtype == torch.float32
+    logits = F.linear(x, w)
+    torch.testing.assert_close(parts.sum(0), logits, rtol=1e-5, atol=1e-4)
+    weights, ids = route_triton(parts, 4, True)
+    want_w, want_ids = route(logits, 4, True)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_w, rtol=1e-5, atol=1e-6)
+
+
+def test_the_default_config_fills_the_sms_and_splits_only_long_rows():
+    from splitserve.kernels.linear_triton import skinny_config
+
+    assert skinny_config(5120, 2048, 132).split_k == 1  # q|k|v of Qwen3-30B-A3B: 160 programs of 32 rows
+    o = skinny_config(2048, 4096, 132)
+    assert o.block_n == 16 and o.split_k == 2  # 128 programs of 16 rows, not enough alone
+    router = skinny_config(128, 2048, 132)
+    assert router.block_n == 16 and router.split_k == 4  # shares no shorter than 512 columns
+
+
+def test_too_many_rows_and_mismatched_shapes_are_refused():
+    from splitserve.kernels.linear_triton import skinny_linear
+
+    with pytest.raises(ValueError, match="at most"):
+        skinny_linear(torch.zeros(17, 8), torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="disagree"):
+        skinny_linear(torch.zeros(1, 8), torch.zeros(4, 9))
+
+
+def test_dispatch_takes_the_skinny_kernel_for_few_rows_only(monkeypatch):
+    from splitserve.kernels import linear_triton
+
+    calls = []
+    real = linear_triton.skinny_linear
+    monkeypatch.setattr(linear_triton, "skinny_linear", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    dispatch.kernel_mode.cache_clear()
+    try:
+        x, w, b = _inputs(17, 16, 32, torch.float32)
+        for rows in (2, 17):
+            torch.testing.assert_close(dispatch.linear(x[:rows], w, b), F.linear(x[:rows], w, b),
+                                       rtol=1e-5, atol=1e-4)
+        weights, ids = dispatch.router(x[:2], w, 2, False)
+    finally:
+        dispatch.kernel_mode.cache_clear()
+    assert calls == [(2, 32)]
+    want_w, want_ids = route(F.linear(x[:2], w), 2, False)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_w, rtol=1e-5, atol=1e-6)
