@@ -21,7 +21,7 @@ from functools import cache
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # the router's logits above SKINNY_MAX_ROWS
 
 from splitserve.kernels import activation as activation_ref
 from splitserve.kernels import attention as attention_ref
@@ -78,22 +78,13 @@ def upload(values: list, device: torch.device, dtype: torch.dtype = torch.long) 
 
 # ---- linear layers --------------------------------------------------------------------------
 
-#: Up to this many rows a linear layer on CUDA is the skinny Triton kernel (`linear_triton`);
-#: above it cuBLAS, whose GEMM tiles no longer waste the weight reads. 0 turns it off.
+#: Up to this many rows the MoE router's logits on CUDA are the skinny Triton kernel's
+#: (`linear_triton`); above it cuBLAS's.
 SKINNY_MAX_ROWS = 16
 
 
 def _skinny(x: torch.Tensor) -> bool:
     return x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS and use_triton(x)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``: a decode batch's few rows through the skinny Triton kernel on CUDA."""
-    if _skinny(x):
-        from splitserve.kernels import linear_triton
-
-        return linear_triton.skinny_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
 
 
 # ---- attention ----------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """Skinny linear layers in Triton: y = x W^T (+ b) for the few rows of a small decode batch.
 
 At batch 1 a decode step's linear layers are matrix-vector products: the time is the weight's
-bytes over the HBM bandwidth, plus what a launch costs. cuBLAS picks GEMM tiles that waste
-both at Qwen3-30B-A3B's small matrices: on an H200 its q|k|v (2048 -> 5120) took 7.8 µs for
-5.1 µs of reading, o_proj (4096 -> 2048) 7.1 µs plus a 1.7 µs split-K reduction for 4.1 µs,
-and the MoE router (2048 -> 128, 0.5 MB) 5 µs
-(benchmarks/results/decode_profile_h200_2026-12-02-qwen3-30b-a3b-b1-ctx1k-triton-router.json).
+bytes over the HBM bandwidth plus what a launch costs. The engine uses this kernel for the MoE
+router only (`dispatch.router`): its 128 x 2048 matrix is so small that cuBLAS's 5.3 us is all
+fixed cost, and here it is 4.4 us with the softmax kernel adding the partial sums. For the
+attention and MLP projections cuBLAS is as fast (the sweep of 2026-12-02 on an H200,
+benchmarks/decode_kernel_sweep.py: the best launch shape per matrix was 0.5 to 1.4 us faster
+at one row and slower at 4 and 16 rows, no single rule won everywhere), so they stay on it.
 
 `_skinny_kernel`: program (n, s) multiplies the (at most `MAX_ROWS`) rows of x, padded to
 16 (the smallest ``tl.dot`` tile), with ``BLOCK_N`` rows of W over its ``s``-th share of K,
@@ -70,13 +71,14 @@ def _sms(device: torch.device) -> int:
 
 def skinny_config(n: int, k: int, num_sms: int) -> SkinnyConfig:
     """Enough programs for every SM at least once: rows of W first (32 per program, 16 when
-    that is too few), then shares of K no shorter than 512 columns."""
+    that is too few), then shares of K no shorter than 256 columns, walked 128 at a time.
+    (The router's 128 x 2048: 8 programs x 8 shares, 4.4 us on an H200 where cuBLAS took 5.3.)"""
     block_n = 32 if triton.cdiv(n, 32) >= num_sms else 16
     programs = triton.cdiv(n, block_n)
     split_k = 1
-    while programs * split_k < num_sms and k // (2 * split_k) >= 512:
+    while programs * split_k < num_sms and k // (2 * split_k) >= 256:
         split_k *= 2
-    return SkinnyConfig(block_n=block_n, split_k=split_k)
+    return SkinnyConfig(block_n=block_n, block_k=128, split_k=split_k, num_stages=3)
 
 
 @triton.jit

@@ -50,8 +50,13 @@ import triton.language as tl
 #: Its time grows with the pairs (a serial loop: on an H200 3 us at 32 pairs, 25 us at 512,
 #: 86 us at 2048), the torch ops' hardly (65 us at 32, 100 us at 2048, 150 us at 16k).
 ALIGN_TRITON_MAX_PAIRS = 2048
-#: Pairs per step of the alignment kernel's loop (a [chunk, experts] one-hot in registers).
-ALIGN_CHUNK = 32
+#: Pairs per step of the alignment kernel's loop (a [chunk, experts] one-hot in registers), by
+#: pairs: 64 up to 64 pairs, 128 above (on an H200, 4 warps: 5.0 against 5.6 us at 64 pairs with
+#: 32, 21 against 26 us at 512, 65 against 87 us at 2048; 8 or 16 warps, or chunks of 256, were
+#: slower;
+#: benchmarks/decode_kernel_sweep.py, 2026-12-02).
+def align_chunk(num_pairs: int) -> int:
+    return 64 if num_pairs <= 64 else 128
 #: Up to this many tokens there is no alignment: each (token, slot) pair is a block of its
 #: own. A token's k experts are distinct (top-k), so at one token no expert is read twice;
 #: at two, the few experts both tokens chose (0.5 of 8 of 128, on average) cost less
@@ -204,7 +209,7 @@ def _align_torch(ids: torch.Tensor, num_experts: int, expert_offset: int, block_
 
 
 def align_by_expert(ids: torch.Tensor, num_experts: int, expert_offset: int, block_m: int,
-                    use_kernel: bool | None = None, chunk: int = ALIGN_CHUNK,
+                    use_kernel: bool | None = None, chunk: int | None = None,
                     num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted_pairs int32 [blocks * block_m], block_expert int32 [blocks]) for ids [T, k]:
     see the module docstring. ``use_kernel`` forces one implementation (tests); ``chunk`` and
@@ -220,7 +225,7 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, expert_offset: int, blo
     sorted_pairs = torch.empty(num_rows, dtype=torch.int32, device=ids.device)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=ids.device)
     _align_kernel[(1,)](flat, sorted_pairs, block_expert, num_pairs, expert_offset, num_experts, num_rows,
-                        num_blocks, BLOCK_M=block_m, CHUNK=chunk,
+                        num_blocks, BLOCK_M=block_m, CHUNK=chunk or align_chunk(num_pairs),
                         E_PAD=max(16, triton.next_power_of_2(num_experts)), num_warps=num_warps)
     return sorted_pairs, block_expert
 

@@ -1,6 +1,7 @@
 """The skinny linear kernel (kernels/linear_triton.py) against ``F.linear``, on CPU in Triton's
 interpreter: a decode batch's rows (1 to 16), ragged N and K, a bias, K split in shares
-(reduced by the kernel, or handed to the router kernel as partial sums), float32 and bfloat16."""
+(reduced by the kernel, or handed to the router kernel as partial sums), float32 and bfloat16;
+the router's dispatch."""
 
 from __future__ import annotations
 
@@ -61,11 +62,11 @@ def test_partials_add_up_to_the_product_and_route_like_the_reference():
 def test_the_default_config_fills_the_sms_and_splits_only_long_rows():
     from splitserve.kernels.linear_triton import skinny_config
 
-    assert skinny_config(5120, 2048, 132).split_k == 1  # q|k|v of Qwen3-30B-A3B: 160 programs of 32 rows
+    assert skinny_config(5120, 2048, 132).split_k == 1  # 160 programs of 32 rows: enough alone
     o = skinny_config(2048, 4096, 132)
     assert o.block_n == 16 and o.split_k == 2  # 128 programs of 16 rows, not enough alone
     router = skinny_config(128, 2048, 132)
-    assert router.block_n == 16 and router.split_k == 4  # shares no shorter than 512 columns
+    assert router.block_n == 16 and router.split_k == 8  # the router: shares of 256 columns
 
 
 def test_too_many_rows_and_mismatched_shapes_are_refused():
@@ -77,23 +78,21 @@ def test_too_many_rows_and_mismatched_shapes_are_refused():
         skinny_linear(torch.zeros(1, 8), torch.zeros(4, 9))
 
 
-def test_dispatch_takes_the_skinny_kernel_for_few_rows_only(monkeypatch):
+def test_dispatch_routes_few_rows_through_the_skinny_kernel_only(monkeypatch):
     from splitserve.kernels import linear_triton
 
     calls = []
-    real = linear_triton.skinny_linear
-    monkeypatch.setattr(linear_triton, "skinny_linear", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    real = linear_triton.skinny_partials
+    monkeypatch.setattr(linear_triton, "skinny_partials", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     dispatch.kernel_mode.cache_clear()
     try:
-        x, w, b = _inputs(17, 16, 32, torch.float32)
-        for rows in (2, 17):
-            torch.testing.assert_close(dispatch.linear(x[:rows], w, b), F.linear(x[:rows], w, b),
-                                       rtol=1e-5, atol=1e-4)
-        weights, ids = dispatch.router(x[:2], w, 2, False)
+        x, w, _ = _inputs(17, 16, 32, torch.float32)
+        got = [dispatch.router(x[:rows], w, 2, False) for rows in (2, 17)]
     finally:
         dispatch.kernel_mode.cache_clear()
     assert calls == [(2, 32)]
-    want_w, want_ids = route(F.linear(x[:2], w), 2, False)
-    assert torch.equal(ids, want_ids)
-    torch.testing.assert_close(weights, want_w, rtol=1e-5, atol=1e-6)
+    for rows, (weights, ids) in zip((2, 17), got):
+        want_w, want_ids = route(F.linear(x[:rows], w), 2, False)
+        assert torch.equal(ids, want_ids)
+        torch.testing.assert_close(weights, want_w, rtol=1e-5, atol=1e-6)

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from splitserve.kernels import dispatch as kernels
 from splitserve.workers.parallel import ParallelState
 
 
@@ -56,7 +55,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
     def load_shard(self, param_name: str, shard: int, tensor) -> None:
         spec = self.shards[shard]
@@ -75,7 +74,7 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.parallel.all_reduce(kernels.linear(x, self.weight))
+        y = self.parallel.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
     def load_shard(self, param_name: str, shard: int, tensor) -> None:
