@@ -139,3 +139,21 @@ def test_triton_prefill_matches_reference(case):
         rows = slice(c.start, c.start + c.num_tokens)
         want = paged_prefill_attention_ref(q[rows], *case["caches"], c.block_table, c.context_len, D ** -0.5, **kw)
         torch.testing.assert_close(got[rows], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.usefixtures("triton_interpreter")
+def test_triton_pack_moves_fp8_blocks_as_bytes():
+    # The transfer service packs an FP8 cache through its uint8 view (KVCache.transfer_data).
+    from splitserve.kernels.kv_pack import pack_kv_blocks_ref, unpack_kv_blocks_ref
+    from splitserve.kernels.kv_pack_triton import pack_kv_blocks, unpack_kv_blocks
+
+    data = (torch.randn(3, 2, 10, BS, HK, D, generator=gen(5)) * 50).to(FP8)
+    raw = data.view(torch.uint8)
+    blocks = torch.tensor([7, 2, 5])
+    got = pack_kv_blocks(raw, slice(1, 3), slice(1, 2), blocks)
+    assert torch.equal(got, pack_kv_blocks_ref(raw, slice(1, 3), slice(1, 2), blocks))
+    dst, ref = torch.zeros_like(raw), torch.zeros_like(raw)
+    unpack_kv_blocks(dst, slice(1, 3), slice(1, 2), torch.tensor([0, 9, 4]), got)
+    unpack_kv_blocks_ref(ref, slice(1, 3), slice(1, 2), torch.tensor([0, 9, 4]), got)
+    assert torch.equal(dst, ref)
+    assert torch.equal(dst.view(FP8)[1:3, :, 9, :, 1:2].float(), data[1:3, :, 2, :, 1:2].float())
