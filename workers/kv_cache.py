@@ -95,10 +95,14 @@ class KVCache:
         else:
             self.data = torch.zeros(shape, dtype=spec.cache_dtype, device=device)
         #: FP8 only: [num_layers, 2, num_kv_heads] float32, dequantized = stored * scale.
-        #: Starts at 1 and is set once before the first step; never reallocated.
-        self.scales: torch.Tensor | None = (
-            torch.ones(spec.num_layers, 2, spec.num_kv_heads, dtype=torch.float32, device=device)
-            if spec.quantized else None)
+        #: Starts at 1 and is set once before the first step; never reallocated. Each layer's
+        #: K and V rows start 16 bytes apart or more (rows padded to 4 floats): Triton compiles
+        #: a kernel per pointer alignment, and rows of 1 or 2 heads would alternate two.
+        self.scales: torch.Tensor | None = None
+        if spec.quantized:
+            padded = -(-spec.num_kv_heads // 4) * 4
+            self.scales = torch.ones(spec.num_layers, 2, padded, dtype=torch.float32,
+                                     device=device)[:, :, :spec.num_kv_heads]
 
     def layers(self) -> list[LayerKV]:
         if self.scales is None:
