@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 import torch
 
 from splitserve.kvtransfer.agent import KVAgentSpec
-from splitserve.kvtransfer.messages import KVRoute, RecvCommand, TransferEvent
+from splitserve.kvtransfer.messages import KVLayout, KVRoute, RecvCommand, TransferEvent
 from splitserve.workers.block_manager import BlockManager
 from splitserve.workers.cache_salt import check_cache_salt
 from splitserve.workers.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
@@ -59,7 +59,6 @@ from splitserve.workers.engine_roles import (  # noqa: F401  (KVSendHook, SendPl
     DecodeRole, EngineRole, KVSendHook, PrefillRole, SendPlan, first_token_params, make_role)
 from splitserve.workers.executor import Executor, RunnerSpec, StepError, WorkerGroupError, make_executor
 from splitserve.workers.group_engine import KVUsage
-from splitserve.kvtransfer.messages import KVLayout
 from splitserve.workers.kv_cache import KVCacheSpec, check_kv_cache_dtype, resolve_kv_dtype
 from splitserve.workers.kv_scales import assemble_scales, scales_fingerprint
 from splitserve.workers.model_source import load_tokenizer, resolve_model

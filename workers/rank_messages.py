@@ -83,6 +83,9 @@ class Ready:
 
     kv_scales: RankKVScales | None = None
 
+    def __repr__(self) -> str:  # short in errors and logs: the scales are a table of floats
+        return "Ready()" if self.kv_scales is None else "Ready(kv_scales=...)"
+
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
