@@ -59,7 +59,7 @@ from splitserve.workers.engine_roles import (  # noqa: F401  (KVSendHook, SendPl
     DecodeRole, EngineRole, KVSendHook, PrefillRole, SendPlan, first_token_params, make_role)
 from splitserve.workers.executor import Executor, RunnerSpec, StepError, WorkerGroupError, make_executor
 from splitserve.workers.group_engine import KVUsage
-from splitserve.workers.kv_cache import KVCacheSpec, check_kv_cache_dtype, resolve_kv_dtype
+from splitserve.workers.kv_cache import KVCacheDtype, KVCacheSpec, check_kv_cache_dtype, resolve_kv_dtype
 from splitserve.workers.kv_scales import assemble_scales, scales_fingerprint
 from splitserve.workers.model_source import load_tokenizer, resolve_model
 from splitserve.workers.outputs import RequestOutput
@@ -117,10 +117,11 @@ class EngineConfig:
     detokenize: bool = True
     #: The KV cache's element type: "auto" (the model's dtype) or "fp8" (float8_e4m3fn with
     #: per-head scales: twice the blocks in the same budget; kv_cache.py, kv_scales.py).
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: KVCacheDtype | str = KVCacheDtype.AUTO
 
     def __post_init__(self) -> None:
-        check_kv_cache_dtype(self.kv_cache_dtype)
+        # Configs and CLIs give strings: checked here, once (an unknown name raises ValueError).
+        object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -15,6 +15,7 @@ start-up, before the first step (`set_scales`; the rule is `workers/kv_scales.py
 
 from __future__ import annotations
 
+import enum
 import mmap
 from dataclasses import dataclass
 
@@ -24,22 +25,30 @@ from splitserve.kernels.attention import LayerKV
 from splitserve.mapping import Mapping
 from splitserve.workers.config import ModelConfig
 
-#: The values of ``kv_cache_dtype`` (engine config, CLI, YAML): "auto" is the model's dtype.
-KV_CACHE_DTYPES = ("auto", "fp8")
 FP8_DTYPE = torch.float8_e4m3fn
 
 
-def check_kv_cache_dtype(name: str) -> str:
-    """``name`` if it is a known ``kv_cache_dtype``; ValueError otherwise (configs call it early)."""
-    if name not in KV_CACHE_DTYPES:
-        raise ValueError(f"unknown kv_cache_dtype {name!r}; choose one of {list(KV_CACHE_DTYPES)} "
-                         "(fp8 = float8_e4m3fn, auto = the model's dtype)")
-    return name
+class KVCacheDtype(enum.StrEnum):
+    """The values of ``kv_cache_dtype`` (engine config, CLI, YAML); equal to their strings."""
+
+    #: The model's dtype.
+    AUTO = "auto"
+    #: float8_e4m3fn with per-(layer, K/V, KV head) scales.
+    FP8 = "fp8"
+
+
+def check_kv_cache_dtype(name: str) -> KVCacheDtype:
+    """``name`` as a `KVCacheDtype`; ValueError naming the choices otherwise (configs call it early)."""
+    try:
+        return KVCacheDtype(name)
+    except ValueError:
+        raise ValueError(f"unknown kv_cache_dtype {name!r}; choose one of {[d.value for d in KVCacheDtype]} "
+                         "(fp8 = float8_e4m3fn, auto = the model's dtype)") from None
 
 
 def resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     """The cache's element type for ``kv_cache_dtype`` ``name``."""
-    return FP8_DTYPE if check_kv_cache_dtype(name) == "fp8" else model_dtype
+    return FP8_DTYPE if check_kv_cache_dtype(name) is KVCacheDtype.FP8 else model_dtype
 
 
 @dataclass(frozen=True)
