@@ -20,6 +20,8 @@ The file's shape (every key optional)::
                                 # on one GPU, their KV moved by CUDA IPC (all of a
                                 # disaggregated layout's groups must then fit on one GPU)
     dtype: auto
+    kv_cache_dtype: auto        # auto (the model's dtype) | fp8 (e4m3 with per-head scales:
+                                # twice the KV blocks per byte; both roles use the same)
     max_model_len: null
     block_size: 16
     num_kv_blocks: null         # per rank; null: sized from kv_cache_memory
@@ -110,6 +112,8 @@ class ServeConfig:
     #: Each rank's share of a GPU (0 < x <= 1): below 1, one-rank groups share GPUs.
     gpus_per_rank: float = 1.0
     dtype: str = "auto"
+    #: "auto" (the model's dtype) or "fp8": every group's KV cache (prefill and decode must agree).
+    kv_cache_dtype: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -134,6 +138,9 @@ class ServeConfig:
             raise ValueError(f"router.policy must be one of {POLICIES}, got {self.router.policy!r}")
         if self.router.max_inflight < 1:
             raise ValueError("router.max_inflight must be >= 1")
+        from splitserve.workers.kv_cache import check_kv_cache_dtype
+
+        check_kv_cache_dtype(self.kv_cache_dtype)
         for role in self._possible_roles():
             self.group(role).check(role)
         if self.mode != Mode.AGGREGATED and (self.prefill.count < 1 or self.decode.count < 1):
@@ -214,7 +221,7 @@ class ServeConfig:
         engine = EngineSpec(
             mode=Mode(self.mode), device=self.device if device is None else device,
             groups={role: self.group(role) for role in self.roles()}, model=self.model, dtype=self.dtype,
-            max_model_len=self.max_model_len, block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
+            kv_cache_dtype=self.kv_cache_dtype, max_model_len=self.max_model_len, block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
             kv_cache_memory=self.kv_cache_memory, max_num_batched_tokens=self.max_num_batched_tokens,
             max_num_seqs=self.max_num_seqs, async_scheduling=self.async_scheduling)
         return ServiceConfig(engine, self.router, self.server)

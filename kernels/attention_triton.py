@@ -26,6 +26,13 @@ block table. When no chunk has a cached prefix the keys can be read straight fro
 rows (``k_new``/``v_new``), as the reference does. `paged_prefill_attention` keeps the
 reference's one-chunk signature on top of it.
 
+FP8 caches (``k_scale``/``v_scale``: float32 [Hk], `attention.py`'s convention): K/V tiles are
+loaded as e4m3 and converted to the queries' dtype (exact: e4m3 fits in bf16 and float32); each
+program reads the one K scale and one V scale of its KV head, folds the K scale into the
+softmax scale and multiplies the accumulated output by the V scale (both per-head constants, so
+this equals dequantizing every element first, up to rounding). The prefill's dense path (no
+cached prefix: the chunks' own new K/V) reads no cache and so no scales.
+
 Softmax runs in base 2 (``exp2``) with the scale folded into ``scale * log2(e)``; max, sum
 and output accumulate in float32. float32 inputs multiply in full float32 (no TF32), so the
 CUDA float32 path stays close to the CPU one.
@@ -63,6 +70,22 @@ def _num_sms(device_index: int) -> int:
 def _check_cache_layout(cache: torch.Tensor, name: str) -> None:
     if cache.stride(-1) != 1:
         raise ValueError(f"{name}: the head dimension must be contiguous (stride 1), got strides {cache.stride()}")
+
+
+def _check_scales(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor,
+                  k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> bool:
+    """Whether the caches are FP8 with their scales (and not a dtype the kernels would misread)."""
+    if k_scale is None and v_scale is None:
+        if torch.float8_e4m3fn in (k_cache.dtype, v_cache.dtype):
+            raise ValueError("FP8 caches need their k_scale and v_scale")
+        return False
+    num_kv_heads = k_cache.shape[2]
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t is None or t.dtype != torch.float32 or t.numel() != num_kv_heads or not t.is_contiguous():
+            raise ValueError(f"{name}: a contiguous float32 tensor of {num_kv_heads} KV heads is needed")
+    if k_cache.dtype != torch.float8_e4m3fn or v_cache.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"scales given for {k_cache.dtype}/{v_cache.dtype} caches: only float8_e4m3fn is scaled")
+    return True
 
 
 # ---- decode -------------------------------------------------------------------------------
@@ -157,9 +180,10 @@ def _decode_kernel(
     scale_log2, window, partition,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_tb,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    k_scale_ptr, v_scale_ptr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -182,6 +206,10 @@ def _decode_kernel(
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
 
+    qk_scale = scale_log2
+    if QUANT:  # FP8: the KV head's K scale folds into the scores' (module docstring)
+        qk_scale = scale_log2 * tl.load(k_scale_ptr + kv_head)
+
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
@@ -198,10 +226,13 @@ def _decode_kernel(
         mask = key_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_head + page[:, None] * stride_kb + slot * stride_kt, mask=mask, other=0.0)
         v = tl.load(v_head + page[:, None] * stride_vb + slot * stride_vt, mask=mask, other=0.0)
+        if QUANT:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         # Next step's page ids now (see the module docstring: keeps K/V off the indirect path).
         nxt = offs + BLOCK_N
         page = tl.load(table + nxt // BLOCK_SIZE, mask=nxt < end, other=0).to(tl.int64)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -210,6 +241,8 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
+    if QUANT:
+        acc = acc * tl.load(v_scale_ptr + kv_head)
     out_mask = row_ok[:, None] & dim_ok[None, :]
     if SPLIT:
         # Partials [B, Hq, splits, D] and (max, sum) [B, Hq, splits, 2], float32; an empty
@@ -298,12 +331,15 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     cfg: DecodeConfig | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per row. q [B, Hq, D]; context_lens [B] include the new token.
 
     Same as `paged_decode_attention_ref`; ``out`` (a [B, Hq, D] view) receives the result
     in place. ``num_splits`` overrides the context-split heuristic (tests, tuning); ``cfg``
-    the launch shape (default: `default_decode_config`)."""
+    the launch shape (default: `default_decode_config`); ``k_scale``/``v_scale``: an FP8
+    cache's float32 [Hk] scales."""
     cfg = cfg or default_decode_config()
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -317,6 +353,7 @@ def paged_decode_attention(
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     if batch > 65535:  # the grid's z dimension
         raise ValueError(f"decode batch {batch} over 65535 rows: split it into several calls")
+    quant = _check_scales(k_cache, v_cache, q, k_scale, v_scale)
     group = num_heads // num_kv_heads
     span = block_tables.shape[1] * block_size  # the longest context the tables can hold
     if sliding_window is not None:
@@ -335,9 +372,10 @@ def paged_decode_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *((k_scale, v_scale) if quant else (context_lens, context_lens)),
         GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, HAS_WINDOW=sliding_window is not None,
-        SPLIT=split, PRECISION=_precision(q.dtype),
+        SPLIT=split, PRECISION=_precision(q.dtype), QUANT=quant,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:
@@ -401,9 +439,10 @@ def _prefill_kernel(
     scale_log2, window,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_tb,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    k_scale_ptr, v_scale_ptr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, KV_DENSE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, QUANT: tl.constexpr,
 ):
     tile = tl.program_id(0)
     seq = tl.program_id(1)
@@ -433,6 +472,10 @@ def _prefill_kernel(
         lo = tl.maximum(prefix + tile * BLOCK_M - window + 1, 0)
         lo = (lo // BLOCK_N) * BLOCK_N
 
+    qk_scale = scale_log2
+    if QUANT:  # FP8 cache: the KV head's K scale folds into the scores' (module docstring)
+        qk_scale = scale_log2 * tl.load(k_scale_ptr + kv_head)
+
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
@@ -451,7 +494,10 @@ def _prefill_kernel(
         mask = key_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_ptr + k_off + kv_head * stride_kh + dims[None, :], mask=mask, other=0.0)
         v = tl.load(v_ptr + v_off + kv_head * stride_vh + dims[None, :], mask=mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        if QUANT:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         visible = (offs[None, :] <= q_pos[:, None]) & key_ok[None, :]
         if HAS_WINDOW:
             visible = visible & (q_pos[:, None] - offs[None, :] < window)
@@ -465,6 +511,8 @@ def _prefill_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
+    if QUANT:
+        acc = acc * tl.load(v_scale_ptr + kv_head)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + dims[None, :],
@@ -483,11 +531,14 @@ def paged_prefill_attention_ragged(
     *,
     out: torch.Tensor | None = None,
     cfg: PrefillConfig | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of every chunk in ``batch``: rows ``q_starts[b] .. + q_lens[b]`` of
     q [T, Hq, D] attend their sequence's cached prefix and themselves; the results go to the
     same rows of ``out`` (other rows untouched). The chunks' K/V must be in the cache already
-    unless ``batch.no_prefix`` and ``k_new``/``v_new`` [T, Hk, D] (rows as q's) are given."""
+    unless ``batch.no_prefix`` and ``k_new``/``v_new`` [T, Hk, D] (rows as q's) are given.
+    ``k_scale``/``v_scale``: an FP8 cache's float32 [Hk] scales."""
     num_heads, head_dim = q.shape[1:]
     _, block_size, num_kv_heads, _ = k_cache.shape
     if out is None:
@@ -497,6 +548,7 @@ def paged_prefill_attention_ragged(
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     cfg = cfg or prefill_config(q.dtype, head_dim)
+    quant = _check_scales(k_cache, v_cache, q, k_scale, v_scale)
     dense = batch.no_prefix and k_new is not None and v_new is not None
     if dense:
         k_src, v_src = k_new, v_new
@@ -513,9 +565,11 @@ def paged_prefill_attention_ragged(
         scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), batch.block_tables.stride(0),
         *k_strides, *v_strides,
+        *((k_scale, v_scale) if quant and not dense else (batch.q_lens, batch.q_lens)),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, D_PAD=_pow2(head_dim, 16),
         BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_WINDOW=sliding_window is not None, KV_DENSE=dense, PRECISION=_precision(q.dtype),
+        QUANT=quant and not dense,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -539,34 +593,41 @@ def paged_prefill_attention(
     sliding_window: int | None = None,
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The reference's one-chunk call (`paged_prefill_attention_ref`): q [Tq, Hq, D] are the
     last Tq tokens of ``context_len``; with no cached prefix ``k_new``/``v_new`` are the keys."""
     num_blocks = math.ceil(context_len / k_cache.shape[1])
     batch = RaggedPrefill.from_chunks([_Chunk(0, q.shape[0], context_len, block_table[:num_blocks])])
-    return paged_prefill_attention_ragged(q, k_cache, v_cache, batch, scale, sliding_window, k_new, v_new)
+    return paged_prefill_attention_ragged(q, k_cache, v_cache, batch, scale, sliding_window, k_new, v_new,
+                                          k_scale=k_scale, v_scale=v_scale)
 
 
 # ---- warm-up ------------------------------------------------------------------------------
 
 
 def warm_up(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float,
-            sliding_window: int | None = None) -> None:
+            sliding_window: int | None = None, *, dtype: torch.dtype | None = None,
+            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Compile every launch variant the engine uses, now: decode with and without a context
     split, prefill over the chunks' own keys and over a cached prefix. Triton compiles a
     variant the first time it runs (about a second), and every request of that step would
     wait for it. Reads block 0 of the cache, writes nothing there; the inputs have the
-    engine's dtypes (int64 tables and lengths), which the compiled variants depend on."""
+    engine's dtypes (int64 tables and lengths), which the compiled variants depend on; ``dtype``
+    is the queries' (the model's), given when the cache is FP8 (with its scales)."""
     _, block_size, num_kv_heads, head_dim = k_cache.shape
-    dev, dt = k_cache.device, k_cache.dtype
+    dev, dt = k_cache.device, dtype or k_cache.dtype
     q = torch.zeros(2, num_heads, head_dim, dtype=dt, device=dev)
     k_new = torch.zeros(2, num_kv_heads, head_dim, dtype=dt, device=dev)
     tables = torch.zeros(2, 2, dtype=torch.int64, device=dev)
     lens = torch.full((2,), 2, dtype=torch.int64, device=dev)
     for splits in (1, 2):
-        paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, sliding_window, num_splits=splits)
+        paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, sliding_window, num_splits=splits,
+                               k_scale=k_scale, v_scale=v_scale)
     for prefix in (0, 1):
         batch = RaggedPrefill.from_chunks([_Chunk(0, 2, 2 + prefix, tables[0])])
-        paged_prefill_attention_ragged(q, k_cache, v_cache, batch, scale, sliding_window, k_new, k_new)
+        paged_prefill_attention_ragged(q, k_cache, v_cache, batch, scale, sliding_window, k_new, k_new,
+                                       k_scale=k_scale, v_scale=v_scale)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -91,25 +91,31 @@ def _skinny(x: torch.Tensor) -> bool:
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
-                           sliding_window: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`paged_decode_attention_ref`'s call; the result is written into ``out`` if given."""
+                           sliding_window: int | None = None, out: torch.Tensor | None = None,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`paged_decode_attention_ref`'s call; the result is written into ``out`` if given.
+    ``k_scale``/``v_scale`` [Hk]: the FP8 cache's scales (None: the cache is in q's dtype)."""
     if use_triton(q):
         from splitserve.kernels import attention_triton
 
         return attention_triton.paged_decode_attention(
-            q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, out=out)
+            q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, out=out,
+            k_scale=k_scale, v_scale=v_scale)
     result = attention_ref.paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens,
-                                                      scale, sliding_window)
+                                                      scale, sliding_window, k_scale, v_scale)
     return result if out is None else out.copy_(result)
 
 
 def warm_up_attention(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float,
-                      sliding_window: int | None) -> None:
-    """Compile the Triton attention kernels' variants at start-up (nothing to do for torch)."""
+                      sliding_window: int | None, dtype: torch.dtype | None = None,
+                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+    """Compile the Triton attention kernels' variants at start-up (nothing to do for torch);
+    ``dtype``: the queries' (the model's) when the cache is FP8."""
     if use_triton(k_cache):
         from splitserve.kernels import attention_triton
 
-        attention_triton.warm_up(k_cache, v_cache, num_heads, scale, sliding_window)
+        attention_triton.warm_up(k_cache, v_cache, num_heads, scale, sliding_window, dtype=dtype,
+                                 k_scale=k_scale, v_scale=v_scale)
 
 
 def ragged_prefill(chunks: Sequence):
@@ -121,25 +127,27 @@ def ragged_prefill(chunks: Sequence):
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, chunks: Sequence, scale: float, sliding_window: int | None,
-                      out: torch.Tensor, ragged: Callable[[], object] | None = None) -> torch.Tensor:
+                      out: torch.Tensor, ragged: Callable[[], object] | None = None,
+                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Every prefill chunk of a step. Chunk c (`PrefillChunk`-like: start, num_tokens,
     context_len, block_table) is rows ``c.start .. + c.num_tokens`` of q, k, v [T, H, D] and
     writes the same rows of ``out``; its K/V are already in the cache.
 
     The reference runs chunk by chunk; Triton runs them all in one launch, from
     ``ragged()`` (the step's `RaggedPrefill`, built once and shared by every layer) or
-    built here."""
+    built here. ``k_scale``/``v_scale``: an FP8 cache's scales, as for decode."""
     if use_triton(q):
         from splitserve.kernels import attention_triton
 
         batch = ragged() if ragged is not None else ragged_prefill(chunks)
         return attention_triton.paged_prefill_attention_ragged(
-            q, k_cache, v_cache, batch, scale, sliding_window, k_new=k, v_new=v, out=out)
+            q, k_cache, v_cache, batch, scale, sliding_window, k_new=k, v_new=v, out=out,
+            k_scale=k_scale, v_scale=v_scale)
     for c in chunks:
         rows = slice(c.start, c.start + c.num_tokens)
         out[rows] = attention_ref.paged_prefill_attention_ref(
             q[rows], k_cache, v_cache, c.block_table, c.context_len, scale, sliding_window,
-            k_new=k[rows], v_new=v[rows])
+            k_new=k[rows], v_new=v[rows], k_scale=k_scale, v_scale=v_scale)
     return out
 
 
@@ -184,15 +192,17 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 def apply_rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                               sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`apply_rotary`, then the rotated k and v stored at their slots (`write_kv_ref`): one
-    Triton launch on CUDA."""
+                              slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                              v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_rotary`, then the rotated k and v stored at their slots (`write_kv_ref`; FP8
+    caches quantized with ``k_scale``/``v_scale`` [Hk]): one Triton launch on CUDA."""
     if use_triton(q):
         from splitserve.kernels import rotary_triton
 
-        return rotary_triton.apply_rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+        return rotary_triton.apply_rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping,
+                                                       k_scale, v_scale)
     q, k = rotary_ref.apply_rotary_ref(q, k, cos, sin)
-    attention_ref.write_kv_ref(k_cache, v_cache, k, v, slot_mapping)
+    attention_ref.write_kv_ref(k_cache, v_cache, k, v, slot_mapping, k_scale, v_scale)
     return q, k
 
 

@@ -6,7 +6,9 @@ the kernel only reads the tables), "rotate half" convention, new output tensors.
 per token rotates all its q and k heads; `apply_rotary_and_write_kv` also stores the rotated k
 and v at the token's cache slot (the decode step's K/V write, in the same launch). The arithmetic rounds where the reference does
 (cos/sin cast to the input dtype, each product and the sum rounded to it), so bf16 output
-matches it except where the GPU fuses a multiply-add.
+matches it except where the GPU fuses a multiply-add. An FP8 cache (``QUANT``) gets what
+`write_kv_ref` stores: the rotated k (rounded to the input dtype first) and v, divided by their
+KV head's float32 scale, clamped to +-448 and cast to e4m3 (round to nearest even).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import triton.language as tl
 
 @triton.jit
 def _rotate_heads(x_ptr, o_ptr, stride_xt, stride_xh, stride_ot, stride_oh, token, c1, c2, s1, s2,
-                  cache_ptr, slot, stride_cs, stride_ch,
+                  cache_ptr, slot, stride_cs, stride_ch, scale_ptr,
                   NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                  TO_CACHE: tl.constexpr):
+                  TO_CACHE: tl.constexpr, QUANT: tl.constexpr):
     heads = tl.arange(0, HEADS_PAD)
     dims = tl.arange(0, HALF_PAD)
     mask = (heads[:, None] < NUM_HEADS) & (dims[None, :] < HALF)
@@ -39,8 +41,20 @@ def _rotate_heads(x_ptr, o_ptr, stride_xt, stride_xh, stride_ot, stride_oh, toke
     tl.store(o_row + HALF, hi, mask=mask)
     if TO_CACHE:
         c_row = cache_ptr + slot * stride_cs + heads[:, None] * stride_ch + dims[None, :]
-        tl.store(c_row, lo, mask=mask)
-        tl.store(c_row + HALF, hi, mask=mask)
+        if QUANT:
+            scale = tl.load(scale_ptr + heads, mask=heads < NUM_HEADS, other=1.0)[:, None]
+            tl.store(c_row, _to_fp8(lo, scale, cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(c_row + HALF, _to_fp8(hi, scale, cache_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(c_row, lo, mask=mask)
+            tl.store(c_row + HALF, hi, mask=mask)
+
+
+@triton.jit
+def _to_fp8(x, scale, fp8_dtype: tl.constexpr):
+    """x / scale, saturated to the e4m3 range (+-448), cast: as `attention.quantize_fp8`."""
+    y = x.to(tl.float32) / scale
+    return tl.minimum(tl.maximum(y, -448.0), 448.0).to(fp8_dtype)
 
 
 @triton.jit
@@ -49,8 +63,9 @@ def _rotary_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_oqt, stride_oqh, stride_okt, stride_okh,
     stride_cos, stride_sin,
     v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_vt, stride_vh, stride_cs, stride_ch,
+    k_scale_ptr, v_scale_ptr,
     NUM_Q: tl.constexpr, NUM_K: tl.constexpr, Q_PAD: tl.constexpr, K_PAD: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, TO_CACHE: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, TO_CACHE: tl.constexpr, QUANT: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     dims = tl.arange(0, HALF_PAD)
@@ -65,14 +80,18 @@ def _rotary_kernel(
     if TO_CACHE:
         slot = tl.load(slot_ptr + token).to(tl.int64)
     _rotate_heads(q_ptr, q_out_ptr, stride_qt, stride_qh, stride_oqt, stride_oqh, token, c1, c2, s1, s2,
-                  q_out_ptr, slot, 0, 0, NUM_Q, Q_PAD, HALF, HALF_PAD, False)
+                  q_out_ptr, slot, 0, 0, k_scale_ptr, NUM_Q, Q_PAD, HALF, HALF_PAD, False, False)
     _rotate_heads(k_ptr, k_out_ptr, stride_kt, stride_kh, stride_okt, stride_okh, token, c1, c2, s1, s2,
-                  k_cache_ptr, slot, stride_cs, stride_ch, NUM_K, K_PAD, HALF, HALF_PAD, TO_CACHE)
-    if TO_CACHE:  # V is stored as it is, both halves at once
+                  k_cache_ptr, slot, stride_cs, stride_ch, k_scale_ptr, NUM_K, K_PAD, HALF, HALF_PAD, TO_CACHE,
+                  QUANT)
+    if TO_CACHE:  # V is stored as it is (or quantized), both halves at once
         heads = tl.arange(0, K_PAD)
         cols = tl.arange(0, 2 * HALF_PAD)
         mask = (heads[:, None] < NUM_K) & (cols[None, :] < 2 * HALF)
         v = tl.load(v_ptr + token * stride_vt + heads[:, None] * stride_vh + cols[None, :], mask=mask)
+        if QUANT:
+            v_scale = tl.load(v_scale_ptr + heads, mask=heads < NUM_K, other=1.0)[:, None]
+            v = _to_fp8(v, v_scale, v_cache_ptr.dtype.element_ty)
         tl.store(v_cache_ptr + slot * stride_cs + heads[:, None] * stride_ch + cols[None, :], v, mask=mask)
 
 
@@ -86,19 +105,28 @@ def apply_rotary(
 def apply_rotary_and_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`apply_rotary`, and the rotated k and v [T, Hk, D] stored at their cache slots
-    (as `write_kv_ref`) by the same launch: one kernel per layer instead of three."""
+    (as `write_kv_ref`) by the same launch: one kernel per layer instead of three. With
+    ``k_scale``/``v_scale`` (float32 [Hk]) the caches are FP8 and the stores quantize."""
     num_kv_heads, head_dim = k_cache.shape[-2:]
     k_flat, v_flat = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
-    if v.shape != k.shape or v.dtype != k_cache.dtype or k.dtype != k_cache.dtype or k_flat.stride() != v_flat.stride():
-        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} and the caches {tuple(k_cache.shape)} do not match")
+    quant = k_scale is not None
+    stored = k.dtype if not quant else k_cache.dtype
+    if v.shape != k.shape or v.dtype != k.dtype or k_cache.dtype != stored or v_cache.dtype != stored \
+            or k_flat.stride() != v_flat.stride():
+        raise ValueError(f"k {k.dtype} {tuple(k.shape)}, v {v.dtype} {tuple(v.shape)} and the caches "
+                         f"{k_cache.dtype} {tuple(k_cache.shape)} do not match")
+    if quant and (v_scale is None or k_scale.numel() != num_kv_heads or v_scale.numel() != num_kv_heads
+                  or k_scale.dtype != torch.float32 or v_scale.dtype != torch.float32):
+        raise ValueError(f"an FP8 cache needs float32 k_scale and v_scale of {num_kv_heads} KV heads")
     if v.stride(-1) != 1:
         v = v.contiguous()
-    return _launch(q, k, cos, sin, (v, k_flat, v_flat, slot_mapping))
+    return _launch(q, k, cos, sin, (v, k_flat, v_flat, slot_mapping), (k_scale, v_scale) if quant else None)
 
 
-def _launch(q, k, cos, sin, cache) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch(q, k, cos, sin, cache, scales=None) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, num_q, head_dim = q.shape
     num_k = k.shape[1]
     if head_dim % 2 or k.shape[2] != head_dim or k.dtype != q.dtype:
@@ -110,6 +138,7 @@ def _launch(q, k, cos, sin, cache) -> tuple[torch.Tensor, torch.Tensor]:
         torch.empty_like(k, memory_format=torch.contiguous_format)
     # Without a cache the cache arguments are unused placeholders (TO_CACHE is off).
     v, k_flat, v_flat, slots = cache if cache is not None else (k_out, k_out, k_out, cos)
+    k_scale, v_scale = scales if scales is not None else (cos, cos)
     if tokens:
         half = head_dim // 2
         _rotary_kernel[(tokens,)](
@@ -118,7 +147,9 @@ def _launch(q, k, cos, sin, cache) -> tuple[torch.Tensor, torch.Tensor]:
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
             cos.stride(0), sin.stride(0),
             v, k_flat, v_flat, slots, v.stride(0), v.stride(1), k_flat.stride(0), k_flat.stride(1),
+            k_scale, v_scale,
             NUM_Q=num_q, NUM_K=num_k, Q_PAD=triton.next_power_of_2(num_q), K_PAD=triton.next_power_of_2(num_k),
-            HALF=half, HALF_PAD=triton.next_power_of_2(half), TO_CACHE=cache is not None, num_warps=4,
+            HALF=half, HALF_PAD=triton.next_power_of_2(half), TO_CACHE=cache is not None,
+            QUANT=scales is not None, num_warps=4,
         )
     return q_out, k_out

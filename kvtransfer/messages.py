@@ -69,6 +69,34 @@ class KVRoute:
 
 
 @dataclass(frozen=True)
+class KVLayout:
+    """What a group's KV blocks look like: a prefill group and a decode group must agree on
+    all of it before they connect (`plan.check_layouts`), since blocks are copied byte for
+    byte and read back with the receiver's own dtype and scales."""
+
+    block_size: int
+    #: The model's shape, over the whole model (not a rank's share).
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    #: The cache's element type, torch's name: "bfloat16", "float32", "float8_e4m3fn"...
+    kv_dtype: str
+    #: FP8 caches: a hash of the group's whole [num_layers, 2, num_kv_heads] scales
+    #: (`workers.kv_scales.scales_fingerprint`); None for unscaled caches.
+    scales_fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class RankKVScales:
+    """One rank's slice of its group's FP8 scales, reported to the driver when the rank is
+    ready: [layers][K, V][heads] floats from global layer ``layer_start``, head ``head_start``."""
+
+    layer_start: int
+    head_start: int
+    values: tuple[tuple[tuple[float, ...], ...], ...]
+
+
+@dataclass(frozen=True)
 class SendCommand:
     """For prefill ranks: push these blocks of one request once its prompt is computed."""
 

@@ -50,14 +50,17 @@ gets its own route (from the same prefill leader).
 
 `check_compatible` is the connect-time check: both groups must use the same KV block size (blocks
 are copied block for block) and serve the same model shape (num_layers, num_kv_heads, head_dim).
+`check_layouts` does it on two `KVLayout`s and also compares the KV cache dtype and, for FP8
+caches, the scales' fingerprint: bytes written with one dtype or scale and read with another
+would be silently wrong, so such groups refuse to connect.
 """
 
 from __future__ import annotations
 
-from splitserve.kvtransfer.messages import KVRoute, Side
+from splitserve.kvtransfer.messages import KVLayout, KVRoute, Side
 from splitserve.mapping import Mapping
 
-__all__ = ["make_routes", "routes_from", "routes_to", "check_compatible"]
+__all__ = ["make_routes", "routes_from", "routes_to", "check_compatible", "check_layouts"]
 
 
 def make_routes(src: Mapping, dst: Mapping, num_layers: int, num_kv_heads: int) -> list[KVRoute]:
@@ -116,6 +119,22 @@ def check_compatible(src_block_size: int, dst_block_size: int,
                           for name, a, b in zip(_MODEL_FIELDS, src_model, dst_model) if a != b)
         raise ValueError(f"prefill model shape {_fmt(src_model)} != decode model shape "
                          f"{_fmt(dst_model)} ({diffs}): both groups must serve the same model")
+
+
+def check_layouts(prefill: KVLayout, decode: KVLayout) -> None:
+    """`check_compatible`, then the KV cache dtype and the FP8 scales; ValueError naming both
+    sides' values on the first mismatch."""
+    check_compatible(prefill.block_size, decode.block_size,
+                     (prefill.num_layers, prefill.num_kv_heads, prefill.head_dim),
+                     (decode.num_layers, decode.num_kv_heads, decode.head_dim))
+    if prefill.kv_dtype != decode.kv_dtype:
+        raise ValueError(f"prefill KV cache dtype {prefill.kv_dtype} != decode KV cache dtype {decode.kv_dtype}: "
+                         "KV blocks are moved as bytes, so both groups must use the same kv_cache_dtype")
+    if prefill.scales_fingerprint != decode.scales_fingerprint:
+        raise ValueError(f"prefill and decode {prefill.kv_dtype} KV caches use different scales (fingerprints "
+                         f"{prefill.scales_fingerprint} != {decode.scales_fingerprint}): FP8 blocks written with "
+                         "one scale would be read with another; load both groups from the same checkpoint "
+                         "(and the same tp/pp layout when the scales are calibrated)")
 
 
 def _slices(mapping: Mapping, num_layers: int, num_kv_heads: int, side: Side):

@@ -135,6 +135,8 @@ class EngineSpec:
     groups: dict[GroupRole, GroupSpec]
     model: str | None = None
     dtype: str = "auto"
+    #: Every group's KV cache: "auto" (the model's dtype) or "fp8" (`EngineConfig.kv_cache_dtype`).
+    kv_cache_dtype: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -158,7 +160,7 @@ class EngineSpec:
         spec = self.groups[role]
         return EngineConfig(
             model=self.model, device=self.device, dtype=self.dtype, max_model_len=self.max_model_len,
-            show_progress=False,
+            kv_cache_dtype=self.kv_cache_dtype, show_progress=False,
             detokenize=False,  # served: the front doors decode text and check stop strings
             cache=CacheConfig(self.block_size, self.num_kv_blocks, self.kv_cache_memory),
             parallel=ParallelConfig(spec.tp, spec.pp, expert_parallel=spec.expert_parallel),

@@ -79,7 +79,7 @@ from multiprocessing.connection import wait
 from splitserve.kvtransfer.messages import (
     Direction, FaultConfig, RecvCommand, SendCommand, Side, TransferEvent, TransferMetrics, TransportKind,
 )
-from splitserve.kvtransfer.plan import check_compatible, make_routes
+from splitserve.kvtransfer.plan import check_layouts, make_routes
 from splitserve.workers.cache_salt import check_cache_salt
 from splitserve.workers.disagg_requests import DisaggRequest, RequestBook
 from splitserve.workers.engine import (
@@ -240,9 +240,22 @@ class DisaggEngine:
                                                 lambda cmds: self._on_send(group, cmds)))
 
     def _check_compatible(self) -> None:
-        p, d = self.prefills[0].engine.model_cfg, self.decodes[0].engine.model_cfg
-        check_compatible(self.config.prefill.cache.block_size, self.config.decode.cache.block_size,
-                         (p.num_layers, p.num_kv_heads, p.head_dim), (d.num_layers, d.num_kv_heads, d.head_dim))
+        """Every prefill group's KV layout (block size, model shape, KV dtype, FP8 scales)
+        against every decode group's, before any link connects: ValueError naming both sides'
+        values on a mismatch (blocks are moved as bytes and read with the receiver's dtype)."""
+        decodes = [d.engine.kv_layout() for d in self.decodes]
+        for p in self.prefills:
+            layout = p.engine.kv_layout()
+            for other in decodes:
+                check_layouts(layout, other)
+
+    def _check_joining(self, group: Group) -> None:
+        """`_check_compatible` for a rebuilt group against the other role's healthy groups."""
+        mine = group.engine.kv_layout()
+        for other in self.group_set.peers(group):
+            if other.healthy:
+                theirs = other.engine.kv_layout()
+                check_layouts(*((mine, theirs) if group.role is GroupRole.PREFILL else (theirs, mine)))
 
     def _connect(self, joining: list[Group]) -> None:
         """Pairwise KV links between the joining groups and every healthy group of the other
@@ -275,8 +288,9 @@ class DisaggEngine:
         group.engine = engine
         try:
             if self.prefills:
+                self._check_joining(group)
                 self._connect([group])
-        except WorkerGroupError:
+        except (WorkerGroupError, ValueError):
             engine.shutdown()
             raise
         old = self.group_set.put(group)

@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 import torch
 
 from splitserve.kvtransfer.agent import KVAgentSpec
-from splitserve.kvtransfer.messages import KVRoute, RecvCommand, TransferEvent
+from splitserve.kvtransfer.messages import KVLayout, KVRoute, RecvCommand, TransferEvent
 from splitserve.workers.block_manager import BlockManager
 from splitserve.workers.cache_salt import check_cache_salt
 from splitserve.workers.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
@@ -59,7 +59,8 @@ from splitserve.workers.engine_roles import (  # noqa: F401  (KVSendHook, SendPl
     DecodeRole, EngineRole, KVSendHook, PrefillRole, SendPlan, first_token_params, make_role)
 from splitserve.workers.executor import Executor, RunnerSpec, StepError, WorkerGroupError, make_executor
 from splitserve.workers.group_engine import KVUsage
-from splitserve.workers.kv_cache import KVCacheSpec
+from splitserve.workers.kv_cache import KVCacheDtype, KVCacheSpec, check_kv_cache_dtype, resolve_kv_dtype
+from splitserve.workers.kv_scales import assemble_scales, scales_fingerprint
 from splitserve.workers.model_source import load_tokenizer, resolve_model
 from splitserve.workers.outputs import RequestOutput
 from splitserve.workers.roles import GroupRole
@@ -114,6 +115,13 @@ class EngineConfig:
     #: Decode text and apply stop strings here. The serving engine core leaves both to its
     #: front doors (their processes, not the step's): its outputs then carry token ids only.
     detokenize: bool = True
+    #: The KV cache's element type: "auto" (the model's dtype) or "fp8" (float8_e4m3fn with
+    #: per-head scales: twice the blocks in the same budget; kv_cache.py, kv_scales.py).
+    kv_cache_dtype: KVCacheDtype | str = KVCacheDtype.AUTO
+
+    def __post_init__(self) -> None:
+        # Configs and CLIs give strings: checked here, once (an unknown name raises ValueError).
+        object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -157,6 +165,8 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         async_scheduling = self._async_scheduling()  # checked before any rank starts
         dtype = resolve_dtype(config.dtype, self.device)
+        #: The KV cache's element type (the model's unless ``kv_cache_dtype`` says otherwise).
+        self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
         self.max_model_len = min(config.max_model_len or self.model_cfg.max_position_embeddings,
                                  self.model_cfg.max_position_embeddings)
         num_blocks = self._num_blocks(dtype)
@@ -167,6 +177,7 @@ class LLMEngine:
             device_type=self.device.type, device_index=self.device.index,
             eos_token_ids=self.eos_token_ids, show_progress=config.show_progress, kv=config.kv,
             device_offset=config.device_offset, async_scheduling=async_scheduling,
+            kv_dtype=None if self.kv_dtype == dtype else self.kv_dtype,
         ), config.parallel, processes=config.rank_processes, launcher=launcher)
         self._block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self._block_manager, lookahead=async_scheduling,
@@ -207,7 +218,8 @@ class LLMEngine:
     def _num_blocks(self, dtype: torch.dtype) -> int:
         # The KV budget is per rank; the first pipeline stage holds the most layers.
         first = self.config.parallel.mapping(0)
-        per_rank = KVCacheSpec.for_rank(self.model_cfg, first, 1, self.config.cache.block_size, dtype)
+        per_rank = KVCacheSpec.for_rank(self.model_cfg, first, 1, self.config.cache.block_size, dtype,
+                                        self.kv_dtype)
         return self.config.cache.resolve_num_blocks(per_rank.bytes_per_token)
 
     def _eos_token_ids(self) -> tuple[int, ...]:
@@ -361,6 +373,16 @@ class LLMEngine:
     def kv_usage(self) -> KVUsage:
         bm = self._block_manager
         return KVUsage(bm.num_blocks, bm.num_free_blocks, bm.usage, bm.block_size)
+
+    def kv_layout(self) -> KVLayout:
+        """What this group's KV blocks look like, for the check against the other side's
+        before the KV links connect (`kvtransfer.plan.check_layouts`)."""
+        cfg = self.model_cfg
+        slices = self._executor.kv_scales()
+        fingerprint = (scales_fingerprint(assemble_scales(slices, cfg.num_layers, cfg.num_kv_heads))
+                       if slices else None)
+        return KVLayout(self.config.cache.block_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                        str(self.kv_dtype).removeprefix("torch."), fingerprint)
 
     def start_kv_connect(self, routes: list[KVRoute], namespaces: list[str]) -> None:
         self._executor.kv_connect(routes, namespaces)

@@ -25,7 +25,8 @@ from typing import Protocol
 import torch
 
 from splitserve.kvtransfer.agent import KVAgentSpec, KVTransferAgent
-from splitserve.kvtransfer.messages import KVRoute, RecvCommand, TransferEvent
+from splitserve.kvtransfer.messages import KVRoute, RankKVScales, RecvCommand, TransferEvent
+from splitserve.workers import kv_scales
 from splitserve.workers.config import ModelConfig, ParallelConfig
 from splitserve.workers.kv_cache import KVCacheSpec
 from splitserve.workers.model_runner import ModelRunner
@@ -162,6 +163,8 @@ class RunnerSpec:
     device_offset: int = 0
     #: Async scheduling: a later step's placeholders take this step's samples on every rank.
     async_scheduling: bool = False
+    #: The KV cache's element type; None: the model's (``dtype``). FP8 brings scales.
+    kv_dtype: torch.dtype | None = None
 
 
 def rank_device(spec: RunnerSpec, parallel: ParallelState) -> torch.device:
@@ -178,16 +181,25 @@ def build_runner(spec: RunnerSpec, parallel: ParallelState,
     if device.type == "cuda":  # libraries that use "the current device" (NCCL, Triton) use this one
         torch.cuda.set_device(device)
     m, cfg = parallel.mapping, spec.model_cfg
-    kv = KVCacheSpec.for_rank(cfg, m, spec.num_blocks, spec.block_size, spec.dtype)
+    kv = KVCacheSpec.for_rank(cfg, m, spec.num_blocks, spec.block_size, spec.dtype, spec.kv_dtype)
     progress = spec.show_progress and m.rank == 0
     weights = None if spec.weights_dir is None else iter_safetensors(spec.weights_dir, progress)
     runner = ModelRunner.create(cfg, parallel, kv, device, spec.eos_token_ids, weights, spec.seed,
                                 share_samples=spec.async_scheduling)
     if spec.kv is not None:
-        runner.agent = KVTransferAgent(spec.kv, m.rank, runner.kv_cache.data, m.pp_layers(cfg.num_layers).start,
+        runner.agent = KVTransferAgent(spec.kv, m.rank, runner.kv_cache.transfer_data, m.pp_layers(cfg.num_layers).start,
                                        m.kv_heads(cfg.num_kv_heads).start, report)
     _fault_hook(runner)
     return runner
+
+
+def rank_kv_scales(runner: ModelRunner, spec: RunnerSpec) -> RankKVScales | None:
+    """The rank's slice of an FP8 cache's scales, for the driver's layout check (None: unscaled)."""
+    if runner.kv_cache.scales is None:
+        return None
+    m, cfg = runner.parallel.mapping, spec.model_cfg
+    return kv_scales.rank_scales(runner.kv_cache.scales.cpu(), m.pp_layers(cfg.num_layers).start,
+                                 m.kv_heads(cfg.num_kv_heads).start)
 
 
 def handle_control(runner: ModelRunner, message: ControlMessage) -> KVConnected | None:
@@ -238,6 +250,10 @@ class Executor(Protocol):
 
     def poll_events(self) -> list[TransferEvent]: ...
 
+    def kv_scales(self) -> list[RankKVScales]:
+        """Every rank's slice of its FP8 cache's scales, as reported at start-up (empty: unscaled)."""
+        ...
+
     def shutdown(self) -> None: ...
 
 
@@ -249,6 +265,11 @@ class LocalExecutor:
         self._events: deque[TransferEvent] = deque()  # appended by the agent's thread
         self.runner = build_runner(spec, ParallelState.single(), self._events.append)
         self._results: deque[PendingSample | StepError] = deque()
+        scales = rank_kv_scales(self.runner, spec)
+        self._kv_scales = [scales] if scales is not None else []
+
+    def kv_scales(self) -> list[RankKVScales]:
+        return self._kv_scales
 
     def kv_connect(self, routes: list[KVRoute], namespaces: list[str]) -> None:
         handle_control(self.runner, KVConnect(routes, namespaces))

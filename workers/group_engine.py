@@ -14,7 +14,8 @@ Per role (`GroupRole`), the calls a driver makes in a request's life:
     decode     reserve / cancel_reservation (blocks for a prompt still on prefill),
                admit_prefilled (run it from the first token), post_kv_receives /
                cancel_kv_receive (the ranks' side of a transfer)
-    both ends  start_kv_connect + finish_kv_connect (pairwise links: every end starts before
+    both ends  kv_layout (checked against the other side's first: block size, model shape,
+               KV dtype, FP8 scales), start_kv_connect + finish_kv_connect (pairwise links: every end starts before
                any waits), has_transfer_events / poll_transfer_events / wait_handles
     failure    failure, step_failure, fail_all, blamed, lost_outputs
 """
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from splitserve.kvtransfer.messages import KVRoute, RecvCommand, TransferEvent
+    from splitserve.kvtransfer.messages import KVLayout, KVRoute, RecvCommand, TransferEvent
     from splitserve.workers.config import ModelConfig
     from splitserve.workers.executor import StepError
     from splitserve.workers.outputs import RequestOutput
@@ -84,6 +85,8 @@ class GroupEngine(Protocol):
                         prompt: str | None = None) -> None: ...
 
     # ---- the KV links and transfers on the ranks ----
+    def kv_layout(self) -> KVLayout: ...
+
     def start_kv_connect(self, routes: Seq[KVRoute], namespaces: Seq[str]) -> None: ...
 
     def finish_kv_connect(self, timeout_s: float) -> None: ...

@@ -38,6 +38,8 @@ class LLM:
         expert_parallel: mixture-of-experts models hold whole experts per tp rank instead of
             every expert's slice (`ParallelConfig.expert_parallel`), in every group.
         num_kv_blocks / kv_cache_memory: the KV budget, in blocks or bytes (per rank).
+        kv_cache_dtype: "auto" (the model's dtype) or "fp8" (float8_e4m3fn with per-head
+            scales: twice the blocks in the same bytes; `EngineConfig.kv_cache_dtype`).
         Other arguments: see `EngineConfig`, `CacheConfig`, `SchedulerConfig`.
     """
 
@@ -58,6 +60,7 @@ class LLM:
         faults: FaultConfig | None = None,
         device: str = "auto",
         dtype: str = "auto",
+        kv_cache_dtype: str = "auto",
         max_model_len: int | None = None,
         block_size: int = 16,
         num_kv_blocks: int | None = None,
@@ -74,6 +77,7 @@ class LLM:
             raise ValueError(f"mode must be 'aggregated' or 'disaggregated', got {mode!r}")
         config = EngineConfig(
             model=model, device=device, dtype=dtype, max_model_len=max_model_len, seed=seed,
+            kv_cache_dtype=kv_cache_dtype,
             cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, enable_chunked_prefill, async_scheduling),
             parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size, expert_parallel=expert_parallel),

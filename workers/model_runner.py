@@ -15,6 +15,10 @@ On CUDA the step's integer inputs (token ids, positions, slots, block tables...)
 into one pinned host buffer and reach the device in one asynchronous copy (`_StepInputs`);
 decode-only steps of a single-rank runner replay CUDA graphs (`cuda_graphs.py`) unless
 ``SPLITSERVE_ENFORCE_EAGER=1``. On CPU nothing changes: the same tensors, the same kernels.
+
+The model computes in the model dtype (``kv_spec.dtype``); the cache may be FP8
+(``kv_spec.kv_dtype``). An FP8 cache's scales are set in `create`, before warm-up and graph
+capture: the checkpoint's if it has them, else a calibration prefill's (`kv_scales.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 from splitserve.kernels import dispatch
 from splitserve.workers.config import ModelConfig
 from splitserve.workers.cuda_graphs import CudaGraphConfig, DecodeGraphs, DecodeInputs
+from splitserve.workers import kv_scales
 from splitserve.workers.kv_cache import KVCache, KVCacheSpec
 from splitserve.workers.models.attention import AttentionMetadata, PrefillChunk
 from splitserve.workers.models.registry import build_model
@@ -46,6 +51,7 @@ class ModelRunner:
         self.model = model
         self.parallel = parallel
         self.device = device
+        #: The model's dtype (activations between stages); the cache's is ``kv_cache.spec.cache_dtype``.
         self.dtype = kv_spec.dtype
         self.eos_token_ids = eos_token_ids
         graph_cfg = CudaGraphConfig.from_env()
@@ -78,11 +84,18 @@ class ModelRunner:
                share_samples: bool = False):
         """Build this rank's model and load ``weights`` (named tensors), or random weights if None."""
         model = build_model(model_cfg, parallel, device, kv_spec.dtype)
+        # KV scale tensors are the cache's, never the model's (whatever the cache's dtype).
+        found: dict[tuple[int, int], torch.Tensor] = {}
         if weights is None:
             model.init_random(seed)
         else:
-            model.load_weights(weights)
+            model.load_weights(kv_scales.split_checkpoint_scales(weights, found))
         runner = cls(model_cfg, model, parallel, kv_spec, device, eos_token_ids, share_samples)
+        if runner.kv_cache.spec.quantized:
+            m = parallel.mapping
+            scales = kv_scales.checkpoint_scales(found, m.pp_layers(model_cfg.num_layers),
+                                                 m.kv_heads(model_cfg.num_kv_heads), model_cfg.num_kv_heads)
+            runner.kv_cache.set_scales(scales if scales is not None else runner.calibrate_kv_scales())
         runner.warm_up()
         if not runner.enforce_eager:
             runner.capture_cuda_graphs()
@@ -93,8 +106,51 @@ class ModelRunner:
         if self.device.type != "cuda" or not self.model.layers:
             return
         attn = self.model.layers[0].self_attn.attn
-        k_cache, v_cache = self.kv_layers[0]
-        dispatch.warm_up_attention(k_cache, v_cache, attn.num_heads, attn.scale, attn.sliding_window)
+        layer = self.kv_layers[0]
+        dispatch.warm_up_attention(layer.k, layer.v, attn.num_heads, attn.scale, attn.sliding_window,
+                                   dtype=self.dtype, k_scale=layer.k_scale, v_scale=layer.v_scale)
+
+    @torch.inference_mode()
+    def calibrate_kv_scales(self) -> torch.Tensor:
+        """This rank's FP8 scales [layers, 2, kv_heads] from one prefill of the built-in
+        calibration sequence (`kv_scales` module docstring). Every rank of the group runs it
+        at once (the forward's tp collectives and pp sends). The pass attends its own new
+        K/V (no cached prefix), so what it writes into the cache with the initial unit scales
+        is never read; those blocks are zeroed after."""
+        spec, cfg = self.kv_cache.spec, self.model_cfg
+        ids = kv_scales.calibration_token_ids(cfg.vocab_size, min(cfg.max_position_embeddings,
+                                                                  spec.num_blocks * spec.block_size))
+        n, num_blocks = len(ids), -(-len(ids) // spec.block_size)
+        amax = torch.zeros(spec.num_layers, 2, spec.num_kv_heads, dtype=torch.float32, device=self.device)
+
+        def record(index: int):
+            def hook(_module, args):
+                _q, k, v = args[:3]  # k after rotary: what the cache stores
+                amax[index, 0] = torch.maximum(amax[index, 0], k.float().abs().amax(dim=(0, 2)))
+                amax[index, 1] = torch.maximum(amax[index, 1], v.float().abs().amax(dim=(0, 2)))
+            return hook
+
+        handles = [layer.self_attn.attn.register_forward_pre_hook(record(i))
+                   for i, layer in enumerate(self.model.layers)]
+        try:
+            input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+            positions = torch.arange(n, dtype=torch.long, device=self.device)
+            blocks = torch.arange(num_blocks, dtype=torch.long, device=self.device)
+            meta = AttentionMetadata(slot_mapping=positions, num_decode=0, decode_block_tables=None,
+                                     decode_context_lens=None, prefills=(PrefillChunk(0, n, n, blocks),))
+            m = self.parallel.mapping
+            intermediate = None
+            if not m.is_first_pp_rank:
+                shape = (n, self.model_cfg.hidden_size)
+                intermediate = tuple(self.parallel.recv_prev([shape, shape], self.dtype, self.device))
+            out = self.model(input_ids, positions, self.kv_layers, meta, intermediate, None)
+            if not m.is_last_pp_rank:
+                self.parallel.send_next(list(out))
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.kv_cache.data[:, :, :num_blocks].zero_()
+        return kv_scales.scales_from_amax(amax)
 
     def capture_cuda_graphs(self, max_batch: int | None = None) -> None:
         """Capture the decode graphs (weights loaded, KV cache allocated: call once, at start)."""

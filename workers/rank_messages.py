@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from splitserve.kvtransfer.messages import KVRoute, RecvCommand, TransferEvent
+from splitserve.kvtransfer.messages import KVRoute, RankKVScales, RecvCommand, TransferEvent
 from splitserve.workers.sampler import SamplerOutput
 from splitserve.workers.step_batch import StepBatch
 
@@ -78,7 +78,13 @@ DriverMessage = RunStep | Stop | ControlMessage
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    """The rank's runner is built: it serves steps from now on."""
+    """The rank's runner is built: it serves steps from now on. ``kv_scales``: its slice of an
+    FP8 cache's scales (None: unscaled), for the driver's KV layout check."""
+
+    kv_scales: RankKVScales | None = None
+
+    def __repr__(self) -> str:  # short in errors and logs: the scales are a table of floats
+        return "Ready()" if self.kv_scales is None else "Ready(kv_scales=...)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ import torch
 from splitserve.mapping import Mapping
 from splitserve.workers.config import ParallelConfig
 from splitserve.workers.executor import (
-    RunnerSpec, build_runner, describe_error, handle_control, peer_lost, step_failure_is_fatal,
+    RunnerSpec, build_runner, describe_error, handle_control, peer_lost, rank_kv_scales, step_failure_is_fatal,
 )
 from splitserve.workers.parallel import ParallelState
 from splitserve.workers.rank_messages import (
@@ -73,7 +73,7 @@ def worker_main(args: WorkerArgs, raw_conn: Connection, die_with_parent: bool = 
         parallel = ParallelState.init(args.mapping, args.host, args.port, args.backend, args.parallel.step_timeout_s,
                                       args.parallel.expert_parallel)
         runner = build_runner(args.runner, parallel, lambda event: conn.send(TransferReport(event)))
-        conn.send(Ready())
+        conn.send(Ready(rank_kv_scales(runner, args.runner)))
         _serve(runner, conn, args)
     except (EOFError, BrokenPipeError):
         pass  # the driver is gone: nothing to report to

@@ -27,7 +27,7 @@ import weakref
 from collections import deque
 from multiprocessing.connection import Connection, wait
 
-from splitserve.kvtransfer.messages import KVRoute, RecvCommand, TransferEvent
+from splitserve.kvtransfer.messages import KVRoute, RankKVScales, RecvCommand, TransferEvent
 from splitserve.workers.config import ParallelConfig
 from splitserve.workers.executor import RunnerSpec, StepError, WorkerGroupError
 from splitserve.workers.rank_messages import (
@@ -123,6 +123,7 @@ class WorkerGroupExecutor:
         self.step_failure: StepError | None = None
         self._submitted: deque[float] = deque()  # when each outstanding batch was sent
         self._kv_connected: list[int] = []  # ranks whose `KVConnected` is not yet waited for
+        self._kv_scales: list[RankKVScales] = []  # each rank's FP8 scales, from its `Ready`
         self._await_ready(time.monotonic() + parallel.startup_timeout_s)
 
     @property
@@ -133,8 +134,14 @@ class WorkerGroupExecutor:
         pending = set(range(len(self.conns)))
         while pending:
             match self._next_message(deadline, "start"):
-                case rank, Ready():
+                case rank, Ready(kv_scales=scales):
                     pending.discard(rank)
+                    if scales is not None:
+                        self._kv_scales.append(scales)
+
+    def kv_scales(self) -> list[RankKVScales]:
+        """Every rank's slice of its FP8 cache's scales, from its `Ready` (empty: unscaled)."""
+        return list(self._kv_scales)
 
     def submit(self, batch: StepBatch) -> None:
         """Send a micro-batch to every rank; ranks work through batches in order, so with

@@ -86,3 +86,16 @@ def test_expert_parallel_flag_reaches_every_groups_engine_config():
     engine = cfg.service().engine.engine_config(GroupRole.WORKER)
     assert engine.parallel.expert_parallel and engine.parallel.tensor_parallel_size == 2
     assert build_parser().parse_args(["generate", "x", "--expert-parallel"]).expert_parallel
+
+
+def test_kv_cache_dtype_flag_and_yaml_reach_every_groups_engine_config(tmp_path):
+    from splitserve.workers.roles import GroupRole
+
+    assert _serve_config().kv_cache_dtype == "auto"
+    cfg = _serve_config("--kv-cache-dtype", "fp8", "--mode", "disaggregated")
+    assert {cfg.service().engine.engine_config(role).kv_cache_dtype for role in cfg.roles()} == {"fp8"}
+    path = tmp_path / "serve.yaml"
+    path.write_text("kv_cache_dtype: fp8\nmode: aggregated\n")
+    assert _serve_config("--config", str(path)).service().engine.engine_config(GroupRole.WORKER).kv_cache_dtype == "fp8"
+    with pytest.raises(ValueError, match="kv_cache_dtype 'fp4'"):
+        _serve_config("--kv-cache-dtype", "fp4")

@@ -215,3 +215,17 @@ def test_check_compatible_model_shape(dst_model, diff):
 def test_check_compatible_malformed_shape():
     with pytest.raises(ValueError, match="num_layers, num_kv_heads, head_dim"):
         check_compatible(16, 16, (30, 3), (30, 3, 64))
+
+
+def test_check_layouts_refuses_other_kv_dtypes_and_scales():
+    from splitserve.kvtransfer.messages import KVLayout
+    from splitserve.kvtransfer.plan import check_layouts
+
+    fp8 = KVLayout(16, 4, 2, 64, "float8_e4m3fn", "abc")
+    check_layouts(fp8, fp8)
+    with pytest.raises(ValueError, match="prefill KV cache dtype float8_e4m3fn != decode KV cache dtype bfloat16"):
+        check_layouts(fp8, KVLayout(16, 4, 2, 64, "bfloat16"))
+    with pytest.raises(ValueError, match="different scales.*abc != abd"):
+        check_layouts(fp8, KVLayout(16, 4, 2, 64, "float8_e4m3fn", "abd"))
+    with pytest.raises(ValueError, match="block size"):
+        check_layouts(fp8, KVLayout(8, 4, 2, 64, "float8_e4m3fn", "abc"))

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from splitserve.kernels import dispatch as kernels
+from splitserve.kernels.attention import LayerKV
 
 
 @dataclass(frozen=True)
@@ -69,19 +70,22 @@ class PagedAttention(nn.Module):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: tuple[torch.Tensor, ...],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hk, D] -> [T, Hq, D]; the new k/v are in the cache already
-        (`kernels.apply_rotary_and_write_kv` put them there)."""
-        k_cache, v_cache = kv_cache
+        (`kernels.apply_rotary_and_write_kv` put them there). ``kv_cache``: a `LayerKV` (or
+        a plain (k_cache, v_cache) pair: no FP8 scales)."""
+        layer = LayerKV(*kv_cache)
         out = torch.empty_like(q)
         if meta.num_decode:
             kernels.paged_decode_attention(
-                q[: meta.num_decode], k_cache, v_cache, meta.decode_block_tables,
+                q[: meta.num_decode], layer.k, layer.v, meta.decode_block_tables,
                 meta.decode_context_lens, self.scale, self.sliding_window, out=out[: meta.num_decode],
+                k_scale=layer.k_scale, v_scale=layer.v_scale,
             )
         if meta.prefills:
-            kernels.prefill_attention(q, k, v, k_cache, v_cache, meta.prefills, self.scale, self.sliding_window,
-                                      out, ragged=lambda: meta.ragged_prefill)
+            kernels.prefill_attention(q, k, v, layer.k, layer.v, meta.prefills, self.scale, self.sliding_window,
+                                      out, ragged=lambda: meta.ragged_prefill, k_scale=layer.k_scale,
+                                      v_scale=layer.v_scale)
         return out

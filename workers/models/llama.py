@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from splitserve.kernels import dispatch as kernels
+from splitserve.kernels.attention import LayerKV
 from splitserve.kernels.rotary import rope_cos_sin
 from splitserve.workers.config import ModelConfig
 from splitserve.workers.models.attention import AttentionMetadata, PagedAttention
@@ -36,7 +37,8 @@ from splitserve.workers.models.layers import (
 from splitserve.workers.models.moe import SparseMoeBlock, expert_shard, random_expert_shapes
 from splitserve.workers.parallel import ParallelState
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
+#: One layer's cache views (`LayerKV`: k, v and an FP8 cache's scales; a plain pair works too).
+KVCache = LayerKV | tuple[torch.Tensor, torch.Tensor]
 #: Activations between pipeline stages: (hidden, residual).
 Intermediate = tuple[torch.Tensor, torch.Tensor]
 
@@ -82,7 +84,9 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = kernels.apply_rotary_and_write_kv(q, k, v, cos, sin, *kv_cache, meta.slot_mapping)
+        layer = LayerKV(*kv_cache)
+        q, k = kernels.apply_rotary_and_write_kv(q, k, v, cos, sin, layer.k, layer.v, meta.slot_mapping,
+                                                 layer.k_scale, layer.v_scale)
         out = self.attn(q, k, v, kv_cache, meta)
         return self.o_proj(out.reshape(-1, self.q_size))
 
