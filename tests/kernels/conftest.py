@@ -29,6 +29,7 @@ TRITON_MODULES = [
     "splitserve.kernels.kv_pack_triton",
     "splitserve.kernels.moe_triton",
     "splitserve.kernels.moe_route_triton",
+    "splitserve.kernels.fp8_triton",
 ]
 
 
