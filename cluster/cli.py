@@ -83,6 +83,8 @@ def _add_serve(sub) -> None:
                      help="seconds a group may wait for room before it fails (default: 60 on an embedded Ray, "
                           "300 when joining a cluster)")
     srv.add_argument("--dtype", default=None)
+    srv.add_argument("--quantization", choices=("fp8",), default=None,
+                     help="fp8: FP8 weights (a float checkpoint is quantized at load; FP8 checkpoints need no flag)")
     srv.add_argument("--max-model-len", type=int, default=None)
     srv.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step of each group")
     srv.add_argument("--max-num-seqs", type=int, default=None, help="sequences running at once in each group")
@@ -129,6 +131,7 @@ def serve_config_from_args(args: argparse.Namespace):
     cfg = load_serve_config(args.config)
     overrides = {
         "model": args.model, "mode": args.mode, "device": args.device, "dtype": args.dtype,
+        "quantization": args.quantization,
         "max_model_len": args.max_model_len, "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_num_seqs": args.max_num_seqs, "async_scheduling": args.async_scheduling, "router_policy": args.policy,
         "router_max_inflight": args.max_inflight, "server_host": args.host,

@@ -135,6 +135,8 @@ class EngineSpec:
     groups: dict[GroupRole, GroupSpec]
     model: str | None = None
     dtype: str = "auto"
+    #: None | "fp8" (`EngineConfig.quantization`).
+    quantization: str | None = None
     max_model_len: int | None = None
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -157,7 +159,8 @@ class EngineSpec:
 
         spec = self.groups[role]
         return EngineConfig(
-            model=self.model, device=self.device, dtype=self.dtype, max_model_len=self.max_model_len,
+            model=self.model, device=self.device, dtype=self.dtype, quantization=self.quantization,
+            max_model_len=self.max_model_len,
             show_progress=False,
             detokenize=False,  # served: the front doors decode text and check stop strings
             cache=CacheConfig(self.block_size, self.num_kv_blocks, self.kv_cache_memory),
