@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     gen.add_argument("--device", default="auto")
+    gen.add_argument("--quantization", choices=("fp8",), default=None, help="fp8: FP8 weights")
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (processes)")
     gen.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (processes)")
     gen.add_argument("--expert-parallel", action="store_true",
@@ -187,7 +188,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop)
-    llm = LLM(args.model, device=args.device, show_progress=not args.json,
+    llm = LLM(args.model, device=args.device, quantization=args.quantization, show_progress=not args.json,
               tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, mode=args.mode,
               expert_parallel=args.expert_parallel,
               prefill_tp=args.prefill_tp, prefill_pp=args.prefill_pp,

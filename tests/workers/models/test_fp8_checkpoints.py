@@ -45,9 +45,9 @@ _CT_GROUP = {"targets": ["Linear"], "input_activations": {"type": "float", "num_
                                                           "dynamic": True, "symmetric": True}}
 
 
-def _compressed_tensors(strategy: str) -> dict:
+def _compressed_tensors(strategy: str, ignore: tuple[str, ...] = ("lm_head",)) -> dict:
     weights = {"type": "float", "num_bits": 8, "strategy": strategy, "symmetric": True, "dynamic": False}
-    return {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": list(ignore),
             "config_groups": {"group_0": {**_CT_GROUP, "weights": weights}}}
 
 
@@ -59,7 +59,11 @@ FORMATS = {
     "ct-channel": ("tiny-qwen2", Fp8Scheme.CHANNEL, "weight_scale", _compressed_tensors("channel")),
     "fp8-block": ("wide-llama", Fp8Scheme.BLOCK, "weight_scale_inv", _FP8_BLOCK),
     "float+fp8": ("tiny-llama", Fp8Scheme.CHANNEL, None, None),
+    # Experts stored FP8 too (dequantized at load), the router left alone as published ones do.
+    "ct-channel-moe": ("tiny-qwen3-moe", Fp8Scheme.CHANNEL, "weight_scale",
+                       _compressed_tensors("channel", ("lm_head", "re:.*mlp.gate$"))),
 }
+DENSE_FORMATS = [f for f in FORMATS if not f.endswith("moe")]
 
 
 def _hf_config(shape: str):
@@ -135,7 +139,7 @@ def _rank_model(ckpt: Fp8Checkpoint, tp: int, rank: int):
     return model
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("fmt", DENSE_FORMATS)
 @pytest.mark.parametrize("tp", [1, 2])
 def test_each_rank_holds_the_checkpoints_dequantized_slices(checkpoints, fmt, tp):
     ckpt = checkpoints(fmt)
@@ -169,6 +173,25 @@ def test_each_rank_holds_the_checkpoints_dequantized_slices(checkpoints, fmt, tp
             }
             for linear, expected in want.items():
                 assert torch.equal(linear.quant.weight(linear).dequantize(), expected), (fmt, tp, rank, i)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_fp8_experts_are_dequantized_at_load_and_the_router_stays_float(checkpoints, tp):
+    ckpt = checkpoints("ct-channel-moe")
+    deq, inter = ckpt.dequantized_weights, ckpt.cfg.moe_intermediate_size
+    for rank in range(tp):
+        model = _rank_model(ckpt, tp, rank)
+        block = model.layers[0].mlp  # sparse; layer 1 is dense (mlp_only_layers)
+        assert block.gate.weight.dtype == block.experts.w13.dtype == torch.float32
+        assert model.layers[1].mlp.gate_up_proj.weight.dtype == torch.float8_e4m3fn
+        cols = block.experts.cols
+        for e in range(ckpt.cfg.num_experts):
+            def w(p):
+                return deq[f"model.layers.0.mlp.experts.{e}.{p}.weight"]
+            want13 = torch.cat([w("gate_proj")[cols.start:cols.stop], w("up_proj")[cols.start:cols.stop]])
+            assert torch.equal(block.experts.w13[e], want13)
+            assert torch.equal(block.experts.w2[e], w("down_proj")[:, cols.start:cols.stop])
+        assert len(cols) == inter // tp
 
 
 def test_per_tensor_scales_of_fused_parts_stay_apart(checkpoints):
@@ -220,7 +243,8 @@ def _oracle(ckpt: Fp8Checkpoint, fake_quant: bool):
             return (flat.reshape(x.shape),)
 
         for name, module in model.named_modules():
-            if name.endswith(PROJECTIONS) and isinstance(module, torch.nn.Linear):
+            # MoE experts run unquantized activations (their weights are dequantized at load).
+            if name.endswith(PROJECTIONS) and isinstance(module, torch.nn.Linear) and ".experts." not in name:
                 module.register_forward_pre_hook(hook)
     return model
 
