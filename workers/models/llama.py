@@ -197,7 +197,7 @@ class LlamaForCausalLM(nn.Module):
         """Load this rank's shards from Hugging Face-named tensors (or lazy slices of them);
         tensors of other stages are skipped; every local parameter must be covered."""
         loaded: set[tuple[str, str, int]] = set()
-        for hf_name, tensor in prepare_checkpoint(weights, self.quant):
+        for hf_name, tensor in prepare_checkpoint(weights, self.quant, lambda name: self._locate(name) is not None):
             target = self._locate(hf_name)
             if target is not None:
                 path, param, shard = target

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -207,20 +207,25 @@ def restore_quantized_dtypes(model: nn.Module) -> None:
 
 
 def check_target(module: nn.Module, hf_name: str, tensor) -> None:
-    """An e4m3 tensor may only land in an FP8 linear: anywhere else its values would be
-    read without their scale."""
-    if is_fp8(tensor) and not isinstance(getattr(module, "quant", None), Fp8LinearMethod):
-        raise ValueError(f"checkpoint tensor {hf_name!r} is FP8 but the module it loads into is not quantized "
-                         "(no quantization_config says so, or the module is one that stays unquantized)")
+    """An e4m3 tensor (or a scale) may only land in an FP8 linear: anywhere else its values
+    would be read without their scale."""
+    if isinstance(getattr(module, "quant", None), Fp8LinearMethod):
+        return
+    if is_fp8(tensor) or hf_name.endswith(f".{SCALE_PARAM}"):
+        raise ValueError(f"checkpoint tensor {hf_name!r} is FP8 but the module it loads into is not quantized: "
+                         "config.json has no quantization_config, or its ignore list names the module, or it is "
+                         "one that stays unquantized here (embeddings, LM head, norms, MoE router)")
 
 
 # ---- the checkpoint stream --------------------------------------------------------------------
 
 
-def prepare_checkpoint(weights: Iterable[tuple[str, Any]], config: QuantConfig | None) -> Iterator[tuple[str, Any]]:
+def prepare_checkpoint(weights: Iterable[tuple[str, Any]], config: QuantConfig | None,
+                       wanted: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, Any]]:
     """The checkpoint's (name, tensor) as the model loads them: scale names unified to
     ``weight_scale``; ``input_scale`` dropped (activations are quantized dynamically); each MoE
-    expert's e4m3 weight dequantized to float32 with its scale (held until both have come)."""
+    expert's e4m3 weight dequantized to float32 with its scale (held until both have come),
+    unless ``wanted(weight name)`` says this rank does not hold it (then it is not read)."""
     pending: dict[str, dict[str, Any]] = {}  # expert module -> {"weight": .., "scale": ..}
     for name, tensor in weights:
         module, _, param = name.rpartition(".")
@@ -229,6 +234,8 @@ def prepare_checkpoint(weights: Iterable[tuple[str, Any]], config: QuantConfig |
         if param in SCALE_NAMES:
             param = SCALE_PARAM
         if ".experts." in name and param in ("weight", SCALE_PARAM) and (param == SCALE_PARAM or is_fp8(tensor)):
+            if not wanted(f"{module}.weight"):
+                continue
             parts = pending.setdefault(module, {})
             parts[param] = tensor
             if len(parts) == 2:

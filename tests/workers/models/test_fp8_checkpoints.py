@@ -129,11 +129,11 @@ def checkpoints(tmp_path_factory):
 # ---- the loader, rank by rank, in this process ------------------------------------------------------
 
 
-def _rank_model(ckpt: Fp8Checkpoint, tp: int, rank: int):
+def _rank_model(ckpt: Fp8Checkpoint, tp: int, rank: int, expert_parallel: bool = False):
     from transformers import AutoConfig
 
     quant = resolve_quantization(ckpt.quantization, AutoConfig.from_pretrained(ckpt.quantized))
-    parallel = ParallelState(Mapping(tp, rank, tp, 1), None, False)  # no communicator: not run here
+    parallel = ParallelState(Mapping(tp, rank, tp, 1), None, expert_parallel)  # no communicator: not run here
     model = build_model(ckpt.cfg, parallel, torch.device("cpu"), torch.float32, quant)
     model.load_weights(iter_safetensors(ckpt.quantized, progress=False))
     return model
@@ -175,23 +175,23 @@ def test_each_rank_holds_the_checkpoints_dequantized_slices(checkpoints, fmt, tp
                 assert torch.equal(linear.quant.weight(linear).dequantize(), expected), (fmt, tp, rank, i)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_fp8_experts_are_dequantized_at_load_and_the_router_stays_float(checkpoints, tp):
+@pytest.mark.parametrize("tp,expert_parallel", [(1, False), (2, False), (2, True)])
+def test_fp8_experts_are_dequantized_at_load_and_the_router_stays_float(checkpoints, tp, expert_parallel):
     ckpt = checkpoints("ct-channel-moe")
     deq, inter = ckpt.dequantized_weights, ckpt.cfg.moe_intermediate_size
     for rank in range(tp):
-        model = _rank_model(ckpt, tp, rank)
+        model = _rank_model(ckpt, tp, rank, expert_parallel)
         block = model.layers[0].mlp  # sparse; layer 1 is dense (mlp_only_layers)
         assert block.gate.weight.dtype == block.experts.w13.dtype == torch.float32
         assert model.layers[1].mlp.gate_up_proj.weight.dtype == torch.float8_e4m3fn
-        cols = block.experts.cols
-        for e in range(ckpt.cfg.num_experts):
+        cols, experts = block.experts.cols, block.experts.experts
+        for local, e in enumerate(experts):
             def w(p):
                 return deq[f"model.layers.0.mlp.experts.{e}.{p}.weight"]
             want13 = torch.cat([w("gate_proj")[cols.start:cols.stop], w("up_proj")[cols.start:cols.stop]])
-            assert torch.equal(block.experts.w13[e], want13)
-            assert torch.equal(block.experts.w2[e], w("down_proj")[:, cols.start:cols.stop])
-        assert len(cols) == inter // tp
+            assert torch.equal(block.experts.w13[local], want13)
+            assert torch.equal(block.experts.w2[local], w("down_proj")[:, cols.start:cols.stop])
+        assert len(cols) * len(experts) == inter * ckpt.cfg.num_experts // tp
 
 
 def test_per_tensor_scales_of_fused_parts_stay_apart(checkpoints):
