@@ -135,6 +135,7 @@ class Fp8LinearMethod:
             _copy(layer.weight.data[dst.start:dst.stop], q.data, f"weight[{shard}]")
             self._scale_rows(layer, dst)[...] = q.scale
             return
+        _check_scale_param(param)
         scale = _read_all(tensor).float()
         if self.scheme is Fp8Scheme.BLOCK:
             bn = self.block[0]
@@ -156,6 +157,7 @@ class Fp8LinearMethod:
             _copy(layer.weight.data, q.data, "weight")
             layer.weight_scale.data.copy_(q.scale)
             return
+        _check_scale_param(param)
         scale = _read_all(tensor).float()
         if self.scheme is Fp8Scheme.BLOCK:
             bk = self.block[1]
@@ -178,6 +180,11 @@ class Fp8LinearMethod:
             logger.info("a float weight in an FP8 checkpoint (not in its ignore list): quantized at load")
         layer.derived_shards.add((SCALE_PARAM, shard))
         return quantize(weight, self.scheme, self.block)
+
+
+def _check_scale_param(param: str) -> None:
+    if param != SCALE_PARAM:  # e.g. a kv-cache or output scale: nothing of ours reads it
+        raise ValueError(f"an FP8 linear loads 'weight' and '{SCALE_PARAM}', not {param!r}")
 
 
 def _read_all(tensor) -> torch.Tensor:

@@ -58,6 +58,10 @@ FORMATS = {
     "ct-tensor": ("tiny-llama", Fp8Scheme.TENSOR, "weight_scale", _compressed_tensors("tensor")),
     "ct-channel": ("tiny-qwen2", Fp8Scheme.CHANNEL, "weight_scale", _compressed_tensors("channel")),
     "fp8-block": ("wide-llama", Fp8Scheme.BLOCK, "weight_scale_inv", _FP8_BLOCK),
+    # Older quant_method fp8 releases: one 0-d weight_scale per tensor, plus static-looking
+    # input_scale tensors that dynamic activations never read.
+    "fp8-tensor": ("tiny-qwen3", Fp8Scheme.TENSOR, "weight_scale", {"quant_method": "fp8",
+                                                                     "activation_scheme": "dynamic"}),
     "float+fp8": ("tiny-llama", Fp8Scheme.CHANNEL, None, None),
     # Experts stored FP8 too (dequantized at load), the router left alone as published ones do.
     "ct-channel-moe": ("tiny-qwen3-moe", Fp8Scheme.CHANNEL, "weight_scale",
@@ -98,7 +102,10 @@ class Fp8Checkpoint:
                 stored[name] = w  # the engine quantizes it at load, as `quantize` just did
             else:
                 stored[name] = q.data
-                stored[name.removesuffix("weight") + scale_name] = q.scale
+                scalar = qconfig["quant_method"] == "fp8" and self.scheme is Fp8Scheme.TENSOR
+                stored[name.removesuffix("weight") + scale_name] = q.scale.reshape(()) if scalar else q.scale
+                if scalar:
+                    stored[name.removesuffix("weight") + "input_scale"] = torch.tensor(1.0)
         self.dequantized_weights = dequantized
         self.float_weights = weights
         self._write(self.quantized, stored, qconfig)
