@@ -33,7 +33,7 @@ FP8_MAX = 448.0
 #: The block of the block scheme, and the activation group of the block W8A8 path.
 BLOCK = 128
 #: Smallest scale: an all-zero row/block quantizes to zeros instead of dividing by zero.
-_MIN_SCALE = 1e-12
+MIN_SCALE = 1e-12
 
 
 class Fp8Scheme(enum.Enum):
@@ -68,7 +68,7 @@ def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _amax_scale(amax: torch.Tensor) -> torch.Tensor:
-    return (amax.float() / FP8_MAX).clamp(min=_MIN_SCALE)
+    return (amax.float() / FP8_MAX).clamp(min=MIN_SCALE)
 
 
 def quantize(weight: torch.Tensor, scheme: Fp8Scheme, block: tuple[int, int] = (BLOCK, BLOCK)) -> Fp8Weight:
@@ -123,7 +123,7 @@ def quantize_per_token_group(x: torch.Tensor, group: int = BLOCK) -> tuple[torch
     """x [M, K] -> (e4m3 [M, K], float32 scales [M, ceil(K/group)]): one scale per row and
     ``group`` consecutive columns, matching the weight's column blocks."""
     m, k = x.shape
-    grouped = _pad_to_blocks(x.float(), 1, group).reshape(m, -1, group)  # [M, K/g, g]
+    grouped = _pad_to_blocks(x.float(), 1, group).reshape(m, -(-k // group), group)  # [M, K/g, g]
     scale = _amax_scale(grouped.abs().amax(dim=-1))
     q = _to_fp8(x.float(), scale.repeat_interleave(group, dim=1)[:, :k])
     return q, scale

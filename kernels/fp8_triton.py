@@ -8,8 +8,11 @@
   128x128 block scales once per K tile. Decode is bound by reading the weights, and this reads
   one byte per weight where bfloat16 reads two. With split-K each split writes a float32
   partial and they are summed in a fixed order (deterministic, unlike atomics).
+- `quantize_per_token` / `quantize_per_token_group`: the activations' dynamic quantization in
+  one pass (`fp8.quantize_per_token*` compute the same values: amax, scale = amax / 448,
+  x / scale rounded to nearest, with IEEE division so the roundings agree).
 - `fp8_block_linear` (large M, block scales). A W8A8 GEMM: activations quantized per token and
-  128-column group (`fp8.quantize_per_token_group`, plain torch), e4m3 x e4m3 tensor-core dots
+  128-column group, e4m3 x e4m3 tensor-core dots
   per 128-deep K tile, each tile's float32 result scaled by its activation-group and weight-
   block scales before it joins the accumulator.
 - `fp8_scaled_mm_linear` (large M, per-channel/per-tensor scales): activations quantized per
@@ -25,9 +28,71 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve.kernels.fp8 import (
-    BLOCK, Fp8Scheme, Fp8Weight, quantize_per_token, quantize_per_token_group,
-)
+from splitserve.kernels.fp8 import MIN_SCALE, BLOCK, FP8_DTYPE, FP8_MAX, Fp8Scheme, Fp8Weight
+
+@triton.jit
+def _quant_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm,
+                         GROUP: tl.constexpr, GROUPS: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+    """One row's GROUPS groups of GROUP columns: a scale each, e4m3 values."""
+    row = tl.program_id(0)
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    mask = cols < K
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1) / FMAX, MIN_SCALE)
+    q = tl.math.div_rn(x, scale[:, None])
+    q = tl.minimum(tl.maximum(q, -FMAX), FMAX)
+    tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row * stride_sm + g, scale, mask=g * GROUP < K)
+
+
+@triton.jit
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
+                       BLOCK_K: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+    """One row: its amax over K (first pass), then its e4m3 values (second pass)."""
+    row = tl.program_id(0)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, axis=0) / FMAX, MIN_SCALE)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FMAX), FMAX)
+        tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=cols < K)
+    tl.store(s_ptr + row, scale)
+
+
+#: Groups one program of `quantize_per_token_group` quantizes (8 x 128 columns).
+QUANT_GROUPS = 8
+QUANT_BLOCK_K = 1024
+
+
+def quantize_per_token_group(x: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], float32 [M, ceil(K/group)]): `fp8.quantize_per_token_group`."""
+    m, k = x.shape
+    n_groups = triton.cdiv(k, group)
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(m, n_groups, dtype=torch.float32, device=x.device)
+    if m:
+        _quant_groups_kernel[(m, triton.cdiv(n_groups, QUANT_GROUPS))](
+            x, q, scale, k, x.stride(0), q.stride(0), scale.stride(0),
+            GROUP=group, GROUPS=QUANT_GROUPS, FMAX=FP8_MAX, MIN_SCALE=MIN_SCALE)
+    return q, scale
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], float32 [M, 1]): `fp8.quantize_per_token`."""
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m:
+        _quant_rows_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0),
+                                 BLOCK_K=QUANT_BLOCK_K, FMAX=FP8_MAX, MIN_SCALE=MIN_SCALE)
+    return q, scale
+
 
 #: The weight-only kernel's output tile and K step. BLOCK_K divides the 128 of block scales,
 #: so each K tile has one block scale per column.

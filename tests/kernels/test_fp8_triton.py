@@ -20,6 +20,21 @@ def _case(m: int, n: int, k: int, scheme: Fp8Scheme, dtype=torch.float32, seed: 
     return x, w
 
 
+@pytest.mark.parametrize("m,k,dtype", [(3, 300, torch.float32), (2, 2048, torch.bfloat16), (0, 128, torch.float32)])
+def test_activation_quantization_kernels_give_the_references_bits(m, k, dtype):
+    from splitserve.kernels import fp8, fp8_triton
+
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3).to(dtype)
+    if m:
+        x[0] = 0  # an all-zero row: the smallest scale, zeros out
+        x[-1, :5] *= 1000  # one group far larger than the rest
+    for triton_fn, ref_fn in [(fp8_triton.quantize_per_token, fp8.quantize_per_token),
+                              (fp8_triton.quantize_per_token_group, fp8.quantize_per_token_group)]:
+        (q, s), (want_q, want_s) = triton_fn(x), ref_fn(x)
+        assert q.dtype == want_q.dtype and s.shape == want_s.shape
+        assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s)
+
+
 @pytest.mark.parametrize("scheme", list(Fp8Scheme))
 @pytest.mark.parametrize("m,n,k,split_k", [(1, 72, 200, 1), (5, 130, 256, 2), (17, 64, 384, 3)])
 def test_weight_only_kernel_matches_the_reference(scheme, m, n, k, split_k):
