@@ -233,7 +233,9 @@ def fp8_linear(x: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor | 
 
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
-    if x2.shape[0] <= FP8_WEIGHT_ONLY_MAX_M:
+    if x2.shape[0] == 0:  # nothing to launch
+        y = x2.new_empty(0, weight.data.shape[0])
+    elif x2.shape[0] <= FP8_WEIGHT_ONLY_MAX_M:
         y = fp8_triton.fp8_weight_only_linear(x2, weight)
     elif weight.scheme is fp8_ref.Fp8Scheme.BLOCK:
         y = fp8_triton.fp8_block_linear(x2, weight)
@@ -241,7 +243,7 @@ def fp8_linear(x: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor | 
         y = fp8_triton.fp8_scaled_mm_linear(x2, weight)
     if bias is not None:
         y = y + bias
-    return y.reshape(*lead, -1)
+    return y.reshape(*lead, weight.data.shape[0])
 
 
 # ---- KV transfer --------------------------------------------------------------------------

@@ -151,7 +151,7 @@ def fp8_linear_ref(x: torch.Tensor, weight: Fp8Weight, bias: torch.Tensor | None
     y = xd @ dequantize(weight).t()
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*lead, -1)
+    return y.to(x.dtype).reshape(*lead, weight.data.shape[0])
 
 
 def fp8_weight_only_ref(x: torch.Tensor, weight: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,4 +161,4 @@ def fp8_weight_only_ref(x: torch.Tensor, weight: Fp8Weight, bias: torch.Tensor |
     y = x.reshape(-1, k).float() @ dequantize(weight).t()
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*lead, -1)
+    return y.to(x.dtype).reshape(*lead, weight.data.shape[0])

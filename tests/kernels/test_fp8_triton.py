@@ -107,6 +107,7 @@ def test_dispatch_picks_the_path_by_rows_and_scheme(monkeypatch, m, scheme, path
         x, w = _case(m, 32, 128, scheme)
         bias = torch.randn(32)
         y = dispatch.fp8_linear(x.reshape(1, m, 128), w, bias)
+        assert dispatch.fp8_linear(x[:0], w).shape == (0, 32)  # an empty batch launches nothing
     finally:
         dispatch.kernel_mode.cache_clear()
     assert calls == [path] and y.shape == (1, m, 32)
