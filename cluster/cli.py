@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     gen.add_argument("--device", default="auto")
+    gen.add_argument("--quantization", choices=("fp8",), default=None, help="fp8: FP8 weights")
+    gen.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                     help="fp8: an e4m3 KV cache with per-head scales (twice the blocks per byte)")
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (processes)")
     gen.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (processes)")
     gen.add_argument("--expert-parallel", action="store_true",
@@ -85,6 +88,8 @@ def _add_serve(sub) -> None:
     srv.add_argument("--dtype", default=None)
     srv.add_argument("--kv-cache-dtype", default=None,
                      help="auto (default: the model's dtype) or fp8 (e4m3 KV cache with per-head scales)")
+    srv.add_argument("--quantization", choices=("fp8",), default=None,
+                     help="fp8: FP8 weights (a float checkpoint is quantized at load; FP8 checkpoints need no flag)")
     srv.add_argument("--max-model-len", type=int, default=None)
     srv.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step of each group")
     srv.add_argument("--max-num-seqs", type=int, default=None, help="sequences running at once in each group")
@@ -132,6 +137,7 @@ def serve_config_from_args(args: argparse.Namespace):
     overrides = {
         "model": args.model, "mode": args.mode, "device": args.device, "dtype": args.dtype,
         "kv_cache_dtype": args.kv_cache_dtype,
+        "quantization": args.quantization,
         "max_model_len": args.max_model_len, "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_num_seqs": args.max_num_seqs, "async_scheduling": args.async_scheduling, "router_policy": args.policy,
         "router_max_inflight": args.max_inflight, "server_host": args.host,
@@ -187,7 +193,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop)
-    llm = LLM(args.model, device=args.device, show_progress=not args.json,
+    llm = LLM(args.model, device=args.device, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+              show_progress=not args.json,
               tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, mode=args.mode,
               expert_parallel=args.expert_parallel,
               prefill_tp=args.prefill_tp, prefill_pp=args.prefill_pp,

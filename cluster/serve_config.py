@@ -22,6 +22,7 @@ The file's shape (every key optional)::
     dtype: auto
     kv_cache_dtype: auto        # auto (the model's dtype) | fp8 (e4m3 with per-head scales:
                                 # twice the KV blocks per byte; both roles use the same)
+    quantization: null          # null | fp8: FP8 weights (FP8 checkpoints load as such anyway)
     max_model_len: null
     block_size: 16
     num_kv_blocks: null         # per rank; null: sized from kv_cache_memory
@@ -76,6 +77,7 @@ from typing import Any
 # named here too, since the serve config is where users meet them.
 from splitserve.router.service_config import (DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, MODES, POLICIES, EngineSpec,
                                               GroupSpec, Mode, RouterSpec, ServerSpec, ServiceConfig)
+from splitserve.workers.quant_config import SUPPORTED_QUANTIZATION
 from splitserve.workers.roles import GroupRole
 
 __all__ = ["DEFAULT_GRPC_PORT", "DEFAULT_HTTP_PORT", "MODES", "POLICIES", "GroupSpec", "Mode", "RaySpec", "RouterSpec",
@@ -114,6 +116,7 @@ class ServeConfig:
     dtype: str = "auto"
     #: "auto" (the model's dtype) or "fp8": every group's KV cache (prefill and decode must agree).
     kv_cache_dtype: str = "auto"
+    quantization: str | None = None
     max_model_len: int | None = None
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -150,6 +153,9 @@ class ServeConfig:
         self._check_gpu_share()
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.quantization is not None and self.quantization not in SUPPORTED_QUANTIZATION:
+            raise ValueError(f"quantization must be null or one of {list(SUPPORTED_QUANTIZATION)}, "
+                             f"got {self.quantization!r}")
         staged = [role for role in self._possible_roles() if self.group(role).pp > 1]
         if self.async_scheduling and staged:
             raise ValueError(f"async_scheduling needs pp = 1 in every group; {', '.join(staged)} groups have "
@@ -221,7 +227,8 @@ class ServeConfig:
         engine = EngineSpec(
             mode=Mode(self.mode), device=self.device if device is None else device,
             groups={role: self.group(role) for role in self.roles()}, model=self.model, dtype=self.dtype,
-            kv_cache_dtype=self.kv_cache_dtype, max_model_len=self.max_model_len, block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
+            kv_cache_dtype=self.kv_cache_dtype, quantization=self.quantization, max_model_len=self.max_model_len,
+            block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
             kv_cache_memory=self.kv_cache_memory, max_num_batched_tokens=self.max_num_batched_tokens,
             max_num_seqs=self.max_num_seqs, async_scheduling=self.async_scheduling)
         return ServiceConfig(engine, self.router, self.server)

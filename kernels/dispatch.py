@@ -25,6 +25,7 @@ import torch.nn.functional as F  # the router's logits above SKINNY_MAX_ROWS
 
 from splitserve.kernels import activation as activation_ref
 from splitserve.kernels import attention as attention_ref
+from splitserve.kernels import fp8 as fp8_ref
 from splitserve.kernels import kv_pack as kv_pack_ref
 from splitserve.kernels import moe as moe_ref
 from splitserve.kernels import norm as norm_ref
@@ -241,6 +242,42 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
 
         return moe_triton.fused_moe_triton(x, w13, w2, weights, ids, expert_offset)
     return moe_ref.fused_moe_ref(x, w13, w2, weights, ids, expert_offset)
+
+
+# ---- FP8 weights ---------------------------------------------------------------------------
+
+#: Up to this many rows (tokens) the FP8 linear runs the weight-only kernel: decode-sized
+#: batches are bound by reading the weights, and it reads e4m3 without quantizing activations.
+#: Above it the matmul is compute-bound and both operands go to the tensor cores in e4m3.
+FP8_WEIGHT_ONLY_MAX_M = 32
+
+
+def fp8_linear(x: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T (+ bias) for an e4m3 weight, x [..., K] -> [..., N] in x.dtype. The one place the
+    path is chosen:
+
+    - reference (CPU, or ``SPLITSERVE_KERNELS=torch``): `fp8_linear_ref`, activations quantized
+      per token (per token and 128-group for block scales), float32 sums;
+    - M <= FP8_WEIGHT_ONLY_MAX_M: the weight-only Triton kernel (activations unquantized);
+    - larger M, block scales: the block-scaled W8A8 Triton kernel;
+    - larger M, per-channel / per-tensor scales: ``torch._scaled_mm`` with rowwise scales."""
+    if not use_triton(x):
+        return fp8_ref.fp8_linear_ref(x, weight, bias)
+    from splitserve.kernels import fp8_triton
+
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] == 0:  # nothing to launch
+        y = x2.new_empty(0, weight.data.shape[0])
+    elif x2.shape[0] <= FP8_WEIGHT_ONLY_MAX_M:
+        y = fp8_triton.fp8_weight_only_linear(x2, weight)
+    elif weight.scheme is fp8_ref.Fp8Scheme.BLOCK:
+        y = fp8_triton.fp8_block_linear(x2, weight)
+    else:
+        y = fp8_triton.fp8_scaled_mm_linear(x2, weight)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, weight.data.shape[0])
 
 
 # ---- KV transfer --------------------------------------------------------------------------

@@ -137,6 +137,8 @@ class EngineSpec:
     dtype: str = "auto"
     #: Every group's KV cache: "auto" (the model's dtype) or "fp8" (`EngineConfig.kv_cache_dtype`).
     kv_cache_dtype: str = "auto"
+    #: None | "fp8" (`EngineConfig.quantization`).
+    quantization: str | None = None
     max_model_len: int | None = None
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -159,8 +161,8 @@ class EngineSpec:
 
         spec = self.groups[role]
         return EngineConfig(
-            model=self.model, device=self.device, dtype=self.dtype, max_model_len=self.max_model_len,
-            kv_cache_dtype=self.kv_cache_dtype, show_progress=False,
+            model=self.model, device=self.device, dtype=self.dtype, quantization=self.quantization,
+            max_model_len=self.max_model_len, kv_cache_dtype=self.kv_cache_dtype, show_progress=False,
             detokenize=False,  # served: the front doors decode text and check stop strings
             cache=CacheConfig(self.block_size, self.num_kv_blocks, self.kv_cache_memory),
             parallel=ParallelConfig(spec.tp, spec.pp, expert_parallel=spec.expert_parallel),

@@ -63,6 +63,7 @@ from splitserve.workers.kv_cache import KVCacheDtype, KVCacheSpec, check_kv_cach
 from splitserve.workers.kv_scales import assemble_scales, scales_fingerprint
 from splitserve.workers.model_source import load_tokenizer, resolve_model
 from splitserve.workers.outputs import RequestOutput
+from splitserve.workers.quant_config import resolve_quantization
 from splitserve.workers.roles import GroupRole
 from splitserve.workers.sampler import SamplerOutput
 from splitserve.workers.sampling_params import SamplingParams
@@ -98,6 +99,9 @@ class EngineConfig:
     device: str = "auto"
     #: "auto" (float32 on CPU, bfloat16 on CUDA), "float32", "bfloat16", "float16".
     dtype: str = "auto"
+    #: None, or "fp8": FP8 weights (an unquantized checkpoint is quantized at load; an FP8
+    #: checkpoint is read as its config.json says, with or without this).
+    quantization: str | None = None
     #: Longest prompt + output; None: the model's max_position_embeddings.
     max_model_len: int | None = None
     #: Seed of random weights (``random:`` models) when the spec has none.
@@ -161,6 +165,7 @@ class LLMEngine:
         source = resolve_model(config.model)
         self.tokenizer = load_tokenizer(source)
         self.model_cfg = ModelConfig.from_hf(source.hf_config)
+        quant = resolve_quantization(config.quantization, source.hf_config)  # refused here, before any rank
         self.eos_token_ids = self._eos_token_ids()
         self.device = resolve_device(config.device)
         async_scheduling = self._async_scheduling()  # checked before any rank starts
@@ -176,7 +181,7 @@ class LLMEngine:
             num_blocks=num_blocks, block_size=config.cache.block_size, dtype=dtype,
             device_type=self.device.type, device_index=self.device.index,
             eos_token_ids=self.eos_token_ids, show_progress=config.show_progress, kv=config.kv,
-            device_offset=config.device_offset, async_scheduling=async_scheduling,
+            device_offset=config.device_offset, async_scheduling=async_scheduling, quant=quant,
             kv_dtype=None if self.kv_dtype == dtype else self.kv_dtype,
         ), config.parallel, processes=config.rank_processes, launcher=launcher)
         self._block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)

@@ -31,6 +31,7 @@ from splitserve.workers.config import ModelConfig, ParallelConfig
 from splitserve.workers.kv_cache import KVCacheSpec
 from splitserve.workers.model_runner import ModelRunner
 from splitserve.workers.parallel import ParallelState
+from splitserve.workers.quant_config import QuantConfig
 from splitserve.workers.rank_messages import ControlMessage, KVCancel, KVConnect, KVConnected, KVRecv
 from splitserve.workers.sampler import PendingSample, SampleError, SamplerOutput
 from splitserve.workers.step_batch import StepBatch
@@ -165,6 +166,8 @@ class RunnerSpec:
     async_scheduling: bool = False
     #: The KV cache's element type; None: the model's (``dtype``). FP8 brings scales.
     kv_dtype: torch.dtype | None = None
+    #: FP8 weights (workers/quant_config.py); None: the model's dtype throughout.
+    quant: QuantConfig | None = None
 
 
 def rank_device(spec: RunnerSpec, parallel: ParallelState) -> torch.device:
@@ -185,7 +188,7 @@ def build_runner(spec: RunnerSpec, parallel: ParallelState,
     progress = spec.show_progress and m.rank == 0
     weights = None if spec.weights_dir is None else iter_safetensors(spec.weights_dir, progress)
     runner = ModelRunner.create(cfg, parallel, kv, device, spec.eos_token_ids, weights, spec.seed,
-                                share_samples=spec.async_scheduling)
+                                share_samples=spec.async_scheduling, quant=spec.quant)
     if spec.kv is not None:
         runner.agent = KVTransferAgent(spec.kv, m.rank, runner.kv_cache.transfer_data, m.pp_layers(cfg.num_layers).start,
                                        m.kv_heads(cfg.num_kv_heads).start, report)

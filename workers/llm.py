@@ -37,6 +37,8 @@ class LLM:
             processes (gloo on CPU, NCCL on GPU); 1 x 1 runs in this process.
         expert_parallel: mixture-of-experts models hold whole experts per tp rank instead of
             every expert's slice (`ParallelConfig.expert_parallel`), in every group.
+        quantization: None, or "fp8": FP8 weights (a float checkpoint quantized at load; an
+            FP8 checkpoint loads as its config.json says either way).
         num_kv_blocks / kv_cache_memory: the KV budget, in blocks or bytes (per rank).
         kv_cache_dtype: "auto" (the model's dtype) or "fp8" (float8_e4m3fn with per-head
             scales: twice the blocks in the same bytes; `EngineConfig.kv_cache_dtype`).
@@ -61,6 +63,7 @@ class LLM:
         device: str = "auto",
         dtype: str = "auto",
         kv_cache_dtype: str = "auto",
+        quantization: str | None = None,
         max_model_len: int | None = None,
         block_size: int = 16,
         num_kv_blocks: int | None = None,
@@ -76,7 +79,7 @@ class LLM:
         if mode not in (Mode.AGGREGATED, Mode.DISAGGREGATED):  # auto is the server's: it needs a cluster
             raise ValueError(f"mode must be 'aggregated' or 'disaggregated', got {mode!r}")
         config = EngineConfig(
-            model=model, device=device, dtype=dtype, max_model_len=max_model_len, seed=seed,
+            model=model, device=device, dtype=dtype, quantization=quantization, max_model_len=max_model_len, seed=seed,
             kv_cache_dtype=kv_cache_dtype,
             cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, enable_chunked_prefill, async_scheduling),

@@ -37,6 +37,7 @@ from splitserve.workers.kv_cache import KVCache, KVCacheSpec
 from splitserve.workers.models.attention import AttentionMetadata, PrefillChunk
 from splitserve.workers.models.registry import build_model
 from splitserve.workers.parallel import ParallelState
+from splitserve.workers.quant_config import QuantConfig
 from splitserve.workers.sampler import PendingSample, Sampler, SampleRequest, make_generator
 from splitserve.workers.step_batch import StepBatch
 
@@ -81,9 +82,10 @@ class ModelRunner:
     @classmethod
     def create(cls, model_cfg: ModelConfig, parallel: ParallelState, kv_spec: KVCacheSpec, device: torch.device,
                eos_token_ids: tuple[int, ...], weights: Iterable[tuple[str, Any]] | None = None, seed: int = 0,
-               share_samples: bool = False):
-        """Build this rank's model and load ``weights`` (named tensors), or random weights if None."""
-        model = build_model(model_cfg, parallel, device, kv_spec.dtype)
+               share_samples: bool = False, quant: QuantConfig | None = None):
+        """Build this rank's model and load ``weights`` (named tensors), or random weights if None;
+        ``quant``: FP8 weights (workers/models/quant.py)."""
+        model = build_model(model_cfg, parallel, device, kv_spec.dtype, quant)
         # KV scale tensors are the cache's, never the model's (whatever the cache's dtype).
         found: dict[tuple[int, int], torch.Tensor] = {}
         if weights is None:

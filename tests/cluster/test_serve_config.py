@@ -124,3 +124,18 @@ def test_per_key_cache_salts_need_a_key(tmp_path):
     from splitserve.cluster.serve_config import load_serve_config
 
     assert load_serve_config(path).server.cache_salt_per_key
+
+
+# ---- FP8 weights (issue 18) ----------------------------------------------------------------------
+
+
+def test_quantization_from_flag_or_yaml_reaches_each_group_and_a_bad_one_is_refused():
+    for cfg in (_serve("--quantization", "fp8"), config_from_dict({"quantization": "fp8"}).validate()):
+        assert cfg.quantization == "fp8"
+        for role in cfg.roles():
+            assert engine_config(cfg, role, "cpu").quantization == "fp8"
+    assert engine_config(_serve(), "decode", "cpu").quantization is None
+    with pytest.raises(ValueError, match="quantization must be null or one of .*fp8.*'int4'"):
+        config_from_dict({"quantization": "int4"}).validate()
+    with pytest.raises(SystemExit):  # argparse refuses it before any config is built
+        build_parser().parse_args(["serve", "--quantization", "awq"])

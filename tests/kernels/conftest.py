@@ -32,6 +32,7 @@ TRITON_MODULES = [
     "splitserve.kernels.moe_triton",
     "splitserve.kernels.moe_route_triton",
     "splitserve.kernels.linear_triton",
+    "splitserve.kernels.fp8_triton",
 ]
 
 

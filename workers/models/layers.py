@@ -11,17 +11,25 @@ With tp_size 1 they are plain linears and the collectives are no-ops.
 - Vocab-parallel embedding: each rank looks up the ids in its vocabulary range, zeros the
   rest, and the ranks' results are summed. The LM head reuses the sharding: each rank
   computes its vocabulary slice of the logits, then they are gathered.
+
+The linears take an optional quantization method (``quant``; workers/models/quant.py): with
+FP8 it allocates their ``weight`` (e4m3) and ``weight_scale``, loads them with their slices and
+runs the forward; embeddings and the LM head stay unquantized.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from splitserve.workers.parallel import ParallelState
+
+if TYPE_CHECKING:
+    from splitserve.workers.models.quant import Fp8LinearMethod
 
 
 @dataclass(frozen=True)
@@ -47,18 +55,30 @@ def _read_cols(tensor, start: int, size: int) -> torch.Tensor:
 class ColumnParallelLinear(nn.Module):
     """y = x W^T (+ b) for this rank's rows of W; the logical outputs are given as shards."""
 
-    def __init__(self, in_features: int, shards: list[ShardSpec], bias: bool):
+    def __init__(self, in_features: int, shards: list[ShardSpec], bias: bool, quant: Fp8LinearMethod | None = None):
         super().__init__()
         self.shards = shards
+        self.quant = quant
         out_features = sum(s.size for s in shards)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        if quant is None:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        else:
+            quant.check_block_alignment(type(self).__name__, [(s.src_start, s.dst_start, s.size) for s in shards],
+                                        out_features, "rows")
+            quant.create_weights(self, out_features, in_features)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.apply(self, x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def load_shard(self, param_name: str, shard: int, tensor) -> None:
         spec = self.shards[shard]
+        if self.quant is not None and param_name != "bias":
+            src = range(spec.src_start, spec.src_start + spec.size)
+            self.quant.load_column(self, param_name, shard, tensor, src, range(spec.dst_start, spec.dst_start + spec.size))
+            return
         dest = getattr(self, param_name).data.narrow(0, spec.dst_start, spec.size)
         _copy_checked(dest, _read_rows(tensor, spec.src_start, spec.size), f"{param_name}[{shard}]")
 
@@ -66,20 +86,31 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = all_reduce(x_shard W_shard^T) + b: input columns [in_start, in_start + in_size)."""
 
-    def __init__(self, in_start: int, in_size: int, out_features: int, bias: bool, parallel: ParallelState):
+    def __init__(self, in_start: int, in_size: int, out_features: int, bias: bool, parallel: ParallelState,
+                 quant: Fp8LinearMethod | None = None):
         super().__init__()
         self.in_start = in_start
         self.parallel = parallel
-        self.weight = nn.Parameter(torch.empty(out_features, in_size))
+        self.quant = quant
+        if quant is None:
+            self.weight = nn.Parameter(torch.empty(out_features, in_size))
+        else:
+            quant.check_block_alignment(type(self).__name__, [(in_start, 0, in_size)], in_size, "columns")
+            quant.create_weights(self, out_features, in_size)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.parallel.all_reduce(F.linear(x, self.weight))
+        y = F.linear(x, self.weight) if self.quant is None else self.quant.apply(self, x, None)
+        y = self.parallel.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
     def load_shard(self, param_name: str, shard: int, tensor) -> None:
         if param_name == "bias":  # replicated: added once after the sum
             _copy_checked(self.bias.data, tensor[:], "bias")
+            return
+        if self.quant is not None:
+            cols = range(self.in_start, self.in_start + self.weight.shape[1])
+            self.quant.load_row(self, param_name, tensor, cols)
             return
         cols = _read_cols(tensor, self.in_start, self.weight.shape[1])
         _copy_checked(self.weight.data, cols, "weight")

@@ -12,6 +12,10 @@ Parallelism comes from the rank's `ParallelState` (its `Mapping`): attention hea
 tensor-parallel ranks; each pipeline stage holds `mapping.pp_layers(num_layers)` and only the
 first embeds, only the last normalises and computes logits.
 
+With a `QuantConfig` (FP8 weights, workers/models/quant.py) the projections are FP8 linears,
+except those the checkpoint's ``ignore`` list names; embeddings, LM head, norms and the MoE
+router stay in the model's dtype.
+
 Lifecycle: `build_model(cfg, parallel, ...)` allocates this rank's parameters, then either
 `load_weights(named_tensors)` (Hugging Face names, lazily sliced) or `init_random(seed)`;
 every step calls `forward(...)` on a flattened ragged batch and, on the last stage,
@@ -35,7 +39,9 @@ from splitserve.workers.models.layers import (
     ColumnParallelLinear, RowParallelLinear, ShardSpec, VocabParallelEmbedding,
 )
 from splitserve.workers.models.moe import SparseMoeBlock, expert_shard, random_expert_shapes
+from splitserve.workers.models.quant import check_target, linear_method, prepare_checkpoint
 from splitserve.workers.parallel import ParallelState
+from splitserve.workers.quant_config import QuantConfig
 
 #: One layer's cache views (`LayerKV`: k, v and an FP8 cache's scales; a plain pair works too).
 KVCache = LayerKV | tuple[torch.Tensor, torch.Tensor]
@@ -59,7 +65,8 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelState):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState, quant: QuantConfig | None = None, prefix: str = ""):
+        """``prefix``: the checkpoint's name of this module (``model.layers.{i}.self_attn``)."""
         super().__init__()
         m, d = parallel.mapping, cfg.head_dim
         heads, kv_heads = m.heads(cfg.num_heads), m.kv_heads(cfg.num_kv_heads)
@@ -69,8 +76,9 @@ class LlamaAttention(nn.Module):
             ShardSpec(heads.start * d, self.q_size, 0),
             ShardSpec(kv_heads.start * d, self.kv_size, self.q_size),
             ShardSpec(kv_heads.start * d, self.kv_size, self.q_size + self.kv_size),
-        ], bias=cfg.qkv_bias)
-        self.o_proj = RowParallelLinear(heads.start * d, self.q_size, cfg.hidden_size, cfg.o_bias, parallel)
+        ], bias=cfg.qkv_bias, quant=linear_method(quant, [f"{prefix}.{p}_proj" for p in "qkv"]))
+        self.o_proj = RowParallelLinear(heads.start * d, self.q_size, cfg.hidden_size, cfg.o_bias, parallel,
+                                        quant=linear_method(quant, [f"{prefix}.o_proj"]))
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, cfg.sliding_window)
         if cfg.qk_norm:  # one head_dim weight shared by every head: replicated, not sharded
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -92,26 +100,31 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelState):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState, quant: QuantConfig | None = None, prefix: str = ""):
         super().__init__()
         cols = parallel.mapping.shard_range(cfg.intermediate_size)
         n = len(cols)
         self.gate_up_proj = ColumnParallelLinear(
-            cfg.hidden_size, [ShardSpec(cols.start, n, 0), ShardSpec(cols.start, n, n)], bias=False)
-        self.down_proj = RowParallelLinear(cols.start, n, cfg.hidden_size, False, parallel)
+            cfg.hidden_size, [ShardSpec(cols.start, n, 0), ShardSpec(cols.start, n, n)], bias=False,
+            quant=linear_method(quant, [f"{prefix}.gate_proj", f"{prefix}.up_proj"]))
+        self.down_proj = RowParallelLinear(cols.start, n, cfg.hidden_size, False, parallel,
+                                           quant=linear_method(quant, [f"{prefix}.down_proj"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelState, layer: int):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState, layer: int, quant: QuantConfig | None = None):
         """``layer``: the global layer index (whether it is sparse depends on it)."""
         super().__init__()
+        prefix = f"model.layers.{layer}"
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, parallel)
+        self.self_attn = LlamaAttention(cfg, parallel, quant, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SparseMoeBlock(cfg, parallel) if cfg.is_moe_layer(layer) else LlamaMLP(cfg, parallel)
+        # MoE experts are not FP8 linears: their FP8 checkpoints are dequantized at load (quant.py).
+        self.mlp = (SparseMoeBlock(cfg, parallel) if cfg.is_moe_layer(layer)
+                    else LlamaMLP(cfg, parallel, quant, f"{prefix}.mlp"))
 
     def forward(self, x, residual, cos, sin, kv_cache, meta):
         if residual is None:
@@ -135,17 +148,18 @@ class LlamaForCausalLM(nn.Module):
     #: (a family whose checkpoints name things differently sets it: Mixtral).
     checkpoint_renames: dict[str, str] = {}
 
-    def __init__(self, cfg: ModelConfig, parallel: ParallelState):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState, quant: QuantConfig | None = None):
         super().__init__()
         self.cfg = cfg
         self.parallel = parallel
+        self.quant = quant
         m = parallel.mapping
         self.layer_range = m.pp_layers(cfg.num_layers)
         self.is_first, self.is_last = m.is_first_pp_rank, m.is_last_pp_rank
         # The last stage needs the embedding too when the LM head is tied to it.
         if self.is_first or (self.is_last and cfg.tie_word_embeddings):
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, parallel, i) for i in self.layer_range)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, parallel, i, quant) for i in self.layer_range)
         if self.is_last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             if not cfg.tie_word_embeddings:
@@ -187,11 +201,13 @@ class LlamaForCausalLM(nn.Module):
         """Load this rank's shards from Hugging Face-named tensors (or lazy slices of them);
         tensors of other stages are skipped; every local parameter must be covered."""
         loaded: set[tuple[str, str, int]] = set()
-        for hf_name, tensor in weights:
+        for hf_name, tensor in prepare_checkpoint(weights, self.quant, lambda name: self._locate(name) is not None):
             target = self._locate(hf_name)
             if target is not None:
                 path, param, shard = target
-                self.get_submodule(path).load_shard(param, shard, tensor)
+                module = self.get_submodule(path)
+                check_target(module, hf_name, tensor)
+                module.load_shard(param, shard, tensor)
                 loaded.add(target)
         missing = sorted(self._expected_shards() - loaded)
         if missing:
@@ -234,7 +250,9 @@ class LlamaForCausalLM(nn.Module):
                 n = len(module.shards)  # one per logical output: q, k, v or gate, up
             else:
                 n = getattr(module, "num_shards", {}).get(param, 1)
-            expected.update((path, param, i) for i in range(n))
+            # FP8 scales computed from a float weight at load, rather than read (quant.py).
+            derived = getattr(module, "derived_shards", set())
+            expected.update((path, param, i) for i in range(n) if (param, i) not in derived)
         return expected
 
     @torch.no_grad()

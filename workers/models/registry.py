@@ -12,7 +12,9 @@ from splitserve.workers.config import ModelConfig
 from splitserve.workers.models.llama import LlamaForCausalLM
 from splitserve.workers.models.mixtral import MixtralForCausalLM
 from splitserve.workers.models.qwen3 import Qwen3ForCausalLM, Qwen3MoeForCausalLM
+from splitserve.workers.models.quant import restore_quantized_dtypes
 from splitserve.workers.parallel import ParallelState
+from splitserve.workers.quant_config import QuantConfig
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
@@ -24,8 +26,10 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(cfg: ModelConfig, parallel: ParallelState, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Allocate this rank's part of the model on ``device`` in ``dtype`` (weights uninitialised)."""
+def build_model(cfg: ModelConfig, parallel: ParallelState, device: torch.device, dtype: torch.dtype,
+                quant: QuantConfig | None = None) -> nn.Module:
+    """Allocate this rank's part of the model on ``device`` in ``dtype`` (weights uninitialised);
+    with ``quant`` its projections hold FP8 weights and float32 scales (workers/models/quant.py)."""
     try:
         cls = MODEL_REGISTRY[cfg.model_type]
     except KeyError:
@@ -33,7 +37,9 @@ def build_model(cfg: ModelConfig, parallel: ParallelState, device: torch.device,
     # Built on the meta device first: no memory and no default init for weights that the
     # loader overwrites anyway (an 8B model would otherwise be initialised twice).
     with torch.device("meta"):
-        model = cls(cfg, parallel)
-    model = model.to(dtype=dtype).to_empty(device=device)
+        model = cls(cfg, parallel, quant)
+    model = model.to(dtype=dtype)
+    restore_quantized_dtypes(model)  # `to` widened the e4m3 weights and scales with the rest
+    model = model.to_empty(device=device)
     model.init_buffers(device)
     return model.eval()

@@ -1,0 +1,116 @@
+"""The FP8 GPU paths (kernels/fp8_triton.py) against kernels/fp8.py, on CPU: the Triton kernels
+in Triton's interpreter at tiny shapes (ragged N, K and M, partial scale blocks, split-K), and
+the torch._scaled_mm path (which CPU torch runs too), then dispatch's choice by M and scheme."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitserve.kernels import dispatch
+from splitserve.kernels.fp8 import Fp8Scheme, fp8_linear_ref, fp8_weight_only_ref, quantize
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+
+
+def _case(m: int, n: int, k: int, scheme: Fp8Scheme, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = quantize(torch.randn(n, k, generator=g) * 0.05, scheme)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    return x, w
+
+
+@pytest.mark.parametrize("m,k,dtype", [(3, 300, torch.float32), (2, 2048, torch.bfloat16), (0, 128, torch.float32)])
+def test_activation_quantization_kernels_give_the_references_bits(m, k, dtype):
+    from splitserve.kernels import fp8, fp8_triton
+
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3).to(dtype)
+    if m:
+        x[0] = 0  # an all-zero row: the smallest scale, zeros out
+        x[-1, :5] *= 1000  # one group far larger than the rest
+    for triton_fn, ref_fn in [(fp8_triton.quantize_per_token, fp8.quantize_per_token),
+                              (fp8_triton.quantize_per_token_group, fp8.quantize_per_token_group)]:
+        (q, s), (want_q, want_s) = triton_fn(x), ref_fn(x)
+        assert q.dtype == want_q.dtype and s.shape == want_s.shape
+        assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s)
+
+
+@pytest.mark.parametrize("scheme", list(Fp8Scheme))
+@pytest.mark.parametrize("m,n,k,split_k", [(1, 72, 200, 1), (5, 130, 256, 2), (17, 64, 384, 3)])
+def test_weight_only_kernel_matches_the_reference(scheme, m, n, k, split_k):
+    from splitserve.kernels.fp8_triton import fp8_weight_only_linear
+
+    x, w = _case(m, n, k, scheme)
+    got = fp8_weight_only_linear(x, w, split_k=split_k)
+    assert got.shape == (m, n) and got.dtype == x.dtype
+    torch.testing.assert_close(got, fp8_weight_only_ref(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_only_kernel_in_bfloat16_rounds_once_at_the_end():
+    from splitserve.kernels.fp8_triton import fp8_weight_only_linear
+
+    x, w = _case(3, 64, 256, Fp8Scheme.CHANNEL, torch.bfloat16)
+    got = fp8_weight_only_linear(x, w)
+    want = fp8_weight_only_ref(x, w)  # float32 sums of bf16 x and exact e4m3 -> bf16
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("m,n,k", [(3, 128, 256), (40, 200, 300)])
+def test_block_w8a8_kernel_matches_the_reference(m, n, k):
+    from splitserve.kernels.fp8_triton import fp8_block_linear
+
+    x, w = _case(m, n, k, Fp8Scheme.BLOCK, seed=1)
+    got = fp8_block_linear(x, w, block_m=16, block_n=64)
+    torch.testing.assert_close(got, fp8_linear_ref(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", [Fp8Scheme.TENSOR, Fp8Scheme.CHANNEL])
+def test_scaled_mm_path_matches_the_reference(scheme):
+    from splitserve.kernels.fp8_triton import fp8_scaled_mm_linear
+
+    x, w = _case(37, 48, 64, scheme, seed=2)  # 37 rows: padded to 48 for _scaled_mm, cut back
+    got = fp8_scaled_mm_linear(x, w)
+    assert got.shape == (37, 48)
+    want = fp8_linear_ref(x, w)
+    # _scaled_mm writes bf16 (rowwise scaling's output type): one bf16 rounding apart.
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-3)
+
+
+def test_block_scales_are_refused_where_a_path_cannot_take_them():
+    from splitserve.kernels.fp8_triton import fp8_block_linear, fp8_scaled_mm_linear
+
+    x, w = _case(4, 16, 32, Fp8Scheme.BLOCK)
+    with pytest.raises(ValueError, match="block"):
+        fp8_scaled_mm_linear(x, w)
+    _, wc = _case(4, 16, 32, Fp8Scheme.CHANNEL)
+    with pytest.raises(ValueError, match="block scales"):
+        fp8_block_linear(x, wc)
+
+
+@pytest.mark.parametrize("m,scheme,path", [
+    (4, Fp8Scheme.BLOCK, "fp8_weight_only_linear"),
+    (dispatch.FP8_WEIGHT_ONLY_MAX_M, Fp8Scheme.CHANNEL, "fp8_weight_only_linear"),
+    (dispatch.FP8_WEIGHT_ONLY_MAX_M + 1, Fp8Scheme.BLOCK, "fp8_block_linear"),
+    (dispatch.FP8_WEIGHT_ONLY_MAX_M + 1, Fp8Scheme.CHANNEL, "fp8_scaled_mm_linear"),
+])
+def test_dispatch_picks_the_path_by_rows_and_scheme(monkeypatch, m, scheme, path):
+    from splitserve.kernels import fp8_triton
+
+    calls = []
+    for name in ("fp8_weight_only_linear", "fp8_block_linear", "fp8_scaled_mm_linear"):
+        real = getattr(fp8_triton, name)
+        monkeypatch.setattr(fp8_triton, name, lambda *a, _n=name, _f=real, **kw: calls.append(_n) or _f(*a, **kw))
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    dispatch.kernel_mode.cache_clear()
+    try:
+        x, w = _case(m, 32, 128, scheme)
+        bias = torch.randn(32)
+        y = dispatch.fp8_linear(x.reshape(1, m, 128), w, bias)
+        assert dispatch.fp8_linear(x[:0], w).shape == (0, 32)  # an empty batch launches nothing
+    finally:
+        dispatch.kernel_mode.cache_clear()
+    assert calls == [path] and y.shape == (1, m, 32)
+    oracle = fp8_weight_only_ref if path == "fp8_weight_only_linear" else fp8_linear_ref
+    want = oracle(x, w, bias)  # _scaled_mm rounds to bf16 before the bias: one bf16 step of |y|
+    torch.testing.assert_close(y[0], want, rtol=0, atol=2**-8 * want.abs().max().item())

@@ -1,0 +1,267 @@
+"""FP8 weights in the model: how a column/row-parallel linear holds, loads and runs them.
+
+Lifecycle: `build_model` gives the model a `QuantConfig` (workers/quant_config.py); each
+decoder layer asks `linear_method(config, hf_names)` for its projections (None for modules the
+checkpoint left unquantized: its ``ignore`` list) and the linears call the `Fp8LinearMethod`
+to allocate ``weight`` as float8_e4m3fn [N, K] and ``weight_scale`` float32 (per output row
+[N, 1]; or 128x128 blocks [ceil(N/128), ceil(K/128)]). ``model.to(dtype)`` would widen
+them like every other float parameter, so `restore_quantized_dtypes` puts them back right
+after. Loading goes through `prepare_checkpoint` (scale names unified, expert weights
+dequantized) then each linear's `load_shard`, which lands here (`load_column` / `load_row`):
+e4m3 tensors are copied as they are with their scales; float tensors (an unquantized
+checkpoint with ``quantization="fp8"``, or random weights) are quantized on the spot, per output
+row of this rank's slice, and their scale counts as loaded (``derived_shards``). Every forward
+is `kernels.fp8_linear` (kernels/dispatch.py picks the path).
+
+Tensor parallelism keeps the scales with their slices: per-row scales are cut like the rows;
+a 128x128 block is never split between two ranks or two fused parts, so a layout whose slices
+do not start on a multiple of 128 is refused when the model is built (`check_block_alignment`).
+
+What stays unquantized: embeddings and the LM head, norms, the MoE router, and MoE experts:
+FP8 expert checkpoints are dequantized to the model's dtype at load (a documented limitation:
+the fused MoE kernel has no FP8 path yet), so they cost bfloat16 memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from splitserve.kernels import dispatch as kernels
+from splitserve.kernels.fp8 import FP8_DTYPE, Fp8Scheme, Fp8Weight, dequantize, quantize
+from splitserve.workers.quant_config import SCALE_NAMES, QuantConfig
+
+logger = logging.getLogger(__name__)
+
+#: The name every checkpoint scale is loaded as (``weight_scale_inv`` is a multiplier too).
+SCALE_PARAM = "weight_scale"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def is_fp8(tensor: Any) -> bool:
+    """A tensor, or a lazy safetensors slice, holds e4m3 values."""
+    if isinstance(tensor, torch.Tensor):
+        return tensor.dtype == FP8_DTYPE
+    get_dtype = getattr(tensor, "get_dtype", None)
+    return get_dtype is not None and get_dtype() == "F8_E4M3"
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return name == pattern or name.removeprefix("model.") == pattern.removeprefix("model.")
+
+
+def linear_method(config: QuantConfig | None, hf_names: list[str]) -> "Fp8LinearMethod | None":
+    """The method of a linear that fuses the checkpoint modules ``hf_names`` (q_proj, k_proj,
+    v_proj ...): None when unquantized. A fused layer is quantized all or nothing."""
+    if config is None:
+        return None
+    ignored = [any(_matches(name, p) for p in config.ignore) for name in hf_names]
+    if all(ignored):
+        return None
+    if any(ignored):
+        raise ValueError(f"{config.source} checkpoint quantizes only some of {hf_names}, which run as one fused "
+                         "linear here: mixed quantization inside a fused layer is not supported")
+    return Fp8LinearMethod(config)
+
+
+class Fp8LinearMethod:
+    """How one linear holds and runs FP8 weights (see the module docstring)."""
+
+    def __init__(self, config: QuantConfig):
+        self.config = config
+        self.scheme = config.layer_scheme
+        self.block = config.block
+
+    # ---- allocation ------------------------------------------------------------------------
+
+    def create_weights(self, layer: nn.Module, out_features: int, in_features: int) -> None:
+        layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE), requires_grad=False)
+        if self.scheme is Fp8Scheme.BLOCK:
+            shape = (_cdiv(out_features, self.block[0]), _cdiv(in_features, self.block[1]))
+        else:
+            shape = (out_features, 1)
+        layer.weight_scale = nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
+        #: (param, shard) computed at load from a float weight rather than read.
+        layer.derived_shards = set()
+
+    def restore_dtypes(self, layer: nn.Module) -> None:
+        """After ``model.to(dtype)`` (which widens every float parameter, e4m3 included)."""
+        layer.weight.data = layer.weight.data.to(FP8_DTYPE)
+        layer.weight_scale.data = layer.weight_scale.data.float()
+
+    def check_block_alignment(self, what: str, slices: list[tuple[int, int, int]], total: int, axis: str) -> None:
+        """Refuse slices that would split a scale block: ``slices`` are (source start, our start,
+        size) along ``axis`` ("rows" / "columns") of a parameter ``total`` long here. Each must
+        start on a block boundary on both sides, and only the last may end inside a block."""
+        if self.scheme is not Fp8Scheme.BLOCK:
+            return
+        size = self.block[0] if axis == "rows" else self.block[1]
+        for src, dst, n in slices:
+            if src % size or dst % size or (n % size and dst + n != total):
+                raise ValueError(
+                    f"{what}: FP8 block scales ({self.block[0]}x{self.block[1]}) need every tensor-parallel "
+                    f"slice and fused part to start on a multiple of {size} {axis} (and only the last to end "
+                    f"inside a block), but one is {axis} {src}..{src + n} of the checkpoint at {dst} here; "
+                    f"use a tensor-parallel size that keeps the {axis} aligned")
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def weight(self, layer: nn.Module) -> Fp8Weight:
+        return Fp8Weight(layer.weight, layer.weight_scale, self.scheme, self.block)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return kernels.fp8_linear(x, self.weight(layer), bias)
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    def load_column(self, layer: nn.Module, param: str, shard: int, tensor, src: range, dst: range) -> None:
+        """Rows ``src`` of a checkpoint tensor (all columns) -> our rows ``dst``."""
+        if param == "weight":
+            rows = tensor[src.start:src.stop]
+            if is_fp8(rows):
+                _copy(layer.weight.data[dst.start:dst.stop], rows, f"weight[{shard}]")
+                return
+            q = self._quantize(rows, layer, shard)
+            _copy(layer.weight.data[dst.start:dst.stop], q.data, f"weight[{shard}]")
+            self._scale_rows(layer, dst)[...] = q.scale
+            return
+        _check_scale_param(param)
+        scale = _read_all(tensor).float()
+        if self.scheme is Fp8Scheme.BLOCK:
+            bn = self.block[0]
+            scale = _as_block_scale(scale, self.config)[src.start // bn:_cdiv(src.stop, bn)]
+        elif scale.numel() == 1:  # per tensor: each row of this logical part takes it
+            scale = scale.reshape(1, 1).expand(len(dst), 1)
+        else:
+            scale = scale.reshape(-1, 1)[src.start:src.stop]
+        _copy(self._scale_rows(layer, dst), scale, f"{param}[{shard}]")
+
+    def load_row(self, layer: nn.Module, param: str, tensor, cols: range) -> None:
+        """Columns ``cols`` of a checkpoint tensor (all rows) -> all of ours."""
+        if param == "weight":
+            part = tensor[:, cols.start:cols.stop]
+            if is_fp8(part):
+                _copy(layer.weight.data, part, "weight")
+                return
+            q = self._quantize(part, layer, 0)
+            _copy(layer.weight.data, q.data, "weight")
+            layer.weight_scale.data.copy_(q.scale)
+            return
+        _check_scale_param(param)
+        scale = _read_all(tensor).float()
+        if self.scheme is Fp8Scheme.BLOCK:
+            bk = self.block[1]
+            scale = _as_block_scale(scale, self.config)[:, cols.start // bk:_cdiv(cols.stop, bk)]
+        elif scale.numel() == 1:
+            scale = scale.reshape(1, 1).expand_as(layer.weight_scale)
+        else:
+            scale = scale.reshape(-1, 1)
+        _copy(layer.weight_scale.data, scale, param)
+
+    def _scale_rows(self, layer: nn.Module, dst: range) -> torch.Tensor:
+        if self.scheme is Fp8Scheme.BLOCK:
+            bn = self.block[0]
+            return layer.weight_scale.data[dst.start // bn:_cdiv(dst.stop, bn)]
+        return layer.weight_scale.data[dst.start:dst.stop]
+
+    def _quantize(self, weight: torch.Tensor, layer: nn.Module, shard: int) -> Fp8Weight:
+        """A float slice quantized here (its rows/blocks are whole: see check_block_alignment)."""
+        if self.config.prequantized:
+            logger.info("a float weight in an FP8 checkpoint (not in its ignore list): quantized at load")
+        layer.derived_shards.add((SCALE_PARAM, shard))
+        return quantize(weight, self.scheme, self.block)
+
+
+def _check_scale_param(param: str) -> None:
+    if param != SCALE_PARAM:  # e.g. a kv-cache or output scale: nothing of ours reads it
+        raise ValueError(f"an FP8 linear loads 'weight' and '{SCALE_PARAM}', not {param!r}")
+
+
+def _read_all(tensor) -> torch.Tensor:
+    return tensor if isinstance(tensor, torch.Tensor) else tensor[...]  # [...] also reads 0-d scales
+
+
+def _as_block_scale(scale: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    if scale.dim() != 2:
+        raise ValueError(f"{config.source} checkpoint: expected 2-D block scales, got shape {tuple(scale.shape)}")
+    return scale
+
+
+def _copy(dest: torch.Tensor, src, what: str) -> None:
+    src = src if isinstance(src, torch.Tensor) else torch.as_tensor(src)
+    if tuple(dest.shape) != tuple(src.shape):
+        raise ValueError(f"shape mismatch loading {what}: model shard {tuple(dest.shape)}, "
+                         f"checkpoint slice {tuple(src.shape)}")
+    dest.copy_(src)
+
+
+def restore_quantized_dtypes(model: nn.Module) -> None:
+    """Every FP8 linear's weight back to e4m3 and its scales to float32 (after ``model.to``)."""
+    for module in model.modules():
+        method = getattr(module, "quant", None)
+        if isinstance(method, Fp8LinearMethod):
+            method.restore_dtypes(module)
+
+
+def check_target(module: nn.Module, hf_name: str, tensor) -> None:
+    """An e4m3 tensor (or a scale) may only land in an FP8 linear: anywhere else its values
+    would be read without their scale."""
+    if isinstance(getattr(module, "quant", None), Fp8LinearMethod):
+        return
+    if is_fp8(tensor) or hf_name.endswith(f".{SCALE_PARAM}"):
+        raise ValueError(f"checkpoint tensor {hf_name!r} is FP8 but the module it loads into is not quantized: "
+                         "config.json has no quantization_config, or its ignore list names the module, or it is "
+                         "one that stays unquantized here (embeddings, LM head, norms, MoE router)")
+
+
+# ---- the checkpoint stream --------------------------------------------------------------------
+
+
+def prepare_checkpoint(weights: Iterable[tuple[str, Any]], config: QuantConfig | None,
+                       wanted: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, Any]]:
+    """The checkpoint's (name, tensor) as the model loads them: scale names unified to
+    ``weight_scale``; ``input_scale`` dropped (activations are quantized dynamically); each MoE
+    expert's e4m3 weight dequantized to float32 with its scale (held until both have come),
+    unless ``wanted(weight name)`` says this rank does not hold it (then it is not read)."""
+    pending: dict[str, dict[str, Any]] = {}  # expert module -> {"weight": .., "scale": ..}
+    for name, tensor in weights:
+        module, _, param = name.rpartition(".")
+        if param == "input_scale":
+            continue
+        if param in SCALE_NAMES:
+            param = SCALE_PARAM
+        if ".experts." in name and param in ("weight", SCALE_PARAM) and (param == SCALE_PARAM or is_fp8(tensor)):
+            if not wanted(f"{module}.weight"):
+                continue
+            parts = pending.setdefault(module, {})
+            parts[param] = tensor
+            if len(parts) == 2:
+                del pending[module]
+                yield f"{module}.weight", _dequantize_expert(module, parts["weight"], parts[SCALE_PARAM], config)
+            continue
+        yield f"{module}.{param}", tensor
+    if pending:
+        module, parts = next(iter(pending.items()))
+        raise ValueError(f"checkpoint expert {module!r} has its {sorted(parts)} but not "
+                         f"{sorted({'weight', SCALE_PARAM} - parts.keys())} ({len(pending)} experts incomplete)")
+
+
+def _dequantize_expert(module: str, weight, scale, config: QuantConfig | None) -> torch.Tensor:
+    if config is None:
+        raise ValueError(f"checkpoint expert {module!r} is FP8 but config.json has no quantization_config")
+    w = _read_all(weight)
+    s = _read_all(scale).float()
+    if config.scheme is Fp8Scheme.BLOCK:
+        return dequantize(Fp8Weight(w, s, Fp8Scheme.BLOCK, config.block))
+    scheme = Fp8Scheme.TENSOR if s.numel() == 1 else Fp8Scheme.CHANNEL
+    return dequantize(Fp8Weight(w, s.reshape(1) if s.numel() == 1 else s.reshape(-1, 1), scheme))
