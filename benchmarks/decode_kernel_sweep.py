@@ -9,6 +9,7 @@ different copy of its weights, so nothing is served from L2):
   Llama-3-8B's matrices; the floor is the weight's bytes at the copy bandwidth measured here.
 - **align**: the MoE alignment kernel's chunk and warps at 64 to 2048 (token, expert) pairs.
 - **attention**: the paged decode kernel at batch 1 with a 1k context, by the shortest split.
+- **fp8**: e4m3 weights at Llama-3-8B's matrices, rows 1 to 64 (`sweep_fp8`).
 
 Usage (repository root, package on PYTHONPATH, one GPU):
     python benchmarks/decode_kernel_sweep.py --out benchmarks/results
@@ -118,6 +119,67 @@ def sweep_linear(copy_bw: float) -> list[dict]:
     return rows
 
 
+FP8_SHAPES = {k.removeprefix("llama-3-8b."): v for k, v in LINEAR_SHAPES.items() if k.startswith("llama")}
+
+
+def sweep_fp8(copy_bw: float, rows_list=(1, 4, 16, 64)) -> list[dict]:
+    """FP8 (e4m3, per-channel scales) weights at Llama-3-8B's matrices: the GEMV kernel (rows
+    <= 4) and the skinny tl.dot kernel over launch shapes and tile orientation, the helper's
+    weight-only kernel and the W8A8 ``_scaled_mm`` path as `dispatch` has them, against bf16
+    cuBLAS; the floor is the e4m3 weight's bytes at the copy bandwidth."""
+    import torch
+    import torch.nn.functional as F
+
+    from splitserve.kernels import fp8 as fp8_ref
+    from splitserve.kernels import fp8_triton
+    from splitserve.kernels import linear_triton as lt
+
+    rows_out = []
+    for name, (n, k) in FP8_SHAPES.items():
+        copies = max(4, min(64, -(-(512 << 20) // (n * k))))
+        bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        q8 = [fp8_ref.quantize(w, fp8_ref.Fp8Scheme.CHANNEL) for w in bf]
+        floor = n * k / copy_bw
+        for m in rows_list:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            want = F.linear(x.float(), (q8[0].data.float() * q8[0].scale)).float()
+            res: dict = {}
+
+            def timed(label, fn):
+                got = fn(q8[0], bf[0]).float()
+                err = ((got - want).norm() / want.norm()).item()
+                t = graph_time_s([lambda q=q, b=b: fn(q, b) for q, b in zip(q8, bf)])
+                res[label] = {"us": 1e6 * t, "vs_floor": t / floor, "rel_err": err}
+
+            timed("bf16_cublas", lambda q, b: F.linear(x, b))
+            if m <= lt.GEMV_MAX_ROWS:
+                for bn in (16, 32):
+                    for bk in (256, 512):
+                        for split in (1, 2, 4):
+                            for warps in (4, 8):
+                                cfg = lt.GemvConfig(block_n=bn, block_k=bk, split_k=split, num_warps=warps)
+                                timed(f"gemv_n{bn}_k{bk}_s{split}_w{warps}",
+                                      lambda q, b, c=cfg: lt.gemv(x, q.data, scale=q.scale, config=c))
+            for bn in (32, 64):
+                for bk in (128, 256):
+                    for split in (1, 2, 4):
+                        for nk in (False, True):
+                            cfg = lt.SkinnyConfig(block_n=bn, block_k=bk, split_k=split, w_nk=nk, num_stages=3)
+                            timed(f"skinny_n{bn}_k{bk}_s{split}_{'nk' if nk else 'kn'}",
+                                  lambda q, b, c=cfg: lt.skinny_linear(x, q.data, config=c, scale=q.scale))
+            timed("weight_only_helper", lambda q, b: fp8_triton.fp8_weight_only_linear(x, q))
+            timed("scaled_mm", lambda q, b: fp8_triton.fp8_scaled_mm_linear(x, q))
+            fp8_only = {lbl: v for lbl, v in res.items() if lbl != "bf16_cublas"}
+            best = min(fp8_only, key=lambda lbl: fp8_only[lbl]["us"])
+            rows_out.append({"shape": name, "n": n, "k": k, "rows": m, "floor_us": 1e6 * floor, "best": best,
+                             "best_us": res[best]["us"], "bf16_us": res["bf16_cublas"]["us"], "variants": res})
+            print(f"fp8 {name:8s} m={m:3d} floor {1e6 * floor:6.2f} us  bf16 {res['bf16_cublas']['us']:6.2f}  "
+                  f"best {best} {res[best]['us']:6.2f} (err {res[best]['rel_err']:.1e})  "
+                  f"helper {res['weight_only_helper']['us']:6.2f}  scaled_mm {res['scaled_mm']['us']:6.2f}", flush=True)
+        del bf, q8
+    return rows_out
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -195,6 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["align"] = sweep_align()
     if "attention" in families:
         report["attention"] = sweep_attention()
+    if "fp8" in families:
+        report["fp8"] = sweep_fp8(report["copy_bandwidth_TBps"] * 1e12)
     out = args.out / f"decode_kernel_sweep_{results_meta.slug(report['device']['name'])}_{now:%Y-%m-%dT%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -73,7 +73,7 @@ def test_too_many_rows_and_mismatched_shapes_are_refused():
     from splitserve.kernels.linear_triton import skinny_linear
 
     with pytest.raises(ValueError, match="at most"):
-        skinny_linear(torch.zeros(17, 8), torch.zeros(4, 8))
+        skinny_linear(torch.zeros(65, 8), torch.zeros(4, 8))
     with pytest.raises(ValueError, match="disagree"):
         skinny_linear(torch.zeros(1, 8), torch.zeros(4, 9))
 
@@ -96,3 +96,70 @@ def test_dispatch_routes_few_rows_through_the_skinny_kernel_only(monkeypatch):
         want_w, want_ids = route(F.linear(x[:rows], w), 2, False)
         assert torch.equal(ids, want_ids)
         torch.testing.assert_close(weights, want_w, rtol=1e-5, atol=1e-6)
+
+
+# ---- the GEMV kernel: a few rows, bf16 or e4m3 weights -----------------------------------------
+
+
+@pytest.mark.parametrize("m,n,k,split_k", [(1, 40, 96, 1), (3, 64, 300, 2), (4, 33, 512, 4)])
+def test_gemv_matches_f_linear_with_a_bias_and_shares(m, n, k, split_k):
+    from splitserve.kernels.linear_triton import GemvConfig, gemv
+
+    x, w, b = _inputs(m, n, k, torch.float32, seed=m * n)
+    got = gemv(x, w, b, config=GemvConfig(block_n=16, block_k=64, split_k=split_k))
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def _e4m3(scheme, n, k, w):
+    """(e4m3 weight, scale, scale block or None, the dequantized weight) of ``scheme``."""
+    w8 = (w * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
+    g = torch.Generator().manual_seed(5)
+    block = None
+    if scheme == "tensor":
+        scale = torch.tensor([0.03])
+        dequant = w8.float() * scale
+    elif scheme == "channel":
+        scale = torch.rand(n, 1, generator=g) / 20
+        dequant = w8.float() * scale
+    else:
+        block = (32, 64)
+        scale = torch.rand(n // 32, k // 64, generator=g) / 20
+        dequant = w8.float() * scale.repeat_interleave(32, 0).repeat_interleave(64, 1)
+    return w8, scale, block, dequant
+
+
+@pytest.mark.parametrize("scheme", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("w_nk", [False, True])
+def test_skinny_reads_e4m3_weights_with_their_scales_either_tile_orientation(scheme, w_nk):
+    from splitserve.kernels.linear_triton import SkinnyConfig, skinny_linear
+
+    m, n, k = 20, 64, 256
+    x, w, b = _inputs(m, n, k, torch.float32, seed=13)
+    w8, scale, block, dequant = _e4m3(scheme, n, k, w)
+    for split_k in (1, 2):
+        got = skinny_linear(x, w8, b, SkinnyConfig(block_n=16, block_k=64, split_k=split_k, w_nk=w_nk),
+                            scale=scale, scale_block=block)
+        torch.testing.assert_close(got, F.linear(x, dequant, b), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_gemv_reads_e4m3_weights_with_their_scales(scheme, split_k):
+    from splitserve.kernels.linear_triton import GemvConfig, gemv
+
+    m, n, k = 2, 64, 256
+    x, w, _ = _inputs(m, n, k, torch.float32, seed=11)
+    w8, scale, block, dequant = _e4m3(scheme, n, k, w)
+    got = gemv(x, w8, scale=scale, scale_block=block, config=GemvConfig(block_n=16, block_k=64, split_k=split_k))
+    torch.testing.assert_close(got, F.linear(x, dequant), rtol=1e-5, atol=1e-4)
+
+
+def test_gemv_refuses_tiles_across_scale_blocks_and_too_many_rows():
+    from splitserve.kernels.linear_triton import GemvConfig, gemv
+
+    w8 = torch.zeros(64, 256).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="scale block"):
+        gemv(torch.zeros(1, 256), w8, scale=torch.ones(1, 2), scale_block=(64, 128),
+             config=GemvConfig(block_n=16, block_k=256))
+    with pytest.raises(ValueError, match="at most"):
+        gemv(torch.zeros(5, 256), w8)
