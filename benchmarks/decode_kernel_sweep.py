@@ -123,10 +123,11 @@ FP8_SHAPES = {k.removeprefix("llama-3-8b."): v for k, v in LINEAR_SHAPES.items()
 
 
 def sweep_fp8(copy_bw: float, rows_list=(1, 4, 16, 64)) -> list[dict]:
-    """FP8 (e4m3, per-channel scales) weights at Llama-3-8B's matrices: the GEMV kernel (rows
-    <= 4) and the skinny tl.dot kernel over launch shapes and tile orientation, the helper's
-    weight-only kernel and the W8A8 ``_scaled_mm`` path as `dispatch` has them, against bf16
-    cuBLAS; the floor is the e4m3 weight's bytes at the copy bandwidth."""
+    """FP8 (e4m3, per-channel scales) weights at Llama-3-8B's matrices: the skinny kernel with
+    the e4m3 tiles widened to bf16 (as `dispatch.fp8_linear` runs it), widened to float16, and
+    as W8A8 (x quantized per token first, e4m3 x e4m3 products; the quantization's launch
+    counted), over launch shapes; ``_scaled_mm``; bf16 cuBLAS. The floor is the e4m3 weight's
+    bytes at the copy bandwidth."""
     import torch
     import torch.nn.functional as F
 
@@ -134,12 +135,18 @@ def sweep_fp8(copy_bw: float, rows_list=(1, 4, 16, 64)) -> list[dict]:
     from splitserve.kernels import fp8_triton
     from splitserve.kernels import linear_triton as lt
 
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows_out = []
     for name, (n, k) in FP8_SHAPES.items():
         copies = max(4, min(64, -(-(512 << 20) // (n * k))))
         bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         q8 = [fp8_ref.quantize(w, fp8_ref.Fp8Scheme.CHANNEL) for w in bf]
         floor = n * k / copy_bw
+        default = lt.fp8_skinny_config(n, k, sms)
+        configs = {"default": default}
+        for split in (1, 2, 4, 8):
+            configs[f"n32_k256_s{split}"] = lt.SkinnyConfig(block_n=32, block_k=256, split_k=split, num_stages=3)
+        configs["n64_k128_s4"] = lt.SkinnyConfig(block_n=64, block_k=128, split_k=4, num_stages=3)
         for m in rows_list:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             want = F.linear(x.float(), (q8[0].data.float() * q8[0].scale)).float()
@@ -151,31 +158,27 @@ def sweep_fp8(copy_bw: float, rows_list=(1, 4, 16, 64)) -> list[dict]:
                 t = graph_time_s([lambda q=q, b=b: fn(q, b) for q, b in zip(q8, bf)])
                 res[label] = {"us": 1e6 * t, "vs_floor": t / floor, "rel_err": err}
 
+            def w8a8(q, c):
+                xq, xs = fp8_triton.quantize_per_token(x)
+                return lt.skinny_linear(xq, q.data, config=c, scale=q.scale, x_scale=xs.view(-1),
+                                        out_dtype=torch.bfloat16)
+
             timed("bf16_cublas", lambda q, b: F.linear(x, b))
-            if m <= lt.GEMV_MAX_ROWS:
-                for bn in (16, 32):
-                    for bk in (256, 512):
-                        for split in (1, 2, 4):
-                            for warps in (4, 8):
-                                cfg = lt.GemvConfig(block_n=bn, block_k=bk, split_k=split, num_warps=warps)
-                                timed(f"gemv_n{bn}_k{bk}_s{split}_w{warps}",
-                                      lambda q, b, c=cfg: lt.gemv(x, q.data, scale=q.scale, config=c))
-            for bn in (32, 64):
-                for bk in (128, 256):
-                    for split in (1, 2, 4):
-                        for nk in (False, True):
-                            cfg = lt.SkinnyConfig(block_n=bn, block_k=bk, split_k=split, w_nk=nk, num_stages=3)
-                            timed(f"skinny_n{bn}_k{bk}_s{split}_{'nk' if nk else 'kn'}",
-                                  lambda q, b, c=cfg: lt.skinny_linear(x, q.data, config=c, scale=q.scale))
-            timed("weight_only_helper", lambda q, b: fp8_triton.fp8_weight_only_linear(x, q))
             timed("scaled_mm", lambda q, b: fp8_triton.fp8_scaled_mm_linear(x, q))
+            for label, cfg in configs.items():
+                timed(f"bf16dot_{label}", lambda q, b, c=cfg: lt.skinny_linear(x, q.data, config=c, scale=q.scale))
+                f16 = lt.SkinnyConfig(**{**cfg.__dict__, "dot_f16": True})
+                timed(f"f16dot_{label}", lambda q, b, c=f16: lt.skinny_linear(x, q.data, config=c, scale=q.scale))
+                timed(f"w8a8_{label}", lambda q, b, c=cfg: w8a8(q, c))
             fp8_only = {lbl: v for lbl, v in res.items() if lbl != "bf16_cublas"}
             best = min(fp8_only, key=lambda lbl: fp8_only[lbl]["us"])
             rows_out.append({"shape": name, "n": n, "k": k, "rows": m, "floor_us": 1e6 * floor, "best": best,
-                             "best_us": res[best]["us"], "bf16_us": res["bf16_cublas"]["us"], "variants": res})
+                             "best_us": res[best]["us"], "bf16_us": res["bf16_cublas"]["us"],
+                             "default": default.__dict__, "variants": res})
             print(f"fp8 {name:8s} m={m:3d} floor {1e6 * floor:6.2f} us  bf16 {res['bf16_cublas']['us']:6.2f}  "
-                  f"best {best} {res[best]['us']:6.2f} (err {res[best]['rel_err']:.1e})  "
-                  f"helper {res['weight_only_helper']['us']:6.2f}  scaled_mm {res['scaled_mm']['us']:6.2f}", flush=True)
+                  f"default bf16dot {res['bf16dot_default']['us']:6.2f} f16dot {res['f16dot_default']['us']:6.2f} "
+                  f"w8a8 {res['w8a8_default']['us']:6.2f}  best {best} {res[best]['us']:6.2f} "
+                  f"(err {res[best]['rel_err']:.1e})  scaled_mm {res['scaled_mm']['us']:6.2f}", flush=True)
         del bf, q8
     return rows_out
 

@@ -249,7 +249,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
 #: Up to this many rows (tokens) the FP8 linear runs the weight-only kernel: decode-sized
 #: batches are bound by reading the weights, and it reads e4m3 without quantizing activations.
 #: Above it the matmul is compute-bound and both operands go to the tensor cores in e4m3.
-FP8_WEIGHT_ONLY_MAX_M = 32
+FP8_WEIGHT_ONLY_MAX_M = 16
 
 
 def fp8_linear(x: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -258,7 +258,10 @@ def fp8_linear(x: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor | 
 
     - reference (CPU, or ``SPLITSERVE_KERNELS=torch``): `fp8_linear_ref`, activations quantized
       per token (per token and 128-group for block scales), float32 sums;
-    - M <= FP8_WEIGHT_ONLY_MAX_M: the weight-only Triton kernel (activations unquantized);
+    - M <= FP8_WEIGHT_ONLY_MAX_M: weight-only, the skinny Triton kernel (`linear_triton`:
+      activations as they are, e4m3 tiles widened in registers, scales per row or block); on an
+      H200 it beat bf16 cuBLAS and the W8A8 paths up to 16 rows, and lost to ``_scaled_mm`` at 64
+      (benchmarks/decode_kernel_sweep.py --families fp8);
     - larger M, block scales: the block-scaled W8A8 Triton kernel;
     - larger M, per-channel / per-tensor scales: ``torch._scaled_mm`` with rowwise scales."""
     if not use_triton(x):
@@ -270,7 +273,12 @@ def fp8_linear(x: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor | 
     if x2.shape[0] == 0:  # nothing to launch
         y = x2.new_empty(0, weight.data.shape[0])
     elif x2.shape[0] <= FP8_WEIGHT_ONLY_MAX_M:
-        y = fp8_triton.fp8_weight_only_linear(x2, weight)
+        from splitserve.kernels import linear_triton
+
+        block = weight.block if weight.scheme is fp8_ref.Fp8Scheme.BLOCK else None
+        cfg = linear_triton.fp8_skinny_config(weight.data.shape[0], k, linear_triton.sms(x2.device), block)
+        y = linear_triton.skinny_linear(x2, weight.data, bias, cfg, scale=weight.scale, scale_block=block)
+        bias = None
     elif weight.scheme is fp8_ref.Fp8Scheme.BLOCK:
         y = fp8_triton.fp8_block_linear(x2, weight)
     else:

@@ -38,7 +38,7 @@ MAX_ROWS = 64
 
 
 class ScaleKind(enum.IntEnum):
-    """How a GEMV weight's values are scaled (a constexpr of the kernel)."""
+    """How a weight's values are scaled (a constexpr of the kernel)."""
 
     NONE = 0
     #: One per output row ([N, 1]), or one for the tensor ([1]: a row stride of 0).
@@ -62,6 +62,9 @@ class SkinnyConfig:
     #: Load W's tiles as [BLOCK_N, BLOCK_K] (its rows as they lie) and transpose them for the
     #: product, instead of loading [BLOCK_K, BLOCK_N] views.
     w_nk: bool = False
+    #: Multiply in float16 (x rounded to it; e4m3 weights widen to it in one instruction)
+    #: rather than in x's dtype.
+    dot_f16: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
@@ -77,7 +80,7 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _sms(device: torch.device) -> int:
+def sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: any small grid
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
@@ -95,11 +98,26 @@ def skinny_config(n: int, k: int, num_sms: int) -> SkinnyConfig:
     return SkinnyConfig(block_n=block_n, block_k=128, split_k=split_k, num_stages=3)
 
 
+def fp8_skinny_config(n: int, k: int, num_sms: int, block: tuple[int, int] | None = None) -> SkinnyConfig:
+    """e4m3 weights: 32 rows of W per program, 256 columns a step (128 under 128-column block
+    scales), K split while the programs number under three per SM and shares keep >= 512
+    columns. (The H200 sweep of 2026-12-02, benchmarks/decode_kernel_sweep.py --families fp8:
+    at Llama-3-8B's q|k|v, o, gate|up and down this picks the best or within 2% of it at 1 to
+    16 rows.)"""
+    block_k = min(256, block[1]) if block else 256
+    programs = triton.cdiv(n, 32)
+    split_k = 1
+    while programs * split_k < 3 * num_sms and k // (2 * split_k) >= 512:
+        split_k *= 2
+    return SkinnyConfig(block_n=32, block_k=block_k, split_k=split_k, num_stages=3)
+
+
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, M, N, K, k_share, stride_xm, stride_wn, stride_om,
-                   stride_sn, stride_sk, SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, M_PAD: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_NK: tl.constexpr):
+def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, part_ptr, M, N, K, k_share, stride_xm, stride_wn,
+                   stride_om, stride_sn, stride_sk, SCALE: tl.constexpr, SCALE_BN: tl.constexpr,
+                   SCALE_BK: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                   M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_NK: tl.constexpr,
+                   DOT: tl.constexpr):
     pid_n = tl.program_id(0)
     share = tl.program_id(1)
     rows = tl.arange(0, M_PAD)
@@ -119,9 +137,16 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, M, N, K, k_sha
         k_ok = ks < k_hi - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if W_NK:
-            w = tl.trans(tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(a.dtype))
+            w = tl.trans(tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0))
         else:
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(a.dtype)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        # DOT 0: in x's dtype; 1: in float16 (e4m3 widens to it in one instruction);
+        # 2: x arrives as e4m3 (per-row scales ``xs``), the product is e4m3 x e4m3.
+        if DOT == 1:
+            a = a.to(tl.float16)
+            w = w.to(tl.float16)
+        elif DOT == 0:
+            w = w.to(a.dtype)
         if SCALE == 2:  # one block's scale for the whole step (BLOCK_N | SCALE_BN, BLOCK_K | SCALE_BK)
             step = tl.dot(a, w, input_precision=PRECISION)
             acc += step * tl.load(s_ptr + (pid_n * BLOCK_N // SCALE_BN) * stride_sn + (k0 // SCALE_BK) * stride_sk)
@@ -131,6 +156,8 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, M, N, K, k_sha
         w_ptrs += BLOCK_K
     if SCALE == 1:
         acc *= tl.load(s_ptr + cols * stride_sn, mask=col_ok, other=0.0)[None, :]
+    if DOT == 2:
+        acc *= tl.load(xs_ptr + rows, mask=row_ok, other=0.0)[:, None]
     mask = row_ok[:, None] & col_ok[None, :]
     if SPLIT:
         part = part_ptr + (share * M + rows[:, None]).to(tl.int64) * N + cols[None, :]
@@ -194,19 +221,22 @@ class _Scale:
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None,
-            partials: torch.Tensor | None, cfg: SkinnyConfig, scale: "_Scale") -> None:
+            partials: torch.Tensor | None, cfg: SkinnyConfig, scale: "_Scale",
+            x_scale: torch.Tensor | None = None) -> None:
     m, k = x.shape
     n = weight.shape[0]
     k_share, splits = _shares(k, cfg.split_k, cfg.block_k)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
+    dot = 2 if x_scale is not None else (1 if cfg.dot_f16 and x.dtype != torch.float32 else 0)
     _skinny_kernel[(triton.cdiv(n, cfg.block_n), splits)](
-        x, weight, scale.tensor if scale.tensor is not None else x, bias if bias is not None else x,
+        x, weight, scale.tensor if scale.tensor is not None else x, x_scale if x_scale is not None else x,
+        bias if bias is not None else x,
         out if out is not None else x, partials if partials is not None else x, m, n, k, k_share, x.stride(0),
         weight.stride(0), out.stride(0) if out is not None else 0, scale.stride_n, scale.stride_k,
         SCALE=scale.kind, SCALE_BN=scale.block[0], SCALE_BK=scale.block[1],
         HAS_BIAS=bias is not None, SPLIT=partials is not None, PRECISION=precision,
         M_PAD=max(16, triton.next_power_of_2(m)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, W_NK=cfg.w_nk,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT=dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -215,24 +245,27 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   config: SkinnyConfig | None = None, scale: torch.Tensor | None = None,
-                  scale_block: tuple[int, int] | None = None) -> torch.Tensor:
+                  scale_block: tuple[int, int] | None = None, x_scale: torch.Tensor | None = None,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``F.linear(x, weight * scale, bias)`` for x [M <= MAX_ROWS, K], weight [N, K] of x's
-    dtype or e4m3 (widened to x's dtype tile by tile; ``scale`` as in `gemv`): y [M, N] in x's dtype."""
+    dtype or e4m3 (widened tile by tile; ``scale``: None, [N, 1] or [1] per row / tensor, or
+    with ``scale_block`` (bn, bk) the [ceil(N / bn), ceil(K / bk)] block scales): y [M, N] in ``out_dtype``
+    (default x's). ``x_scale`` [M] float32: x is e4m3, ``x * x_scale`` per row (W8A8)."""
     _check(x, weight)
     x, weight = _contiguous(x), _contiguous(weight)
     m, k = x.shape
     n = weight.shape[0]
-    cfg = config or skinny_config(n, k, _sms(x.device))
+    cfg = config or skinny_config(n, k, sms(x.device))
     sc = _Scale.of(scale, scale_block, cfg.block_n, cfg.block_k)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return out
     _, splits = _shares(k, cfg.split_k, cfg.block_k)
     if splits == 1:
-        _launch(x, weight, bias, out, None, cfg, sc)
+        _launch(x, weight, bias, out, None, cfg, sc, x_scale)
         return out
     partials = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    _launch(x, weight, None, None, partials, cfg, sc)
+    _launch(x, weight, None, None, partials, cfg, sc, x_scale)
     _reduce_kernel[(m, triton.cdiv(n, REDUCE_BLOCK))](
         partials, bias if bias is not None else partials, out, m, n, out.stride(0), SPLITS=splits,
         HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4)
@@ -246,119 +279,8 @@ def skinny_partials(x: torch.Tensor, weight: torch.Tensor, config: SkinnyConfig 
     x, weight = _contiguous(x), _contiguous(weight)
     m, k = x.shape
     n = weight.shape[0]
-    cfg = config or skinny_config(n, k, _sms(x.device))
+    cfg = config or skinny_config(n, k, sms(x.device))
     partials = torch.empty(_shares(k, cfg.split_k, cfg.block_k)[1], m, n, dtype=torch.float32, device=x.device)
     if m:
         _launch(x, weight, None, None, partials, cfg, _Scale.of(None, None, cfg.block_n, cfg.block_k))
     return partials
-
-
-# ---- GEMV: a few rows, any weight dtype ---------------------------------------------------------
-
-#: Rows the GEMV kernel takes (its products are [rows, BLOCK_N, BLOCK_K] in registers).
-GEMV_MAX_ROWS = 4
-
-
-@dataclass(frozen=True)
-class GemvConfig:
-    """Launch shape of one GEMV call: ``BLOCK_N`` rows of W per program, ``BLOCK_K`` columns a
-    step, K split in ``split_k`` shares."""
-
-    block_n: int = 32
-    block_k: int = 256
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-
-    def __post_init__(self) -> None:
-        for name in ("block_n", "block_k"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"GemvConfig.{name} must be a power of two >= 16, got {value}")
-        if self.split_k < 1 or self.num_warps < 1 or self.num_stages < 1:
-            raise ValueError(f"GemvConfig: split_k, num_warps and num_stages must be >= 1: {self}")
-
-
-def gemv_config(n: int, k: int, num_sms: int, block: tuple[int, int] | None = None) -> GemvConfig:
-    """32 rows of W per program, 256 columns a step (128 under 128-column block scales, one
-    scale a step); K split while the programs do not give every SM two."""
-    block_k = min(256, block[1]) if block else 256
-    programs = triton.cdiv(n, 32)
-    split_k = 1
-    while programs * split_k < 2 * num_sms and k // (2 * split_k) >= 2 * block_k:
-        split_k *= 2
-    return GemvConfig(block_n=32, block_k=block_k, split_k=split_k)
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, M, N, K, k_share, stride_xm, stride_wn, stride_om,
-                 stride_sn, stride_sk, SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    share = tl.program_id(1)
-    rows = tl.arange(0, M_PAD)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    row_ok = rows < M
-    col_ok = cols < N
-    k_lo = share * k_share
-    k_hi = tl.minimum(k_lo + k_share, K)
-    # W's rows as they lie (K contiguous: wide loads of the narrow type), widened in registers.
-    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + (k_lo + ks)[None, :]
-    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + (k_lo + ks)[None, :]
-    acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k_ok = ks < k_hi - k0
-        w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        part = tl.sum(w[None, :, :] * x[:, None, :], axis=2)
-        if SCALE == 2:  # one block's scale for the whole step (BLOCK_N | SCALE_BN, BLOCK_K | SCALE_BK)
-            part *= tl.load(s_ptr + (pid_n * BLOCK_N // SCALE_BN) * stride_sn + (k0 // SCALE_BK) * stride_sk)
-        acc += part
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-    if SCALE == 1:
-        acc *= tl.load(s_ptr + cols * stride_sn, mask=col_ok, other=0.0)[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
-    if SPLIT:
-        tl.store(part_ptr + (share * M + rows[:, None]).to(tl.int64) * N + cols[None, :], acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-         scale_block: tuple[int, int] | None = None, config: GemvConfig | None = None) -> torch.Tensor:
-    """``x (weight * scale)^T (+ bias)`` for x [M <= GEMV_MAX_ROWS, K] and weight [N, K] of any
-    dtype (bf16, or e4m3 read as its bytes and widened in registers: the memory-bound decode
-    path of FP8 weights). ``scale``: None; [N, 1] or [1] (per row / tensor); or with
-    ``scale_block`` (bn, bk) the [ceil(N / bn), ceil(K / bk)] block scales. -> [M, N] in x's dtype."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree")
-    if x.shape[0] > GEMV_MAX_ROWS:
-        raise ValueError(f"gemv: {x.shape[0]} rows, at most {GEMV_MAX_ROWS}")
-    x, weight = _contiguous(x), _contiguous(weight)
-    m, k = x.shape
-    n = weight.shape[0]
-    cfg = config or gemv_config(n, k, _sms(x.device), scale_block)
-    sc = _Scale.of(scale, scale_block, cfg.block_n, cfg.block_k)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0:
-        return out
-    k_share, splits = _shares(k, cfg.split_k, cfg.block_k)
-    partials = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else None
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n), splits)](
-        x, weight, sc.tensor if sc.tensor is not None else x, bias if bias is not None and partials is None else x,
-        out, partials if partials is not None else x, m, n, k, k_share, x.stride(0), weight.stride(0), out.stride(0),
-        sc.stride_n, sc.stride_k, SCALE=sc.kind, SCALE_BN=sc.block[0], SCALE_BK=sc.block[1],
-        HAS_BIAS=bias is not None and partials is None, SPLIT=partials is not None,
-        M_PAD=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if partials is not None:
-        _reduce_kernel[(m, triton.cdiv(n, REDUCE_BLOCK))](
-            partials, bias if bias is not None else partials, out, m, n, out.stride(0), SPLITS=splits,
-            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4)
-    return out

@@ -89,18 +89,19 @@ def test_block_scales_are_refused_where_a_path_cannot_take_them():
 
 
 @pytest.mark.parametrize("m,scheme,path", [
-    (4, Fp8Scheme.BLOCK, "fp8_weight_only_linear"),
-    (dispatch.FP8_WEIGHT_ONLY_MAX_M, Fp8Scheme.CHANNEL, "fp8_weight_only_linear"),
+    (4, Fp8Scheme.BLOCK, "skinny_linear"),
+    (dispatch.FP8_WEIGHT_ONLY_MAX_M, Fp8Scheme.CHANNEL, "skinny_linear"),
     (dispatch.FP8_WEIGHT_ONLY_MAX_M + 1, Fp8Scheme.BLOCK, "fp8_block_linear"),
     (dispatch.FP8_WEIGHT_ONLY_MAX_M + 1, Fp8Scheme.CHANNEL, "fp8_scaled_mm_linear"),
 ])
 def test_dispatch_picks_the_path_by_rows_and_scheme(monkeypatch, m, scheme, path):
-    from splitserve.kernels import fp8_triton
+    from splitserve.kernels import fp8_triton, linear_triton
 
     calls = []
-    for name in ("fp8_weight_only_linear", "fp8_block_linear", "fp8_scaled_mm_linear"):
-        real = getattr(fp8_triton, name)
-        monkeypatch.setattr(fp8_triton, name, lambda *a, _n=name, _f=real, **kw: calls.append(_n) or _f(*a, **kw))
+    for module, name in ((linear_triton, "skinny_linear"), (fp8_triton, "fp8_block_linear"),
+                         (fp8_triton, "fp8_scaled_mm_linear")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _f=real, **kw: calls.append(_n) or _f(*a, **kw))
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     dispatch.kernel_mode.cache_clear()
     try:
@@ -111,6 +112,6 @@ def test_dispatch_picks_the_path_by_rows_and_scheme(monkeypatch, m, scheme, path
     finally:
         dispatch.kernel_mode.cache_clear()
     assert calls == [path] and y.shape == (1, m, 32)
-    oracle = fp8_weight_only_ref if path == "fp8_weight_only_linear" else fp8_linear_ref
+    oracle = fp8_weight_only_ref if path == "skinny_linear" else fp8_linear_ref
     want = oracle(x, w, bias)  # _scaled_mm rounds to bf16 before the bias: one bf16 step of |y|
     torch.testing.assert_close(y[0], want, rtol=0, atol=2**-8 * want.abs().max().item())

@@ -98,16 +98,7 @@ def test_dispatch_routes_few_rows_through_the_skinny_kernel_only(monkeypatch):
         torch.testing.assert_close(weights, want_w, rtol=1e-5, atol=1e-6)
 
 
-# ---- the GEMV kernel: a few rows, bf16 or e4m3 weights -----------------------------------------
-
-
-@pytest.mark.parametrize("m,n,k,split_k", [(1, 40, 96, 1), (3, 64, 300, 2), (4, 33, 512, 4)])
-def test_gemv_matches_f_linear_with_a_bias_and_shares(m, n, k, split_k):
-    from splitserve.kernels.linear_triton import GemvConfig, gemv
-
-    x, w, b = _inputs(m, n, k, torch.float32, seed=m * n)
-    got = gemv(x, w, b, config=GemvConfig(block_n=16, block_k=64, split_k=split_k))
-    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+# ---- e4m3 weights -------------------------------------------------------------------------------
 
 
 def _e4m3(scheme, n, k, w):
@@ -142,24 +133,18 @@ def test_skinny_reads_e4m3_weights_with_their_scales_either_tile_orientation(sch
         torch.testing.assert_close(got, F.linear(x, dequant, b), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("scheme", ["tensor", "channel", "block"])
-@pytest.mark.parametrize("split_k", [1, 2])
-def test_gemv_reads_e4m3_weights_with_their_scales(scheme, split_k):
-    from splitserve.kernels.linear_triton import GemvConfig, gemv
+def test_skinny_in_float16_and_as_w8a8_match_their_references():
+    from splitserve.kernels import fp8 as fp8_ref
+    from splitserve.kernels.linear_triton import SkinnyConfig, skinny_linear
 
-    m, n, k = 2, 64, 256
-    x, w, _ = _inputs(m, n, k, torch.float32, seed=11)
-    w8, scale, block, dequant = _e4m3(scheme, n, k, w)
-    got = gemv(x, w8, scale=scale, scale_block=block, config=GemvConfig(block_n=16, block_k=64, split_k=split_k))
-    torch.testing.assert_close(got, F.linear(x, dequant), rtol=1e-5, atol=1e-4)
-
-
-def test_gemv_refuses_tiles_across_scale_blocks_and_too_many_rows():
-    from splitserve.kernels.linear_triton import GemvConfig, gemv
-
-    w8 = torch.zeros(64, 256).to(torch.float8_e4m3fn)
-    with pytest.raises(ValueError, match="scale block"):
-        gemv(torch.zeros(1, 256), w8, scale=torch.ones(1, 2), scale_block=(64, 128),
-             config=GemvConfig(block_n=16, block_k=256))
-    with pytest.raises(ValueError, match="at most"):
-        gemv(torch.zeros(5, 256), w8)
+    m, n, k = 3, 64, 256
+    x, w, _ = _inputs(m, n, k, torch.float32, seed=17)
+    w8, scale, _, dequant = _e4m3("channel", n, k, w)
+    xb = x.to(torch.bfloat16)
+    got = skinny_linear(xb, w8, config=SkinnyConfig(block_n=16, block_k=64, dot_f16=True), scale=scale)
+    want = F.linear(xb.to(torch.float16).float(), dequant)
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+    xq, xs = fp8_ref.quantize_per_token(x)
+    got = skinny_linear(xq, w8, config=SkinnyConfig(block_n=16, block_k=64, split_k=2), scale=scale,
+                        x_scale=xs.reshape(-1), out_dtype=torch.float32)
+    torch.testing.assert_close(got, F.linear(xq.float() * xs, dequant), rtol=1e-5, atol=1e-4)
