@@ -250,6 +250,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
 #: batches are bound by reading the weights, and it reads e4m3 without quantizing activations.
 #: Above it the matmul is compute-bound and both operands go to the tensor cores in e4m3.
 FP8_WEIGHT_ONLY_MAX_M = 16
+#: Up to this many rows, per-row (channel / tensor) scales take the skinny kernel as W8A8.
+FP8_SKINNY_W8A8_MAX_M = 64
 
 
 def fp8_linear(x: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -259,9 +261,11 @@ def fp8_linear(x: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor | 
     - reference (CPU, or ``SPLITSERVE_KERNELS=torch``): `fp8_linear_ref`, activations quantized
       per token (per token and 128-group for block scales), float32 sums;
     - M <= FP8_WEIGHT_ONLY_MAX_M: weight-only, the skinny Triton kernel (`linear_triton`:
-      activations as they are, e4m3 tiles widened in registers, scales per row or block); on an
-      H200 it beat bf16 cuBLAS and the W8A8 paths up to 16 rows, and lost to ``_scaled_mm`` at 64
-      (benchmarks/decode_kernel_sweep.py --families fp8);
+      activations as they are, e4m3 tiles widened to float16 in registers, scales per row or
+      block); on an H200 it beat bf16 cuBLAS and ``_scaled_mm`` up to 16 rows
+      (benchmarks/decode_kernel_sweep.py --families fp8; `linear_triton.fp8_skinny_config`);
+    - M <= FP8_SKINNY_W8A8_MAX_M with per-row scales: the skinny kernel as W8A8 (activations
+      quantized per token first, e4m3 x e4m3 products), faster than ``_scaled_mm`` at 64 rows;
     - larger M, block scales: the block-scaled W8A8 Triton kernel;
     - larger M, per-channel / per-tensor scales: ``torch._scaled_mm`` with rowwise scales."""
     if not use_triton(x):
@@ -278,6 +282,14 @@ def fp8_linear(x: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor | 
         block = weight.block if weight.scheme is fp8_ref.Fp8Scheme.BLOCK else None
         cfg = linear_triton.fp8_skinny_config(weight.data.shape[0], k, linear_triton.sms(x2.device), block)
         y = linear_triton.skinny_linear(x2, weight.data, bias, cfg, scale=weight.scale, scale_block=block)
+        bias = None
+    elif x2.shape[0] <= FP8_SKINNY_W8A8_MAX_M and weight.scheme is not fp8_ref.Fp8Scheme.BLOCK:
+        from splitserve.kernels import linear_triton
+
+        cfg = linear_triton.fp8_skinny_config(weight.data.shape[0], k, linear_triton.sms(x2.device), w8a8=True)
+        xq, xs = fp8_triton.quantize_per_token(x2)
+        y = linear_triton.skinny_linear(xq, weight.data, bias, cfg, scale=weight.scale, x_scale=xs.view(-1),
+                                        out_dtype=x.dtype)
         bias = None
     elif weight.scheme is fp8_ref.Fp8Scheme.BLOCK:
         y = fp8_triton.fp8_block_linear(x2, weight)

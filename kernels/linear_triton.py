@@ -98,18 +98,26 @@ def skinny_config(n: int, k: int, num_sms: int) -> SkinnyConfig:
     return SkinnyConfig(block_n=block_n, block_k=128, split_k=split_k, num_stages=3)
 
 
-def fp8_skinny_config(n: int, k: int, num_sms: int, block: tuple[int, int] | None = None) -> SkinnyConfig:
-    """e4m3 weights: 32 rows of W per program, 256 columns a step (128 under 128-column block
-    scales), K split while the programs number under three per SM and shares keep >= 512
-    columns. (The H200 sweep of 2026-12-02, benchmarks/decode_kernel_sweep.py --families fp8:
-    at Llama-3-8B's q|k|v, o, gate|up and down this picks the best or within 2% of it at 1 to
-    16 rows.)"""
-    block_k = min(256, block[1]) if block else 256
-    programs = triton.cdiv(n, 32)
+def fp8_skinny_config(n: int, k: int, num_sms: int, block: tuple[int, int] | None = None,
+                      w8a8: bool = False) -> SkinnyConfig:
+    """e4m3 weights (the H200 sweep of 2026-12-02, benchmarks/decode_kernel_sweep.py --families
+    fp8, at Llama-3-8B's q|k|v, o, gate|up and down):
+
+    - weight-only (``w8a8`` False, up to 16 rows): 64 rows of W per program, 128 columns a step,
+      products in float16 (e4m3 widens to it in one instruction, to bf16 in three: 4-10% faster),
+      K split while the programs number under three per SM, at most 4 shares of >= 512 columns.
+      Best or within 3% of it at 1 to 16 rows except gate|up (W8A8 there: 35.6 against 40.6 us).
+    - W8A8 (17 to 64 rows): 32 rows, 256 columns (128 under block scales), K split the same way;
+      at 64 rows it beat ``_scaled_mm`` at every shape (15.0 against 17.6 us at q|k|v)."""
+    if w8a8:
+        block_n, block_k = 32, min(256, block[1]) if block else 256
+    else:
+        block_n, block_k = 64, 128
+    programs = triton.cdiv(n, block_n)
     split_k = 1
-    while programs * split_k < 3 * num_sms and k // (2 * split_k) >= 512:
+    while split_k < 4 and programs * split_k < 3 * num_sms and k // (2 * split_k) >= 512:
         split_k *= 2
-    return SkinnyConfig(block_n=32, block_k=block_k, split_k=split_k, num_stages=3)
+    return SkinnyConfig(block_n=block_n, block_k=block_k, split_k=split_k, num_stages=3, dot_f16=not w8a8)
 
 
 @triton.jit

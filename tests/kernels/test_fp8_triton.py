@@ -92,7 +92,8 @@ def test_block_scales_are_refused_where_a_path_cannot_take_them():
     (4, Fp8Scheme.BLOCK, "skinny_linear"),
     (dispatch.FP8_WEIGHT_ONLY_MAX_M, Fp8Scheme.CHANNEL, "skinny_linear"),
     (dispatch.FP8_WEIGHT_ONLY_MAX_M + 1, Fp8Scheme.BLOCK, "fp8_block_linear"),
-    (dispatch.FP8_WEIGHT_ONLY_MAX_M + 1, Fp8Scheme.CHANNEL, "fp8_scaled_mm_linear"),
+    (dispatch.FP8_WEIGHT_ONLY_MAX_M + 1, Fp8Scheme.CHANNEL, "skinny_w8a8"),
+    (dispatch.FP8_SKINNY_W8A8_MAX_M + 1, Fp8Scheme.CHANNEL, "fp8_scaled_mm_linear"),
 ])
 def test_dispatch_picks_the_path_by_rows_and_scheme(monkeypatch, m, scheme, path):
     from splitserve.kernels import fp8_triton, linear_triton
@@ -101,7 +102,8 @@ def test_dispatch_picks_the_path_by_rows_and_scheme(monkeypatch, m, scheme, path
     for module, name in ((linear_triton, "skinny_linear"), (fp8_triton, "fp8_block_linear"),
                          (fp8_triton, "fp8_scaled_mm_linear")):
         real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _n=name, _f=real, **kw: calls.append(_n) or _f(*a, **kw))
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _f=real, **kw: calls.append(
+            "skinny_w8a8" if kw.get("x_scale") is not None else _n) or _f(*a, **kw))
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     dispatch.kernel_mode.cache_clear()
     try:
