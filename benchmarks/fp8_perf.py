@@ -203,6 +203,14 @@ def section_kv(run: Run) -> dict:
                     dev, warmup=5, iters=5 if run.tiny else 50)
         res[f"attention_{label}_us"] = 1e6 * t
         res[f"attention_{label}_frac_of_copy"] = kv_bytes / t / run.copy_bw
+        if dev.type == "cuda" and scales:  # the launch shape: FP8 moves half the bytes per step
+            from splitserve.kernels import attention_triton as at
+
+            for spec in ("block_n=64", "block_n=64,stages=3", "block_n=128,stages=3"):
+                cfg = at.DecodeConfig.parse(spec, at.default_decode_config())
+                t = bench_s(lambda c=cfg: at.paged_decode_attention(q, kc, vc, tables, lens, d**-0.5, out=out, cfg=c,
+                                                                  **scales), dev, warmup=5, iters=50)
+                res[f"attention_{label}_{spec}_frac_of_copy"] = kv_bytes / t / run.copy_bw
         del kc, vc
     res["attention_fp8_speedup"] = res["attention_bf16_us"] / res["attention_fp8_us"]
     res["targets"] = {"kv_blocks_ratio": TARGETS["kv_blocks_ratio"],

@@ -27,7 +27,9 @@ rows (``k_new``/``v_new``), as the reference does. `paged_prefill_attention` kee
 reference's one-chunk signature on top of it.
 
 FP8 caches (``k_scale``/``v_scale``: float32 [Hk], `attention.py`'s convention): K/V tiles are
-loaded as e4m3 and converted to the queries' dtype (exact: e4m3 fits in bf16 and float32); each
+loaded as e4m3 and converted to float16 (exact; the queries and probabilities are rounded to it,
+which keeps more bits than bf16 and is one conversion instruction from e4m3, not three; float32
+queries keep float32); each
 program reads the one K scale and one V scale of its KV head, folds the K scale into the
 softmax scale and multiplies the accumulated output by the V scale (both per-head constants, so
 this equals dequantizing every element first, up to rounding). The prefill's dense path (no
@@ -209,6 +211,8 @@ def _decode_kernel(
     qk_scale = scale_log2
     if QUANT:  # FP8: the KV head's K scale folds into the scores' (module docstring)
         qk_scale = scale_log2 * tl.load(k_scale_ptr + kv_head)
+        if q.dtype != tl.float32:  # e4m3 widens to float16 in one instruction, to bf16 in three
+            q = q.to(tl.float16)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -475,6 +479,8 @@ def _prefill_kernel(
     qk_scale = scale_log2
     if QUANT:  # FP8 cache: the KV head's K scale folds into the scores' (module docstring)
         qk_scale = scale_log2 * tl.load(k_scale_ptr + kv_head)
+        if q.dtype != tl.float32:  # as in the decode kernel: products in float16
+            q = q.to(tl.float16)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
