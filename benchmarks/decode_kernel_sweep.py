@@ -1,6 +1,6 @@
 """Launch shapes of the small kernels of a decode step, swept on a GPU against what they replace.
 
-Three families, each timed as the engine runs it (many calls recorded into one CUDA graph and
+Four families, each timed as the engine runs it (many calls recorded into one CUDA graph and
 replayed, so launch gaps are counted as in a graph-replayed step; every call reads a
 different copy of its weights, so nothing is served from L2):
 
@@ -124,10 +124,11 @@ FP8_SHAPES = {k.removeprefix("llama-3-8b."): v for k, v in LINEAR_SHAPES.items()
 
 def sweep_fp8(copy_bw: float, rows_list=(1, 4, 16, 64)) -> list[dict]:
     """FP8 (e4m3, per-channel scales) weights at Llama-3-8B's matrices: the skinny kernel with
-    the e4m3 tiles widened to bf16 (as `dispatch.fp8_linear` runs it), widened to float16, and
-    as W8A8 (x quantized per token first, e4m3 x e4m3 products; the quantization's launch
-    counted), over launch shapes; ``_scaled_mm``; bf16 cuBLAS. The floor is the e4m3 weight's
-    bytes at the copy bandwidth."""
+    the e4m3 tiles widened to bf16, to float16 (as `dispatch.fp8_linear` runs it to 16 rows), and
+    as W8A8 (x quantized per token first, e4m3 x e4m3 products, the quantization's launch
+    counted; "default" is `fp8_skinny_config(w8a8=True)`, as dispatch runs it to 64 rows), over
+    launch shapes; ``_scaled_mm``; bf16 cuBLAS. The floor is the e4m3 weight's bytes at the copy
+    bandwidth."""
     import torch
     import torch.nn.functional as F
 
@@ -166,10 +167,12 @@ def sweep_fp8(copy_bw: float, rows_list=(1, 4, 16, 64)) -> list[dict]:
             timed("bf16_cublas", lambda q, b: F.linear(x, b))
             timed("scaled_mm", lambda q, b: fp8_triton.fp8_scaled_mm_linear(x, q))
             for label, cfg in configs.items():
-                timed(f"bf16dot_{label}", lambda q, b, c=cfg: lt.skinny_linear(x, q.data, config=c, scale=q.scale))
+                bf16 = lt.SkinnyConfig(**{**cfg.__dict__, "dot_f16": False})
+                timed(f"bf16dot_{label}", lambda q, b, c=bf16: lt.skinny_linear(x, q.data, config=c, scale=q.scale))
                 f16 = lt.SkinnyConfig(**{**cfg.__dict__, "dot_f16": True})
                 timed(f"f16dot_{label}", lambda q, b, c=f16: lt.skinny_linear(x, q.data, config=c, scale=q.scale))
-                timed(f"w8a8_{label}", lambda q, b, c=cfg: w8a8(q, c))
+                w8 = lt.fp8_skinny_config(n, k, sms, w8a8=True) if label == "default" else bf16
+                timed(f"w8a8_{label}", lambda q, b, c=w8: w8a8(q, c))
             fp8_only = {lbl: v for lbl, v in res.items() if lbl != "bf16_cublas"}
             best = min(fp8_only, key=lambda lbl: fp8_only[lbl]["us"])
             rows_out.append({"shape": name, "n": n, "k": k, "rows": m, "floor_us": 1e6 * floor, "best": best,
@@ -237,7 +240,7 @@ def sweep_attention() -> list[dict]:
                 results[f"minpart{min_part}_pps{pps}"] = {"us": 1e6 * t}
         best = min(results, key=lambda lbl: results[lbl]["us"])
         rows.append({"batch": batch, "context": ctx, "best": best, "variants": results})
-        print(f"attention b{batch} ctx{ctx}: default(minpart256_pps2) {results['minpart256_pps2']['us']:6.2f} us  "
+        print(f"attention b{batch} ctx{ctx}: minpart256_pps2 {results['minpart256_pps2']['us']:6.2f} us  "
               f"best {best} {results[best]['us']:6.2f}", flush=True)
     return rows
 

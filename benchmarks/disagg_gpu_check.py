@@ -65,7 +65,7 @@ def main() -> None:
                 DisaggEngine(DisaggConfig(prefill=base, decode=other, in_process=True, transfer_timeout_s=5)).shutdown()
                 result["mismatch_refused"] = False
             except Exception as exc:  # noqa: BLE001  the refusal is what is checked
-                result["mismatch_refused"] = "dtype" in str(exc)
+                result["mismatch_refused"] = "kv_cache_dtype" in str(exc) and "float8_e4m3fn" in str(exc)
                 result["mismatch_message"] = str(exc)[:300]
             print(f"mismatched KV dtypes refused: {result['mismatch_refused']} ({result.get('mismatch_message')})")
     if args.out:

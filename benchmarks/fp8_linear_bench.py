@@ -83,14 +83,18 @@ def measure(name: str, n: int, k: int, m: int, scheme, device, dtype, timer: Tim
     import torch
     import torch.nn.functional as F
 
-    from splitserve.kernels import dispatch, fp8_triton
-    from splitserve.kernels.fp8 import fp8_linear_ref, fp8_weight_only_ref, quantize
+    import dataclasses
+
+    from splitserve.kernels import dispatch, linear_triton
+    from splitserve.kernels.fp8 import Fp8Scheme, fp8_linear_ref, fp8_weight_only_ref, quantize
 
     gen = torch.Generator(device=device).manual_seed(n * 31 + k * 7 + m)
     w = quantize(torch.randn(n, k, device=device, generator=gen) * 0.02, scheme)
     x = torch.randn(m, k, device=device, generator=gen).to(dtype)
     weight_only = m <= dispatch.FP8_WEIGHT_ONLY_MAX_M
-    path = ("weight_only" if weight_only else "block_w8a8" if scheme.value == "block" else "scaled_mm")
+    w8a8_skinny = not weight_only and m <= dispatch.FP8_SKINNY_W8A8_MAX_M and scheme.value != "block"
+    path = ("weight_only" if weight_only else "skinny_w8a8" if w8a8_skinny
+            else "block_w8a8" if scheme.value == "block" else "scaled_mm")
     got = dispatch.fp8_linear(x, w)
     oracle = fp8_weight_only_ref if weight_only else fp8_linear_ref
     err = rel_error(got, oracle(x.float(), w))
@@ -101,7 +105,11 @@ def measure(name: str, n: int, k: int, m: int, scheme, device, dtype, timer: Tim
     row["fp8_s"] = timer(lambda: dispatch.fp8_linear(x, w))
     row["speedup_vs_bf16"] = row["bf16_s"] / row["fp8_s"]
     if weight_only:
-        splits = {s: timer(lambda s=s: fp8_triton.fp8_weight_only_linear(x, w, split_k=s)) for s in SPLIT_KS}
+        block = w.block if w.scheme is Fp8Scheme.BLOCK else None
+        base = linear_triton.fp8_skinny_config(n, k, linear_triton.sms(x.device), block)
+        splits = {s: timer(lambda s=s: linear_triton.skinny_linear(
+            x, w.data, config=dataclasses.replace(base, split_k=s, dot_f16=base.dot_f16 and x.dtype != torch.float32),
+            scale=w.scale, scale_block=block)) for s in SPLIT_KS}
         best = min(splits, key=splits.get)
         moved = weight_only_bytes(n, k, m, w.scale.numel() * 4, x.element_size())
         row.update(split_k_s={str(s): t for s, t in splits.items()}, best_split_k=best,

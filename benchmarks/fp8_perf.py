@@ -73,7 +73,8 @@ class Run:
 
 
 def step_read_bytes(llm) -> float:
-    """Bytes a decode step reads of the weights as the engine stores them: every parameter and
+    """Bytes a dense model's decode step reads of the weights as the engine stores them (a MoE
+    model's step reads only its routed experts: gpu_perf.py counts those): every parameter and
     buffer of the model (FP8 weights, their scales, norms, lm_head) except the embedding
     table, of which one row (a tied table is the lm_head, read whole)."""
     model = llm.engine.executor_for_tests.runner.model

@@ -212,7 +212,7 @@ def _decode_kernel(
     if QUANT:  # FP8: the KV head's K scale folds into the scores' (module docstring)
         qk_scale = scale_log2 * tl.load(k_scale_ptr + kv_head)
         if q.dtype != tl.float32:  # e4m3 widens to float16 in one instruction, to bf16 in three
-            q = q.to(tl.float16)
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)  # saturate
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -480,7 +480,7 @@ def _prefill_kernel(
     if QUANT:  # FP8 cache: the KV head's K scale folds into the scores' (module docstring)
         qk_scale = scale_log2 * tl.load(k_scale_ptr + kv_head)
         if q.dtype != tl.float32:  # as in the decode kernel: products in float16
-            q = q.to(tl.float16)
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)  # saturate
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)

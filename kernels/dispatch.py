@@ -228,7 +228,8 @@ def router(x: torch.Tensor, weight: torch.Tensor, top_k: int,
     if _skinny(x):
         from splitserve.kernels import linear_triton, moe_route_triton
 
-        return moe_route_triton.route_triton(linear_triton.skinny_partials(x, weight), top_k, renormalize)
+        return moe_route_triton.route_triton(linear_triton.skinny_partials(x, weight), top_k, renormalize,
+                                             logits_dtype=x.dtype)
     return route(F.linear(x, weight), top_k, renormalize)
 
 

@@ -1,13 +1,8 @@
 """The GPU paths of the FP8 linear (`dispatch.fp8_linear` picks one; kernels/fp8.py is the oracle).
 
-- `fp8_weight_only_linear` (small M: decode). A GEMV-shaped Triton kernel: each program owns
-  BLOCK_N output columns and walks K (or 1/SPLIT_K of it), loading the e4m3 weight tile, widening
-  it to the activations' dtype in registers (exact: every e4m3 value is a bfloat16) and
-  multiplying the unquantized activations on the tensor cores (M padded to 16 inside the tile).
-  Per-channel (and per-tensor, as a stride-0 per-channel) scales are applied once at the end;
-  128x128 block scales once per K tile. Decode is bound by reading the weights, and this reads
-  one byte per weight where bfloat16 reads two. With split-K each split writes a float32
-  partial and they are summed in a fixed order (deterministic, unlike atomics).
+- Small M (decode) is not here: `linear_triton.skinny_linear` reads the e4m3 weights there
+  (weight-only up to 16 rows, W8A8 after `quantize_per_token` up to 64), faster on an H200 than
+  the weight-only kernel this module had (18.6 against 11.4 us at Llama-3-8B's q|k|v, one row).
 - `quantize_per_token` / `quantize_per_token_group`: the activations' dynamic quantization in
   one pass (`fp8.quantize_per_token*` compute the same values: amax, scale = amax / 448,
   x / scale rounded to nearest, with IEEE division so the roundings agree).
@@ -18,8 +13,8 @@
 - `fp8_scaled_mm_linear` (large M, per-channel/per-tensor scales): activations quantized per
   token, then ``torch._scaled_mm`` with rowwise scales (cuBLASLt), bfloat16 out.
 
-Launch parameters are starting points chosen for an H200 without measurement (see
-benchmarks: the lead tunes them); everything here also runs under Triton's interpreter.
+The block GEMM's launch parameters are starting points, not measured choices; everything here
+also runs under Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -92,106 +87,6 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _quant_rows_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0),
                                  BLOCK_K=QUANT_BLOCK_K, FMAX=FP8_MAX, MIN_SCALE=MIN_SCALE)
     return q, scale
-
-
-#: The weight-only kernel's output tile and K step. BLOCK_K divides the 128 of block scales,
-#: so each K tile has one block scale per column.
-WO_BLOCK_N = 64
-WO_BLOCK_K = 128
-#: Programs the weight-only kernel aims for before it splits K (about 2 per SM on an H200).
-WO_TARGET_PROGRAMS = 264
-WO_MAX_SPLIT_K = 8
-
-
-@triton.jit
-def _fp8_weight_only_kernel(
-    x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_os, stride_om, stride_on,
-    BLOCKWISE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    k_start = pid_k * k_per_split
-    k_stop = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_stop, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_stop
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        # The weight tile as [BLOCK_K, BLOCK_N] (W is [N, K] row-major): e4m3 bytes, widened here.
-        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)
-        if IEEE:  # float32 activations: keep float32 products (no tf32)
-            part = tl.dot(x, w.to(tl.float32), input_precision="ieee")
-        else:
-            part = tl.dot(x, w.to(x.dtype))
-        if BLOCKWISE:
-            s = tl.load(s_ptr + (offs_n // SCALE_BN) * stride_sn + (k0 // SCALE_BK) * stride_sk,
-                        mask=mask_n, other=0.0)
-            acc += part * s[None, :]
-        else:
-            acc += part
-    if not BLOCKWISE:  # per channel (per tensor: stride 0), once at the end
-        s = tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)
-        acc = acc * s[None, :]
-    out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-def _weight_only_split_k(n_tiles: int, k: int, device: torch.device) -> int:
-    """Split K while the output tiles alone leave SMs idle (decode's o_proj/down_proj: N of a
-    few thousand, K up to 14k); never below one K tile per split."""
-    if device.type != "cuda":
-        return 1
-    split = 1
-    while (split * 2 <= WO_MAX_SPLIT_K and n_tiles * split * 2 <= WO_TARGET_PROGRAMS
-           and k // (split * 2) >= 2 * WO_BLOCK_K):
-        split *= 2
-    return split
-
-
-def fp8_weight_only_linear(x: torch.Tensor, weight: Fp8Weight, split_k: int | None = None) -> torch.Tensor:
-    """x [M, K] (bf16/fp16/fp32, unquantized) times dequant(W)^T -> [M, N] in x.dtype, W read
-    as e4m3. Any scheme; meant for small M (one M tile of 16 or 32 rows covers decode)."""
-    m, k = x.shape
-    n = weight.data.shape[0]
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    n_tiles = triton.cdiv(n, WO_BLOCK_N)
-    split_k = split_k or _weight_only_split_k(n_tiles, k, x.device)
-    # Each split a whole number of K tiles (of the block scale's 128 too).
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), WO_BLOCK_K) * WO_BLOCK_K
-    split_k = triton.cdiv(k, k_per_split)
-    blockwise = weight.scheme is Fp8Scheme.BLOCK
-    scale = weight.scale
-    if blockwise:
-        scale_bn, scale_bk = weight.block
-        if scale_bk % WO_BLOCK_K:
-            raise ValueError(f"block scales over {scale_bk} columns: the kernel's K tile {WO_BLOCK_K} must divide it")
-        stride_sn, stride_sk = scale.stride()
-    else:
-        scale_bn = scale_bk = 1
-        stride_sn, stride_sk = (0 if scale.numel() == 1 else scale.stride(0)), 0
-    if split_k == 1:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        stride_os, (stride_om, stride_on) = 0, out.stride()
-    else:
-        out = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
-        stride_os, stride_om, stride_on = out.stride()
-    grid = (n_tiles, triton.cdiv(m, block_m), split_k)
-    _fp8_weight_only_kernel[grid](
-        x, weight.data, scale, out, m, n, k, k_per_split,
-        x.stride(0), x.stride(1), weight.data.stride(0), weight.data.stride(1), stride_sn, stride_sk,
-        stride_os, stride_om, stride_on,
-        BLOCKWISE=blockwise, SCALE_BN=scale_bn, SCALE_BK=scale_bk, IEEE=x.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=WO_BLOCK_N, BLOCK_K=WO_BLOCK_K, num_warps=4,
-    )
-    return out if split_k == 1 else out.sum(0).to(x.dtype)
 
 
 @triton.jit

@@ -1,12 +1,17 @@
-"""Skinny linear layers in Triton: y = x W^T (+ b) for the few rows of a small decode batch.
+"""Skinny linear layers in Triton: y = x W^T (+ b) for the few rows of a decode batch.
 
 At batch 1 a decode step's linear layers are matrix-vector products: the time is the weight's
-bytes over the HBM bandwidth plus what a launch costs. The engine uses this kernel for the MoE
-router only (`dispatch.router`): its 128 x 2048 matrix is so small that cuBLAS's 5.3 us is all
-fixed cost, and here it is 4.4 us with the softmax kernel adding the partial sums. For the
-attention and MLP projections cuBLAS is as fast (the sweep of 2026-12-02 on an H200,
-benchmarks/decode_kernel_sweep.py: the best launch shape per matrix was 0.5 to 1.4 us faster
-at one row and slower at 4 and 16 rows, no single rule won everywhere), so they stay on it.
+bytes over the HBM bandwidth plus what a launch costs. Who uses this kernel, from H200 sweeps
+(benchmarks/decode_kernel_sweep.py, 2026-12-02; results README, session 3):
+
+- the MoE router in bf16 (`dispatch.router`): its 128 x 2048 matrix is so small that cuBLAS's
+  5.3 us is all fixed cost; here 4.4 us, the softmax kernel adding the partial sums. The bf16
+  attention and MLP projections stay on cuBLAS (as fast: 0.5 to 1.4 us faster at one row,
+  slower at 4 and 16 rows);
+- FP8 (e4m3) weights (`dispatch.fp8_linear`): weight-only up to 16 rows, the e4m3 tiles widened
+  to float16 in registers (`dot_f16`; activations saturate at float16's range); W8A8 up to 64
+  rows (x quantized per token beforehand, e4m3 x e4m3 products). Both beat bf16 cuBLAS and
+  ``torch._scaled_mm`` at Llama-3-8B's matrices.
 
 `_skinny_kernel`: program (n, s) multiplies the (at most `MAX_ROWS`) rows of x, padded to
 16 (the smallest ``tl.dot`` tile), with ``BLOCK_N`` rows of W over its ``s``-th share of K,
@@ -150,8 +155,8 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, part_ptr, M, N, 
             w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         # DOT 0: in x's dtype; 1: in float16 (e4m3 widens to it in one instruction);
         # 2: x arrives as e4m3 (per-row scales ``xs``), the product is e4m3 x e4m3.
-        if DOT == 1:
-            a = a.to(tl.float16)
+        if DOT == 1:  # saturate, not overflow: activations past float16's range are rare but exist
+            a = tl.clamp(a.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
             w = w.to(tl.float16)
         elif DOT == 0:
             w = w.to(a.dtype)
@@ -264,6 +269,17 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     m, k = x.shape
     n = weight.shape[0]
     cfg = config or skinny_config(n, k, sms(x.device))
+    e4m3 = torch.float8_e4m3fn
+    if x_scale is not None:
+        if x.dtype != e4m3 or weight.dtype != e4m3 or out_dtype is None:
+            raise ValueError("skinny W8A8: x and weight must be e4m3 and out_dtype given")
+        if x_scale.dtype != torch.float32 or x_scale.numel() != m or not x_scale.is_contiguous():
+            raise ValueError(f"skinny W8A8: x_scale must be a contiguous float32 tensor of {m} rows")
+    if cfg.dot_f16 and weight.dtype != e4m3:
+        raise ValueError("dot_f16 is for e4m3 weights (a 16-bit weight would lose range)")
+    if scale is not None and scale_block is None and not (
+            scale.numel() == 1 or (scale.dim() >= 1 and scale.shape[0] == n and scale.numel() == n)):
+        raise ValueError(f"per-row scales: [N, 1], [N] or [1], got {tuple(scale.shape)}")
     sc = _Scale.of(scale, scale_block, cfg.block_n, cfg.block_k)
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:

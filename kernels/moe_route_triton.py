@@ -22,13 +22,19 @@ import triton.language as tl
 @triton.jit
 def _route_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_row, stride_split,
                   SPLITS: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
-                  RENORMALIZE: tl.constexpr):
+                  RENORMALIZE: tl.constexpr, ROUND: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
     valid = offs < num_experts
     x = tl.load(logits_ptr + row * stride_row + offs, mask=valid, other=-float("inf")).to(tl.float32)
     for s in tl.static_range(1, SPLITS):  # partial sums of the logits: added in a fixed order
         x += tl.load(logits_ptr + s * stride_split + row * stride_row + offs, mask=valid, other=0.0)
+    # Summed float32 partials rounded to the model's dtype first (1 bf16, 2 float16), as a GEMM
+    # in that dtype writes its logits: the same routing whichever path computed them.
+    if ROUND == 1:
+        x = x.to(tl.bfloat16).to(tl.float32)
+    elif ROUND == 2:
+        x = x.to(tl.float16).to(tl.float32)
     e = tl.exp(x - tl.max(x, axis=0))
     p = tl.where(valid, e / tl.sum(e, axis=0), -2.0)  # padding lanes never win a round
     slots = tl.arange(0, K_PAD)
@@ -47,9 +53,14 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_row, str
     tl.store(ids_ptr + out, ids, mask=slots < TOP_K)
 
 
-def route_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+_ROUND = {torch.bfloat16: 1, torch.float16: 2}
+
+
+def route_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                 logits_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [T, E], or float32 partial sums of them [S, T, E] (`linear_triton.skinny_partials`)
-    -> (weights [T, k] float32, expert ids [T, k] int32), highest first."""
+    -> (weights [T, k] float32, expert ids [T, k] int32), highest first. ``logits_dtype``: round
+    the summed logits to it first (bf16 / float16; others: no rounding)."""
     logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
     if logits.dim() == 2:
         logits = logits.unsqueeze(0)
@@ -60,7 +71,7 @@ def route_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> 
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
     if num_tokens:
         _route_kernel[(num_tokens,)](logits, weights, ids, num_experts, logits.stride(1), logits.stride(0),
-                                     SPLITS=splits, TOP_K=top_k,
+                                     SPLITS=splits, ROUND=_ROUND.get(logits_dtype, 0), TOP_K=top_k,
                                      K_PAD=triton.next_power_of_2(top_k), BLOCK_E=triton.next_power_of_2(num_experts),
                                      RENORMALIZE=renormalize)
     return weights, ids

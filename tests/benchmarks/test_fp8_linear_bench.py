@@ -36,14 +36,14 @@ def test_smoke_run_end_to_end(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "fp8.json"
     env = {**os.environ, "SPLITSERVE_GIT_COMMIT": "test"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--rows", "3", "40"],
+    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--rows", "3", "40", "65"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["git_commit"] == "test" and "Triton interpreter" in report["device"]["name"]
     paths = {(r["scheme"], r["m"]): r["path"] for r in report["rows"] if r["shape"] == "ragged"}
-    assert paths == {("channel", 3): "weight_only", ("channel", 40): "scaled_mm",
-                     ("block", 3): "weight_only", ("block", 40): "block_w8a8"}
+    assert paths == {("channel", 3): "weight_only", ("channel", 40): "skinny_w8a8", ("channel", 65): "scaled_mm",
+                     ("block", 3): "weight_only", ("block", 40): "block_w8a8", ("block", 65): "block_w8a8"}
     for r in report["rows"]:
         assert r["ok"] and r["fp8_s"] > 0 and r["bf16_s"] > 0, r
         if r["path"] == "weight_only":

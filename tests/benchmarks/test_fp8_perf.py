@@ -75,6 +75,7 @@ def test_accuracy_smoke_compares_every_variant_with_bf16(accuracy, tmp_path):
     rows = accuracy.main(["--model", "random:tiny-llama", "--device", "cpu", "--max-tokens", "64", "--chunk", "24",
                           "--gen-tokens", "6", "--out", str(tmp_path)])
     assert [r["variant"] for r in rows] == ["bf16", "fp8_weights", "fp8_kv", "fp8_both"]
-    assert rows[0]["ppl_increase"] == 0 and rows[0]["argmax_agreement"] == 1
     assert all(0 <= r["argmax_agreement"] <= 1 and r["perplexity"] > 0 for r in rows)
+    # FP8 is applied: every FP8 variant's likelihood moves off bf16's (here float32's on the CPU)
+    assert all(r["ppl_increase"] != 0 for r in rows[1:]), rows
     assert next(tmp_path.glob("fp8_accuracy_*.png")).exists()

@@ -35,23 +35,35 @@ def test_activation_quantization_kernels_give_the_references_bits(m, k, dtype):
         assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s)
 
 
+def _weight_only_config(n, k, w, split_k=None, dot_f16=False):
+    import dataclasses
+
+    from splitserve.kernels.linear_triton import fp8_skinny_config
+
+    block = w.block if w.scheme is Fp8Scheme.BLOCK else None
+    cfg = fp8_skinny_config(n, k, 4, block)
+    return dataclasses.replace(cfg, split_k=split_k or cfg.split_k, dot_f16=dot_f16), block
+
+
 @pytest.mark.parametrize("scheme", list(Fp8Scheme))
-@pytest.mark.parametrize("m,n,k,split_k", [(1, 72, 200, 1), (5, 130, 256, 2), (17, 64, 384, 3)])
-def test_weight_only_kernel_matches_the_reference(scheme, m, n, k, split_k):
-    from splitserve.kernels.fp8_triton import fp8_weight_only_linear
+@pytest.mark.parametrize("m,n,k,split_k", [(1, 72, 200, 1), (5, 130, 256, 2), (16, 64, 384, 3)])
+def test_the_weight_only_decode_path_matches_the_reference(scheme, m, n, k, split_k):
+    from splitserve.kernels.linear_triton import skinny_linear
 
     x, w = _case(m, n, k, scheme)
-    got = fp8_weight_only_linear(x, w, split_k=split_k)
+    cfg, block = _weight_only_config(n, k, w, split_k)
+    got = skinny_linear(x, w.data, config=cfg, scale=w.scale, scale_block=block)
     assert got.shape == (m, n) and got.dtype == x.dtype
     torch.testing.assert_close(got, fp8_weight_only_ref(x, w), rtol=1e-5, atol=1e-5)
 
 
-def test_weight_only_kernel_in_bfloat16_rounds_once_at_the_end():
-    from splitserve.kernels.fp8_triton import fp8_weight_only_linear
+def test_the_weight_only_decode_path_in_float16_rounds_once_at_the_end():
+    from splitserve.kernels.linear_triton import skinny_linear
 
-    x, w = _case(3, 64, 256, Fp8Scheme.CHANNEL, torch.bfloat16)
-    got = fp8_weight_only_linear(x, w)
-    want = fp8_weight_only_ref(x, w)  # float32 sums of bf16 x and exact e4m3 -> bf16
+    x, w = _case(3, 64, 256, Fp8Scheme.BLOCK, torch.bfloat16)
+    cfg, block = _weight_only_config(64, 256, w, dot_f16=True)
+    got = skinny_linear(x, w.data, config=cfg, scale=w.scale, scale_block=block)
+    want = fp8_weight_only_ref(x.to(torch.float16), w)  # float32 sums of float16 x and exact e4m3
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-3)
 

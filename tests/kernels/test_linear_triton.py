@@ -148,3 +148,41 @@ def test_skinny_in_float16_and_as_w8a8_match_their_references():
     got = skinny_linear(xq, w8, config=SkinnyConfig(block_n=16, block_k=64, split_k=2), scale=scale,
                         x_scale=xs.reshape(-1), out_dtype=torch.float32)
     torch.testing.assert_close(got, F.linear(xq.float() * xs, dequant), rtol=1e-5, atol=1e-4)
+
+
+def test_the_router_rounds_summed_partials_like_a_bf16_gemm():
+    from splitserve.kernels.linear_triton import SkinnyConfig, skinny_partials
+    from splitserve.kernels.moe_route_triton import route_triton
+
+    x, w, _ = _inputs(2, 32, 256, torch.bfloat16, seed=23)
+    parts = skinny_partials(x, w, SkinnyConfig(block_n=16, block_k=64, split_k=4))
+    weights, ids = route_triton(parts, 4, True, logits_dtype=torch.bfloat16)
+    want_w, want_ids = route(parts.sum(0).to(torch.bfloat16), 4, True)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_w, rtol=1e-6, atol=1e-7)
+
+
+def test_skinny_refuses_inconsistent_w8a8_and_float16_arguments():
+    from splitserve.kernels.linear_triton import SkinnyConfig, skinny_linear
+
+    x, w, _ = _inputs(2, 32, 64, torch.float32)
+    w8 = w.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="out_dtype"):
+        skinny_linear(x.to(torch.float8_e4m3fn), w8, x_scale=torch.ones(2))
+    with pytest.raises(ValueError, match="x_scale"):
+        skinny_linear(x.to(torch.float8_e4m3fn), w8, x_scale=torch.ones(3), out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="dot_f16"):
+        skinny_linear(x, w, config=SkinnyConfig(dot_f16=True))
+    with pytest.raises(ValueError, match="per-row"):
+        skinny_linear(x, w8, scale=torch.ones(1, 32))
+
+
+def test_float16_products_saturate_instead_of_overflowing():
+    from splitserve.kernels.linear_triton import SkinnyConfig, skinny_linear
+
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    x[0, 0] = 1e6  # past float16's 65504
+    w8 = torch.ones(16, 64).to(torch.float8_e4m3fn)
+    got = skinny_linear(x, w8, config=SkinnyConfig(block_n=16, block_k=64, dot_f16=True), scale=torch.ones(1))
+    assert torch.isfinite(got.float()).all()
+    assert got[0, 0] == torch.tensor(65504.0).to(torch.bfloat16)  # the saturated product, rounded to bf16
