@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results.append(run_variant(args, v, ids_cache))
     rows = compare(results)
     report |= {"model": args.model or "SmolLM2-135M-Instruct (default)", "chunk": args.chunk, "results": rows}
-    stem = f"fp8_accuracy_{results_meta.slug(device_name)}_{now:%Y-%m-%dT%H%M}"
+    stem = f"fp8_accuracy_{results_meta.slug(device_name)}_chunk{args.chunk}_{now:%Y-%m-%dT%H%M}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     plot(rows, args.out / f"{stem}.png", f"{report['model']} on {device_name}: perplexity, {rows[0]['tokens']} tokens")

@@ -10,6 +10,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . > $OUT/pip.log 2>&1 || { echo pip failed; tail -5 $OUT/pip.log; }
 export PYTHONPATH=/tmp/site
 for chunk in ${CHUNKS:-512}; do
-timeout 200 python3 benchmarks/fp8_accuracy.py --device cuda --chunk $chunk --out $OUT > $OUT/fp8_accuracy.log 2>&1; echo "fp8 accuracy rc=$? at $(( $(date +%s) - start )) s"; grep -v "^\[" $OUT/fp8_accuracy.log | tail -8
+timeout 200 python3 benchmarks/fp8_accuracy.py --device cuda --chunk $chunk --out $OUT > $OUT/fp8_accuracy_$chunk.log 2>&1; echo "fp8 accuracy (chunk $chunk) rc=$? at $(( $(date +%s) - start )) s"; grep -v "^\[" $OUT/fp8_accuracy_$chunk.log | tail -8
 done
 [ -n "${ACCURACY_ONLY:-}" ] || timeout 330 python3 benchmarks/fp8_perf.py --out $OUT > $OUT/fp8_perf.log 2>&1; echo "fp8 perf rc=$? at $(( $(date +%s) - start )) s"; grep -v "^\[" $OUT/fp8_perf.log | tail -60
