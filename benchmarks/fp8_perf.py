@@ -51,7 +51,7 @@ class Run:
         self.device = torch.device(args.device)
         self.tiny = args.tiny
         self.copy_bw = 3.0e12
-        self.bf16_flops = 7.9e14
+        self.matmul_flops = 7.9e14  # bf16; gpu_perf.section_ceilings sets it
         self.fp8_flops = 1.5e15
 
     def llm(self, quantization: str | None, kv_cache_dtype: str, max_num_seqs: int | None = None):
@@ -87,38 +87,25 @@ def step_read_bytes(llm) -> float:
 
 
 def section_ceilings(run: Run) -> dict:
+    """gpu_perf's copy bandwidth and bf16 matmul rate (it sets ``run.copy_bw`` and
+    ``run.matmul_flops``), then the e4m3 ``_scaled_mm`` rate at the same size."""
     import torch
 
+    res = gpu_perf.section_ceilings(run)
     dev = run.device
-    n = (1 << 22) if run.tiny else (1 << 30)
-    x = torch.randint(0, 255, (n,), dtype=torch.uint8, device=dev)
-    y = torch.empty_like(x)
-    run.copy_bw = 2 * n / bench_s(lambda: y.copy_(x), dev, iters=5 if run.tiny else 20)
-    del x, y
-    m = 256 if run.tiny else 8192
-    a = [torch.randn(m, m, device=dev).to(torch.bfloat16) for _ in range(3)]
-    b = torch.randn(m, m, device=dev).to(torch.bfloat16)
-    i = [0]
-
-    def mm():
-        i[0] = (i[0] + 1) % 3
-        return a[i[0]] @ b
-
-    run.bf16_flops = 2 * m**3 / bench_s(mm, dev, iters=5 if run.tiny else 30)
-    if run.tiny:  # the CPU's e4m3 matmul is slow: a smaller one (the figure means nothing there)
-        m = 64
-        a, b = [t[:m, :m].contiguous() for t in a], b[:m, :m].contiguous()
-    a8 = [t.to(torch.float8_e4m3fn) for t in a]
-    b8 = b.to(torch.float8_e4m3fn).t().contiguous().t()  # column-major, as _scaled_mm wants
+    m = 64 if run.tiny else res["matmul_n"]  # the CPU's e4m3 matmul is slow (and means nothing there)
+    a8 = [torch.randn(m, m, device=dev).to(torch.float8_e4m3fn) for _ in range(3)]
+    b8 = torch.randn(m, m, device=dev).to(torch.float8_e4m3fn).t().contiguous().t()  # column-major
     one = torch.ones((), device=dev)
+    i = [0]
 
     def mm8():
         i[0] = (i[0] + 1) % 3
         return torch._scaled_mm(a8[i[0]], b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
 
     run.fp8_flops = 2 * m**3 / bench_s(mm8, dev, iters=5 if run.tiny else 30)
-    return {"copy_bandwidth_TBps": run.copy_bw / 1e12, "bf16_matmul_TFLOPs": run.bf16_flops / 1e12,
-            "fp8_matmul_TFLOPs": run.fp8_flops / 1e12, "matmul_n": m}
+    return {"copy_bandwidth_TBps": res["copy_bandwidth_TBps"], "bf16_matmul_TFLOPs": res["matmul_TFLOPs"],
+            "fp8_matmul_TFLOPs": run.fp8_flops / 1e12, "matmul_n": res["matmul_n"], "fp8_matmul_n": m}
 
 
 def _decode_and_prefill(run: Run, llm, label: str, res: dict) -> None:
@@ -151,7 +138,7 @@ def _decode_and_prefill(run: Run, llm, label: str, res: dict) -> None:
         sync(run.device)
         times.append(time.perf_counter() - t)
     t = min(times[1:])
-    rate = run.fp8_flops if label.startswith("fp8") else run.bf16_flops
+    rate = run.fp8_flops if label.startswith("fp8") else run.matmul_flops
     res[f"{label}_prefill_TFLOPs"] = flops / t / 1e12
     res[f"{label}_prefill_frac_of_matmul"] = flops / t / rate
 
