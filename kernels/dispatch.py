@@ -275,30 +275,51 @@ def fp8_linear(x: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor | 
 
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
-    if x2.shape[0] == 0:  # nothing to launch
-        y = x2.new_empty(0, weight.data.shape[0])
-    elif x2.shape[0] <= FP8_WEIGHT_ONLY_MAX_M:
-        from splitserve.kernels import linear_triton
-
-        block = weight.block if weight.scheme is fp8_ref.Fp8Scheme.BLOCK else None
-        cfg = linear_triton.fp8_skinny_config(weight.data.shape[0], k, linear_triton.sms(x2.device), block)
-        y = linear_triton.skinny_linear(x2, weight.data, bias, cfg, scale=weight.scale, scale_block=block)
-        bias = None
-    elif x2.shape[0] <= FP8_SKINNY_W8A8_MAX_M and weight.scheme is not fp8_ref.Fp8Scheme.BLOCK:
-        from splitserve.kernels import linear_triton
-
-        cfg = linear_triton.fp8_skinny_config(weight.data.shape[0], k, linear_triton.sms(x2.device), w8a8=True)
-        xq, xs = fp8_triton.quantize_per_token(x2)
-        y = linear_triton.skinny_linear(xq, weight.data, bias, cfg, scale=weight.scale, x_scale=xs.view(-1),
-                                        out_dtype=x.dtype)
-        bias = None
-    elif weight.scheme is fp8_ref.Fp8Scheme.BLOCK:
-        y = fp8_triton.fp8_block_linear(x2, weight)
-    else:
-        y = fp8_triton.fp8_scaled_mm_linear(x2, weight)
-    if bias is not None:
-        y = y + bias
+    y = _fp8_skinny(x2, weight, bias, gated=False)
+    if y is None:
+        if x2.shape[0] == 0:  # nothing to launch
+            y = x2.new_empty(0, weight.data.shape[0])
+        elif weight.scheme is fp8_ref.Fp8Scheme.BLOCK:
+            y = fp8_triton.fp8_block_linear(x2, weight)
+        else:
+            y = fp8_triton.fp8_scaled_mm_linear(x2, weight)
+        if bias is not None:
+            y = y + bias
     return y.reshape(*lead, weight.data.shape[0])
+
+
+def fp8_silu_and_mul_linear(x: torch.Tensor, weight: fp8_ref.Fp8Weight) -> torch.Tensor:
+    """``silu_and_mul(fp8_linear(x, weight))`` for W = gate | up (an MLP's first half): a
+    decode batch's rows on CUDA in one launch (the skinny kernel's gated epilogue, which rounds
+    where the two launches would), otherwise the two calls."""
+    if use_triton(x):
+        lead, k = x.shape[:-1], x.shape[-1]
+        y = _fp8_skinny(x.reshape(-1, k), weight, None, gated=True)
+        if y is not None:
+            return y.reshape(*lead, weight.data.shape[0] // 2)
+    return silu_and_mul(fp8_linear(x, weight))
+
+
+def _fp8_skinny(x2: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor | None,
+                gated: bool) -> torch.Tensor | None:
+    """`fp8_linear`'s skinny-kernel cases (see there), or None when the rows are not one."""
+    from splitserve.kernels import fp8_triton, linear_triton
+
+    m, k = x2.shape
+    n = weight.data.shape[0]
+    block = weight.block if weight.scheme is fp8_ref.Fp8Scheme.BLOCK else None
+    if gated and block is not None and (n // 2) % block[0]:
+        return None  # the up half would start inside a scale block
+    if 0 < m <= FP8_WEIGHT_ONLY_MAX_M:
+        cfg = linear_triton.fp8_skinny_config(n, k, linear_triton.sms(x2.device), block)
+        return linear_triton.skinny_linear(x2, weight.data, bias, cfg, scale=weight.scale, scale_block=block,
+                                           gated=gated)
+    if 0 < m <= FP8_SKINNY_W8A8_MAX_M and block is None:
+        cfg = linear_triton.fp8_skinny_config(n, k, linear_triton.sms(x2.device), w8a8=True)
+        xq, xs = fp8_triton.quantize_per_token(x2)
+        return linear_triton.skinny_linear(xq, weight.data, bias, cfg, scale=weight.scale, x_scale=xs.view(-1),
+                                           out_dtype=x2.dtype, gated=gated)
+    return None
 
 
 # ---- KV transfer --------------------------------------------------------------------------

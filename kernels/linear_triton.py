@@ -70,6 +70,13 @@ class SkinnyConfig:
     #: Multiply in float16 (x rounded to it; e4m3 weights widen to it in one instruction)
     #: rather than in x's dtype.
     dot_f16: bool = False
+    #: W's tile as the MMA's left operand (W x^T): an e4m3 tile widened in registers goes to
+    #: the tensor cores without a trip through shared memory, and BLOCK_N (not x's rows padded
+    #: to 16) is the MMA's M side.
+    swap_ab: bool = False
+    #: With split K, the last program of a column block to finish sums the shares (one launch);
+    #: otherwise `_reduce_kernel` does (two launches).
+    reduce_in_kernel: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
@@ -126,33 +133,41 @@ def fp8_skinny_config(n: int, k: int, num_sms: int, block: tuple[int, int] | Non
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, part_ptr, M, N, K, k_share, stride_xm, stride_wn,
-                   stride_om, stride_sn, stride_sk, SCALE: tl.constexpr, SCALE_BN: tl.constexpr,
-                   SCALE_BK: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                   M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_NK: tl.constexpr,
-                   DOT: tl.constexpr):
-    pid_n = tl.program_id(0)
-    share = tl.program_id(1)
+def _product(x_ptr, w_ptr, s_ptr, xs_ptr, M, k_lo, k_hi, col0, limit, stride_xm, stride_wn, stride_sn, stride_sk,
+             SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, PRECISION: tl.constexpr,
+             M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_NK: tl.constexpr,
+             SWAP: tl.constexpr, DOT: tl.constexpr):
+    """x[:, k_lo:k_hi] times W's rows col0.. (those below ``limit``), scales applied: float32
+    [M_PAD, BLOCK_N]. ``SWAP``: W's tile is the left operand (W x^T, transposed at the end), so
+    an e4m3 tile widened in registers feeds the tensor cores without a trip through shared
+    memory and BLOCK_N, not the 16 padded rows of x, is the MMA's M side."""
     rows = tl.arange(0, M_PAD)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col0 + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < M
-    col_ok = cols < N
-    k_lo = share * k_share
-    k_hi = tl.minimum(k_lo + k_share, K)
-    a_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + (k_lo + ks)[None, :]
-    if W_NK:
+    col_ok = cols < limit
+    if SWAP:
+        a_ptrs = x_ptr + rows[None, :].to(tl.int64) * stride_xm + (k_lo + ks)[:, None]
         w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + (k_lo + ks)[None, :]
+        acc = tl.zeros([BLOCK_N, M_PAD], dtype=tl.float32)
     else:
-        w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + (k_lo + ks)[:, None]
-    acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+        a_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + (k_lo + ks)[None, :]
+        if W_NK:
+            w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + (k_lo + ks)[None, :]
+        else:
+            w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + (k_lo + ks)[:, None]
+        acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k_ok = ks < k_hi - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if W_NK:
-            w = tl.trans(tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0))
+        if SWAP:
+            a = tl.load(a_ptrs, mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         else:
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if W_NK:
+                w = tl.trans(tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0))
+            else:
+                w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         # DOT 0: in x's dtype; 1: in float16 (e4m3 widens to it in one instruction);
         # 2: x arrives as e4m3 (per-row scales ``xs``), the product is e4m3 x e4m3.
         if DOT == 1:  # saturate, not overflow: activations past float16's range are rare but exist
@@ -161,39 +176,110 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, part_ptr, M, N, 
         elif DOT == 0:
             w = w.to(a.dtype)
         if SCALE == 2:  # one block's scale for the whole step (BLOCK_N | SCALE_BN, BLOCK_K | SCALE_BK)
-            step = tl.dot(a, w, input_precision=PRECISION)
-            acc += step * tl.load(s_ptr + (pid_n * BLOCK_N // SCALE_BN) * stride_sn + (k0 // SCALE_BK) * stride_sk)
+            if SWAP:
+                step = tl.dot(w, a, input_precision=PRECISION)
+            else:
+                step = tl.dot(a, w, input_precision=PRECISION)
+            acc += step * tl.load(s_ptr + (col0 // SCALE_BN) * stride_sn + (k0 // SCALE_BK) * stride_sk)
+        elif SWAP:  # accumulate inside the MMA
+            acc = tl.dot(w, a, acc, input_precision=PRECISION)
         else:
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if SWAP:
+        acc = tl.trans(acc)
     if SCALE == 1:
         acc *= tl.load(s_ptr + cols * stride_sn, mask=col_ok, other=0.0)[None, :]
     if DOT == 2:
         acc *= tl.load(xs_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    mask = row_ok[:, None] & col_ok[None, :]
-    if SPLIT:
-        part = part_ptr + (share * M + rows[:, None]).to(tl.int64) * N + cols[None, :]
-        tl.store(part, acc, mask=mask)
+    return acc
+
+
+@triton.jit
+def _write(out_ptrs, b_ptrs, g, u, mask, HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
+    """The output from float32 sums ``g`` (and ``u``): + bias, or silu(g) * u rounded where
+    `activation_triton.silu_and_mul` rounds (g and u to the output dtype as a separate linear
+    would store them, silu(g) to it, then the product)."""
+    dtype = out_ptrs.dtype.element_ty
+    if GATED:
+        gate = g.to(dtype).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        y = act * u.to(dtype).to(tl.float32)
     else:
+        y = g
         if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            y += tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, y.to(dtype), mask=mask)
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, k_share, stride_xm,
+                   stride_wn, stride_om, stride_sn, stride_sk, SCALE: tl.constexpr, SCALE_BN: tl.constexpr,
+                   SCALE_BK: tl.constexpr, HAS_BIAS: tl.constexpr, TO_PARTIALS: tl.constexpr, SPLITS: tl.constexpr,
+                   REDUCE: tl.constexpr,
+                   GATED: tl.constexpr, PRECISION: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, W_NK: tl.constexpr, SWAP: tl.constexpr, DOT: tl.constexpr):
+    """Program (n, s): outputs n*BLOCK_N.. over share s of K. N is the output's width (a
+    GATED call reads 2N rows of W: gate rows 0..N, up rows N..2N). TO_PARTIALS: the float32
+    sums go to ``part_ptr`` [SPLITS, M, N (2N gated)], and then REDUCE 0: they are left for
+    `_reduce_kernel` or the caller; 1, the last program of a
+    column block to arrive (an atomic count per block in ``lock_ptr``) sums them in share order
+    and writes the output, then resets its count for the next call."""
+    pid_n = tl.program_id(0)
+    share = tl.program_id(1)
+    rows = tl.arange(0, M_PAD)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = share * k_share
+    k_hi = tl.minimum(k_lo + k_share, K)
+    g = _product(x_ptr, w_ptr, s_ptr, xs_ptr, M, k_lo, k_hi, pid_n * BLOCK_N, N, stride_xm, stride_wn,
+                 stride_sn, stride_sk, SCALE, SCALE_BN, SCALE_BK, PRECISION, M_PAD, BLOCK_N, BLOCK_K, W_NK, SWAP, DOT)
+    u = g
+    if GATED:
+        u = _product(x_ptr, w_ptr, s_ptr, xs_ptr, M, k_lo, k_hi, N + pid_n * BLOCK_N, 2 * N, stride_xm,
+                     stride_wn, stride_sn, stride_sk, SCALE, SCALE_BN, SCALE_BK, PRECISION, M_PAD, BLOCK_N,
+                     BLOCK_K, W_NK, SWAP, DOT)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    if TO_PARTIALS:
+        width = 2 * N if GATED else N  # a partial row holds gate | up
+        part = part_ptr + (share * M + rows[:, None]).to(tl.int64) * width + cols[None, :]
+        tl.store(part, g, mask=mask)
+        if GATED:
+            tl.store(part + N, u, mask=mask)
+        if REDUCE == 1:
+            # Every thread's partial stored before the count says so (the release orders them).
+            tl.debug_barrier()
+            arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == SPLITS - 1:
+                g = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+                u = g
+                for s in tl.static_range(SPLITS):  # share order: the same sums every run
+                    src = part_ptr + (s * M + rows[:, None]).to(tl.int64) * width + cols[None, :]
+                    g += tl.load(src, mask=mask, other=0.0, cache_modifier=".cg")  # L2: other SMs wrote them
+                    if GATED:
+                        u += tl.load(src + N, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(lock_ptr + pid_n, 0)
+                _write(out_ptrs, b_ptr + cols[None, :], g, u, mask, HAS_BIAS, GATED)
+    else:
+        _write(out_ptrs, b_ptr + cols[None, :], g, u, mask, HAS_BIAS, GATED)
 
 
 @triton.jit
 def _reduce_kernel(part_ptr, b_ptr, out_ptr, M, N, stride_om, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   GATED: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < N
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    width = 2 * N if GATED else N
+    g = tl.zeros([BLOCK], dtype=tl.float32)
+    u = g
     for s in tl.static_range(SPLITS):
-        acc += tl.load(part_ptr + (s * M + row).to(tl.int64) * N + cols, mask=ok, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row.to(tl.int64) * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+        src = part_ptr + (s * M + row).to(tl.int64) * width + cols
+        g += tl.load(src, mask=ok, other=0.0)
+        if GATED:
+            u += tl.load(src + N, mask=ok, other=0.0)
+    _write(out_ptr + row.to(tl.int64) * stride_om + cols, b_ptr + cols, g, u, ok, HAS_BIAS, GATED)
 
 
 REDUCE_BLOCK = 1024
@@ -233,23 +319,53 @@ class _Scale:
         return cls(int(ScaleKind.BLOCK), scale, scale.stride(0), scale.stride(1), block)
 
 
+#: Arrival counts for in-kernel split-K reductions: one per column block, per (device,
+#: stream), zero between calls (the last program to arrive resets its count). Kernels on one
+#: stream run one after another, so a count is never shared by two calls in flight.
+LOCKS = 8192
+_locks: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _lock_buffer(device: torch.device, programs: int) -> torch.Tensor | None:
+    """The counts for a launch of ``programs`` column blocks, or None when the two-launch
+    reduction must serve: too many blocks, or the first call on this stream is being captured
+    into a CUDA graph (a buffer made inside a capture would belong to the graph's pool)."""
+    if programs > LOCKS:
+        return None
+    if device.type != "cuda":
+        return torch.zeros(programs, dtype=torch.int32, device=device)  # the interpreter: per call
+    key = (device.index if device.index is not None else torch.cuda.current_device(),
+           torch.cuda.current_stream(device).cuda_stream)
+    locks = _locks.get(key)
+    if locks is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        locks = _locks[key] = torch.zeros(LOCKS, dtype=torch.int32, device=device)
+    return locks
+
+
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None,
             partials: torch.Tensor | None, cfg: SkinnyConfig, scale: "_Scale",
-            x_scale: torch.Tensor | None = None) -> None:
+            x_scale: torch.Tensor | None = None, n: int | None = None, gated: bool = False,
+            locks: torch.Tensor | None = None) -> None:
+    """One `_skinny_kernel` launch for outputs of width ``n`` (W's rows; half of them when
+    ``gated``); ``partials`` given: split-K, reduced in the kernel when ``locks`` is given."""
     m, k = x.shape
-    n = weight.shape[0]
+    n = weight.shape[0] if n is None else n
     k_share, splits = _shares(k, cfg.split_k, cfg.block_k)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
     dot = 2 if x_scale is not None else (1 if cfg.dot_f16 and x.dtype != torch.float32 else 0)
     _skinny_kernel[(triton.cdiv(n, cfg.block_n), splits)](
         x, weight, scale.tensor if scale.tensor is not None else x, x_scale if x_scale is not None else x,
         bias if bias is not None else x,
-        out if out is not None else x, partials if partials is not None else x, m, n, k, k_share, x.stride(0),
+        out if out is not None else x, partials if partials is not None else x,
+        locks if locks is not None else x, m, n, k, k_share, x.stride(0),
         weight.stride(0), out.stride(0) if out is not None else 0, scale.stride_n, scale.stride_k,
         SCALE=scale.kind, SCALE_BN=scale.block[0], SCALE_BK=scale.block[1],
-        HAS_BIAS=bias is not None, SPLIT=partials is not None, PRECISION=precision,
+        HAS_BIAS=bias is not None, TO_PARTIALS=partials is not None, SPLITS=splits, REDUCE=int(locks is not None),
+        GATED=gated, PRECISION=precision,
         M_PAD=max(16, triton.next_power_of_2(m)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, W_NK=cfg.w_nk,
-        DOT=dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SWAP=cfg.swap_ab, DOT=dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -259,11 +375,13 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   config: SkinnyConfig | None = None, scale: torch.Tensor | None = None,
                   scale_block: tuple[int, int] | None = None, x_scale: torch.Tensor | None = None,
-                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  out_dtype: torch.dtype | None = None, gated: bool = False) -> torch.Tensor:
     """``F.linear(x, weight * scale, bias)`` for x [M <= MAX_ROWS, K], weight [N, K] of x's
     dtype or e4m3 (widened tile by tile; ``scale``: None, [N, 1] or [1] per row / tensor, or
     with ``scale_block`` (bn, bk) the [ceil(N / bn), ceil(K / bk)] block scales): y [M, N] in ``out_dtype``
-    (default x's). ``x_scale`` [M] float32: x is e4m3, ``x * x_scale`` per row (W8A8)."""
+    (default x's). ``x_scale`` [M] float32: x is e4m3, ``x * x_scale`` per row (W8A8).
+    ``gated``: W is gate | up (N even, no bias) and y [M, N / 2] is silu(gate) * up, as
+    `activation_triton.silu_and_mul` of the product would be, without the second launch."""
     _check(x, weight)
     x, weight = _contiguous(x), _contiguous(weight)
     m, k = x.shape
@@ -280,19 +398,28 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if scale is not None and scale_block is None and not (
             scale.numel() == 1 or (scale.dim() >= 1 and scale.shape[0] == n and scale.numel() == n)):
         raise ValueError(f"per-row scales: [N, 1], [N] or [1], got {tuple(scale.shape)}")
+    if gated:
+        if n % 2 or bias is not None:
+            raise ValueError(f"gated skinny linear: W must be gate | up (an even {n} rows) without a bias")
+        n //= 2
+        if scale_block is not None and n % scale_block[0]:
+            raise ValueError(f"gated skinny linear: the up half starts at row {n}, inside a "
+                             f"{scale_block[0]}-row scale block")
     sc = _Scale.of(scale, scale_block, cfg.block_n, cfg.block_k)
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return out
     _, splits = _shares(k, cfg.split_k, cfg.block_k)
     if splits == 1:
-        _launch(x, weight, bias, out, None, cfg, sc, x_scale)
+        _launch(x, weight, bias, out, None, cfg, sc, x_scale, n, gated)
         return out
-    partials = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    _launch(x, weight, None, None, partials, cfg, sc, x_scale)
-    _reduce_kernel[(m, triton.cdiv(n, REDUCE_BLOCK))](
-        partials, bias if bias is not None else partials, out, m, n, out.stride(0), SPLITS=splits,
-        HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4)
+    partials = torch.empty(splits, m, weight.shape[0], dtype=torch.float32, device=x.device)
+    locks = _lock_buffer(x.device, triton.cdiv(n, cfg.block_n)) if cfg.reduce_in_kernel else None
+    _launch(x, weight, bias if locks is not None else None, out, partials, cfg, sc, x_scale, n, gated, locks)
+    if locks is None:
+        _reduce_kernel[(m, triton.cdiv(n, REDUCE_BLOCK))](
+            partials, bias if bias is not None else partials, out, m, n, out.stride(0), SPLITS=splits,
+            HAS_BIAS=bias is not None, GATED=gated, BLOCK=REDUCE_BLOCK, num_warps=4)
     return out
 
 

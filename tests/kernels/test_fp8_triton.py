@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from splitserve.kernels import dispatch
 from splitserve.kernels.fp8 import Fp8Scheme, fp8_linear_ref, fp8_weight_only_ref, quantize
@@ -129,3 +130,61 @@ def test_dispatch_picks_the_path_by_rows_and_scheme(monkeypatch, m, scheme, path
     oracle = fp8_weight_only_ref if path == "skinny_linear" else fp8_linear_ref
     want = oracle(x, w, bias)  # _scaled_mm rounds to bf16 before the bias: one bf16 step of |y|
     torch.testing.assert_close(y[0], want, rtol=0, atol=2**-8 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("scheme", list(Fp8Scheme))
+def test_swapped_operands_and_gate_up_read_e4m3_with_their_scales(scheme):
+    import dataclasses
+
+    from splitserve.kernels.activation import silu_and_mul_ref
+    from splitserve.kernels.linear_triton import skinny_linear
+
+    m, n, k = 3, 256, 384
+    x, w = _case(m, n, k, scheme, seed=41)
+    for split_k in (1, 3):
+        cfg, block = _weight_only_config(n, k, w, split_k)
+        cfg = dataclasses.replace(cfg, swap_ab=True)
+        want = fp8_weight_only_ref(x, w)
+        got = skinny_linear(x, w.data, config=cfg, scale=w.scale, scale_block=block)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        got = skinny_linear(x, w.data, config=cfg, scale=w.scale, scale_block=block, gated=True)
+        torch.testing.assert_close(got, silu_and_mul_ref(want), rtol=1e-5, atol=1e-5)
+
+
+def test_swapped_w8a8_matches_its_reference():
+    from splitserve.kernels import fp8 as fp8_ref
+    from splitserve.kernels.linear_triton import SkinnyConfig, skinny_linear
+
+    x, w = _case(20, 64, 256, Fp8Scheme.CHANNEL, seed=43)
+    xq, xs = fp8_ref.quantize_per_token(x)
+    for split_k in (1, 2):
+        got = skinny_linear(xq, w.data, config=SkinnyConfig(block_n=16, block_k=64, split_k=split_k, swap_ab=True),
+                            scale=w.scale, x_scale=xs.reshape(-1), out_dtype=torch.float32)
+        torch.testing.assert_close(got, F.linear(xq.float() * xs, w.data.float() * w.scale), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("m,scheme,gated_launch", [
+    (1, Fp8Scheme.CHANNEL, True),
+    (dispatch.FP8_WEIGHT_ONLY_MAX_M + 1, Fp8Scheme.CHANNEL, True),  # W8A8, gated
+    (4, Fp8Scheme.BLOCK, False),  # the up half starts inside a 128-row scale block: two calls
+    (dispatch.FP8_SKINNY_W8A8_MAX_M + 1, Fp8Scheme.CHANNEL, False),
+])
+def test_dispatch_gate_up_with_silu_is_one_launch_for_decode_rows(monkeypatch, m, scheme, gated_launch):
+    from splitserve.kernels import linear_triton
+    from splitserve.kernels.activation import silu_and_mul_ref
+
+    calls = []
+    real = linear_triton.skinny_linear
+    monkeypatch.setattr(linear_triton, "skinny_linear",
+                        lambda *a, **kw: calls.append(kw.get("gated", False)) or real(*a, **kw))
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    dispatch.kernel_mode.cache_clear()
+    try:
+        x, w = _case(m, 2 * 96, 128, scheme, seed=m)
+        y = dispatch.fp8_silu_and_mul_linear(x.reshape(1, m, 128), w)
+    finally:
+        dispatch.kernel_mode.cache_clear()
+    assert y.shape == (1, m, 96) and (calls == [True]) == gated_launch
+    oracle = fp8_weight_only_ref if m <= dispatch.FP8_WEIGHT_ONLY_MAX_M else fp8_linear_ref
+    want = silu_and_mul_ref(oracle(x, w))  # _scaled_mm rounds gate | up to bf16 before the SiLU
+    torch.testing.assert_close(y[0], want, rtol=0, atol=2**-7 * want.abs().max().item())

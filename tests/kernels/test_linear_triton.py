@@ -186,3 +186,76 @@ def test_float16_products_saturate_instead_of_overflowing():
     got = skinny_linear(x, w8, config=SkinnyConfig(block_n=16, block_k=64, dot_f16=True), scale=torch.ones(1))
     assert torch.isfinite(got.float()).all()
     assert got[0, 0] == torch.tensor(65504.0).to(torch.bfloat16)  # the saturated product, rounded to bf16
+
+
+# ---- W as the left operand, split K reduced in the kernel, gate | up with SiLU ----------------
+
+
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("reduce_in_kernel", [False, True])
+def test_swapped_operands_and_both_reductions_match_f_linear(swap_ab, reduce_in_kernel):
+    from splitserve.kernels.linear_triton import SkinnyConfig, skinny_linear
+
+    for m, n, k, split_k in [(1, 40, 96, 1), (5, 33, 512, 4), (16, 48, 300, 3)]:
+        x, w, b = _inputs(m, n, k, torch.float32, seed=m * n)
+        cfg = SkinnyConfig(block_n=16, block_k=64, split_k=split_k, swap_ab=swap_ab, reduce_in_kernel=reduce_in_kernel)
+        torch.testing.assert_close(skinny_linear(x, w, b, cfg), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_the_in_kernel_reduction_leaves_its_counts_at_zero_for_the_next_call():
+    from splitserve.kernels import linear_triton as lt
+
+    x, w, _ = _inputs(3, 64, 256, torch.float32, seed=29)
+    cfg = lt.SkinnyConfig(block_n=16, block_k=64, split_k=4)
+    locks = torch.zeros(8, dtype=torch.int32)
+    out = torch.empty(3, 64)
+    parts = torch.empty(4, 3, 64)
+    for _ in range(2):  # the second call finds the counts the first left
+        out.zero_()
+        lt._launch(x, w, None, out, parts, cfg, lt._Scale.of(None, None, 16, 64), locks=locks)
+        assert torch.equal(locks, torch.zeros(8, dtype=torch.int32))
+        torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+def _silu_mul(y: torch.Tensor) -> torch.Tensor:
+    from splitserve.kernels.activation import silu_and_mul_ref
+
+    return silu_and_mul_ref(y)
+
+
+@pytest.mark.parametrize("split_k,reduce_in_kernel", [(1, True), (2, True), (3, False)])
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_gated_gives_silu_of_gate_times_up(split_k, reduce_in_kernel, swap_ab):
+    from splitserve.kernels.linear_triton import SkinnyConfig, skinny_linear
+
+    x, w, _ = _inputs(3, 2 * 40, 320, torch.float32, seed=31)
+    cfg = SkinnyConfig(block_n=16, block_k=64, split_k=split_k, swap_ab=swap_ab, reduce_in_kernel=reduce_in_kernel)
+    got = skinny_linear(x, w, config=cfg, gated=True)
+    assert got.shape == (3, 40)
+    torch.testing.assert_close(got, _silu_mul(F.linear(x, w)), rtol=1e-5, atol=1e-5)
+
+
+def test_gated_in_bfloat16_rounds_where_the_two_launches_round():
+    from splitserve.kernels.linear_triton import SkinnyConfig, skinny_linear
+
+    x, w, _ = _inputs(2, 64, 256, torch.bfloat16, seed=37)
+    for split_k in (1, 2):
+        cfg = SkinnyConfig(block_n=16, block_k=64, split_k=split_k)
+        got = skinny_linear(x, w, config=cfg, gated=True)
+        want = _silu_mul(skinny_linear(x, w, config=cfg))  # gate | up stored as bf16, then SiLU
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0)
+
+
+def test_gated_refuses_an_odd_weight_a_bias_and_a_split_scale_block():
+    from splitserve.kernels.linear_triton import SkinnyConfig, skinny_linear
+
+    x = torch.zeros(1, 64)
+    with pytest.raises(ValueError, match="gate | up"):
+        skinny_linear(x, torch.zeros(33, 64), gated=True)
+    with pytest.raises(ValueError, match="gate | up"):
+        skinny_linear(x, torch.zeros(32, 64), torch.zeros(32), gated=True)
+    w8 = torch.zeros(96, 64).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="scale block"):
+        skinny_linear(x, w8, config=SkinnyConfig(block_n=16, block_k=64), scale=torch.ones(3, 1),
+                      scale_block=(32, 64), gated=True)

@@ -111,7 +111,10 @@ class LlamaMLP(nn.Module):
                                            quant=linear_method(quant, [f"{prefix}.down_proj"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj
+        if gate_up.quant is not None:  # FP8: the SiLU rides in the linear's epilogue when it can
+            return self.down_proj(gate_up.quant.apply_silu_and_mul(gate_up, x))
+        return self.down_proj(kernels.silu_and_mul(gate_up(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -122,6 +122,10 @@ class Fp8LinearMethod:
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return kernels.fp8_linear(x, self.weight(layer), bias)
 
+    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of a gate | up layer (no bias): one launch for a decode batch."""
+        return kernels.fp8_silu_and_mul_linear(x, self.weight(layer))
+
     # ---- loading ---------------------------------------------------------------------------
 
     def load_column(self, layer: nn.Module, param: str, shard: int, tensor, src: range, dst: range) -> None:
