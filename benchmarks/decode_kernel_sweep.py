@@ -9,7 +9,8 @@ different copy of its weights, so nothing is served from L2):
   Llama-3-8B's matrices; the floor is the weight's bytes at the copy bandwidth measured here.
 - **align**: the MoE alignment kernel's chunk and warps at 64 to 2048 (token, expert) pairs.
 - **attention**: the paged decode kernel at batch 1 with a 1k context, by the shortest split.
-- **fp8**: e4m3 weights at Llama-3-8B's matrices, rows 1 to 64 (`sweep_fp8`).
+- **fp8**: e4m3 weights at Llama-3-8B's matrices, rows 1 to 64 (`sweep_fp8`); also writes the
+  tuned table ``skinny_<gpu>.json`` that kernels/configs/ ships (`linear_triton.tuned_configs`).
 
 Usage (repository root, package on PYTHONPATH, one GPU):
     python benchmarks/decode_kernel_sweep.py --out benchmarks/results
@@ -122,68 +123,127 @@ def sweep_linear(copy_bw: float) -> list[dict]:
 FP8_SHAPES = {k.removeprefix("llama-3-8b."): v for k, v in LINEAR_SHAPES.items() if k.startswith("llama")}
 
 
-def sweep_fp8(copy_bw: float, rows_list=(1, 4, 16, 64)) -> list[dict]:
-    """FP8 (e4m3, per-channel scales) weights at Llama-3-8B's matrices: the skinny kernel with
-    the e4m3 tiles widened to bf16, to float16 (as `dispatch.fp8_linear` runs it to 16 rows), and
-    as W8A8 (x quantized per token first, e4m3 x e4m3 products, the quantization's launch
-    counted; "default" is `fp8_skinny_config(w8a8=True)`, as dispatch runs it to 64 rows), over
-    launch shapes; ``_scaled_mm``; bf16 cuBLAS. The floor is the e4m3 weight's bytes at the copy
-    bandwidth."""
+def fp8_variants(mode, n: int, k: int, sms: int, rows: int, shortlist: set | None = None) -> dict:
+    """Launch shapes tried for one (mode, matrix, rows): the heuristic default (with its split
+    reduced in the kernel and, for comparison, by a second launch), then W as the left operand
+    (``swap_ab``) and x as it, over rows of W per program, columns per step, shares of K and
+    pipeline depth."""
+    import dataclasses
+
+    from splitserve.kernels import linear_triton as lt
+
+    w8a8 = mode in (lt.SkinnyMode.W8A8, lt.SkinnyMode.W8A8_GATED)
+    gated = mode in (lt.SkinnyMode.WEIGHT_ONLY_GATED, lt.SkinnyMode.W8A8_GATED)
+    default = lt.fp8_skinny_config(n, k, sms, w8a8=w8a8)
+    out = {"default": default, "default_two_launches": dataclasses.replace(default, reduce_in_kernel=False)}
+    width = n // 2 if gated else n
+    shapes = [(True, 64, 128), (True, 64, 256), (True, 128, 128), (True, 128, 256),
+              (False, 32 if w8a8 else 64, 256 if w8a8 else 128)]
+    for swap, bn, bk in shapes:
+        for split in (1, 2, 4, 8):
+            programs = triton_cdiv(width, bn) * split
+            if programs < sms // 2 or programs > 8 * sms or k // split < 2 * bk:
+                continue
+            label = f"{'swap' if swap else 'xa'}_n{bn}_k{bk}_s{split}"
+            out[label] = lt.SkinnyConfig(block_n=bn, block_k=bk, split_k=split, num_stages=3, dot_f16=not w8a8,
+                                         swap_ab=swap)
+    if rows > 1 and shortlist is not None:  # the full sweep at one row (and at 64, W8A8's own)
+        out = {label: cfg for label, cfg in out.items() if label in shortlist or label.startswith("default")}
+    return out
+
+
+def sweep_fp8(copy_bw: float, rows_list=(1, 16, 64)) -> tuple[list[dict], dict]:
+    """FP8 (e4m3, per-channel scales) weights at Llama-3-8B's matrices, each mode as
+    `dispatch.fp8_linear` runs it (weight-only to 16 rows: e4m3 tiles widened to float16; W8A8
+    from 17 to 64: x quantized per token first, that launch counted), and gate | up with the
+    SiLU in the epilogue against the two launches it replaces; ``_scaled_mm`` and bf16 cuBLAS
+    for reference. The floor is the e4m3 weight's bytes at the copy bandwidth. Returns (rows,
+    the tuned table: the fastest launch shape of each (mode, matrix, rows), the format
+    `linear_triton.tuned_configs` reads)."""
     import torch
     import torch.nn.functional as F
 
+    from splitserve.kernels import activation_triton
     from splitserve.kernels import fp8 as fp8_ref
     from splitserve.kernels import fp8_triton
     from splitserve.kernels import linear_triton as lt
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    rows_out = []
+    rows_out, table, shortlists = [], {}, {}
     for name, (n, k) in FP8_SHAPES.items():
         copies = max(4, min(64, -(-(512 << 20) // (n * k))))
         bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         q8 = [fp8_ref.quantize(w, fp8_ref.Fp8Scheme.CHANNEL) for w in bf]
         floor = n * k / copy_bw
-        default = lt.fp8_skinny_config(n, k, sms)
-        configs = {"default": default}
-        for split in (1, 2, 4, 8):
-            configs[f"n32_k256_s{split}"] = lt.SkinnyConfig(block_n=32, block_k=256, split_k=split, num_stages=3)
-        configs["n64_k128_s4"] = lt.SkinnyConfig(block_n=64, block_k=128, split_k=4, num_stages=3)
         for m in rows_list:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            want = F.linear(x.float(), (q8[0].data.float() * q8[0].scale)).float()
-            res: dict = {}
+            modes = [lt.SkinnyMode.W8A8 if m > 16 else lt.SkinnyMode.WEIGHT_ONLY]
+            if name == "gate_up":
+                modes.append(lt.SkinnyMode.W8A8_GATED if m > 16 else lt.SkinnyMode.WEIGHT_ONLY_GATED)
+            for mode in modes:
+                w8a8 = mode in (lt.SkinnyMode.W8A8, lt.SkinnyMode.W8A8_GATED)
+                gated = mode in (lt.SkinnyMode.WEIGHT_ONLY_GATED, lt.SkinnyMode.W8A8_GATED)
+                dense = F.linear(x.float(), q8[0].data.float() * q8[0].scale)
+                want = activation_triton.silu_and_mul(dense) if gated else dense
+                res: dict = {}
 
-            def timed(label, fn):
-                got = fn(q8[0], bf[0]).float()
-                err = ((got - want).norm() / want.norm()).item()
-                t = graph_time_s([lambda q=q, b=b: fn(q, b) for q, b in zip(q8, bf)])
-                res[label] = {"us": 1e6 * t, "vs_floor": t / floor, "rel_err": err}
+                def timed(label, fn, cfg=None):
+                    got = fn(q8[0], bf[0]).float()
+                    err = ((got - want).norm() / want.norm()).item()
+                    t = graph_time_s([lambda q=q, b=b: fn(q, b) for q, b in zip(q8, bf)])
+                    res[label] = {"us": 1e6 * t, "vs_floor": t / floor, "rel_err": err}
+                    if cfg is not None:
+                        res[label]["config"] = cfg.__dict__
 
-            def w8a8(q, c):
-                xq, xs = fp8_triton.quantize_per_token(x)
-                return lt.skinny_linear(xq, q.data, config=c, scale=q.scale, x_scale=xs.view(-1),
-                                        out_dtype=torch.bfloat16)
+                def run(q, c):
+                    if w8a8:
+                        xq, xs = fp8_triton.quantize_per_token(x)
+                        return lt.skinny_linear(xq, q.data, config=c, scale=q.scale, x_scale=xs.view(-1),
+                                                out_dtype=torch.bfloat16, gated=gated)
+                    return lt.skinny_linear(x, q.data, config=c, scale=q.scale, gated=gated)
 
-            timed("bf16_cublas", lambda q, b: F.linear(x, b))
-            timed("scaled_mm", lambda q, b: fp8_triton.fp8_scaled_mm_linear(x, q))
-            for label, cfg in configs.items():
-                bf16 = lt.SkinnyConfig(**{**cfg.__dict__, "dot_f16": False})
-                timed(f"bf16dot_{label}", lambda q, b, c=bf16: lt.skinny_linear(x, q.data, config=c, scale=q.scale))
-                f16 = lt.SkinnyConfig(**{**cfg.__dict__, "dot_f16": True})
-                timed(f"f16dot_{label}", lambda q, b, c=f16: lt.skinny_linear(x, q.data, config=c, scale=q.scale))
-                w8 = lt.fp8_skinny_config(n, k, sms, w8a8=True) if label == "default" else bf16
-                timed(f"w8a8_{label}", lambda q, b, c=w8: w8a8(q, c))
-            fp8_only = {lbl: v for lbl, v in res.items() if lbl != "bf16_cublas"}
-            best = min(fp8_only, key=lambda lbl: fp8_only[lbl]["us"])
-            rows_out.append({"shape": name, "n": n, "k": k, "rows": m, "floor_us": 1e6 * floor, "best": best,
-                             "best_us": res[best]["us"], "bf16_us": res["bf16_cublas"]["us"],
-                             "default": default.__dict__, "variants": res})
-            print(f"fp8 {name:8s} m={m:3d} floor {1e6 * floor:6.2f} us  bf16 {res['bf16_cublas']['us']:6.2f}  "
-                  f"default bf16dot {res['bf16dot_default']['us']:6.2f} f16dot {res['f16dot_default']['us']:6.2f} "
-                  f"w8a8 {res['w8a8_default']['us']:6.2f}  best {best} {res[best]['us']:6.2f} "
-                  f"(err {res[best]['rel_err']:.1e})  scaled_mm {res['scaled_mm']['us']:6.2f}", flush=True)
+                if gated:
+                    timed("bf16_cublas_then_silu", lambda q, b: activation_triton.silu_and_mul(F.linear(x, b)))
+                    ungated = table.get(lt.tuned_key(lt.SkinnyMode.W8A8 if w8a8 else lt.SkinnyMode.WEIGHT_ONLY,
+                                                     n, k, m))
+                    if ungated is not None:  # the best plain launch, then the SiLU: what gating replaces
+                        cfg = lt.SkinnyConfig(**ungated["config"])
+                        timed("best_plain_then_silu", lambda q, b, c=cfg: activation_triton.silu_and_mul(
+                            lt.skinny_linear(x, q.data, config=c, scale=q.scale) if not w8a8 else
+                            _w8a8_plain(x, q, c)))
+                else:
+                    timed("bf16_cublas", lambda q, b: F.linear(x, b))
+                    timed("scaled_mm", lambda q, b: fp8_triton.fp8_scaled_mm_linear(x, q))
+                one_row = lt.tuned_key(lt.SkinnyMode.WEIGHT_ONLY_GATED if gated else lt.SkinnyMode.WEIGHT_ONLY, n, k, 1)
+                shortlist = shortlists.get(one_row) if m == 16 else None
+                variants = fp8_variants(mode, n, k, sms, m, shortlist)
+                for label, cfg in variants.items():
+                    timed(label, lambda q, b, c=cfg: run(q, c), cfg)
+                best = min(variants, key=lambda lbl: res[lbl]["us"])
+                key = lt.tuned_key(mode, n, k, m)
+                shortlists[key] = {lbl for lbl in variants if res[lbl]["us"] <= 1.1 * res[best]["us"]}
+                table[key] = {"config": variants[best].__dict__, "us": res[best]["us"], "label": best,
+                              "default_us": res["default"]["us"]}
+                rows_out.append({"shape": name, "mode": mode.value, "n": n, "k": k, "rows": m,
+                                 "floor_us": 1e6 * floor, "best": best, "best_us": res[best]["us"],
+                                 "variants": res})
+                ref = res.get("bf16_cublas", res.get("bf16_cublas_then_silu"))["us"]
+                print(f"fp8 {name:8s} {mode.value:18s} m={m:3d} floor {1e6 * floor:6.2f} us  bf16 {ref:6.2f}  "
+                      f"default {res['default']['us']:6.2f} (two launches {res['default_two_launches']['us']:6.2f})  "
+                      f"best {best} {res[best]['us']:6.2f} ({res[best]['us'] / (1e6 * floor):.2f}x floor, "
+                      f"err {res[best]['rel_err']:.1e})", flush=True)
         del bf, q8
-    return rows_out
+    return rows_out, table
+
+
+def _w8a8_plain(x, q, cfg):
+    import torch
+
+    from splitserve.kernels import fp8_triton
+    from splitserve.kernels import linear_triton as lt
+
+    xq, xs = fp8_triton.quantize_per_token(x)
+    return lt.skinny_linear(xq, q.data, config=cfg, scale=q.scale, x_scale=xs.view(-1), out_dtype=torch.bfloat16)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -264,7 +324,14 @@ def main(argv: list[str] | None = None) -> dict:
     if "attention" in families:
         report["attention"] = sweep_attention()
     if "fp8" in families:
-        report["fp8"] = sweep_fp8(report["copy_bandwidth_TBps"] * 1e12)
+        report["fp8"], table = sweep_fp8(report["copy_bandwidth_TBps"] * 1e12)
+        # The tuned table, in the form kernels/configs/ ships (linear_triton.tuned_configs).
+        tuned = args.out / f"skinny_{report['device']['name'].lower().replace(' ', '_')}.json"
+        tuned.parent.mkdir(parents=True, exist_ok=True)
+        tuned.write_text(json.dumps({k: report[k] for k in ("benchmark", "command", "date", "git_commit", "device")}
+                                    | {"copy_bandwidth_TBps": report["copy_bandwidth_TBps"], "configs": table},
+                                    indent=1))
+        print(f"wrote {tuned}")
     out = args.out / f"decode_kernel_sweep_{results_meta.slug(report['device']['name'])}_{now:%Y-%m-%dT%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

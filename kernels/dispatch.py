@@ -310,12 +310,15 @@ def _fp8_skinny(x2: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor 
     block = weight.block if weight.scheme is fp8_ref.Fp8Scheme.BLOCK else None
     if gated and block is not None and (n // 2) % block[0]:
         return None  # the up half would start inside a scale block
+    device = linear_triton.device_name(x2.device)
     if 0 < m <= FP8_WEIGHT_ONLY_MAX_M:
-        cfg = linear_triton.fp8_skinny_config(n, k, linear_triton.sms(x2.device), block)
+        cfg = linear_triton.fp8_skinny_config(n, k, linear_triton.sms(x2.device), block, rows=m, gated=gated,
+                                              device=device)
         return linear_triton.skinny_linear(x2, weight.data, bias, cfg, scale=weight.scale, scale_block=block,
                                            gated=gated)
     if 0 < m <= FP8_SKINNY_W8A8_MAX_M and block is None:
-        cfg = linear_triton.fp8_skinny_config(n, k, linear_triton.sms(x2.device), w8a8=True)
+        cfg = linear_triton.fp8_skinny_config(n, k, linear_triton.sms(x2.device), w8a8=True, rows=m, gated=gated,
+                                              device=device)
         xq, xs = fp8_triton.quantize_per_token(x2)
         return linear_triton.skinny_linear(xq, weight.data, bias, cfg, scale=weight.scale, x_scale=xs.view(-1),
                                            out_dtype=x2.dtype, gated=gated)

@@ -31,8 +31,11 @@ that many. No host synchronisation anywhere: the calls record into CUDA graphs.
 from __future__ import annotations
 
 import enum
+import json
+import os
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import torch
 import triton
@@ -110,10 +113,59 @@ def skinny_config(n: int, k: int, num_sms: int) -> SkinnyConfig:
     return SkinnyConfig(block_n=block_n, block_k=128, split_k=split_k, num_stages=3)
 
 
+class SkinnyMode(enum.Enum):
+    """What a tuned launch shape was measured for (a key of the tuned tables)."""
+
+    WEIGHT_ONLY = "weight_only"
+    W8A8 = "w8a8"
+    WEIGHT_ONLY_GATED = "weight_only_gated"
+    W8A8_GATED = "w8a8_gated"
+
+    @classmethod
+    def of(cls, w8a8: bool, gated: bool) -> "SkinnyMode":
+        return {(False, False): cls.WEIGHT_ONLY, (True, False): cls.W8A8,
+                (False, True): cls.WEIGHT_ONLY_GATED, (True, True): cls.W8A8_GATED}[(w8a8, gated)]
+
+
+#: A JSON file of tuned launch shapes to use instead of the shipped table for this GPU.
+TUNED_ENV = "SPLITSERVE_SKINNY_CONFIGS"
+#: The shipped tables: kernels/configs/skinny_<gpu name, lower case, "_" for spaces>.json,
+#: written by ``benchmarks/decode_kernel_sweep.py --families fp8`` on that GPU.
+TUNED_DIR = Path(__file__).parent / "configs"
+#: Row counts the tables are measured at; a call takes the first at least its own (x pads to
+#: 16 rows in the MMA, so 2 to 16 rows cost alike).
+TUNED_ROWS = (1, 16, 64)
+
+
+def tuned_key(mode: SkinnyMode, n: int, k: int, rows: int) -> str:
+    bucket = next((r for r in TUNED_ROWS if rows <= r), TUNED_ROWS[-1])
+    return f"{mode.value}:{n}x{k}:m{bucket}"
+
+
+def tuned_file(device_name: str) -> Path:
+    return TUNED_DIR / f"skinny_{device_name.lower().replace(' ', '_')}.json"
+
+
+@cache
+def tuned_configs(device_name: str) -> dict[str, SkinnyConfig]:
+    """The tuned table for a GPU (``TUNED_ENV``'s file, else the shipped one; empty if none),
+    read once per process."""
+    path = Path(os.environ.get(TUNED_ENV) or tuned_file(device_name))
+    if not path.is_file():
+        return {}
+    return {key: SkinnyConfig(**entry["config"]) for key, entry in json.loads(path.read_text())["configs"].items()}
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def fp8_skinny_config(n: int, k: int, num_sms: int, block: tuple[int, int] | None = None,
-                      w8a8: bool = False) -> SkinnyConfig:
-    """e4m3 weights (the H200 sweep of 2026-12-02, benchmarks/decode_kernel_sweep.py --families
-    fp8, at Llama-3-8B's q|k|v, o, gate|up and down):
+                      w8a8: bool = False, rows: int = 1, gated: bool = False,
+                      device: str | None = None) -> SkinnyConfig:
+    """e4m3 weights: ``device``'s tuned table when it has this (mode, shape, rows) and the
+    shape fits ``block``'s scale blocks; otherwise a heuristic from the H200 sweep of 2026-12-02
+    (benchmarks/decode_kernel_sweep.py --families fp8, at Llama-3-8B's q|k|v, o, gate|up and down):
 
     - weight-only (``w8a8`` False, up to 16 rows): 64 rows of W per program, 128 columns a step,
       products in float16 (e4m3 widens to it in one instruction, to bf16 in three: 4-10% faster),
@@ -121,6 +173,10 @@ def fp8_skinny_config(n: int, k: int, num_sms: int, block: tuple[int, int] | Non
       Best or within 3% of it at 1 to 16 rows except gate|up (W8A8 there: 35.6 against 40.6 us).
     - W8A8 (17 to 64 rows): 32 rows, 256 columns (128 under block scales), K split the same way;
       at 64 rows it beat ``_scaled_mm`` at every shape (15.0 against 17.6 us at q|k|v)."""
+    if device is not None:
+        tuned = tuned_configs(device).get(tuned_key(SkinnyMode.of(w8a8, gated), n, k, rows))
+        if tuned is not None and (block is None or (block[0] % tuned.block_n == 0 and block[1] % tuned.block_k == 0)):
+            return tuned
     if w8a8:
         block_n, block_k = 32, min(256, block[1]) if block else 256
     else:
