@@ -142,11 +142,13 @@ def fp8_variants(mode, n: int, k: int, sms: int, rows: int, shortlist: set | Non
     for swap, bn, bk in shapes:
         for split in (1, 2, 4, 8):
             programs = triton_cdiv(width, bn) * split
-            if programs < sms // 2 or programs > 8 * sms or k // split < 2 * bk:
+            if programs < sms // 2 or programs > 16 * sms or k // split < 2 * bk:
                 continue
             label = f"{'swap' if swap else 'xa'}_n{bn}_k{bk}_s{split}"
             out[label] = lt.SkinnyConfig(block_n=bn, block_k=bk, split_k=split, num_stages=3, dot_f16=not w8a8,
                                          swap_ab=swap)
+            if w8a8 and swap and bn == 128:  # 64 rows: a 128 x 64 tile per step, more warps to issue it
+                out[label + "_w8"] = dataclasses.replace(out[label], num_warps=8)
     if rows > 1 and shortlist is not None:  # the full sweep at one row (and at 64, W8A8's own)
         out = {label: cfg for label, cfg in out.items() if label in shortlist or label.startswith("default")}
     return out
@@ -224,6 +226,9 @@ def sweep_fp8(copy_bw: float, rows_list=(1, 16, 64)) -> tuple[list[dict], dict]:
                 shortlists[key] = {lbl for lbl in variants if res[lbl]["us"] <= 1.1 * res[best]["us"]}
                 table[key] = {"config": variants[best].__dict__, "us": res[best]["us"], "label": best,
                               "default_us": res["default"]["us"]}
+                if gated:  # whether the SiLU in the epilogue beat the plain launch and the SiLU's
+                    plain = res.get("best_plain_then_silu", {}).get("us", float("inf"))
+                    table[key] |= {"fused": res[best]["us"] < plain, "plain_then_silu_us": plain}
                 rows_out.append({"shape": name, "mode": mode.value, "n": n, "k": k, "rows": m,
                                  "floor_us": 1e6 * floor, "best": best, "best_us": res[best]["us"],
                                  "variants": res})

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     p.add_argument("--context", type=int, default=128, help="prompt tokens of each sequence")
+    p.add_argument("--quantization", default=None, help="fp8: FP8 weights")
+    p.add_argument("--kv-cache-dtype", default="auto", help="fp8: an FP8 KV cache")
     p.add_argument("--out", type=Path, default=results_meta.RESULTS_DIR)
     args = p.parse_args(argv)
     import torch
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
                                         {"name": torch.cuda.get_device_name() if torch.cuda.is_available()
                                          else results_meta.cpu_model(), "torch": torch.__version__})
     llm = LLM(args.model, kv_cache_memory=args.kv_gb << 30, max_num_seqs=max(8, args.batch),
-              show_progress=False)
+              show_progress=False, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     engine, runner = llm.engine, llm.engine.executor_for_tests.runner
     vocab = runner.model_cfg.vocab_size
     report["graph_step_ms"] = 1e3 * gpu_perf.decode_step_s(llm, args.batch, args.context, 24, seed=1, vocab=vocab)
@@ -73,12 +75,14 @@ def main(argv: list[str] | None = None) -> dict:
     for e in kernels:
         by_name[e.name[:90]] += e.device_time / args.steps
         counts[e.name[:90]] += 1 / args.steps
-    report |= {"model": args.model, "batch": args.batch, "context": args.context, "profiled_eager_step_ms": 1e3 * wall, "kernel_device_ms_per_step": device_us / 1e3,
+    report |= {"model": args.model, "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
+               "batch": args.batch, "context": args.context, "profiled_eager_step_ms": 1e3 * wall, "kernel_device_ms_per_step": device_us / 1e3,
                "kernels_per_step": len(kernels) / args.steps,
                "top_kernels": [{"name": n, "us_per_step": round(us, 1), "count_per_step": round(counts[n], 1)}
                                for n, us in by_name.most_common(25)]}
     llm.shutdown()
-    out = args.out / (f"decode_profile_{results_meta.slug(report['device']['name'])}_b{args.batch}"
+    quant = f"_{args.quantization}" if args.quantization else ""
+    out = args.out / (f"decode_profile_{results_meta.slug(report['device']['name'])}{quant}_b{args.batch}"
                       f"_{now:%Y-%m-%dT%H%M}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -308,9 +308,11 @@ def _fp8_skinny(x2: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor 
     m, k = x2.shape
     n = weight.data.shape[0]
     block = weight.block if weight.scheme is fp8_ref.Fp8Scheme.BLOCK else None
-    if gated and block is not None and (n // 2) % block[0]:
-        return None  # the up half would start inside a scale block
     device = linear_triton.device_name(x2.device)
+    w8a8 = m > FP8_WEIGHT_ONLY_MAX_M
+    if gated and ((block is not None and (n // 2) % block[0])  # the up half would start inside a scale block
+                  or not linear_triton.gated_pays(n, k, m, w8a8, device)):
+        return None
     if 0 < m <= FP8_WEIGHT_ONLY_MAX_M:
         cfg = linear_triton.fp8_skinny_config(n, k, linear_triton.sms(x2.device), block, rows=m, gated=gated,
                                               device=device)

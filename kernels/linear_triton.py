@@ -146,14 +146,33 @@ def tuned_file(device_name: str) -> Path:
     return TUNED_DIR / f"skinny_{device_name.lower().replace(' ', '_')}.json"
 
 
+@dataclass(frozen=True)
+class TunedEntry:
+    """One measured choice: the launch shape, and for a gated mode whether the gated launch
+    beat the plain one followed by `activation_triton.silu_and_mul` (``fused``)."""
+
+    config: SkinnyConfig
+    fused: bool = True
+
+
 @cache
-def tuned_configs(device_name: str) -> dict[str, SkinnyConfig]:
+def tuned_configs(device_name: str) -> dict[str, TunedEntry]:
     """The tuned table for a GPU (``TUNED_ENV``'s file, else the shipped one; empty if none),
     read once per process."""
     path = Path(os.environ.get(TUNED_ENV) or tuned_file(device_name))
     if not path.is_file():
         return {}
-    return {key: SkinnyConfig(**entry["config"]) for key, entry in json.loads(path.read_text())["configs"].items()}
+    return {key: TunedEntry(SkinnyConfig(**entry["config"]), entry.get("fused", True))
+            for key, entry in json.loads(path.read_text())["configs"].items()}
+
+
+def gated_pays(n: int, k: int, rows: int, w8a8: bool, device: str | None) -> bool:
+    """Whether gate | up with the SiLU in the epilogue beats the plain launch and the SiLU's:
+    the tuned table's verdict, else the H200 sweep of 2026-12-03 (only as W8A8, at 64 rows:
+    38.2 against 41.3 us at Llama-3-8B's gate | up; weight-only it lost by 0.7 to 2 us, its
+    programs doing two products each)."""
+    entry = tuned_configs(device).get(tuned_key(SkinnyMode.of(w8a8, True), n, k, rows)) if device else None
+    return entry.fused if entry is not None else w8a8
 
 
 def device_name(device: torch.device) -> str:
@@ -174,7 +193,8 @@ def fp8_skinny_config(n: int, k: int, num_sms: int, block: tuple[int, int] | Non
     - W8A8 (17 to 64 rows): 32 rows, 256 columns (128 under block scales), K split the same way;
       at 64 rows it beat ``_scaled_mm`` at every shape (15.0 against 17.6 us at q|k|v)."""
     if device is not None:
-        tuned = tuned_configs(device).get(tuned_key(SkinnyMode.of(w8a8, gated), n, k, rows))
+        entry = tuned_configs(device).get(tuned_key(SkinnyMode.of(w8a8, gated), n, k, rows))
+        tuned = entry.config if entry is not None and entry.fused else None
         if tuned is not None and (block is None or (block[0] % tuned.block_n == 0 and block[1] % tuned.block_k == 0)):
             return tuned
     if w8a8:

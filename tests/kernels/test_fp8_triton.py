@@ -164,7 +164,7 @@ def test_swapped_w8a8_matches_its_reference():
 
 
 @pytest.mark.parametrize("m,scheme,gated_launch", [
-    (1, Fp8Scheme.CHANNEL, True),
+    (1, Fp8Scheme.CHANNEL, False),  # weight-only: no table says the gated launch pays
     (dispatch.FP8_WEIGHT_ONLY_MAX_M + 1, Fp8Scheme.CHANNEL, True),  # W8A8, gated
     (4, Fp8Scheme.BLOCK, False),  # the up half starts inside a 128-row scale block: two calls
     (dispatch.FP8_SKINNY_W8A8_MAX_M + 1, Fp8Scheme.CHANNEL, False),
@@ -188,3 +188,26 @@ def test_dispatch_gate_up_with_silu_is_one_launch_for_decode_rows(monkeypatch, m
     oracle = fp8_weight_only_ref if m <= dispatch.FP8_WEIGHT_ONLY_MAX_M else fp8_linear_ref
     want = silu_and_mul_ref(oracle(x, w))  # _scaled_mm rounds gate | up to bf16 before the SiLU
     torch.testing.assert_close(y[0], want, rtol=0, atol=2**-7 * want.abs().max().item())
+
+
+def test_a_tuned_table_picks_the_launch_shape_and_whether_gating_pays(tmp_path, monkeypatch):
+    import json
+
+    from splitserve.kernels import linear_triton as lt
+
+    swap = lt.SkinnyConfig(block_n=64, block_k=128, split_k=2, swap_ab=True, dot_f16=True)
+    table = {lt.tuned_key(lt.SkinnyMode.WEIGHT_ONLY, 256, 512, 1): {"config": swap.__dict__},
+             lt.tuned_key(lt.SkinnyMode.WEIGHT_ONLY_GATED, 256, 512, 16): {"config": swap.__dict__, "fused": True},
+             lt.tuned_key(lt.SkinnyMode.W8A8_GATED, 256, 512, 64): {"config": swap.__dict__, "fused": False}}
+    path = tmp_path / "skinny.json"
+    path.write_text(json.dumps({"configs": table}))
+    monkeypatch.setenv(lt.TUNED_ENV, str(path))
+    lt.tuned_configs.cache_clear()
+    try:
+        assert lt.fp8_skinny_config(256, 512, 132, rows=1, device="GPU") == swap
+        assert lt.fp8_skinny_config(256, 512, 132, rows=4, device="GPU") != swap  # rows 2-16: not measured
+        assert lt.fp8_skinny_config(256, 512, 132, block=(32, 128), rows=1, device="GPU") != swap  # 64 rows > block
+        assert lt.gated_pays(256, 512, 9, False, "GPU") and not lt.gated_pays(256, 512, 64, True, "GPU")
+        assert not lt.gated_pays(256, 512, 1, False, "GPU")  # not in the table: the default (W8A8 only)
+    finally:
+        lt.tuned_configs.cache_clear()
