@@ -12,11 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
+from splitserve.kernels import pdl
+from splitserve.kernels.pdl import gdc_launch_dependents
+
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_xt, stride_ot, n, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_xt, stride_ot, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # the down projection after us may start loading its weights (`pdl.py`)
+        gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n
@@ -40,5 +45,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out2 = out.view(-1, n)
     if rows.shape[0]:
         _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(n, BLOCK))](
-            rows, out2, rows.stride(0), out2.stride(0), n, BLOCK=BLOCK, num_warps=4)
+            rows, out2, rows.stride(0), out2.stride(0), n, BLOCK=BLOCK, PDL=pdl.enabled(x.device),
+            num_warps=4)
     return out

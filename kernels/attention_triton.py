@@ -52,6 +52,9 @@ import torch
 import triton
 import triton.language as tl
 
+from splitserve.kernels import pdl
+from splitserve.kernels.pdl import gdc_launch_dependents
+
 LOG2E = 1.4426950408889634
 
 
@@ -185,8 +188,10 @@ def _decode_kernel(
     k_scale_ptr, v_scale_ptr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    SPLIT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # the output projection after us may start loading its weights (`pdl.py`)
+        gdc_launch_dependents()
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     seq = tl.program_id(2)
@@ -265,8 +270,10 @@ def _decode_kernel(
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr, stride_ob, stride_oh, num_splits,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # as in _decode_kernel
+        gdc_launch_dependents()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     base = (seq * tl.num_programs(1) + head).to(tl.int64) * num_splits
@@ -379,14 +386,14 @@ def paged_decode_attention(
         *((k_scale, v_scale) if quant else (context_lens, context_lens)),
         GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, HAS_WINDOW=sliding_window is not None,
-        SPLIT=split, PRECISION=_precision(q.dtype), QUANT=quant,
+        SPLIT=split, PRECISION=_precision(q.dtype), QUANT=quant, PDL=not split and pdl.enabled(q.device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:
         _decode_merge_kernel[(batch, num_heads)](
             part_acc, part_ml, out, out.stride(0), out.stride(1), num_splits,
             # One lane count for every split count: a new value would compile a new kernel mid-serving.
-            HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT_BLOCK=16, num_warps=1,
+            HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT_BLOCK=16, PDL=pdl.enabled(q.device), num_warps=1,
         )
     return out
 

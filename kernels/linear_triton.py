@@ -41,6 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
+from splitserve.kernels import pdl
+from splitserve.kernels.pdl import gdc_launch_dependents, gdc_wait
+
 #: Rows of x a skinny call takes (more: an ordinary GEMM, whose tiles are no longer wasted).
 MAX_ROWS = 64
 
@@ -80,6 +83,10 @@ class SkinnyConfig:
     #: With split K, the last program of a column block to finish sums the shares (one launch);
     #: otherwise `_reduce_kernel` does (two launches).
     reduce_in_kernel: bool = True
+    #: Programmatic dependent launch (`pdl.py`; on GPUs that have it): 0 off; 1 launched early,
+    #: waiting for the kernel before ahead of any load; 2 the same, W's first tile loaded before
+    #: the wait.
+    pdl: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
@@ -209,14 +216,59 @@ def fp8_skinny_config(n: int, k: int, num_sms: int, block: tuple[int, int] | Non
 
 
 @triton.jit
+def _load_w(w_ptrs, col_ok, k_ok, SWAP: tl.constexpr, W_NK: tl.constexpr):
+    """A [BLOCK_N, BLOCK_K] tile of W as the product takes it ([BLOCK_K, BLOCK_N] unless SWAP)."""
+    if SWAP:
+        w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+    elif W_NK:
+        w = tl.trans(tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0))
+    else:
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+    return w
+
+
+@triton.jit
+def _mma(a_ptrs, w, acc, row_ok, k_ok, s_ptr, col0, k0, stride_sn, stride_sk, SCALE: tl.constexpr,
+         SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, PRECISION: tl.constexpr, SWAP: tl.constexpr,
+         DOT: tl.constexpr):
+    """One loop step: x's tile loaded, both widened as DOT says, their product added to acc."""
+    if SWAP:
+        a = tl.load(a_ptrs, mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+    else:
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    # DOT 0: in x's dtype; 1: in float16 (e4m3 widens to it in one instruction);
+    # 2: x arrives as e4m3 (per-row scales ``xs``), the product is e4m3 x e4m3.
+    if DOT == 1:  # saturate, not overflow: activations past float16's range are rare but exist
+        a = tl.clamp(a.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+        w = w.to(tl.float16)
+    elif DOT == 0:
+        w = w.to(a.dtype)
+    if SCALE == 2:  # one block's scale for the whole step (BLOCK_N | SCALE_BN, BLOCK_K | SCALE_BK)
+        if SWAP:
+            step = tl.dot(w, a, input_precision=PRECISION)
+        else:
+            step = tl.dot(a, w, input_precision=PRECISION)
+        acc += step * tl.load(s_ptr + (col0 // SCALE_BN) * stride_sn + (k0 // SCALE_BK) * stride_sk)
+    elif SWAP:  # accumulate inside the MMA
+        acc = tl.dot(w, a, acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _product(x_ptr, w_ptr, s_ptr, xs_ptr, M, k_lo, k_hi, col0, limit, stride_xm, stride_wn, stride_sn, stride_sk,
              SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, PRECISION: tl.constexpr,
              M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_NK: tl.constexpr,
-             SWAP: tl.constexpr, DOT: tl.constexpr):
+             SWAP: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
     """x[:, k_lo:k_hi] times W's rows col0.. (those below ``limit``), scales applied: float32
     [M_PAD, BLOCK_N]. ``SWAP``: W's tile is the left operand (W x^T, transposed at the end), so
     an e4m3 tile widened in registers feeds the tensor cores without a trip through shared
-    memory and BLOCK_N, not the 16 padded rows of x, is the MMA's M side."""
+    memory and BLOCK_N, not the 16 padded rows of x, is the MMA's M side.
+
+    ``PDL`` (programmatic dependent launch, `pdl.py`): 0, x is ready; 1, wait for the kernel
+    before (which wrote x) first; 2, load the first tile of W (a constant) before that wait, so
+    its memory latency overlaps the previous kernel's tail."""
     rows = tl.arange(0, M_PAD)
     cols = col0 + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -233,34 +285,23 @@ def _product(x_ptr, w_ptr, s_ptr, xs_ptr, M, k_lo, k_hi, col0, limit, stride_xm,
         else:
             w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + (k_lo + ks)[:, None]
         acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    first = k_lo
+    if PDL == 2:  # the first step peeled: its W tile in flight before the wait
+        k_ok = ks < k_hi - k_lo
+        w = _load_w(w_ptrs, col_ok, k_ok, SWAP, W_NK)
+        gdc_wait()
+        acc = _mma(a_ptrs, w, acc, row_ok, k_ok, s_ptr, col0, k_lo, stride_sn, stride_sk, SCALE, SCALE_BN,
+                   SCALE_BK, PRECISION, SWAP, DOT)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+        first = k_lo + BLOCK_K
+    elif PDL == 1:
+        gdc_wait()
+    for k0 in range(first, k_hi, BLOCK_K):
         k_ok = ks < k_hi - k0
-        if SWAP:
-            a = tl.load(a_ptrs, mask=k_ok[:, None] & row_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        else:
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if W_NK:
-                w = tl.trans(tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0))
-            else:
-                w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        # DOT 0: in x's dtype; 1: in float16 (e4m3 widens to it in one instruction);
-        # 2: x arrives as e4m3 (per-row scales ``xs``), the product is e4m3 x e4m3.
-        if DOT == 1:  # saturate, not overflow: activations past float16's range are rare but exist
-            a = tl.clamp(a.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
-            w = w.to(tl.float16)
-        elif DOT == 0:
-            w = w.to(a.dtype)
-        if SCALE == 2:  # one block's scale for the whole step (BLOCK_N | SCALE_BN, BLOCK_K | SCALE_BK)
-            if SWAP:
-                step = tl.dot(w, a, input_precision=PRECISION)
-            else:
-                step = tl.dot(a, w, input_precision=PRECISION)
-            acc += step * tl.load(s_ptr + (col0 // SCALE_BN) * stride_sn + (k0 // SCALE_BK) * stride_sk)
-        elif SWAP:  # accumulate inside the MMA
-            acc = tl.dot(w, a, acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        w = _load_w(w_ptrs, col_ok, k_ok, SWAP, W_NK)
+        acc = _mma(a_ptrs, w, acc, row_ok, k_ok, s_ptr, col0, k0, stride_sn, stride_sk, SCALE, SCALE_BN,
+                   SCALE_BK, PRECISION, SWAP, DOT)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if SWAP:
@@ -295,13 +336,16 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, part_ptr, lock_p
                    SCALE_BK: tl.constexpr, HAS_BIAS: tl.constexpr, TO_PARTIALS: tl.constexpr, SPLITS: tl.constexpr,
                    REDUCE: tl.constexpr,
                    GATED: tl.constexpr, PRECISION: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, W_NK: tl.constexpr, SWAP: tl.constexpr, DOT: tl.constexpr):
+                   BLOCK_K: tl.constexpr, W_NK: tl.constexpr, SWAP: tl.constexpr, DOT: tl.constexpr,
+                   PDL: tl.constexpr):
     """Program (n, s): outputs n*BLOCK_N.. over share s of K. N is the output's width (a
     GATED call reads 2N rows of W: gate rows 0..N, up rows N..2N). TO_PARTIALS: the float32
     sums go to ``part_ptr`` [SPLITS, M, N (2N gated)], and then REDUCE 0: they are left for
     `_reduce_kernel` or the caller; 1, the last program of a
     column block to arrive (an atomic count per block in ``lock_ptr``) sums them in share order
     and writes the output, then resets its count for the next call."""
+    if PDL:  # the next kernel may start its own weight loads now (it waits for us before x)
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     share = tl.program_id(1)
     rows = tl.arange(0, M_PAD)
@@ -309,12 +353,13 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, out_ptr, part_ptr, lock_p
     k_lo = share * k_share
     k_hi = tl.minimum(k_lo + k_share, K)
     g = _product(x_ptr, w_ptr, s_ptr, xs_ptr, M, k_lo, k_hi, pid_n * BLOCK_N, N, stride_xm, stride_wn,
-                 stride_sn, stride_sk, SCALE, SCALE_BN, SCALE_BK, PRECISION, M_PAD, BLOCK_N, BLOCK_K, W_NK, SWAP, DOT)
+                 stride_sn, stride_sk, SCALE, SCALE_BN, SCALE_BK, PRECISION, M_PAD, BLOCK_N, BLOCK_K, W_NK, SWAP, DOT,
+                 PDL)
     u = g
-    if GATED:
+    if GATED:  # (x is ready: the first product waited)
         u = _product(x_ptr, w_ptr, s_ptr, xs_ptr, M, k_lo, k_hi, N + pid_n * BLOCK_N, 2 * N, stride_xm,
                      stride_wn, stride_sn, stride_sk, SCALE, SCALE_BN, SCALE_BK, PRECISION, M_PAD, BLOCK_N,
-                     BLOCK_K, W_NK, SWAP, DOT)
+                     BLOCK_K, W_NK, SWAP, DOT, 0)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
     if TO_PARTIALS:
@@ -431,6 +476,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
     k_share, splits = _shares(k, cfg.split_k, cfg.block_k)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
     dot = 2 if x_scale is not None else (1 if cfg.dot_f16 and x.dtype != torch.float32 else 0)
+    pdl_mode = cfg.pdl if pdl.enabled(x.device) else 0
     _skinny_kernel[(triton.cdiv(n, cfg.block_n), splits)](
         x, weight, scale.tensor if scale.tensor is not None else x, x_scale if x_scale is not None else x,
         bias if bias is not None else x,
@@ -441,7 +487,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
         HAS_BIAS=bias is not None, TO_PARTIALS=partials is not None, SPLITS=splits, REDUCE=int(locks is not None),
         GATED=gated, PRECISION=precision,
         M_PAD=max(16, triton.next_power_of_2(m)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, W_NK=cfg.w_nk,
-        SWAP=cfg.swap_ab, DOT=dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SWAP=cfg.swap_ab, DOT=dot, PDL=pdl_mode, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl.launch_kwargs(pdl_mode))
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:

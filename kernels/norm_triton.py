@@ -12,13 +12,18 @@ import torch
 import triton
 import triton.language as tl
 
+from splitserve.kernels import pdl
+from splitserve.kernels.pdl import gdc_launch_dependents
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr,
     stride_x, stride_res, stride_out, stride_sum, n_cols, eps,
-    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # a linear after us may start loading its weights (`pdl.py`)
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
@@ -52,7 +57,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         _rms_norm_kernel[(x2.shape[0],)](
             x2, res2, weight, out2, sum2,
             x2.stride(0), res2.stride(0), out2.stride(0), sum2.stride(0), hidden, eps,
-            BLOCK=block, HAS_RESIDUAL=residual is not None,
+            BLOCK=block, HAS_RESIDUAL=residual is not None, PDL=pdl.enabled(x.device),
             num_warps=min(16, max(1, block // 256)),
         )
     return out, summed

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Issue 18: programmatic dependent launch for the skinny kernel (and the triggers in the norm,
+# SiLU and attention kernels before it): the fp8 sweep with PDL variants, writing the tuned
+# table; then the engine's FP8 figures with that table, PDL on and off (SPLITSERVE_PDL).
+set -u
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+start=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . > $OUT/pip.log 2>&1 || { echo pip failed; tail -5 $OUT/pip.log; }
+export PYTHONPATH=/tmp/site
+timeout 260 python3 benchmarks/decode_kernel_sweep.py --families fp8 --out $OUT > $OUT/sweep.log 2>&1; echo "sweep rc=$? at $(( $(date +%s) - start )) s"; grep -v "^\[" $OUT/sweep.log | tail -17
+export SPLITSERVE_SKINNY_CONFIGS=$OUT/skinny_nvidia_h200.json
+mkdir -p $OUT/pdl_off
+SPLITSERVE_PDL=0 timeout 150 python3 benchmarks/fp8_perf.py --sections ceilings,weights --out $OUT/pdl_off > $OUT/fp8_perf_off.log 2>&1; echo "fp8 perf PDL off rc=$? at $(( $(date +%s) - start )) s"; grep -E "fp8_decode" $OUT/fp8_perf_off.log | tail -8
+timeout $(( 585 - ($(date +%s) - start) )) python3 benchmarks/fp8_perf.py --sections ceilings,weights --out $OUT > $OUT/fp8_perf_w.log 2>&1; echo "fp8 perf PDL on rc=$? at $(( $(date +%s) - start )) s"; grep -E "decode|prefill" $OUT/fp8_perf_w.log | tail -20
