@@ -15,17 +15,25 @@ bytes over the HBM bandwidth plus what a launch costs. Who uses this kernel, fro
 
 `_skinny_kernel`: program (n, s) multiplies the (at most `MAX_ROWS`) rows of x, padded to
 16 (the smallest ``tl.dot`` tile), with ``BLOCK_N`` rows of W over its ``s``-th share of K,
-accumulating in float32. W is read once, in [BLOCK_K, BLOCK_N] tiles straight from its
-[N, K] rows (K contiguous), pipelined ``num_stages`` deep. With one share (``split_k`` 1)
-the program writes y (bias added, rounded once); with several, each writes its float32
-partial sum to ``partials[s]`` and `_reduce_kernel` adds them in a fixed order (no atomics:
-the same result every run). A caller that reduces itself takes the partials
-(`skinny_partials`): the MoE router's softmax kernel sums them as it loads its logits, so the
-router is two launches, not three.
+accumulating in float32. W is read once, straight from its [N, K] rows (K contiguous),
+pipelined ``num_stages`` deep, either as the right operand (x W^T) or, with ``swap_ab``, as
+the left one (W x^T: the widened e4m3 tile goes from registers to the tensor cores).
 
-`SkinnyConfig` is the launch shape; `skinny_config` picks it from the matrix's shape and the
-SM count: enough programs for every SM, split K only when the rows of W alone do not give
-that many. No host synchronisation anywhere: the calls record into CUDA graphs.
+With one share (``split_k`` 1) the program writes y (bias added, rounded once). With several,
+each writes its float32 partial sum to ``partials[s]``; then either the last program of its
+column block to arrive (an atomic count per block, reset by that program) adds them in share
+order and writes y (``reduce_in_kernel``, one launch), or `_reduce_kernel` does (two). Either
+way the same sums in the same order: the same result every run. A caller that reduces itself
+takes the partials (`skinny_partials`): the MoE router's softmax kernel sums them as it loads
+its logits. ``gated``: W is gate | up and y is silu(gate) * up, rounded where the separate SiLU
+kernel rounds. With programmatic dependent launch (`pdl.py`, ``SkinnyConfig.pdl``) the kernel
+starts while the one before it finishes, loading weights until it must wait for x.
+
+Launch shapes: `SkinnyConfig`. `skinny_config` (bf16) and `fp8_skinny_config` pick one from the
+matrix's shape and the SM count, or, for FP8, from the GPU's tuned table (kernels/configs/
+skinny_<gpu>.json, written by ``benchmarks/decode_kernel_sweep.py --families fp8``; the
+``SPLITSERVE_SKINNY_CONFIGS`` file instead). No host synchronisation anywhere: the calls record
+into CUDA graphs.
 """
 
 from __future__ import annotations
