@@ -194,10 +194,11 @@ def section_kv(run: Run) -> dict:
                     dev, warmup=5, iters=5 if run.tiny else 50)
         res[f"attention_{label}_us"] = 1e6 * t
         res[f"attention_{label}_frac_of_copy"] = kv_bytes / t / run.copy_bw
-        if dev.type == "cuda" and scales:  # the launch shape: FP8 moves half the bytes per step
+        if dev.type == "cuda":  # the launch shape (FP8 moves half the bytes per step) and the loop's form
             from splitserve.kernels import attention_triton as at
 
-            for spec in ("block_n=64", "block_n=64,stages=3", "block_n=128,stages=3"):
+            for spec in ("block_n=64", "block_n=64,stages=3", "block_n=128,stages=3", "swap=1", "block_n=64,swap=1",
+                         "block_n=64,stages=3,swap=1", "block_n=128,stages=3,swap=1"):
                 cfg = at.DecodeConfig.parse(spec, at.default_decode_config())
                 t = bench_s(lambda c=cfg: at.paged_decode_attention(q, kc, vc, tables, lens, d**-0.5, out=out, cfg=c,
                                                                   **scales), dev, warmup=5, iters=50)

@@ -8,7 +8,11 @@ sliding window, ``i - j < sliding_window``).
 Decode (`paged_decode_attention`): one program per (KV head, context split, sequence), KV
 heads fastest so that the programs reading the same pages run side by side. The program holds
 every query head of its KV head (GQA: the group, padded to 16 rows, is the M side of a
-``tl.dot``), so each K/V row is read from memory once for the whole group. A loop step gathers
+``tl.dot``), so each K/V row is read from memory once for the whole group. With
+``DecodeConfig.swap`` the step is computed transposed: S^T = K Q^T and O^T += V^T P^T, so the
+K and V^T tiles (converted in registers when the cache is FP8) are the MMAs' left operands, read
+from registers with the block of tokens as the MMA's M side, and the group's queries and
+probabilities, 16 columns wide, are the small right ones. A loop step gathers
 ``block_n`` tokens from ``block_n / block_size`` pages; the page ids are loaded one step ahead
 (a loop-carried tensor), so the K/V addresses never wait on a table load in the same step and
 Triton's pipeliner can keep ``num_stages - 1`` K/V tiles in flight while it computes (with the
@@ -127,11 +131,14 @@ class DecodeConfig:
     #: Programs wanted per SM (batch x KV heads x splits) before the context stops being split:
     #: enough that the last wave of programs is a small part of the run.
     programs_per_sm: int = 2
+    #: 1: the transposed loop (K and V^T as the MMAs' left operands, read from registers, the
+    #: query group the small right side; module docstring), 0: queries on the left.
+    swap: int = 0
 
     #: Spec keys -> fields (the short names first, as `spec` writes them).
     KEYS: ClassVar[dict[str, str]] = {
         "block_n": "block_n", "warps": "num_warps", "stages": "num_stages", "min_partition": "min_partition",
-        "programs_per_sm": "programs_per_sm", "num_warps": "num_warps", "num_stages": "num_stages",
+        "programs_per_sm": "programs_per_sm", "swap": "swap", "num_warps": "num_warps", "num_stages": "num_stages",
     }
 
     def __post_init__(self) -> None:
@@ -162,7 +169,7 @@ class DecodeConfig:
 
     def spec(self) -> str:
         return (f"block_n={self.block_n},warps={self.num_warps},stages={self.num_stages},"
-                f"min_partition={self.min_partition},programs_per_sm={self.programs_per_sm}")
+                f"min_partition={self.min_partition},programs_per_sm={self.programs_per_sm},swap={self.swap}")
 
 
 #: The built-in default: the config expected to be fastest on an H100/H200 (see the sweep).
@@ -188,7 +195,7 @@ def _decode_kernel(
     k_scale_ptr, v_scale_ptr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    SPLIT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr, SWAP: tl.constexpr,
 ):
     if PDL:  # the output projection after us may start loading its weights (`pdl.py`)
         gdc_launch_dependents()
@@ -221,34 +228,64 @@ def _decode_kernel(
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
     table = tables_ptr + seq.to(tl.int64) * stride_tb
-    k_head = k_ptr + kv_head * stride_kh + dims[None, :]
-    v_head = v_ptr + kv_head * stride_vh + dims[None, :]
     offs = start + tl.arange(0, BLOCK_N)
     page = tl.load(table + offs // BLOCK_SIZE, mask=offs < end, other=0).to(tl.int64)
-    # Every tile holds at least one visible key, so the running max is finite after the first.
-    for n0 in range(start, end, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        key_ok = offs < end
-        slot = (offs % BLOCK_SIZE)[:, None]
-        mask = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_head + page[:, None] * stride_kb + slot * stride_kt, mask=mask, other=0.0)
-        v = tl.load(v_head + page[:, None] * stride_vb + slot * stride_vt, mask=mask, other=0.0)
-        if QUANT:
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
-        # Next step's page ids now (see the module docstring: keeps K/V off the indirect path).
-        nxt = offs + BLOCK_N
-        page = tl.load(table + nxt // BLOCK_SIZE, mask=nxt < end, other=0).to(tl.int64)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    if SWAP:
+        # Transposed (module docstring): K and V^T tiles are the MMAs' left operands, straight
+        # from registers; the group's queries and probabilities the small right ones.
+        q_t = tl.trans(q)
+        acc_t = tl.zeros([D_PAD, GROUP_PAD], tl.float32)
+        k_head = k_ptr + kv_head * stride_kh + dims[None, :]
+        v_head = v_ptr + kv_head * stride_vh + dims[:, None]
+        for n0 in range(start, end, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            key_ok = offs < end
+            slot = offs % BLOCK_SIZE
+            k = tl.load(k_head + page[:, None] * stride_kb + slot[:, None] * stride_kt,
+                        mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+            v_t = tl.load(v_head + page[None, :] * stride_vb + slot[None, :] * stride_vt,
+                          mask=dim_ok[:, None] & key_ok[None, :], other=0.0)
+            if QUANT:
+                k = k.to(q_t.dtype)
+                v_t = v_t.to(q_t.dtype)
+            nxt = offs + BLOCK_N
+            page = tl.load(table + nxt // BLOCK_SIZE, mask=nxt < end, other=0).to(tl.int64)
+            s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale
+            s_t = tl.where(key_ok[:, None], s_t, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s_t, 0))
+            alpha = tl.exp2(m_i - m_new)
+            p_t = tl.exp2(s_t - m_new[None, :])
+            l_i = l_i * alpha + tl.sum(p_t, 0)
+            acc_t = acc_t * alpha[None, :] + tl.dot(v_t, p_t.to(v_t.dtype), input_precision=PRECISION)
+            m_i = m_new
+        acc = tl.trans(acc_t)
+    else:
+        acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+        k_head = k_ptr + kv_head * stride_kh + dims[None, :]
+        v_head = v_ptr + kv_head * stride_vh + dims[None, :]
+        # Every tile holds at least one visible key, so the running max is finite after the first.
+        for n0 in range(start, end, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            key_ok = offs < end
+            slot = (offs % BLOCK_SIZE)[:, None]
+            mask = key_ok[:, None] & dim_ok[None, :]
+            k = tl.load(k_head + page[:, None] * stride_kb + slot * stride_kt, mask=mask, other=0.0)
+            v = tl.load(v_head + page[:, None] * stride_vb + slot * stride_vt, mask=mask, other=0.0)
+            if QUANT:
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
+            # Next step's page ids now (see the module docstring: keeps K/V off the indirect path).
+            nxt = offs + BLOCK_N
+            page = tl.load(table + nxt // BLOCK_SIZE, mask=nxt < end, other=0).to(tl.int64)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
 
     if QUANT:
         acc = acc * tl.load(v_scale_ptr + kv_head)
@@ -386,7 +423,7 @@ def paged_decode_attention(
         *((k_scale, v_scale) if quant else (context_lens, context_lens)),
         GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, HAS_WINDOW=sliding_window is not None,
-        SPLIT=split, PRECISION=_precision(q.dtype), QUANT=quant, PDL=not split and pdl.enabled(q.device),
+        SPLIT=split, PRECISION=_precision(q.dtype), QUANT=quant, PDL=not split and pdl.enabled(q.device), SWAP=bool(cfg.swap),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:

@@ -11,4 +11,5 @@ timeout 260 python3 benchmarks/decode_kernel_sweep.py --families fp8 --out $OUT 
 export SPLITSERVE_SKINNY_CONFIGS=$OUT/skinny_nvidia_h200.json
 mkdir -p $OUT/pdl_off
 SPLITSERVE_PDL=0 timeout 150 python3 benchmarks/fp8_perf.py --sections ceilings,weights --out $OUT/pdl_off > $OUT/fp8_perf_off.log 2>&1; echo "fp8 perf PDL off rc=$? at $(( $(date +%s) - start )) s"; grep -E "fp8_decode" $OUT/fp8_perf_off.log | tail -8
-timeout $(( 585 - ($(date +%s) - start) )) python3 benchmarks/fp8_perf.py --sections ceilings,weights --out $OUT > $OUT/fp8_perf_w.log 2>&1; echo "fp8 perf PDL on rc=$? at $(( $(date +%s) - start )) s"; grep -E "decode|prefill" $OUT/fp8_perf_w.log | tail -20
+timeout $(( 480 - ($(date +%s) - start) )) python3 benchmarks/fp8_perf.py --sections ceilings,weights --out $OUT > $OUT/fp8_perf_w.log 2>&1; echo "fp8 perf PDL on rc=$? at $(( $(date +%s) - start )) s"; grep -E "decode|prefill" $OUT/fp8_perf_w.log | tail -20
+mkdir -p $OUT/kv; timeout $(( 590 - ($(date +%s) - start) )) python3 benchmarks/fp8_perf.py --sections ceilings,kv --out $OUT/kv > $OUT/fp8_perf_kv.log 2>&1; echo "fp8 perf kv rc=$? at $(( $(date +%s) - start )) s"; grep -E "attention|blocks" $OUT/fp8_perf_kv.log | tail -24

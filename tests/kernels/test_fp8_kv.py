@@ -108,8 +108,10 @@ def test_triton_rotary_write_matches_reference(dtype):
 
 
 @pytest.mark.usefixtures("triton_interpreter")
-@pytest.mark.parametrize(("splits", "dtype"), [(1, torch.float32), (3, torch.float32), (3, torch.bfloat16)])
-def test_triton_decode_matches_reference(case, splits, dtype):
+@pytest.mark.parametrize(("splits", "dtype", "swap"), [(1, torch.float32, 0), (3, torch.float32, 0),
+                                                     (3, torch.bfloat16, 0), (3, torch.float32, 1),
+                                                     (1, torch.bfloat16, 1)])
+def test_triton_decode_matches_reference(case, splits, dtype, swap):
     from splitserve.kernels import attention_triton
     from splitserve.kernels.attention_triton import DecodeConfig
 
@@ -119,7 +121,8 @@ def test_triton_decode_matches_reference(case, splits, dtype):
     q = case["q"].to(dtype)  # the model's dtype; the cache stays FP8
     want = paged_decode_attention_ref(q, *case["caches"], tables, lens, D ** -0.5, **kw)
     got = attention_triton.paged_decode_attention(q, *case["caches"], tables, lens, D ** -0.5,
-                                                  num_splits=splits, cfg=DecodeConfig(block_n=4), **kw)
+                                                  num_splits=splits, cfg=DecodeConfig(block_n=16 if swap else 4, swap=swap),
+                                                  **kw)
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the reference rounds K/V to bf16 after scaling
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
