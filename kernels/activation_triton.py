@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from splitserve.kernels import pdl
-from splitserve.kernels.pdl import gdc_launch_dependents
+from splitserve.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 BLOCK = 1024
 
@@ -22,6 +22,8 @@ BLOCK = 1024
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_xt, stride_ot, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
     if PDL:  # the down projection after us may start loading its weights (`pdl.py`)
         gdc_launch_dependents()
+    if PDL == 2:  # launched early ourselves: wait for the kernel before
+        gdc_wait()
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n
@@ -44,7 +46,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     out2 = out.view(-1, n)
     if rows.shape[0]:
+        mode = pdl.mode(x.device)
         _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(n, BLOCK))](
-            rows, out2, rows.stride(0), out2.stride(0), n, BLOCK=BLOCK, PDL=pdl.enabled(x.device),
-            num_warps=4)
+            rows, out2, rows.stride(0), out2.stride(0), n, BLOCK=BLOCK, PDL=mode, num_warps=4,
+            **pdl.launch_kwargs(mode == 2))
     return out

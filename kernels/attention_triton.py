@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from splitserve.kernels import pdl
-from splitserve.kernels.pdl import gdc_launch_dependents
+from splitserve.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 LOG2E = 1.4426950408889634
 
@@ -197,8 +197,10 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SPLIT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr, SWAP: tl.constexpr,
 ):
-    if PDL:  # the output projection after us may start loading its weights (`pdl.py`)
+    if PDL:  # the output projection (or the merge) after us may start (`pdl.py`)
         gdc_launch_dependents()
+    if PDL == 2:  # launched early ourselves: wait for the kernel before
+        gdc_wait()
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     seq = tl.program_id(2)
@@ -311,6 +313,8 @@ def _decode_merge_kernel(
 ):
     if PDL:  # as in _decode_kernel
         gdc_launch_dependents()
+    if PDL == 2:
+        gdc_wait()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     base = (seq * tl.num_programs(1) + head).to(tl.int64) * num_splits
@@ -414,6 +418,7 @@ def paged_decode_attention(
         part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # unused
+    mode = pdl.mode(q.device)
     _decode_kernel[(num_kv_heads, num_splits, batch)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_ml,
         scale * LOG2E, sliding_window or 0, partition,
@@ -423,14 +428,15 @@ def paged_decode_attention(
         *((k_scale, v_scale) if quant else (context_lens, context_lens)),
         GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, HAS_WINDOW=sliding_window is not None,
-        SPLIT=split, PRECISION=_precision(q.dtype), QUANT=quant, PDL=not split and pdl.enabled(q.device), SWAP=bool(cfg.swap),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SPLIT=split, PRECISION=_precision(q.dtype), QUANT=quant, PDL=mode, SWAP=bool(cfg.swap),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_kwargs(mode == 2),
     )
     if split:
         _decode_merge_kernel[(batch, num_heads)](
             part_acc, part_ml, out, out.stride(0), out.stride(1), num_splits,
             # One lane count for every split count: a new value would compile a new kernel mid-serving.
-            HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT_BLOCK=16, PDL=pdl.enabled(q.device), num_warps=1,
+            HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT_BLOCK=16, PDL=mode, num_warps=1,
+            **pdl.launch_kwargs(mode == 2),
         )
     return out
 

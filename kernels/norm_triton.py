@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from splitserve.kernels import pdl
-from splitserve.kernels.pdl import gdc_launch_dependents
+from splitserve.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -24,6 +24,8 @@ def _rms_norm_kernel(
 ):
     if PDL:  # a linear after us may start loading its weights (`pdl.py`)
         gdc_launch_dependents()
+    if PDL == 2:  # launched early ourselves: nothing before the kernel before is done
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
@@ -54,10 +56,11 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     out2, sum2 = out.view(-1, hidden), summed.view(-1, hidden)
     if x2.shape[0]:
         block = triton.next_power_of_2(hidden)
+        mode = pdl.mode(x.device)
         _rms_norm_kernel[(x2.shape[0],)](
             x2, res2, weight, out2, sum2,
             x2.stride(0), res2.stride(0), out2.stride(0), sum2.stride(0), hidden, eps,
-            BLOCK=block, HAS_RESIDUAL=residual is not None, PDL=pdl.enabled(x.device),
+            BLOCK=block, HAS_RESIDUAL=residual is not None, PDL=mode, **pdl.launch_kwargs(mode == 2),
             num_warps=min(16, max(1, block // 256)),
         )
     return out, summed

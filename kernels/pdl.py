@@ -49,10 +49,12 @@ except ImportError:  # an older Triton: the kernels never take the PDL branches 
         pass
 
 
-#: "0" turns PDL off (an A/B switch for benchmarks, and a way out should a driver misbehave).
+#: "0" turns PDL off (an A/B switch for benchmarks, and a way out should a driver misbehave);
+#: "1" (the default) launches the skinny linears early, the kernels before them letting them;
+#: "2" launches the norm, SiLU and decode-attention kernels early too (`mode`).
 ENV = "SPLITSERVE_PDL"
 
-__all__ = ["AVAILABLE", "ENV", "enabled", "gdc_launch_dependents", "gdc_wait", "launch_kwargs"]
+__all__ = ["AVAILABLE", "ENV", "enabled", "gdc_launch_dependents", "gdc_wait", "launch_kwargs", "mode"]
 
 
 @cache
@@ -68,6 +70,16 @@ def enabled(device: torch.device) -> bool:
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def launch_kwargs(mode: int) -> dict:
-    """Triton launch options for a kernel taking a PDL mode (0 means an ordinary launch)."""
+def mode(device: torch.device) -> int:
+    """The PDL mode of a kernel that only lets the next start (norm, SiLU, decode attention):
+    0 none; 1 it triggers its dependents at its start; 2 it also is launched early itself and
+    waits (``SPLITSERVE_PDL=2``) before anything else."""
+    if not enabled(device):
+        return 0
+    return 2 if os.environ.get(ENV, "1") == "2" else 1
+
+
+def launch_kwargs(mode: int | bool) -> dict:
+    """Triton launch options for a kernel launched early (``mode`` truthy: a skinny-kernel PDL
+    mode, or True; for the `mode` kernels pass ``mode == 2``)."""
     return {"launch_pdl": True} if mode else {}
