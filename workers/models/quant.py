@@ -183,6 +183,9 @@ class Fp8LinearMethod:
         if self.config.prequantized:
             logger.info("a float weight in an FP8 checkpoint (not in its ignore list): quantized at load")
         layer.derived_shards.add((SCALE_PARAM, shard))
+        device = layer.weight.device
+        if device.type != "cpu":  # where the layer lives: an 8B model's slices in seconds, not host minutes
+            weight = _read_all(weight).to(device)
         return quantize(weight, self.scheme, self.block)
 
 
