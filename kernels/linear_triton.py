@@ -448,28 +448,29 @@ class _Scale:
         return cls(int(ScaleKind.BLOCK), scale, scale.stride(0), scale.stride(1), block)
 
 
-#: Arrival counts for in-kernel split-K reductions: one per column block, per (device,
-#: stream), zero between calls (the last program to arrive resets its count). Kernels on one
-#: stream run one after another, so a count is never shared by two calls in flight.
+#: Arrival counts for in-kernel split-K reductions: one per column block, per device, zero
+#: between calls (the last program to arrive resets its count). One buffer per device, not per
+#: stream: a CUDA graph is captured on a stream of its own, after warm-up calls on another, and
+#: must find the buffer those made. The engine runs a step's kernels on one stream, so two
+#: calls never hold the counts at once.
 LOCKS = 8192
-_locks: dict[tuple[int, int], torch.Tensor] = {}
+_locks: dict[int, torch.Tensor] = {}
 
 
 def _lock_buffer(device: torch.device, programs: int) -> torch.Tensor | None:
     """The counts for a launch of ``programs`` column blocks, or None when the two-launch
-    reduction must serve: too many blocks, or the first call on this stream is being captured
+    reduction must serve: too many blocks, or the first call on this device is being captured
     into a CUDA graph (a buffer made inside a capture would belong to the graph's pool)."""
     if programs > LOCKS:
         return None
     if device.type != "cuda":
         return torch.zeros(programs, dtype=torch.int32, device=device)  # the interpreter: per call
-    key = (device.index if device.index is not None else torch.cuda.current_device(),
-           torch.cuda.current_stream(device).cuda_stream)
-    locks = _locks.get(key)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    locks = _locks.get(index)
     if locks is None:
         if torch.cuda.is_current_stream_capturing():
             return None
-        locks = _locks[key] = torch.zeros(LOCKS, dtype=torch.int32, device=device)
+        locks = _locks[index] = torch.zeros(LOCKS, dtype=torch.int32, device=device)
     return locks
 
 
