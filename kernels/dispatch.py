@@ -194,14 +194,19 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 def apply_rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                               sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
-                              v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              v_scale: torch.Tensor | None = None,
+                              qk_norm: norm_ref.QKNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`apply_rotary`, then the rotated k and v stored at their slots (`write_kv_ref`; FP8
-    caches quantized with ``k_scale``/``v_scale`` [Hk]): one Triton launch on CUDA."""
+    caches quantized with ``k_scale``/``v_scale`` [Hk]): one Triton launch on CUDA. With
+    ``qk_norm`` (Qwen3) every q and k head is RMS-normalised before the rotation, in that same
+    launch; the reference runs `qk_norm_ref`, `apply_rotary_ref` and `write_kv_ref` in turn."""
     if use_triton(q):
         from splitserve.kernels import rotary_triton
 
         return rotary_triton.apply_rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping,
-                                                       k_scale, v_scale)
+                                                       k_scale, v_scale, qk_norm)
+    if qk_norm is not None:
+        q, k = norm_ref.qk_norm_ref(q, k, qk_norm)
     q, k = rotary_ref.apply_rotary_ref(q, k, cos, sin)
     attention_ref.write_kv_ref(k_cache, v_cache, k, v, slot_mapping, k_scale, v_scale)
     return q, k
