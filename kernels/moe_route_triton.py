@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import triton
@@ -299,10 +300,15 @@ def _counters(device: torch.device) -> torch.Tensor | None:
     return counts
 
 
+@cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: any small grid
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def router_triton(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool,
