@@ -15,6 +15,7 @@ The variable is read once, at the first call (`kernel_mode`; tests clear its cac
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Callable, Sequence
 from functools import cache
@@ -79,8 +80,10 @@ def upload(values: list, device: torch.device, dtype: torch.dtype = torch.long) 
 
 # ---- linear layers --------------------------------------------------------------------------
 
-#: Up to this many rows the MoE router's logits on CUDA are the skinny Triton kernel's
-#: (`linear_triton`); above it cuBLAS's.
+#: Up to this many rows the MoE router on CUDA is a Triton launch (`RouterPath`: the one-launch
+#: router, or the skinny kernel's logits and `route_triton`); above it cuBLAS's logits. The
+#: one-launch router takes up to 64 rows (`moe_route_triton.MAX_ROWS`); whether it pays past
+#: 16 is for benchmarks/router_bench.py to say.
 SKINNY_MAX_ROWS = 16
 
 
@@ -194,14 +197,19 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 def apply_rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                               sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
-                              v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              v_scale: torch.Tensor | None = None,
+                              qk_norm: norm_ref.QKNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`apply_rotary`, then the rotated k and v stored at their slots (`write_kv_ref`; FP8
-    caches quantized with ``k_scale``/``v_scale`` [Hk]): one Triton launch on CUDA."""
+    caches quantized with ``k_scale``/``v_scale`` [Hk]): one Triton launch on CUDA. With
+    ``qk_norm`` (Qwen3) every q and k head is RMS-normalised before the rotation, in that same
+    launch; the reference runs `qk_norm_ref`, `apply_rotary_ref` and `write_kv_ref` in turn."""
     if use_triton(q):
         from splitserve.kernels import rotary_triton
 
         return rotary_triton.apply_rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping,
-                                                       k_scale, v_scale)
+                                                       k_scale, v_scale, qk_norm)
+    if qk_norm is not None:
+        q, k = norm_ref.qk_norm_ref(q, k, qk_norm)
     q, k = rotary_ref.apply_rotary_ref(q, k, cos, sin)
     attention_ref.write_kv_ref(k_cache, v_cache, k, v, slot_mapping, k_scale, v_scale)
     return q, k
@@ -220,13 +228,27 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
     return moe_ref.route(router_logits, top_k, renormalize)
 
 
-def router(x: torch.Tensor, weight: torch.Tensor, top_k: int,
-           renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`route` of the router logits ``x weight^T``. A decode batch's few rows on CUDA: the
-    skinny kernel's float32 partial sums go to the router kernel, which adds them (two
-    launches for logits, softmax, top-k)."""
+class RouterPath(enum.Enum):
+    """How `router` computes a decode batch's routing on CUDA (at most SKINNY_MAX_ROWS rows)."""
+
+    #: One launch: logits, softmax, top-k (`moe_route_triton.router_triton`).
+    FUSED = "fused"
+    #: Two: the skinny kernel's float32 partial sums (`linear_triton.skinny_partials`), then
+    #: `route_triton`, which adds them. The path before the fused kernel, kept for comparison.
+    SKINNY_THEN_ROUTE = "skinny_then_route"
+
+
+def router(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool,
+           path: RouterPath = RouterPath.FUSED) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route` of the router logits ``x weight^T``. A decode batch's few rows on CUDA go through
+    ``path`` (both round the float32 logits to x's dtype, as a GEMM in it would); more rows, or
+    the reference: ``F.linear``, then `route`."""
     if _skinny(x):
-        from splitserve.kernels import linear_triton, moe_route_triton
+        from splitserve.kernels import moe_route_triton
+
+        if path is RouterPath.FUSED:
+            return moe_route_triton.router_triton(x, weight, top_k, renormalize)
+        from splitserve.kernels import linear_triton
 
         return moe_route_triton.route_triton(linear_triton.skinny_partials(x, weight), top_k, renormalize,
                                              logits_dtype=x.dtype)

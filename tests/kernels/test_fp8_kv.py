@@ -108,6 +108,42 @@ def test_triton_rotary_write_matches_reference(dtype):
 
 
 @pytest.mark.usefixtures("triton_interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_qk_norm_rotary_write_matches_the_references(dtype):
+    """Qwen3's per-head q/k RMSNorm in the same launch as the rotary and the quantizing write:
+    the references in turn (`qk_norm_ref`, `apply_rotary_ref`, `write_kv_ref`)."""
+    from splitserve.kernels import rotary_triton
+    from splitserve.kernels.norm import QKNorm, qk_norm_ref
+
+    g = gen(7)
+    t = 6
+    q = (torch.randn(t, HQ, D, generator=g) * 3).to(dtype)
+    k = (torch.randn(t, HK, D, generator=g) * 3).to(dtype)
+    v = (torch.randn(t, HK, D, generator=g) * 2).to(dtype)
+    norm = QKNorm((1 + 0.5 * torch.randn(D, generator=g)).to(dtype), (4 * torch.rand(D, generator=g)).to(dtype), 1e-6)
+    cos, sin = rope_cos_sin(RopeSpec(D, 10000.0), 32)
+    pos = torch.tensor([0, 3, 9, 17, 30, 1])
+    slots = torch.tensor([0, 5, 6, 13, 40, 47])
+    k_scale, v_scale = torch.tensor([0.013, 0.031]), torch.tensor([0.021, 0.0071])  # normed k saturates some
+    ref = [torch.zeros(NUM_BLOCKS, BS, HK, D, dtype=FP8) for _ in range(2)]
+    got = [torch.zeros(NUM_BLOCKS, BS, HK, D, dtype=FP8) for _ in range(2)]
+    rq, rk = qk_norm_ref(q, k, norm)
+    rq, rk = apply_rotary_ref(rq, rk, cos[pos], sin[pos])
+    write_kv_ref(*ref, rk, v, slots, k_scale, v_scale)
+    tq, tk = rotary_triton.apply_rotary_and_write_kv(q, k, v, cos[pos], sin[pos], *got, slots, k_scale, v_scale,
+                                                     qk_norm=norm)
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-2  # the sum of squares' order: one rounding at most
+    torch.testing.assert_close(tq, rq, rtol=tol, atol=tol)
+    torch.testing.assert_close(tk, rk, rtol=tol, atol=tol)
+    assert torch.equal(got[1].view(torch.uint8), ref[1].view(torch.uint8))  # v is not normalised
+    # e4m3 bytes: equal but where k landed a rounding away (then one e4m3 step at most).
+    deq = [dequantize_fp8(c, k_scale, 2, torch.float32) for c in (got[0], ref[0])]
+    torch.testing.assert_close(deq[0], deq[1], rtol=FP8_REL, atol=0)
+    assert (got[0].view(torch.uint8) == ref[0].view(torch.uint8)).float().mean() > 0.99
+    assert (deq[1].abs() == FP8_MAX * k_scale[:, None]).any()  # the saturating branch ran
+
+
+@pytest.mark.usefixtures("triton_interpreter")
 @pytest.mark.parametrize(("splits", "dtype", "swap"), [(1, torch.float32, 0), (3, torch.float32, 0),
                                                      (3, torch.bfloat16, 0), (3, torch.float32, 1),
                                                      (1, torch.bfloat16, 1)])

@@ -88,7 +88,7 @@ def test_dispatch_routes_few_rows_through_the_skinny_kernel_only(monkeypatch):
     dispatch.kernel_mode.cache_clear()
     try:
         x, w, _ = _inputs(17, 16, 32, torch.float32)
-        got = [dispatch.router(x[:rows], w, 2, False) for rows in (2, 17)]
+        got = [dispatch.router(x[:rows], w, 2, False, dispatch.RouterPath.SKINNY_THEN_ROUTE) for rows in (2, 17)]
     finally:
         dispatch.kernel_mode.cache_clear()
     assert calls == [(2, 32)]

@@ -32,6 +32,7 @@ from torch import nn
 
 from splitserve.kernels import dispatch as kernels
 from splitserve.kernels.attention import LayerKV
+from splitserve.kernels.norm import QKNorm
 from splitserve.kernels.rotary import rope_cos_sin
 from splitserve.workers.config import ModelConfig
 from splitserve.workers.models.attention import AttentionMetadata, PagedAttention
@@ -86,15 +87,16 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if hasattr(self, "q_norm"):  # per head, before RoPE, as Qwen3 does
-            q = self.q_norm(q.reshape(-1, self.head_dim))
-            k = self.k_norm(k.reshape(-1, self.head_dim))
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         layer = LayerKV(*kv_cache)
+        # Qwen3 normalises each q and k head before RoPE: done by the rotary launch itself
+        # (the modules only hold the weights), which saves the norms' own launches.
+        qk_norm = (QKNorm(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+                   if hasattr(self, "q_norm") else None)
         q, k = kernels.apply_rotary_and_write_kv(q, k, v, cos, sin, layer.k, layer.v, meta.slot_mapping,
-                                                 layer.k_scale, layer.v_scale)
+                                                 layer.k_scale, layer.v_scale, qk_norm)
         out = self.attn(q, k, v, kv_cache, meta)
         return self.o_proj(out.reshape(-1, self.q_size))
 
