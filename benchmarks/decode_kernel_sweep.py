@@ -225,9 +225,9 @@ def sweep_fp8(copy_bw: float, rows_list=(1, 16, 64)) -> tuple[list[dict], dict]:
                     timed(label, lambda q, b, c=cfg: run(q, c), cfg)
                 best = min(variants, key=lambda lbl: res[lbl]["us"])
                 if pdl.enabled(x.device):  # the best shape again, launched early (kernels/pdl.py)
-                    for mode in (1, 2):
-                        label = f"{best}_pdl{mode}"
-                        variants[label] = dataclasses.replace(variants[best], pdl=mode)
+                    for pdl_mode in (1, 2):
+                        label = f"{best}_pdl{pdl_mode}"
+                        variants[label] = dataclasses.replace(variants[best], pdl=pdl_mode)
                         timed(label, lambda q, b, c=variants[label]: run(q, c), variants[label])
                     best = min(variants, key=lambda lbl: res[lbl]["us"])
                 key = lt.tuned_key(mode, n, k, m)

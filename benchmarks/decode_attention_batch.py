@@ -1,0 +1,94 @@
+"""The paged decode kernel at a decode batch's shapes, CUDA-graph timed: split policy and step.
+
+`decode_attention_sweep.py` tunes the launch shape at batch 64 @ 4k with L2 flushed between
+calls; a served decode step at batch 64 @ 1k replays the kernel inside a graph, one layer's
+cache after another. This times it that way: one call per layer's cache (beyond L2), recorded
+into one CUDA graph (`decode_kernel_sweep.graph_time_s`), for each ``DecodeConfig`` spec given,
+at batch 64 and 1 over 1k tokens, Llama-3-8B's heads (32 / 8) and Qwen3-30B-A3B's (32 / 4), bf16
+and e4m3 caches. The floor is the cache's bytes at the copy bandwidth. Writes the best spec per
+(dtype, batch) and ``--best-out``: the spec that is best summed over all shapes.
+
+Usage (repository root, package on PYTHONPATH, one GPU):
+    python benchmarks/decode_attention_batch.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_meta  # noqa: E402
+from decode_kernel_sweep import copy_bandwidth, graph_time_s  # noqa: E402
+
+SPECS = ("", "programs_per_sm=4", "programs_per_sm=8", "programs_per_sm=16", "block_n=64,programs_per_sm=8",
+         "block_n=64,stages=3,programs_per_sm=8", "block_n=16,programs_per_sm=8")
+SHAPES = {"llama-3-8b": (32, 8), "qwen3-30b-a3b": (32, 4)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=results_meta.RESULTS_DIR)
+    p.add_argument("--best-out", type=Path, default=None, help="write the best spec overall here")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--specs", nargs="*", default=list(SPECS))
+    args = p.parse_args(argv)
+    import torch
+
+    from splitserve.kernels import attention_triton as at
+
+    now = datetime.now(timezone.utc)
+    report = results_meta.report_header("decode_attention_batch", __file__, sys.argv[1:] if argv is None else argv,
+                                        now, {"name": torch.cuda.get_device_name(), "torch": torch.__version__})
+    bw = copy_bandwidth()
+    report["copy_bandwidth_TBps"] = bw / 1e12
+    rows, totals = [], {spec: 0.0 for spec in args.specs}
+    d, bs, n = 128, 16, args.context
+    for model, (hq, hk) in SHAPES.items():
+        for batch in (64, 1):
+            for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+                per = n // bs
+                blocks = batch * per
+                layers = max(2, min(32, (512 << 20) // (2 * blocks * bs * hk * d * dtype.itemsize)))
+                g = torch.Generator(device="cuda").manual_seed(batch + hk)
+                caches = [(torch.randn(blocks, bs, hk, d, device="cuda", generator=g).to(dtype),
+                           torch.randn(blocks, bs, hk, d, device="cuda", generator=g).to(dtype)) for _ in range(layers)]
+                tables = torch.randperm(blocks, device="cuda", generator=g).view(batch, per)
+                lens = torch.full((batch,), n, device="cuda", dtype=torch.int64)
+                q = torch.randn(batch, hq, d, device="cuda", generator=g).to(torch.bfloat16)
+                scales = {}
+                if dtype != torch.bfloat16:
+                    scales = {"k_scale": torch.full((hk,), 0.5, device="cuda"),
+                              "v_scale": torch.full((hk,), 0.25, device="cuda")}
+                floor = 2 * batch * n * hk * d * dtype.itemsize / bw
+                res = {}
+                for spec in args.specs:
+                    cfg = at.DecodeConfig.parse(spec, at.DecodeConfig()) if spec else at.DecodeConfig()
+                    t = graph_time_s([lambda kc=kc, vc=vc, c=cfg: at.paged_decode_attention(
+                        q, kc, vc, tables, lens, d**-0.5, cfg=c, **scales) for kc, vc in caches])
+                    res[spec or "default"] = {"us": 1e6 * t, "vs_floor": t / floor}
+                    totals[spec] += t / floor
+                best = min(res, key=lambda s: res[s]["us"])
+                label = "bf16" if dtype == torch.bfloat16 else "fp8"
+                rows.append({"model": model, "batch": batch, "context": n, "kv": label, "floor_us": 1e6 * floor,
+                             "best": best, "variants": res})
+                print(f"{model:14s} b{batch:<3d} {label:4s} floor {1e6 * floor:7.2f} us  default "
+                      f"{res['default']['us']:7.2f}  best {best} {res[best]['us']:7.2f} "
+                      f"({res[best]['vs_floor']:.2f}x)", flush=True)
+                del caches
+    report["rows"] = rows
+    report["best_overall"] = min(totals, key=totals.get)
+    out = args.out / f"decode_attention_batch_{results_meta.slug(report['device']['name'])}_{now:%Y-%m-%dT%H%M}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"best overall: {report['best_overall'] or 'default'}; wrote {out}")
+    if args.best_out:
+        args.best_out.write_text(report["best_overall"])
+    return report
+
+
+if __name__ == "__main__":
+    main()
