@@ -231,15 +231,17 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
 class RouterPath(enum.Enum):
     """How `router` computes a decode batch's routing on CUDA (at most SKINNY_MAX_ROWS rows)."""
 
-    #: One launch: logits, softmax, top-k (`moe_route_triton.router_triton`).
+    #: One launch: logits, softmax, top-k (`moe_route_triton.router_triton`). Slower on an H200
+    #: (benchmarks/router_bench.py, 2026-12-03: 6.05 against 5.54 us at one row, 19.6 against
+    #: 5.9 at 64: its last program's serial finish costs more than a launch), kept to compare.
     FUSED = "fused"
     #: Two: the skinny kernel's float32 partial sums (`linear_triton.skinny_partials`), then
-    #: `route_triton`, which adds them. The path before the fused kernel, kept for comparison.
+    #: `route_triton`, which adds them. The default, from that measurement.
     SKINNY_THEN_ROUTE = "skinny_then_route"
 
 
 def router(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool,
-           path: RouterPath = RouterPath.FUSED) -> tuple[torch.Tensor, torch.Tensor]:
+           path: RouterPath = RouterPath.SKINNY_THEN_ROUTE) -> tuple[torch.Tensor, torch.Tensor]:
     """`route` of the router logits ``x weight^T``. A decode batch's few rows on CUDA go through
     ``path`` (both round the float32 logits to x's dtype, as a GEMM in it would); more rows, or
     the reference: ``F.linear``, then `route`."""

@@ -259,3 +259,24 @@ def test_gated_refuses_an_odd_weight_a_bias_and_a_split_scale_block():
     with pytest.raises(ValueError, match="scale block"):
         skinny_linear(x, w8, config=SkinnyConfig(block_n=16, block_k=64), scale=torch.ones(3, 1),
                       scale_block=(32, 64), gated=True)
+
+
+def test_the_shipped_tuned_tables_load_and_name_real_modes():
+    import json
+
+    from splitserve.kernels import linear_triton as lt
+
+    files = sorted(lt.TUNED_DIR.glob("skinny_*.json"))
+    assert files, "kernels/configs ships at least the H200's table"
+    for path in files:
+        device = json.loads(path.read_text())["device"]["name"]
+        assert lt.tuned_file(device) == path
+        lt.tuned_configs.cache_clear()
+        table = lt.tuned_configs(device)
+        assert table
+        for key, entry in table.items():
+            mode, shape, rows = key.split(":")
+            lt.SkinnyMode(mode)
+            assert int(rows.removeprefix("m")) in lt.TUNED_ROWS and "x" in shape
+            assert entry.config.pdl in (0, 1, 2)
+    lt.tuned_configs.cache_clear()
