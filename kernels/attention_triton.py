@@ -172,7 +172,8 @@ class DecodeConfig:
 
     def spec(self) -> str:
         return (f"block_n={self.block_n},warps={self.num_warps},stages={self.num_stages},"
-                f"min_partition={self.min_partition},programs_per_sm={self.programs_per_sm},swap={self.swap}")
+                f"min_partition={self.min_partition},programs_per_sm={self.programs_per_sm}"
+                + (f",swap={self.swap}" if self.swap else ""))  # specs written before the field read alike
 
 
 #: The built-in default: the config expected to be fastest on an H100/H200 (see the sweep).
