@@ -463,15 +463,22 @@ def _lock_buffer(device: torch.device, programs: int) -> torch.Tensor | None:
     into a CUDA graph (a buffer made inside a capture would belong to the graph's pool)."""
     if programs > LOCKS:
         return None
+    return arrival_counts(_locks, device, LOCKS)
+
+
+def arrival_counts(store: dict[int, torch.Tensor], device: torch.device, size: int) -> torch.Tensor | None:
+    """``size`` zeroed int32 counts kept in ``store`` per device (made on the first eager call;
+    None if that call is being captured into a CUDA graph, whose pool would own the buffer).
+    On the CPU interpreter, fresh zeros per call."""
     if device.type != "cuda":
-        return torch.zeros(programs, dtype=torch.int32, device=device)  # the interpreter: per call
+        return torch.zeros(size, dtype=torch.int32, device=device)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    locks = _locks.get(index)
-    if locks is None:
+    counts = store.get(index)
+    if counts is None:
         if torch.cuda.is_current_stream_capturing():
             return None
-        locks = _locks[index] = torch.zeros(LOCKS, dtype=torch.int32, device=device)
-    return locks
+        counts = store[index] = torch.zeros(size, dtype=torch.int32, device=device)
+    return counts
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None,

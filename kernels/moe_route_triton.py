@@ -289,15 +289,9 @@ def _counters(device: torch.device) -> torch.Tensor | None:
     being captured into a CUDA graph (a buffer made there would belong to the graph's pool).
     One buffer per device, not per stream: the engine warms its graphs up on other streams
     than it captures on, and one launch at a time uses it (see the module docstring)."""
-    if device.type != "cuda":
-        return torch.zeros(COUNTERS, dtype=torch.int32, device=device)  # the interpreter: per call
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    counts = _counts.get(index)
-    if counts is None:
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        counts = _counts[index] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
-    return counts
+    from splitserve.kernels.linear_triton import arrival_counts
+
+    return arrival_counts(_counts, device, COUNTERS)
 
 
 @cache
