@@ -6,7 +6,9 @@ cache after another. This times it that way: one call per layer's cache (beyond 
 into one CUDA graph (`decode_kernel_sweep.graph_time_s`), for each ``DecodeConfig`` spec given,
 at batch 64 and 1 over 1k tokens, Llama-3-8B's heads (32 / 8) and Qwen3-30B-A3B's (32 / 4), bf16
 and e4m3 caches. The floor is the cache's bytes at the copy bandwidth. Writes the best spec per
-(dtype, batch) and ``--best-out``: the spec that is best summed over all shapes.
+(dtype, batch), ``--best-out``: the spec that is best summed over all shapes, and
+``--best-bf16-out`` / ``--best-fp8-out``: the best over one cache dtype's shapes (the kernel has
+a default per cache dtype, `attention_triton.DECODE` and ``DECODE_FP8``).
 
 Usage (repository root, package on PYTHONPATH, one GPU):
     python benchmarks/decode_attention_batch.py --out benchmarks/results
@@ -24,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_meta  # noqa: E402
 from decode_kernel_sweep import copy_bandwidth, graph_time_s  # noqa: E402
 
-SPECS = ("", "programs_per_sm=4", "programs_per_sm=8", "programs_per_sm=16", "block_n=64,programs_per_sm=8",
-         "block_n=64,stages=3,programs_per_sm=8", "block_n=16,programs_per_sm=8")
+SPECS = ("", "prefetch=1", "prefetch=1,block_n=64", "prefetch=1,block_n=64,warps=8", "prefetch=1,warps=8",
+         "prefetch=1,programs_per_sm=4", "block_n=64,stages=3", "block_n=64,stages=3,warps=8")
 SHAPES = {"llama-3-8b": (32, 8), "qwen3-30b-a3b": (32, 4)}
 
 
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=results_meta.RESULTS_DIR)
     p.add_argument("--best-out", type=Path, default=None, help="write the best spec overall here")
+    p.add_argument("--best-bf16-out", type=Path, default=None, help="write the best spec over bf16 caches here")
+    p.add_argument("--best-fp8-out", type=Path, default=None, help="write the best spec over FP8 caches here")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--specs", nargs="*", default=list(SPECS))
     args = p.parse_args(argv)
@@ -45,7 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
                                         now, {"name": torch.cuda.get_device_name(), "torch": torch.__version__})
     bw = copy_bandwidth()
     report["copy_bandwidth_TBps"] = bw / 1e12
-    rows, totals = [], {spec: 0.0 for spec in args.specs}
+    rows = []
+    totals = {kv: {spec: 0.0 for spec in args.specs} for kv in ("bf16", "fp8")}
     d, bs, n = 128, 16, args.context
     for model, (hq, hk) in SHAPES.items():
         for batch in (64, 1):
@@ -65,14 +70,14 @@ def main(argv: list[str] | None = None) -> dict:
                               "v_scale": torch.full((hk,), 0.25, device="cuda")}
                 floor = 2 * batch * n * hk * d * dtype.itemsize / bw
                 res = {}
+                label = "bf16" if dtype == torch.bfloat16 else "fp8"
                 for spec in args.specs:
                     cfg = at.DecodeConfig.parse(spec, at.DecodeConfig()) if spec else at.DecodeConfig()
                     t = graph_time_s([lambda kc=kc, vc=vc, c=cfg: at.paged_decode_attention(
                         q, kc, vc, tables, lens, d**-0.5, cfg=c, **scales) for kc, vc in caches])
                     res[spec or "default"] = {"us": 1e6 * t, "vs_floor": t / floor}
-                    totals[spec] += t / floor
+                    totals[label][spec] += t / floor
                 best = min(res, key=lambda s: res[s]["us"])
-                label = "bf16" if dtype == torch.bfloat16 else "fp8"
                 rows.append({"model": model, "batch": batch, "context": n, "kv": label, "floor_us": 1e6 * floor,
                              "best": best, "variants": res})
                 print(f"{model:14s} b{batch:<3d} {label:4s} floor {1e6 * floor:7.2f} us  default "
@@ -80,13 +85,17 @@ def main(argv: list[str] | None = None) -> dict:
                       f"({res[best]['vs_floor']:.2f}x)", flush=True)
                 del caches
     report["rows"] = rows
-    report["best_overall"] = min(totals, key=totals.get)
+    overall = {spec: totals["bf16"][spec] + totals["fp8"][spec] for spec in args.specs}
+    report["best_overall"] = min(overall, key=overall.get)
+    report["best_by_kv"] = {kv: min(t, key=t.get) for kv, t in totals.items()}
     out = args.out / f"decode_attention_batch_{results_meta.slug(report['device']['name'])}_{now:%Y-%m-%dT%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    print(f"best overall: {report['best_overall'] or 'default'}; wrote {out}")
-    if args.best_out:
-        args.best_out.write_text(report["best_overall"])
+    print(f"best overall: {report['best_overall'] or 'default'}; by cache dtype: {report['best_by_kv']}; wrote {out}")
+    for path, spec in ((args.best_out, report["best_overall"]), (args.best_bf16_out, report["best_by_kv"]["bf16"]),
+                       (args.best_fp8_out, report["best_by_kv"]["fp8"])):
+        if path:
+            path.write_text(spec)
     return report
 
 

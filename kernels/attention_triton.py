@@ -21,7 +21,8 @@ serialises load and compute). Long contexts, and batches too small to fill the G
 into splits ("flash-decoding"); each split writes its unnormalised partial output with its
 running max and sum, and a second kernel merges them. With one split the first kernel writes
 the output directly. The launch shape (`DecodeConfig`) is tuned by
-``benchmarks/decode_attention_sweep.py``; ``SPLITSERVE_DECODE_CONFIG`` overrides the default.
+``benchmarks/decode_attention_sweep.py`` (FP8 caches have their own, `DECODE_FP8`);
+``SPLITSERVE_DECODE_CONFIG`` (and ``SPLITSERVE_DECODE_CONFIG_FP8``) override the defaults.
 
 Prefill (`paged_prefill_attention_ragged`): every prefill chunk of a step in one launch. One
 program per (query tile, sequence, query head); the chunk's queries sit at absolute positions
@@ -137,11 +138,15 @@ class DecodeConfig:
     #: loop reached 0.35-0.39 of copy bandwidth over an FP8 cache against 0.39-0.49, and
     #: 0.46-0.73 against 0.57-0.75 over bf16.
     swap: int = 0
+    #: 1: load the next loop step's K/V tiles into registers before computing this step's
+    #: (the kernel's comment says why), 0: load and use each step's in turn. Not with ``swap``.
+    prefetch: int = 0
 
     #: Spec keys -> fields (the short names first, as `spec` writes them).
     KEYS: ClassVar[dict[str, str]] = {
         "block_n": "block_n", "warps": "num_warps", "stages": "num_stages", "min_partition": "min_partition",
-        "programs_per_sm": "programs_per_sm", "swap": "swap", "num_warps": "num_warps", "num_stages": "num_stages",
+        "programs_per_sm": "programs_per_sm", "swap": "swap", "prefetch": "prefetch", "num_warps": "num_warps",
+        "num_stages": "num_stages",
     }
 
     def __post_init__(self) -> None:
@@ -152,6 +157,8 @@ class DecodeConfig:
         for name in ("num_stages", "min_partition", "programs_per_sm"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DecodeConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.swap and self.prefetch:
+            raise ValueError("DecodeConfig: prefetch is built for the untransposed loop, not with swap")
 
     @classmethod
     def parse(cls, spec: str, base: "DecodeConfig | None" = None) -> "DecodeConfig":
@@ -173,19 +180,29 @@ class DecodeConfig:
     def spec(self) -> str:
         return (f"block_n={self.block_n},warps={self.num_warps},stages={self.num_stages},"
                 f"min_partition={self.min_partition},programs_per_sm={self.programs_per_sm}"
-                + (f",swap={self.swap}" if self.swap else ""))  # specs written before the field read alike
+                # fields added later are named only when set, so older specs read alike
+                + (f",swap={self.swap}" if self.swap else "") + (f",prefetch={self.prefetch}" if self.prefetch else ""))
 
 
 #: The built-in default: the config expected to be fastest on an H100/H200 (see the sweep).
 DECODE = DecodeConfig()
+#: The default over an FP8 cache, whose loop steps move half the bytes.
+DECODE_FP8 = DecodeConfig()
+#: Replaces fields for FP8 caches only, after ``SPLITSERVE_DECODE_CONFIG``.
+DECODE_CONFIG_FP8_ENV = "SPLITSERVE_DECODE_CONFIG_FP8"
 
 
 @cache
-def default_decode_config() -> DecodeConfig:
-    """`DECODE`, with the fields ``SPLITSERVE_DECODE_CONFIG`` names replaced (read once; tests
-    clear the cache)."""
-    spec = os.environ.get(DECODE_CONFIG_ENV, "").strip()
-    return DecodeConfig.parse(spec, DECODE) if spec else DECODE
+def default_decode_config(fp8: bool = False) -> DecodeConfig:
+    """`DECODE` (`DECODE_FP8` for an FP8 cache), with the fields ``SPLITSERVE_DECODE_CONFIG``
+    names replaced, then for FP8 those ``SPLITSERVE_DECODE_CONFIG_FP8`` names (read once;
+    tests clear the cache)."""
+    cfg = DECODE_FP8 if fp8 else DECODE
+    for env in (DECODE_CONFIG_ENV, DECODE_CONFIG_FP8_ENV) if fp8 else (DECODE_CONFIG_ENV,):
+        spec = os.environ.get(env, "").strip()
+        if spec:
+            cfg = DecodeConfig.parse(spec, cfg)
+    return cfg
 
 
 # Arguments that change from call to call are not specialised on (divisible by 16, equal to 1):
@@ -200,6 +217,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SPLIT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr, SWAP: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     if PDL:  # the output projection (or the merge) after us may start (`pdl.py`)
         gdc_launch_dependents()
@@ -266,6 +284,44 @@ def _decode_kernel(
             acc_t = acc_t * alpha[None, :] + tl.dot(v_t, p_t.to(v_t.dtype), input_precision=PRECISION)
             m_i = m_new
         acc = tl.trans(acc_t)
+    elif PREFETCH:
+        # The next step's K/V tiles are loaded into registers before this step's are used
+        # (`DecodeConfig.prefetch`): Triton leaves this loop unpipelined (its K/V addresses come
+        # from a load), so without it each step waits out a whole memory round trip with only its
+        # own tile in flight -- half as many bytes for an FP8 cache as for bf16. The page ids run
+        # two steps ahead.
+        acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+        k_head = k_ptr + kv_head * stride_kh + dims[None, :]
+        v_head = v_ptr + kv_head * stride_vh + dims[None, :]
+        mask = (offs < end)[:, None] & dim_ok[None, :]
+        slot = (offs % BLOCK_SIZE)[:, None]
+        k_nxt = tl.load(k_head + page[:, None] * stride_kb + slot * stride_kt, mask=mask, other=0.0)
+        v_nxt = tl.load(v_head + page[:, None] * stride_vb + slot * stride_vt, mask=mask, other=0.0)
+        nxt = offs + BLOCK_N
+        page = tl.load(table + nxt // BLOCK_SIZE, mask=nxt < end, other=0).to(tl.int64)
+        for n0 in range(start, end, BLOCK_N):
+            k = k_nxt
+            v = v_nxt
+            offs = n0 + tl.arange(0, BLOCK_N)
+            key_ok = offs < end
+            nxt = offs + BLOCK_N
+            mask = (nxt < end)[:, None] & dim_ok[None, :]
+            slot = (nxt % BLOCK_SIZE)[:, None]
+            k_nxt = tl.load(k_head + page[:, None] * stride_kb + slot * stride_kt, mask=mask, other=0.0)
+            v_nxt = tl.load(v_head + page[:, None] * stride_vb + slot * stride_vt, mask=mask, other=0.0)
+            after = nxt + BLOCK_N
+            page = tl.load(table + after // BLOCK_SIZE, mask=after < end, other=0).to(tl.int64)
+            if QUANT:
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
     else:
         acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
         k_head = k_ptr + kv_head * stride_kh + dims[None, :]
@@ -396,7 +452,7 @@ def paged_decode_attention(
     in place. ``num_splits`` overrides the context-split heuristic (tests, tuning); ``cfg``
     the launch shape (default: `default_decode_config`); ``k_scale``/``v_scale``: an FP8
     cache's float32 [Hk] scales."""
-    cfg = cfg or default_decode_config()
+    cfg = cfg or default_decode_config(k_cache.dtype == torch.float8_e4m3fn)
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     if out is None:
@@ -433,6 +489,7 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, HAS_WINDOW=sliding_window is not None,
         SPLIT=split, PRECISION=_precision(q.dtype), QUANT=quant, PDL=mode, SWAP=bool(cfg.swap),
+        PREFETCH=bool(cfg.prefetch),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_kwargs(mode == 2),
     )
     if split:
