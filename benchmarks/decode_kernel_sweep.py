@@ -147,21 +147,22 @@ def fp8_variants(mode, n: int, k: int, sms: int, rows: int, shortlist: set | Non
             label = f"{'swap' if swap else 'xa'}_n{bn}_k{bk}_s{split}"
             out[label] = lt.SkinnyConfig(block_n=bn, block_k=bk, split_k=split, num_stages=3, dot_f16=not w8a8,
                                          swap_ab=swap)
-            if w8a8 and swap and bn == 128:  # 64 rows: a 128 x 64 tile per step, more warps to issue it
+            if (w8a8 or rows > 16) and swap and bn == 128:  # 64 rows: a 128 x 64 tile per step, more warps
                 out[label + "_w8"] = dataclasses.replace(out[label], num_warps=8)
     if rows > 1 and shortlist is not None:  # the full sweep at one row (and at 64, W8A8's own)
         out = {label: cfg for label, cfg in out.items() if label in shortlist or label.startswith("default")}
     return out
 
 
-def sweep_fp8(copy_bw: float, rows_list=(1, 16, 64)) -> tuple[list[dict], dict]:
+def sweep_fp8(copy_bw: float, rows_list=(1, 16, 64), weight_only_rows=(64,)) -> tuple[list[dict], dict]:
     """FP8 (e4m3, per-channel scales) weights at Llama-3-8B's matrices, each mode as
     `dispatch.fp8_linear` runs it (weight-only to 16 rows: e4m3 tiles widened to float16; W8A8
-    from 17 to 64: x quantized per token first, that launch counted), and gate | up with the
-    SiLU in the epilogue against the two launches it replaces; ``_scaled_mm`` and bf16 cuBLAS
-    for reference. The floor is the e4m3 weight's bytes at the copy bandwidth. Returns (rows,
-    the tuned table: the fastest launch shape of each (mode, matrix, rows), the format
-    `linear_triton.tuned_configs` reads)."""
+    from 17 to 64: x quantized per token first, that launch counted; weight-only also at the
+    ``weight_only_rows`` past 16, which `linear_triton.weight_only_pays` weighs against W8A8),
+    and gate | up with the SiLU in the epilogue against the two launches it replaces;
+    ``_scaled_mm`` and bf16 cuBLAS for reference. The floor is the e4m3 weight's bytes at the
+    copy bandwidth. Returns (rows, the tuned table: the fastest launch shape of each (mode,
+    matrix, rows), the format `linear_triton.tuned_configs` reads)."""
     import torch
     import torch.nn.functional as F
 
@@ -181,9 +182,10 @@ def sweep_fp8(copy_bw: float, rows_list=(1, 16, 64)) -> tuple[list[dict], dict]:
         floor = n * k / copy_bw
         for m in rows_list:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            modes = [lt.SkinnyMode.W8A8 if m > 16 else lt.SkinnyMode.WEIGHT_ONLY]
-            if name == "gate_up":
-                modes.append(lt.SkinnyMode.W8A8_GATED if m > 16 else lt.SkinnyMode.WEIGHT_ONLY_GATED)
+            kinds = [m > 16] + ([False] if m > 16 and m in weight_only_rows else [])  # W8A8 or not
+            modes = [lt.SkinnyMode.of(w8, False) for w8 in kinds]
+            if name == "gate_up":  # after the plain modes: the gated ones are weighed against them
+                modes += [lt.SkinnyMode.of(w8, True) for w8 in kinds]
             for mode in modes:
                 w8a8 = mode in (lt.SkinnyMode.W8A8, lt.SkinnyMode.W8A8_GATED)
                 gated = mode in (lt.SkinnyMode.WEIGHT_ONLY_GATED, lt.SkinnyMode.W8A8_GATED)
@@ -322,6 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=results_meta.RESULTS_DIR)
     p.add_argument("--families", default="linear,align,attention")
+    p.add_argument("--fp8-rows", default="1,16,64",
+                   help="fp8: the row counts to sweep; fewer than all update the shipped table's other entries")
     args = p.parse_args(argv)
     import torch
 
@@ -337,12 +341,19 @@ def main(argv: list[str] | None = None) -> dict:
     if "attention" in families:
         report["attention"] = sweep_attention()
     if "fp8" in families:
-        report["fp8"], table = sweep_fp8(report["copy_bandwidth_TBps"] * 1e12)
+        from splitserve.kernels import linear_triton as lt
+
+        rows = tuple(int(r) for r in args.fp8_rows.split(","))
+        report["fp8"], table = sweep_fp8(report["copy_bandwidth_TBps"] * 1e12, rows)
         # The tuned table, in the form kernels/configs/ ships (linear_triton.tuned_configs).
-        tuned = args.out / f"skinny_{report['device']['name'].lower().replace(' ', '_')}.json"
+        meta = {k: report[k] for k in ("benchmark", "command", "date", "git_commit", "device")}
+        shipped = lt.tuned_file(report["device"]["name"])
+        if set(rows) != set(lt.TUNED_ROWS) and shipped.is_file():  # a partial sweep: the others as shipped
+            table = json.loads(shipped.read_text())["configs"] | table
+            meta["note"] = f"rows {args.fp8_rows} swept on {now:%Y-%m-%d}; the other entries from the shipped table"
+        tuned = args.out / shipped.name
         tuned.parent.mkdir(parents=True, exist_ok=True)
-        tuned.write_text(json.dumps({k: report[k] for k in ("benchmark", "command", "date", "git_commit", "device")}
-                                    | {"copy_bandwidth_TBps": report["copy_bandwidth_TBps"], "configs": table},
+        tuned.write_text(json.dumps(meta | {"copy_bandwidth_TBps": report["copy_bandwidth_TBps"], "configs": table},
                                     indent=1))
         print(f"wrote {tuned}")
     out = args.out / f"decode_kernel_sweep_{results_meta.slug(report['device']['name'])}_{now:%Y-%m-%dT%H%M}.json"

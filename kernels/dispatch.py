@@ -291,6 +291,8 @@ def fp8_linear(x: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor | 
       (benchmarks/decode_kernel_sweep.py --families fp8; `linear_triton.fp8_skinny_config`);
     - M <= FP8_SKINNY_W8A8_MAX_M with per-row scales: the skinny kernel as W8A8 (activations
       quantized per token first, e4m3 x e4m3 products), faster than ``_scaled_mm`` at 64 rows;
+      or weight-only where the GPU's tuned table measured it faster than that
+      (`linear_triton.weight_only_pays`);
     - larger M, block scales: the block-scaled W8A8 Triton kernel;
     - larger M, per-channel / per-tensor scales: ``torch._scaled_mm`` with rowwise scales."""
     if not use_triton(x):
@@ -333,11 +335,14 @@ def _fp8_skinny(x2: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor 
     n = weight.data.shape[0]
     block = weight.block if weight.scheme is fp8_ref.Fp8Scheme.BLOCK else None
     device = linear_triton.device_name(x2.device)
-    w8a8 = m > FP8_WEIGHT_ONLY_MAX_M
+    # Past 16 rows W8A8, unless this GPU's tuned table measured weight-only faster at these rows
+    # (it then also skips the activations' quantization launch).
+    w8a8 = m > FP8_WEIGHT_ONLY_MAX_M and not (
+        block is None and m <= FP8_SKINNY_W8A8_MAX_M and linear_triton.weight_only_pays(n, k, m, gated, device))
     if gated and ((block is not None and (n // 2) % block[0])  # the up half would start inside a scale block
                   or not linear_triton.gated_pays(n, k, m, w8a8, device)):
         return None
-    if 0 < m <= FP8_WEIGHT_ONLY_MAX_M:
+    if 0 < m <= FP8_WEIGHT_ONLY_MAX_M or (not w8a8 and 0 < m <= FP8_SKINNY_W8A8_MAX_M):
         cfg = linear_triton.fp8_skinny_config(n, k, linear_triton.sms(x2.device), block, rows=m, gated=gated,
                                               device=device)
         return linear_triton.skinny_linear(x2, weight.data, bias, cfg, scale=weight.scale, scale_block=block,

@@ -168,6 +168,9 @@ class TunedEntry:
 
     config: SkinnyConfig
     fused: bool = True
+    #: Measured microseconds of what this entry runs (for a gated mode not ``fused``: the plain
+    #: launch and the SiLU's), W8A8's including the activations' quantization; None if unknown.
+    us: float | None = None
 
 
 @cache
@@ -177,8 +180,27 @@ def tuned_configs(device_name: str) -> dict[str, TunedEntry]:
     path = Path(os.environ.get(TUNED_ENV) or tuned_file(device_name))
     if not path.is_file():
         return {}
-    return {key: TunedEntry(SkinnyConfig(**entry["config"]), entry.get("fused", True))
-            for key, entry in json.loads(path.read_text())["configs"].items()}
+    entries = {}
+    for key, entry in json.loads(path.read_text())["configs"].items():
+        fused = entry.get("fused", True)
+        us = entry.get("us") if fused else entry.get("plain_then_silu_us")
+        entries[key] = TunedEntry(SkinnyConfig(**entry["config"]), fused, us)
+    return entries
+
+
+def weight_only_pays(n: int, k: int, rows: int, gated: bool, device: str | None) -> bool:
+    """Whether, past 16 rows, the weight-only launch (activations as they are) beats W8A8
+    (activations quantized per token first, one more launch): only where the tuned table
+    measured both at this row count and weight-only was faster; otherwise W8A8, the choice
+    before the tables measured weight-only past 16 rows."""
+    if device is None or rows <= 16:
+        return False
+    table = tuned_configs(device)
+    wo = table.get(tuned_key(SkinnyMode.of(False, gated), n, k, rows))
+    w8 = table.get(tuned_key(SkinnyMode.of(True, gated), n, k, rows))
+    if wo is None or w8 is None or wo.us is None or w8.us is None:
+        return False
+    return wo.us < w8.us
 
 
 def gated_pays(n: int, k: int, rows: int, w8a8: bool, device: str | None) -> bool:

@@ -209,5 +209,48 @@ def test_a_tuned_table_picks_the_launch_shape_and_whether_gating_pays(tmp_path, 
         assert lt.fp8_skinny_config(256, 512, 132, block=(32, 128), rows=1, device="GPU") != swap  # 64 rows > block
         assert lt.gated_pays(256, 512, 9, False, "GPU") and not lt.gated_pays(256, 512, 64, True, "GPU")
         assert not lt.gated_pays(256, 512, 1, False, "GPU")  # not in the table: the default (W8A8 only)
+        assert not lt.weight_only_pays(256, 512, 64, False, "GPU")  # no times measured: W8A8 as before
     finally:
         lt.tuned_configs.cache_clear()
+
+
+@pytest.mark.parametrize("wo_us,path", [(30.0, "skinny_linear"), (40.0, "skinny_w8a8")])
+def test_past_16_rows_weight_only_runs_where_the_table_measured_it_faster(tmp_path, monkeypatch, wo_us, path):
+    """Weight-only past 16 rows (no quantization launch) only where this GPU's table timed it
+    under W8A8 (whose time includes that launch); gated entries weigh the SiLU's launch too."""
+    import json
+
+    from splitserve.kernels import fp8_triton
+    from splitserve.kernels import linear_triton as lt
+
+    cfg = lt.SkinnyConfig(block_n=16, block_k=64, split_k=1).__dict__
+    table = {lt.tuned_key(lt.SkinnyMode.WEIGHT_ONLY, 32, 128, 64): {"config": cfg, "us": wo_us},
+             lt.tuned_key(lt.SkinnyMode.W8A8, 32, 128, 64): {"config": cfg, "us": 35.0},
+             lt.tuned_key(lt.SkinnyMode.WEIGHT_ONLY_GATED, 32, 128, 64): {"config": cfg, "us": 20.0, "fused": False,
+                                                                          "plain_then_silu_us": 50.0},
+             lt.tuned_key(lt.SkinnyMode.W8A8_GATED, 32, 128, 64): {"config": cfg, "us": 45.0}}
+    file = tmp_path / "skinny.json"
+    file.write_text(json.dumps({"configs": table}))
+    monkeypatch.setenv(lt.TUNED_ENV, str(file))
+    calls = []
+    real = lt.skinny_linear
+    monkeypatch.setattr(lt, "skinny_linear", lambda *a, **kw: calls.append(
+        "skinny_w8a8" if kw.get("x_scale") is not None else "skinny_linear") or real(*a, **kw))
+    real_q = fp8_triton.quantize_per_token
+    monkeypatch.setattr(fp8_triton, "quantize_per_token", lambda *a: calls.append("quantize") or real_q(*a))
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    dispatch.kernel_mode.cache_clear()
+    lt.tuned_configs.cache_clear()
+    try:
+        assert not lt.weight_only_pays(32, 128, 16, False, "cpu")  # up to 16 rows it is the path anyway
+        assert not lt.weight_only_pays(32, 128, 64, True, "cpu")  # gated: 50 (not fused) against 45
+        m = 24
+        x, w = _case(m, 32, 128, Fp8Scheme.CHANNEL, seed=3)
+        y = dispatch.fp8_linear(x, w)
+    finally:
+        dispatch.kernel_mode.cache_clear()
+        lt.tuned_configs.cache_clear()
+    assert calls == ([path] if path == "skinny_linear" else ["quantize", path])
+    oracle = fp8_weight_only_ref if path == "skinny_linear" else fp8_linear_ref
+    want = oracle(x, w)
+    torch.testing.assert_close(y, want, rtol=0, atol=2**-8 * want.abs().max().item())
