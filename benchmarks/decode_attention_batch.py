@@ -8,7 +8,8 @@ at batch 64 and 1 over 1k tokens, Llama-3-8B's heads (32 / 8) and Qwen3-30B-A3B'
 and e4m3 caches. The floor is the cache's bytes at the copy bandwidth. Writes the best spec per
 (dtype, batch), ``--best-out``: the spec that is best summed over all shapes, and
 ``--best-bf16-out`` / ``--best-fp8-out``: the best over one cache dtype's shapes (the kernel has
-a default per cache dtype, `attention_triton.DECODE` and ``DECODE_FP8``).
+a default per cache dtype, `attention_triton.DECODE` and ``DECODE_FP8``). A spec names fields
+over the built-in default of the cache's dtype.
 
 Usage (repository root, package on PYTHONPATH, one GPU):
     python benchmarks/decode_attention_batch.py --out benchmarks/results
@@ -26,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_meta  # noqa: E402
 from decode_kernel_sweep import copy_bandwidth, graph_time_s  # noqa: E402
 
-SPECS = ("", "prefetch=1", "prefetch=1,block_n=64", "prefetch=1,block_n=64,warps=8", "prefetch=1,warps=8",
-         "prefetch=1,programs_per_sm=4", "block_n=64,stages=3", "block_n=64,stages=3,warps=8")
+SPECS = ("", "widen=0", "programs_per_sm=4", "block_n=64,stages=3", "block_n=64,stages=4", "block_n=64,stages=3,warps=8",
+         "block_n=64,stages=3,programs_per_sm=4")
 SHAPES = {"llama-3-8b": (32, 8), "qwen3-30b-a3b": (32, 4)}
 
 
@@ -71,8 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
                 floor = 2 * batch * n * hk * d * dtype.itemsize / bw
                 res = {}
                 label = "bf16" if dtype == torch.bfloat16 else "fp8"
+                base = at.DECODE_FP8 if label == "fp8" else at.DECODE
                 for spec in args.specs:
-                    cfg = at.DecodeConfig.parse(spec, at.DecodeConfig()) if spec else at.DecodeConfig()
+                    cfg = at.DecodeConfig.parse(spec, base)
                     t = graph_time_s([lambda kc=kc, vc=vc, c=cfg: at.paged_decode_attention(
                         q, kc, vc, tables, lens, d**-0.5, cfg=c, **scales) for kc, vc in caches])
                     res[spec or "default"] = {"us": 1e6 * t, "vs_floor": t / floor}

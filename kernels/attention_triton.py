@@ -138,15 +138,17 @@ class DecodeConfig:
     #: loop reached 0.35-0.39 of copy bandwidth over an FP8 cache against 0.39-0.49, and
     #: 0.46-0.73 against 0.57-0.75 over bf16.
     swap: int = 0
-    #: 1: load the next loop step's K/V tiles into registers before computing this step's
-    #: (the kernel's comment says why), 0: load and use each step's in turn. Not with ``swap``.
-    prefetch: int = 0
+    #: FP8 caches on the GPU: 1 widens the e4m3 K/V tiles to float16 where they are loaded and
+    #: stages them through shared memory for the MMAs (`_staged`), 0 leaves the widening to
+    #: Triton (after reading in the MMA operand's layout: V a byte at a time). The untransposed
+    #: loop only; the interpreter (no inline assembly) always runs 0.
+    widen_early: int = 1
 
     #: Spec keys -> fields (the short names first, as `spec` writes them).
     KEYS: ClassVar[dict[str, str]] = {
         "block_n": "block_n", "warps": "num_warps", "stages": "num_stages", "min_partition": "min_partition",
-        "programs_per_sm": "programs_per_sm", "swap": "swap", "prefetch": "prefetch", "num_warps": "num_warps",
-        "num_stages": "num_stages",
+        "programs_per_sm": "programs_per_sm", "swap": "swap", "widen": "widen_early", "num_warps": "num_warps",
+        "num_stages": "num_stages", "widen_early": "widen_early",
     }
 
     def __post_init__(self) -> None:
@@ -157,8 +159,6 @@ class DecodeConfig:
         for name in ("num_stages", "min_partition", "programs_per_sm"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DecodeConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.swap and self.prefetch:
-            raise ValueError("DecodeConfig: prefetch is built for the untransposed loop, not with swap")
 
     @classmethod
     def parse(cls, spec: str, base: "DecodeConfig | None" = None) -> "DecodeConfig":
@@ -180,13 +180,13 @@ class DecodeConfig:
     def spec(self) -> str:
         return (f"block_n={self.block_n},warps={self.num_warps},stages={self.num_stages},"
                 f"min_partition={self.min_partition},programs_per_sm={self.programs_per_sm}"
-                # fields added later are named only when set, so older specs read alike
-                + (f",swap={self.swap}" if self.swap else "") + (f",prefetch={self.prefetch}" if self.prefetch else ""))
+                # fields added later are named only off their default, so older specs read alike
+                + (f",swap={self.swap}" if self.swap else "") + ("" if self.widen_early else ",widen=0"))
 
 
 #: The built-in default: the config expected to be fastest on an H100/H200 (see the sweep).
 DECODE = DecodeConfig()
-#: The default over an FP8 cache, whose loop steps move half the bytes.
+#: The default over an FP8 cache (whose loop steps move half the bytes and widen them).
 DECODE_FP8 = DecodeConfig()
 #: Replaces fields for FP8 caches only, after ``SPLITSERVE_DECODE_CONFIG``.
 DECODE_CONFIG_FP8_ENV = "SPLITSERVE_DECODE_CONFIG_FP8"
@@ -205,6 +205,17 @@ def default_decode_config(fp8: bool = False) -> DecodeConfig:
     return cfg
 
 
+@triton.jit
+def _staged(x):
+    """``x`` unchanged, through an instruction Triton may not move (not pure). An e4m3 tile
+    widened to float16 and passed through this is widened where it was loaded (16 bytes a
+    thread) and reaches the MMA through shared memory as float16 (``ldmatrix``, transposing for
+    V); otherwise Triton widens it after reading it in the MMA operand's layout, and V's operand
+    wants consecutive tokens per thread, which for 8-bit data is one shared-memory load per
+    byte (benchmarks/decode_kernel_asm.py counts both loops)."""
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=2)
+
+
 # Arguments that change from call to call are not specialised on (divisible by 16, equal to 1):
 # each specialisation is one more compile, and a compile stalls a serving step for about a second.
 @triton.jit(do_not_specialize=["partition", "stride_tb"])
@@ -217,7 +228,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SPLIT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr, SWAP: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    WIDEN: tl.constexpr,
 ):
     if PDL:  # the output projection (or the merge) after us may start (`pdl.py`)
         gdc_launch_dependents()
@@ -284,44 +295,6 @@ def _decode_kernel(
             acc_t = acc_t * alpha[None, :] + tl.dot(v_t, p_t.to(v_t.dtype), input_precision=PRECISION)
             m_i = m_new
         acc = tl.trans(acc_t)
-    elif PREFETCH:
-        # The next step's K/V tiles are loaded into registers before this step's are used
-        # (`DecodeConfig.prefetch`): Triton leaves this loop unpipelined (its K/V addresses come
-        # from a load), so without it each step waits out a whole memory round trip with only its
-        # own tile in flight -- half as many bytes for an FP8 cache as for bf16. The page ids run
-        # two steps ahead.
-        acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
-        k_head = k_ptr + kv_head * stride_kh + dims[None, :]
-        v_head = v_ptr + kv_head * stride_vh + dims[None, :]
-        mask = (offs < end)[:, None] & dim_ok[None, :]
-        slot = (offs % BLOCK_SIZE)[:, None]
-        k_nxt = tl.load(k_head + page[:, None] * stride_kb + slot * stride_kt, mask=mask, other=0.0)
-        v_nxt = tl.load(v_head + page[:, None] * stride_vb + slot * stride_vt, mask=mask, other=0.0)
-        nxt = offs + BLOCK_N
-        page = tl.load(table + nxt // BLOCK_SIZE, mask=nxt < end, other=0).to(tl.int64)
-        for n0 in range(start, end, BLOCK_N):
-            k = k_nxt
-            v = v_nxt
-            offs = n0 + tl.arange(0, BLOCK_N)
-            key_ok = offs < end
-            nxt = offs + BLOCK_N
-            mask = (nxt < end)[:, None] & dim_ok[None, :]
-            slot = (nxt % BLOCK_SIZE)[:, None]
-            k_nxt = tl.load(k_head + page[:, None] * stride_kb + slot * stride_kt, mask=mask, other=0.0)
-            v_nxt = tl.load(v_head + page[:, None] * stride_vb + slot * stride_vt, mask=mask, other=0.0)
-            after = nxt + BLOCK_N
-            page = tl.load(table + after // BLOCK_SIZE, mask=after < end, other=0).to(tl.int64)
-            if QUANT:
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            s = tl.where(key_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
     else:
         acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
         k_head = k_ptr + kv_head * stride_kh + dims[None, :]
@@ -337,6 +310,9 @@ def _decode_kernel(
             if QUANT:
                 k = k.to(q.dtype)
                 v = v.to(q.dtype)
+                if WIDEN:  # widened here, staged as float16 (`_staged`)
+                    k = _staged(k)
+                    v = _staged(v)
             # Next step's page ids now (see the module docstring: keeps K/V off the indirect path).
             nxt = offs + BLOCK_N
             page = tl.load(table + nxt // BLOCK_SIZE, mask=nxt < end, other=0).to(tl.int64)
@@ -489,7 +465,7 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, HAS_WINDOW=sliding_window is not None,
         SPLIT=split, PRECISION=_precision(q.dtype), QUANT=quant, PDL=mode, SWAP=bool(cfg.swap),
-        PREFETCH=bool(cfg.prefetch),
+        WIDEN=bool(cfg.widen_early) and quant and q.device.type == "cuda",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_kwargs(mode == 2),
     )
     if split:

@@ -123,11 +123,12 @@ def test_decode_config_env_overrides_the_default(monkeypatch):
     at.default_decode_config.cache_clear()
     try:
         assert at.default_decode_config() == replace(at.DECODE, block_n=8, num_warps=2, min_partition=8)
-        monkeypatch.setenv(at.DECODE_CONFIG_FP8_ENV, "prefetch=1,warps=8")  # FP8 caches only, applied last
+        monkeypatch.setenv(at.DECODE_CONFIG_FP8_ENV, "widen=0,warps=8")  # FP8 caches only, applied last
         at.default_decode_config.cache_clear()
         assert at.default_decode_config(fp8=True) == replace(at.DECODE_FP8, block_n=8, num_warps=8, min_partition=8,
-                                                             prefetch=1)
+                                                             widen_early=0)
         assert at.default_decode_config() == replace(at.DECODE, block_n=8, num_warps=2, min_partition=8)
+        assert "widen=0" in at.default_decode_config(fp8=True).spec() and "widen" not in at.DECODE.spec()
         k_cache, v_cache = noise_cache(4, 2, seed=5)
         tables, pad_ids = tables_for([3, 30], 4, seed=6)
         bt, ctx = padded(tables, pad_ids), torch.tensor([3, 30])
@@ -300,13 +301,9 @@ def test_warm_up_runs_every_variant_without_touching_the_cache():
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
 
 
-@pytest.mark.parametrize(("loop", "dtype", "num_splits"), [
-    ("swap=1", torch.float32, 1), ("swap=1", torch.float32, 3), ("swap=1", torch.bfloat16, 1),
-    ("swap=1", torch.bfloat16, 3), ("prefetch=1", torch.float32, 1), ("prefetch=1", torch.float32, 3),
-    ("prefetch=1", torch.bfloat16, 3)])
-def test_decode_loop_forms_match_the_reference(loop, dtype, num_splits):
-    """The transposed loop and the prefetching one (`DecodeConfig.swap`, ``.prefetch``): tiles
-    cut across pages and splits, a context shorter than one tile, the last tile partial."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_transposed_loop_matches_the_reference(dtype, num_splits):
     from splitserve.kernels import attention_triton as at
 
     bs, hq, hk = 4, 4, 2
@@ -316,18 +313,11 @@ def test_decode_loop_forms_match_the_reference(loop, dtype, num_splits):
     bt = padded(tables, pad_ids, None)
     q = torch.randn(len(lens), hq, D, generator=gen(5)).to(dtype)
     ctx = torch.tensor(lens)
-    cfg = at.DecodeConfig.parse(loop, at.DecodeConfig(block_n=16 if loop == "swap=1" else 4, min_partition=8))
+    cfg = at.DecodeConfig(block_n=16, min_partition=8, swap=1)
     got = at.paged_decode_attention(q, k_cache, v_cache, bt, ctx, D**-0.5, None, num_splits=num_splits, cfg=cfg)
     want = paged_decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), bt, ctx, D**-0.5, None)
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     else:
         assert rel_err(got, want) < 1e-2
-    assert loop in cfg.spec()
-
-
-def test_decode_config_refuses_prefetch_with_the_transposed_loop():
-    from splitserve.kernels import attention_triton as at
-
-    with pytest.raises(ValueError, match="prefetch"):
-        at.DecodeConfig(swap=1, prefetch=1)
+    assert at.DecodeConfig.parse("swap=1").swap == 1 and "swap=1" in cfg.spec()
