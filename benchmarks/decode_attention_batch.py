@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--best-bf16-out", type=Path, default=None, help="write the best spec over bf16 caches here")
     p.add_argument("--best-fp8-out", type=Path, default=None, help="write the best spec over FP8 caches here")
     p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--kv", default="bf16,fp8", help="cache dtypes to time (bf16, fp8)")
+    p.add_argument("--batches", default="64,1")
     p.add_argument("--specs", nargs="*", default=list(SPECS))
     args = p.parse_args(argv)
     import torch
@@ -54,8 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     totals = {kv: {spec: 0.0 for spec in args.specs} for kv in ("bf16", "fp8")}
     d, bs, n = 128, 16, args.context
     for model, (hq, hk) in SHAPES.items():
-        for batch in (64, 1):
-            for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        for batch in (int(b) for b in args.batches.split(",")):
+            for dtype in [d for d in (torch.bfloat16, torch.float8_e4m3fn)
+                          if ("fp8" if d.itemsize == 1 else "bf16") in args.kv.split(",")]:
                 per = n // bs
                 blocks = batch * per
                 layers = max(2, min(32, (512 << 20) // (2 * blocks * bs * hk * d * dtype.itemsize)))
@@ -89,14 +92,14 @@ def main(argv: list[str] | None = None) -> dict:
     report["rows"] = rows
     overall = {spec: totals["bf16"][spec] + totals["fp8"][spec] for spec in args.specs}
     report["best_overall"] = min(overall, key=overall.get)
-    report["best_by_kv"] = {kv: min(t, key=t.get) for kv, t in totals.items()}
+    report["best_by_kv"] = {kv: min(t, key=t.get) for kv, t in totals.items() if kv in args.kv.split(",")}
     out = args.out / f"decode_attention_batch_{results_meta.slug(report['device']['name'])}_{now:%Y-%m-%dT%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(f"best overall: {report['best_overall'] or 'default'}; by cache dtype: {report['best_by_kv']}; wrote {out}")
-    for path, spec in ((args.best_out, report["best_overall"]), (args.best_bf16_out, report["best_by_kv"]["bf16"]),
-                       (args.best_fp8_out, report["best_by_kv"]["fp8"])):
-        if path:
+    for path, spec in ((args.best_out, report["best_overall"]), (args.best_bf16_out, report["best_by_kv"].get("bf16")),
+                       (args.best_fp8_out, report["best_by_kv"].get("fp8"))):
+        if path and spec is not None:
             path.write_text(spec)
     return report
 

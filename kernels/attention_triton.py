@@ -141,14 +141,21 @@ class DecodeConfig:
     #: FP8 caches on the GPU: 1 widens the e4m3 K/V tiles to float16 where they are loaded and
     #: stages them through shared memory for the MMAs (`_staged`), 0 leaves the widening to
     #: Triton (after reading in the MMA operand's layout: V a byte at a time). The untransposed
-    #: loop only; the interpreter (no inline assembly) always runs 0.
-    widen_early: int = 1
+    #: loop only; the interpreter (no inline assembly) always runs 0. 1 runs 38% fewer loop
+    #: instructions but was slower on an H200 (batch 64 x 1k: 2.46x the floor against 2.03x,
+    #: benchmarks/results, 2026-12-03): Nsight Compute showed the loop bound by latency at four
+    #: programs an SM, not by issue, and staging adds shared-memory round trips to it.
+    widen_early: int = 0
+    #: Registers per thread the compiler may use (Triton's ``maxnreg``; 0: its own choice). At
+    #: 128 (the FP8 loop's own count) four programs fit on an SM by registers.
+    max_registers: int = 0
 
     #: Spec keys -> fields (the short names first, as `spec` writes them).
     KEYS: ClassVar[dict[str, str]] = {
         "block_n": "block_n", "warps": "num_warps", "stages": "num_stages", "min_partition": "min_partition",
         "programs_per_sm": "programs_per_sm", "swap": "swap", "widen": "widen_early", "num_warps": "num_warps",
-        "num_stages": "num_stages", "widen_early": "widen_early",
+        "num_stages": "num_stages", "widen_early": "widen_early", "maxnreg": "max_registers",
+        "max_registers": "max_registers",
     }
 
     def __post_init__(self) -> None:
@@ -159,6 +166,8 @@ class DecodeConfig:
         for name in ("num_stages", "min_partition", "programs_per_sm"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DecodeConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_registers and not 24 <= self.max_registers <= 255:
+            raise ValueError(f"DecodeConfig.max_registers must be 0 or 24..255, got {self.max_registers}")
 
     @classmethod
     def parse(cls, spec: str, base: "DecodeConfig | None" = None) -> "DecodeConfig":
@@ -181,7 +190,8 @@ class DecodeConfig:
         return (f"block_n={self.block_n},warps={self.num_warps},stages={self.num_stages},"
                 f"min_partition={self.min_partition},programs_per_sm={self.programs_per_sm}"
                 # fields added later are named only off their default, so older specs read alike
-                + (f",swap={self.swap}" if self.swap else "") + ("" if self.widen_early else ",widen=0"))
+                + (f",swap={self.swap}" if self.swap else "") + (",widen=1" if self.widen_early else "")
+                + (f",maxnreg={self.max_registers}" if self.max_registers else ""))
 
 
 #: The built-in default: the config expected to be fastest on an H100/H200 (see the sweep).
@@ -467,6 +477,7 @@ def paged_decode_attention(
         SPLIT=split, PRECISION=_precision(q.dtype), QUANT=quant, PDL=mode, SWAP=bool(cfg.swap),
         WIDEN=bool(cfg.widen_early) and quant and q.device.type == "cuda",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_kwargs(mode == 2),
+        **({"maxnreg": cfg.max_registers} if cfg.max_registers and q.device.type == "cuda" else {}),
     )
     if split:
         _decode_merge_kernel[(batch, num_heads)](

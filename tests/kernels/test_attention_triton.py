@@ -123,12 +123,14 @@ def test_decode_config_env_overrides_the_default(monkeypatch):
     at.default_decode_config.cache_clear()
     try:
         assert at.default_decode_config() == replace(at.DECODE, block_n=8, num_warps=2, min_partition=8)
-        monkeypatch.setenv(at.DECODE_CONFIG_FP8_ENV, "widen=0,warps=8")  # FP8 caches only, applied last
+        monkeypatch.setenv(at.DECODE_CONFIG_FP8_ENV, "widen=1,warps=8,maxnreg=96")  # FP8 caches only, applied last
         at.default_decode_config.cache_clear()
-        assert at.default_decode_config(fp8=True) == replace(at.DECODE_FP8, block_n=8, num_warps=8, min_partition=8,
-                                                             widen_early=0)
+        fp8 = at.default_decode_config(fp8=True)
+        assert fp8 == replace(at.DECODE_FP8, block_n=8, num_warps=8, min_partition=8, widen_early=1, max_registers=96)
         assert at.default_decode_config() == replace(at.DECODE, block_n=8, num_warps=2, min_partition=8)
-        assert "widen=0" in at.default_decode_config(fp8=True).spec() and "widen" not in at.DECODE.spec()
+        assert at.DecodeConfig.parse(fp8.spec()) == fp8 and "widen" not in at.DECODE.spec()
+        with pytest.raises(ValueError, match="max_registers"):
+            at.DecodeConfig.parse("maxnreg=8")
         k_cache, v_cache = noise_cache(4, 2, seed=5)
         tables, pad_ids = tables_for([3, 30], 4, seed=6)
         bt, ctx = padded(tables, pad_ids), torch.tensor([3, 30])
