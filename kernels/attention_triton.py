@@ -196,8 +196,14 @@ class DecodeConfig:
 
 #: The built-in default: the config expected to be fastest on an H100/H200 (see the sweep).
 DECODE = DecodeConfig()
-#: The default over an FP8 cache (whose loop steps move half the bytes and widen them).
-DECODE_FP8 = DecodeConfig()
+#: The default over an FP8 cache (whose loop steps move half the bytes and widen them): two warps
+#: a program. On an H200 at batch 64 x 1k in graphs (benchmarks/decode_attention_batch.py,
+#: 2026-12-03) 58.6 us against 64.4 with four (Llama-3-8B's heads; 36.6 against 38.5 at
+#: Qwen3-30B-A3B's), the best of 21 shapes; register caps (maxnreg), fewer stages, 16-token
+#: steps and more splits, which fit more programs on an SM, were all slower. Nsight Compute
+#: had shown the four-warp loop latency-bound (0.9 eligible warps a scheduler, DRAM at 45%);
+#: with two warps each step's softmax reductions cross fewer warps (a reading, not measured).
+DECODE_FP8 = DecodeConfig(num_warps=2)
 #: Replaces fields for FP8 caches only, after ``SPLITSERVE_DECODE_CONFIG``.
 DECODE_CONFIG_FP8_ENV = "SPLITSERVE_DECODE_CONFIG_FP8"
 
