@@ -25,3 +25,6 @@ f=glob.glob(os.environ['OUT']+'/ctx4k/*.json')[0]; bw=json.load(open(f))['copy_b
 for r in json.load(open(f))['rows']:
     print(r['model'], r['kv'], 'fraction of copy:', {k: round(1/v['vs_floor'],3) for k,v in r['variants'].items()})"
 timeout $(left 560) python3 benchmarks/fp8_perf.py --sections ceilings,weights --out $OUT > /tmp/fp8_perf.log 2>&1; echo "fp8 perf rc=$? at $(( $(date +%s) - start )) s"; grep -E "decode|prefill" /tmp/fp8_perf.log | tail -16
+# Issue 17: Mixtral-8x7B (random weights, bf16, 93 GB) had not run on the GPU: greedy vs
+# transformers on the tiny Mixtral shape, then decode at batch 1 and 64 against its floor.
+[ $(left 560) -gt 200 ] && { timeout $(left 580) python3 benchmarks/gpu_perf.py --model random:mixtral-8x7b --kv-gb 16 --quick --decode-variants triton_graphs --sections correctness,ceilings,decode --out $OUT > /tmp/perf_mixtral.log 2>&1; echo "mixtral rc=$? at $(( $(date +%s) - start )) s"; grep -E "correct|greedy|match|decode |b1|b64" /tmp/perf_mixtral.log | tail -14; tail -3 /tmp/perf_mixtral.log; }
