@@ -146,8 +146,9 @@ def test_triton_qk_norm_rotary_write_matches_the_references(dtype):
 @pytest.mark.usefixtures("triton_interpreter")
 @pytest.mark.parametrize(("splits", "dtype", "swap"), [(1, torch.float32, 0), (3, torch.float32, 0),
                                                      (3, torch.bfloat16, 0), (3, torch.float32, 1),
-                                                     (1, torch.bfloat16, 1)])
+                                                     (1, torch.bfloat16, 1), (3, torch.bfloat16, None)])
 def test_triton_decode_matches_reference(case, splits, dtype, swap):
+    """``swap`` None: the FP8 default launch shape (`DECODE_FP8`, its split warps)."""
     from splitserve.kernels import attention_triton
     from splitserve.kernels.attention_triton import DecodeConfig
 
@@ -157,7 +158,9 @@ def test_triton_decode_matches_reference(case, splits, dtype, swap):
     q = case["q"].to(dtype)  # the model's dtype; the cache stays FP8
     want = paged_decode_attention_ref(q, *case["caches"], tables, lens, D ** -0.5, **kw)
     got = attention_triton.paged_decode_attention(q, *case["caches"], tables, lens, D ** -0.5,
-                                                  num_splits=splits, cfg=DecodeConfig(block_n=16 if swap else 4, swap=swap),
+                                                  num_splits=splits,
+                                                  cfg=None if swap is None else DecodeConfig(block_n=16 if swap else 4,
+                                                                                             swap=swap),
                                                   **kw)
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the reference rounds K/V to bf16 after scaling
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
