@@ -146,10 +146,10 @@ class DecodeConfig:
     #: benchmarks/results, 2026-12-03): Nsight Compute showed the loop bound by latency at four
     #: programs an SM, not by issue, and staging adds shared-memory round trips to it.
     widen_early: int = 0
-    #: Warps per program when the context is split (0: ``num_warps``). A split program runs a
-    #: short loop (a batch too small to fill the GPU: 64-token splits at batch 1 x 1k), where
-    #: more warps shorten it; an unsplit one runs the whole context.
-    split_warps: int = 0
+    #: Warps per program when each program's share of the context is at most
+    #: ``SHORT_PARTITION`` tokens (0: ``num_warps``): such a short loop (a batch too small to
+    #: fill the GPU, cut into 64-token splits at batch 1 x 1k) is one where more warps shorten it.
+    short_warps: int = 0
     #: Registers per thread the compiler may use (Triton's ``maxnreg``; 0: its own choice). At
     #: 128 (the FP8 loop's own count) four programs fit on an SM by registers.
     max_registers: int = 0
@@ -159,13 +159,13 @@ class DecodeConfig:
         "block_n": "block_n", "warps": "num_warps", "stages": "num_stages", "min_partition": "min_partition",
         "programs_per_sm": "programs_per_sm", "swap": "swap", "widen": "widen_early", "num_warps": "num_warps",
         "num_stages": "num_stages", "widen_early": "widen_early", "maxnreg": "max_registers",
-        "max_registers": "max_registers", "split_warps": "split_warps",
+        "max_registers": "max_registers", "short_warps": "short_warps",
     }
 
     def __post_init__(self) -> None:
-        for name in ("block_n", "num_warps", "split_warps"):
+        for name in ("block_n", "num_warps", "short_warps"):
             value = getattr(self, name)
-            if (value < 1 and name != "split_warps") or value < 0 or value & (value - 1):
+            if (value < 1 and name != "short_warps") or value < 0 or value & (value - 1):
                 raise ValueError(f"DecodeConfig.{name} must be a power of two, got {value}")
         for name in ("num_stages", "min_partition", "programs_per_sm"):
             if getattr(self, name) < 1:
@@ -196,20 +196,25 @@ class DecodeConfig:
                 # fields added later are named only off their default, so older specs read alike
                 + (f",swap={self.swap}" if self.swap else "") + (",widen=1" if self.widen_early else "")
                 + (f",maxnreg={self.max_registers}" if self.max_registers else "")
-                + (f",split_warps={self.split_warps}" if self.split_warps else ""))
+                + (f",short_warps={self.short_warps}" if self.short_warps else ""))
 
 
 #: The built-in default: the config expected to be fastest on an H100/H200 (see the sweep).
 DECODE = DecodeConfig()
+#: Context tokens per program up to which `DecodeConfig.short_warps` applies: between the
+#: shares measured on an H200 (64 tokens: four warps faster; 512 and more: two).
+SHORT_PARTITION = 256
+
 #: The default over an FP8 cache (whose loop steps move half the bytes and widen them): two warps
-#: a program, four when the context is split. On an H200 in graphs
+#: a program, four when its share of the context is short. On an H200 in graphs
 #: (benchmarks/decode_attention_batch.py, 2026-12-03), Llama-3-8B's heads: batch 64 x 1k 58.6 us
 #: against 63.8 with four warps, 64 x 4k 221 against 236 (Qwen3-30B-A3B's heads: 36.5 / 38.5
 #: and 114 / 126), the best of 21 shapes at 64 x 1k (register caps, fewer stages, 16-token
-#: steps and more splits, which fit more programs on an SM, were all slower); but batch 1 x 1k
-#: (split) 8.4 us against 7.0 with four. Nsight Compute had shown the four-warp loop
-#: latency-bound (0.9 eligible warps a scheduler, DRAM at 45%).
-DECODE_FP8 = DecodeConfig(num_warps=2, split_warps=4)
+#: steps and more splits, which fit more programs on an SM, were all slower), and 36.3 against
+#: 38.1 at Qwen3's 64 x 1k cut in two 512-token splits; but batch 1 x 1k (16 splits of 64
+#: tokens) 8.5 us against 7.0 with four (Qwen3: 8.1 / 6.3). Nsight Compute had shown the
+#: four-warp loop latency-bound (0.9 eligible warps a scheduler, DRAM at 45%).
+DECODE_FP8 = DecodeConfig(num_warps=2, short_warps=4)
 #: Replaces fields for FP8 caches only, after ``SPLITSERVE_DECODE_CONFIG``.
 DECODE_CONFIG_FP8_ENV = "SPLITSERVE_DECODE_CONFIG_FP8"
 
@@ -488,7 +493,8 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, HAS_WINDOW=sliding_window is not None,
         SPLIT=split, PRECISION=_precision(q.dtype), QUANT=quant, PDL=mode, SWAP=bool(cfg.swap),
         WIDEN=bool(cfg.widen_early) and quant and q.device.type == "cuda",
-        num_warps=cfg.split_warps if split and cfg.split_warps else cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.short_warps if cfg.short_warps and partition <= SHORT_PARTITION else cfg.num_warps,
+        num_stages=cfg.num_stages,
         **pdl.launch_kwargs(mode == 2), **({"maxnreg": cfg.max_registers} if cfg.max_registers and q.device.type == "cuda" else {}),
     )
     if split:

@@ -131,9 +131,9 @@ def test_decode_config_env_overrides_the_default(monkeypatch):
         assert at.DecodeConfig.parse(fp8.spec()) == fp8 and "widen" not in at.DECODE.spec()
         with pytest.raises(ValueError, match="max_registers"):
             at.DecodeConfig.parse("maxnreg=8")
-        with pytest.raises(ValueError, match="split_warps"):
-            at.DecodeConfig.parse("split_warps=3")
-        assert at.DecodeConfig.parse("split_warps=4").spec().endswith("split_warps=4")
+        with pytest.raises(ValueError, match="short_warps"):
+            at.DecodeConfig.parse("short_warps=3")
+        assert at.DecodeConfig.parse("short_warps=4").spec().endswith("short_warps=4")
         k_cache, v_cache = noise_cache(4, 2, seed=5)
         tables, pad_ids = tables_for([3, 30], 4, seed=6)
         bt, ctx = padded(tables, pad_ids), torch.tensor([3, 30])

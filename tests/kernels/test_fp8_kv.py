@@ -148,7 +148,7 @@ def test_triton_qk_norm_rotary_write_matches_the_references(dtype):
                                                      (3, torch.bfloat16, 0), (3, torch.float32, 1),
                                                      (1, torch.bfloat16, 1), (3, torch.bfloat16, None)])
 def test_triton_decode_matches_reference(case, splits, dtype, swap):
-    """``swap`` None: the FP8 default launch shape (`DECODE_FP8`, its split warps)."""
+    """``swap`` None: the FP8 default launch shape (`DECODE_FP8`, its short-share warps)."""
     from splitserve.kernels import attention_triton
     from splitserve.kernels.attention_triton import DecodeConfig
 
