@@ -67,7 +67,7 @@ def loop_counts(cubin: bytes) -> dict:
             "ops": {op: ops[op] for op in WATCH if ops[op]}}
 
 
-def compile_counts(kv: str, block_n: int, stages: int, widen: bool, arch: int) -> dict:
+def compile_counts(kv: str, block_n: int, stages: int, widen: bool, arch: int, warps: int = 4) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -85,7 +85,7 @@ def compile_counts(kv: str, block_n: int, stages: int, widen: bool, arch: int) -
     aligned = [n for n, t in sig.items() if t.startswith("*") or (n.startswith("stride_") and n != "stride_tb")]
     src = ASTSource(fn=_decode_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": stages})
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
     ptx = kernel.asm["ptx"]
     counts = loop_counts(kernel.asm["cubin"])
     step_bytes = 2 * block_n * SHAPE["HEAD_DIM"] * (1 if kv == "fp8" else 2)
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
     p.add_argument("--out", type=Path, default=None, help="write a JSON report here (a folder)")
+    p.add_argument("--warps", type=int, nargs="+", default=[4, 2], help="warps a program (FP8's default is 2)")
     args = p.parse_args(argv)
     import triton
 
@@ -106,9 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
                                         {"name": f"sm_{args.arch} (compiled, not run)", "triton": triton.__version__})
     rows = []
     for kv, widen in (("bf16", False), ("fp8", False), ("fp8", True)):
-        for block_n, stages in ((32, 4), (64, 3)):
-            row = {"kv": kv, "block_n": block_n, "stages": stages, "widen_early": widen,
-                   **compile_counts(kv, block_n, stages, widen, args.arch)}
+        for block_n, stages, warps in [(32, 4, w) for w in args.warps] + [(32, 3, 2), (64, 3, 4)]:
+            row = {"kv": kv, "block_n": block_n, "stages": stages, "warps": warps, "widen_early": widen,
+                   **compile_counts(kv, block_n, stages, widen, args.arch, warps)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     report["rows"] = rows

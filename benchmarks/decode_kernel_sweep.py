@@ -344,6 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
         from splitserve.kernels import linear_triton as lt
 
         rows = tuple(int(r) for r in args.fp8_rows.split(","))
+        if not set(rows) <= set(lt.TUNED_ROWS):  # another count would overwrite its bucket's entries
+            p.error(f"--fp8-rows: the table's row counts are {lt.TUNED_ROWS}, got {rows}")
         report["fp8"], table = sweep_fp8(report["copy_bandwidth_TBps"] * 1e12, rows)
         # The tuned table, in the form kernels/configs/ ships (linear_triton.tuned_configs).
         meta = {k: report[k] for k in ("benchmark", "command", "date", "git_commit", "device")}

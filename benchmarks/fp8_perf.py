@@ -197,8 +197,8 @@ def section_kv(run: Run) -> dict:
         if dev.type == "cuda":  # the launch shape (FP8 moves half the bytes per step) and the loop's form
             from splitserve.kernels import attention_triton as at
 
-            for spec in ("block_n=32,stages=4,widen=0,maxnreg=0", "widen=1", "stages=3,maxnreg=80",
-                         "stages=2,maxnreg=80", "block_n=16,stages=4", "block_n=64,stages=3"):
+            for spec in ("warps=4,stages=4,short_warps=0", "warps=2,stages=4", "warps=2,stages=3", "widen=1",
+                         "block_n=64,stages=3"):
                 cfg = at.DecodeConfig.parse(spec, at.default_decode_config(dtype != torch.bfloat16))
                 t = bench_s(lambda c=cfg: at.paged_decode_attention(q, kc, vc, tables, lens, d**-0.5, out=out, cfg=c,
                                                                   **scales), dev, warmup=5, iters=50)

@@ -170,6 +170,9 @@ class DecodeConfig:
         for name in ("num_stages", "min_partition", "programs_per_sm"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DecodeConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("swap", "widen_early"):
+            if getattr(self, name) not in (0, 1):
+                raise ValueError(f"DecodeConfig.{name} must be 0 or 1, got {getattr(self, name)}")
         if self.max_registers and not 24 <= self.max_registers <= 255:
             raise ValueError(f"DecodeConfig.max_registers must be 0 or 24..255, got {self.max_registers}")
 
@@ -191,12 +194,10 @@ class DecodeConfig:
         return replace(base or cls(), **fields)
 
     def spec(self) -> str:
+        """Every field, so that the spec reads back as this config over any base."""
         return (f"block_n={self.block_n},warps={self.num_warps},stages={self.num_stages},"
-                f"min_partition={self.min_partition},programs_per_sm={self.programs_per_sm}"
-                # fields added later are named only off their default, so older specs read alike
-                + (f",swap={self.swap}" if self.swap else "") + (",widen=1" if self.widen_early else "")
-                + (f",maxnreg={self.max_registers}" if self.max_registers else "")
-                + (f",short_warps={self.short_warps}" if self.short_warps else ""))
+                f"min_partition={self.min_partition},programs_per_sm={self.programs_per_sm},swap={self.swap},"
+                f"widen={self.widen_early},maxnreg={self.max_registers},short_warps={self.short_warps}")
 
 
 #: The built-in default: the config expected to be fastest on an H100/H200 (see the sweep).
@@ -206,15 +207,16 @@ DECODE = DecodeConfig()
 SHORT_PARTITION = 256
 
 #: The default over an FP8 cache (whose loop steps move half the bytes and widen them): two warps
-#: a program, four when its share of the context is short. On an H200 in graphs
-#: (benchmarks/decode_attention_batch.py, 2026-12-03), Llama-3-8B's heads: batch 64 x 1k 58.6 us
-#: against 63.8 with four warps, 64 x 4k 221 against 236 (Qwen3-30B-A3B's heads: 36.5 / 38.5
-#: and 114 / 126), the best of 21 shapes at 64 x 1k (register caps, fewer stages, 16-token
-#: steps and more splits, which fit more programs on an SM, were all slower), and 36.3 against
-#: 38.1 at Qwen3's 64 x 1k cut in two 512-token splits; but batch 1 x 1k (16 splits of 64
-#: tokens) 8.5 us against 7.0 with four (Qwen3: 8.1 / 6.3). Nsight Compute had shown the
-#: four-warp loop latency-bound (0.9 eligible warps a scheduler, DRAM at 45%).
-DECODE_FP8 = DecodeConfig(num_warps=2, short_warps=4)
+#: and three stages a program, four warps when its share of the context is short. On an H200 in
+#: graphs (benchmarks/decode_attention_batch.py, 2026-12-03), Llama-3-8B's heads: batch 64 x 1k
+#: 57.6 us with two warps and three stages, 58.6 with four stages, 63.8 with four warps (the
+#: old default); 64 x 4k 212 / 221 / 236 (Qwen3-30B-A3B's heads: 35.8 / 36.5 / 38.5 and
+#: 113.5 / 114.4 / 126). In a sweep of 21 shapes at 64 x 1k over the old default, register caps
+#: (spilling), 16-token steps and more splits were slower than two warps. At batch 1 x 1k
+#: (16 splits of 64 tokens) four warps won: 7.0 us against 8.5 with two (Qwen3: 6.3 / 8.1; at
+#: four stages: three there is not measured). Nsight Compute had shown the four-warp loop
+#: latency-bound (0.9 eligible warps a scheduler, DRAM at 45%).
+DECODE_FP8 = DecodeConfig(num_warps=2, num_stages=3, short_warps=4)
 #: Replaces fields for FP8 caches only, after ``SPLITSERVE_DECODE_CONFIG``.
 DECODE_CONFIG_FP8_ENV = "SPLITSERVE_DECODE_CONFIG_FP8"
 
@@ -492,7 +494,8 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, HAS_WINDOW=sliding_window is not None,
         SPLIT=split, PRECISION=_precision(q.dtype), QUANT=quant, PDL=mode, SWAP=bool(cfg.swap),
-        WIDEN=bool(cfg.widen_early) and quant and q.device.type == "cuda",
+        # `_staged` moves 16-bit pairs: float32 queries keep float32 products, never widened to float16
+        WIDEN=bool(cfg.widen_early) and quant and q.device.type == "cuda" and q.dtype != torch.float32,
         num_warps=cfg.short_warps if cfg.short_warps and partition <= SHORT_PARTITION else cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl.launch_kwargs(mode == 2), **({"maxnreg": cfg.max_registers} if cfg.max_registers and q.device.type == "cuda" else {}),
@@ -733,7 +736,8 @@ def warm_up(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale:
             sliding_window: int | None = None, *, dtype: torch.dtype | None = None,
             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Compile every launch variant the engine uses, now: decode with and without a context
-    split, prefill over the chunks' own keys and over a cached prefix. Triton compiles a
+    split, over short and long shares of it, prefill over the chunks' own keys and over a
+    cached prefix. Triton compiles a
     variant the first time it runs (about a second), and every request of that step would
     wait for it. Reads block 0 of the cache, writes nothing there; the inputs have the
     engine's dtypes (int64 tables and lengths), which the compiled variants depend on; ``dtype``
@@ -744,8 +748,13 @@ def warm_up(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale:
     k_new = torch.zeros(2, num_kv_heads, head_dim, dtype=dt, device=dev)
     tables = torch.zeros(2, 2, dtype=torch.int64, device=dev)
     lens = torch.full((2,), 2, dtype=torch.int64, device=dev)
-    for splits in (1, 2):
-        paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, sliding_window, num_splits=splits,
+    # Each program's share decides the warps (`DecodeConfig.short_warps`): shares short and long,
+    # each with and without a split, over a table wide enough for two long shares.
+    cfg = default_decode_config(k_cache.dtype == torch.float8_e4m3fn)
+    wide = torch.zeros(2, triton.cdiv(2 * (SHORT_PARTITION + cfg.block_n), block_size), dtype=torch.int64, device=dev)
+    span = wide.shape[1] * block_size
+    for table, splits in ((tables, 1), (wide, triton.cdiv(span, cfg.block_n)), (wide, 1), (wide, 2)):
+        paged_decode_attention(q, k_cache, v_cache, table, lens, scale, sliding_window, num_splits=splits,
                                k_scale=k_scale, v_scale=v_scale)
     for prefix in (0, 1):
         batch = RaggedPrefill.from_chunks([_Chunk(0, 2, 2 + prefix, tables[0])])

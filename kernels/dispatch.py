@@ -336,7 +336,8 @@ def _fp8_skinny(x2: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor 
     block = weight.block if weight.scheme is fp8_ref.Fp8Scheme.BLOCK else None
     device = linear_triton.device_name(x2.device)
     # Past 16 rows W8A8, unless this GPU's tuned table measured weight-only faster at these rows
-    # (it then also skips the activations' quantization launch).
+    # (it then also skips the activations' quantization launch). A gated call whose gated launch
+    # does not pay falls back to the plain call, which weighs the two modes again ungated.
     w8a8 = m > FP8_WEIGHT_ONLY_MAX_M and not (
         block is None and m <= FP8_SKINNY_W8A8_MAX_M and linear_triton.weight_only_pays(n, k, m, gated, device))
     if gated and ((block is not None and (n // 2) % block[0])  # the up half would start inside a scale block

@@ -120,7 +120,7 @@ def test_stages_run_in_order_within_budget_and_save_json(sweep, monkeypatch, tmp
     assert len(main_rows) == len({r["config"] for r in main_rows})  # nothing measured twice
     best = report["best"][sweep.MAIN.name]["config"]
     # the fake time ignores min_partition: the default's stays
-    assert best == f"block_n=32,warps=4,stages=4,min_partition={sweep.DECODE.min_partition},programs_per_sm=16"
+    assert best == sweep.DecodeConfig.parse("block_n=32,warps=4,stages=4,programs_per_sm=16", sweep.DECODE).spec()
     assert report["recommendation"] == f'SPLITSERVE_DECODE_CONFIG="{best}"'
     assert {r["shape"] for r in report["rows"]} == {s.name for s in sweep.SHAPES}
     assert (tmp_path / "sweep.json").exists()

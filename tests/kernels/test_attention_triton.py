@@ -128,12 +128,16 @@ def test_decode_config_env_overrides_the_default(monkeypatch):
         fp8 = at.default_decode_config(fp8=True)
         assert fp8 == replace(at.DECODE_FP8, block_n=8, num_warps=8, min_partition=8, widen_early=1, max_registers=96)
         assert at.default_decode_config() == replace(at.DECODE, block_n=8, num_warps=2, min_partition=8)
-        assert at.DecodeConfig.parse(fp8.spec()) == fp8 and "widen" not in at.DECODE.spec()
+        assert at.DecodeConfig.parse(fp8.spec()) == fp8
+        assert at.DecodeConfig.parse(at.DECODE.spec(), base=at.DECODE_FP8) == at.DECODE  # every field named
+        with pytest.raises(ValueError, match="widen_early"):
+            at.DecodeConfig.parse("widen=2")
         with pytest.raises(ValueError, match="max_registers"):
             at.DecodeConfig.parse("maxnreg=8")
         with pytest.raises(ValueError, match="short_warps"):
             at.DecodeConfig.parse("short_warps=3")
         assert at.DecodeConfig.parse("short_warps=4").spec().endswith("short_warps=4")
+
         k_cache, v_cache = noise_cache(4, 2, seed=5)
         tables, pad_ids = tables_for([3, 30], 4, seed=6)
         bt, ctx = padded(tables, pad_ids), torch.tensor([3, 30])
@@ -143,6 +147,37 @@ def test_decode_config_env_overrides_the_default(monkeypatch):
         at.default_decode_config.cache_clear()
     torch.testing.assert_close(got, paged_decode_attention_ref(q, k_cache, v_cache, bt, ctx, 0.25),
                                atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("context_blocks,splits,warps", [(4, 1, 4), (4, 2, 4), (64, 1, 2), (64, 2, 2), (64, 16, 4)])
+def test_fp8_launch_takes_short_warps_for_short_shares(monkeypatch, context_blocks, splits, warps):
+    """`DecodeConfig.short_warps` applies when a program's share is at most SHORT_PARTITION
+    tokens, split or not; `warm_up` compiles all four (share, split) variants."""
+    from dataclasses import replace
+
+    from splitserve.kernels import attention_triton as at
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((grid[1], kw["num_warps"]))
+
+    monkeypatch.setattr(at, "_decode_kernel", Recorder())
+    monkeypatch.setattr(at, "_decode_merge_kernel", Recorder())
+    bs, hk = 16, 2
+    cache = torch.zeros(2, bs, hk, D).to(torch.float8_e4m3fn)
+    scales = {"k_scale": torch.ones(hk), "v_scale": torch.ones(hk)}
+    q = torch.zeros(1, 4, D, dtype=torch.bfloat16)
+    tables = torch.zeros(1, context_blocks, dtype=torch.int64)
+    cfg = replace(at.DECODE_FP8, block_n=16)
+    at.paged_decode_attention(q, cache, cache, tables, torch.tensor([3]), 0.1, num_splits=splits, cfg=cfg, **scales)
+    grid_splits, got = launches[0]
+    assert got == warps and (grid_splits > 1) == (splits > 1)
+    launches.clear()
+    at.warm_up(cache, cache, num_heads=4, scale=0.1, dtype=torch.bfloat16, **scales)
+    decode = {(s > 1, w) for s, w in launches if w != 1}  # the merge runs one warp
+    assert decode == {(False, 4), (True, 4), (False, 2), (True, 2)}
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
