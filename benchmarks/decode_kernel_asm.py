@@ -89,8 +89,8 @@ def compile_counts(kv: str, block_n: int, stages: int, widen: bool, arch: int, w
     ptx = kernel.asm["ptx"]
     counts = loop_counts(kernel.asm["cubin"])
     step_bytes = 2 * block_n * SHAPE["HEAD_DIM"] * (1 if kv == "fp8" else 2)
-    return {"cp_async_in_ptx": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"), "shared_bytes": kernel.metadata.shared,
-            "kv_bytes_per_step": step_bytes,
+    return {"cp_async_in_ptx": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+            "shared_bytes": kernel.metadata.shared, "kv_bytes_per_step": step_bytes,
             "instructions_per_kib": round(1024 * counts["loop_instructions"] / step_bytes, 1), **counts}
 
 

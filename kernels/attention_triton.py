@@ -497,8 +497,8 @@ def paged_decode_attention(
         # `_staged` moves 16-bit pairs: float32 queries keep float32 products, never widened to float16
         WIDEN=bool(cfg.widen_early) and quant and q.device.type == "cuda" and q.dtype != torch.float32,
         num_warps=cfg.short_warps if cfg.short_warps and partition <= SHORT_PARTITION else cfg.num_warps,
-        num_stages=cfg.num_stages,
-        **pdl.launch_kwargs(mode == 2), **({"maxnreg": cfg.max_registers} if cfg.max_registers and q.device.type == "cuda" else {}),
+        num_stages=cfg.num_stages, **pdl.launch_kwargs(mode == 2),
+        **({"maxnreg": cfg.max_registers} if cfg.max_registers and q.device.type == "cuda" else {}),
     )
     if split:
         _decode_merge_kernel[(batch, num_heads)](
@@ -737,9 +737,8 @@ def warm_up(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale:
             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Compile every launch variant the engine uses, now: decode with and without a context
     split, over short and long shares of it, prefill over the chunks' own keys and over a
-    cached prefix. Triton compiles a
-    variant the first time it runs (about a second), and every request of that step would
-    wait for it. Reads block 0 of the cache, writes nothing there; the inputs have the
+    cached prefix. Triton compiles a variant the first time it runs (about a second), and
+    every request of that step would wait for it. Reads block 0 of the cache, writes nothing there; the inputs have the
     engine's dtypes (int64 tables and lengths), which the compiled variants depend on; ``dtype``
     is the queries' (the model's), given when the cache is FP8 (with its scales)."""
     _, block_size, num_kv_heads, head_dim = k_cache.shape
