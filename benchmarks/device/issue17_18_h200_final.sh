@@ -3,12 +3,7 @@
 # 1k in graphs (the b64 profile's largest kernel), the fp8 sweep writing the tuned table (PDL
 # variants), the engine's FP8 figures with both, then Qwen3-MoE (greedy vs transformers with the
 # fused q/k norm and one-launch router; decode), then the router alone.
-set -u
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-start=$(date +%s)
-left() { echo $(( $1 - ($(date +%s) - start) )); }
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . > $OUT/pip.log 2>&1 || { echo pip failed; tail -5 $OUT/pip.log; }
-export PYTHONPATH=/tmp/site
+source benchmarks/device/common.sh
 timeout 70 python3 benchmarks/decode_attention_batch.py --out $OUT --best-out $OUT/best_attention.txt > $OUT/attn.log 2>&1; echo "attention rc=$? at $(( $(date +%s) - start )) s"; grep -v "^\[" $OUT/attn.log | tail -10
 export SPLITSERVE_DECODE_CONFIG="$(cat $OUT/best_attention.txt 2>/dev/null)"; echo "decode config: '$SPLITSERVE_DECODE_CONFIG'"
 timeout 170 python3 benchmarks/decode_kernel_sweep.py --families fp8 --out $OUT > $OUT/sweep.log 2>&1; echo "sweep rc=$? at $(( $(date +%s) - start )) s"; grep -v "^\[" $OUT/sweep.log | grep -E "^fp8|wrote|Error" | tail -17

@@ -1,10 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17's H200 figures in one device call (the session's device budget is short).
-set -u
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-start=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . > $OUT/pip.log 2>&1 || { echo pip failed; tail -5 $OUT/pip.log; }
-export PYTHONPATH=/tmp/site
+source benchmarks/device/common.sh
 echo "installed after $(( $(date +%s) - start )) s"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 timeout 60 python3 benchmarks/moe_kernel_bench.py --out $OUT/moe_kernel_h200.json --reps 25 > $OUT/moe_kernel.log 2>&1; echo "moe kernel rc=$? at $(( $(date +%s) - start )) s"; tail -25 $OUT/moe_kernel.log

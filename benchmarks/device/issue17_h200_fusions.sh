@@ -2,11 +2,7 @@
 # Issue 17: q/k RMSNorm in the rotary launch and the one-launch router on the GPU: greedy vs
 # transformers on tiny Qwen3-MoE, then random:qwen3-30b-a3b decode (PDL default, then the chain
 # mode), then the router alone against the two-launch path and cuBLAS.
-set -u
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-start=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . > $OUT/pip.log 2>&1 || { echo pip failed; tail -5 $OUT/pip.log; }
-export PYTHONPATH=/tmp/site
+source benchmarks/device/common.sh
 timeout 200 python3 benchmarks/gpu_perf.py --model random:qwen3-30b-a3b --kv-gb 48 --quick --decode-variants triton_graphs --sections correctness,ceilings,decode --out $OUT > $OUT/perf_moe.log 2>&1; echo "perf moe rc=$? at $(( $(date +%s) - start )) s"; grep -E "correct|greedy|match|decode " $OUT/perf_moe.log | tail -14
 mkdir -p $OUT/chain
 SPLITSERVE_PDL=2 timeout 150 python3 benchmarks/gpu_perf.py --model random:qwen3-30b-a3b --kv-gb 48 --quick --decode-variants triton_graphs --sections ceilings,decode --out $OUT/chain > $OUT/perf_moe_chain.log 2>&1; echo "perf moe chain rc=$? at $(( $(date +%s) - start )) s"; grep -E "decode " $OUT/perf_moe_chain.log | tail -8

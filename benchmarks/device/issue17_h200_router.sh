@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17, second session: the one-launch Triton router on the H200 (greedy == transformers,
 # then the decode figures) and where a decode step's time goes at batch 1 and batch 64 @ 1k.
-set -u
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-start=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . > $OUT/pip.log 2>&1 || { echo pip failed; tail -5 $OUT/pip.log; }
-export PYTHONPATH=/tmp/site
+source benchmarks/device/common.sh
 echo "installed after $(( $(date +%s) - start )) s"
 timeout 150 python3 benchmarks/gpu_perf.py --model random:qwen3-30b-a3b --kv-gb 48 --quick --decode-variants triton_graphs --sections correctness,ceilings,decode --out $OUT > $OUT/perf_moe.log 2>&1; echo "perf moe rc=$? at $(( $(date +%s) - start )) s"; tail -40 $OUT/perf_moe.log
 for b in 1 64; do

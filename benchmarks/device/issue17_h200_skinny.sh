@@ -2,11 +2,7 @@
 # Issue 17: the skinny linear kernel, the align kernel's chunk, the decode attention splits
 # swept; then the engine's decode figures with the skinny kernel on (Qwen3-30B-A3B and the dense
 # Llama-3-8B, which must not get slower) and a batch-1 profile.
-set -u
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-start=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . > $OUT/pip.log 2>&1 || { echo pip failed; tail -5 $OUT/pip.log; }
-export PYTHONPATH=/tmp/site
+source benchmarks/device/common.sh
 timeout 200 python3 benchmarks/decode_kernel_sweep.py --out $OUT > $OUT/sweep.log 2>&1; echo "sweep rc=$? at $(( $(date +%s) - start )) s"; grep -v "^\[" $OUT/sweep.log | tail -40
 timeout 150 python3 benchmarks/gpu_perf.py --model random:qwen3-30b-a3b --kv-gb 48 --quick --decode-variants triton_graphs --sections correctness,ceilings,decode --out $OUT > $OUT/perf_moe.log 2>&1; echo "perf moe rc=$? at $(( $(date +%s) - start )) s"; grep -E "correctness|decode  .*(ms|vs_floor)" $OUT/perf_moe.log | tail -12
 timeout 120 python3 benchmarks/gpu_perf.py --model random:llama-3-8b --kv-gb 48 --quick --decode-variants triton_graphs --sections ceilings,decode --out $OUT > $OUT/perf_llama.log 2>&1; echo "perf llama rc=$? at $(( $(date +%s) - start )) s"; grep -E "decode  .*(ms|vs_floor)" $OUT/perf_llama.log | tail -8

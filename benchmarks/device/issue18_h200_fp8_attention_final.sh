@@ -2,12 +2,7 @@
 # Issue 18: the FP8 decode kernel's shipped default (DECODE_FP8: two warps) against four, in
 # graphs at batch 64 and 1 over 1k and at batch 64 over 4k (the issue's attention case), then
 # the engine's FP8 figures with the shipped defaults (no overrides).
-set -u
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-start=$(date +%s)
-left() { echo $(( $1 - ($(date +%s) - start) )); }
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . > /tmp/pip.log 2>&1 || { echo pip failed; tail -5 /tmp/pip.log; }
-export PYTHONPATH=/tmp/site
+source benchmarks/device/common.sh
 show() {
 python3 - "$1" <<'PY'
 import json, sys

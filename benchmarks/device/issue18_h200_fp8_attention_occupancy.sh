@@ -4,12 +4,7 @@
 # limited by 128 registers and the stages' shared memory). Times, in graphs at batch 64 x 1k,
 # launch shapes that fit more programs on an SM (register caps, fewer stages, 16-token steps,
 # more splits), then the engine's FP8 figures with the best.
-set -u
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-start=$(date +%s)
-left() { echo $(( $1 - ($(date +%s) - start) )); }
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . > /tmp/pip.log 2>&1 || { echo pip failed; tail -5 /tmp/pip.log; }
-export PYTHONPATH=/tmp/site
+source benchmarks/device/common.sh
 timeout 200 python3 benchmarks/decode_attention_batch.py --kv fp8 --batches 64 --out $OUT --best-fp8-out /tmp/best_fp8.txt --specs "" \
   maxnreg=96 maxnreg=80 stages=3 stages=3,maxnreg=96 stages=3,maxnreg=80 stages=2 stages=2,maxnreg=96 stages=2,maxnreg=80 \
   programs_per_sm=4,stages=3,maxnreg=96 programs_per_sm=4,stages=3,maxnreg=80 programs_per_sm=8,stages=3,maxnreg=80 \

@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
 # Issue 18: DECODE_FP8 with three stages (two warps; four for short shares) against four stages,
 # FP8 caches at batch 64 and 1 over 1k; and warm_up's four decode variants on the GPU.
-set -u
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . > /tmp/pip.log 2>&1 || { echo pip failed; tail -5 /tmp/pip.log; }
-export PYTHONPATH=/tmp/site
+source benchmarks/device/common.sh
 timeout 60 python3 -c "
 import torch
 from splitserve.kernels import attention_triton as at

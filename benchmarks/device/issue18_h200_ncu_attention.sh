@@ -2,10 +2,7 @@
 # Issue 18: why the decode kernel over an FP8 cache runs at about bf16's time (batch 64 x 1k,
 # Llama-3-8B heads) with half the bytes, and with 38% fewer loop instructions when widening
 # early: Nsight Compute's sections for bf16, FP8 widened late and early, and FP8 with 64-token steps.
-set -u
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . > /tmp/pip.log 2>&1 || { echo pip failed; tail -5 /tmp/pip.log; }
-export PYTHONPATH=/tmp/site
+source benchmarks/device/common.sh
 i=0
 for v in "bf16 block_n=32" "fp8 widen=0" "fp8 widen=1" "fp8 widen=0,block_n=64,stages=3"; do
   set -- $v; i=$((i+1))

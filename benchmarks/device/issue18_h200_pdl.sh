@@ -3,11 +3,7 @@
 # SiLU and attention kernels before it): the fp8 sweep with PDL variants, writing the tuned
 # table; then the engine's FP8 figures with that table, PDL off, on (linears), on (chain:
 # norm, SiLU and attention launched early too); the FP8 attention's transposed loop; a b64 profile.
-set -u
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-start=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . > $OUT/pip.log 2>&1 || { echo pip failed; tail -5 $OUT/pip.log; }
-export PYTHONPATH=/tmp/site
+source benchmarks/device/common.sh
 timeout 260 python3 benchmarks/decode_kernel_sweep.py --families fp8 --out $OUT > $OUT/sweep.log 2>&1; echo "sweep rc=$? at $(( $(date +%s) - start )) s"; grep -v "^\[" $OUT/sweep.log | tail -17
 export SPLITSERVE_SKINNY_CONFIGS=$OUT/skinny_nvidia_h200.json
 mkdir -p $OUT/pdl_off

@@ -2,11 +2,7 @@
 # Issue 18: the fp8 sweep again (wider split range, 8-warp W8A8 tiles, gated vs plain + SiLU
 # recorded in the table), then where an FP8 decode step's time goes at batch 1 (profile), then
 # the engine's FP8 figures with the new table.
-set -u
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-start=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . > $OUT/pip.log 2>&1 || { echo pip failed; tail -5 $OUT/pip.log; }
-export PYTHONPATH=/tmp/site
+source benchmarks/device/common.sh
 timeout 280 python3 benchmarks/decode_kernel_sweep.py --families fp8 --out $OUT > $OUT/sweep.log 2>&1; echo "sweep rc=$? at $(( $(date +%s) - start )) s"; grep -v "^\[" $OUT/sweep.log | tail -17
 export SPLITSERVE_SKINNY_CONFIGS=$OUT/skinny_nvidia_h200.json
 timeout 120 python3 benchmarks/decode_profile.py --model random:llama-3-8b --quantization fp8 --kv-gb 16 --out $OUT > $OUT/profile.log 2>&1; echo "profile rc=$? at $(( $(date +%s) - start )) s"; grep -v "^\[" $OUT/profile.log | tail -32

@@ -3,12 +3,7 @@
 # more launch) at 1.35-3.3x their floors. Sweeps weight-only at 64 rows beside W8A8 (the table
 # then holds both; linear_triton.weight_only_pays picks), then the engine's FP8 figures with
 # the shipped table and with the new one, in the same run.
-set -u
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-start=$(date +%s)
-left() { echo $(( $1 - ($(date +%s) - start) )); }
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . > /tmp/pip.log 2>&1 || { echo pip failed; tail -5 /tmp/pip.log; }
-export PYTHONPATH=/tmp/site
+source benchmarks/device/common.sh
 timeout 220 python3 benchmarks/decode_kernel_sweep.py --families fp8 --fp8-rows 64 --out $OUT > /tmp/sweep.log 2>&1; echo "sweep rc=$? at $(( $(date +%s) - start )) s"; grep -v "^\[" /tmp/sweep.log | grep -E "^fp8|wrote|Error" | tail -12
 mkdir -p /tmp/shipped
 timeout $(left 400) python3 benchmarks/fp8_perf.py --sections ceilings,weights --out /tmp/shipped > /tmp/perf_shipped.log 2>&1; echo "fp8 perf (shipped table) rc=$? at $(( $(date +%s) - start )) s"; grep -E "fp8_decode|bf16_decode_b64" /tmp/perf_shipped.log | tail -8

@@ -4,12 +4,7 @@
 # memory (decode_kernel_asm.py). DecodeConfig.widen_early widens where the tiles are loaded.
 # Checks it on this Triton (instruction counts; outputs bit-equal to widen=0 and close to the
 # reference), picks the FP8 launch shape in graphs, then the engine's FP8 figures with it.
-set -u
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-start=$(date +%s)
-left() { echo $(( $1 - ($(date +%s) - start) )); }
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . > /tmp/pip.log 2>&1 || { echo pip failed; tail -5 /tmp/pip.log; }
-export PYTHONPATH=/tmp/site
+source benchmarks/device/common.sh
 timeout 90 python3 benchmarks/decode_kernel_asm.py --out $OUT 2>&1 | grep -v Warn | cut -c1-260 | tail -7
 timeout 90 python3 - <<'PY'
 import torch
