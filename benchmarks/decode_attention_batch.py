@@ -18,7 +18,6 @@ Usage (repository root, package on PYTHONPATH, one GPU):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -81,11 +80,11 @@ def main(argv: list[str] | None = None) -> dict:
                 base = at.DECODE_FP8 if label == "fp8" else at.DECODE
                 for spec in args.specs:
                     cfg = at.DecodeConfig.parse(spec, base)
+                    calls = [lambda kc=kc, vc=vc, c=cfg: at.paged_decode_attention(
+                        q, kc, vc, tables, lens, d**-0.5, cfg=c, **scales) for kc, vc in caches]
                     if not rows and not res:  # the run's first timing ran slow (clocks): once, discarded
-                        graph_time_s([lambda kc=kc, vc=vc, c=cfg: at.paged_decode_attention(
-                            q, kc, vc, tables, lens, d**-0.5, cfg=c, **scales) for kc, vc in caches])
-                    t = graph_time_s([lambda kc=kc, vc=vc, c=cfg: at.paged_decode_attention(
-                        q, kc, vc, tables, lens, d**-0.5, cfg=c, **scales) for kc, vc in caches])
+                        graph_time_s(calls)
+                    t = graph_time_s(calls)
                     res[spec or "default"] = {"us": 1e6 * t, "vs_floor": t / floor}
                     totals[label][spec] += t / floor
                 best = min(res, key=lambda s: res[s]["us"])
@@ -101,8 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["best_overall"] = min(overall, key=overall.get) if len(kinds) == 2 else None
     report["best_by_kv"] = {kv: min(t, key=t.get) for kv, t in totals.items() if kv in kinds}
     out = args.out / f"decode_attention_batch_{results_meta.slug(report['device']['name'])}_{now:%Y-%m-%dT%H%M}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    results_meta.write_json(out, report)
     print(f"best overall: {report['best_overall']!r}; by cache dtype: {report['best_by_kv']}; wrote {out}")
     for path, spec in ((args.best_out, report["best_overall"]), (args.best_bf16_out, report["best_by_kv"].get("bf16")),
                        (args.best_fp8_out, report["best_by_kv"].get("fp8"))):

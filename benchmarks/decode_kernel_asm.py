@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["rows"] = rows
     if args.out:
         out = args.out / f"decode_kernel_asm_sm{args.arch}_triton{triton.__version__}_{now:%Y-%m-%d}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
+        results_meta.write_json(out, report)
         print(f"wrote {out}")
     return report
 

@@ -354,13 +354,10 @@ def main(argv: list[str] | None = None) -> dict:
             table = json.loads(shipped.read_text())["configs"] | table
             meta["note"] = f"rows {args.fp8_rows} swept on {now:%Y-%m-%d}; the other entries from the shipped table"
         tuned = args.out / shipped.name
-        tuned.parent.mkdir(parents=True, exist_ok=True)
-        tuned.write_text(json.dumps(meta | {"copy_bandwidth_TBps": report["copy_bandwidth_TBps"], "configs": table},
-                                    indent=1))
+        results_meta.write_json(tuned, meta | {"copy_bandwidth_TBps": report["copy_bandwidth_TBps"], "configs": table})
         print(f"wrote {tuned}")
     out = args.out / f"decode_kernel_sweep_{results_meta.slug(report['device']['name'])}_{now:%Y-%m-%dT%H%M}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    results_meta.write_json(out, report)
     print(f"wrote {out}")
     return report
 

@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     quant = f"_{args.quantization}" if args.quantization else ""
     out = args.out / (f"decode_profile_{results_meta.slug(report['device']['name'])}{quant}_b{args.batch}"
                       f"_{now:%Y-%m-%dT%H%M}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    results_meta.write_json(out, report)
     print(json.dumps({k: v for k, v in report.items() if k != "top_kernels"}, indent=1))
     for k in report["top_kernels"]:
         print(f"{k['us_per_step']:9.1f} us  x{k['count_per_step']:6.1f}  {k['name']}")

@@ -73,6 +73,12 @@ def default_out_path(benchmark: str, device_slug: str, now: datetime) -> Path:
     return RESULTS_DIR / f"{benchmark}_{device_slug}_{now:%Y-%m-%d}.json"
 
 
+def write_json(out: Path, data: dict[str, Any]) -> None:
+    """A result file with no plot: ``out``'s folder made if missing, the JSON written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1))
+
+
 def save_report(out: Path, report: dict[str, Any], write_plot: Callable[[Path, dict[str, Any]], None],
                 format_table: Callable[[dict[str, Any]], str]) -> None:
     """Write the JSON and its PNG beside it, then print the table (last, so it shows)."""

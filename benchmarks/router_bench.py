@@ -24,7 +24,6 @@ Writes ``router_bench_<device>_<date>.json`` and prints a line per row count.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -111,8 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
                                         {"name": torch.cuda.get_device_name(), "torch": torch.__version__})
     report["rows"] = bench()
     out = args.out / f"router_bench_{results_meta.slug(report['device']['name'])}_{now:%Y-%m-%dT%H%M}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    results_meta.write_json(out, report)
     print(f"wrote {out}")
     return report
 
