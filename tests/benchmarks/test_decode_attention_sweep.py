@@ -3,24 +3,15 @@ fraction, config specs, the stages' config lists, ranking, the table)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "decode_attention_sweep.py"
+from bench_modules import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sweep():
     pytest.importorskip("triton")
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("decode_attention_sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["decode_attention_sweep"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("decode_attention_sweep")
 
 
 def test_bytes_moved_llama3_8b_batch64_4k(sweep):

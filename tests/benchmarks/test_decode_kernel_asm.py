@@ -9,9 +9,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from bench_modules import BENCH
 
 
 def test_widening_early_removes_the_byte_loads_from_the_fp8_loop():

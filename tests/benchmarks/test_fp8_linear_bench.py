@@ -4,7 +4,6 @@ on before triton is imported): every path dispatch takes is run and checked agai
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,17 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from bench_modules import load_benchmark
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fp8_linear_bench.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("fp8_linear_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fp8_linear_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("fp8_linear_bench")
 
 
 def test_weight_only_bytes_are_one_per_weight(bench):

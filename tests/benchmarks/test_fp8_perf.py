@@ -4,34 +4,23 @@ independence from its chunk size."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from bench_modules import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def perf():
-    return _load("fp8_perf")
+    return load_benchmark("fp8_perf")
 
 
 @pytest.fixture(scope="module")
 def accuracy():
-    return _load("fp8_accuracy")
+    return load_benchmark("fp8_accuracy")
 
 
 def test_tiny_run_measures_every_section_and_writes_json_and_plot(perf, tmp_path):

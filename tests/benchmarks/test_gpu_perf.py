@@ -3,25 +3,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_perf.py"
+from bench_modules import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def gp():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("gpu_perf", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_perf"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_perf")
 
 
 def llama3_8b(gp):

@@ -4,7 +4,6 @@ interpreter is on before triton is imported)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,17 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from bench_modules import load_benchmark
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "moe_kernel_bench.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("moe_kernel_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["moe_kernel_bench"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("moe_kernel_bench")
 
 
 def test_qwen3_layer_bytes_and_floor(bench):

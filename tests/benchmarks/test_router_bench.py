@@ -3,23 +3,15 @@ default's (the timing itself needs a GPU)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "router_bench.py"
+from bench_modules import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
     pytest.importorskip("triton")
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("router_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("router_bench")
 
 
 def test_variants_hold_the_default_and_both_finishes(bench):
