@@ -124,12 +124,20 @@ class ModelShape:
         """Parameters a decode step must read: every non-expert weight (attention, norms, routers,
         dense MLPs, lm_head) but only ONE embedding row, plus ``experts_per_layer`` distinct experts
         in each sparse layer. (Tied embeddings: the lm_head reads the table, the row is in it.)"""
+        return self.step_read_bytes(experts_per_layer, 1)
+
+    def step_read_bytes(self, experts_per_layer: float, elem_bytes: float, linear_bytes: float | None = None) -> float:
+        """`step_read_params` in bytes: the projections (attention, dense MLPs, experts) at
+        ``linear_bytes`` a weight (FP8: 1; their per-row scales are left out, under 0.4%), the
+        rest (norms, routers, lm_head, the embedding row) at ``elem_bytes``."""
+        linear_bytes = elem_bytes if linear_bytes is None else linear_bytes
         dense = self.layers - self.moe_layers
         norms = self.layers * (2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)) + self.hidden
         embedding_row = 0 if self.tie_embeddings else self.hidden
-        return (self.layers * self.attention_params + dense * 3 * self.hidden * self.intermediate
-                + self.moe_layers * (self.num_experts * self.hidden + experts_per_layer * self.expert_params)
-                + norms + self.vocab * self.hidden + embedding_row)
+        linears = (self.layers * self.attention_params + dense * 3 * self.hidden * self.intermediate
+                   + self.moe_layers * experts_per_layer * self.expert_params)
+        rest = self.moe_layers * self.num_experts * self.hidden + norms + self.vocab * self.hidden + embedding_row
+        return linears * linear_bytes + rest * elem_bytes
 
     @property
     def total_params(self) -> int:
@@ -444,10 +452,10 @@ def distinct_experts_per_step(llm, batch: int, prompt_len: int, out_len: int, se
     counts: list[int] = []
     recording = [False]
 
-    def counting(x, w13, w2, weights, ids, expert_offset=0):
+    def counting(x, experts, weights, ids, expert_offset=0):
         if recording[0]:
             counts.append(int(ids.unique().numel()))
-        return original(x, w13, w2, weights, ids, expert_offset)
+        return original(x, experts, weights, ids, expert_offset)
 
     dispatch.fused_moe = counting
     runner.enforce_eager, engine.scheduler.lookahead = True, False
@@ -488,8 +496,8 @@ def section_decode(ctx: "Ctx") -> dict:
                   f"experts_per_layer_b{big}_min": min(counts, default=0),
                   f"experts_per_layer_b{big}_uniform": expected_distinct_experts(shape.num_experts, shape.top_k, big),
                   "experts_per_layer_b1": shape.top_k, "expert_calls_counted": len(counts)}
-    read_b1 = shape.step_read_params(shape.top_k) * ctx.elem_bytes
-    read_big = shape.step_read_params(experts_big) * ctx.elem_bytes
+    read_b1 = shape.step_read_bytes(shape.top_k, ctx.elem_bytes, ctx.linear_bytes)
+    read_big = shape.step_read_bytes(experts_big, ctx.elem_bytes, ctx.linear_bytes)
     read_floor_b1 = decode_floor_s(read_b1, kv_b1, ctx.copy_bw)
     read_floor_big = decode_floor_s(read_big, kv_big, ctx.copy_bw)
     if shape.is_moe:
@@ -746,6 +754,8 @@ class Ctx:
         self.device = torch.device(args.device)
         self.dtype = torch.float32 if args.tiny else torch.bfloat16
         self.elem_bytes = 4 if args.tiny else 2
+        #: Bytes a projection weight takes (FP8 weights: 1; embeddings, lm_head, norms, routers stay).
+        self.linear_bytes = 1 if args.quantization == "fp8" else self.elem_bytes
         self.max_num_seqs = 8 if args.tiny else 256
         # Set by section_ceilings; GPU.md's H100 figures until then (used only if it failed).
         self.copy_bw, self.matmul_flops = 3.0e12, 7.9e14
@@ -779,7 +789,7 @@ class Ctx:
             self.llm = LLM(self.model_name, device=self.args.device, dtype=str(self.dtype).removeprefix("torch."),
                            kv_cache_memory=(64 << 20) if self.args.tiny else (self.args.kv_gb << 30),
                            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=256 if self.args.tiny else 16384,
-                           show_progress=False)
+                           show_progress=False, quantization=self.args.quantization)
             self.shape = ModelShape.from_config(self.llm.engine.executor_for_tests.runner.model_cfg)
             log(f"engine ready in {time.perf_counter() - t:.1f} s: {self.model_name}")
         return self.llm
@@ -906,6 +916,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--compare-model", default=None,
                    help="offline section: the same workload on this model too, after the first is released")
     p.add_argument("--quick", action="store_true", help="fewer decode steps and repetitions")
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="FP8 weights (projections and MoE experts; decode floors count them at 1 byte)")
     p.add_argument("--num-requests", type=int, default=None, help="offline section (default 1000, tiny 8)")
     p.add_argument("--hf-batches", type=int, default=1, help="transformers generate() batches of 128 to time")
     p.add_argument("--kv-gb", type=int, default=60, help="KV cache budget of the engine, GiB")

@@ -243,13 +243,13 @@ def one_by_one(x, w13, w2, weights, ids):
 def measure(layer: Layer, num_tokens: int, configs: list, timer: Timer, copy_bw: float) -> list[dict[str, Any]]:
     import torch
 
-    from splitserve.kernels.moe import fused_moe_ref
+    from splitserve.kernels.moe import ExpertWeights, fused_moe_ref
     from splitserve.kernels.moe_triton import fused_moe_triton, moe_config
 
     shape = layer.shape
     x, weights, ids = layer.inputs(num_tokens)
-    want = fused_moe_ref(x.float(), layer.w13.float(), layer.w2.float(), weights, ids)
-    ref_same_dtype = fused_moe_ref(x, layer.w13, layer.w2, weights, ids)
+    want = fused_moe_ref(x.float(), ExpertWeights(layer.w13.float(), layer.w2.float()), weights, ids)
+    ref_same_dtype = fused_moe_ref(x, ExpertWeights(layer.w13, layer.w2), weights, ids)
     bf16_err = rel_error(ref_same_dtype, want)
     run_1by1, active = one_by_one(x, layer.w13, layer.w2, weights, ids)
     torch.testing.assert_close(run_1by1().to(x.dtype).float(), ref_same_dtype.float(), atol=5e-2, rtol=5e-2)
@@ -263,12 +263,12 @@ def measure(layer: Layer, num_tokens: int, configs: list, timer: Timer, copy_bw:
                                "active_experts": active, "bytes_read": bytes_read, "floor_us": floor * 1e6,
                                "one_by_one_us": t_1by1 * 1e6, "bf16_ref_rel_err": bf16_err}
         try:
-            got = fused_moe_triton(x, layer.w13, layer.w2, weights, ids, config=cfg)
+            got = fused_moe_triton(x, ExpertWeights(layer.w13, layer.w2), weights, ids, config=cfg)
             row["rel_err"] = rel_error(got, want)
             row["max_rel_err"] = max_rel_error(got, want)
             row["bf16_ref_max_rel_err"] = max_rel_error(ref_same_dtype, want)
             row["ok"] = error_ok(row["rel_err"], bf16_err)
-            call = lambda: fused_moe_triton(x, layer.w13, layer.w2, weights, ids, config=cfg)  # noqa: E731
+            call = lambda: fused_moe_triton(x, ExpertWeights(layer.w13, layer.w2), weights, ids, config=cfg)  # noqa: E731
             t = timer(call)
             row["triton_us"] = t * 1e6
             row["triton_graph_us"] = None

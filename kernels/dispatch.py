@@ -257,16 +257,17 @@ def router(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool,
     return route(F.linear(x, weight), top_k, renormalize)
 
 
-def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-              ids: torch.Tensor, expert_offset: int = 0) -> torch.Tensor:
+def fused_moe(x: torch.Tensor, experts: moe_ref.ExpertWeights, weights: torch.Tensor, ids: torch.Tensor,
+              expert_offset: int = 0) -> torch.Tensor:
     """Each token through its top-k experts, weighted and summed (`moe.fused_moe_ref`):
-    x [T, H], w13 [E_local, 2I, H], w2 [E_local, H, I], weights [T, k] float32, ids [T, k]
-    int32 (global expert ids; those outside [expert_offset, expert_offset + E_local) skipped)."""
+    x [T, H], the rank's experts (float or FP8 weight-only: `moe.ExpertWeights`), weights
+    [T, k] float32, ids [T, k] int32 (global expert ids; those outside [expert_offset,
+    expert_offset + E_local) skipped)."""
     if use_triton(x):
         from splitserve.kernels import moe_triton
 
-        return moe_triton.fused_moe_triton(x, w13, w2, weights, ids, expert_offset)
-    return moe_ref.fused_moe_ref(x, w13, w2, weights, ids, expert_offset)
+        return moe_triton.fused_moe_triton(x, experts, weights, ids, expert_offset)
+    return moe_ref.fused_moe_ref(x, experts, weights, ids, expert_offset)
 
 
 # ---- FP8 weights ---------------------------------------------------------------------------

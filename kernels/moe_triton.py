@@ -30,6 +30,12 @@ records into a CUDA graph):
    whose expert is local, in float32: no atomics, the same order every run, and the
    skipped slots are never read (so ``slots`` needs no zeroing).
 
+FP8 experts (`moe.ExpertWeights` with a scheme) are weight-only: gate_up and down load e4m3
+tiles and widen them in registers (to float16, one instruction, x saturated to float16's range;
+or to x's dtype), per-row scales multiply the float32 sums once after the loop, and block scales
+multiply each step's product (the launch narrows its tiles to the scale block, so one scalar
+serves a step). Half the bytes of bf16 for the memory-bound decode sizes; the MMAs stay 16-bit.
+
 Each block streams its expert's weights; at decode an active expert is one block, so its
 weights are read from HBM once per call (prefill's several blocks per expert share them
 through L2). A decode step is thus memory bound, and the launch
@@ -39,12 +45,15 @@ decode, for enough programs to keep the HBM busy; larger tiles for prefill.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 import torch
 import triton
 import triton.language as tl
+
+from splitserve.kernels.fp8 import Fp8Scheme
+from splitserve.kernels.moe import ExpertWeights
 
 #: Up to this many (token, slot) pairs the alignment is the single-program Triton kernel.
 #: Its time grows with the pairs (a serial loop: on an H200 3 us at 32 pairs, 25 us at 512,
@@ -248,10 +257,31 @@ def _block_rows(block, rows, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, e
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, top_k, inter,
-                    hidden, expert_offset, num_experts, stride_xt, stride_we, stride_wn, stride_ot,
-                    DIRECT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+def _widen(a, w, DOT_F16: tl.constexpr):
+    """One step's operands for tl.dot: an e4m3 weight tile widened (float16, one instruction,
+    with x saturated to float16's range; or x's dtype); a float weight as it is."""
+    if DOT_F16:
+        return tl.clamp(a.to(tl.float32), -65504.0, 65504.0).to(tl.float16), w.to(tl.float16)
+    return a, w.to(a.dtype)
+
+
+@triton.jit
+def _scaled_step(a, w, acc, s_ptr, SCALE: tl.constexpr, PRECISION: tl.constexpr, DOT_F16: tl.constexpr):
+    """acc + a w, the product times the tile's one block scale (SCALE 2: a tile never crosses a
+    scale block, so one scalar serves it) or accumulated inside the MMA (per-row scales are
+    applied once, after the loop)."""
+    a, w = _widen(a, w, DOT_F16)
+    if SCALE == 2:
+        return acc + tl.dot(a, w, input_precision=PRECISION) * tl.load(s_ptr)
+    return tl.dot(a, w, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_ptr, s_ptr, num_pairs, top_k, inter,
+                    hidden, expert_offset, num_experts, stride_xt, stride_we, stride_wn, stride_ot, stride_se,
+                    stride_sn, stride_sk, up_block_rows, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+                    SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, DOT_F16: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     block = tl.program_id(0)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     expert, pair = _block_rows(block, rows, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, expert_offset,
@@ -260,13 +290,19 @@ def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_p
         return
     real = pair < num_pairs
     token = (pair // top_k).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = tl.program_id(1) * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
     col_ok = cols < inter
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :]
     # Weight tiles are read [K, N] from the [N, K] rows of w13 (K contiguous).
     g_ptrs = w13_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
     u_ptrs = g_ptrs + inter * stride_wn
+    # Scales: per row, gate's at [e, n] and up's at [e, inter + n]; per block, gate's block row
+    # n // SCALE_BN and up's up_block_rows further (each part's blocks start at its row 0).
+    s_base = s_ptr + expert.to(tl.int64) * stride_se
+    sg_ptr = s_base + (col0 // SCALE_BN) * stride_sn
+    su_ptr = sg_ptr + up_block_rows * stride_sn
     gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
@@ -274,21 +310,25 @@ def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_p
         a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
         wg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         wu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        gate = tl.dot(a, wg, gate, input_precision=PRECISION)
-        up = tl.dot(a, wu, up, input_precision=PRECISION)
+        gate = _scaled_step(a, wg, gate, sg_ptr + (k0 // SCALE_BK) * stride_sk, SCALE, PRECISION, DOT_F16)
+        up = _scaled_step(a, wu, up, su_ptr + (k0 // SCALE_BK) * stride_sk, SCALE, PRECISION, DOT_F16)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
+    if SCALE == 1:
+        gate *= tl.load(s_base + cols * stride_sn, mask=col_ok, other=0.0)[None, :]
+        up *= tl.load(s_base + (inter + cols) * stride_sn, mask=col_ok, other=0.0)[None, :]
     act = gate / (1.0 + tl.exp(-gate)) * up
     out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_ot + cols[None, :]
     tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=real[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, hidden,
-                 inter, expert_offset, num_experts, stride_ht, stride_we, stride_wn, stride_st,
-                 DIRECT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert_ptr, ids_ptr, s_ptr, num_pairs,
+                 hidden, inter, expert_offset, num_experts, stride_ht, stride_we, stride_wn, stride_st, stride_se,
+                 stride_sn, stride_sk, DIRECT: tl.constexpr, PRECISION: tl.constexpr, SCALE: tl.constexpr,
+                 SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, DOT_F16: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     block = tl.program_id(0)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     expert, pair = _block_rows(block, rows, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, expert_offset,
@@ -296,19 +336,24 @@ def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert
     if (expert < 0) | (expert >= num_experts):
         return
     real = pair < num_pairs
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = tl.program_id(1) * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_ht + ks[None, :]
     w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
+    s_base = s_ptr + expert.to(tl.int64) * stride_se
+    sb_ptr = s_base + (col0 // SCALE_BN) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
         k_ok = ks < inter - k0
         a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        acc = _scaled_step(a, w, acc, sb_ptr + (k0 // SCALE_BK) * stride_sk, SCALE, PRECISION, DOT_F16)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if SCALE == 1:
+        acc *= tl.load(s_base + cols * stride_sn, mask=col_ok, other=0.0)[None, :]
     weight = tl.load(weights_ptr + pair, mask=real, other=0.0)
     acc = acc * weight[:, None]
     out_ptrs = slots_ptr + pair[:, None].to(tl.int64) * stride_st + cols[None, :]
@@ -335,27 +380,64 @@ def _combine_kernel(slots_ptr, ids_ptr, out_ptr, top_k, hidden, expert_offset, n
 COMBINE_BLOCK = 1024
 
 
-def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                     ids: torch.Tensor, expert_offset: int = 0, config: MoeConfig | None = None) -> torch.Tensor:
-    """`fused_moe_ref`'s call: x [T, H], w13 [E_local, 2I, H] (gate rows, then up), w2
-    [E_local, H, I], routing weights float32 [T, k] and ids int32 [T, k] -> [T, H] in x's
-    dtype. ``config`` overrides `moe_config` (benchmarks)."""
+@dataclass(frozen=True)
+class _Scales:
+    """How the kernels read one weight's scales: the kind (0 none, 1 per row, 2 per block), the
+    tensor (a placeholder when none) and its strides (expert, row, column), and the block."""
+
+    kind: int
+    tensor: torch.Tensor
+    strides: tuple[int, int, int]
+    block: tuple[int, int]
+
+    @classmethod
+    def of(cls, scale: torch.Tensor | None, scheme: Fp8Scheme | None, block: tuple[int, int],
+           placeholder: torch.Tensor) -> "_Scales":
+        if scheme is None:
+            return cls(0, placeholder, (0, 0, 0), (1, 1))
+        if scheme is Fp8Scheme.CHANNEL:  # [E, N]: the row stride is the column one
+            return cls(1, scale, (scale.stride(0), scale.stride(1), 0), (1, 1))
+        return cls(2, scale, (scale.stride(0), scale.stride(1), scale.stride(2)), block)
+
+
+def launch_tiles(cfg: MoeConfig, experts: ExpertWeights) -> MoeConfig:
+    """``cfg`` with tiles that never cross a scale block (BLOCK scheme: no wider than it)."""
+    if experts.scheme is not Fp8Scheme.BLOCK:
+        return cfg
+    bn, bk = experts.block
+    if bn & (bn - 1) or bk & (bk - 1) or min(bn, bk) < 16:
+        raise ValueError(f"fused_moe: FP8 scale blocks {experts.block} must be powers of two of at least 16")
+    return replace(cfg, block_n1=min(cfg.block_n1, bn), block_k1=min(cfg.block_k1, bk),
+                   block_n2=min(cfg.block_n2, bn), block_k2=min(cfg.block_k2, bk))
+
+
+def fused_moe_triton(x: torch.Tensor, experts: ExpertWeights, weights: torch.Tensor, ids: torch.Tensor,
+                     expert_offset: int = 0, config: MoeConfig | None = None,
+                     dot_f16: bool | None = None) -> torch.Tensor:
+    """`fused_moe_ref`'s call: x [T, H], the experts (float or FP8: `ExpertWeights`), routing
+    weights float32 [T, k] and ids int32 [T, k] -> [T, H] in x's dtype. ``config`` overrides
+    `moe_config` (benchmarks). FP8 weight tiles are widened to float16 (``dot_f16``, default for
+    16-bit x: one instruction, x saturated to float16's range) or to x's dtype."""
     num_tokens, hidden = x.shape
-    num_experts, two_inter, _ = w13.shape
-    inter = two_inter // 2
+    w13, w2 = experts.w13, experts.w2
+    num_experts, inter = experts.num_local, experts.intermediate
     top_k = ids.shape[1]
-    if w13.shape[2] != hidden or w2.shape != (num_experts, hidden, inter) or two_inter % 2:
-        raise ValueError(f"fused_moe: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} disagree")
+    if w13.shape[2] != hidden:
+        raise ValueError(f"fused_moe: x {tuple(x.shape)} and w13 {tuple(w13.shape)} disagree")
     out = torch.empty_like(x)
     if num_tokens == 0:
         return out
     num_pairs = num_tokens * top_k
-    cfg = config or moe_config(num_pairs)
+    cfg = launch_tiles(config or moe_config(num_pairs), experts)
+    if dot_f16 is None:
+        dot_f16 = experts.quantized and x.dtype in (torch.float16, torch.bfloat16)
     x = x if x.stride(-1) == 1 else x.contiguous()
     w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
     w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
     ids = ids.contiguous()
     weights = weights.to(torch.float32).contiguous()
+    s13 = _Scales.of(experts.w13_scale, experts.scheme, experts.block, weights)
+    s2 = _Scales.of(experts.w2_scale, experts.scheme, experts.block, weights)
     direct = num_tokens <= DIRECT_MAX_TOKENS
     if direct:  # no alignment: block b is pair b (the buffers are unread placeholders)
         sorted_pairs = block_expert = ids
@@ -364,17 +446,21 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weigh
         sorted_pairs, block_expert = align_by_expert(ids, num_experts, expert_offset, cfg.block_m)
         num_blocks = block_expert.shape[0]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
-    launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "DIRECT": direct, "PRECISION": precision,
+              "DOT_F16": dot_f16, "BLOCK_M": cfg.block_m}
     h = torch.empty(num_blocks * cfg.block_m, inter, dtype=x.dtype, device=x.device)
+    up_block_rows = triton.cdiv(inter, s13.block[0]) if s13.kind == 2 else 0
     _gate_up_kernel[(num_blocks, triton.cdiv(inter, cfg.block_n1))](
-        x, w13, h, sorted_pairs, block_expert, ids, num_pairs, top_k, inter, hidden, expert_offset, num_experts,
-        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), DIRECT=direct, PRECISION=precision,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1, **launch)
+        x, w13, h, sorted_pairs, block_expert, ids, s13.tensor, num_pairs, top_k, inter, hidden, expert_offset,
+        num_experts, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), *s13.strides, up_block_rows,
+        SCALE=s13.kind, SCALE_BN=s13.block[0], SCALE_BK=s13.block[1], BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1,
+        **launch)
     slots = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     _down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n2))](
-        h, w2, slots, weights, sorted_pairs, block_expert, ids, num_pairs, hidden, inter, expert_offset, num_experts,
-        h.stride(0), w2.stride(0), w2.stride(1), slots.stride(0), DIRECT=direct, PRECISION=precision,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2, **launch)
+        h, w2, slots, weights, sorted_pairs, block_expert, ids, s2.tensor, num_pairs, hidden, inter, expert_offset,
+        num_experts, h.stride(0), w2.stride(0), w2.stride(1), slots.stride(0), *s2.strides,
+        SCALE=s2.kind, SCALE_BN=s2.block[0], SCALE_BK=s2.block[1], BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
+        **launch)
     _combine_kernel[(num_tokens, triton.cdiv(hidden, COMBINE_BLOCK))](
         slots, ids, out, top_k, hidden, expert_offset, num_experts, slots.stride(0), out.stride(0),
         BLOCK=COMBINE_BLOCK, num_warps=4)

@@ -107,6 +107,14 @@ def test_qwen3_30b_a3b_total_active_and_read_params(gp):
     assert dense.step_read_params(0) == dense.total_params - dense.vocab * dense.hidden + dense.hidden
 
 
+def test_fp8_read_bytes_count_projections_and_experts_at_one_byte(gp):
+    shape = shape_of(gp, "qwen3-30b-a3b")
+    bf16, fp8 = shape.step_read_bytes(8, 2), shape.step_read_bytes(8, 2, linear_bytes=1)
+    assert bf16 == 2 * shape.step_read_params(8)
+    projections = 48 * (shape.attention_params + 8 * shape.expert_params)
+    assert bf16 - fp8 == projections  # one byte saved per projection weight; router, lm_head stay bf16
+
+
 def test_moe_prefill_flops_count_router_and_top_k_experts(gp):
     shape = gp.ModelShape(hidden=8, intermediate=16, layers=2, heads=2, kv_heads=1, head_dim=4, vocab=10,
                           num_experts=4, top_k=2, moe_intermediate=6, moe_layers=1)

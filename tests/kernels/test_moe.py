@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from splitserve.kernels import dispatch
-from splitserve.kernels.moe import fused_moe_ref, route
+from splitserve.kernels.moe import ExpertWeights, fused_moe_ref, route
 
 T, H, I, E, K = 7, 16, 8, 6, 2
 
@@ -72,7 +72,7 @@ def test_route_matches_transformers_routers():
 def test_fused_moe_ref_matches_a_per_token_loop():
     x, w13, w2, logits = _weights()
     weights, ids = route(logits, K, True)
-    out = fused_moe_ref(x, w13, w2, weights, ids)
+    out = fused_moe_ref(x, ExpertWeights(w13, w2), weights, ids)
     assert out.dtype == x.dtype and out.shape == (T, H)
     torch.testing.assert_close(out.double(), _naive(x, w13, w2, weights, ids), rtol=1e-5, atol=1e-6)
 
@@ -80,34 +80,33 @@ def test_fused_moe_ref_matches_a_per_token_loop():
 def test_expert_parallel_subsets_skip_other_experts_and_sum_to_the_whole():
     x, w13, w2, logits = _weights(1)
     weights, ids = route(logits, K, False)
-    whole = fused_moe_ref(x, w13, w2, weights, ids)
+    whole = fused_moe_ref(x, ExpertWeights(w13, w2), weights, ids)
     parts = []
     for start in (0, 2, 4):  # three ranks of two experts each
-        part = fused_moe_ref(x, w13[start:start + 2], w2[start:start + 2], weights, ids, expert_offset=start)
+        part = fused_moe_ref(x, ExpertWeights(w13[start:start + 2], w2[start:start + 2]), weights, ids, expert_offset=start)
         torch.testing.assert_close(part.double(), _naive(x, w13[start:start + 2], w2[start:start + 2],
                                                          weights, ids, start), rtol=1e-5, atol=1e-6)
         parts.append(part)
     torch.testing.assert_close(sum(parts), whole, rtol=1e-5, atol=1e-6)
     # A rank none of whose experts were chosen adds exactly nothing.
-    unused = fused_moe_ref(x, w13[:2], w2[:2], weights, ids, expert_offset=E)
+    unused = fused_moe_ref(x, ExpertWeights(w13[:2], w2[:2]), weights, ids, expert_offset=E)
     assert torch.equal(unused, torch.zeros_like(x))
 
 
 def test_tensor_parallel_slices_of_every_expert_sum_to_the_whole():
     x, w13, w2, logits = _weights(2)
     weights, ids = route(logits, K, True)
-    whole = fused_moe_ref(x, w13, w2, weights, ids)
+    whole = fused_moe_ref(x, ExpertWeights(w13, w2), weights, ids)
     half = I // 2
-    parts = [fused_moe_ref(x, torch.cat([w13[:, c:c + half], w13[:, I + c:I + c + half]], dim=1),
-                           w2[:, :, c:c + half], weights, ids) for c in (0, half)]
+    parts = [fused_moe_ref(x, ExpertWeights(torch.cat([w13[:, c:c + half], w13[:, I + c:I + c + half]], dim=1), w2[:, :, c:c + half]), weights, ids) for c in (0, half)]
     torch.testing.assert_close(parts[0] + parts[1], whole, rtol=1e-5, atol=1e-6)
 
 
 def test_empty_batch_and_low_precision_dtype():
     x, w13, w2, logits = _weights(3, torch.bfloat16)
     weights, ids = route(logits, K, True)
-    assert fused_moe_ref(x[:0], w13, w2, weights[:0], ids[:0]).shape == (0, H)
-    out = fused_moe_ref(x, w13, w2, weights, ids)
+    assert fused_moe_ref(x[:0], ExpertWeights(w13, w2), weights[:0], ids[:0]).shape == (0, H)
+    out = fused_moe_ref(x, ExpertWeights(w13, w2), weights, ids)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), _naive(x, w13, w2, weights, ids), rtol=2e-2, atol=2e-2)
 
@@ -115,5 +114,5 @@ def test_empty_batch_and_low_precision_dtype():
 def test_dispatch_runs_the_reference_on_cpu():
     x, w13, w2, logits = _weights(4)
     weights, ids = route(logits, K, False)
-    assert torch.equal(dispatch.fused_moe(x, w13[3:], w2[3:], weights, ids, 3),
-                       fused_moe_ref(x, w13[3:], w2[3:], weights, ids, 3))
+    assert torch.equal(dispatch.fused_moe(x, ExpertWeights(w13[3:], w2[3:]), weights, ids, 3),
+                       fused_moe_ref(x, ExpertWeights(w13[3:], w2[3:]), weights, ids, 3))

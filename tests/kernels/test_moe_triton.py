@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitserve.kernels.moe import fused_moe_ref
+from splitserve.kernels.moe import ExpertWeights, fused_moe_ref
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
@@ -67,9 +67,9 @@ def test_matches_reference(num_tokens, num_experts, top_k):
     from splitserve.kernels.moe_triton import fused_moe_triton
 
     x, w13, w2, weights, ids = make_case(num_tokens, num_experts, top_k, seed=num_tokens)
-    got = fused_moe_triton(x, w13, w2, weights, ids)
+    got = fused_moe_triton(x, ExpertWeights(w13, w2), weights, ids)
     assert got.shape == x.shape and got.dtype == x.dtype
-    torch.testing.assert_close(got, fused_moe_ref(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, fused_moe_ref(x, ExpertWeights(w13, w2), weights, ids), atol=1e-5, rtol=1e-5)
 
 
 # 2 tokens: no alignment (a block per pair); 11: aligned.
@@ -82,13 +82,13 @@ def test_expert_parallel_skips_other_ranks_ids(num_tokens):
     x, w13, w2, weights, ids = make_case(num_tokens, 12, 3, seed=5)
     ids[0] = torch.tensor([0, 1, 11], dtype=torch.int32)  # nothing local
     local_w13, local_w2 = w13[4:10], w2[4:10]
-    got = fused_moe_triton(x, local_w13, local_w2, weights, ids, expert_offset=4)
-    want = fused_moe_ref(x, local_w13, local_w2, weights, ids, expert_offset=4)
+    got = fused_moe_triton(x, ExpertWeights(local_w13, local_w2), weights, ids, expert_offset=4)
+    want = fused_moe_ref(x, ExpertWeights(local_w13, local_w2), weights, ids, expert_offset=4)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(got[0], torch.zeros(HIDDEN))
     # The ranks' outputs add up to the whole layer's.
-    rest = [fused_moe_triton(x, w13[a:b], w2[a:b], weights, ids, expert_offset=a) for a, b in ((0, 4), (10, 12))]
-    torch.testing.assert_close(got + sum(rest), fused_moe_ref(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
+    rest = [fused_moe_triton(x, ExpertWeights(w13[a:b], w2[a:b]), weights, ids, expert_offset=a) for a, b in ((0, 4), (10, 12))]
+    torch.testing.assert_close(got + sum(rest), fused_moe_ref(x, ExpertWeights(w13, w2), weights, ids), atol=1e-5, rtol=1e-5)
 
 
 def test_prefill_sizes_take_the_torch_alignment_and_wider_blocks(monkeypatch):
@@ -98,8 +98,8 @@ def test_prefill_sizes_take_the_torch_alignment_and_wider_blocks(monkeypatch):
     monkeypatch.setattr(moe_triton, "ALIGN_TRITON_MAX_PAIRS", 8)
     cfg = moe_triton.MoeConfig(block_m=32, block_n1=16, block_k1=16, block_n2=16, block_k2=32)
     x, w13, w2, weights, ids = make_case(21, 4, 2, dtype=torch.float16, seed=7)
-    got = moe_triton.fused_moe_triton(x, w13, w2, weights, ids, config=cfg)
-    want = fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids)
+    got = moe_triton.fused_moe_triton(x, ExpertWeights(w13, w2), weights, ids, config=cfg)
+    want = fused_moe_ref(x.float(), ExpertWeights(w13.float(), w2.float()), weights, ids)
     torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
 
 
@@ -108,7 +108,7 @@ def test_no_tokens():
 
     x, w13, w2, weights, ids = make_case(0, 4, 2)
     assert ids.shape == (0, 2)
-    assert fused_moe_triton(x, w13, w2, weights, ids).shape == (0, HIDDEN)
+    assert fused_moe_triton(x, ExpertWeights(w13, w2), weights, ids).shape == (0, HIDDEN)
 
 
 def test_config_choice_and_specs():
@@ -137,9 +137,43 @@ def test_dispatch_runs_the_triton_kernel_when_asked(monkeypatch):
     dispatch.kernel_mode.cache_clear()
     try:
         x, w13, w2, weights, ids = make_case(5, 6, 2, seed=9)
-        got = dispatch.fused_moe(x, w13[1:], w2[1:], weights, ids, 1)
+        got = dispatch.fused_moe(x, ExpertWeights(w13[1:], w2[1:]), weights, ids, 1)
     finally:
         dispatch.kernel_mode.cache_clear()
     assert len(calls) == 1
-    torch.testing.assert_close(got, fused_moe_ref(x, w13[1:], w2[1:], weights, ids, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, fused_moe_ref(x, ExpertWeights(w13[1:], w2[1:]), weights, ids, 1), atol=1e-5, rtol=1e-5)
 
+
+
+# ---- FP8 (e4m3) experts, weight-only ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme,block", [("channel", None), ("block", (16, 32)), ("block", (32, 16))])
+@pytest.mark.parametrize("num_tokens", [1, 11])
+def test_fp8_experts_match_the_dequantized_reference(scheme, block, num_tokens):
+    """Per-row and block scales (blocks smaller than the tiles, so the launch narrows its tiles;
+    INTER 48 leaves a partial block at the end of gate and of up), direct and aligned."""
+    from splitserve.kernels.fp8 import Fp8Scheme
+    from splitserve.kernels.moe import quantize_experts
+    from splitserve.kernels.moe_triton import fused_moe_triton
+
+    x, w13, w2, weights, ids = make_case(num_tokens, 6, 2, seed=num_tokens + 100)
+    experts = quantize_experts(w13, w2, Fp8Scheme(scheme), *([block] if block else []))
+    assert experts.w13.dtype == torch.float8_e4m3fn
+    want = fused_moe_ref(x, experts, weights, ids)
+    # e4m3 rounding is visible: the reference is of the FP8 values, not of the float weights.
+    assert (want - fused_moe_ref(x, ExpertWeights(w13, w2), weights, ids)).abs().max() > 1e-3
+    torch.testing.assert_close(fused_moe_triton(x, experts, weights, ids, dot_f16=False), want, atol=1e-5, rtol=1e-5)
+    # Widened to float16 (the GPU default for 16-bit x): x rounded to float16 as well.
+    torch.testing.assert_close(fused_moe_triton(x, experts, weights, ids, dot_f16=True), want, atol=5e-3, rtol=5e-3)
+
+
+def test_fp8_experts_skip_other_ranks_ids():
+    from splitserve.kernels.fp8 import Fp8Scheme
+    from splitserve.kernels.moe import quantize_experts
+    from splitserve.kernels.moe_triton import fused_moe_triton
+
+    x, w13, w2, weights, ids = make_case(9, 12, 3, seed=5)
+    local = quantize_experts(w13[4:10], w2[4:10], Fp8Scheme.CHANNEL)
+    torch.testing.assert_close(fused_moe_triton(x, local, weights, ids, expert_offset=4, dot_f16=False),
+                               fused_moe_ref(x, local, weights, ids, expert_offset=4), atol=1e-5, rtol=1e-5)

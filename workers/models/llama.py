@@ -127,8 +127,7 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(cfg, parallel, quant, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # MoE experts are not FP8 linears: their FP8 checkpoints are dequantized at load (quant.py).
-        self.mlp = (SparseMoeBlock(cfg, parallel) if cfg.is_moe_layer(layer)
+        self.mlp = (SparseMoeBlock(cfg, parallel, quant, prefix) if cfg.is_moe_layer(layer)
                     else LlamaMLP(cfg, parallel, quant, f"{prefix}.mlp"))
 
     def forward(self, x, residual, cos, sin, kv_cache, meta):
@@ -206,7 +205,7 @@ class LlamaForCausalLM(nn.Module):
         """Load this rank's shards from Hugging Face-named tensors (or lazy slices of them);
         tensors of other stages are skipped; every local parameter must be covered."""
         loaded: set[tuple[str, str, int]] = set()
-        for hf_name, tensor in prepare_checkpoint(weights, self.quant, lambda name: self._locate(name) is not None):
+        for hf_name, tensor in prepare_checkpoint(weights):
             target = self._locate(hf_name)
             if target is not None:
                 path, param, shard = target
@@ -232,7 +231,7 @@ class LlamaForCausalLM(nn.Module):
             for old, new in self.checkpoint_renames.items():
                 rest = rest.replace(old, new)
             if ".experts." in f"{rest}.":
-                target = expert_shard(rest, self.get_submodule(f"{local}.mlp.experts"))
+                target = expert_shard(rest, param, self.get_submodule(f"{local}.mlp.experts"))
                 return None if target is None else (f"{local}.{target[0]}", target[1], target[2])
             parent, _, leaf = rest.rpartition(".")
             fused, shard = _FUSED.get(leaf, (leaf, 0))

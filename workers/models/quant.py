@@ -6,8 +6,8 @@ checkpoint left unquantized: its ``ignore`` list) and the linears call the `Fp8L
 to allocate ``weight`` as float8_e4m3fn [N, K] and ``weight_scale`` float32 (per output row
 [N, 1]; or 128x128 blocks [ceil(N/128), ceil(K/128)]). ``model.to(dtype)`` would widen
 them like every other float parameter, so `restore_quantized_dtypes` puts them back right
-after. Loading goes through `prepare_checkpoint` (scale names unified, expert weights
-dequantized) then each linear's `load_shard`, which lands here (`load_column` / `load_row`):
+after. Loading goes through `prepare_checkpoint` (scale names unified) then each linear's
+`load_shard`, which lands here (`load_column` / `load_row`):
 e4m3 tensors are copied as they are with their scales; float tensors (an unquantized
 checkpoint with ``quantization="fp8"``, or random weights) are quantized on the spot, per output
 row of this rank's slice, and their scale counts as loaded (``derived_shards``). Every forward
@@ -17,23 +17,27 @@ Tensor parallelism keeps the scales with their slices: per-row scales are cut li
 a 128x128 block is never split between two ranks or two fused parts, so a layout whose slices
 do not start on a multiple of 128 is refused when the model is built (`check_block_alignment`).
 
-What stays unquantized: embeddings and the LM head, norms, the MoE router, and MoE experts:
-FP8 expert checkpoints are dequantized to the model's dtype at load (a documented limitation:
-the fused MoE kernel has no FP8 path yet), so they cost bfloat16 memory.
+MoE experts (`Fp8ExpertsMethod`, for `FusedExperts`) hold e4m3 ``w13`` / ``w2`` with per-row
+or block scales in the layout `kernels.moe.ExpertWeights` names, loaded and quantized the
+same way, expert by expert; they run weight-only (the fused MoE kernel widens each tile). A
+block scheme needs every tp slice of the intermediate dimension to start on a block.
+
+What stays unquantized: embeddings and the LM head, norms, and the MoE router.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from splitserve.kernels import dispatch as kernels
-from splitserve.kernels.fp8 import FP8_DTYPE, Fp8Scheme, Fp8Weight, dequantize, quantize
+from splitserve.kernels.fp8 import FP8_DTYPE, Fp8Scheme, Fp8Weight, quantize
+from splitserve.kernels.moe import ExpertWeights, scale_shapes
 from splitserve.workers.quant_config import SCALE_NAMES, QuantConfig
 
 logger = logging.getLogger(__name__)
@@ -63,15 +67,27 @@ def _matches(name: str, pattern: str) -> bool:
 def linear_method(config: QuantConfig | None, hf_names: list[str]) -> "Fp8LinearMethod | None":
     """The method of a linear that fuses the checkpoint modules ``hf_names`` (q_proj, k_proj,
     v_proj ...): None when unquantized. A fused layer is quantized all or nothing."""
+    return Fp8LinearMethod(config) if _quantized(config, [(name,) for name in hf_names]) else None
+
+
+def experts_method(config: QuantConfig | None, spellings: list[tuple[str, ...]]) -> "Fp8ExpertsMethod | None":
+    """The method of a layer's experts, or None when unquantized: all or nothing, as for a fused
+    linear. ``spellings``: per expert projection, its checkpoint names under each family's
+    spelling (ignored when the ignore list names any of them)."""
+    return Fp8ExpertsMethod(config) if _quantized(config, spellings) else None
+
+
+def _quantized(config: QuantConfig | None, spellings: list[tuple[str, ...]]) -> bool:
     if config is None:
-        return None
-    ignored = [any(_matches(name, p) for p in config.ignore) for name in hf_names]
+        return False
+    ignored = [any(_matches(name, p) for name in names for p in config.ignore) for names in spellings]
     if all(ignored):
-        return None
+        return False
     if any(ignored):
-        raise ValueError(f"{config.source} checkpoint quantizes only some of {hf_names}, which run as one fused "
-                         "linear here: mixed quantization inside a fused layer is not supported")
-    return Fp8LinearMethod(config)
+        shown = [names[0] for names in spellings[:6]] + (["..."] if len(spellings) > 6 else [])
+        raise ValueError(f"{config.source} checkpoint quantizes only some of {shown}, which run as one fused "
+                         "layer here: mixed quantization inside a fused layer is not supported")
+    return True
 
 
 class Fp8LinearMethod:
@@ -189,6 +205,117 @@ class Fp8LinearMethod:
         return quantize(weight, self.scheme, self.block)
 
 
+class Fp8ExpertsMethod:
+    """How a layer's experts (`FusedExperts`) hold, load and run FP8 weights: e4m3 ``w13`` /
+    ``w2`` and float32 ``w13_scale`` / ``w2_scale`` (layouts: `kernels.moe.ExpertWeights`).
+    Loader shards are the module's: w13's ``2 * local + (0 gate | 1 up)``, w2's ``local``, and
+    the same for their scales."""
+
+    def __init__(self, config: QuantConfig):
+        self.config = config
+        self.scheme = config.layer_scheme
+        self.block = config.block
+
+    def create_weights(self, experts: nn.Module, num_local: int, inter: int, hidden: int) -> None:
+        experts.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden, dtype=FP8_DTYPE), requires_grad=False)
+        experts.w2 = nn.Parameter(torch.empty(num_local, hidden, inter, dtype=FP8_DTYPE), requires_grad=False)
+        s13, s2 = scale_shapes(self.scheme, self.block, num_local, inter, hidden)
+        experts.w13_scale = nn.Parameter(torch.empty(s13, dtype=torch.float32), requires_grad=False)
+        experts.w2_scale = nn.Parameter(torch.empty(s2, dtype=torch.float32), requires_grad=False)
+        #: (param, shard) scales computed at load from a float weight rather than read.
+        experts.derived_shards = set()
+
+    def check_alignment(self, what: str, cols: range, total: int) -> None:
+        """A block scheme's tp slice of the intermediate dimension (w13's rows, w2's columns)
+        must start on a block and end on one, or at the end."""
+        if self.scheme is not Fp8Scheme.BLOCK:
+            return
+        for size, axis in ((self.block[0], "rows of gate/up"), (self.block[1], "columns of down")):
+            if cols.start % size or (len(cols) % size and cols.stop != total):
+                raise ValueError(
+                    f"{what}: FP8 block scales ({self.block[0]}x{self.block[1]}) need every tensor-parallel slice of "
+                    f"the experts' intermediate dimension to start on a multiple of {size} ({axis}), but this rank "
+                    f"holds {cols.start}..{cols.stop} of {total}; use a tensor-parallel size that keeps it aligned "
+                    "(or expert parallel, which keeps experts whole)")
+
+    def restore_dtypes(self, experts: nn.Module) -> None:
+        """After ``model.to(dtype)``, as `Fp8LinearMethod.restore_dtypes`."""
+        for name in ("w13", "w2"):
+            getattr(experts, name).data = getattr(experts, name).data.to(FP8_DTYPE)
+        for name in ("w13_scale", "w2_scale"):
+            getattr(experts, name).data = getattr(experts, name).data.float()
+
+    def weights(self, experts: nn.Module) -> ExpertWeights:
+        return ExpertWeights(experts.w13, experts.w2, self.scheme, experts.w13_scale, experts.w2_scale, self.block)
+
+    def load(self, experts: nn.Module, param: str, shard: int, tensor, cols: range) -> None:
+        """One checkpoint tensor of one expert: ``param`` w13 / w2 (a projection's weight: rows
+        ``cols`` of gate or up, columns ``cols`` of down) or w13_scale / w2_scale (its scale)."""
+        inter = len(cols)
+        if param == "w13":
+            local, half = divmod(shard, 2)
+            rows = tensor[cols.start:cols.stop]
+            if is_fp8(rows):
+                _copy(experts.w13.data[local, half * inter:(half + 1) * inter], rows, f"w13[{shard}]")
+                return
+            q = self._quantize(experts, rows, ("w13_scale", shard))
+            _copy(experts.w13.data[local, half * inter:(half + 1) * inter], q.data, f"w13[{shard}]")
+            dest = self._w13_scale(experts, local, half, inter)
+            dest[...] = q.scale.reshape(dest.shape)
+            return
+        if param == "w2":
+            part = tensor[:, cols.start:cols.stop]
+            if is_fp8(part):
+                _copy(experts.w2.data[shard], part, f"w2[{shard}]")
+                return
+            q = self._quantize(experts, part, ("w2_scale", shard))
+            _copy(experts.w2.data[shard], q.data, f"w2[{shard}]")
+            experts.w2_scale.data[shard] = q.scale.reshape(experts.w2_scale.shape[1:])
+            return
+        scale = _read_all(tensor).float()
+        if param == "w13_scale":
+            local, half = divmod(shard, 2)
+            dest = self._w13_scale(experts, local, half, inter)
+            if self.scheme is Fp8Scheme.BLOCK:
+                bn = self.block[0]
+                scale = _as_block_scale(scale, self.config)[cols.start // bn:_cdiv(cols.stop, bn)]
+            elif scale.numel() == 1:
+                scale = scale.reshape(1).expand(inter)
+            else:
+                scale = scale.reshape(-1)[cols.start:cols.stop]
+            _copy(dest, scale, f"{param}[{shard}]")
+            return
+        if param == "w2_scale":
+            dest = experts.w2_scale.data[shard]
+            if self.scheme is Fp8Scheme.BLOCK:
+                bk = self.block[1]
+                scale = _as_block_scale(scale, self.config)[:, cols.start // bk:_cdiv(cols.stop, bk)]
+            elif scale.numel() == 1:
+                scale = scale.reshape(1).expand_as(dest)
+            else:
+                scale = scale.reshape(-1)
+            _copy(dest, scale, f"{param}[{shard}]")
+            return
+        raise ValueError(f"FP8 experts load w13, w2 and their scales, not {param!r}")
+
+    def _w13_scale(self, experts: nn.Module, local: int, half: int, inter: int) -> torch.Tensor:
+        """The scales of local expert ``local``'s gate (half 0) or up (1) part."""
+        if self.scheme is Fp8Scheme.BLOCK:
+            nb = experts.w13_scale.shape[1] // 2
+            return experts.w13_scale.data[local, half * nb:(half + 1) * nb]
+        return experts.w13_scale.data[local, half * inter:(half + 1) * inter]
+
+    def _quantize(self, experts: nn.Module, weight, derived: tuple[str, int]) -> Fp8Weight:
+        if self.config.prequantized:
+            logger.info("a float expert weight in an FP8 checkpoint (not in its ignore list): quantized at load")
+        experts.derived_shards.add(derived)
+        device = experts.w13.device
+        weight = _read_all(weight)
+        if device.type != "cpu":
+            weight = weight.to(device)
+        return quantize(weight, self.scheme, self.block)
+
+
 def _check_scale_param(param: str) -> None:
     if param != SCALE_PARAM:  # e.g. a kv-cache or output scale: nothing of ours reads it
         raise ValueError(f"an FP8 linear loads 'weight' and '{SCALE_PARAM}', not {param!r}")
@@ -216,14 +343,14 @@ def restore_quantized_dtypes(model: nn.Module) -> None:
     """Every FP8 linear's weight back to e4m3 and its scales to float32 (after ``model.to``)."""
     for module in model.modules():
         method = getattr(module, "quant", None)
-        if isinstance(method, Fp8LinearMethod):
+        if isinstance(method, (Fp8LinearMethod, Fp8ExpertsMethod)):
             method.restore_dtypes(module)
 
 
 def check_target(module: nn.Module, hf_name: str, tensor) -> None:
     """An e4m3 tensor (or a scale) may only land in an FP8 linear: anywhere else its values
     would be read without their scale."""
-    if isinstance(getattr(module, "quant", None), Fp8LinearMethod):
+    if isinstance(getattr(module, "quant", None), (Fp8LinearMethod, Fp8ExpertsMethod)):
         return
     if is_fp8(tensor) or hf_name.endswith(f".{SCALE_PARAM}"):
         raise ValueError(f"checkpoint tensor {hf_name!r} is FP8 but the module it loads into is not quantized: "
@@ -234,41 +361,14 @@ def check_target(module: nn.Module, hf_name: str, tensor) -> None:
 # ---- the checkpoint stream --------------------------------------------------------------------
 
 
-def prepare_checkpoint(weights: Iterable[tuple[str, Any]], config: QuantConfig | None,
-                       wanted: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, Any]]:
+def prepare_checkpoint(weights: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
     """The checkpoint's (name, tensor) as the model loads them: scale names unified to
-    ``weight_scale``; ``input_scale`` dropped (activations are quantized dynamically); each MoE
-    expert's e4m3 weight dequantized to float32 with its scale (held until both have come),
-    unless ``wanted(weight name)`` says this rank does not hold it (then it is not read)."""
-    pending: dict[str, dict[str, Any]] = {}  # expert module -> {"weight": .., "scale": ..}
+    ``weight_scale``; ``input_scale`` dropped (activations are quantized dynamically, or not at
+    all for experts)."""
     for name, tensor in weights:
         module, _, param = name.rpartition(".")
         if param == "input_scale":
             continue
         if param in SCALE_NAMES:
             param = SCALE_PARAM
-        if ".experts." in name and param in ("weight", SCALE_PARAM) and (param == SCALE_PARAM or is_fp8(tensor)):
-            if not wanted(f"{module}.weight"):
-                continue
-            parts = pending.setdefault(module, {})
-            parts[param] = tensor
-            if len(parts) == 2:
-                del pending[module]
-                yield f"{module}.weight", _dequantize_expert(module, parts["weight"], parts[SCALE_PARAM], config)
-            continue
         yield f"{module}.{param}", tensor
-    if pending:
-        module, parts = next(iter(pending.items()))
-        raise ValueError(f"checkpoint expert {module!r} has its {sorted(parts)} but not "
-                         f"{sorted({'weight', SCALE_PARAM} - parts.keys())} ({len(pending)} experts incomplete)")
-
-
-def _dequantize_expert(module: str, weight, scale, config: QuantConfig | None) -> torch.Tensor:
-    if config is None:
-        raise ValueError(f"checkpoint expert {module!r} is FP8 but config.json has no quantization_config")
-    w = _read_all(weight)
-    s = _read_all(scale).float()
-    if config.scheme is Fp8Scheme.BLOCK:
-        return dequantize(Fp8Weight(w, s, Fp8Scheme.BLOCK, config.block))
-    scheme = Fp8Scheme.TENSOR if s.numel() == 1 else Fp8Scheme.CHANNEL
-    return dequantize(Fp8Weight(w, s.reshape(1) if s.numel() == 1 else s.reshape(-1, 1), scheme))

@@ -63,14 +63,30 @@ FORMATS = {
     "fp8-tensor": ("tiny-qwen3", Fp8Scheme.TENSOR, "weight_scale", {"quant_method": "fp8",
                                                                      "activation_scheme": "dynamic"}),
     "float+fp8": ("tiny-llama", Fp8Scheme.CHANNEL, None, None),
-    # Experts stored FP8 too (dequantized at load), the router left alone as published ones do.
+    # Experts stored FP8 too (and held FP8), the router left alone as published ones do.
     "ct-channel-moe": ("tiny-qwen3-moe", Fp8Scheme.CHANNEL, "weight_scale",
                        _compressed_tensors("channel", ("lm_head", "re:.*mlp.gate$"))),
+    # Qwen3-MoE-FP8's format: 128x128 blocks, one per expert part (whole blocks elsewhere).
+    "fp8-block-moe": ("wide-qwen3-moe", Fp8Scheme.BLOCK, "weight_scale_inv", _FP8_BLOCK),
+    "float+fp8-moe": ("tiny-qwen3-moe", Fp8Scheme.CHANNEL, None, None),
+    # Written under Mixtral's hub names (block_sparse_moe.experts.{e}.w1 ...; `MIXTRAL_NAMES`).
+    "ct-tensor-mixtral": ("tiny-mixtral", Fp8Scheme.TENSOR, "weight_scale",
+                          _compressed_tensors("tensor", ("lm_head", "re:.*block_sparse_moe.gate$"))),
 }
-DENSE_FORMATS = [f for f in FORMATS if not f.endswith("moe")]
+#: random_hf_weights' (Qwen3-MoE) names -> Mixtral's, as its checkpoints on the hub spell them.
+MIXTRAL_NAMES = {".mlp.gate.": ".block_sparse_moe.gate.", ".mlp.experts.": ".block_sparse_moe.experts.",
+                 ".gate_proj.": ".w1.", ".up_proj.": ".w3.", ".down_proj.": ".w2."}
+MOE_FORMATS = [f for f in FORMATS if f.endswith(("moe", "mixtral"))]
+DENSE_FORMATS = [f for f in FORMATS if f not in MOE_FORMATS]
 
 
 def _hf_config(shape: str):
+    if shape == "wide-qwen3-moe":  # q, k, v, the dense MLP and each expert part whole 128-row blocks
+        config = random_config("tiny-qwen3-moe")
+        for key, value in dict(hidden_size=256, num_hidden_layers=2, head_dim=64, num_key_value_heads=4, intermediate_size=256,
+                               moe_intermediate_size=128).items():
+            setattr(config, key, value)
+        return config
     if shape != "wide-llama":
         return random_config(shape)
     # Every projection a whole number of 128x128 blocks, on one rank and on each of two.
@@ -108,6 +124,7 @@ class Fp8Checkpoint:
                     stored[name.removesuffix("weight") + "input_scale"] = torch.tensor(1.0)
         self.dequantized_weights = dequantized
         self.float_weights = weights
+        self.renames = MIXTRAL_NAMES if shape == "tiny-mixtral" else {}
         self._write(self.quantized, stored, qconfig)
         self._write(self.dequantized, dequantized, None)
 
@@ -117,7 +134,12 @@ class Fp8Checkpoint:
             config = json.loads((folder / "config.json").read_text())
             config["quantization_config"] = qconfig
             (folder / "config.json").write_text(json.dumps(config))
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+        save_file({self._rename(k): v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+
+    def _rename(self, name: str) -> str:
+        for old, new in self.renames.items():  # (Mixtral has no dense MLP these could also name)
+            name = name.replace(old, new)
+        return name
 
 
 @pytest.fixture(scope="module")
@@ -182,23 +204,46 @@ def test_each_rank_holds_the_checkpoints_dequantized_slices(checkpoints, fmt, tp
                 assert torch.equal(linear.quant.weight(linear).dequantize(), expected), (fmt, tp, rank, i)
 
 
-@pytest.mark.parametrize("tp,expert_parallel", [(1, False), (2, False), (2, True)])
-def test_fp8_experts_are_dequantized_at_load_and_the_router_stays_float(checkpoints, tp, expert_parallel):
-    ckpt = checkpoints("ct-channel-moe")
+@pytest.mark.parametrize("fmt,tp,expert_parallel", [
+    ("ct-channel-moe", 1, False), ("ct-channel-moe", 2, False), ("ct-channel-moe", 2, True),
+    ("fp8-block-moe", 1, False), ("fp8-block-moe", 2, True), ("float+fp8-moe", 2, False),
+    ("ct-tensor-mixtral", 1, False)])
+def test_fp8_experts_load_as_e4m3_with_their_scales_and_the_router_stays_float(checkpoints, fmt, tp, expert_parallel):
+    """Each rank's experts, dequantized, equal the checkpoint's dequantized slices (quantized at
+    load: each rank's down columns scaled on their own, as a row-parallel linear's are)."""
+    ckpt = checkpoints(fmt)
     deq, inter = ckpt.dequantized_weights, ckpt.cfg.moe_intermediate_size
     for rank in range(tp):
         model = _rank_model(ckpt, tp, rank, expert_parallel)
-        block = model.layers[0].mlp  # sparse; layer 1 is dense (mlp_only_layers)
-        assert block.gate.weight.dtype == block.experts.w13.dtype == torch.float32
-        assert model.layers[1].mlp.gate_up_proj.weight.dtype == torch.float8_e4m3fn
-        cols, experts = block.experts.cols, block.experts.experts
-        for local, e in enumerate(experts):
-            def w(p):
-                return deq[f"model.layers.0.mlp.experts.{e}.{p}.weight"]
+        block = model.layers[0].mlp  # sparse; tiny-qwen3-moe's layer 1 is dense (mlp_only_layers)
+        assert block.gate.weight.dtype == torch.float32
+        assert block.experts.w13.dtype == block.experts.w2.dtype == torch.float8_e4m3fn
+        experts = block.experts.weights()
+        assert experts.scheme is (Fp8Scheme.BLOCK if ckpt.scheme is Fp8Scheme.BLOCK else Fp8Scheme.CHANNEL)
+        cols, owned = block.experts.cols, block.experts.experts
+        for local, e in enumerate(owned):
+            def w(p, table=deq):
+                return table[f"model.layers.0.mlp.experts.{e}.{p}.weight"]
             want13 = torch.cat([w("gate_proj")[cols.start:cols.stop], w("up_proj")[cols.start:cols.stop]])
-            assert torch.equal(block.experts.w13[local], want13)
-            assert torch.equal(block.experts.w2[local], w("down_proj")[:, cols.start:cols.stop])
-        assert len(cols) * len(experts) == inter * ckpt.cfg.num_experts // tp
+            want2 = w("down_proj")[:, cols.start:cols.stop]
+            if ckpt.quantization is not None:
+                want2 = quantize(w("down_proj", ckpt.float_weights)[:, cols.start:cols.stop], ckpt.scheme).dequantize()
+            w13, w2 = experts.expert(local, torch.float32)
+            assert torch.equal(w13, want13), (fmt, rank, e)
+            assert torch.equal(w2, want2), (fmt, rank, e)
+        assert len(cols) * len(owned) == inter * ckpt.cfg.num_experts // tp
+
+
+def test_fp8_block_experts_refuse_a_tp_slice_inside_a_block(checkpoints):
+    """128-wide experts over tp 2: 64 each, half a block (expert parallel, which keeps experts
+    whole, loads: above)."""
+    from transformers import AutoConfig
+
+    ckpt = checkpoints("fp8-block-moe")
+    quant = resolve_quantization(None, AutoConfig.from_pretrained(ckpt.quantized))
+    with pytest.raises(ValueError, match="experts' intermediate dimension to start on a multiple of 128"):
+        build_model(ckpt.cfg, ParallelState(Mapping(2, 1, 2, 1), None, False), torch.device("cpu"),
+                    torch.float32, quant)
 
 
 def test_per_tensor_scales_of_fused_parts_stay_apart(checkpoints):
@@ -250,7 +295,7 @@ def _oracle(ckpt: Fp8Checkpoint, fake_quant: bool):
             return (flat.reshape(x.shape),)
 
         for name, module in model.named_modules():
-            # MoE experts run unquantized activations (their weights are dequantized at load).
+            # MoE experts are weight-only: their activations are not quantized.
             if name.endswith(PROJECTIONS) and isinstance(module, torch.nn.Linear) and ".experts." not in name:
                 module.register_forward_pre_hook(hook)
     return model
