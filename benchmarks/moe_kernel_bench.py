@@ -15,6 +15,9 @@ Per token count T (decode batches to a long prefill): random router logits, rout
   device-to-device copy bandwidth measured in the same run (a 1 GiB torch copy, bytes read +
   written per second, as gpu_perf.py counts it).
 
+``--fp8 channel block`` adds the same layer with FP8 (e4m3, weight-only) experts of each scale
+scheme (`moe.quantize_experts`): errors against the float32 reference of the FP8 values, floors
+at one byte a weight, and the e4m3 tiles widened both ways (float16, the default, and bf16).
 ``--configs`` times extra launch shapes (`MoeConfig` specs) at every T beside the built-in
 choice. ``--smoke`` runs tiny shapes in float32 on the CPU under Triton's interpreter (the
 plumbing, for the test; set before triton is imported, so the script sets it itself).
@@ -64,10 +67,11 @@ class MoeShape:
         """gate, up and down of one expert."""
         return 3 * self.hidden * self.intermediate * self.elem_bytes
 
-    def bytes_read(self, num_tokens: int, active_experts: int) -> int:
-        """What the layer must move at least: each active expert's weights once, x read and
-        the output written."""
-        return active_experts * self.expert_bytes + 2 * num_tokens * self.hidden * self.elem_bytes
+    def bytes_read(self, num_tokens: int, active_experts: int, weight_bytes: int | None = None) -> int:
+        """What the layer must move at least: each active expert's weights once (``weight_bytes``
+        a weight: FP8 1; default the activations' size), x read and the output written."""
+        per_expert = self.expert_bytes if weight_bytes is None else 3 * self.hidden * self.intermediate * weight_bytes
+        return active_experts * per_expert + 2 * num_tokens * self.hidden * self.elem_bytes
 
     def flops(self, num_tokens: int) -> int:
         return 2 * num_tokens * self.top_k * 3 * self.hidden * self.intermediate
@@ -101,15 +105,16 @@ def error_ok(triton_err: float, bf16_err: float) -> bool:
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"{report['shape']['name']}: copy bandwidth {report['copy_bw_TBps']:.2f} TB/s (read + written), "
              f"device {report['device'].get('name')}"]
-    lines.append(f"{'T':>6} {'config':<58} {'experts':>7} {'rel_err':>8} {'bf16_ref':>8} {'ok':>3} "
+    lines.append(f"{'T':>6} {'weights':<12} {'f16':>4} {'config':<58} {'experts':>7} {'rel_err':>8} {'bf16_ref':>8} {'ok':>3} "
                  f"{'triton_us':>10} {'graph_us':>9} {'1by1_us':>9} {'floor_us':>9} {'x_floor':>7} {'TFLOP/s':>8}")
     for r in report["rows"]:
         if r.get("error"):
-            lines.append(f"{r['tokens']:>6} {r.get('config', ''):<58} FAILED {r['error'][:90]}")
+            lines.append(f"{r['tokens']:>6} {r.get('weights', ''):<12} {r.get('config', ''):<58} FAILED {r['error'][:90]}")
             continue
         graph = r.get("triton_graph_us")
         best = min(t for t in (r["triton_us"], graph) if t is not None)
-        lines.append(f"{r['tokens']:>6} {r['config']:<58} {r['active_experts']:>7} {r['rel_err']:>8.1e} "
+        dot = {None: "-", True: "yes", False: "no"}[r.get("dot_f16")]
+        lines.append(f"{r['tokens']:>6} {r['weights']:<12} {dot:>4} {r['config']:<58} {r['active_experts']:>7} {r['rel_err']:>8.1e} "
                      f"{r['bf16_ref_rel_err']:>8.1e} {'yes' if r['ok'] else 'NO':>3} {r['triton_us']:>10.1f} "
                      f"{graph if graph is not None else float('nan'):>9.1f} {r['one_by_one_us']:>9.1f} "
                      f"{r['floor_us']:>9.1f} {best / r['floor_us']:>7.2f} {r['tflops']:>8.1f}")
@@ -122,22 +127,29 @@ def write_plot(path: Path, report: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report["rows"] if not r.get("error") and r.get("default")]
-    tokens = [r["tokens"] for r in rows]
+    defaults = [r for r in report["rows"] if not r.get("error") and r.get("default")]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax.plot(tokens, [r["triton_us"] for r in rows], "o-", label="fused Triton")
-    if any(r.get("triton_graph_us") for r in rows):
-        ax.plot(tokens, [r.get("triton_graph_us") or float("nan") for r in rows], "s--", label="fused Triton, CUDA graph")
-    ax.plot(tokens, [r["one_by_one_us"] for r in rows], "^-", label="experts one by one (torch)")
-    ax.plot(tokens, [r["floor_us"] for r in rows], "k:", label="bytes-read floor at copy bandwidth")
-    ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="us per MoE layer")
-    ax.legend(fontsize=8)
-    bx.plot(tokens, [r["one_by_one_us"] / r["triton_us"] for r in rows], "o-", label="speed-up vs one by one")
-    bx.plot(tokens, [min(t for t in (r["triton_us"], r.get("triton_graph_us")) if t) / r["floor_us"] for r in rows],
-            "s-", label="fused time / floor")
+
+    def best(r):
+        return min(t for t in (r["triton_us"], r.get("triton_graph_us")) if t)
+
+    kinds = list(dict.fromkeys(r.get("weights", "bf16") for r in defaults))
+    for n, kind in enumerate(kinds):
+        rows = [r for r in defaults if r.get("weights", "bf16") == kind]
+        tokens = [r["tokens"] for r in rows]
+        color = f"C{n}"
+        ax.plot(tokens, [best(r) for r in rows], "o-", color=color, label=f"fused Triton, {kind}")
+        ax.plot(tokens, [r["floor_us"] for r in rows], ":", color=color, label=f"bytes-read floor, {kind}")
+        bx.plot(tokens, [best(r) / r["floor_us"] for r in rows], "s-", color=color, label=f"fused / floor, {kind}")
+        if n == 0:
+            ax.plot(tokens, [r["one_by_one_us"] for r in rows], "^-", color="grey", label="experts one by one (torch)")
+            bx.plot(tokens, [r["one_by_one_us"] / r["triton_us"] for r in rows], "^--", color="grey",
+                    label=f"speed-up vs one by one, {kind}")
+    ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="us per MoE layer (best of eager / CUDA graph)")
+    ax.legend(fontsize=7)
     bx.axhline(1.0, color="grey", lw=0.5)
     bx.set(xscale="log", xlabel="tokens", ylabel="ratio")
-    bx.legend(fontsize=8)
+    bx.legend(fontsize=7)
     results_meta.finish_figure(fig, path, f"fused MoE, {report['shape']['name']} layer, {report['device'].get('name')}, "
                                           f"{report['date'][:10]} ({report['git_commit']})")
 
@@ -198,6 +210,13 @@ class Layer:
         self.w13 = (torch.randn(e, 2 * i, h, device=device, generator=g) * h ** -0.5).to(dtype)
         self.w2 = (torch.randn(e, h, i, device=device, generator=g) * i ** -0.5).to(dtype)
         self.gen = g
+        self._fp8: dict = {}
+
+    def fp8(self, scheme, quantize_experts):
+        """These weights as FP8 experts of ``scheme`` (quantized once)."""
+        if scheme not in self._fp8:
+            self._fp8[scheme] = quantize_experts(self.w13, self.w2, scheme)
+        return self._fp8[scheme]
 
     def inputs(self, num_tokens: int):
         import torch
@@ -240,54 +259,67 @@ def one_by_one(x, w13, w2, weights, ids):
     return run, len(groups)
 
 
-def measure(layer: Layer, num_tokens: int, configs: list, timer: Timer, copy_bw: float) -> list[dict[str, Any]]:
+def measure(layer: Layer, num_tokens: int, configs: list, timer: Timer, copy_bw: float,
+            fp8_schemes: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     import torch
 
-    from splitserve.kernels.moe import ExpertWeights, fused_moe_ref
+    from splitserve.kernels.fp8 import Fp8Scheme
+    from splitserve.kernels.moe import ExpertWeights, fused_moe_ref, quantize_experts
     from splitserve.kernels.moe_triton import fused_moe_triton, moe_config
 
     shape = layer.shape
     x, weights, ids = layer.inputs(num_tokens)
-    want = fused_moe_ref(x.float(), ExpertWeights(layer.w13.float(), layer.w2.float()), weights, ids)
-    ref_same_dtype = fused_moe_ref(x, ExpertWeights(layer.w13, layer.w2), weights, ids)
-    bf16_err = rel_error(ref_same_dtype, want)
     run_1by1, active = one_by_one(x, layer.w13, layer.w2, weights, ids)
-    torch.testing.assert_close(run_1by1().to(x.dtype).float(), ref_same_dtype.float(), atol=5e-2, rtol=5e-2)
+    float_experts = ExpertWeights(layer.w13, layer.w2)
+    torch.testing.assert_close(run_1by1().to(x.dtype).float(), fused_moe_ref(x, float_experts, weights, ids).float(),
+                               atol=5e-2, rtol=5e-2)
     t_1by1 = timer(run_1by1)
-    bytes_read = shape.bytes_read(num_tokens, active)
-    floor = floor_seconds(bytes_read, copy_bw)
+    # (label, experts, bytes a weight, widenings to time with the built-in config)
+    kinds = [(str(x.dtype).removeprefix("torch."), float_experts, None, (None,))]
+    for scheme in fp8_schemes:
+        kinds.append((f"fp8-{scheme}", layer.fp8(Fp8Scheme(scheme), quantize_experts), 1, (True, False)))
     default = moe_config(num_tokens * shape.top_k)
     rows = []
-    for cfg in [default, *(c for c in configs if c != default)]:
-        row: dict[str, Any] = {"tokens": num_tokens, "config": cfg.spec(), "default": cfg == default,
-                               "active_experts": active, "bytes_read": bytes_read, "floor_us": floor * 1e6,
-                               "one_by_one_us": t_1by1 * 1e6, "bf16_ref_rel_err": bf16_err}
-        try:
-            got = fused_moe_triton(x, ExpertWeights(layer.w13, layer.w2), weights, ids, config=cfg)
-            row["rel_err"] = rel_error(got, want)
-            row["max_rel_err"] = max_rel_error(got, want)
-            row["bf16_ref_max_rel_err"] = max_rel_error(ref_same_dtype, want)
-            row["ok"] = error_ok(row["rel_err"], bf16_err)
-            call = lambda: fused_moe_triton(x, ExpertWeights(layer.w13, layer.w2), weights, ids, config=cfg)  # noqa: E731
-            t = timer(call)
-            row["triton_us"] = t * 1e6
-            row["triton_graph_us"] = None
+    for label, experts, weight_bytes, widenings in kinds:
+        # The float32 reference of these weights' values, and the same-dtype reference's error to it.
+        ref_experts = experts if experts.quantized else ExpertWeights(layer.w13.float(), layer.w2.float())
+        want = fused_moe_ref(x.float(), ref_experts, weights, ids)
+        ref_same_dtype = fused_moe_ref(x, experts, weights, ids)
+        bf16_err = rel_error(ref_same_dtype, want)
+        bytes_read = shape.bytes_read(num_tokens, active, weight_bytes)
+        floor = floor_seconds(bytes_read, copy_bw)
+        variants = [(default, dot) for dot in widenings] + [(c, None) for c in configs if c != default]
+        for cfg, dot in variants:
+            row: dict[str, Any] = {"tokens": num_tokens, "weights": label, "config": cfg.spec(), "dot_f16": dot,
+                                   "default": cfg == default and dot in (None, True), "active_experts": active,
+                                   "bytes_read": bytes_read, "floor_us": floor * 1e6, "one_by_one_us": t_1by1 * 1e6,
+                                   "bf16_ref_rel_err": bf16_err}
+            call = lambda: fused_moe_triton(x, experts, weights, ids, config=cfg, dot_f16=dot)  # noqa: E731
             try:
-                graph = timer.graph(call)
-                row["triton_graph_us"] = None if graph is None else graph * 1e6
-            except Exception as exc:  # recorded; the eager time stands
-                row["graph_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            best = min(v for v in (row["triton_us"], row["triton_graph_us"]) if v is not None) / 1e6
-            row["vs_floor"] = best / floor
-            row["speedup_vs_one_by_one"] = t_1by1 / t
-            row["tflops"] = shape.flops(num_tokens) / best / 1e12
-        except Exception as exc:  # out of resources for a config: recorded, the rest run
-            row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        rows.append(row)
-        shown = row.get("error") or (f"rel_err {row['rel_err']:.1e} (bf16 ref {bf16_err:.1e}), {row['triton_us']:.1f} us"
-                                     f" (graph {row['triton_graph_us']}), 1by1 {row['one_by_one_us']:.1f} us, "
-                                     f"floor {row['floor_us']:.1f} us")
-        print(f"T={num_tokens} {cfg.spec()}: {shown}", flush=True)
+                got = call()
+                row["rel_err"] = rel_error(got, want)
+                row["max_rel_err"] = max_rel_error(got, want)
+                row["bf16_ref_max_rel_err"] = max_rel_error(ref_same_dtype, want)
+                row["ok"] = error_ok(row["rel_err"], bf16_err)
+                t = timer(call)
+                row["triton_us"] = t * 1e6
+                row["triton_graph_us"] = None
+                try:
+                    graph = timer.graph(call)
+                    row["triton_graph_us"] = None if graph is None else graph * 1e6
+                except Exception as exc:  # recorded; the eager time stands
+                    row["graph_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                best = min(v for v in (row["triton_us"], row["triton_graph_us"]) if v is not None) / 1e6
+                row["vs_floor"] = best / floor
+                row["speedup_vs_one_by_one"] = t_1by1 / t
+                row["tflops"] = shape.flops(num_tokens) / best / 1e12
+            except Exception as exc:  # out of resources for a config: recorded, the rest run
+                row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            rows.append(row)
+            shown = row.get("error") or (
+                f"rel_err {row['rel_err']:.1e} (same-dtype ref {bf16_err:.1e}), {row['triton_us']:.1f} us "
+                f"(graph {row['triton_graph_us']}), 1by1 {row['one_by_one_us']:.1f} us, floor {row['floor_us']:.1f} us")
+            print(f"T={num_tokens} {label} {cfg.spec()} dot_f16={dot}: {shown}", flush=True)
     return rows
 
 
@@ -297,6 +329,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda (default), or cpu with --smoke")
     p.add_argument("--tokens", type=int, nargs="*", default=None, help=f"token counts (default {TOKENS})")
     p.add_argument("--configs", nargs="*", default=[], help="extra MoeConfig specs to time at every T")
+    p.add_argument("--fp8", nargs="*", default=[], choices=["channel", "block"],
+                   help="also FP8 (e4m3, weight-only) experts with these scale schemes")
     p.add_argument("--reps", type=int, default=100, help="do_bench milliseconds per measurement")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny float32 shapes on the CPU, Triton interpreted")
@@ -338,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     timer = Timer(device, args.reps)
     for num_tokens in tokens:
         try:
-            report["rows"] += measure(layer, num_tokens, configs, timer, report["copy_bw"])
+            report["rows"] += measure(layer, num_tokens, configs, timer, report["copy_bw"], tuple(args.fp8))
         except Exception as exc:  # e.g. out of memory at the largest T: recorded, the rest run
             report["rows"].append({"tokens": num_tokens, "error": f"{type(exc).__name__}: {exc}"[:300]})
             print(f"T={num_tokens}: FAILED {report['rows'][-1]['error']}", flush=True)

@@ -27,6 +27,7 @@ def test_qwen3_layer_bytes_and_floor(bench):
     assert shape.expert_bytes == 3 * 2048 * 768 * 2  # gate, up, down in bf16: 9.4 MB
     # One token: its 8 experts once, plus x read and out written.
     assert shape.bytes_read(1, 8) == 8 * 9_437_184 + 2 * 2048 * 2
+    assert shape.bytes_read(1, 8, weight_bytes=1) == 8 * 9_437_184 // 2 + 2 * 2048 * 2  # FP8 experts
     # At the copy rate (read + written per second), as gpu_perf's decode floor.
     assert bench.floor_seconds(4.25e12, 4.25e12) == pytest.approx(1.0)
     assert shape.flops(1) == 2 * 8 * 3 * 2048 * 768
@@ -48,14 +49,20 @@ def test_smoke_run_end_to_end(tmp_path):
     out = tmp_path / "moe.json"
     env = {**os.environ, "SPLITSERVE_GIT_COMMIT": "test"}
     done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--tokens", "1", "7",
-                           "--configs", "block_m=32,n1=16,k1=16,n2=16,k2=32"],
+                           "--configs", "block_m=32,n1=16,k1=16,n2=16,k2=32", "--fp8", "channel"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["git_commit"] == "test" and "--smoke" in report["command"] and report["date"]
     assert "Triton interpreter" in report["device"]["name"]
-    assert [(r["tokens"], r["default"]) for r in report["rows"]] == [(1, True), (1, False), (7, True), (7, False)]
+    # Per T: float32 (built-in, extra config), then FP8 (built-in widened to float16, to x's
+    # dtype, the extra config).
+    assert [(r["tokens"], r["weights"], r["default"], r["dot_f16"]) for r in report["rows"]] == [
+        (t, w, d, f) for t in (1, 7) for w, d, f in (("float32", True, None), ("float32", False, None),
+                                                     ("fp8-channel", True, True), ("fp8-channel", False, False),
+                                                     ("fp8-channel", False, None))]
     for r in report["rows"]:
-        assert r["ok"] and r["rel_err"] < 1e-5, r
+        # float16-widened x is rounded to float16: near, not exact.
+        assert r["ok"] and r["rel_err"] < (1e-3 if r["dot_f16"] else 1e-5), r
         assert r["triton_us"] > 0 and r["one_by_one_us"] > 0 and r["floor_us"] > 0
     assert report["all_ok"] and Path(report["plot"]).exists()
