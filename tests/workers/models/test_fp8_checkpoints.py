@@ -344,3 +344,21 @@ def test_tp2_of_a_quantized_checkpoint_gives_the_tokens_of_tp1(checkpoints):
         with LLM(str(ckpt.quantized), tensor_parallel_size=tp, show_progress=False, block_size=4) as llm:
             runs.append([o.token_ids for o in llm.generate(prompts, PARAMS)])
     assert runs[0] == runs[1]
+
+
+def test_fp8_experts_expert_parallel_gives_the_tokens_of_sharded_experts(checkpoints):
+    """tp 2 rank processes over gloo, FP8 experts whole per rank (expert parallel) or sliced on
+    every rank: the same tokens and logprobs. (Against tp 1 a W8A8 row-parallel linear rounds
+    each rank's half of its input on its own per-token scale, a few 1e-3 of a logprob here,
+    enough to swap near-ties of this random model.)"""
+    ckpt = checkpoints("ct-channel-moe")
+    prompts = random_prompts(ckpt.cfg.vocab_size, [6, 30])
+    runs = []
+    for expert_parallel in (False, True):
+        with LLM(str(ckpt.quantized), tensor_parallel_size=2, expert_parallel=expert_parallel, show_progress=False,
+                 block_size=4) as llm:
+            runs.append(llm.generate(prompts, PARAMS))
+    for sharded, whole in zip(*runs, strict=True):
+        assert sharded.token_ids == whole.token_ids
+        lp = [torch.tensor([lp.logprob for lp in out.logprobs]) for out in (sharded, whole)]
+        torch.testing.assert_close(lp[0], lp[1], atol=1e-4, rtol=0)
