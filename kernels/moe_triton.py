@@ -257,23 +257,22 @@ def _block_rows(block, rows, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, e
 
 
 @triton.jit
-def _widen(a, w, DOT_F16: tl.constexpr):
-    """One step's operands for tl.dot: an e4m3 weight tile widened (float16, one instruction,
-    with x saturated to float16's range; or x's dtype); a float weight as it is."""
-    if DOT_F16:
-        return tl.clamp(a.to(tl.float32), -65504.0, 65504.0).to(tl.float16), w.to(tl.float16)
-    return a, w.to(a.dtype)
-
-
-@triton.jit
 def _scaled_step(a, w, acc, s_ptr, SCALE: tl.constexpr, PRECISION: tl.constexpr, DOT_F16: tl.constexpr):
-    """acc + a w, the product times the tile's one block scale (SCALE 2: a tile never crosses a
-    scale block, so one scalar serves it) or accumulated inside the MMA (per-row scales are
-    applied once, after the loop)."""
-    a, w = _widen(a, w, DOT_F16)
+    """acc + a w for one K step. An e4m3 weight tile is widened first: to float16 (DOT_F16: one
+    instruction; x saturated to float16's range) or to x's dtype. With block scales the product
+    is multiplied by the tile's one scale (SCALE 2: a tile never crosses a scale block);
+    otherwise it accumulates inside the MMA (per-row scales are applied after the loop).
+    (One return, branches on constexprs only: what Triton's code generator accepts.)"""
+    if DOT_F16:
+        a = tl.clamp(a.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+        w = w.to(tl.float16)
+    else:
+        w = w.to(a.dtype)
     if SCALE == 2:
-        return acc + tl.dot(a, w, input_precision=PRECISION) * tl.load(s_ptr)
-    return tl.dot(a, w, acc, input_precision=PRECISION)
+        acc += tl.dot(a, w, input_precision=PRECISION) * tl.load(s_ptr)
+    else:
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
