@@ -105,7 +105,7 @@ def error_ok(triton_err: float, bf16_err: float) -> bool:
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"{report['shape']['name']}: copy bandwidth {report['copy_bw_TBps']:.2f} TB/s (read + written), "
              f"device {report['device'].get('name')}"]
-    lines.append(f"{'T':>6} {'weights':<12} {'f16':>4} {'config':<58} {'experts':>7} {'rel_err':>8} {'bf16_ref':>8} {'ok':>3} "
+    lines.append(f"{'T':>6} {'weights':<12} {'f16':>4} {'a8':>3} {'config':<58} {'experts':>7} {'rel_err':>8} {'bf16_ref':>8} {'ok':>3} "
                  f"{'triton_us':>10} {'graph_us':>9} {'1by1_us':>9} {'floor_us':>9} {'x_floor':>7} {'TFLOP/s':>8}")
     for r in report["rows"]:
         if r.get("error"):
@@ -113,8 +113,8 @@ def format_table(report: dict[str, Any]) -> str:
             continue
         graph = r.get("triton_graph_us")
         best = min(t for t in (r["triton_us"], graph) if t is not None)
-        dot = {None: "-", True: "yes", False: "no"}[r.get("dot_f16")]
-        lines.append(f"{r['tokens']:>6} {r['weights']:<12} {dot:>4} {r['config']:<58} {r['active_experts']:>7} {r['rel_err']:>8.1e} "
+        dot, a8 = ({None: "-", True: "yes", False: "no"}[r.get(k)] for k in ("dot_f16", "w8a8"))
+        lines.append(f"{r['tokens']:>6} {r['weights']:<12} {dot:>4} {a8:>3} {r['config']:<58} {r['active_experts']:>7} {r['rel_err']:>8.1e} "
                      f"{r['bf16_ref_rel_err']:>8.1e} {'yes' if r['ok'] else 'NO':>3} {r['triton_us']:>10.1f} "
                      f"{graph if graph is not None else float('nan'):>9.1f} {r['one_by_one_us']:>9.1f} "
                      f"{r['floor_us']:>9.1f} {best / r['floor_us']:>7.2f} {r['tflops']:>8.1f}")
@@ -265,7 +265,7 @@ def measure(layer: Layer, num_tokens: int, configs: list, timer: Timer, copy_bw:
 
     from splitserve.kernels.fp8 import Fp8Scheme
     from splitserve.kernels.moe import ExpertWeights, fused_moe_ref, quantize_experts
-    from splitserve.kernels.moe_triton import fused_moe_triton, moe_config
+    from splitserve.kernels.moe_triton import W8A8_MIN_PAIRS, fused_moe_triton, moe_config
 
     shape = layer.shape
     x, weights, ids = layer.inputs(num_tokens)
@@ -279,22 +279,32 @@ def measure(layer: Layer, num_tokens: int, configs: list, timer: Timer, copy_bw:
     for scheme in fp8_schemes:
         kinds.append((f"fp8-{scheme}", layer.fp8(Fp8Scheme(scheme), quantize_experts), 1, (True, False)))
     default = moe_config(num_tokens * shape.top_k)
+    engine_w8a8 = num_tokens * shape.top_k >= W8A8_MIN_PAIRS
     rows = []
     for label, experts, weight_bytes, widenings in kinds:
-        # The float32 reference of these weights' values, and the same-dtype reference's error to it.
-        ref_experts = experts if experts.quantized else ExpertWeights(layer.w13.float(), layer.w2.float())
-        want = fused_moe_ref(x.float(), ref_experts, weights, ids)
-        ref_same_dtype = fused_moe_ref(x, experts, weights, ids)
-        bf16_err = rel_error(ref_same_dtype, want)
         bytes_read = shape.bytes_read(num_tokens, active, weight_bytes)
         floor = floor_seconds(bytes_read, copy_bw)
-        variants = [(default, dot) for dot in widenings] + [(c, None) for c in configs if c != default]
-        for cfg, dot in variants:
+        refs = {}
+        # (config, widen to float16, W8A8): FP8 also W8A8 and weight-only with each widening.
+        variants = [(default, dot, False) for dot in widenings] + [(c, None, None) for c in configs if c != default]
+        if experts.quantized:
+            variants.insert(len(widenings), (default, None, True))
+        for cfg, dot, w8a8 in variants:
+            quant_acts = bool(w8a8) or (w8a8 is None and experts.quantized and engine_w8a8)
+            if quant_acts not in refs:
+                # The float32 reference of these weights' values (W8A8: of the quantized
+                # activations too), and the same-dtype reference's error to it.
+                ref_experts = experts if experts.quantized else ExpertWeights(layer.w13.float(), layer.w2.float())
+                want = fused_moe_ref(x.float(), ref_experts, weights, ids, quantize_activations=quant_acts)
+                same = fused_moe_ref(x, experts, weights, ids, quantize_activations=quant_acts)
+                refs[quant_acts] = (want, same, rel_error(same, want))
+            want, ref_same_dtype, bf16_err = refs[quant_acts]
+            chosen = cfg == default and dot in (None, True) and (w8a8 is None or w8a8 == engine_w8a8)
             row: dict[str, Any] = {"tokens": num_tokens, "weights": label, "config": cfg.spec(), "dot_f16": dot,
-                                   "default": cfg == default and dot in (None, True), "active_experts": active,
-                                   "bytes_read": bytes_read, "floor_us": floor * 1e6, "one_by_one_us": t_1by1 * 1e6,
-                                   "bf16_ref_rel_err": bf16_err}
-            call = lambda: fused_moe_triton(x, experts, weights, ids, config=cfg, dot_f16=dot)  # noqa: E731
+                                   "w8a8": quant_acts if experts.quantized else None, "default": chosen,
+                                   "active_experts": active, "bytes_read": bytes_read, "floor_us": floor * 1e6,
+                                   "one_by_one_us": t_1by1 * 1e6, "bf16_ref_rel_err": bf16_err}
+            call = lambda: fused_moe_triton(x, experts, weights, ids, config=cfg, dot_f16=dot, w8a8=w8a8)  # noqa: E731
             try:
                 got = call()
                 row["rel_err"] = rel_error(got, want)
@@ -319,7 +329,7 @@ def measure(layer: Layer, num_tokens: int, configs: list, timer: Timer, copy_bw:
             shown = row.get("error") or (
                 f"rel_err {row['rel_err']:.1e} (same-dtype ref {bf16_err:.1e}), {row['triton_us']:.1f} us "
                 f"(graph {row['triton_graph_us']}), 1by1 {row['one_by_one_us']:.1f} us, floor {row['floor_us']:.1f} us")
-            print(f"T={num_tokens} {label} {cfg.spec()} dot_f16={dot}: {shown}", flush=True)
+            print(f"T={num_tokens} {label} {cfg.spec()} dot_f16={dot} w8a8={row['w8a8']}: {shown}", flush=True)
     return rows
 
 

@@ -33,7 +33,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from splitserve.kernels.fp8 import BLOCK, FP8_DTYPE, Fp8Scheme, Fp8Weight, dequantize, quantize
+from splitserve.kernels.fp8 import (
+    BLOCK, FP8_DTYPE, Fp8Scheme, Fp8Weight, dequantize, dequantize_per_token_group, quantize, quantize_per_token,
+    quantize_per_token_group,
+)
 
 
 @dataclass(frozen=True)
@@ -138,12 +141,17 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
 
 
 def fused_moe_ref(x: torch.Tensor, experts: ExpertWeights, weights: torch.Tensor, ids: torch.Tensor,
-                  expert_offset: int = 0) -> torch.Tensor:
+                  expert_offset: int = 0, quantize_activations: bool = False) -> torch.Tensor:
     """out[t] = sum_j weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, j] -
     expert_offset, over the choices whose e is in [0, E_local); x [T, H] -> [T, H] in x's dtype,
     accumulated in float32. The matmuls run in x's dtype, one batch of tokens per expert; with
     FP8 experts in float32 on the dequantized weights, the activation rounded to x's dtype
-    between them (where the kernel rounds it)."""
+    between them (where the kernel rounds it). ``quantize_activations`` (FP8 experts): the
+    GPU's W8A8 path, both matmuls' inputs quantized and dequantized first, per token (per token
+    and K group of the weights' block width for block scales)."""
+    if quantize_activations and not experts.quantized:
+        raise ValueError("fused_moe_ref: activations are quantized only with FP8 experts")
+    fake_quant = _fake_quant(experts) if quantize_activations else (lambda a: a)
     num_tokens, hidden = x.shape
     num_local, inter = experts.num_local, experts.intermediate
     compute = torch.float32 if experts.quantized else x.dtype
@@ -158,7 +166,20 @@ def fused_moe_ref(x: torch.Tensor, experts: ExpertWeights, weights: torch.Tensor
         rows = expert == e
         t, j = tok[rows], choice[rows]
         w13, w2 = experts.expert(e, compute)
-        gate_up = F.linear(x[t].to(compute), w13)
+        gate_up = F.linear(fake_quant(x[t].to(compute)), w13)
         act = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).to(x.dtype).to(compute)
-        contrib[t, j] = F.linear(act, w2).float() * weights[t, j].unsqueeze(-1)
+        contrib[t, j] = F.linear(fake_quant(act), w2).float() * weights[t, j].unsqueeze(-1)
     return contrib.sum(dim=1).to(x.dtype)
+
+
+def _fake_quant(experts: ExpertWeights):
+    """a [M, K] float32 -> its e4m3 values times their scales, as the W8A8 kernels see it."""
+    if experts.scheme is Fp8Scheme.BLOCK:
+        group = experts.block[1]
+        return lambda a: dequantize_per_token_group(*quantize_per_token_group(a, group), group)
+
+    def per_token(a: torch.Tensor) -> torch.Tensor:
+        q, scale = quantize_per_token(a)
+        return q.float() * scale
+
+    return per_token

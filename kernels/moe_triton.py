@@ -73,6 +73,12 @@ def align_chunk(num_pairs: int) -> int:
 DIRECT_MAX_TOKENS = 2
 
 
+#: From this many (token, slot) pairs FP8 experts run W8A8 (activations quantized, e4m3 x e4m3
+#: products) instead of weight-only: at prefill sizes widening the weights costs more than the
+#: activations' quantization launches (see CONFIGS' bench for the measured crossover).
+W8A8_MIN_PAIRS = 1024
+
+
 @dataclass(frozen=True)
 class MoeConfig:
     """Launch shape of the fused MoE kernels. Written and read as
@@ -257,30 +263,52 @@ def _block_rows(block, rows, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, e
 
 
 @triton.jit
-def _scaled_step(a, w, acc, s_ptr, SCALE: tl.constexpr, PRECISION: tl.constexpr, DOT_F16: tl.constexpr):
-    """acc + a w for one K step. An e4m3 weight tile is widened first: to float16 (DOT_F16: one
-    instruction; x saturated to float16's range) or to x's dtype. With block scales the product
-    is multiplied by the tile's one scale (SCALE 2: a tile never crosses a scale block);
-    otherwise it accumulates inside the MMA (per-row scales are applied after the loop).
-    (One return, branches on constexprs only: what Triton's code generator accepts.)"""
-    if DOT_F16:
+def _scaled_step(a, w, acc, s_ptr, a_scale, SCALE: tl.constexpr, PRECISION: tl.constexpr, DOT_F16: tl.constexpr,
+                 A8: tl.constexpr):
+    """acc + a w for one K step. Weight-only, an e4m3 weight tile is widened first: to float16
+    (DOT_F16: one instruction; x saturated to float16's range) or to x's dtype. W8A8 (A8), a is
+    e4m3 too and the product is e4m3 x e4m3. With block scales the product is multiplied by the
+    tile's one weight scale (SCALE 2: a tile never crosses a scale block) and, W8A8, by each
+    row's activation scale of this K group (``a_scale`` [BLOCK_M]); otherwise it accumulates
+    inside the MMA (per-row scales are applied after the loop). (One return, branches on
+    constexprs only: what Triton's code generator accepts.)"""
+    if A8:
+        pass
+    elif DOT_F16:
         a = tl.clamp(a.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
         w = w.to(tl.float16)
     else:
         w = w.to(a.dtype)
     if SCALE == 2:
-        acc += tl.dot(a, w, input_precision=PRECISION) * tl.load(s_ptr)
+        step = tl.dot(a, w, input_precision=PRECISION) * tl.load(s_ptr)
+        if A8:
+            step = step * a_scale[:, None]
+        acc += step
     else:
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_ptr, s_ptr, num_pairs, top_k, inter,
-                    hidden, expert_offset, num_experts, stride_xt, stride_we, stride_wn, stride_ot, stride_se,
-                    stride_sn, stride_sk, up_block_rows, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+def _a_scale(xs_ptr, row, real, k0, stride_xsm, SCALE: tl.constexpr, SCALE_BK: tl.constexpr, A8: tl.constexpr):
+    """W8A8: each row's activation scale for the K step at ``k0`` (block scheme: its K group's;
+    per-row scheme: the token's one scale, [BLOCK_M]); weight-only: a placeholder."""
+    if A8:
+        if SCALE == 2:
+            scale = tl.load(xs_ptr + row * stride_xsm + k0 // SCALE_BK, mask=real, other=0.0)
+        else:
+            scale = tl.load(xs_ptr + row * stride_xsm, mask=real, other=0.0)
+    else:
+        scale = tl.zeros_like(row).to(tl.float32)
+    return scale
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_ptr, s_ptr, xs_ptr, num_pairs, top_k,
+                    inter, hidden, expert_offset, num_experts, stride_xt, stride_we, stride_wn, stride_ot, stride_se,
+                    stride_sn, stride_sk, stride_xsm, up_block_rows, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
                     SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, DOT_F16: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    A8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     block = tl.program_id(0)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     expert, pair = _block_rows(block, rows, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, expert_offset,
@@ -309,12 +337,18 @@ def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_p
         a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
         wg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         wu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        gate = _scaled_step(a, wg, gate, sg_ptr + (k0 // SCALE_BK) * stride_sk, SCALE, PRECISION, DOT_F16)
-        up = _scaled_step(a, wu, up, su_ptr + (k0 // SCALE_BK) * stride_sk, SCALE, PRECISION, DOT_F16)
+        a_scale = _a_scale(xs_ptr, token, real, k0, stride_xsm, SCALE, SCALE_BK, A8 and SCALE == 2)
+        gate = _scaled_step(a, wg, gate, sg_ptr + (k0 // SCALE_BK) * stride_sk, a_scale, SCALE, PRECISION, DOT_F16,
+                            A8)
+        up = _scaled_step(a, wu, up, su_ptr + (k0 // SCALE_BK) * stride_sk, a_scale, SCALE, PRECISION, DOT_F16, A8)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
     if SCALE == 1:
+        row_scale = _a_scale(xs_ptr, token, real, 0, stride_xsm, SCALE, SCALE_BK, A8)
+        if A8:
+            gate *= row_scale[:, None]
+            up *= row_scale[:, None]
         gate *= tl.load(s_base + cols * stride_sn, mask=col_ok, other=0.0)[None, :]
         up *= tl.load(s_base + (inter + cols) * stride_sn, mask=col_ok, other=0.0)[None, :]
     act = gate / (1.0 + tl.exp(-gate)) * up
@@ -323,11 +357,11 @@ def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_p
 
 
 @triton.jit
-def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert_ptr, ids_ptr, s_ptr, num_pairs,
-                 hidden, inter, expert_offset, num_experts, stride_ht, stride_we, stride_wn, stride_st, stride_se,
-                 stride_sn, stride_sk, DIRECT: tl.constexpr, PRECISION: tl.constexpr, SCALE: tl.constexpr,
-                 SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, DOT_F16: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert_ptr, ids_ptr, s_ptr, xs_ptr,
+                 num_pairs, hidden, inter, expert_offset, num_experts, stride_ht, stride_we, stride_wn, stride_st,
+                 stride_se, stride_sn, stride_sk, stride_xsm, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+                 SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, DOT_F16: tl.constexpr,
+                 A8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     block = tl.program_id(0)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     expert, pair = _block_rows(block, rows, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, expert_offset,
@@ -339,7 +373,8 @@ def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert
     cols = col0 + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_ht + ks[None, :]
+    hrow = rows.to(tl.int64)
+    a_ptrs = h_ptr + hrow[:, None] * stride_ht + ks[None, :]
     w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
     s_base = s_ptr + expert.to(tl.int64) * stride_se
     sb_ptr = s_base + (col0 // SCALE_BN) * stride_sn
@@ -348,10 +383,13 @@ def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert
         k_ok = ks < inter - k0
         a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _scaled_step(a, w, acc, sb_ptr + (k0 // SCALE_BK) * stride_sk, SCALE, PRECISION, DOT_F16)
+        a_scale = _a_scale(xs_ptr, hrow, real, k0, stride_xsm, SCALE, SCALE_BK, A8 and SCALE == 2)
+        acc = _scaled_step(a, w, acc, sb_ptr + (k0 // SCALE_BK) * stride_sk, a_scale, SCALE, PRECISION, DOT_F16, A8)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if SCALE == 1:
+        if A8:
+            acc *= _a_scale(xs_ptr, hrow, real, 0, stride_xsm, SCALE, SCALE_BK, A8)[:, None]
         acc *= tl.load(s_base + cols * stride_sn, mask=col_ok, other=0.0)[None, :]
     weight = tl.load(weights_ptr + pair, mask=real, other=0.0)
     acc = acc * weight[:, None]
@@ -399,6 +437,26 @@ class _Scales:
         return cls(2, scale, (scale.stride(0), scale.stride(1), scale.stride(2)), block)
 
 
+def _activations(a: torch.Tensor, experts: ExpertWeights, w8a8: bool,
+                 placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GEMM's left operand and its scales: W8A8, ``a`` quantized per row (per row and K group
+    of the weights' block width); otherwise ``a`` itself and a placeholder. On a GPU by
+    `fp8_triton`'s one-pass kernels; on the CPU (the interpreter's tests) by `fp8`'s torch
+    functions, which compute the same values (Triton's interpreter rounds values that round up
+    across a power of two to the power below: 126.6 -> 64 instead of 128)."""
+    if not w8a8:
+        return a, placeholder
+    if a.device.type == "cuda":
+        from splitserve.kernels import fp8_triton as quant
+    else:
+        from splitserve.kernels import fp8 as quant
+    if experts.scheme is Fp8Scheme.BLOCK:
+        q, scale = quant.quantize_per_token_group(a, experts.block[1])
+        return q, scale.contiguous()
+    q, scale = quant.quantize_per_token(a)
+    return q, scale.reshape(-1).contiguous()
+
+
 def launch_tiles(cfg: MoeConfig, experts: ExpertWeights) -> MoeConfig:
     """``cfg`` with tiles that never cross a scale block (BLOCK scheme: no wider than it)."""
     if experts.scheme is not Fp8Scheme.BLOCK:
@@ -412,11 +470,14 @@ def launch_tiles(cfg: MoeConfig, experts: ExpertWeights) -> MoeConfig:
 
 def fused_moe_triton(x: torch.Tensor, experts: ExpertWeights, weights: torch.Tensor, ids: torch.Tensor,
                      expert_offset: int = 0, config: MoeConfig | None = None,
-                     dot_f16: bool | None = None) -> torch.Tensor:
+                     dot_f16: bool | None = None, w8a8: bool | None = None) -> torch.Tensor:
     """`fused_moe_ref`'s call: x [T, H], the experts (float or FP8: `ExpertWeights`), routing
     weights float32 [T, k] and ids int32 [T, k] -> [T, H] in x's dtype. ``config`` overrides
-    `moe_config` (benchmarks). FP8 weight tiles are widened to float16 (``dot_f16``, default for
-    16-bit x: one instruction, x saturated to float16's range) or to x's dtype."""
+    `moe_config` (benchmarks). FP8 experts run weight-only, their tiles widened to float16
+    (``dot_f16``, default for 16-bit x: one instruction, x saturated to float16's range) or to
+    x's dtype; or, from `W8A8_MIN_PAIRS` pairs (``w8a8`` overrides), W8A8: x and the
+    intermediate quantized per token (per token and K group for block scales) by their own
+    launches, e4m3 x e4m3 products (`fused_moe_ref` with ``quantize_activations``)."""
     num_tokens, hidden = x.shape
     w13, w2 = experts.w13, experts.w2
     num_experts, inter = experts.num_local, experts.intermediate
@@ -430,6 +491,10 @@ def fused_moe_triton(x: torch.Tensor, experts: ExpertWeights, weights: torch.Ten
     cfg = launch_tiles(config or moe_config(num_pairs), experts)
     if dot_f16 is None:
         dot_f16 = experts.quantized and x.dtype in (torch.float16, torch.bfloat16)
+    if w8a8 is None:
+        w8a8 = experts.quantized and num_pairs >= W8A8_MIN_PAIRS
+    if w8a8 and not experts.quantized:
+        raise ValueError("fused_moe: W8A8 needs FP8 experts")
     x = x if x.stride(-1) == 1 else x.contiguous()
     w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
     w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
@@ -446,20 +511,22 @@ def fused_moe_triton(x: torch.Tensor, experts: ExpertWeights, weights: torch.Ten
         num_blocks = block_expert.shape[0]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
     launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "DIRECT": direct, "PRECISION": precision,
-              "DOT_F16": dot_f16, "BLOCK_M": cfg.block_m}
+              "DOT_F16": dot_f16 and not w8a8, "A8": w8a8, "BLOCK_M": cfg.block_m}
+    a, a_scale = _activations(x, experts, w8a8, weights)
     h = torch.empty(num_blocks * cfg.block_m, inter, dtype=x.dtype, device=x.device)
     up_block_rows = triton.cdiv(inter, s13.block[0]) if s13.kind == 2 else 0
     _gate_up_kernel[(num_blocks, triton.cdiv(inter, cfg.block_n1))](
-        x, w13, h, sorted_pairs, block_expert, ids, s13.tensor, num_pairs, top_k, inter, hidden, expert_offset,
-        num_experts, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), *s13.strides, up_block_rows,
-        SCALE=s13.kind, SCALE_BN=s13.block[0], SCALE_BK=s13.block[1], BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1,
-        **launch)
+        a, w13, h, sorted_pairs, block_expert, ids, s13.tensor, a_scale, num_pairs, top_k, inter, hidden,
+        expert_offset, num_experts, a.stride(0), w13.stride(0), w13.stride(1), h.stride(0), *s13.strides,
+        a_scale.stride(0), up_block_rows, SCALE=s13.kind, SCALE_BN=s13.block[0], SCALE_BK=s13.block[1],
+        BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1, **launch)
+    h, h_scale = _activations(h, experts, w8a8, weights)
     slots = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     _down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n2))](
-        h, w2, slots, weights, sorted_pairs, block_expert, ids, s2.tensor, num_pairs, hidden, inter, expert_offset,
-        num_experts, h.stride(0), w2.stride(0), w2.stride(1), slots.stride(0), *s2.strides,
-        SCALE=s2.kind, SCALE_BN=s2.block[0], SCALE_BK=s2.block[1], BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
-        **launch)
+        h, w2, slots, weights, sorted_pairs, block_expert, ids, s2.tensor, h_scale, num_pairs, hidden, inter,
+        expert_offset, num_experts, h.stride(0), w2.stride(0), w2.stride(1), slots.stride(0), *s2.strides,
+        h_scale.stride(0), SCALE=s2.kind, SCALE_BN=s2.block[0], SCALE_BK=s2.block[1], BLOCK_N=cfg.block_n2,
+        BLOCK_K=cfg.block_k2, **launch)
     _combine_kernel[(num_tokens, triton.cdiv(hidden, COMBINE_BLOCK))](
         slots, ids, out, top_k, hidden, expert_offset, num_experts, slots.stride(0), out.stride(0),
         BLOCK=COMBINE_BLOCK, num_warps=4)

@@ -56,11 +56,11 @@ def test_smoke_run_end_to_end(tmp_path):
     assert report["git_commit"] == "test" and "--smoke" in report["command"] and report["date"]
     assert "Triton interpreter" in report["device"]["name"]
     # Per T: float32 (built-in, extra config), then FP8 (built-in widened to float16, to x's
-    # dtype, the extra config).
-    assert [(r["tokens"], r["weights"], r["default"], r["dot_f16"]) for r in report["rows"]] == [
-        (t, w, d, f) for t in (1, 7) for w, d, f in (("float32", True, None), ("float32", False, None),
-                                                     ("fp8-channel", True, True), ("fp8-channel", False, False),
-                                                     ("fp8-channel", False, None))]
+    # dtype, W8A8, the extra config; weight-only at these sizes).
+    assert [(r["tokens"], r["weights"], r["default"], r["dot_f16"], r["w8a8"]) for r in report["rows"]] == [
+        (t, *v) for t in (1, 7) for v in (("float32", True, None, None), ("float32", False, None, None),
+                                          ("fp8-channel", True, True, False), ("fp8-channel", False, False, False),
+                                          ("fp8-channel", False, None, True), ("fp8-channel", False, None, False))]
     for r in report["rows"]:
         # float16-widened x is rounded to float16: near, not exact.
         assert r["ok"] and r["rel_err"] < (1e-3 if r["dot_f16"] else 1e-5), r

@@ -177,3 +177,20 @@ def test_fp8_experts_skip_other_ranks_ids():
     local = quantize_experts(w13[4:10], w2[4:10], Fp8Scheme.CHANNEL)
     torch.testing.assert_close(fused_moe_triton(x, local, weights, ids, expert_offset=4, dot_f16=False),
                                fused_moe_ref(x, local, weights, ids, expert_offset=4), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheme,block", [("channel", None), ("block", (16, 32))])
+@pytest.mark.parametrize("num_tokens", [1, 11])
+def test_fp8_experts_w8a8_match_the_activation_quantizing_reference(scheme, block, num_tokens):
+    """W8A8 (the prefill path): x and the intermediate quantized per token (and K group), e4m3 x
+    e4m3 products: `fused_moe_ref` with quantize_activations, which differs from weight-only."""
+    from splitserve.kernels.fp8 import Fp8Scheme
+    from splitserve.kernels.moe import quantize_experts
+    from splitserve.kernels.moe_triton import fused_moe_triton
+
+    x, w13, w2, weights, ids = make_case(num_tokens, 6, 2, seed=num_tokens + 200)
+    experts = quantize_experts(w13, w2, Fp8Scheme(scheme), *([block] if block else []))
+    want = fused_moe_ref(x, experts, weights, ids, quantize_activations=True)
+    assert (want - fused_moe_ref(x, experts, weights, ids)).abs().max() > 1e-3
+    got = fused_moe_triton(x, experts, weights, ids, w8a8=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

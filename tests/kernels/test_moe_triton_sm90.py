@@ -1,7 +1,7 @@
 """The fused MoE kernels compiled for Hopper (sm_90) here, no GPU needed (ptxas ships with
 Triton): the interpreter runs Python, so code that Triton's code generator refuses (an early
 return under a constexpr branch, in the first FP8 version) passes the interpreter tests and
-fails only on a GPU. Every weight kind and widening the engine launches is compiled."""
+fails only on a GPU. Every weight kind, widening and W8A8 variant the engine launches is compiled."""
 
 from __future__ import annotations
 
@@ -19,18 +19,21 @@ from triton.compiler import ASTSource
 from splitserve.kernels.moe_triton import _down_kernel, _gate_up_kernel
 
 INDEX = ("sorted_ptr", "block_expert_ptr", "ids_ptr")
-for scale, dot_f16 in ((0, False), (1, False), (1, True), (2, False), (2, True)):
+VARIANTS = ((0, False, False), (1, False, False), (1, True, False), (2, False, False), (2, True, False),
+            (1, False, True), (2, False, True))  # (scale kind, widen to float16, W8A8)
+for scale, dot_f16, a8 in VARIANTS:
     weight = "*fp8e4nv" if scale else "*bf16"
+    act = "*fp8e4nv" if a8 else "*bf16"
     consts = dict(DIRECT=False, PRECISION="tf32", SCALE=scale, SCALE_BN=128 if scale == 2 else 1,
-                  SCALE_BK=128 if scale == 2 else 1, DOT_F16=dot_f16, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)
-    for fn, ptrs in ((_gate_up_kernel, {"x_ptr": "*bf16", "w13_ptr": weight, "out_ptr": "*bf16"}),
-                     (_down_kernel, {"h_ptr": "*bf16", "w2_ptr": weight, "slots_ptr": "*bf16"})):
+                  SCALE_BK=128 if scale == 2 else 1, DOT_F16=dot_f16, A8=a8, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)
+    for fn, ptrs in ((_gate_up_kernel, {"x_ptr": act, "w13_ptr": weight, "out_ptr": "*bf16"}),
+                     (_down_kernel, {"h_ptr": act, "w2_ptr": weight, "slots_ptr": "*bf16"})):
         names = list(fn.arg_names)
         sig = {n: "constexpr" if n in consts else ptrs.get(n) or ("*i32" if n in INDEX else "*fp32")
                if n.endswith("_ptr") else "i32" for n in names}
         src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 4})
-        print("compiled", fn.__name__, scale, dot_f16)
+        print("compiled", fn.__name__, scale, dot_f16, a8)
 '''
 
 
@@ -39,4 +42,4 @@ def test_fused_moe_kernels_compile_for_sm90_with_every_weight_kind():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 10
+    assert run.stdout.count("compiled") == 14
