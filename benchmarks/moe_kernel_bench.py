@@ -278,17 +278,17 @@ def measure(layer: Layer, num_tokens: int, configs: list, timer: Timer, copy_bw:
     kinds = [(str(x.dtype).removeprefix("torch."), float_experts, None, (None,))]
     for scheme in fp8_schemes:
         kinds.append((f"fp8-{scheme}", layer.fp8(Fp8Scheme(scheme), quantize_experts), 1, (True, False)))
-    default = moe_config(num_tokens * shape.top_k)
     engine_w8a8 = num_tokens * shape.top_k >= W8A8_MIN_PAIRS
     rows = []
     for label, experts, weight_bytes, widenings in kinds:
+        default = moe_config(num_tokens * shape.top_k, experts.quantized and engine_w8a8)
         bytes_read = shape.bytes_read(num_tokens, active, weight_bytes)
         floor = floor_seconds(bytes_read, copy_bw)
         refs = {}
         # (config, widen to float16, W8A8): FP8 also W8A8 and weight-only with each widening.
         variants = [(default, dot, False) for dot in widenings] + [(c, None, None) for c in configs if c != default]
         if experts.quantized:
-            variants.insert(len(widenings), (default, None, True))
+            variants.insert(len(widenings), (moe_config(num_tokens * shape.top_k, True), None, True))
         for cfg, dot, w8a8 in variants:
             quant_acts = bool(w8a8) or (w8a8 is None and experts.quantized and engine_w8a8)
             if quant_acts not in refs:

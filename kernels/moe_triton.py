@@ -74,8 +74,12 @@ DIRECT_MAX_TOKENS = 2
 
 
 #: From this many (token, slot) pairs FP8 experts run W8A8 (activations quantized, e4m3 x e4m3
-#: products) instead of weight-only: at prefill sizes widening the weights costs more than the
-#: activations' quantization launches (see CONFIGS' bench for the measured crossover).
+#: products) instead of weight-only. On an H200 at Qwen3-30B-A3B's shape (moe_kernel_bench
+#: --fp8, CUDA graphs, per-row scales, 2026-12-03): at 1 to 64 tokens (8 to 512 pairs) the two
+#: are within 2% (22.3 / 22.2 us at one token, 191 / 194 at 64) and weight-only keeps the
+#: activations' precision; at 256 tokens W8A8 256 against 312 us (bf16 378); at 16384, 2667
+#: against 5309 (bf16 3562): widened e4m3 tiles cost the tensor cores a round trip through
+#: registers that e4m3 x e4m3 products do not.
 W8A8_MIN_PAIRS = 1024
 
 
@@ -143,7 +147,20 @@ CONFIGS: tuple[tuple[int, MoeConfig], ...] = (
 )
 
 
-def moe_config(num_pairs: int) -> MoeConfig:
+#: W8A8 (FP8 experts from `W8A8_MIN_PAIRS` pairs) beyond this many pairs: 128 x 128 tiles over
+#: 128-deep steps, which e4m3 operands fit in shared memory (bf16 ones do not). On an H200 at
+#: Qwen3-30B-A3B's shape (moe_kernel_bench --fp8, 2026-12-03): 2048 tokens 561 against 640 us
+#: with `CONFIGS`' shape (per-row scales; 634 against 868 with blocks), 16384 tokens 2298
+#: against 2667 (2799 against 3935); at 256 tokens `CONFIGS`' shape is as fast (256 against 278).
+W8A8_WIDE_PAIRS = 4096
+W8A8_WIDE = MoeConfig(block_m=128, block_n1=128, block_k1=128, block_n2=128, block_k2=128, num_warps=8,
+                      num_stages=3)
+
+
+def moe_config(num_pairs: int, w8a8: bool = False) -> MoeConfig:
+    """The launch shape for ``num_pairs`` pairs (``w8a8``: FP8 experts run as W8A8)."""
+    if w8a8 and num_pairs > W8A8_WIDE_PAIRS:
+        return W8A8_WIDE
     return next(cfg for bound, cfg in CONFIGS if num_pairs <= bound)
 
 
@@ -488,13 +505,13 @@ def fused_moe_triton(x: torch.Tensor, experts: ExpertWeights, weights: torch.Ten
     if num_tokens == 0:
         return out
     num_pairs = num_tokens * top_k
-    cfg = launch_tiles(config or moe_config(num_pairs), experts)
     if dot_f16 is None:
         dot_f16 = experts.quantized and x.dtype in (torch.float16, torch.bfloat16)
     if w8a8 is None:
         w8a8 = experts.quantized and num_pairs >= W8A8_MIN_PAIRS
     if w8a8 and not experts.quantized:
         raise ValueError("fused_moe: W8A8 needs FP8 experts")
+    cfg = launch_tiles(config or moe_config(num_pairs, w8a8), experts)
     x = x if x.stride(-1) == 1 else x.contiguous()
     w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
     w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()

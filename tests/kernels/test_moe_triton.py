@@ -112,10 +112,13 @@ def test_no_tokens():
 
 
 def test_config_choice_and_specs():
-    from splitserve.kernels.moe_triton import CONFIGS, MoeConfig, max_blocks, moe_config
+    from splitserve.kernels.moe_triton import CONFIGS, W8A8_WIDE, MoeConfig, max_blocks, moe_config
 
     assert moe_config(8).block_m == 16  # decode: the smallest tile
     assert moe_config(16 * 2048 * 8).block_m == CONFIGS[-1][1].block_m
+    # FP8 experts as W8A8 at prefill sizes: the 128 x 128 x 128 tiles e4m3 fits in shared memory.
+    assert moe_config(16 * 2048 * 8, w8a8=True) == W8A8_WIDE
+    assert moe_config(512, w8a8=True) == moe_config(512)
     cfg = MoeConfig.parse("block_m=32, n1=64;warps=8")
     assert (cfg.block_m, cfg.block_n1, cfg.num_warps, cfg.block_k2) == (32, 64, 8, MoeConfig().block_k2)
     assert MoeConfig.parse(cfg.spec()) == cfg
