@@ -299,7 +299,8 @@ def measure(layer: Layer, num_tokens: int, configs: list, timer: Timer, copy_bw:
                 same = fused_moe_ref(x, experts, weights, ids, quantize_activations=quant_acts)
                 refs[quant_acts] = (want, same, rel_error(same, want))
             want, ref_same_dtype, bf16_err = refs[quant_acts]
-            chosen = cfg == default and dot in (None, True) and (w8a8 is None or w8a8 == engine_w8a8)
+            chosen = (cfg == default and dot in (None, True)
+                      and (w8a8 is None or w8a8 == (experts.quantized and engine_w8a8)))
             row: dict[str, Any] = {"tokens": num_tokens, "weights": label, "config": cfg.spec(), "dot_f16": dot,
                                    "w8a8": quant_acts if experts.quantized else None, "default": chosen,
                                    "active_experts": active, "bytes_read": bytes_read, "floor_us": floor * 1e6,
