@@ -15,9 +15,11 @@ Per token count T (decode batches to a long prefill): random router logits, rout
   device-to-device copy bandwidth measured in the same run (a 1 GiB torch copy, bytes read +
   written per second, as gpu_perf.py counts it).
 
-``--fp8 channel block`` adds the same layer with FP8 (e4m3, weight-only) experts of each scale
-scheme (`moe.quantize_experts`): errors against the float32 reference of the FP8 values, floors
-at one byte a weight, and the e4m3 tiles widened both ways (float16, the default, and bf16).
+``--fp8 channel block`` adds the same layer with FP8 (e4m3) experts of each scale scheme
+(`moe.quantize_experts`): floors at one byte a weight; weight-only with the e4m3 tiles widened
+both ways (float16, the default, and bf16; errors against the float32 reference of the FP8
+values), and W8A8 (activations quantized, e4m3 x e4m3: the engine's choice from
+`W8A8_MIN_PAIRS` pairs; errors against the reference that quantizes the activations too).
 ``--configs`` times extra launch shapes (`MoeConfig` specs) at every T beside the built-in
 choice. ``--smoke`` runs tiny shapes in float32 on the CPU under Triton's interpreter (the
 plumbing, for the test; set before triton is imported, so the script sets it itself).
@@ -281,14 +283,17 @@ def measure(layer: Layer, num_tokens: int, configs: list, timer: Timer, copy_bw:
     engine_w8a8 = num_tokens * shape.top_k >= W8A8_MIN_PAIRS
     rows = []
     for label, experts, weight_bytes, widenings in kinds:
-        default = moe_config(num_tokens * shape.top_k, experts.quantized and engine_w8a8)
+        # The engine's launch shape for weight-only calls (and bf16), and for W8A8 ones.
+        default = moe_config(num_tokens * shape.top_k)
+        default_w8a8 = moe_config(num_tokens * shape.top_k, True)
         bytes_read = shape.bytes_read(num_tokens, active, weight_bytes)
         floor = floor_seconds(bytes_read, copy_bw)
         refs = {}
         # (config, widen to float16, W8A8): FP8 also W8A8 and weight-only with each widening.
-        variants = [(default, dot, False) for dot in widenings] + [(c, None, None) for c in configs if c != default]
+        variants = [(default, dot, False) for dot in widenings] + [(c, None, None) for c in configs
+                                                                   if c not in (default, default_w8a8)]
         if experts.quantized:
-            variants.insert(len(widenings), (moe_config(num_tokens * shape.top_k, True), None, True))
+            variants.insert(len(widenings), (default_w8a8, None, True))
         for cfg, dot, w8a8 in variants:
             quant_acts = bool(w8a8) or (w8a8 is None and experts.quantized and engine_w8a8)
             if quant_acts not in refs:
@@ -299,8 +304,9 @@ def measure(layer: Layer, num_tokens: int, configs: list, timer: Timer, copy_bw:
                 same = fused_moe_ref(x, experts, weights, ids, quantize_activations=quant_acts)
                 refs[quant_acts] = (want, same, rel_error(same, want))
             want, ref_same_dtype, bf16_err = refs[quant_acts]
-            chosen = (cfg == default and dot in (None, True)
-                      and (w8a8 is None or w8a8 == (experts.quantized and engine_w8a8)))
+            engine_a8 = experts.quantized and engine_w8a8
+            chosen = (cfg == (default_w8a8 if engine_a8 else default) and dot in (None, True)
+                      and (w8a8 is None or w8a8 == engine_a8))
             row: dict[str, Any] = {"tokens": num_tokens, "weights": label, "config": cfg.spec(), "dot_f16": dot,
                                    "w8a8": quant_acts if experts.quantized else None, "default": chosen,
                                    "active_experts": active, "bytes_read": bytes_read, "floor_us": floor * 1e6,
@@ -341,7 +347,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, nargs="*", default=None, help=f"token counts (default {TOKENS})")
     p.add_argument("--configs", nargs="*", default=[], help="extra MoeConfig specs to time at every T")
     p.add_argument("--fp8", nargs="*", default=[], choices=["channel", "block"],
-                   help="also FP8 (e4m3, weight-only) experts with these scale schemes")
+                   help="also FP8 (e4m3) experts with these scale schemes (weight-only and W8A8)")
     p.add_argument("--reps", type=int, default=100, help="do_bench milliseconds per measurement")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny float32 shapes on the CPU, Triton interpreted")

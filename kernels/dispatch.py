@@ -260,9 +260,10 @@ def router(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool,
 def fused_moe(x: torch.Tensor, experts: moe_ref.ExpertWeights, weights: torch.Tensor, ids: torch.Tensor,
               expert_offset: int = 0) -> torch.Tensor:
     """Each token through its top-k experts, weighted and summed (`moe.fused_moe_ref`):
-    x [T, H], the rank's experts (float or FP8 weight-only: `moe.ExpertWeights`), weights
-    [T, k] float32, ids [T, k] int32 (global expert ids; those outside [expert_offset,
-    expert_offset + E_local) skipped)."""
+    x [T, H], the rank's experts (float or FP8: `moe.ExpertWeights`), weights [T, k] float32,
+    ids [T, k] int32 (global expert ids; those outside [expert_offset, expert_offset + E_local)
+    skipped). FP8 experts: weight-only on the CPU; on CUDA weight-only at decode sizes and W8A8
+    at prefill sizes (`moe_triton.W8A8_MIN_PAIRS`)."""
     if use_triton(x):
         from splitserve.kernels import moe_triton
 

@@ -14,9 +14,10 @@ the ranks' outputs) or whole experts ``expert_offset ..`` (expert parallel: choi
 ranks' experts contribute nothing here).
 
 The weights travel as one `ExpertWeights`: float (the model's dtype), or e4m3 with float32
-scales (FP8 checkpoints, or ``quantization="fp8"``). FP8 experts are weight-only: activations
-stay in the model's dtype and each weight tile is widened and scaled (the GPU kernel does it
-tile by tile; the reference dequantizes the routed experts to float32). Scale layouts, by
+scales (FP8 checkpoints, or ``quantization="fp8"``). Here (the CPU path and the decode-size
+oracle) FP8 experts are weight-only: activations stay in the model's dtype and the reference
+dequantizes the routed experts to float32. The GPU kernel is weight-only at decode sizes and
+W8A8 at prefill sizes (`moe_triton.W8A8_MIN_PAIRS`), whose oracle is ``quantize_activations``. Scale layouts, by
 `Fp8Scheme` (a per-tensor checkpoint scale is loaded as CHANNEL, one per row):
 
 - CHANNEL: ``w13_scale`` [E, 2I] (gate rows, then up rows), ``w2_scale`` [E, H].
@@ -59,8 +60,10 @@ class ExpertWeights:
         if two_inter % 2 or tuple(self.w2.shape) != (e, hidden, inter):
             raise ValueError(f"experts: w13 {tuple(self.w13.shape)} and w2 {tuple(self.w2.shape)} disagree")
         if self.scheme is None:
-            if self.w13_scale is not None or self.w2_scale is not None or self.w13.dtype == FP8_DTYPE:
+            if self.w13_scale is not None or self.w2_scale is not None or FP8_DTYPE in (self.w13.dtype, self.w2.dtype):
                 raise ValueError("experts: scales (or e4m3 weights) without an FP8 scheme")
+            if self.w13.dtype != self.w2.dtype:
+                raise ValueError(f"experts: w13 {self.w13.dtype} and w2 {self.w2.dtype} differ")
             return
         if self.scheme is Fp8Scheme.TENSOR:
             raise ValueError("experts hold per-tensor scales as CHANNEL (one per row)")

@@ -30,11 +30,15 @@ records into a CUDA graph):
    whose expert is local, in float32: no atomics, the same order every run, and the
    skipped slots are never read (so ``slots`` needs no zeroing).
 
-FP8 experts (`moe.ExpertWeights` with a scheme) are weight-only: gate_up and down load e4m3
-tiles and widen them in registers (to float16, one instruction, x saturated to float16's range;
-or to x's dtype), per-row scales multiply the float32 sums once after the loop, and block scales
-multiply each step's product (the launch narrows its tiles to the scale block, so one scalar
-serves a step). Half the bytes of bf16 for the memory-bound decode sizes; the MMAs stay 16-bit.
+FP8 experts (`moe.ExpertWeights` with a scheme) run weight-only up to `W8A8_MIN_PAIRS` pairs
+(decode): gate_up and down load e4m3 tiles and widen them in registers (to float16, one
+instruction, x saturated to float16's range; or to x's dtype), half the bytes of bf16 for the
+memory-bound sizes. Above it (prefill) they run W8A8: x and the intermediate are quantized per
+token (per token and K group for block scales) by launches of their own, and the products are
+e4m3 x e4m3. Per-row scales multiply the float32 sums once after the loop; block scales multiply
+each step's product (the launch narrows its tiles to the scale block, so one scalar serves a
+step). The CPU path (`moe.fused_moe_ref` through `dispatch.fused_moe`) is always weight-only, so
+CPU and GPU numerics differ for batches past the threshold.
 
 Each block streams its expert's weights; at decode an active expert is one block, so its
 weights are read from HBM once per call (prefill's several blocks per expert share them
@@ -287,7 +291,7 @@ def _scaled_step(a, w, acc, s_ptr, a_scale, SCALE: tl.constexpr, PRECISION: tl.c
     e4m3 too and the product is e4m3 x e4m3. With block scales the product is multiplied by the
     tile's one weight scale (SCALE 2: a tile never crosses a scale block) and, W8A8, by each
     row's activation scale of this K group (``a_scale`` [BLOCK_M]); otherwise it accumulates
-    inside the MMA (per-row scales are applied after the loop). (One return, branches on
+    inside the MMA, but for W8A8's per step (per-row scales are applied after the loop). (One return, branches on
     constexprs only: what Triton's code generator accepts.)"""
     if A8:
         pass
@@ -301,6 +305,10 @@ def _scaled_step(a, w, acc, s_ptr, a_scale, SCALE: tl.constexpr, PRECISION: tl.c
         if A8:
             step = step * a_scale[:, None]
         acc += step
+    elif A8:
+        # Hopper's e4m3 MMAs keep fewer than float32's bits across a chained K loop: each step's
+        # product joins the float32 sum on its own (every BLOCK_K, as the block-scaled path does).
+        acc += tl.dot(a, w)
     else:
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     return acc
@@ -458,9 +466,11 @@ def _activations(a: torch.Tensor, experts: ExpertWeights, w8a8: bool,
                  placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A GEMM's left operand and its scales: W8A8, ``a`` quantized per row (per row and K group
     of the weights' block width); otherwise ``a`` itself and a placeholder. On a GPU by
-    `fp8_triton`'s one-pass kernels; on the CPU (the interpreter's tests) by `fp8`'s torch
-    functions, which compute the same values (Triton's interpreter rounds values that round up
-    across a power of two to the power below: 126.6 -> 64 instead of 128)."""
+    `fp8_triton`'s one-pass kernels; on the CPU by `fp8`'s torch functions, which compute the
+    same values (Triton's interpreter, unpatched, rounds values that round up across a power of
+    two to the power below: 126.6 -> 64 instead of 128; the tests' fixture patches it, a
+    benchmark's smoke run does not). Rows of the padded intermediate that no pair wrote are
+    quantized too (never read: the down kernel masks them)."""
     if not w8a8:
         return a, placeholder
     if a.device.type == "cuda":
@@ -505,6 +515,8 @@ def fused_moe_triton(x: torch.Tensor, experts: ExpertWeights, weights: torch.Ten
     if num_tokens == 0:
         return out
     num_pairs = num_tokens * top_k
+    if dot_f16 and not experts.quantized:
+        raise ValueError("fused_moe: dot_f16 widens e4m3 weights; these experts are float")
     if dot_f16 is None:
         dot_f16 = experts.quantized and x.dtype in (torch.float16, torch.bfloat16)
     if w8a8 is None:

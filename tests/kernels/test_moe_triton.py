@@ -151,14 +151,18 @@ def test_dispatch_runs_the_triton_kernel_when_asked(monkeypatch):
 # ---- FP8 (e4m3) experts, weight-only ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheme,block", [("channel", None), ("block", (16, 32)), ("block", (32, 16))])
+@pytest.mark.parametrize("scheme,block,config", [
+    ("channel", None, None), ("block", (16, 32), None), ("block", (32, 16), None),
+    ("block", (32, 32), "n1=16,k1=16,n2=16,k2=16")])
 @pytest.mark.parametrize("num_tokens", [1, 11])
-def test_fp8_experts_match_the_dequantized_reference(scheme, block, num_tokens):
-    """Per-row and block scales (blocks smaller than the tiles, so the launch narrows its tiles;
-    INTER 48 leaves a partial block at the end of gate and of up), direct and aligned."""
+def test_fp8_experts_match_the_dequantized_reference(scheme, block, config, num_tokens):
+    """Per-row and block scales, direct and aligned: blocks narrower than the built-in tiles (the
+    launch narrows its tiles; INTER 48 over 32-row blocks leaves a partial block at the end of
+    gate and of up) and wider than the given tiles (several tiles and steps share a scale, as
+    128-wide blocks do with decode's 32-wide tiles)."""
     from splitserve.kernels.fp8 import Fp8Scheme
     from splitserve.kernels.moe import quantize_experts
-    from splitserve.kernels.moe_triton import fused_moe_triton
+    from splitserve.kernels.moe_triton import MoeConfig, fused_moe_triton
 
     x, w13, w2, weights, ids = make_case(num_tokens, 6, 2, seed=num_tokens + 100)
     experts = quantize_experts(w13, w2, Fp8Scheme(scheme), *([block] if block else []))
@@ -166,9 +170,12 @@ def test_fp8_experts_match_the_dequantized_reference(scheme, block, num_tokens):
     want = fused_moe_ref(x, experts, weights, ids)
     # e4m3 rounding is visible: the reference is of the FP8 values, not of the float weights.
     assert (want - fused_moe_ref(x, ExpertWeights(w13, w2), weights, ids)).abs().max() > 1e-3
-    torch.testing.assert_close(fused_moe_triton(x, experts, weights, ids, dot_f16=False), want, atol=1e-5, rtol=1e-5)
+    cfg = MoeConfig.parse(config) if config else None
+    torch.testing.assert_close(fused_moe_triton(x, experts, weights, ids, config=cfg, dot_f16=False), want,
+                               atol=1e-5, rtol=1e-5)
     # Widened to float16 (the GPU default for 16-bit x): x rounded to float16 as well.
-    torch.testing.assert_close(fused_moe_triton(x, experts, weights, ids, dot_f16=True), want, atol=5e-3, rtol=5e-3)
+    torch.testing.assert_close(fused_moe_triton(x, experts, weights, ids, config=cfg, dot_f16=True), want,
+                               atol=5e-3, rtol=5e-3)
 
 
 def test_fp8_experts_skip_other_ranks_ids():
@@ -197,3 +204,20 @@ def test_fp8_experts_w8a8_match_the_activation_quantizing_reference(scheme, bloc
     assert (want - fused_moe_ref(x, experts, weights, ids)).abs().max() > 1e-3
     got = fused_moe_triton(x, experts, weights, ids, w8a8=True)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fp8_expert_arguments_are_checked():
+    from splitserve.kernels.fp8 import Fp8Scheme
+    from splitserve.kernels.moe import quantize_experts
+    from splitserve.kernels.moe_triton import fused_moe_triton
+
+    x, w13, w2, weights, ids = make_case(3, 4, 2)
+    fp8 = quantize_experts(w13, w2, Fp8Scheme.CHANNEL)
+    with pytest.raises(ValueError, match="without an FP8 scheme"):
+        ExpertWeights(w13, fp8.w2)
+    with pytest.raises(ValueError, match="differ"):
+        ExpertWeights(w13, w2.double())
+    with pytest.raises(ValueError, match="dot_f16 widens e4m3"):
+        fused_moe_triton(x, ExpertWeights(w13, w2), weights, ids, dot_f16=True)
+    with pytest.raises(ValueError, match="W8A8 needs FP8"):
+        fused_moe_triton(x, ExpertWeights(w13, w2), weights, ids, w8a8=True)

@@ -19,21 +19,26 @@ from triton.compiler import ASTSource
 from splitserve.kernels.moe_triton import _down_kernel, _gate_up_kernel
 
 INDEX = ("sorted_ptr", "block_expert_ptr", "ids_ptr")
-VARIANTS = ((0, False, False), (1, False, False), (1, True, False), (2, False, False), (2, True, False),
-            (1, False, True), (2, False, True))  # (scale kind, widen to float16, W8A8)
-for scale, dot_f16, a8 in VARIANTS:
+# (scale kind, widen to float16, W8A8, direct, (block_m, block_n, block_k, warps, stages)): decode's
+# direct launches of every weight kind, aligned ones, and W8A8's wide prefill tiles.
+DECODE, WIDE = (16, 32, 128, 4, 4), (128, 128, 128, 8, 3)
+VARIANTS = [(scale, dot, False, direct, DECODE) for scale, dot in ((0, False), (1, False), (1, True), (2, False),
+                                                                    (2, True)) for direct in (True, False)]
+VARIANTS += [(1, False, True, False, DECODE), (2, False, True, False, DECODE), (1, False, True, False, WIDE),
+             (2, False, True, False, WIDE)]
+for scale, dot_f16, a8, direct, (bm, bn, bk, warps, stages) in VARIANTS:
     weight = "*fp8e4nv" if scale else "*bf16"
     act = "*fp8e4nv" if a8 else "*bf16"
-    consts = dict(DIRECT=False, PRECISION="tf32", SCALE=scale, SCALE_BN=128 if scale == 2 else 1,
-                  SCALE_BK=128 if scale == 2 else 1, DOT_F16=dot_f16, A8=a8, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)
+    consts = dict(DIRECT=direct, PRECISION="tf32", SCALE=scale, SCALE_BN=128 if scale == 2 else 1,
+                  SCALE_BK=128 if scale == 2 else 1, DOT_F16=dot_f16, A8=a8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     for fn, ptrs in ((_gate_up_kernel, {"x_ptr": act, "w13_ptr": weight, "out_ptr": "*bf16"}),
                      (_down_kernel, {"h_ptr": act, "w2_ptr": weight, "slots_ptr": "*bf16"})):
         names = list(fn.arg_names)
         sig = {n: "constexpr" if n in consts else ptrs.get(n) or ("*i32" if n in INDEX else "*fp32")
                if n.endswith("_ptr") else "i32" for n in names}
         src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 4})
-        print("compiled", fn.__name__, scale, dot_f16, a8)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        print("compiled", fn.__name__, scale, dot_f16, a8, direct, bm)
 '''
 
 
@@ -42,4 +47,4 @@ def test_fused_moe_kernels_compile_for_sm90_with_every_weight_kind():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 14
+    assert run.stdout.count("compiled") == 28

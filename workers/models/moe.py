@@ -19,8 +19,9 @@ the names on the hub and the names transformers' ``save_pretrained`` writes); `e
 maps one to its place in this rank's fused ``w13`` / ``w2`` (or, for FP8 experts, their
 scales: ``weight_scale`` -> ``w13_scale`` / ``w2_scale``).
 
-With a quantization config that does not ignore them, the experts are FP8 (e4m3, weight-only;
-`quant.Fp8ExpertsMethod` allocates, loads and restores them); the router stays float.
+With a quantization config that does not ignore them, the experts are FP8 (e4m3;
+`quant.Fp8ExpertsMethod` allocates, loads and restores them; the kernel runs them weight-only at
+decode sizes, W8A8 at prefill sizes); the router stays float.
 """
 
 from __future__ import annotations

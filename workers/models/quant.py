@@ -19,8 +19,9 @@ do not start on a multiple of 128 is refused when the model is built (`check_blo
 
 MoE experts (`Fp8ExpertsMethod`, for `FusedExperts`) hold e4m3 ``w13`` / ``w2`` with per-row
 or block scales in the layout `kernels.moe.ExpertWeights` names, loaded and quantized the
-same way, expert by expert; they run weight-only (the fused MoE kernel widens each tile). A
-block scheme needs every tp slice of the intermediate dimension to start on a block.
+same way, expert by expert; the fused MoE kernel runs them weight-only at decode sizes and
+W8A8 at prefill sizes (kernels/moe_triton.py). A block scheme needs every tp slice of the
+intermediate dimension to start on a block.
 
 What stays unquantized: embeddings and the LM head, norms, and the MoE router.
 """

@@ -66,7 +66,7 @@ FORMATS = {
     # Experts stored FP8 too (and held FP8), the router left alone as published ones do.
     "ct-channel-moe": ("tiny-qwen3-moe", Fp8Scheme.CHANNEL, "weight_scale",
                        _compressed_tensors("channel", ("lm_head", "re:.*mlp.gate$"))),
-    # Qwen3-MoE-FP8's format: 128x128 blocks, one per expert part (whole blocks elsewhere).
+    # Qwen3-MoE-FP8's format: 128x128 blocks (two per expert part: a tp-2 slice is one).
     "fp8-block-moe": ("wide-qwen3-moe", Fp8Scheme.BLOCK, "weight_scale_inv", _FP8_BLOCK),
     "float+fp8-moe": ("tiny-qwen3-moe", Fp8Scheme.CHANNEL, None, None),
     # Written under Mixtral's hub names (block_sparse_moe.experts.{e}.w1 ...; `MIXTRAL_NAMES`).
@@ -81,10 +81,10 @@ DENSE_FORMATS = [f for f in FORMATS if f not in MOE_FORMATS]
 
 
 def _hf_config(shape: str):
-    if shape == "wide-qwen3-moe":  # q, k, v, the dense MLP and each expert part whole 128-row blocks
+    if shape == "wide-qwen3-moe":  # q, k, v, o, the dense MLP: whole 128-row blocks on each of up to 4 ranks
         config = random_config("tiny-qwen3-moe")
-        for key, value in dict(hidden_size=256, num_hidden_layers=2, head_dim=64, num_key_value_heads=4, intermediate_size=256,
-                               moe_intermediate_size=128).items():
+        for key, value in dict(hidden_size=256, num_hidden_layers=2, head_dim=64, num_attention_heads=8,
+                               num_key_value_heads=8, intermediate_size=512, moe_intermediate_size=256).items():
             setattr(config, key, value)
         return config
     if shape != "wide-llama":
@@ -206,7 +206,7 @@ def test_each_rank_holds_the_checkpoints_dequantized_slices(checkpoints, fmt, tp
 
 @pytest.mark.parametrize("fmt,tp,expert_parallel", [
     ("ct-channel-moe", 1, False), ("ct-channel-moe", 2, False), ("ct-channel-moe", 2, True),
-    ("fp8-block-moe", 1, False), ("fp8-block-moe", 2, True), ("float+fp8-moe", 2, False),
+    ("fp8-block-moe", 1, False), ("fp8-block-moe", 2, False), ("fp8-block-moe", 2, True), ("float+fp8-moe", 2, False),
     ("ct-tensor-mixtral", 1, False)])
 def test_fp8_experts_load_as_e4m3_with_their_scales_and_the_router_stays_float(checkpoints, fmt, tp, expert_parallel):
     """Each rank's experts, dequantized, equal the checkpoint's dequantized slices (quantized at
@@ -235,14 +235,14 @@ def test_fp8_experts_load_as_e4m3_with_their_scales_and_the_router_stays_float(c
 
 
 def test_fp8_block_experts_refuse_a_tp_slice_inside_a_block(checkpoints):
-    """128-wide experts over tp 2: 64 each, half a block (expert parallel, which keeps experts
-    whole, loads: above)."""
+    """256-wide experts over tp 4: 64 each, half a block (tp 2 and expert parallel, which keeps
+    experts whole, load: above)."""
     from transformers import AutoConfig
 
     ckpt = checkpoints("fp8-block-moe")
     quant = resolve_quantization(None, AutoConfig.from_pretrained(ckpt.quantized))
     with pytest.raises(ValueError, match="experts' intermediate dimension to start on a multiple of 128"):
-        build_model(ckpt.cfg, ParallelState(Mapping(2, 1, 2, 1), None, False), torch.device("cpu"),
+        build_model(ckpt.cfg, ParallelState(Mapping(4, 1, 4, 1), None, False), torch.device("cpu"),
                     torch.float32, quant)
 
 
