@@ -92,13 +92,12 @@ class ExpertWeights:
         if self.scheme is None:
             return self.w13[e].to(dtype), self.w2[e].to(dtype)
         inter = self.intermediate
-        if self.scheme is Fp8Scheme.CHANNEL:
-            s13, s2 = self.w13_scale[e].unsqueeze(1), self.w2_scale[e].unsqueeze(1)
-            return ((self.w13[e].float() * s13).to(dtype), (self.w2[e].float() * s2).to(dtype))
-        half = self.w13_scale.shape[1] // 2
-        gate = dequantize(Fp8Weight(self.w13[e, :inter], self.w13_scale[e, :half], self.scheme, self.block), dtype)
-        up = dequantize(Fp8Weight(self.w13[e, inter:], self.w13_scale[e, half:], self.scheme, self.block), dtype)
-        down = dequantize(Fp8Weight(self.w2[e], self.w2_scale[e], self.scheme, self.block), dtype)
+        s13, s2 = self.w13_scale[e], self.w2_scale[e]
+        if self.scheme is Fp8Scheme.CHANNEL:  # [2I] / [H] -> an Fp8Weight's [N, 1]
+            s13, s2 = s13.unsqueeze(1), s2.unsqueeze(1)
+        half = s13.shape[0] // 2  # gate's rows of scales (or block rows), then up's
+        gate, up, down = (dequantize(Fp8Weight(w, s, self.scheme, self.block), dtype) for w, s in (
+            (self.w13[e, :inter], s13[:half]), (self.w13[e, inter:], s13[half:]), (self.w2[e], s2)))
         return torch.cat([gate, up]), down
 
 

@@ -370,8 +370,8 @@ def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_p
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
     if SCALE == 1:
-        row_scale = _a_scale(xs_ptr, token, real, 0, stride_xsm, SCALE, SCALE_BK, A8)
         if A8:
+            row_scale = _a_scale(xs_ptr, token, real, 0, stride_xsm, SCALE, SCALE_BK, A8)
             gate *= row_scale[:, None]
             up *= row_scale[:, None]
         gate *= tl.load(s_base + cols * stride_sn, mask=col_ok, other=0.0)[None, :]

@@ -91,13 +91,67 @@ def _quantized(config: QuantConfig | None, spellings: list[tuple[str, ...]]) -> 
     return True
 
 
-class Fp8LinearMethod:
-    """How one linear holds and runs FP8 weights (see the module docstring)."""
+class _Fp8Method:
+    """What the FP8 linear and experts methods share: the config's scheme and block, restoring
+    dtypes after ``model.to``, reading a checkpoint scale's slice, and quantizing a float slice
+    at load."""
+
+    #: The module's e4m3 parameters, then their float32 scales.
+    E4M3_PARAMS: tuple[str, ...] = ()
+    SCALE_PARAMS: tuple[str, ...] = ()
 
     def __init__(self, config: QuantConfig):
         self.config = config
         self.scheme = config.layer_scheme
         self.block = config.block
+
+    def restore_dtypes(self, module: nn.Module) -> None:
+        """After ``model.to(dtype)`` (which widens every float parameter, e4m3 included)."""
+        for name in self.E4M3_PARAMS:
+            getattr(module, name).data = getattr(module, name).data.to(FP8_DTYPE)
+        for name in self.SCALE_PARAMS:
+            getattr(module, name).data = getattr(module, name).data.float()
+
+    def _row_scales(self, tensor, rows: range) -> torch.Tensor:
+        """A checkpoint scale's part for rows ``rows`` of its weight (all columns): block rows
+        [.., ceil(K / bk)], or one per row [len(rows), 1] (a per-tensor scale repeated)."""
+        scale = _read_all(tensor).float()
+        if self.scheme is Fp8Scheme.BLOCK:
+            bn = self.block[0]
+            return _as_block_scale(scale, self.config)[rows.start // bn:_cdiv(rows.stop, bn)]
+        if scale.numel() == 1:  # per tensor: each row of this logical part takes it
+            return scale.reshape(1, 1).expand(len(rows), 1)
+        return scale.reshape(-1, 1)[rows.start:rows.stop]
+
+    def _col_scales(self, tensor, cols: range, num_rows: int) -> torch.Tensor:
+        """A checkpoint scale's part for columns ``cols`` of its weight (all ``num_rows`` rows):
+        block columns [ceil(N / bn), ..], or one per row [num_rows, 1]."""
+        scale = _read_all(tensor).float()
+        if self.scheme is Fp8Scheme.BLOCK:
+            bk = self.block[1]
+            return _as_block_scale(scale, self.config)[:, cols.start // bk:_cdiv(cols.stop, bk)]
+        if scale.numel() == 1:
+            return scale.reshape(1, 1).expand(num_rows, 1)
+        return scale.reshape(-1, 1)
+
+    def _quantize(self, module: nn.Module, weight, derived: tuple[str, int]) -> Fp8Weight:
+        """A float slice quantized here (its rows/blocks are whole: see the alignment checks);
+        ``derived``, the (param, shard) of its scale, counts as loaded."""
+        if self.config.prequantized:
+            logger.info("a float weight in an FP8 checkpoint (not in its ignore list): quantized at load")
+        module.derived_shards.add(derived)
+        weight = _read_all(weight)
+        device = getattr(module, self.E4M3_PARAMS[0]).device
+        if device.type != "cpu":  # where the module lives: an 8B model's slices in seconds, not host minutes
+            weight = weight.to(device)
+        return quantize(weight, self.scheme, self.block)
+
+
+class Fp8LinearMethod(_Fp8Method):
+    """How one linear holds and runs FP8 weights (see the module docstring)."""
+
+    E4M3_PARAMS = ("weight",)
+    SCALE_PARAMS = ("weight_scale",)
 
     # ---- allocation ------------------------------------------------------------------------
 
@@ -110,11 +164,6 @@ class Fp8LinearMethod:
         layer.weight_scale = nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
         #: (param, shard) computed at load from a float weight rather than read.
         layer.derived_shards = set()
-
-    def restore_dtypes(self, layer: nn.Module) -> None:
-        """After ``model.to(dtype)`` (which widens every float parameter, e4m3 included)."""
-        layer.weight.data = layer.weight.data.to(FP8_DTYPE)
-        layer.weight_scale.data = layer.weight_scale.data.float()
 
     def check_block_alignment(self, what: str, slices: list[tuple[int, int, int]], total: int, axis: str) -> None:
         """Refuse slices that would split a scale block: ``slices`` are (source start, our start,
@@ -152,20 +201,12 @@ class Fp8LinearMethod:
             if is_fp8(rows):
                 _copy(layer.weight.data[dst.start:dst.stop], rows, f"weight[{shard}]")
                 return
-            q = self._quantize(rows, layer, shard)
+            q = self._quantize(layer, rows, (SCALE_PARAM, shard))
             _copy(layer.weight.data[dst.start:dst.stop], q.data, f"weight[{shard}]")
             self._scale_rows(layer, dst)[...] = q.scale
             return
         _check_scale_param(param)
-        scale = _read_all(tensor).float()
-        if self.scheme is Fp8Scheme.BLOCK:
-            bn = self.block[0]
-            scale = _as_block_scale(scale, self.config)[src.start // bn:_cdiv(src.stop, bn)]
-        elif scale.numel() == 1:  # per tensor: each row of this logical part takes it
-            scale = scale.reshape(1, 1).expand(len(dst), 1)
-        else:
-            scale = scale.reshape(-1, 1)[src.start:src.stop]
-        _copy(self._scale_rows(layer, dst), scale, f"{param}[{shard}]")
+        _copy(self._scale_rows(layer, dst), self._row_scales(tensor, src), f"{param}[{shard}]")
 
     def load_row(self, layer: nn.Module, param: str, tensor, cols: range) -> None:
         """Columns ``cols`` of a checkpoint tensor (all rows) -> all of ours."""
@@ -174,20 +215,12 @@ class Fp8LinearMethod:
             if is_fp8(part):
                 _copy(layer.weight.data, part, "weight")
                 return
-            q = self._quantize(part, layer, 0)
+            q = self._quantize(layer, part, (SCALE_PARAM, 0))
             _copy(layer.weight.data, q.data, "weight")
             layer.weight_scale.data.copy_(q.scale)
             return
         _check_scale_param(param)
-        scale = _read_all(tensor).float()
-        if self.scheme is Fp8Scheme.BLOCK:
-            bk = self.block[1]
-            scale = _as_block_scale(scale, self.config)[:, cols.start // bk:_cdiv(cols.stop, bk)]
-        elif scale.numel() == 1:
-            scale = scale.reshape(1, 1).expand_as(layer.weight_scale)
-        else:
-            scale = scale.reshape(-1, 1)
-        _copy(layer.weight_scale.data, scale, param)
+        _copy(layer.weight_scale.data, self._col_scales(tensor, cols, layer.weight.shape[0]), param)
 
     def _scale_rows(self, layer: nn.Module, dst: range) -> torch.Tensor:
         if self.scheme is Fp8Scheme.BLOCK:
@@ -195,27 +228,15 @@ class Fp8LinearMethod:
             return layer.weight_scale.data[dst.start // bn:_cdiv(dst.stop, bn)]
         return layer.weight_scale.data[dst.start:dst.stop]
 
-    def _quantize(self, weight: torch.Tensor, layer: nn.Module, shard: int) -> Fp8Weight:
-        """A float slice quantized here (its rows/blocks are whole: see check_block_alignment)."""
-        if self.config.prequantized:
-            logger.info("a float weight in an FP8 checkpoint (not in its ignore list): quantized at load")
-        layer.derived_shards.add((SCALE_PARAM, shard))
-        device = layer.weight.device
-        if device.type != "cpu":  # where the layer lives: an 8B model's slices in seconds, not host minutes
-            weight = _read_all(weight).to(device)
-        return quantize(weight, self.scheme, self.block)
 
-
-class Fp8ExpertsMethod:
+class Fp8ExpertsMethod(_Fp8Method):
     """How a layer's experts (`FusedExperts`) hold, load and run FP8 weights: e4m3 ``w13`` /
     ``w2`` and float32 ``w13_scale`` / ``w2_scale`` (layouts: `kernels.moe.ExpertWeights`).
     Loader shards are the module's: w13's ``2 * local + (0 gate | 1 up)``, w2's ``local``, and
     the same for their scales."""
 
-    def __init__(self, config: QuantConfig):
-        self.config = config
-        self.scheme = config.layer_scheme
-        self.block = config.block
+    E4M3_PARAMS = ("w13", "w2")
+    SCALE_PARAMS = ("w13_scale", "w2_scale")
 
     def create_weights(self, experts: nn.Module, num_local: int, inter: int, hidden: int) -> None:
         experts.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden, dtype=FP8_DTYPE), requires_grad=False)
@@ -239,13 +260,6 @@ class Fp8ExpertsMethod:
                     f"holds {cols.start}..{cols.stop} of {total}; use a tensor-parallel size that keeps it aligned "
                     "(or expert parallel, which keeps experts whole)")
 
-    def restore_dtypes(self, experts: nn.Module) -> None:
-        """After ``model.to(dtype)``, as `Fp8LinearMethod.restore_dtypes`."""
-        for name in ("w13", "w2"):
-            getattr(experts, name).data = getattr(experts, name).data.to(FP8_DTYPE)
-        for name in ("w13_scale", "w2_scale"):
-            getattr(experts, name).data = getattr(experts, name).data.float()
-
     def weights(self, experts: nn.Module) -> ExpertWeights:
         return ExpertWeights(experts.w13, experts.w2, self.scheme, experts.w13_scale, experts.w2_scale, self.block)
 
@@ -261,8 +275,7 @@ class Fp8ExpertsMethod:
                 return
             q = self._quantize(experts, rows, ("w13_scale", shard))
             _copy(experts.w13.data[local, half * inter:(half + 1) * inter], q.data, f"w13[{shard}]")
-            dest = self._w13_scale(experts, local, half, inter)
-            dest[...] = q.scale.reshape(dest.shape)
+            self._w13_scale(experts, local, half, inter)[...] = q.scale
             return
         if param == "w2":
             part = tensor[:, cols.start:cols.stop]
@@ -271,50 +284,30 @@ class Fp8ExpertsMethod:
                 return
             q = self._quantize(experts, part, ("w2_scale", shard))
             _copy(experts.w2.data[shard], q.data, f"w2[{shard}]")
-            experts.w2_scale.data[shard] = q.scale.reshape(experts.w2_scale.shape[1:])
+            self._w2_scale(experts, shard)[...] = q.scale
             return
-        scale = _read_all(tensor).float()
         if param == "w13_scale":
             local, half = divmod(shard, 2)
-            dest = self._w13_scale(experts, local, half, inter)
-            if self.scheme is Fp8Scheme.BLOCK:
-                bn = self.block[0]
-                scale = _as_block_scale(scale, self.config)[cols.start // bn:_cdiv(cols.stop, bn)]
-            elif scale.numel() == 1:
-                scale = scale.reshape(1).expand(inter)
-            else:
-                scale = scale.reshape(-1)[cols.start:cols.stop]
-            _copy(dest, scale, f"{param}[{shard}]")
+            _copy(self._w13_scale(experts, local, half, inter), self._row_scales(tensor, cols), f"{param}[{shard}]")
             return
         if param == "w2_scale":
-            dest = experts.w2_scale.data[shard]
-            if self.scheme is Fp8Scheme.BLOCK:
-                bk = self.block[1]
-                scale = _as_block_scale(scale, self.config)[:, cols.start // bk:_cdiv(cols.stop, bk)]
-            elif scale.numel() == 1:
-                scale = scale.reshape(1).expand_as(dest)
-            else:
-                scale = scale.reshape(-1)
-            _copy(dest, scale, f"{param}[{shard}]")
+            _copy(self._w2_scale(experts, shard), self._col_scales(tensor, cols, experts.w2.shape[1]),
+                  f"{param}[{shard}]")
             return
         raise ValueError(f"FP8 experts load w13, w2 and their scales, not {param!r}")
 
     def _w13_scale(self, experts: nn.Module, local: int, half: int, inter: int) -> torch.Tensor:
-        """The scales of local expert ``local``'s gate (half 0) or up (1) part."""
+        """The scales of local expert ``local``'s gate (half 0) or up (1) part, shaped as a
+        linear's: block rows, or [inter, 1] (a view of the [E, 2I] per-row table)."""
         if self.scheme is Fp8Scheme.BLOCK:
             nb = experts.w13_scale.shape[1] // 2
             return experts.w13_scale.data[local, half * nb:(half + 1) * nb]
-        return experts.w13_scale.data[local, half * inter:(half + 1) * inter]
+        return experts.w13_scale.data[local, half * inter:(half + 1) * inter].unsqueeze(1)
 
-    def _quantize(self, experts: nn.Module, weight, derived: tuple[str, int]) -> Fp8Weight:
-        if self.config.prequantized:
-            logger.info("a float expert weight in an FP8 checkpoint (not in its ignore list): quantized at load")
-        experts.derived_shards.add(derived)
-        device = experts.w13.device
-        weight = _read_all(weight)
-        if device.type != "cpu":
-            weight = weight.to(device)
-        return quantize(weight, self.scheme, self.block)
+    def _w2_scale(self, experts: nn.Module, local: int) -> torch.Tensor:
+        """Local expert ``local``'s down scales, shaped as a linear's (see `_w13_scale`)."""
+        scale = experts.w2_scale.data[local]
+        return scale if self.scheme is Fp8Scheme.BLOCK else scale.unsqueeze(1)
 
 
 def _check_scale_param(param: str) -> None:
