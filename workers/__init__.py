@@ -6,16 +6,10 @@ prefill, preemption), the model runner, sampling and detokenisation, the engine 
 the offline `LLM` front end; later the rank processes of a group and its prefill / decode roles.
 """
 
-# The folder is installed as `splitserve.workers` (pyproject.toml's package-dir). Imported by its
-# bare name (from the repository root, which is on sys.path) its modules would load as second
-# copies, whose classes are not `splitserve.workers`'s: refused. The bare import itself loads
-# nothing and does not raise, since libraries probe top-level names by importing them
-# (transformers imports `kernels`, looking for Hugging Face's package of that name, on every
-# model load); any use of it raises, a submodule's import too (it looks up `__path__`).
+# The folder is installed as `splitserve.workers` (pyproject.toml's package-dir); imported by its
+# bare name from the repository root it would load second copies of its modules: refused, or
+# handed to another distribution's package of that name (splitserve._bare_import).
 if __name__ != "splitserve.workers":
-    del __path__
+    from splitserve._bare_import import stand_aside
 
-    def __getattr__(attr: str):
-        error = ImportError if attr == "__path__" else AttributeError
-        raise error(f"import splitserve.workers, not {__name__}: this folder is the splitserve.workers package "
-                    "(installed by `make install` or `pip install -e .`)")
+    stand_aside(globals(), "splitserve.workers")
