@@ -122,6 +122,34 @@ def warm_up_attention(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: i
                                  k_scale=k_scale, v_scale=v_scale)
 
 
+def warm_up_token_counts(max_tokens: int, top_k: int = 0) -> list[int]:
+    """Step sizes (tokens) whose forwards, run once at start-up, compile every launch variant
+    that a step of 1 to ``max_tokens`` tokens takes (``top_k``: the model's experts a token,
+    0 for a dense model). Triton compiles a variant the first time it runs (about a second on
+    an H200) and every request of that step waits for it; the decode CUDA graphs compile the
+    batch buckets' variants, but a step with a prefill in it can have any size.
+
+    A launch changes with the size where a tuned table or a shape changes (rows 1 / 16 / 64 of
+    the skinny linears, `linear_triton.TUNED_ROWS`; the row padding, powers of two; the MoE
+    call's pair bounds, `moe_triton.pair_bounds`, and its direct path up to
+    `moe_triton.DIRECT_MAX_TOKENS`) and where Triton specializes an integer argument (1, or a
+    multiple of 16: the skinny kernels' rows). So: every power of two and the size after it,
+    each side of every MoE bound, and ``max_tokens``. The MoE kernels take their pair counts
+    unspecialized (the block-scaled FP8 GEMM its rows too), so a bucket's sizes share one variant."""
+    counts = {1, max_tokens}
+    power = 1
+    while power <= max_tokens:
+        counts |= {power, power + 1}
+        power *= 2
+    if top_k:
+        from splitserve.kernels import moe_triton
+
+        for bound in moe_triton.pair_bounds():  # <= and >= bounds alike: the sizes either side
+            counts |= {bound // top_k - 1, bound // top_k, bound // top_k + 1}
+        counts |= {moe_triton.DIRECT_MAX_TOKENS, moe_triton.DIRECT_MAX_TOKENS + 1}
+    return sorted(c for c in counts if 1 <= c <= max_tokens)
+
+
 def ragged_prefill(chunks: Sequence):
     """A step's prefill chunks as one `RaggedPrefill` (device tensors) for the Triton kernel."""
     from splitserve.kernels import attention_triton

@@ -68,8 +68,13 @@ ALIGN_TRITON_MAX_PAIRS = 2048
 #: 32, 21 against 26 us at 512, 65 against 87 us at 2048; 8 or 16 warps, or chunks of 256, were
 #: slower;
 #: benchmarks/decode_kernel_sweep.py, 2026-12-02).
+ALIGN_CHUNK_SMALL_MAX = 64
+
+
 def align_chunk(num_pairs: int) -> int:
-    return 64 if num_pairs <= 64 else 128
+    return 64 if num_pairs <= ALIGN_CHUNK_SMALL_MAX else 128
+
+
 #: Up to this many tokens there is no alignment: each (token, slot) pair is a block of its
 #: own. A token's k experts are distinct (top-k), so at one token no expert is read twice;
 #: at two, the few experts both tokens chose (0.5 of 8 of 128, on average) cost less
@@ -168,6 +173,14 @@ def moe_config(num_pairs: int, w8a8: bool = False) -> MoeConfig:
     return next(cfg for bound, cfg in CONFIGS if num_pairs <= bound)
 
 
+def pair_bounds() -> tuple[int, ...]:
+    """The pair counts where the call's launches change (a launch shape, W8A8, the alignment's
+    implementation or chunk), for a warm-up that compiles each side of every one
+    (`dispatch.warm_up_token_counts`); `DIRECT_MAX_TOKENS` counts tokens and is not here."""
+    return tuple(sorted({bound for bound, _ in CONFIGS[:-1]} | {
+        W8A8_MIN_PAIRS, W8A8_WIDE_PAIRS, ALIGN_TRITON_MAX_PAIRS, ALIGN_CHUNK_SMALL_MAX}))
+
+
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
     """Blocks the padded layout can need: each non-empty expert (at most min(E, pairs) of
     them) pads its run by at most block_m - 1 rows."""
@@ -177,7 +190,7 @@ def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
 # ---- 1. align -------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_rows", "num_blocks"])
 def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_pairs, expert_offset, num_experts, num_rows,
                   num_blocks, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
     experts = tl.arange(0, E_PAD)
@@ -328,7 +341,7 @@ def _a_scale(xs_ptr, row, real, k0, stride_xsm, SCALE: tl.constexpr, SCALE_BK: t
     return scale
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_ptr, s_ptr, xs_ptr, num_pairs, top_k,
                     inter, hidden, expert_offset, num_experts, stride_xt, stride_we, stride_wn, stride_ot, stride_se,
                     stride_sn, stride_sk, stride_xsm, up_block_rows, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
@@ -381,7 +394,7 @@ def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_p
     tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=real[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert_ptr, ids_ptr, s_ptr, xs_ptr,
                  num_pairs, hidden, inter, expert_offset, num_experts, stride_ht, stride_we, stride_wn, stride_st,
                  stride_se, stride_sn, stride_sk, stride_xsm, DIRECT: tl.constexpr, PRECISION: tl.constexpr,

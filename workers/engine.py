@@ -183,6 +183,7 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids, show_progress=config.show_progress, kv=config.kv,
             device_offset=config.device_offset, async_scheduling=async_scheduling, quant=quant,
             kv_dtype=None if self.kv_dtype == dtype else self.kv_dtype,
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
         ), config.parallel, processes=config.rank_processes, launcher=launcher)
         self._block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self._block_manager, lookahead=async_scheduling,

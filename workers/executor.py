@@ -168,6 +168,9 @@ class RunnerSpec:
     kv_dtype: torch.dtype | None = None
     #: FP8 weights (workers/quant_config.py); None: the model's dtype throughout.
     quant: QuantConfig | None = None
+    #: The scheduler's step budget: start-up compiles the kernels for steps up to it
+    #: (`ModelRunner.warm_up`; 0: attention's variants only).
+    max_num_batched_tokens: int = 0
 
 
 def rank_device(spec: RunnerSpec, parallel: ParallelState) -> torch.device:
@@ -188,7 +191,8 @@ def build_runner(spec: RunnerSpec, parallel: ParallelState,
     progress = spec.show_progress and m.rank == 0
     weights = None if spec.weights_dir is None else iter_safetensors(spec.weights_dir, progress)
     runner = ModelRunner.create(cfg, parallel, kv, device, spec.eos_token_ids, weights, spec.seed,
-                                share_samples=spec.async_scheduling, quant=spec.quant)
+                                share_samples=spec.async_scheduling, quant=spec.quant,
+                                warm_up_tokens=spec.max_num_batched_tokens, progress=progress)
     if spec.kv is not None:
         runner.agent = KVTransferAgent(spec.kv, m.rank, runner.kv_cache.transfer_data, m.pp_layers(cfg.num_layers).start,
                                        m.kv_heads(cfg.num_kv_heads).start, report)

@@ -54,7 +54,11 @@ _SCALE_NAME = re.compile(r"^(?:model\.)?layers\.(\d+)\.self_attn\.(?:attn\.)?([k
 def calibration_token_ids(vocab_size: int, max_len: int) -> list[int]:
     """The fixed built-in calibration sequence: ids spread over the whole vocabulary by a
     constant stride (a prime, so they do not repeat), the same on every group and every run."""
-    n = max(1, min(CALIBRATION_TOKENS, max_len))
+    return spread_token_ids(vocab_size, max(1, min(CALIBRATION_TOKENS, max_len)))
+
+
+def spread_token_ids(vocab_size: int, n: int) -> list[int]:
+    """``n`` ids spread over the vocabulary by a prime stride (also the start-up warm-up's)."""
     return [(7919 * i + 13) % vocab_size for i in range(n)]
 
 

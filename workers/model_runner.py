@@ -24,10 +24,11 @@ capture: the checkpoint's if it has them, else a calibration prefill's (`kv_scal
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from splitserve.kernels import dispatch
 from splitserve.workers.config import ModelConfig
@@ -82,9 +83,11 @@ class ModelRunner:
     @classmethod
     def create(cls, model_cfg: ModelConfig, parallel: ParallelState, kv_spec: KVCacheSpec, device: torch.device,
                eos_token_ids: tuple[int, ...], weights: Iterable[tuple[str, Any]] | None = None, seed: int = 0,
-               share_samples: bool = False, quant: QuantConfig | None = None):
+               share_samples: bool = False, quant: QuantConfig | None = None, warm_up_tokens: int = 0,
+               progress: bool = False):
         """Build this rank's model and load ``weights`` (named tensors), or random weights if None;
-        ``quant``: FP8 weights (workers/models/quant.py)."""
+        ``quant``: FP8 weights (workers/models/quant.py); ``warm_up_tokens``: the scheduler's step
+        budget, whose sizes `warm_up` compiles for (0: attention only); ``progress``: show it."""
         model = build_model(model_cfg, parallel, device, kv_spec.dtype, quant)
         # KV scale tensors are the cache's, never the model's (whatever the cache's dtype).
         found: dict[tuple[int, int], torch.Tensor] = {}
@@ -98,19 +101,64 @@ class ModelRunner:
             scales = kv_scales.checkpoint_scales(found, m.pp_layers(model_cfg.num_layers),
                                                  m.kv_heads(model_cfg.num_kv_heads), model_cfg.num_kv_heads)
             runner.kv_cache.set_scales(scales if scales is not None else runner.calibrate_kv_scales())
-        runner.warm_up()
+        runner.warm_up(warm_up_tokens, progress)
         if not runner.enforce_eager:
             runner.capture_cuda_graphs()
         return runner
 
-    def warm_up(self) -> None:
-        """Compile the kernels' variants before the first request (see `attention_triton.warm_up`)."""
+    def warm_up(self, max_tokens: int = 0, progress: bool = False) -> None:
+        """Compile the kernels' variants before the first request: attention's
+        (`attention_triton.warm_up`), then, given the scheduler's step budget ``max_tokens``, the
+        rest by one forward of each step size `dispatch.warm_up_token_counts` names (a step with
+        a prefill in it can have any size, and a variant compiled mid-serving stalls every
+        request of its step for about a second). Every rank of the group runs it at once, with
+        the same sizes (the forward's tp collectives and pp sends)."""
         if self.device.type != "cuda" or not self.model.layers:
             return
         attn = self.model.layers[0].self_attn.attn
         layer = self.kv_layers[0]
         dispatch.warm_up_attention(layer.k, layer.v, attn.num_heads, attn.scale, attn.sliding_window,
                                    dtype=self.dtype, k_scale=layer.k_scale, v_scale=layer.v_scale)
+        if max_tokens:
+            cfg = self.model_cfg
+            limit = min(max_tokens, self._scratch_tokens())
+            self.warm_up_forwards(dispatch.warm_up_token_counts(limit, cfg.num_experts_per_tok if cfg.is_moe else 0),
+                                  progress)
+
+    @torch.inference_mode()
+    def warm_up_forwards(self, counts: Sequence[int], progress: bool = False) -> None:
+        """One scratch prefill (`_scratch_prefill`) of each size in ``counts``; the blocks they
+        wrote are zeroed after."""
+        if counts and max(counts) > self._scratch_tokens():
+            raise ValueError(f"warm-up: {max(counts)} tokens do not fit the cache or the positions "
+                             f"({self._scratch_tokens()})")
+        for n in tqdm(counts, desc="Compiling kernels", unit="size", disable=not progress, leave=False):
+            self._scratch_prefill(kv_scales.spread_token_ids(self.model_cfg.vocab_size, n))
+        if counts:
+            self.kv_cache.data[:, :, :-(-max(counts) // self.kv_cache.spec.block_size)].zero_()
+
+    def _scratch_tokens(self) -> int:
+        """The longest scratch prefill: the cache's blocks and the model's positions."""
+        spec = self.kv_cache.spec
+        return min(self.model_cfg.max_position_embeddings, spec.num_blocks * spec.block_size)
+
+    def _scratch_prefill(self, ids: list[int]) -> None:
+        """The forward of one prefill of ``ids`` from position 0 into the cache's first blocks
+        (no logits), on every rank of the group: start-up only, the caller zeroes the blocks."""
+        n, num_blocks = len(ids), -(-len(ids) // self.kv_cache.spec.block_size)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        positions = torch.arange(n, dtype=torch.long, device=self.device)
+        blocks = torch.arange(num_blocks, dtype=torch.long, device=self.device)
+        meta = AttentionMetadata(slot_mapping=positions, num_decode=0, decode_block_tables=None,
+                                 decode_context_lens=None, prefills=(PrefillChunk(0, n, n, blocks),))
+        m = self.parallel.mapping
+        intermediate = None
+        if not m.is_first_pp_rank:
+            shape = (n, self.model_cfg.hidden_size)
+            intermediate = tuple(self.parallel.recv_prev([shape, shape], self.dtype, self.device))
+        out = self.model(input_ids, positions, self.kv_layers, meta, intermediate, None)
+        if not m.is_last_pp_rank:
+            self.parallel.send_next(list(out))
 
     @torch.inference_mode()
     def calibrate_kv_scales(self) -> torch.Tensor:
@@ -119,10 +167,8 @@ class ModelRunner:
         at once (the forward's tp collectives and pp sends). The pass attends its own new
         K/V (no cached prefix), so what it writes into the cache with the initial unit scales
         is never read; those blocks are zeroed after."""
-        spec, cfg = self.kv_cache.spec, self.model_cfg
-        ids = kv_scales.calibration_token_ids(cfg.vocab_size, min(cfg.max_position_embeddings,
-                                                                  spec.num_blocks * spec.block_size))
-        n, num_blocks = len(ids), -(-len(ids) // spec.block_size)
+        spec = self.kv_cache.spec
+        ids = kv_scales.calibration_token_ids(self.model_cfg.vocab_size, self._scratch_tokens())
         amax = torch.zeros(spec.num_layers, 2, spec.num_kv_heads, dtype=torch.float32, device=self.device)
 
         def record(index: int):
@@ -135,23 +181,11 @@ class ModelRunner:
         handles = [layer.self_attn.attn.register_forward_pre_hook(record(i))
                    for i, layer in enumerate(self.model.layers)]
         try:
-            input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-            positions = torch.arange(n, dtype=torch.long, device=self.device)
-            blocks = torch.arange(num_blocks, dtype=torch.long, device=self.device)
-            meta = AttentionMetadata(slot_mapping=positions, num_decode=0, decode_block_tables=None,
-                                     decode_context_lens=None, prefills=(PrefillChunk(0, n, n, blocks),))
-            m = self.parallel.mapping
-            intermediate = None
-            if not m.is_first_pp_rank:
-                shape = (n, self.model_cfg.hidden_size)
-                intermediate = tuple(self.parallel.recv_prev([shape, shape], self.dtype, self.device))
-            out = self.model(input_ids, positions, self.kv_layers, meta, intermediate, None)
-            if not m.is_last_pp_rank:
-                self.parallel.send_next(list(out))
+            self._scratch_prefill(ids)
         finally:
             for handle in handles:
                 handle.remove()
-        self.kv_cache.data[:, :, :num_blocks].zero_()
+        self.kv_cache.data[:, :, :-(-len(ids) // spec.block_size)].zero_()
         return kv_scales.scales_from_amax(amax)
 
     def capture_cuda_graphs(self, max_batch: int | None = None) -> None:

@@ -177,3 +177,22 @@ def test_placeholders_take_the_previous_steps_samples_on_the_device(runner, hf):
     want = hf_forward(model, PROMPT + [first]).logits[0, -1]
     torch.testing.assert_close(runner.logits_seen[-1][0], want, atol=1e-4, rtol=1e-4)
     assert second == want.argmax().item()
+
+
+def test_warm_up_forwards_run_each_size_and_leave_the_cache_empty(runner):
+    """Start-up's scratch prefills (`ModelRunner.warm_up_forwards`, CUDA only in `create`, run
+    here by hand): one forward per size, the blocks they wrote zeroed; a size past the cache
+    is refused before anything runs."""
+    sizes = []
+    forward = runner.model.forward
+
+    def counting(input_ids, *args, **kwargs):
+        sizes.append(len(input_ids))
+        return forward(input_ids, *args, **kwargs)
+    runner.model.forward = counting
+    runner.warm_up_forwards([1, 5, 9])
+    assert sizes == [1, 5, 9]
+    assert not runner.kv_cache.data.any()
+    with pytest.raises(ValueError, match="do not fit"):
+        runner.warm_up_forwards([NUM_BLOCKS * BS + 1])
+    assert sizes == [1, 5, 9]
