@@ -535,10 +535,15 @@ class RaggedPrefill:
         """From `PrefillChunk`-like objects (start, num_tokens, context_len, block_table)."""
         tables = [c.block_table for c in chunks]
         device = tables[0].device
-        ints = torch.tensor([[c.start for c in chunks], [c.num_tokens for c in chunks],
-                             [c.context_len for c in chunks]], dtype=torch.int32).to(device, non_blocking=True)
+        # Each row padded to 16 bytes, so that every view starts aligned whatever the chunks:
+        # Triton compiles a variant per pointer alignment, and one that changed with the number of
+        # chunks would compile in the middle of serving.
+        width = -(-len(chunks) // 4) * 4
+        rows = [[c.start for c in chunks], [c.num_tokens for c in chunks], [c.context_len for c in chunks]]
+        ints = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32).to(device, non_blocking=True)
         padded = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True, padding_value=0)
-        return cls(padded, ints[0], ints[1], ints[2], max(c.num_tokens for c in chunks),
+        n = len(chunks)
+        return cls(padded, ints[0, :n], ints[1, :n], ints[2, :n], max(c.num_tokens for c in chunks),
                    all(c.context_len == c.num_tokens for c in chunks))
 
 

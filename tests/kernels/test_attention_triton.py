@@ -361,3 +361,16 @@ def test_decode_transposed_loop_matches_the_reference(dtype, num_splits):
     else:
         assert rel_err(got, want) < 1e-2
     assert at.DecodeConfig.parse("swap=1").swap == 1 and "swap=1" in cfg.spec()
+
+
+def test_ragged_prefill_views_start_16_byte_aligned_for_any_number_of_chunks():
+    """Triton compiles a variant per pointer alignment: the per-chunk vectors must start 16-byte
+    aligned however many chunks a step has, or a new count would compile mid-serving."""
+    from splitserve.kernels import attention_triton as at
+
+    for n in range(1, 7):
+        chunks = [at._Chunk(0, 3 + i, 3 + i, torch.arange(2, dtype=torch.int64)) for i in range(n)]
+        batch = at.RaggedPrefill.from_chunks(chunks)
+        assert [t.tolist() for t in (batch.q_starts, batch.q_lens, batch.context_lens)] == [
+            [0] * n, [3 + i for i in range(n)], [3 + i for i in range(n)]]
+        assert all(t.data_ptr() % 16 == 0 for t in (batch.q_starts, batch.q_lens, batch.context_lens))
