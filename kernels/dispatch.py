@@ -194,10 +194,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return norm_ref.rms_norm_ref(x, weight, eps)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+def add_rms_norm(x: torch.Tensor | moe_ref.ExpertSlots, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm(x + residual), x + residual)."""
-    if use_triton(x):
+    """(norm(x + residual), x + residual). ``x`` may be a MoE layer's unsummed slots (only the
+    Triton path makes them): their sum is the x."""
+    if isinstance(x, moe_ref.ExpertSlots) or use_triton(x):
         from splitserve.kernels import norm_triton
 
         return norm_triton.add_rms_norm(x, residual, weight, eps)
@@ -286,17 +287,28 @@ def router(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool,
 
 
 def fused_moe(x: torch.Tensor, experts: moe_ref.ExpertWeights, weights: torch.Tensor, ids: torch.Tensor,
-              expert_offset: int = 0) -> torch.Tensor:
+              expert_offset: int = 0, defer_combine: bool = False) -> torch.Tensor | moe_ref.ExpertSlots:
     """Each token through its top-k experts, weighted and summed (`moe.fused_moe_ref`):
     x [T, H], the rank's experts (float or FP8: `moe.ExpertWeights`), weights [T, k] float32,
     ids [T, k] int32 (global expert ids; those outside [expert_offset, expert_offset + E_local)
     skipped). FP8 experts: weight-only on the CPU; on CUDA weight-only at decode sizes and W8A8
-    at prefill sizes (`moe_triton.W8A8_MIN_PAIRS`)."""
+    at prefill sizes (`moe_triton.W8A8_MIN_PAIRS`). ``defer_combine``: on CUDA the weighted
+    slots come back unsummed (`moe.ExpertSlots`), for `add_rms_norm` to sum (one launch fewer);
+    `combined` sums them where something else needs the tensor. The CPU path always sums."""
     if use_triton(x):
         from splitserve.kernels import moe_triton
 
-        return moe_triton.fused_moe_triton(x, experts, weights, ids, expert_offset)
+        return moe_triton.fused_moe_triton(x, experts, weights, ids, expert_offset, defer_combine=defer_combine)
     return moe_ref.fused_moe_ref(x, experts, weights, ids, expert_offset)
+
+
+def combined(x: torch.Tensor | moe_ref.ExpertSlots) -> torch.Tensor:
+    """``x`` as a tensor: a MoE layer's deferred slots summed (`fused_moe`), a tensor as it is."""
+    if isinstance(x, moe_ref.ExpertSlots):
+        from splitserve.kernels import moe_triton
+
+        return moe_triton.combine_slots(x)
+    return x
 
 
 # ---- FP8 weights ---------------------------------------------------------------------------

@@ -101,6 +101,30 @@ class ExpertWeights:
         return torch.cat([gate, up]), down
 
 
+@dataclass(frozen=True)
+class ExpertSlots:
+    """A fused MoE call's output before its k slots of each token are summed: ``slots``
+    [T * k, H] (pair ``t * k + j``: choice j of token t, already scaled by its routing weight),
+    ``ids`` [T, k] int32, and the local experts ``[expert_offset, expert_offset + num_local)``
+    (slots of other experts are never written, never read). The next residual add + RMSNorm
+    sums them in its own launch (`dispatch.add_rms_norm`), saving the combine launch at decode;
+    anything else takes `dispatch.combine_slots` first."""
+
+    slots: torch.Tensor
+    ids: torch.Tensor
+    expert_offset: int
+    num_local: int
+
+    @property
+    def shape(self) -> torch.Size:
+        """The summed output's shape [T, H]."""
+        return torch.Size((self.ids.shape[0], self.slots.shape[1]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.slots.dtype
+
+
 def quantize_experts(w13: torch.Tensor, w2: torch.Tensor, scheme: Fp8Scheme,
                      block: tuple[int, int] = (BLOCK, BLOCK)) -> ExpertWeights:
     """Float experts as FP8 ones (amax scales, round to nearest; gate and up quantized as the

@@ -28,7 +28,10 @@ records into a CUDA graph):
    to its pair's slot of ``slots`` [T * top_k, H].
 4. **combine** (`_combine_kernel`): ``out[t] = sum_j slots[t * top_k + j]`` over the slots
    whose expert is local, in float32: no atomics, the same order every run, and the
-   skipped slots are never read (so ``slots`` needs no zeroing).
+   skipped slots are never read (so ``slots`` needs no zeroing). With ``defer_combine`` the
+   call stops before it and returns the slots (`moe.ExpertSlots`): a layer with no tp peers
+   leaves the sum to the next residual add + RMSNorm (`norm_triton`), which does the same
+   float32 sum in its own launch, one launch fewer a layer.
 
 FP8 experts (`moe.ExpertWeights` with a scheme) run weight-only up to `W8A8_MIN_PAIRS` pairs
 (decode): gate_up and down load e4m3 tiles and widen them in registers (to float16, one
@@ -57,7 +60,7 @@ import triton
 import triton.language as tl
 
 from splitserve.kernels.fp8 import Fp8Scheme
-from splitserve.kernels.moe import ExpertWeights
+from splitserve.kernels.moe import ExpertSlots, ExpertWeights
 
 #: Up to this many (token, slot) pairs the alignment is the single-program Triton kernel.
 #: Its time grows with the pairs (a serial loop: on an H200 3 us at 32 pairs, 25 us at 512,
@@ -510,14 +513,17 @@ def launch_tiles(cfg: MoeConfig, experts: ExpertWeights) -> MoeConfig:
 
 def fused_moe_triton(x: torch.Tensor, experts: ExpertWeights, weights: torch.Tensor, ids: torch.Tensor,
                      expert_offset: int = 0, config: MoeConfig | None = None,
-                     dot_f16: bool | None = None, w8a8: bool | None = None) -> torch.Tensor:
+                     dot_f16: bool | None = None, w8a8: bool | None = None,
+                     defer_combine: bool = False) -> torch.Tensor | ExpertSlots:
     """`fused_moe_ref`'s call: x [T, H], the experts (float or FP8: `ExpertWeights`), routing
     weights float32 [T, k] and ids int32 [T, k] -> [T, H] in x's dtype. ``config`` overrides
     `moe_config` (benchmarks). FP8 experts run weight-only, their tiles widened to float16
     (``dot_f16``, default for 16-bit x: one instruction, x saturated to float16's range) or to
     x's dtype; or, from `W8A8_MIN_PAIRS` pairs (``w8a8`` overrides), W8A8: x and the
     intermediate quantized per token (per token and K group for block scales) by their own
-    launches, e4m3 x e4m3 products (`fused_moe_ref` with ``quantize_activations``)."""
+    launches, e4m3 x e4m3 products (`fused_moe_ref` with ``quantize_activations``).
+    ``defer_combine``: return the weighted slots (`ExpertSlots`) for the next residual add +
+    RMSNorm to sum, instead of summing them in a launch of their own."""
     num_tokens, hidden = x.shape
     w13, w2 = experts.w13, experts.w2
     num_experts, inter = experts.num_local, experts.intermediate
@@ -526,7 +532,7 @@ def fused_moe_triton(x: torch.Tensor, experts: ExpertWeights, weights: torch.Ten
         raise ValueError(f"fused_moe: x {tuple(x.shape)} and w13 {tuple(w13.shape)} disagree")
     out = torch.empty_like(x)
     if num_tokens == 0:
-        return out
+        return ExpertSlots(out.new_empty(0, hidden), ids, expert_offset, num_experts) if defer_combine else out
     num_pairs = num_tokens * top_k
     if dot_f16 and not experts.quantized:
         raise ValueError("fused_moe: dot_f16 widens e4m3 weights; these experts are float")
@@ -569,7 +575,17 @@ def fused_moe_triton(x: torch.Tensor, experts: ExpertWeights, weights: torch.Ten
         expert_offset, num_experts, h.stride(0), w2.stride(0), w2.stride(1), slots.stride(0), *s2.strides,
         h_scale.stride(0), SCALE=s2.kind, SCALE_BN=s2.block[0], SCALE_BK=s2.block[1], BLOCK_N=cfg.block_n2,
         BLOCK_K=cfg.block_k2, **launch)
-    _combine_kernel[(num_tokens, triton.cdiv(hidden, COMBINE_BLOCK))](
-        slots, ids, out, top_k, hidden, expert_offset, num_experts, slots.stride(0), out.stride(0),
-        BLOCK=COMBINE_BLOCK, num_warps=4)
+    pending = ExpertSlots(slots, ids, expert_offset, num_experts)
+    return pending if defer_combine else combine_slots(pending, out)
+
+
+def combine_slots(pending: ExpertSlots, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The combine launch: [T, H] in the slots' dtype (into ``out`` if given)."""
+    num_tokens, hidden = pending.shape
+    slots, ids = pending.slots, pending.ids
+    out = torch.empty(num_tokens, hidden, dtype=slots.dtype, device=slots.device) if out is None else out
+    if num_tokens:
+        _combine_kernel[(num_tokens, triton.cdiv(hidden, COMBINE_BLOCK))](
+            slots, ids, out, ids.shape[1], hidden, pending.expert_offset, pending.num_local, slots.stride(0),
+            out.stride(0), BLOCK=COMBINE_BLOCK, num_warps=4)
     return out

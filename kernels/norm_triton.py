@@ -13,14 +13,15 @@ import triton
 import triton.language as tl
 
 from splitserve.kernels import pdl
+from splitserve.kernels.moe import ExpertSlots
 from splitserve.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr,
-    stride_x, stride_res, stride_out, stride_sum, n_cols, eps,
-    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+    x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, ids_ptr,
+    stride_x, stride_res, stride_out, stride_sum, n_cols, eps, expert_offset, num_local,
+    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, TOP_K: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # a linear after us may start loading its weights (`pdl.py`)
         gdc_launch_dependents()
@@ -29,7 +30,15 @@ def _rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+    if TOP_K:  # x is a MoE call's slots: row's k of them summed as `moe_triton._combine_kernel` does
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            e = tl.load(ids_ptr + row * TOP_K + j) - expert_offset
+            if (e >= 0) & (e < num_local):
+                acc += tl.load(x_ptr + (row * TOP_K + j) * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        x = acc.to(x_ptr.dtype.element_ty)
+    else:
+        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
     if HAS_RESIDUAL:
         res = tl.load(res_ptr + row * stride_res + cols, mask=ok, other=0.0)
         x = (x.to(tl.float32) + res.to(tl.float32)).to(sum_ptr.dtype.element_ty)
@@ -47,20 +56,25 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def _launch(x: torch.Tensor | ExpertSlots, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
     hidden = x.shape[-1]
-    x2 = _rows(x)
+    if isinstance(x, ExpertSlots):
+        x2, ids, top_k, offset, num_local = _rows(x.slots), x.ids.contiguous(), x.ids.shape[1], x.expert_offset, x.num_local
+        shape, device, rows = x.shape, x.slots.device, x.shape[0]
+    else:
+        x2, ids, top_k, offset, num_local = _rows(x), weight, 0, 0, 0  # ids: an unread placeholder
+        shape, device, rows = x.shape, x.device, x2.shape[0]
     res2 = _rows(residual) if residual is not None else x2
-    out = torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device)
-    summed = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else out
+    out = torch.empty(shape, dtype=torch.result_type(weight, x2), device=device)
+    summed = torch.empty(shape, dtype=x.dtype, device=device) if residual is not None else out
     out2, sum2 = out.view(-1, hidden), summed.view(-1, hidden)
-    if x2.shape[0]:
+    if rows:
         block = triton.next_power_of_2(hidden)
-        mode = pdl.mode(x.device)
-        _rms_norm_kernel[(x2.shape[0],)](
-            x2, res2, weight, out2, sum2,
-            x2.stride(0), res2.stride(0), out2.stride(0), sum2.stride(0), hidden, eps,
-            BLOCK=block, HAS_RESIDUAL=residual is not None, PDL=mode, **pdl.launch_kwargs(mode == 2),
+        mode = pdl.mode(device)
+        _rms_norm_kernel[(rows,)](
+            x2, res2, weight, out2, sum2, ids,
+            x2.stride(0), res2.stride(0), out2.stride(0), sum2.stride(0), hidden, eps, offset, num_local,
+            BLOCK=block, HAS_RESIDUAL=residual is not None, TOP_K=top_k, PDL=mode, **pdl.launch_kwargs(mode == 2),
             num_warps=min(16, max(1, block // 256)),
         )
     return out, summed
@@ -72,10 +86,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor | ExpertSlots, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused residual add + RMSNorm, as `add_rms_norm_ref`: returns (norm(x + residual),
-    x + residual) in new tensors; the inputs are left untouched."""
+    x + residual) in new tensors; the inputs are left untouched. ``x`` may be a MoE call's
+    unsummed `ExpertSlots`: summed here first, rounded as `moe_triton.combine_slots` rounds."""
     if residual.dtype != x.dtype or residual.shape != x.shape:
         raise ValueError(f"residual {residual.dtype} {tuple(residual.shape)} does not match x {x.dtype} {tuple(x.shape)}")
     return _launch(x, residual, weight, eps)

@@ -135,7 +135,7 @@ def test_dispatch_runs_the_triton_kernel_when_asked(monkeypatch):
 
     calls = []
     kernel = moe_triton.fused_moe_triton
-    monkeypatch.setattr(moe_triton, "fused_moe_triton", lambda *a: calls.append(a) or kernel(*a))
+    monkeypatch.setattr(moe_triton, "fused_moe_triton", lambda *a, **kw: calls.append(a) or kernel(*a, **kw))
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     dispatch.kernel_mode.cache_clear()
     try:
@@ -146,6 +146,28 @@ def test_dispatch_runs_the_triton_kernel_when_asked(monkeypatch):
     assert len(calls) == 1
     torch.testing.assert_close(got, fused_moe_ref(x, ExpertWeights(w13[1:], w2[1:]), weights, ids, 1), atol=1e-5, rtol=1e-5)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deferred_slots_are_summed_by_the_next_add_rms_norm_as_by_the_combine(dtype):
+    """``defer_combine``: the call returns its weighted slots; the residual add + RMSNorm that
+    sums them gives bit for bit what the combine launch followed by the plain add + RMSNorm
+    gives (an expert-parallel rank, one token routed only elsewhere)."""
+    from splitserve.kernels import dispatch, moe_triton, norm_triton
+    from splitserve.kernels.moe import ExpertSlots
+
+    x, w13, w2, weights, ids = make_case(5, 12, 3, dtype=dtype, seed=11)
+    ids[0] = torch.tensor([0, 1, 11], dtype=torch.int32)
+    experts = ExpertWeights(w13[4:10], w2[4:10])
+    pending = moe_triton.fused_moe_triton(x, experts, weights, ids, expert_offset=4, defer_combine=True)
+    assert isinstance(pending, ExpertSlots) and pending.shape == x.shape and pending.dtype == dtype
+    summed = moe_triton.fused_moe_triton(x, experts, weights, ids, expert_offset=4)
+    assert torch.equal(dispatch.combined(pending), summed) and dispatch.combined(summed) is summed
+    g = torch.Generator().manual_seed(12)
+    res, w = torch.randn(5, HIDDEN, generator=g).to(dtype), torch.randn(HIDDEN, generator=g).to(dtype)
+    got, want = norm_triton.add_rms_norm(pending, res, w, 1e-6), norm_triton.add_rms_norm(summed, res, w, 1e-6)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(got[1][0], res[0])  # nothing local: the residual alone
 
 
 # ---- FP8 (e4m3) experts, weight-only ----------------------------------------------------------

@@ -190,8 +190,8 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, cos, sin, kv_cache, meta)
             if layer_hook is not None:
                 layer_hook(self.layer_range.start + index)
-        if not self.is_last:
-            return x, residual
+        if not self.is_last:  # a MoE layer's deferred slots summed: the next stage gets tensors
+            return kernels.combined(x), residual
         x, _ = self.norm(x, residual)
         return x
 

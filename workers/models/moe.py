@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from splitserve.kernels import dispatch as kernels
-from splitserve.kernels.moe import ExpertWeights
+from splitserve.kernels.moe import ExpertSlots, ExpertWeights
 from splitserve.workers.config import ModelConfig
 from splitserve.workers.models.layers import _copy_checked
 from splitserve.workers.models.quant import SCALE_PARAM, experts_method
@@ -102,8 +102,9 @@ class FusedExperts(nn.Module):
             return self.quant.weights(self)
         return ExpertWeights(self.w13, self.w2)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return kernels.fused_moe(x, self.weights(), weights, ids, self.experts.start)
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                defer_combine: bool = False) -> torch.Tensor | ExpertSlots:
+        return kernels.fused_moe(x, self.weights(), weights, ids, self.experts.start, defer_combine)
 
     def shard_of(self, expert: int, proj: str, param: str = "weight") -> tuple[str, int] | None:
         """Global ``expert``'s ``proj`` (gate_proj, up_proj, down_proj) ``param`` (weight, or
@@ -133,7 +134,9 @@ class FusedExperts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """route -> experts -> all-reduce over tp (see the module docstring)."""
+    """route -> experts -> all-reduce over tp (see the module docstring). With no tp peers the
+    output on CUDA is the experts' unsummed `ExpertSlots`: the decoder's next residual add +
+    RMSNorm sums them (`dispatch.add_rms_norm`), one launch fewer a layer."""
 
     def __init__(self, cfg: ModelConfig, parallel: ParallelState, quant: QuantConfig | None = None,
                  prefix: str = ""):
@@ -143,8 +146,10 @@ class SparseMoeBlock(nn.Module):
         self.gate = Router(cfg.hidden_size, cfg.num_experts)
         self.experts = FusedExperts(cfg, parallel, quant, prefix)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | ExpertSlots:
         weights, ids = self.gate(x, self.top_k, self.renormalize)
+        if self.parallel.tp_size == 1:
+            return self.experts(x, weights, ids, defer_combine=True)
         return self.parallel.all_reduce(self.experts(x, weights, ids))
 
 
