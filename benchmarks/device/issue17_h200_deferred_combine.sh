@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Issue 17: the MoE combine summed inside the next residual add + RMSNorm (one launch fewer a layer):
+# Qwen3-30B-A3B greedy == transformers (tiny-qwen3-moe) and decode, bf16 then FP8, against
+# gpu_perf_h200_2026-12-03-qwen3-30b-a3b-bf16-unspecialized.json and -fp8.json; where the bf16 batch-1
+# step goes now; then warmup_check on a dense FP8 model (Llama-3-8B's shape, 4 layers).
+source benchmarks/device/common.sh
+timeout 200 python3 benchmarks/gpu_perf.py --model random:qwen3-30b-a3b --kv-gb 48 --quick --decode-variants triton_graphs \
+  --sections correctness,ceilings,decode --out $OUT > $OUT/perf_bf16.log 2>&1
+echo "perf bf16 rc=$? at $(( $(date +%s) - start )) s"; grep -E "greedy|match|_b1_|_b64_|Error|error" $OUT/perf_bf16.log | tail -10
+timeout 200 python3 benchmarks/gpu_perf.py --model random:qwen3-30b-a3b --kv-gb 48 --quick --quantization fp8 \
+  --decode-variants triton_graphs --sections ceilings,decode --out $OUT/fp8 > $OUT/perf_fp8.log 2>&1
+echo "perf fp8 rc=$? at $(( $(date +%s) - start )) s"; grep -E "_b1_|_b64_|Error|error" $OUT/perf_fp8.log | tail -8
+timeout $(left 420) python3 benchmarks/decode_profile.py --model random:qwen3-30b-a3b --kv-gb 24 --batch 1 --context 1024 \
+  --out $OUT/profile > $OUT/profile.log 2>&1
+echo "profile rc=$? at $(( $(date +%s) - start )) s"; grep -iE "kernels|_kernel|step" $OUT/profile.log | head -16 | cut -c1-160
+timeout $(left 560) python3 benchmarks/warmup_check.py --model llama-3-8b --layers 4 --quantization fp8 --waves 16 \
+  --out $OUT/warmup_check_h200_llama-3-8b-fp8.json > $OUT/warmup.log 2>&1
+echo "warmup rc=$? at $(( $(date +%s) - start )) s"; grep -E "^(cold|warm|greedy) " $OUT/warmup.log | cut -c1-300
