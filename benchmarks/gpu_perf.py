@@ -452,10 +452,10 @@ def distinct_experts_per_step(llm, batch: int, prompt_len: int, out_len: int, se
     counts: list[int] = []
     recording = [False]
 
-    def counting(x, experts, weights, ids, expert_offset=0):
+    def counting(x, experts, weights, ids, *args, **kwargs):
         if recording[0]:
             counts.append(int(ids.unique().numel()))
-        return original(x, experts, weights, ids, expert_offset)
+        return original(x, experts, weights, ids, *args, **kwargs)
 
     dispatch.fused_moe = counting
     runner.enforce_eager, engine.scheduler.lookahead = True, False

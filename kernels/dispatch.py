@@ -186,23 +186,40 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
 # ---- norm and rotary ----------------------------------------------------------------------
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             quantize: bool = False) -> torch.Tensor | fp8_ref.QuantizedRows:
+    """``quantize``: on CUDA the normed rows come with their per-token e4m3 quantization
+    (`fp8.QuantizedRows`), for the FP8 linear they feed (`norm_quantizes_for`); the CPU path
+    returns the tensor, which that linear quantizes itself."""
     if use_triton(x):
         from splitserve.kernels import norm_triton
 
-        return norm_triton.rms_norm(x, weight, eps)
+        return norm_triton.rms_norm(x, weight, eps, quantize)
     return norm_ref.rms_norm_ref(x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor | moe_ref.ExpertSlots, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float, quantize: bool = False) -> tuple[torch.Tensor | fp8_ref.QuantizedRows, torch.Tensor]:
     """(norm(x + residual), x + residual). ``x`` may be a MoE layer's unsummed slots (only the
-    Triton path makes them): their sum is the x."""
+    Triton path makes them): their sum is the x. ``quantize``: as `rms_norm`."""
     if isinstance(x, moe_ref.ExpertSlots) or use_triton(x):
         from splitserve.kernels import norm_triton
 
-        return norm_triton.add_rms_norm(x, residual, weight, eps)
+        return norm_triton.add_rms_norm(x, residual, weight, eps, quantize)
     return norm_ref.add_rms_norm_ref(x, residual, weight, eps)
+
+
+def norm_quantizes_for(x: torch.Tensor | moe_ref.ExpertSlots, weight: fp8_ref.Fp8Weight | None) -> bool:
+    """Whether the RMSNorm whose output feeds the linear of ``weight`` (None: not FP8) should
+    also quantize it per token: on CUDA, for per-row scales, past `FP8_WEIGHT_ONLY_MAX_M` rows,
+    where `fp8_linear` runs W8A8 on per-token activations (the skinny kernel, or ``_scaled_mm``)
+    and would launch the quantization itself. Where a tuned table keeps such rows weight-only
+    the quantized copy goes unread, at the cost of writing it."""
+    if weight is None or weight.scheme is fp8_ref.Fp8Scheme.BLOCK:
+        return False
+    rows = x.shape[0] if isinstance(x, moe_ref.ExpertSlots) else x.reshape(-1, x.shape[-1]).shape[0]
+    device_tensor = x.slots if isinstance(x, moe_ref.ExpertSlots) else x
+    return rows > FP8_WEIGHT_ONLY_MAX_M and use_triton(device_tensor)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -321,7 +338,8 @@ FP8_WEIGHT_ONLY_MAX_M = 16
 FP8_SKINNY_W8A8_MAX_M = 64
 
 
-def fp8_linear(x: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor | fp8_ref.QuantizedRows, weight: fp8_ref.Fp8Weight,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ bias) for an e4m3 weight, x [..., K] -> [..., N] in x.dtype. The one place the
     path is chosen:
 
@@ -336,41 +354,56 @@ def fp8_linear(x: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor | 
       or weight-only where the GPU's tuned table measured it faster than that
       (`linear_triton.weight_only_pays`);
     - larger M, block scales: the block-scaled W8A8 Triton kernel;
-    - larger M, per-channel / per-tensor scales: ``torch._scaled_mm`` with rowwise scales."""
+    - larger M, per-channel / per-tensor scales: ``torch._scaled_mm`` with rowwise scales.
+
+    ``x`` may come quantized already (`fp8.QuantizedRows`, from the RMSNorm before): the W8A8
+    paths on per-token scales take its e4m3 rows, the others its ``x``."""
+    rows = x if isinstance(x, fp8_ref.QuantizedRows) else None
+    x = rows.x if rows is not None else x
     if not use_triton(x):
         return fp8_ref.fp8_linear_ref(x, weight, bias)
     from splitserve.kernels import fp8_triton
 
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
-    y = _fp8_skinny(x2, weight, bias, gated=False)
+    y = _fp8_skinny(x2, weight, bias, gated=False, rows=rows)
     if y is None:
         if x2.shape[0] == 0:  # nothing to launch
             y = x2.new_empty(0, weight.data.shape[0])
         elif weight.scheme is fp8_ref.Fp8Scheme.BLOCK:
             y = fp8_triton.fp8_block_linear(x2, weight)
         else:
-            y = fp8_triton.fp8_scaled_mm_linear(x2, weight)
+            y = fp8_triton.fp8_scaled_mm_linear(x2, weight, _per_token(rows))
         if bias is not None:
             y = y + bias
     return y.reshape(*lead, weight.data.shape[0])
 
 
-def fp8_silu_and_mul_linear(x: torch.Tensor, weight: fp8_ref.Fp8Weight) -> torch.Tensor:
+def fp8_silu_and_mul_linear(x: torch.Tensor | fp8_ref.QuantizedRows, weight: fp8_ref.Fp8Weight) -> torch.Tensor:
     """``silu_and_mul(fp8_linear(x, weight))`` for W = gate | up (an MLP's first half): a
     decode batch's rows on CUDA in one launch (the skinny kernel's gated epilogue, which rounds
-    where the two launches would), otherwise the two calls."""
-    if use_triton(x):
-        lead, k = x.shape[:-1], x.shape[-1]
-        y = _fp8_skinny(x.reshape(-1, k), weight, None, gated=True)
+    where the two launches would), otherwise the two calls. ``x`` as for `fp8_linear`."""
+    rows = x if isinstance(x, fp8_ref.QuantizedRows) else None
+    plain = rows.x if rows is not None else x
+    if use_triton(plain):
+        lead, k = plain.shape[:-1], plain.shape[-1]
+        y = _fp8_skinny(plain.reshape(-1, k), weight, None, gated=True, rows=rows)
         if y is not None:
             return y.reshape(*lead, weight.data.shape[0] // 2)
     return silu_and_mul(fp8_linear(x, weight))
 
 
+def _per_token(rows: fp8_ref.QuantizedRows | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(e4m3 [M, K], scales [M, 1]) of rows quantized already, or None."""
+    if rows is None:
+        return None
+    return rows.q.reshape(-1, rows.q.shape[-1]), rows.scale.reshape(-1, 1)
+
+
 def _fp8_skinny(x2: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor | None,
-                gated: bool) -> torch.Tensor | None:
-    """`fp8_linear`'s skinny-kernel cases (see there), or None when the rows are not one."""
+                gated: bool, rows: fp8_ref.QuantizedRows | None = None) -> torch.Tensor | None:
+    """`fp8_linear`'s skinny-kernel cases (see there), or None when the rows are not one;
+    ``rows``: x2's per-token quantization, made already."""
     from splitserve.kernels import fp8_triton, linear_triton
 
     m, k = x2.shape
@@ -393,7 +426,7 @@ def _fp8_skinny(x2: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor 
     if 0 < m <= FP8_SKINNY_W8A8_MAX_M and block is None:
         cfg = linear_triton.fp8_skinny_config(n, k, linear_triton.sms(x2.device), w8a8=True, rows=m, gated=gated,
                                               device=device)
-        xq, xs = fp8_triton.quantize_per_token(x2)
+        xq, xs = _per_token(rows) or fp8_triton.quantize_per_token(x2)
         return linear_triton.skinny_linear(xq, weight.data, bias, cfg, scale=weight.scale, x_scale=xs.view(-1),
                                            out_dtype=x2.dtype, gated=gated)
     return None

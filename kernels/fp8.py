@@ -113,6 +113,26 @@ def _pad_to_blocks(x: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
 # ---- activations (dynamic, per forward) -------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class QuantizedRows:
+    """Activations [M, K] in the model's dtype (``x``) with their per-token e4m3 quantization
+    (``q`` [M, K], ``scale`` float32 [M, 1]: `quantize_per_token`'s values), made together by
+    the RMSNorm before an FP8 linear (`dispatch.add_rms_norm` with ``quantize``) so that the
+    linear's W8A8 path skips its own quantization launch; its other paths read ``x``."""
+
+    x: torch.Tensor
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.x.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], float32 scales [M, 1]): one scale per row (token)."""
     scale = _amax_scale(x.abs().amax(dim=-1, keepdim=True))

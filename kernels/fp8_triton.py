@@ -145,16 +145,18 @@ def fp8_block_linear(x: torch.Tensor, weight: Fp8Weight, block_m: int = 64, bloc
 SCALED_MM_ROW_MULTIPLE = 16
 
 
-def fp8_scaled_mm_linear(x: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
+def fp8_scaled_mm_linear(x: torch.Tensor, weight: Fp8Weight,
+                         per_token: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [M, K] -> [M, N] in x.dtype via ``torch._scaled_mm``: x quantized per token (rowwise
-    scales [M, 1]), weight scales per channel as [1, N] (a per-tensor one broadcast), bf16 out
-    (what rowwise scaling supports), rows padded to a multiple of 16 and cut off again."""
+    scales [M, 1]; ``per_token``: that quantization, made already), weight scales per channel as
+    [1, N] (a per-tensor one broadcast), bf16 out (what rowwise scaling supports), rows padded to
+    a multiple of 16 and cut off again."""
     if weight.scheme is Fp8Scheme.BLOCK:
         raise ValueError("torch._scaled_mm takes per-tensor or per-channel weight scales; block scales "
                          "go through fp8_block_linear")
     m = x.shape[0]
     n = weight.data.shape[0]
-    xq, xs = quantize_per_token(x)
+    xq, xs = per_token or quantize_per_token(x)
     pad = -m % SCALED_MM_ROW_MULTIPLE
     if pad:
         xq = torch.nn.functional.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(xq.dtype)

@@ -13,15 +13,17 @@ import triton
 import triton.language as tl
 
 from splitserve.kernels import pdl
+from splitserve.kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE, QuantizedRows
 from splitserve.kernels.moe import ExpertSlots
 from splitserve.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, ids_ptr,
-    stride_x, stride_res, stride_out, stride_sum, n_cols, eps, expert_offset, num_local,
-    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, TOP_K: tl.constexpr, PDL: tl.constexpr,
+    x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, ids_ptr, q_ptr, qs_ptr,
+    stride_x, stride_res, stride_out, stride_sum, stride_q, n_cols, eps, expert_offset, num_local,
+    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, TOP_K: tl.constexpr, QUANT: tl.constexpr,
+    FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # a linear after us may start loading its weights (`pdl.py`)
         gdc_launch_dependents()
@@ -47,8 +49,14 @@ def _rms_norm_kernel(
     variance = tl.sum(xf * xf, 0) / n_cols
     normed = (xf * tl.math.rsqrt(variance + eps)).to(x.dtype)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0)
-    out = w.to(tl.float32) * normed.to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
+    out = (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_out + cols, out, mask=ok)
+    if QUANT:  # the stored row quantized per token, as `fp8_triton._quant_rows_kernel` does it
+        o = tl.where(ok, out.to(tl.float32), 0.0)
+        scale = tl.maximum(tl.max(tl.abs(o), axis=0) / FMAX, MIN_SCALE)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(o, scale), -FMAX), FMAX)
+        tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
+        tl.store(qs_ptr + row, scale)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -56,7 +64,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _launch(x: torch.Tensor | ExpertSlots, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def _launch(x: torch.Tensor | ExpertSlots, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+            quantize: bool = False):
     hidden = x.shape[-1]
     if isinstance(x, ExpertSlots):
         x2, ids, top_k, offset, num_local = _rows(x.slots), x.ids.contiguous(), x.ids.shape[1], x.expert_offset, x.num_local
@@ -68,29 +77,36 @@ def _launch(x: torch.Tensor | ExpertSlots, residual: torch.Tensor | None, weight
     out = torch.empty(shape, dtype=torch.result_type(weight, x2), device=device)
     summed = torch.empty(shape, dtype=x.dtype, device=device) if residual is not None else out
     out2, sum2 = out.view(-1, hidden), summed.view(-1, hidden)
+    q = torch.empty(out2.shape, dtype=FP8_DTYPE, device=device) if quantize else out2
+    q_scale = torch.empty(rows, 1, dtype=torch.float32, device=device) if quantize else out2
     if rows:
         block = triton.next_power_of_2(hidden)
         mode = pdl.mode(device)
         _rms_norm_kernel[(rows,)](
-            x2, res2, weight, out2, sum2, ids,
-            x2.stride(0), res2.stride(0), out2.stride(0), sum2.stride(0), hidden, eps, offset, num_local,
-            BLOCK=block, HAS_RESIDUAL=residual is not None, TOP_K=top_k, PDL=mode, **pdl.launch_kwargs(mode == 2),
+            x2, res2, weight, out2, sum2, ids, q, q_scale,
+            x2.stride(0), res2.stride(0), out2.stride(0), sum2.stride(0), q.stride(0), hidden, eps, offset,
+            num_local, BLOCK=block, HAS_RESIDUAL=residual is not None, TOP_K=top_k, QUANT=quantize, FMAX=FP8_MAX,
+            MIN_SCALE=MIN_SCALE, PDL=mode, **pdl.launch_kwargs(mode == 2),
             num_warps=min(16, max(1, block // 256)),
         )
+    if quantize:
+        return QuantizedRows(out, q.view(out.shape[:-1] + (hidden,)), q_scale), summed
     return out, summed
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y = weight * x / sqrt(mean(x^2) + eps), as `rms_norm_ref`."""
-    return _launch(x, None, weight, eps)[0]
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool = False) -> torch.Tensor | QuantizedRows:
+    """y = weight * x / sqrt(mean(x^2) + eps), as `rms_norm_ref`; ``quantize``: with y's
+    per-token e4m3 quantization (`QuantizedRows`, for an FP8 linear's W8A8 path)."""
+    return _launch(x, None, weight, eps, quantize)[0]
 
 
 def add_rms_norm(
-    x: torch.Tensor | ExpertSlots, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor | ExpertSlots, residual: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool = False
+) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
     """Fused residual add + RMSNorm, as `add_rms_norm_ref`: returns (norm(x + residual),
     x + residual) in new tensors; the inputs are left untouched. ``x`` may be a MoE call's
-    unsummed `ExpertSlots`: summed here first, rounded as `moe_triton.combine_slots` rounds."""
+    unsummed `ExpertSlots`: summed here first, rounded as `moe_triton.combine_slots` rounds.
+    ``quantize``: the normed rows come with their per-token e4m3 quantization, as `rms_norm`."""
     if residual.dtype != x.dtype or residual.shape != x.shape:
         raise ValueError(f"residual {residual.dtype} {tuple(residual.shape)} does not match x {x.dtype} {tuple(x.shape)}")
-    return _launch(x, residual, weight, eps)
+    return _launch(x, residual, weight, eps, quantize)

@@ -254,3 +254,42 @@ def test_past_16_rows_weight_only_runs_where_the_table_measured_it_faster(tmp_pa
     oracle = fp8_weight_only_ref if path == "skinny_linear" else fp8_linear_ref
     want = oracle(x, w)
     torch.testing.assert_close(y, want, rtol=0, atol=2**-8 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("m", [dispatch.FP8_WEIGHT_ONLY_MAX_M + 1, dispatch.FP8_SKINNY_W8A8_MAX_M + 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_norm_that_quantizes_for_the_linear_saves_its_launch_and_changes_no_bit(monkeypatch, m, dtype):
+    """RMSNorm with ``quantize``: its output with `quantize_per_token`'s very bits of it; the FP8
+    linear's W8A8 paths (the skinny kernel, ``_scaled_mm``) and the gated gate | up take them
+    without a quantization launch of their own, and give what the plain rows give, bit for bit."""
+    from splitserve.kernels import fp8_triton, norm_triton
+    from splitserve.kernels.fp8 import QuantizedRows
+
+    x, w = _case(m, 2 * 96, 128, Fp8Scheme.CHANNEL, dtype=dtype, seed=7)
+    g = torch.Generator().manual_seed(8)
+    res, norm_w = torch.randn(m, 128, generator=g).to(dtype), torch.randn(128, generator=g).to(dtype)
+    plain, summed = norm_triton.add_rms_norm(x, res, norm_w, 1e-6)
+    rows, summed_too = norm_triton.add_rms_norm(x, res, norm_w, 1e-6, quantize=True)
+    assert isinstance(rows, QuantizedRows) and torch.equal(rows.x, plain) and torch.equal(summed_too, summed)
+    q, s = fp8_triton.quantize_per_token(plain)
+    assert torch.equal(rows.q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(rows.scale, s)
+    alone = norm_triton.rms_norm(x, norm_w, 1e-6, quantize=True)
+    q, s = fp8_triton.quantize_per_token(norm_triton.rms_norm(x, norm_w, 1e-6))
+    assert torch.equal(alone.q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(alone.scale, s)
+
+    assert not dispatch.norm_quantizes_for(plain, w)  # this process's kernels: the torch references
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    dispatch.kernel_mode.cache_clear()
+    quantized = []
+    real = fp8_triton.quantize_per_token
+    monkeypatch.setattr(fp8_triton, "quantize_per_token", lambda *a: quantized.append(1) or real(*a))
+    try:
+        assert dispatch.norm_quantizes_for(plain, w) and not dispatch.norm_quantizes_for(plain[:16], w)
+        assert not dispatch.norm_quantizes_for(plain, quantize(torch.randn(192, 128), Fp8Scheme.BLOCK))
+        for linear in (dispatch.fp8_linear, dispatch.fp8_silu_and_mul_linear):
+            want, launches = linear(plain, w), len(quantized)
+            got = linear(rows, w)
+            assert launches == len(quantized) and torch.equal(got, want), linear.__name__
+    finally:
+        dispatch.kernel_mode.cache_clear()
+    assert quantized  # the plain rows were quantized by the linear itself

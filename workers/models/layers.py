@@ -26,6 +26,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from splitserve.kernels.fp8 import Fp8Weight, QuantizedRows
 from splitserve.workers.parallel import ParallelState
 
 if TYPE_CHECKING:
@@ -68,10 +69,15 @@ class ColumnParallelLinear(nn.Module):
             quant.create_weights(self, out_features, in_features)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        """``x`` quantized per token already (`QuantizedRows`) only for FP8 weights."""
         if self.quant is not None:
             return self.quant.apply(self, x, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def fp8_weight(self) -> Fp8Weight | None:
+        """The e4m3 weight and its scales (None: not FP8), for the RMSNorm before to quantize for."""
+        return None if self.quant is None else self.quant.weight(self)
 
     def load_shard(self, param_name: str, shard: int, tensor) -> None:
         spec = self.shards[shard]

@@ -32,6 +32,7 @@ from torch import nn
 
 from splitserve.kernels import dispatch as kernels
 from splitserve.kernels.attention import LayerKV
+from splitserve.kernels.fp8 import Fp8Weight
 from splitserve.kernels.norm import QKNorm
 from splitserve.kernels.rotary import rope_cos_sin
 from splitserve.workers.config import ModelConfig
@@ -56,10 +57,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, quantize_for: Fp8Weight | None = None):
+        """``quantize_for``: the FP8 weight the output feeds; where its linear runs W8A8 on
+        per-token activations (`kernels.norm_quantizes_for`) the output comes quantized too
+        (`QuantizedRows`), which saves the linear its own quantization launch."""
+        quantize = kernels.norm_quantizes_for(x, quantize_for)
         if residual is None:
-            return kernels.rms_norm(x, self.weight, self.eps)
-        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+            return kernels.rms_norm(x, self.weight, self.eps, quantize)
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps, quantize)
 
     def load_shard(self, param_name: str, shard: int, tensor) -> None:
         self.weight.data.copy_(tensor[:])
@@ -131,12 +136,15 @@ class LlamaDecoderLayer(nn.Module):
                     else LlamaMLP(cfg, parallel, quant, f"{prefix}.mlp"))
 
     def forward(self, x, residual, cos, sin, kv_cache, meta):
+        # Each norm quantizes its output where the FP8 linear it feeds would (q|k|v, gate|up).
+        attn_in = self.self_attn.qkv_proj.fp8_weight()
         if residual is None:
-            residual, x = x, self.input_layernorm(x)
+            residual, x = x, self.input_layernorm(x, quantize_for=attn_in)
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, quantize_for=attn_in)
         x = self.self_attn(x, cos, sin, kv_cache, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
+        mlp_in = self.mlp.gate_up_proj.fp8_weight() if isinstance(self.mlp, LlamaMLP) else None
+        x, residual = self.post_attention_layernorm(x, residual, quantize_for=mlp_in)
         return self.mlp(x), residual
 
 
