@@ -10,12 +10,14 @@ whatever part of the package the tree holds).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import grimp
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
@@ -70,16 +72,22 @@ print("transformers", "import", "ok")
 """
 
 
-def test_a_folder_under_its_bare_name_is_refused_or_left_to_its_namesake():
+@pytest.mark.parametrize("symlinked", [False, True])
+def test_a_folder_under_its_bare_name_is_refused_or_left_to_its_namesake(tmp_path, symlinked):
     """A folder imported by its own name would load second copies of its modules (classes
     unequal to splitserve.<name>'s). Where another distribution installs a package of that
     name (Hugging Face's `kernels`, which transformers imports), the bare name is that package;
     otherwise a submodule's import, or any use of the bare package, raises and says how, and
     the bare import itself loads nothing and does not raise (a library's probe finds nothing).
-    Either way none of the folder's modules load, and transformers imports from the root."""
+    Either way none of the folder's modules load, and transformers imports from the root;
+    also with the root on sys.path a second time under another spelling (a symlink)."""
     folders = {folder: package for package, folder in PACKAGE_DIR.items()}
+    env = dict(os.environ)
+    if symlinked:
+        (tmp_path / "repo").symlink_to(REPO)
+        env["PYTHONPATH"] = str(tmp_path / "repo")
     done = subprocess.run([sys.executable, "-c", BARE_IMPORTS, *(f"{f}={p}" for f, p in folders.items())],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     said = {tuple(line.split(" ", 2)[:2]): line.split(" ", 2)[2] for line in done.stdout.splitlines()}
     for folder, package in folders.items():

@@ -112,51 +112,80 @@ class ModelRunner:
         rest by one forward of each step size `dispatch.warm_up_token_counts` names (a step with
         a prefill in it can have any size, and a variant compiled mid-serving stalls every
         request of its step for about a second). Every rank of the group runs it at once, with
-        the same sizes (the forward's tp collectives and pp sends)."""
-        if self.device.type != "cuda" or not self.model.layers:
+        the same sizes (the forward's tp collectives and pp sends). Nothing to compile where the
+        kernels are the torch references."""
+        layer = self.kv_layers[0] if self.kv_layers else None
+        if self.device.type != "cuda" or layer is None or not dispatch.use_triton(layer.k):
             return
         attn = self.model.layers[0].self_attn.attn
-        layer = self.kv_layers[0]
         dispatch.warm_up_attention(layer.k, layer.v, attn.num_heads, attn.scale, attn.sliding_window,
                                    dtype=self.dtype, k_scale=layer.k_scale, v_scale=layer.v_scale)
         if max_tokens:
             cfg = self.model_cfg
-            limit = min(max_tokens, self._scratch_tokens())
+            limit = self._scratch_limit(max_tokens)
             self.warm_up_forwards(dispatch.warm_up_token_counts(limit, cfg.num_experts_per_tok if cfg.is_moe else 0),
                                   progress)
 
     @torch.inference_mode()
     def warm_up_forwards(self, counts: Sequence[int], progress: bool = False) -> None:
-        """One scratch prefill (`_scratch_prefill`) of each size in ``counts``; the blocks they
-        wrote are zeroed after."""
-        if counts and max(counts) > self._scratch_tokens():
-            raise ValueError(f"warm-up: {max(counts)} tokens do not fit the cache or the positions "
-                             f"({self._scratch_tokens()})")
-        for n in tqdm(counts, desc="Compiling kernels", unit="size", disable=not progress, leave=False):
+        """One scratch prefill (`_scratch_prefill`) of each size in ``counts``, the largest first
+        (the allocator's blocks for it then serve the smaller ones); the blocks they wrote are
+        zeroed after, and the allocator's spare memory handed back."""
+        if counts and not self._scratch_fits(max(counts)):
+            raise ValueError(f"warm-up: {max(counts)} tokens do not fit the cache's {self.kv_cache.spec.num_blocks} "
+                             f"blocks")
+        sizes = sorted(counts, reverse=True)
+        for n in tqdm(sizes, desc="Compiling kernels", unit="size", disable=not progress, leave=False):
             self._scratch_prefill(kv_scales.spread_token_ids(self.model_cfg.vocab_size, n))
-        if counts:
-            self.kv_cache.data[:, :, :-(-max(counts) // self.kv_cache.spec.block_size)].zero_()
+        if sizes:
+            self.kv_cache.data[:, :, :self._scratch_blocks(sizes[0])].zero_()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
-    def _scratch_tokens(self) -> int:
-        """The longest scratch prefill: the cache's blocks and the model's positions."""
-        spec = self.kv_cache.spec
-        return min(self.model_cfg.max_position_embeddings, spec.num_blocks * spec.block_size)
+    def _scratch_chunks(self, n: int) -> list[int]:
+        """A scratch prefill of ``n`` tokens as sequences of at most the model's positions."""
+        longest = self.model_cfg.max_position_embeddings
+        return [min(longest, n - start) for start in range(0, n, longest)]
+
+    def _scratch_blocks(self, n: int) -> int:
+        return sum(-(-length // self.kv_cache.spec.block_size) for length in self._scratch_chunks(n))
+
+    def _scratch_fits(self, n: int) -> bool:
+        return self._scratch_blocks(n) <= self.kv_cache.spec.num_blocks
+
+    def _scratch_limit(self, max_tokens: int) -> int:
+        """The largest scratch prefill of at most ``max_tokens`` tokens the cache holds."""
+        lo, hi = 0, max_tokens  # fits(lo); the largest n <= hi that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self._scratch_fits(mid) else (lo, mid - 1)
+        return lo
 
     def _scratch_prefill(self, ids: list[int]) -> None:
-        """The forward of one prefill of ``ids`` from position 0 into the cache's first blocks
-        (no logits), on every rank of the group: start-up only, the caller zeroes the blocks."""
-        n, num_blocks = len(ids), -(-len(ids) // self.kv_cache.spec.block_size)
+        """The forward of a prefill of ``ids`` (as sequences of at most the model's positions, each
+        from position 0, in consecutive blocks from block 0; no logits) on every rank of the group:
+        start-up only, the caller zeroes the blocks."""
+        bs = self.kv_cache.spec.block_size
+        positions, slots, chunks = [], [], []
+        start, block = 0, 0
+        for length in self._scratch_chunks(len(ids)):
+            num_blocks = -(-length // bs)
+            positions += range(length)
+            slots += range(block * bs, block * bs + length)
+            chunks.append(PrefillChunk(start, length, length,
+                                       torch.arange(block, block + num_blocks, dtype=torch.long, device=self.device)))
+            start, block = start + length, block + num_blocks
+        n = len(ids)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        positions = torch.arange(n, dtype=torch.long, device=self.device)
-        blocks = torch.arange(num_blocks, dtype=torch.long, device=self.device)
-        meta = AttentionMetadata(slot_mapping=positions, num_decode=0, decode_block_tables=None,
-                                 decode_context_lens=None, prefills=(PrefillChunk(0, n, n, blocks),))
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device), num_decode=0,
+                                 decode_block_tables=None, decode_context_lens=None, prefills=tuple(chunks))
         m = self.parallel.mapping
         intermediate = None
         if not m.is_first_pp_rank:
             shape = (n, self.model_cfg.hidden_size)
             intermediate = tuple(self.parallel.recv_prev([shape, shape], self.dtype, self.device))
-        out = self.model(input_ids, positions, self.kv_layers, meta, intermediate, None)
+        out = self.model(input_ids, torch.tensor(positions, dtype=torch.long, device=self.device), self.kv_layers,
+                         meta, intermediate, None)
         if not m.is_last_pp_rank:
             self.parallel.send_next(list(out))
 
@@ -168,7 +197,8 @@ class ModelRunner:
         K/V (no cached prefix), so what it writes into the cache with the initial unit scales
         is never read; those blocks are zeroed after."""
         spec = self.kv_cache.spec
-        ids = kv_scales.calibration_token_ids(self.model_cfg.vocab_size, self._scratch_tokens())
+        ids = kv_scales.calibration_token_ids(self.model_cfg.vocab_size, min(self.model_cfg.max_position_embeddings,
+                                                                              spec.num_blocks * spec.block_size))
         amax = torch.zeros(spec.num_layers, 2, spec.num_kv_heads, dtype=torch.float32, device=self.device)
 
         def record(index: int):

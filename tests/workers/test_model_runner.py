@@ -181,18 +181,25 @@ def test_placeholders_take_the_previous_steps_samples_on_the_device(runner, hf):
 
 def test_warm_up_forwards_run_each_size_and_leave_the_cache_empty(runner):
     """Start-up's scratch prefills (`ModelRunner.warm_up_forwards`, CUDA only in `create`, run
-    here by hand): one forward per size, the blocks they wrote zeroed; a size past the cache
+    here by hand): one forward per size, the largest first, the blocks they wrote zeroed; a
+    size longer than the model's positions runs as several sequences; a size past the cache
     is refused before anything runs."""
-    sizes = []
+    seen = []
     forward = runner.model.forward
 
-    def counting(input_ids, *args, **kwargs):
-        sizes.append(len(input_ids))
-        return forward(input_ids, *args, **kwargs)
+    def counting(input_ids, positions, kv_caches, meta, *args, **kwargs):
+        seen.append((len(input_ids), [(c.num_tokens, c.block_table.tolist()) for c in meta.prefills]))
+        assert positions.max() < runner.model_cfg.max_position_embeddings
+        return forward(input_ids, positions, kv_caches, meta, *args, **kwargs)
     runner.model.forward = counting
     runner.warm_up_forwards([1, 5, 9])
-    assert sizes == [1, 5, 9]
+    assert [n for n, _ in seen] == [9, 5, 1] and seen[0][1] == [(9, [0, 1, 2])]
+    assert not runner.kv_cache.data.any()
+    runner.model_cfg = dataclasses.replace(runner.model_cfg, max_position_embeddings=8)
+    assert runner._scratch_limit(1000) == NUM_BLOCKS * BS  # 8-token sequences fill 2 blocks each
+    runner.warm_up_forwards([20])
+    assert seen[-1] == (20, [(8, [0, 1]), (8, [2, 3]), (4, [4])])
     assert not runner.kv_cache.data.any()
     with pytest.raises(ValueError, match="do not fit"):
         runner.warm_up_forwards([NUM_BLOCKS * BS + 1])
-    assert sizes == [1, 5, 9]
+    assert len(seen) == 4
