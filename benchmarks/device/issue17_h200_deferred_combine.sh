@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 17: the MoE combine summed inside the next residual add + RMSNorm (one launch fewer a layer):
-# Qwen3-30B-A3B greedy == transformers (tiny-qwen3-moe) and decode, bf16 then FP8, against
-# gpu_perf_h200_2026-12-03-qwen3-30b-a3b-bf16-unspecialized.json and -fp8.json; where the bf16 batch-1
-# step goes now; then warmup_check on a dense FP8 model (Llama-3-8B's shape, 4 layers).
+# Issues 17 and 18: the MoE combine summed inside the next residual add + RMSNorm (one launch fewer a
+# layer), and RMSNorms that quantize for the FP8 linear after them: Qwen3-30B-A3B greedy == transformers
+# (tiny-qwen3-moe) and decode, bf16 then FP8, against gpu_perf_h200_2026-12-03-qwen3-30b-a3b-bf16-unspecialized.json
+# and -fp8.json; where the bf16 batch-1 step goes now; Llama-3-8B bf16 vs FP8 weights (fp8_perf, against
+# fp8_perf_h200_2026-12-03-session2-final.json); then warmup_check on the dense FP8 model (4 layers).
 source benchmarks/device/common.sh
 timeout 200 python3 benchmarks/gpu_perf.py --model random:qwen3-30b-a3b --kv-gb 48 --quick --decode-variants triton_graphs \
   --sections correctness,ceilings,decode --out $OUT > $OUT/perf_bf16.log 2>&1
@@ -13,6 +14,8 @@ echo "perf fp8 rc=$? at $(( $(date +%s) - start )) s"; grep -E "_b1_|_b64_|Error
 timeout $(left 420) python3 benchmarks/decode_profile.py --model random:qwen3-30b-a3b --kv-gb 24 --batch 1 --context 1024 \
   --out $OUT/profile > $OUT/profile.log 2>&1
 echo "profile rc=$? at $(( $(date +%s) - start )) s"; grep -iE "kernels|_kernel|step" $OUT/profile.log | head -16 | cut -c1-160
-timeout $(left 560) python3 benchmarks/warmup_check.py --model llama-3-8b --layers 4 --quantization fp8 --waves 16 \
+timeout $(left 470) python3 benchmarks/fp8_perf.py --sections ceilings,weights --out $OUT/fp8perf > $OUT/fp8_perf.log 2>&1
+echo "fp8 perf rc=$? at $(( $(date +%s) - start )) s"; grep -E "decode|prefill" $OUT/fp8_perf.log | tail -12
+timeout $(left 575) python3 benchmarks/warmup_check.py --model llama-3-8b --layers 4 --quantization fp8 --waves 16 \
   --out $OUT/warmup_check_h200_llama-3-8b-fp8.json > $OUT/warmup.log 2>&1
 echo "warmup rc=$? at $(( $(date +%s) - start )) s"; grep -E "^(cold|warm|greedy) " $OUT/warmup.log | cut -c1-300
