@@ -4,6 +4,15 @@ One program per row. The rounding follows the reference step by step (the sum ro
 input dtype, normalised in float32, rounded to the input dtype, then scaled by the weight and
 rounded to the output dtype), so bf16 results differ from it only where the float32 sums
 land differently (summation order), by at most one unit in the last place.
+
+Two launches of the decoder are folded into this one where they would touch the same rows:
+
+- before: a MoE layer's combine. Its x may be the experts' unsummed `moe.ExpertSlots`, summed
+  here in float32 and rounded as `moe_triton.combine_slots` would (a decoder layer with no tp
+  peers; the sum is x).
+- after: the per-token e4m3 quantization of the output for an FP8 linear's W8A8 path
+  (``quantize``: `fp8.QuantizedRows`, the same bits `fp8_triton.quantize_per_token` gives),
+  which the whole row in one program makes a reduction over registers.
 """
 
 from __future__ import annotations
