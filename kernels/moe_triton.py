@@ -169,11 +169,22 @@ W8A8_WIDE = MoeConfig(block_m=128, block_n1=128, block_k1=128, block_n2=128, blo
                       num_stages=3)
 
 
-def moe_config(num_pairs: int, w8a8: bool = False) -> MoeConfig:
-    """The launch shape for ``num_pairs`` pairs (``w8a8``: FP8 experts run as W8A8)."""
+#: Hopper's shared memory a program may use (227 KiB): float32 operands take twice bf16's.
+SHARED_MEMORY_LIMIT = 232448
+
+
+def moe_config(num_pairs: int, w8a8: bool = False, itemsize: int = 2) -> MoeConfig:
+    """The launch shape for ``num_pairs`` pairs (``w8a8``: FP8 experts run as W8A8) of
+    ``itemsize``-byte activations and weights. The tables are for 16-bit operands; float32 ones
+    (a float32 model) step through half as much K a stage, so that the pipelined tiles still fit
+    in shared memory (at 512-4096 pairs the bf16 shape would need 240 KiB in float32:
+    tests/kernels/test_moe_triton_sm90.py compiles every shape and checks)."""
     if w8a8 and num_pairs > W8A8_WIDE_PAIRS:
         return W8A8_WIDE
-    return next(cfg for bound, cfg in CONFIGS if num_pairs <= bound)
+    cfg = next(cfg for bound, cfg in CONFIGS if num_pairs <= bound)
+    if itemsize > 2:
+        cfg = replace(cfg, block_k1=max(16, cfg.block_k1 // 2), block_k2=max(16, cfg.block_k2 // 2))
+    return cfg
 
 
 def pair_bounds() -> tuple[int, ...]:
@@ -542,7 +553,7 @@ def fused_moe_triton(x: torch.Tensor, experts: ExpertWeights, weights: torch.Ten
         w8a8 = experts.quantized and num_pairs >= W8A8_MIN_PAIRS
     if w8a8 and not experts.quantized:
         raise ValueError("fused_moe: W8A8 needs FP8 experts")
-    cfg = launch_tiles(config or moe_config(num_pairs, w8a8), experts)
+    cfg = launch_tiles(config or moe_config(num_pairs, w8a8, x.element_size()), experts)
     x = x if x.stride(-1) == 1 else x.contiguous()
     w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
     w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
