@@ -154,6 +154,7 @@ def test_deferred_slots_are_summed_by_the_next_add_rms_norm_as_by_the_combine(dt
     sums them gives bit for bit what the combine launch followed by the plain add + RMSNorm
     gives (an expert-parallel rank, one token routed only elsewhere)."""
     from splitserve.kernels import dispatch, moe_triton, norm_triton
+    from splitserve.kernels import fp8 as fp8_ref
     from splitserve.kernels.moe import ExpertSlots
 
     x, w13, w2, weights, ids = make_case(5, 12, 3, dtype=dtype, seed=11)
@@ -168,6 +169,10 @@ def test_deferred_slots_are_summed_by_the_next_add_rms_norm_as_by_the_combine(dt
     got, want = norm_triton.add_rms_norm(pending, res, w, 1e-6), norm_triton.add_rms_norm(summed, res, w, 1e-6)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert torch.equal(got[1][0], res[0])  # nothing local: the residual alone
+    rows, summed_too = norm_triton.add_rms_norm(pending, res, w, 1e-6, quantize=True)  # both folds at once
+    q, scale = fp8_ref.quantize_per_token(want[0])
+    assert torch.equal(rows.x, want[0]) and torch.equal(summed_too, want[1])
+    assert torch.equal(rows.q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(rows.scale, scale)
 
 
 # ---- FP8 (e4m3) experts, weight-only ----------------------------------------------------------
