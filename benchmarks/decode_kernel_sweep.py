@@ -5,8 +5,9 @@ replayed, so launch gaps are counted as in a graph-replayed step; every call rea
 different copy of its weights, so nothing is served from L2):
 
 - **linear**: the skinny Triton kernel (`kernels/linear_triton.py`) at the default launch shape
-  and its variants vs cuBLAS (``F.linear``), rows 1, 4 and 16, at Qwen3-30B-A3B's and
-  Llama-3-8B's matrices; the floor is the weight's bytes at the copy bandwidth measured here.
+  and its variants (at one row also W as the left operand, in-kernel split sums and PDL) vs
+  cuBLAS (``F.linear``), rows 1, 4 and 16, at Qwen3-30B-A3B's and Llama-3-8B's bf16 matrices;
+  the floor is the weight's bytes at the copy bandwidth measured here.
 - **align**: the MoE alignment kernel's chunk and warps at 64 to 2048 (token, expert) pairs.
 - **attention**: the paged decode kernel at batch 1 with a 1k context, by the shortest split.
 - **fp8**: e4m3 weights at Llama-3-8B's matrices, rows 1 to 64 (`sweep_fp8`); also writes the
@@ -97,6 +98,14 @@ def sweep_linear(copy_bw: float) -> list[dict]:
                         cfg = lt.SkinnyConfig(block_n=bn, block_k=bk, split_k=split, num_stages=stages)
                         if (triton_cdiv(n, bn) * split >= sms // 2 or n <= 512) and k // split >= bk:
                             variants[f"n{bn}_k{bk}_s{split}_st{stages}"] = cfg
+        # The options the FP8 sweep found (2026-12-03), for bf16 weights: W as the MMA's left
+        # operand, the split summed in the kernel, programmatic dependent launch.
+        for bn in (64, 128):
+            for split in (1, 2, 4, 8):
+                for pdl_mode in (0, 2):
+                    if k // split >= 128 and (triton_cdiv(n, bn) * split >= sms // 2 or n <= 512):
+                        variants[f"swap_n{bn}_k128_s{split}_pdl{pdl_mode}"] = lt.SkinnyConfig(
+                            block_n=bn, block_k=128, split_k=split, num_stages=3, swap_ab=True, pdl=pdl_mode)
         for m in (1, 4, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             want = F.linear(x, ws[0])
