@@ -129,7 +129,10 @@ def test_disaggregated_fp8_over_gloo_matches_aggregated(tiny, fp8_run):
     # in_process=False: each group in its own rank process, the KV moved over gloo (as bytes).
     engine = DisaggEngine(DisaggConfig(prefill=cfg, decode=cfg, in_process=False, transport="gloo"))
     with LLM.from_engine(engine) as llm:
-        assert tokens_and_logprobs(llm.generate(prompts, GREEDY)) == fp8_run[0]
+        # Same tokens; logprobs to float32 noise only: which sequences share a decode step depends
+        # on when each transfer lands, and the CPU's matmuls round a row differently in another
+        # batch (one clean-clone run in several differed in a late logprob's last bits).
+        assert_matches(tokens_and_logprobs(llm.generate(prompts, GREEDY)), fp8_run[0], atol=1e-5)
         assert engine.metrics.num_transfers == len(prompts) and engine.metrics.num_failures == 0
         layouts = engine.prefill.kv_layout(), engine.decode.kv_layout()
         assert layouts[0] == layouts[1] and layouts[0].kv_dtype == "float8_e4m3fn"
