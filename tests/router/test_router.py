@@ -229,6 +229,7 @@ def test_cancelling_mid_stream_frees_blocks_on_both_sides(services, tiny, prompt
 SMALL_STEPS = 64
 
 
+@pytest.mark.slow  # ~60 s; the engine-level migration: tests/workers/test_disagg_faults.py
 def test_decode_group_killed_mid_stream_requests_migrate_token_exact(services, smollm2_dir, smol_prompts,
                                                                      smollm2_oracle):
     import ray
@@ -279,6 +280,7 @@ def test_prefill_group_killed_requests_are_resent_and_complete(services, smollm2
 # ---- tiny model, 2 prefill + 2 decode groups: groups of both roles lost while streams run ------
 
 
+@pytest.mark.slow  # ~25 s; the same losses at the engine level: tests/workers/test_disagg_faults.py
 def test_prefill_and_decode_groups_lost_one_after_the_other_then_together(services, tiny, prompts):
     """Streams keep going token-exact while a prefill group and then a decode group die, and
     again while one of each dies at once; requests sent during the rebuilds go to the healthy
