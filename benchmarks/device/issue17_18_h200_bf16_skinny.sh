@@ -7,4 +7,4 @@
 source benchmarks/device/common.sh
 timeout 320 python3 benchmarks/decode_kernel_sweep.py --families linear --out $OUT > /tmp/sweep.log 2>&1
 echo "sweep rc=$? at $(( $(date +%s) - start )) s"; grep "^linear" /tmp/sweep.log | cut -c1-170
-ls $OUT
+cp /tmp/sweep.log $OUT/ ; ls $OUT
