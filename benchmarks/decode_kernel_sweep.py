@@ -7,11 +7,15 @@ different copy of its weights, so nothing is served from L2):
 - **linear**: the skinny Triton kernel (`kernels/linear_triton.py`) at the default launch shape
   and its variants (at one row also W as the left operand, in-kernel split sums and PDL) vs
   cuBLAS (``F.linear``), rows 1, 4 and 16, at Qwen3-30B-A3B's and Llama-3-8B's bf16 matrices;
-  the floor is the weight's bytes at the copy bandwidth measured here.
+  the floor is the weight's bytes at the copy bandwidth measured here. Writes the tuned table's
+  bf16 entries (the fastest shape beside cuBLAS's time: `linear_triton.bf16_skinny_config`).
 - **align**: the MoE alignment kernel's chunk and warps at 64 to 2048 (token, expert) pairs.
 - **attention**: the paged decode kernel at batch 1 with a 1k context, by the shortest split.
 - **fp8**: e4m3 weights at Llama-3-8B's matrices, rows 1 to 64 (`sweep_fp8`); also writes the
-  tuned table ``skinny_<gpu>.json`` that kernels/configs/ ships (`linear_triton.tuned_configs`).
+  tuned table's FP8 entries.
+
+The tuned table ``skinny_<gpu>.json`` (the form kernels/configs/ ships, `linear_triton.tuned_configs`)
+holds the entries the run swept over the shipped table's others.
 
 Usage (repository root, package on PYTHONPATH, one GPU):
     python benchmarks/decode_kernel_sweep.py --out benchmarks/results
@@ -77,6 +81,30 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 20 / (start.elapsed_time(end) / 1e3)
 
 
+def linear_variants(n: int, k: int, sms: int) -> dict:
+    """Launch shapes tried for a bf16 weight [n, k] at one row: the heuristic default, x as
+    the MMA's left operand over rows of W per program, columns per step, shares of K and
+    pipeline depth, then the options the FP8 sweep found (2026-12-03): W as the left operand,
+    the split summed in the kernel, programmatic dependent launch."""
+    from splitserve.kernels import linear_triton as lt
+
+    variants = {"default": lt.skinny_config(n, k, sms)}
+    for bn in (16, 32, 64):
+        for split in (1, 2, 4, 8):
+            for bk in (128, 256):
+                for stages in (3, 4):
+                    if (triton_cdiv(n, bn) * split >= sms // 2 or n <= 512) and k // split >= bk:
+                        variants[f"n{bn}_k{bk}_s{split}_st{stages}"] = lt.SkinnyConfig(
+                            block_n=bn, block_k=bk, split_k=split, num_stages=stages)
+    for bn in (64, 128):
+        for split in (1, 2, 4, 8):
+            for pdl_mode in (0, 2):
+                if k // split >= 128 and (triton_cdiv(n, bn) * split >= sms // 2 or n <= 512):
+                    variants[f"swap_n{bn}_k128_s{split}_pdl{pdl_mode}"] = lt.SkinnyConfig(
+                        block_n=bn, block_k=128, split_k=split, num_stages=3, swap_ab=True, pdl=pdl_mode)
+    return variants
+
+
 def sweep_linear(copy_bw: float) -> list[dict]:
     import torch
     import torch.nn.functional as F
@@ -89,23 +117,8 @@ def sweep_linear(copy_bw: float) -> list[dict]:
         copies = max(4, min(128, -(-(256 << 20) // (n * k * 2))))  # more than L2 holds
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         floor = n * k * 2 / copy_bw
-        default = lt.skinny_config(n, k, sms)
-        variants = {"default": default}
-        for bn in (16, 32, 64):
-            for split in (1, 2, 4, 8):
-                for bk in (128, 256):
-                    for stages in (3, 4):
-                        cfg = lt.SkinnyConfig(block_n=bn, block_k=bk, split_k=split, num_stages=stages)
-                        if (triton_cdiv(n, bn) * split >= sms // 2 or n <= 512) and k // split >= bk:
-                            variants[f"n{bn}_k{bk}_s{split}_st{stages}"] = cfg
-        # The options the FP8 sweep found (2026-12-03), for bf16 weights: W as the MMA's left
-        # operand, the split summed in the kernel, programmatic dependent launch.
-        for bn in (64, 128):
-            for split in (1, 2, 4, 8):
-                for pdl_mode in (0, 2):
-                    if k // split >= 128 and (triton_cdiv(n, bn) * split >= sms // 2 or n <= 512):
-                        variants[f"swap_n{bn}_k128_s{split}_pdl{pdl_mode}"] = lt.SkinnyConfig(
-                            block_n=bn, block_k=128, split_k=split, num_stages=3, swap_ab=True, pdl=pdl_mode)
+        variants = linear_variants(n, k, sms)
+        default = variants["default"]
         for m in (1, 4, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             want = F.linear(x, ws[0])
@@ -117,7 +130,7 @@ def sweep_linear(copy_bw: float) -> list[dict]:
                 got = lt.skinny_linear(x, ws[0], config=cfg)
                 err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
                 t = graph_time_s([lambda w=w, c=cfg: lt.skinny_linear(x, w, config=c) for w in ws])
-                results[label] = {"us": 1e6 * t, "vs_floor": t / floor, "rel_err": err}
+                results[label] = {"us": 1e6 * t, "vs_floor": t / floor, "rel_err": err, "config": cfg.__dict__}
             best = min(results, key=lambda lbl: results[lbl]["us"])
             rows.append({"shape": name, "n": n, "k": k, "rows": m, "floor_us": 1e6 * floor,
                          "cublas_us": 1e6 * cublas, "cublas_vs_floor": cublas / floor,
@@ -127,6 +140,24 @@ def sweep_linear(copy_bw: float) -> list[dict]:
                   f"default {results['default']['us']:6.2f}  best {best} {results[best]['us']:6.2f}", flush=True)
         del ws
     return rows
+
+
+def bf16_table(linear_rows: list[dict], sms: int) -> dict:
+    """The bf16 entries of the tuned table (`linear_triton.bf16_skinny_config`) from the linear
+    family's rows: per (matrix, row count the table keys), the fastest launch shape and cuBLAS's
+    time beside it. Rows measured before the variants carried their configs name them by label."""
+    from splitserve.kernels import linear_triton as lt
+
+    table = {}
+    for row in linear_rows:
+        if row["rows"] not in lt.TUNED_ROWS:
+            continue
+        best = row["variants"][row["best"]]
+        config = best.get("config") or linear_variants(row["n"], row["k"], sms)[row["best"]].__dict__
+        table[lt.tuned_key(lt.SkinnyMode.BF16, row["n"], row["k"], row["rows"])] = {
+            "config": config, "us": row["best_us"], "label": row["best"], "cublas_us": row["cublas_us"],
+            "default_us": row["default"]["us"]}
+    return table
 
 
 FP8_SHAPES = {k.removeprefix("llama-3-8b."): v for k, v in LINEAR_SHAPES.items() if k.startswith("llama")}
@@ -349,19 +380,27 @@ def main(argv: list[str] | None = None) -> dict:
         report["align"] = sweep_align()
     if "attention" in families:
         report["attention"] = sweep_attention()
-    if "fp8" in families:
-        from splitserve.kernels import linear_triton as lt
+    from splitserve.kernels import linear_triton as lt
 
+    table, swept = {}, []
+    if "linear" in families:
+        table |= bf16_table(report["linear"], torch.cuda.get_device_properties(0).multi_processor_count)
+        swept.append("bf16 at 1 and 16 rows")
+    if "fp8" in families:
         rows = tuple(int(r) for r in args.fp8_rows.split(","))
         if not set(rows) <= set(lt.TUNED_ROWS):  # another count would overwrite its bucket's entries
             p.error(f"--fp8-rows: the table's row counts are {lt.TUNED_ROWS}, got {rows}")
-        report["fp8"], table = sweep_fp8(report["copy_bandwidth_TBps"] * 1e12, rows)
-        # The tuned table, in the form kernels/configs/ ships (linear_triton.tuned_configs).
+        report["fp8"], fp8_table = sweep_fp8(report["copy_bandwidth_TBps"] * 1e12, rows)
+        table |= fp8_table
+        swept.append(f"fp8 at rows {args.fp8_rows}")
+    if table:
+        # The tuned table, in the form kernels/configs/ ships (linear_triton.tuned_configs): the
+        # entries this run swept over the shipped table's others.
         meta = {k: report[k] for k in ("benchmark", "command", "date", "git_commit", "device")}
         shipped = lt.tuned_file(report["device"]["name"])
-        if set(rows) != set(lt.TUNED_ROWS) and shipped.is_file():  # a partial sweep: the others as shipped
+        if shipped.is_file():
             table = json.loads(shipped.read_text())["configs"] | table
-            meta["note"] = f"rows {args.fp8_rows} swept on {now:%Y-%m-%d}; the other entries from the shipped table"
+        meta["note"] = f"{' and '.join(swept)} swept on {now:%Y-%m-%d}; any other entries from the shipped table"
         tuned = args.out / shipped.name
         results_meta.write_json(tuned, meta | {"copy_bandwidth_TBps": report["copy_bandwidth_TBps"], "configs": table})
         print(f"wrote {tuned}")

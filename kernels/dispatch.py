@@ -91,6 +91,21 @@ def _skinny(x: torch.Tensor) -> bool:
     return x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS and use_triton(x)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a weight in x's dtype. A bf16 decode batch on CUDA
+    (x [M <= 16, K]) takes the skinny Triton kernel where this GPU's tuned table measured it
+    faster than cuBLAS at this matrix and row count (`linear_triton.bf16_skinny_config`: at one
+    row, the matrices whose K cuBLAS splits into a second launch); everything else cuBLAS."""
+    if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and _skinny(x)):
+        from splitserve.kernels import linear_triton
+
+        cfg = linear_triton.bf16_skinny_config(weight.shape[0], weight.shape[1], x.shape[0],
+                                               linear_triton.device_name(x.device))
+        if cfg is not None:
+            return linear_triton.skinny_linear(x, weight, bias, cfg)
+    return F.linear(x, weight, bias)
+
+
 # ---- attention ----------------------------------------------------------------------------
 
 

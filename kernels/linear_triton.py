@@ -5,9 +5,10 @@ bytes over the HBM bandwidth plus what a launch costs. Who uses this kernel, fro
 (benchmarks/decode_kernel_sweep.py, 2026-12-02; results README, session 3):
 
 - the MoE router in bf16 (`dispatch.router`): its 128 x 2048 matrix is so small that cuBLAS's
-  5.3 us is all fixed cost; here 4.4 us, the softmax kernel adding the partial sums. The bf16
-  attention and MLP projections stay on cuBLAS (as fast: 0.5 to 1.4 us faster at one row,
-  slower at 4 and 16 rows);
+  5.3 us is all fixed cost; here 4.4 us, the softmax kernel adding the partial sums;
+- bf16 projections at one row (`dispatch.linear`) where the GPU's tuned table measured the kernel
+  faster than cuBLAS (`bf16_skinny_config`; on an H200 the matrices whose K cuBLAS splits into a
+  second launch, 2 to 2.4 us a call); cuBLAS otherwise, and at 2 to 16 rows, where it is faster;
 - FP8 (e4m3) weights (`dispatch.fp8_linear`): weight-only up to 16 rows, the e4m3 tiles widened
   to float16 in registers (`dot_f16`; activations saturate at float16's range); W8A8 up to 64
   rows (x quantized per token beforehand, e4m3 x e4m3 products). Both beat bf16 cuBLAS and
@@ -30,8 +31,8 @@ kernel rounds. With programmatic dependent launch (`pdl.py`, ``SkinnyConfig.pdl`
 starts while the one before it finishes, loading weights until it must wait for x.
 
 Launch shapes: `SkinnyConfig`. `skinny_config` (bf16) and `fp8_skinny_config` pick one from the
-matrix's shape and the SM count, or, for FP8, from the GPU's tuned table (kernels/configs/
-skinny_<gpu>.json, written by ``benchmarks/decode_kernel_sweep.py --families fp8``; the
+matrix's shape and the SM count, or from the GPU's tuned table (kernels/configs/
+skinny_<gpu>.json, written by ``benchmarks/decode_kernel_sweep.py --families linear,fp8``; the
 ``SPLITSERVE_SKINNY_CONFIGS`` file instead). No host synchronisation anywhere: the calls record
 into CUDA graphs.
 """
@@ -135,6 +136,8 @@ class SkinnyMode(enum.Enum):
     W8A8 = "w8a8"
     WEIGHT_ONLY_GATED = "weight_only_gated"
     W8A8_GATED = "w8a8_gated"
+    #: bf16 weights and activations as they are (`bf16_skinny_config`: weighed against cuBLAS).
+    BF16 = "bf16"
 
     @classmethod
     def of(cls, w8a8: bool, gated: bool) -> "SkinnyMode":
@@ -171,6 +174,8 @@ class TunedEntry:
     #: Measured microseconds of what this entry runs (for a gated mode not ``fused``: the plain
     #: launch and the SiLU's), W8A8's including the activations' quantization; None if unknown.
     us: float | None = None
+    #: cuBLAS's microseconds at the same shape and rows in the same run (bf16 entries).
+    cublas_us: float | None = None
 
 
 @cache
@@ -184,8 +189,23 @@ def tuned_configs(device_name: str) -> dict[str, TunedEntry]:
     for key, entry in json.loads(path.read_text())["configs"].items():
         fused = entry.get("fused", True)
         us = entry.get("us") if fused else entry.get("plain_then_silu_us")
-        entries[key] = TunedEntry(SkinnyConfig(**entry["config"]), fused, us)
+        entries[key] = TunedEntry(SkinnyConfig(**entry["config"]), fused, us, entry.get("cublas_us"))
     return entries
+
+
+def bf16_skinny_config(n: int, k: int, rows: int, device: str | None) -> SkinnyConfig | None:
+    """The launch shape for a bf16 weight [n, k] at ``rows`` rows where ``device``'s tuned
+    table measured the skinny kernel faster than cuBLAS at that shape and row count; None
+    (cuBLAS) otherwise, and always past 16 rows. On an H200 (2026-12-03, one row) it wins at
+    the matrices whose K is split (o: 7.3 against 9.5 us at Qwen3-30B-A3B's, 11.4 against
+    13.9 at Llama-3-8B's; down 31.3 against 33.4) and at Llama-3-8B's q|k|v and gate|up, and
+    loses at Qwen3-30B-A3B's q|k|v (8.6 against 8.1)."""
+    if device is None or rows > 16:
+        return None
+    entry = tuned_configs(device).get(tuned_key(SkinnyMode.BF16, n, k, rows))
+    if entry is None or entry.us is None or entry.cublas_us is None or entry.us >= entry.cublas_us:
+        return None
+    return entry.config
 
 
 def weight_only_pays(n: int, k: int, rows: int, gated: bool, device: str | None) -> bool:

@@ -280,3 +280,36 @@ def test_the_shipped_tuned_tables_load_and_name_real_modes():
             assert int(rows.removeprefix("m")) in lt.TUNED_ROWS and "x" in shape
             assert entry.config.pdl in (0, 1, 2)
     lt.tuned_configs.cache_clear()
+
+
+def test_bf16_linear_takes_the_skinny_kernel_only_where_the_table_measured_it_faster(monkeypatch, tmp_path):
+    import json
+
+    from splitserve.kernels import linear_triton as lt
+
+    # A table for the interpreter's "cpu" device: the skinny kernel faster than cuBLAS for a
+    # 64 x 96 weight at one row, slower for 48 x 96; no entry for 16 rows.
+    cfg = {"block_n": 16, "block_k": 32, "split_k": 2, "swap_ab": True}
+    table = {lt.tuned_key(lt.SkinnyMode.BF16, 64, 96, 1): {"config": cfg, "us": 5.0, "cublas_us": 7.0},
+             lt.tuned_key(lt.SkinnyMode.BF16, 48, 96, 1): {"config": cfg, "us": 8.0, "cublas_us": 7.0}}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"configs": table}))
+    monkeypatch.setenv(lt.TUNED_ENV, str(path))
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    lt.tuned_configs.cache_clear()
+    dispatch.kernel_mode.cache_clear()
+    calls = []
+    real = lt.skinny_linear
+    monkeypatch.setattr(lt, "skinny_linear", lambda x, w, b, c: calls.append((tuple(w.shape), c)) or real(x, w, b, c))
+    try:
+        x, w, b = _inputs(16, 64, 96, torch.bfloat16)
+        y = dispatch.linear(x[:1], w, b)
+        assert calls == [((64, 96), lt.SkinnyConfig(**cfg))]
+        # the kernel's float32 sums rounded once, as a float32 product rounded to bf16
+        assert torch.equal(y, F.linear(x[:1].float(), w.float(), b.float()).to(torch.bfloat16))
+        for args in ((x[:1], w[:48]), (x, w), (x[:1].float(), w.float())):  # slower; 16 rows; float32
+            torch.testing.assert_close(dispatch.linear(*args), F.linear(*args))
+        assert len(calls) == 1
+    finally:
+        lt.tuned_configs.cache_clear()
+        dispatch.kernel_mode.cache_clear()

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from splitserve.kernels import dispatch
 from splitserve.kernels.fp8 import Fp8Weight, QuantizedRows
 from splitserve.workers.parallel import ParallelState
 
@@ -73,7 +74,7 @@ class ColumnParallelLinear(nn.Module):
         """``x`` quantized per token already (`QuantizedRows`) only for FP8 weights."""
         if self.quant is not None:
             return self.quant.apply(self, x, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return dispatch.linear(x, self.weight, self.bias)
 
     def fp8_weight(self) -> Fp8Weight | None:
         """The e4m3 weight and its scales (None: not FP8), for the RMSNorm before to quantize for."""
@@ -106,7 +107,7 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight) if self.quant is None else self.quant.apply(self, x, None)
+        y = dispatch.linear(x, self.weight) if self.quant is None else self.quant.apply(self, x, None)
         y = self.parallel.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
