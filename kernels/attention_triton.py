@@ -19,8 +19,11 @@ Triton's pipeliner can keep ``num_stages - 1`` K/V tiles in flight while it comp
 table load in the same step it treats K/V as indirect loads, single-buffers them and
 serialises load and compute). Long contexts, and batches too small to fill the GPU, are cut
 into splits ("flash-decoding"); each split writes its unnormalised partial output with its
-running max and sum, and a second kernel merges them. With one split the first kernel writes
-the output directly. The launch shape (`DecodeConfig`) is tuned by
+running max and sum, and the last program of its (sequence, KV head) to finish (an arrival
+count per pair, zeroed again by that program) merges them into the output; a second kernel
+does where the counts cannot serve (`DecodeConfig.merge_in_kernel` 0, more pairs than
+`MERGE_COUNTS`, or the first call on a device captured into a CUDA graph). With one split the
+kernel writes the output directly. The launch shape (`DecodeConfig`) is tuned by
 ``benchmarks/decode_attention_sweep.py`` (FP8 caches have their own, `DECODE_FP8`);
 ``SPLITSERVE_DECODE_CONFIG`` (and ``SPLITSERVE_DECODE_CONFIG_FP8``) override the defaults.
 
@@ -58,6 +61,7 @@ import triton
 import triton.language as tl
 
 from splitserve.kernels import pdl
+from splitserve.kernels.linear_triton import arrival_counts
 from splitserve.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 LOG2E = 1.4426950408889634
@@ -153,13 +157,18 @@ class DecodeConfig:
     #: Registers per thread the compiler may use (Triton's ``maxnreg``; 0: its own choice). At
     #: 128 (the FP8 loop's own count) four programs fit on an SM by registers.
     max_registers: int = 0
+    #: 1: a split context is merged by the last of a (sequence, KV head)'s programs to finish
+    #: (an arrival count per pair, as the skinny linear's split-K sum), one launch; 0: by
+    #: `_decode_merge_kernel`, a second launch.
+    merge_in_kernel: int = 1
 
     #: Spec keys -> fields (the short names first, as `spec` writes them).
     KEYS: ClassVar[dict[str, str]] = {
         "block_n": "block_n", "warps": "num_warps", "stages": "num_stages", "min_partition": "min_partition",
         "programs_per_sm": "programs_per_sm", "swap": "swap", "widen": "widen_early", "num_warps": "num_warps",
         "num_stages": "num_stages", "widen_early": "widen_early", "maxnreg": "max_registers",
-        "max_registers": "max_registers", "short_warps": "short_warps",
+        "max_registers": "max_registers", "short_warps": "short_warps", "merge": "merge_in_kernel",
+        "merge_in_kernel": "merge_in_kernel",
     }
 
     def __post_init__(self) -> None:
@@ -170,7 +179,7 @@ class DecodeConfig:
         for name in ("num_stages", "min_partition", "programs_per_sm"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DecodeConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("swap", "widen_early"):
+        for name in ("swap", "widen_early", "merge_in_kernel"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"DecodeConfig.{name} must be 0 or 1, got {getattr(self, name)}")
         if self.max_registers and not 24 <= self.max_registers <= 255:
@@ -197,7 +206,8 @@ class DecodeConfig:
         """Every field, so that the spec reads back as this config over any base."""
         return (f"block_n={self.block_n},warps={self.num_warps},stages={self.num_stages},"
                 f"min_partition={self.min_partition},programs_per_sm={self.programs_per_sm},swap={self.swap},"
-                f"widen={self.widen_early},maxnreg={self.max_registers},short_warps={self.short_warps}")
+                f"widen={self.widen_early},maxnreg={self.max_registers},short_warps={self.short_warps},"
+                f"merge={self.merge_in_kernel}")
 
 
 #: The built-in default: the config expected to be fastest on an H100/H200 (see the sweep).
@@ -249,7 +259,7 @@ def _staged(x):
 # each specialisation is one more compile, and a compile stalls a serving step for about a second.
 @triton.jit(do_not_specialize=["partition", "stride_tb"])
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counts_ptr,
     scale_log2, window, partition,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_tb,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
@@ -257,7 +267,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SPLIT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr, SWAP: tl.constexpr,
-    WIDEN: tl.constexpr,
+    WIDEN: tl.constexpr, MERGE: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
 ):
     if PDL:  # the output projection (or the merge) after us may start (`pdl.py`)
         gdc_launch_dependents()
@@ -364,11 +374,61 @@ def _decode_kernel(
         tl.store(part_acc_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], acc, mask=out_mask)
         tl.store(part_ml_ptr + part_row * 2, m_i, mask=row_ok)
         tl.store(part_ml_ptr + part_row * 2 + 1, l_i, mask=row_ok)
+        if MERGE:
+            # Every thread's partial stored before the count says so (the release orders them);
+            # the last program of this (sequence, KV head) to arrive merges every split.
+            tl.debug_barrier()
+            count = counts_ptr + seq * num_kv_heads + kv_head
+            if tl.atomic_add(count, 1, sem="acq_rel") == num_splits - 1:
+                _merge_group(part_acc_ptr, part_ml_ptr, out_ptr, seq, kv_head, num_kv_heads, num_splits,
+                             stride_ob, stride_oh, GROUP, GROUP_P2, HEAD_DIM, D_PAD, SPLIT_BLOCK)
+                tl.atomic_xchg(count, 0)  # zero again for the next call
     else:
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_i[:, None]
         tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _merge_group(part_acc_ptr, part_ml_ptr, out_ptr, seq, kv_head, num_kv_heads, num_splits, stride_ob, stride_oh,
+                 GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                 SPLIT_BLOCK: tl.constexpr):
+    """The output rows of a KV head's query group from its splits' partials: a pass for each
+    head's overall max, then one for the weighted sums ([group, splits, dims] tiles, so the
+    loads of all heads and splits are in flight at once: the tail is two round trips to L2,
+    not one per split). Read with ``.cg``: other SMs wrote them."""
+    g = tl.arange(0, GROUP_P2)
+    heads = kv_head * GROUP + g
+    dims = tl.arange(0, D_PAD)
+    base = (seq * num_kv_heads * GROUP + heads).to(tl.int64) * num_splits  # [G]
+    head_ok = g < GROUP
+    m_all = tl.full([GROUP_P2], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, SPLIT_BLOCK):
+        splits = s0 + tl.arange(0, SPLIT_BLOCK)
+        ok = head_ok[:, None] & (splits < num_splits)[None, :]
+        m = tl.load(part_ml_ptr + (base[:, None] + splits[None, :]) * 2, mask=ok, other=float("-inf"),
+                    cache_modifier=".cg")
+        m_all = tl.maximum(m_all, tl.max(m, 1))
+    # A padded row (context 0) has only empty splits (max -inf, sum 0): it comes out 0, not NaN.
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+    total = tl.zeros([GROUP_P2], tl.float32)
+    acc = tl.zeros([GROUP_P2, D_PAD], tl.float32)
+    for s0 in range(0, num_splits, SPLIT_BLOCK):
+        splits = s0 + tl.arange(0, SPLIT_BLOCK)
+        ok = head_ok[:, None] & (splits < num_splits)[None, :]
+        row = base[:, None] + splits[None, :]  # [G, S]
+        m = tl.load(part_ml_ptr + row * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(part_ml_ptr + row * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
+        part = tl.load(part_acc_ptr + row[:, :, None] * HEAD_DIM + dims[None, None, :],
+                       mask=ok[:, :, None] & (dims < HEAD_DIM)[None, None, :], other=0.0, cache_modifier=".cg")
+        weight = tl.exp2(m - m_all[:, None])
+        total += tl.sum(weight * l, 1)
+        acc += tl.sum(weight[:, :, None] * part, 1)
+    total = tl.where(total == 0.0, 1.0, total)
+    out = acc / total[:, None]
+    tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=head_ok[:, None] & (dims < HEAD_DIM)[None, :])
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -412,6 +472,14 @@ def _decode_merge_kernel(
     total = tl.where(total == 0.0, 1.0, total)
     out = tl.sum(weight[:, None] * acc, 0) / total
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
+
+
+#: Arrival counts for the in-kernel merge (`DecodeConfig.merge_in_kernel`): one per (sequence,
+#: KV head), per device, zero between calls. A launch with more pairs merges in a second launch.
+MERGE_COUNTS = 16384
+_merge_counts: dict[int, torch.Tensor] = {}
+#: Splits per merge step: one value for every split count (a new one would compile mid-serving).
+MERGE_SPLIT_BLOCK = 16
 
 
 def decode_num_splits(num_programs: int, span: int, device: torch.device, cfg: DecodeConfig | None = None) -> int:
@@ -478,14 +546,18 @@ def paged_decode_attention(
     num_splits, partition = decode_partition(batch * num_kv_heads, span, q.device, cfg, num_splits)
     split = num_splits > 1
     d_pad = _pow2(head_dim, 16)
+    counts = None
     if split:
         part_acc = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+        if cfg.merge_in_kernel and batch * num_kv_heads <= MERGE_COUNTS:
+            counts = arrival_counts(_merge_counts, q.device, MERGE_COUNTS)
     else:
         part_acc = part_ml = out  # unused
     mode = pdl.mode(q.device)
     _decode_kernel[(num_kv_heads, num_splits, batch)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_ml,
+        counts if counts is not None else context_lens,
         scale * LOG2E, sliding_window or 0, partition,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -496,11 +568,12 @@ def paged_decode_attention(
         SPLIT=split, PRECISION=_precision(q.dtype), QUANT=quant, PDL=mode, SWAP=bool(cfg.swap),
         # `_staged` moves 16-bit pairs: float32 queries keep float32 products, never widened to float16
         WIDEN=bool(cfg.widen_early) and quant and q.device.type == "cuda" and q.dtype != torch.float32,
+        MERGE=counts is not None, GROUP_P2=_pow2(group), SPLIT_BLOCK=MERGE_SPLIT_BLOCK,
         num_warps=cfg.short_warps if cfg.short_warps and partition <= SHORT_PARTITION else cfg.num_warps,
         num_stages=cfg.num_stages, **pdl.launch_kwargs(mode == 2),
         **({"maxnreg": cfg.max_registers} if cfg.max_registers and q.device.type == "cuda" else {}),
     )
-    if split:
+    if split and counts is None:
         _decode_merge_kernel[(batch, num_heads)](
             part_acc, part_ml, out, out.stride(0), out.stride(1), num_splits,
             # One lane count for every split count: a new value would compile a new kernel mid-serving.

@@ -102,6 +102,36 @@ def test_decode_more_splits_than_context_leaves_empty_splits_harmless():
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
 
 
+def test_decode_merges_in_the_kernel_as_the_merge_launch_does():
+    """The last program of each (sequence, KV head) merging the splits (``merge_in_kernel``, the
+    default) against `_decode_merge_kernel`: a context of 0 (a padded graph row), empty splits,
+    a query group that is not a power of two, more splits than one merge step holds; the
+    arrival counts left at zero."""
+    from dataclasses import replace
+
+    from splitserve.kernels import attention_triton as at
+
+    bs, hq, hk = 4, 6, 2
+    lens = [0, 5, 70]
+    k_cache, v_cache = noise_cache(bs, hk, seed=11)
+    tables, pad_ids = tables_for([max(n, 1) for n in lens], bs, seed=12)
+    bt, ctx = padded(tables, pad_ids, width=18), torch.tensor(lens)  # 18 splits of 4 tokens
+    q = torch.randn(len(lens), hq, D, generator=gen(13))
+    cfg = at.DecodeConfig(block_n=4, min_partition=4)
+    counts = []
+    real = at.arrival_counts
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(at, "arrival_counts", lambda *a: counts.append(real(*a)) or counts[-1])
+        got = at.paged_decode_attention(q, k_cache, v_cache, bt, ctx, 0.3, num_splits=20, cfg=cfg)
+    assert len(counts) == 1 and not counts[0].any()
+    two = at.paged_decode_attention(q, k_cache, v_cache, bt, ctx, 0.3, num_splits=20,
+                                    cfg=replace(cfg, merge_in_kernel=0))
+    torch.testing.assert_close(got, two, atol=2e-6, rtol=1e-5)
+    assert not got[0].any() and got.isfinite().all()
+    want = paged_decode_attention_ref(q, k_cache, v_cache, bt, ctx, 0.3)
+    torch.testing.assert_close(got[1:], want[1:], atol=2e-6, rtol=1e-5)
+
+
 def test_decode_split_count_depends_only_on_shapes():
     """Graph capture needs the launch shape fixed by the tensors' shapes, not their values."""
     from splitserve.kernels import attention_triton as at
@@ -136,7 +166,10 @@ def test_decode_config_env_overrides_the_default(monkeypatch):
             at.DecodeConfig.parse("maxnreg=8")
         with pytest.raises(ValueError, match="short_warps"):
             at.DecodeConfig.parse("short_warps=3")
-        assert at.DecodeConfig.parse("short_warps=4").spec().endswith("short_warps=4")
+        assert "short_warps=4" in at.DecodeConfig.parse("short_warps=4").spec().split(",")
+        assert at.DecodeConfig.parse("merge=0").merge_in_kernel == 0
+        with pytest.raises(ValueError, match="merge_in_kernel"):
+            at.DecodeConfig.parse("merge=2")
 
         k_cache, v_cache = noise_cache(4, 2, seed=5)
         tables, pad_ids = tables_for([3, 30], 4, seed=6)
