@@ -19,11 +19,10 @@ Triton's pipeliner can keep ``num_stages - 1`` K/V tiles in flight while it comp
 table load in the same step it treats K/V as indirect loads, single-buffers them and
 serialises load and compute). Long contexts, and batches too small to fill the GPU, are cut
 into splits ("flash-decoding"); each split writes its unnormalised partial output with its
-running max and sum, and the last program of its (sequence, KV head) to finish (an arrival
-count per pair, zeroed again by that program) merges them into the output; a second kernel
-does where the counts cannot serve (`DecodeConfig.merge_in_kernel` 0, more pairs than
-`MERGE_COUNTS`, or the first call on a device captured into a CUDA graph). With one split the
-kernel writes the output directly. The launch shape (`DecodeConfig`) is tuned by
+running max and sum, and a second kernel merges them. With `DecodeConfig.merge_in_kernel`
+the last program of each (sequence, KV head) to finish (an arrival count per pair, zeroed
+again by that program) merges them instead, one launch (measured slower on an H200: off by
+default). With one split the kernel writes the output directly. The launch shape (`DecodeConfig`) is tuned by
 ``benchmarks/decode_attention_sweep.py`` (FP8 caches have their own, `DECODE_FP8`);
 ``SPLITSERVE_DECODE_CONFIG`` (and ``SPLITSERVE_DECODE_CONFIG_FP8``) override the defaults.
 
@@ -159,8 +158,13 @@ class DecodeConfig:
     max_registers: int = 0
     #: 1: a split context is merged by the last of a (sequence, KV head)'s programs to finish
     #: (an arrival count per pair, as the skinny linear's split-K sum), one launch; 0: by
-    #: `_decode_merge_kernel`, a second launch.
-    merge_in_kernel: int = 1
+    #: `_decode_merge_kernel`, a second launch. 0 stays the default: on an H200
+    #: (benchmarks/gpu_perf.py, 2026-12-03) the one launch was slower, Qwen3-30B-A3B's bf16
+    #: batch-1 step 3.611 against 3.578 ms and batch 64 18.96 against 18.82: the decode kernel
+    #: grew from 4.5 to 7.8 us a layer at batch 1 x 1k, more than the 2.7 us merge launch and
+    #: its gap, the last program of a KV head merging its 8 query heads' 16 splits alone where
+    #: the merge launch spreads them over 32 programs.
+    merge_in_kernel: int = 0
 
     #: Spec keys -> fields (the short names first, as `spec` writes them).
     KEYS: ClassVar[dict[str, str]] = {

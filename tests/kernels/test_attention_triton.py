@@ -103,8 +103,8 @@ def test_decode_more_splits_than_context_leaves_empty_splits_harmless():
 
 
 def test_decode_merges_in_the_kernel_as_the_merge_launch_does():
-    """The last program of each (sequence, KV head) merging the splits (``merge_in_kernel``, the
-    default) against `_decode_merge_kernel`: a context of 0 (a padded graph row), empty splits,
+    """The last program of each (sequence, KV head) merging the splits (``merge_in_kernel``)
+    against `_decode_merge_kernel` (the default): a context of 0 (a padded graph row), empty splits,
     a query group that is not a power of two, more splits than one merge step holds; the
     arrival counts left at zero."""
     from dataclasses import replace
@@ -117,7 +117,7 @@ def test_decode_merges_in_the_kernel_as_the_merge_launch_does():
     tables, pad_ids = tables_for([max(n, 1) for n in lens], bs, seed=12)
     bt, ctx = padded(tables, pad_ids, width=18), torch.tensor(lens)  # 18 splits of 4 tokens
     q = torch.randn(len(lens), hq, D, generator=gen(13))
-    cfg = at.DecodeConfig(block_n=4, min_partition=4)
+    cfg = at.DecodeConfig(block_n=4, min_partition=4, merge_in_kernel=1)
     counts = []
     real = at.arrival_counts
     with pytest.MonkeyPatch.context() as mp:
