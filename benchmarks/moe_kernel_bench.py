@@ -284,8 +284,8 @@ def measure(layer: Layer, num_tokens: int, configs: list, timer: Timer, copy_bw:
     rows = []
     for label, experts, weight_bytes, widenings in kinds:
         # The engine's launch shape for weight-only calls (and bf16), and for W8A8 ones.
-        default = moe_config(num_tokens * shape.top_k)
-        default_w8a8 = moe_config(num_tokens * shape.top_k, True)
+        default = moe_config(num_tokens * shape.top_k, itemsize=x.element_size())
+        default_w8a8 = moe_config(num_tokens * shape.top_k, True, x.element_size())
         bytes_read = shape.bytes_read(num_tokens, active, weight_bytes)
         floor = floor_seconds(bytes_read, copy_bw)
         refs = {}

@@ -108,7 +108,7 @@ class ExpertSlots:
     ``ids`` [T, k] int32, and the local experts ``[expert_offset, expert_offset + num_local)``
     (slots of other experts are never written, never read). The next residual add + RMSNorm
     sums them in its own launch (`dispatch.add_rms_norm`), saving the combine launch at decode;
-    anything else takes `dispatch.combine_slots` first."""
+    anything else takes `dispatch.combined` first."""
 
     slots: torch.Tensor
     ids: torch.Tensor

@@ -162,6 +162,10 @@ def test_deferred_slots_are_summed_by_the_next_add_rms_norm_as_by_the_combine(dt
     experts = ExpertWeights(w13[4:10], w2[4:10])
     pending = moe_triton.fused_moe_triton(x, experts, weights, ids, expert_offset=4, defer_combine=True)
     assert isinstance(pending, ExpertSlots) and pending.shape == x.shape and pending.dtype == dtype
+    # Other ranks' slots are never written, and must never be read: NaN there, whatever the
+    # allocator handed out.
+    local = (ids >= 4) & (ids < 10)
+    pending.slots.view(-1, 3, HIDDEN)[~local] = float("nan")
     summed = moe_triton.fused_moe_triton(x, experts, weights, ids, expert_offset=4)
     assert torch.equal(dispatch.combined(pending), summed) and dispatch.combined(summed) is summed
     g = torch.Generator().manual_seed(12)
