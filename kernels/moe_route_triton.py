@@ -54,18 +54,11 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve.kernels import pdl
-from splitserve.kernels.pdl import gdc_launch_dependents, gdc_wait
-
 
 @triton.jit
 def _route_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_row, stride_split,
                   SPLITS: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
-                  RENORMALIZE: tl.constexpr, ROUND: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # the experts' gate_up may start (`pdl.py`; it waits for us before reading anything)
-        gdc_launch_dependents()
-    if PDL == 2:
-        gdc_wait()
+                  RENORMALIZE: tl.constexpr, ROUND: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
     valid = offs < num_experts
@@ -112,12 +105,11 @@ def route_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool,
         raise ValueError(f"top_k must be in 1..{num_experts}, got {top_k}")
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
-    mode = pdl.mode(logits.device)
     if num_tokens:
         _route_kernel[(num_tokens,)](logits, weights, ids, num_experts, logits.stride(1), logits.stride(0),
                                      SPLITS=splits, ROUND=_ROUND.get(logits_dtype, 0), TOP_K=top_k,
                                      K_PAD=triton.next_power_of_2(top_k), BLOCK_E=triton.next_power_of_2(num_experts),
-                                     RENORMALIZE=renormalize, PDL=mode, **pdl.launch_kwargs(mode == 2))
+                                     RENORMALIZE=renormalize)
     return weights, ids
 
 

@@ -52,7 +52,6 @@ decode, for enough programs to keep the HBM busy; larger tiles for prefill.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
@@ -60,10 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve.kernels import pdl
 from splitserve.kernels.fp8 import Fp8Scheme
 from splitserve.kernels.moe import ExpertSlots, ExpertWeights
-from splitserve.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 #: Up to this many (token, slot) pairs the alignment is the single-program Triton kernel.
 #: Its time grows with the pairs (a serial loop: on an H200 3 us at 32 pairs, 25 us at 512,
@@ -86,10 +83,6 @@ def align_chunk(num_pairs: int) -> int:
 #: at two, the few experts both tokens chose (0.5 of 8 of 128, on average) cost less
 #: re-read than the alignment launch does (3.6 us against ~1 us on an H200).
 DIRECT_MAX_TOKENS = 2
-
-
-#: "0": the direct (decode) launches are not launched early with PDL even where `pdl.enabled`.
-MOE_PDL_ENV = "SPLITSERVE_MOE_PDL"
 
 
 #: From this many (token, slot) pairs FP8 experts run W8A8 (activations quantized, e4m3 x e4m3
@@ -189,7 +182,7 @@ def moe_config(num_pairs: int, w8a8: bool = False, itemsize: int = 2) -> MoeConf
     if w8a8 and num_pairs > W8A8_WIDE_PAIRS:
         return W8A8_WIDE
     cfg = next(cfg for bound, cfg in CONFIGS if num_pairs <= bound)
-    if itemsize > 2 and not w8a8:  # W8A8's operands are e4m3 whatever x is
+    if itemsize > 2:
         cfg = replace(cfg, block_k1=max(16, cfg.block_k1 // 2), block_k2=max(16, cfg.block_k2 // 2))
     return cfg
 
@@ -367,13 +360,7 @@ def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_p
                     inter, hidden, expert_offset, num_experts, stride_xt, stride_we, stride_wn, stride_ot, stride_se,
                     stride_sn, stride_sk, stride_xsm, up_block_rows, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
                     SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, DOT_F16: tl.constexpr,
-                    A8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PDL: tl.constexpr):
-    if PDL:  # launched early (`pdl.py`): the ids and x are the kernel before's to write
-        gdc_wait()
-        # Only now, so that what the down kernel reads before its own wait (the ids, the
-        # routing weights) is written by the time it starts.
-        gdc_launch_dependents()
+                    A8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     block = tl.program_id(0)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     expert, pair = _block_rows(block, rows, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, expert_offset,
@@ -426,11 +413,7 @@ def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert
                  num_pairs, hidden, inter, expert_offset, num_experts, stride_ht, stride_we, stride_wn, stride_st,
                  stride_se, stride_sn, stride_sk, stride_xsm, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
                  SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, DOT_F16: tl.constexpr,
-                 A8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr):
-    # With PDL this runs while gate_up finishes: the ids are read before the wait (gate_up let
-    # us start only after its own wait, so whatever wrote them is done), the first W tile
-    # loaded; h only after.
+                 A8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     block = tl.program_id(0)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     expert, pair = _block_rows(block, rows, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, expert_offset,
@@ -448,18 +431,7 @@ def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert
     s_base = s_ptr + expert.to(tl.int64) * stride_se
     sb_ptr = s_base + (col0 // SCALE_BN) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    first = 0
-    if PDL:  # the first step peeled: its W tile in flight before the wait
-        k_ok = ks < inter
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        gdc_wait()
-        a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
-        a_scale = _a_scale(xs_ptr, hrow, real, 0, stride_xsm, SCALE, SCALE_BK, A8 and SCALE == 2)
-        acc = _scaled_step(a, w, acc, sb_ptr, a_scale, SCALE, PRECISION, DOT_F16, A8)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-        first = BLOCK_K
-    for k0 in range(first, inter, BLOCK_K):
+    for k0 in range(0, inter, BLOCK_K):
         k_ok = ks < inter - k0
         a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
@@ -569,9 +541,9 @@ def fused_moe_triton(x: torch.Tensor, experts: ExpertWeights, weights: torch.Ten
     top_k = ids.shape[1]
     if w13.shape[2] != hidden:
         raise ValueError(f"fused_moe: x {tuple(x.shape)} and w13 {tuple(w13.shape)} disagree")
+    out = torch.empty_like(x)
     if num_tokens == 0:
-        return ExpertSlots(x.new_empty(0, hidden), ids, expert_offset, num_experts) if defer_combine \
-            else torch.empty_like(x)
+        return ExpertSlots(out.new_empty(0, hidden), ids, expert_offset, num_experts) if defer_combine else out
     num_pairs = num_tokens * top_k
     if dot_f16 and not experts.quantized:
         raise ValueError("fused_moe: dot_f16 widens e4m3 weights; these experts are float")
@@ -597,12 +569,8 @@ def fused_moe_triton(x: torch.Tensor, experts: ExpertWeights, weights: torch.Ten
         sorted_pairs, block_expert = align_by_expert(ids, num_experts, expert_offset, cfg.block_m)
         num_blocks = block_expert.shape[0]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
-    # A decode step's launches (direct) start early, each while the one before finishes (`pdl.py`;
-    # ``SPLITSERVE_MOE_PDL=0``: not these, an A/B switch for benchmarks).
-    early = direct and pdl.enabled(x.device) and os.environ.get(MOE_PDL_ENV, "1") != "0"
     launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "DIRECT": direct, "PRECISION": precision,
-              "DOT_F16": dot_f16 and not w8a8, "A8": w8a8, "BLOCK_M": cfg.block_m, "PDL": early,
-              **pdl.launch_kwargs(early)}
+              "DOT_F16": dot_f16 and not w8a8, "A8": w8a8, "BLOCK_M": cfg.block_m}
     a, a_scale = _activations(x, experts, w8a8, weights)
     h = torch.empty(num_blocks * cfg.block_m, inter, dtype=x.dtype, device=x.device)
     up_block_rows = triton.cdiv(inter, s13.block[0]) if s13.kind == 2 else 0
@@ -619,7 +587,7 @@ def fused_moe_triton(x: torch.Tensor, experts: ExpertWeights, weights: torch.Ten
         h_scale.stride(0), SCALE=s2.kind, SCALE_BN=s2.block[0], SCALE_BK=s2.block[1], BLOCK_N=cfg.block_n2,
         BLOCK_K=cfg.block_k2, **launch)
     pending = ExpertSlots(slots, ids, expert_offset, num_experts)
-    return pending if defer_combine else combine_slots(pending, torch.empty_like(x))
+    return pending if defer_combine else combine_slots(pending, out)
 
 
 def combine_slots(pending: ExpertSlots, out: torch.Tensor | None = None) -> torch.Tensor:

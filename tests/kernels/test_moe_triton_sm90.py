@@ -29,8 +29,7 @@ VARIANTS += [(1, False, True, False, DECODE), (2, False, True, False, DECODE), (
 for scale, dot_f16, a8, direct, (bm, bn, bk, warps, stages) in VARIANTS:
     weight = "*fp8e4nv" if scale else "*bf16"
     act = "*fp8e4nv" if a8 else "*bf16"
-    # Direct launches are decode's, launched early (PDL) on Hopper.
-    consts = dict(DIRECT=direct, PDL=direct, PRECISION="tf32", SCALE=scale, SCALE_BN=128 if scale == 2 else 1,
+    consts = dict(DIRECT=direct, PRECISION="tf32", SCALE=scale, SCALE_BN=128 if scale == 2 else 1,
                   SCALE_BK=128 if scale == 2 else 1, DOT_F16=dot_f16, A8=a8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     for fn, ptrs in ((_gate_up_kernel, {"x_ptr": act, "w13_ptr": weight, "out_ptr": "*bf16"}),
                      (_down_kernel, {"h_ptr": act, "w2_ptr": weight, "slots_ptr": "*bf16"})):
@@ -64,7 +63,7 @@ for bound, _ in CONFIGS:
         cfg = moe_config(min(bound, 1 << 20), itemsize=itemsize)
         for fn, names_io, bn, bk in ((_gate_up_kernel, ("x_ptr", "w13_ptr", "out_ptr"), cfg.block_n1, cfg.block_k1),
                                      (_down_kernel, ("h_ptr", "w2_ptr", "slots_ptr"), cfg.block_n2, cfg.block_k2)):
-            consts = dict(DIRECT=False, PDL=False, PRECISION=precision, SCALE=0, SCALE_BN=1, SCALE_BK=1, DOT_F16=False, A8=False,
+            consts = dict(DIRECT=False, PRECISION=precision, SCALE=0, SCALE_BN=1, SCALE_BK=1, DOT_F16=False, A8=False,
                           BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_K=bk)
             names = list(fn.arg_names)
             sig = {n: "constexpr" if n in consts else (dtype if n in names_io else "*i32" if n in INDEX else "*fp32")
