@@ -112,7 +112,10 @@ class MoeConfig:
     num_stages: int = 4
     #: 1: each weight tile is the MMA's left operand (W x^T: an e4m3 tile widened in registers
     #: goes to the tensor cores from there, and ``block_n``, not the block's rows padded to 16,
-    #: is the MMA's M side, as `linear_triton.SkinnyConfig.swap_ab`); 0: x on the left.
+    #: is the MMA's M side, as `linear_triton.SkinnyConfig.swap_ab`); 0: x on the left. Off in
+    #: every shipped shape: on an H200 (moe_kernel_bench, 2026-12-03) it lost for FP8 experts at
+    #: 1 and 8 tokens (22.9 against 22.0 us per-row, 26.3 against 22.8 block) and won 3% for bf16
+    #: at one token only (26.4 against 27.2).
     swap: int = 0
 
     KEYS: ClassVar[dict[str, str]] = {
