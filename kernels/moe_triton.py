@@ -110,26 +110,16 @@ class MoeConfig:
     block_k2: int = 128
     num_warps: int = 4
     num_stages: int = 4
-    #: 1: each weight tile is the MMA's left operand (W x^T: an e4m3 tile widened in registers
-    #: goes to the tensor cores from there, and ``block_n``, not the block's rows padded to 16,
-    #: is the MMA's M side, as `linear_triton.SkinnyConfig.swap_ab`); 0: x on the left. Off in
-    #: every shipped shape: on an H200 (moe_kernel_bench, 2026-12-03) it lost for FP8 experts at
-    #: 1 and 8 tokens (22.9 against 22.0 us per-row, 26.3 against 22.8 block) and won 3% for bf16
-    #: at one token only (26.4 against 27.2).
-    swap: int = 0
 
     KEYS: ClassVar[dict[str, str]] = {
         "block_m": "block_m", "n1": "block_n1", "k1": "block_k1", "n2": "block_n2", "k2": "block_k2",
-        "warps": "num_warps", "stages": "num_stages", "swap": "swap",
+        "warps": "num_warps", "stages": "num_stages",
     }
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "swap":
-                if value not in (0, 1):
-                    raise ValueError(f"MoeConfig.swap must be 0 or 1, got {value}")
-            elif f.name == "num_stages":
+            if f.name == "num_stages":
                 if value < 1:
                     raise ValueError(f"MoeConfig.num_stages must be >= 1, got {value}")
             elif value < 1 or value & (value - 1) or (f.name != "num_warps" and value < 16):
@@ -322,9 +312,8 @@ def _block_rows(block, rows, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, e
 
 @triton.jit
 def _scaled_step(a, w, acc, s_ptr, a_scale, SCALE: tl.constexpr, PRECISION: tl.constexpr, DOT_F16: tl.constexpr,
-                 A8: tl.constexpr, SWAP: tl.constexpr = False):
-    """acc + a w for one K step (``SWAP``: acc^T + w^T a^T, the tiles given as w^T [N, K] and
-    a^T [K, M], acc^T [N, M]). Weight-only, an e4m3 weight tile is widened first: to float16
+                 A8: tl.constexpr):
+    """acc + a w for one K step. Weight-only, an e4m3 weight tile is widened first: to float16
     (DOT_F16: one instruction; x saturated to float16's range) or to x's dtype. W8A8 (A8), a is
     e4m3 too and the product is e4m3 x e4m3. With block scales the product is multiplied by the
     tile's one weight scale (SCALE 2: a tile never crosses a scale block) and, W8A8, by each
@@ -338,24 +327,17 @@ def _scaled_step(a, w, acc, s_ptr, a_scale, SCALE: tl.constexpr, PRECISION: tl.c
         w = w.to(tl.float16)
     else:
         w = w.to(a.dtype)
-    if SWAP:  # W's tile the MMA's left operand
-        left, right = w, a
-    else:
-        left, right = a, w
     if SCALE == 2:
-        step = tl.dot(left, right, input_precision=PRECISION) * tl.load(s_ptr)
+        step = tl.dot(a, w, input_precision=PRECISION) * tl.load(s_ptr)
         if A8:
-            if SWAP:
-                step = step * a_scale[None, :]
-            else:
-                step = step * a_scale[:, None]
+            step = step * a_scale[:, None]
         acc += step
     elif A8:
         # Hopper's e4m3 MMAs keep fewer than float32's bits across a chained K loop: each step's
         # product joins the float32 sum on its own (every BLOCK_K, as the block-scaled path does).
-        acc += tl.dot(left, right)
+        acc += tl.dot(a, w)
     else:
-        acc = tl.dot(left, right, acc, input_precision=PRECISION)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
     return acc
 
 
@@ -378,8 +360,7 @@ def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_p
                     inter, hidden, expert_offset, num_experts, stride_xt, stride_we, stride_wn, stride_ot, stride_se,
                     stride_sn, stride_sk, stride_xsm, up_block_rows, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
                     SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, DOT_F16: tl.constexpr,
-                    A8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    SWAP: tl.constexpr):
+                    A8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     block = tl.program_id(0)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     expert, pair = _block_rows(block, rows, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, expert_offset,
@@ -392,44 +373,29 @@ def _gate_up_kernel(x_ptr, w13_ptr, out_ptr, sorted_ptr, block_expert_ptr, ids_p
     cols = col0 + tl.arange(0, BLOCK_N)
     col_ok = cols < inter
     ks = tl.arange(0, BLOCK_K)
-    w_base = w13_ptr + expert.to(tl.int64) * stride_we
-    if SWAP:  # x^T [K, M] and W's rows as they lie, [N, K]
-        a_ptrs = x_ptr + token[None, :] * stride_xt + ks[:, None]
-        g_ptrs = w_base + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]
-        gate = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        a_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :]
-        # Weight tiles are read [K, N] from the [N, K] rows of w13 (K contiguous).
-        g_ptrs = w_base + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
-        gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    up = gate
+    a_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :]
+    # Weight tiles are read [K, N] from the [N, K] rows of w13 (K contiguous).
+    g_ptrs = w13_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
     u_ptrs = g_ptrs + inter * stride_wn
     # Scales: per row, gate's at [e, n] and up's at [e, inter + n]; per block, gate's block row
     # n // SCALE_BN and up's up_block_rows further (each part's blocks start at its row 0).
     s_base = s_ptr + expert.to(tl.int64) * stride_se
     sg_ptr = s_base + (col0 // SCALE_BN) * stride_sn
     su_ptr = sg_ptr + up_block_rows * stride_sn
+    gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         k_ok = ks < hidden - k0
-        if SWAP:
-            a = tl.load(a_ptrs, mask=k_ok[:, None] & real[None, :], other=0.0)
-            wg = tl.load(g_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            wu = tl.load(u_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        else:
-            a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
-            wg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            wu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
+        wg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        wu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         a_scale = _a_scale(xs_ptr, token, real, k0, stride_xsm, SCALE, SCALE_BK, A8 and SCALE == 2)
         gate = _scaled_step(a, wg, gate, sg_ptr + (k0 // SCALE_BK) * stride_sk, a_scale, SCALE, PRECISION, DOT_F16,
-                            A8, SWAP)
-        up = _scaled_step(a, wu, up, su_ptr + (k0 // SCALE_BK) * stride_sk, a_scale, SCALE, PRECISION, DOT_F16, A8,
-                          SWAP)
+                            A8)
+        up = _scaled_step(a, wu, up, su_ptr + (k0 // SCALE_BK) * stride_sk, a_scale, SCALE, PRECISION, DOT_F16, A8)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
-    if SWAP:
-        gate = tl.trans(gate)
-        up = tl.trans(up)
     if SCALE == 1:
         if A8:
             row_scale = _a_scale(xs_ptr, token, real, 0, stride_xsm, SCALE, SCALE_BK, A8)
@@ -447,8 +413,7 @@ def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert
                  num_pairs, hidden, inter, expert_offset, num_experts, stride_ht, stride_we, stride_wn, stride_st,
                  stride_se, stride_sn, stride_sk, stride_xsm, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
                  SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, DOT_F16: tl.constexpr,
-                 A8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SWAP: tl.constexpr):
+                 A8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     block = tl.program_id(0)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     expert, pair = _block_rows(block, rows, sorted_ptr, block_expert_ptr, ids_ptr, num_pairs, expert_offset,
@@ -461,32 +426,19 @@ def _down_kernel(h_ptr, w2_ptr, slots_ptr, weights_ptr, sorted_ptr, block_expert
     col_ok = cols < hidden
     ks = tl.arange(0, BLOCK_K)
     hrow = rows.to(tl.int64)
-    w_base = w2_ptr + expert.to(tl.int64) * stride_we
-    if SWAP:  # as in _gate_up_kernel
-        a_ptrs = h_ptr + hrow[None, :] * stride_ht + ks[:, None]
-        w_ptrs = w_base + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        a_ptrs = h_ptr + hrow[:, None] * stride_ht + ks[None, :]
-        w_ptrs = w_base + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    a_ptrs = h_ptr + hrow[:, None] * stride_ht + ks[None, :]
+    w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
     s_base = s_ptr + expert.to(tl.int64) * stride_se
     sb_ptr = s_base + (col0 // SCALE_BN) * stride_sn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
         k_ok = ks < inter - k0
-        if SWAP:
-            a = tl.load(a_ptrs, mask=k_ok[:, None] & real[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        else:
-            a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         a_scale = _a_scale(xs_ptr, hrow, real, k0, stride_xsm, SCALE, SCALE_BK, A8 and SCALE == 2)
-        acc = _scaled_step(a, w, acc, sb_ptr + (k0 // SCALE_BK) * stride_sk, a_scale, SCALE, PRECISION, DOT_F16, A8,
-                           SWAP)
+        acc = _scaled_step(a, w, acc, sb_ptr + (k0 // SCALE_BK) * stride_sk, a_scale, SCALE, PRECISION, DOT_F16, A8)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if SWAP:
-        acc = tl.trans(acc)
     if SCALE == 1:
         if A8:
             acc *= _a_scale(xs_ptr, hrow, real, 0, stride_xsm, SCALE, SCALE_BK, A8)[:, None]
@@ -618,7 +570,7 @@ def fused_moe_triton(x: torch.Tensor, experts: ExpertWeights, weights: torch.Ten
         num_blocks = block_expert.shape[0]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
     launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "DIRECT": direct, "PRECISION": precision,
-              "DOT_F16": dot_f16 and not w8a8, "A8": w8a8, "BLOCK_M": cfg.block_m, "SWAP": bool(cfg.swap)}
+              "DOT_F16": dot_f16 and not w8a8, "A8": w8a8, "BLOCK_M": cfg.block_m}
     a, a_scale = _activations(x, experts, w8a8, weights)
     h = torch.empty(num_blocks * cfg.block_m, inter, dtype=x.dtype, device=x.device)
     up_block_rows = triton.cdiv(inter, s13.block[0]) if s13.kind == 2 else 0

@@ -3,6 +3,7 @@
 # (MoeConfig.swap): FP8 experts at one token took ~22 us against a 9 us floor whatever the tiles
 # (moe_kernel_bench_h200_2026-12-03-fp8-decode-tiles.json), as the skinny kernel did before its swap.
 # Swapped shapes against the default at 1 and 8 tokens, bf16 and FP8 (per-row and block scales).
+# Runs at 4ba1c69 only: the swap lost and its code was removed after this measurement.
 source benchmarks/device/common.sh
 timeout 330 python3 benchmarks/moe_kernel_bench.py --fp8 channel block --tokens 1 8 --reps 50 --configs \
   "block_m=16,n1=64,k1=128,n2=64,k2=128,warps=4,stages=4,swap=1" \

@@ -122,8 +122,7 @@ def test_config_choice_and_specs():
     cfg = MoeConfig.parse("block_m=32, n1=64;warps=8")
     assert (cfg.block_m, cfg.block_n1, cfg.num_warps, cfg.block_k2) == (32, 64, 8, MoeConfig().block_k2)
     assert MoeConfig.parse(cfg.spec()) == cfg
-    assert MoeConfig.parse("swap=1").swap == 1
-    for bad in ("block_m=8", "n1=48", "tile=16", "warps", "swap=2"):
+    for bad in ("block_m=8", "n1=48", "tile=16", "warps"):
         with pytest.raises(ValueError):
             MoeConfig.parse(bad)
     # One pair per expert: one block each; worst case pads every non-empty expert.
@@ -208,27 +207,6 @@ def test_fp8_experts_match_the_dequantized_reference(scheme, block, config, num_
     # Widened to float16 (the GPU default for 16-bit x): x rounded to float16 as well.
     torch.testing.assert_close(fused_moe_triton(x, experts, weights, ids, config=cfg, dot_f16=True), want,
                                atol=5e-3, rtol=5e-3)
-
-
-@pytest.mark.parametrize("num_tokens", [1, 11])
-def test_swapped_operands_match_the_reference(num_tokens):
-    """``MoeConfig.swap`` (W's tile the MMA's left operand), direct and aligned: float weights,
-    FP8 per-row and block scales weight-only, and W8A8 with block scales (each K group's
-    activation scale multiplies the transposed product's columns)."""
-    from splitserve.kernels.fp8 import Fp8Scheme
-    from splitserve.kernels.moe import quantize_experts
-    from splitserve.kernels.moe_triton import MoeConfig, fused_moe_triton
-
-    x, w13, w2, weights, ids = make_case(num_tokens, 6, 2, seed=num_tokens + 300)
-    cfg = MoeConfig.parse("n1=16,k1=16,n2=16,k2=16,swap=1")
-    cases = [(ExpertWeights(w13, w2), {}, {}),
-             (quantize_experts(w13, w2, Fp8Scheme.CHANNEL), {"dot_f16": False}, {}),
-             (quantize_experts(w13, w2, Fp8Scheme.BLOCK, (16, 32)), {"dot_f16": False}, {}),
-             (quantize_experts(w13, w2, Fp8Scheme.BLOCK, (16, 32)), {"w8a8": True}, {"quantize_activations": True})]
-    for experts, options, ref_options in cases:
-        want = fused_moe_ref(x, experts, weights, ids, **ref_options)
-        torch.testing.assert_close(fused_moe_triton(x, experts, weights, ids, config=cfg, **options), want,
-                                   atol=1e-5, rtol=1e-5)
 
 
 def test_fp8_experts_skip_other_ranks_ids():
