@@ -12,19 +12,10 @@ import json; from splitserve.kernels import linear_triton as lt
 t = json.loads(lt.tuned_file('NVIDIA H200').read_text())
 t['configs'] = {k: v for k, v in t['configs'].items() if not k.startswith('bf16:')}
 open('/tmp/nobf16.json', 'w').write(json.dumps(t))"
-perf() {  # label model sections env...
-  local label=$1 model=$2 sections=$3; shift 3
-  env "$@" timeout 200 python3 benchmarks/gpu_perf.py --model random:$model --kv-gb 48 --quick \
-    --decode-variants triton_graphs --sections $sections --out $OUT/$label > /tmp/logs/$label.log 2>&1
-  echo "$label rc=$? at $(( $(date +%s) - start )) s"; grep -E "greedy|match|_b1_|_b64_|Error|error" /tmp/logs/$label.log | tail -6
-}
-perf q_off qwen3-30b-a3b ceilings,decode SPLITSERVE_SKINNY_CONFIGS=/tmp/nobf16.json SPLITSERVE_DECODE_CONFIG=merge=0
-perf q_on qwen3-30b-a3b correctness,ceilings,decode X=1
-perf q_merge qwen3-30b-a3b ceilings,decode SPLITSERVE_SKINNY_CONFIGS=/tmp/nobf16.json
-perf l_off llama-3-8b ceilings,decode SPLITSERVE_SKINNY_CONFIGS=/tmp/nobf16.json SPLITSERVE_DECODE_CONFIG=merge=0
-perf l_on llama-3-8b ceilings,decode X=1
-timeout $(left 560) python3 benchmarks/decode_profile.py --model random:qwen3-30b-a3b --kv-gb 24 --batch 1 --context 1024 \
-  --out $OUT/profile > /tmp/logs/profile.log 2>&1
-echo "profile rc=$? at $(( $(date +%s) - start )) s"; grep -iE "kernels|_kernel|step|nvjet" /tmp/logs/profile.log | head -16 | cut -c1-160
-tail -n 40 /tmp/logs/*.log > $OUT/logs.txt 2>&1
+gpu_perf_decode q_off qwen3-30b-a3b ceilings,decode "SPLITSERVE_SKINNY_CONFIGS=/tmp/nobf16.json SPLITSERVE_DECODE_CONFIG=merge=0"
+gpu_perf_decode q_on qwen3-30b-a3b correctness,ceilings,decode X=1
+gpu_perf_decode q_merge qwen3-30b-a3b ceilings,decode SPLITSERVE_SKINNY_CONFIGS=/tmp/nobf16.json
+gpu_perf_decode l_off llama-3-8b ceilings,decode "SPLITSERVE_SKINNY_CONFIGS=/tmp/nobf16.json SPLITSERVE_DECODE_CONFIG=merge=0"
+gpu_perf_decode l_on llama-3-8b ceilings,decode X=1
+profile_qwen3_b1 560
 find $OUT -name '*.png' -not -path '*q_on*' -delete
