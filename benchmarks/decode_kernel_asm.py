@@ -31,9 +31,9 @@ import results_meta  # noqa: E402
 
 #: Llama-3-8B's heads (4 query heads per KV head), 16-token pages, no window, one split.
 SHAPE = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, D_PAD=128, BLOCK_SIZE=16, HAS_WINDOW=False, SPLIT=False,
-             PRECISION="tf32", PDL=0, SWAP=False)
+             PRECISION="tf32", PDL=0, SWAP=False, MERGE=False, GROUP_P2=4, SPLIT_BLOCK=16)
 ARGS = {"q_ptr": "*bf16", "k_ptr": None, "v_ptr": None, "tables_ptr": "*i64", "lens_ptr": "*i64", "out_ptr": "*bf16",
-        "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "scale_log2": "fp32", "window": "i32", "partition": "i32",
+        "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "counts_ptr": "*i32", "scale_log2": "fp32", "window": "i32", "partition": "i32",
         **{name: "i32" for name in ("stride_qb", "stride_qh", "stride_ob", "stride_oh", "stride_tb", "stride_kb",
                                     "stride_kt", "stride_kh", "stride_vb", "stride_vt", "stride_vh")},
         "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
