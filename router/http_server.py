@@ -165,9 +165,19 @@ def build_app(router: RouterAPI, spec: ServerSpec) -> FastAPI:
     return app
 
 
+# After refusing an oversize body, how long the rest is read and discarded before the
+# connection closes (a lingering close, as nginx's lingering_time / lingering_timeout): closing
+# a socket with unread bytes in its receive queue sends RST, and a client still writing its body
+# then loses the 413 it was sent. Time-bounded, never buffered: the bytes are dropped as read.
+LINGER_TOTAL_S = 2.0
+LINGER_IDLE_S = 0.5
+
+
 class _BodyLimit:
     """413 for a body over ``max_bytes``: at once when its Content-Length says so, else as
-    soon as the bytes received pass the limit (a chunked body), before the rest is read."""
+    soon as the bytes received pass the limit (a chunked body), before the rest is read.
+    The 413 is written whole, then the rest of the body is discarded for at most
+    `LINGER_TOTAL_S` before the connection closes, so the client reads the answer."""
 
     def __init__(self, app, max_bytes: int, metrics: FrontDoorMetrics):
         self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
@@ -181,22 +191,60 @@ class _BodyLimit:
             await self._refuse(scope, receive, send)
             return
         seen = 0
+        over = False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, over
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    over = True
                     raise HTTPException(413, f"the request body passed {self.max_bytes} bytes")
             return message
-        await self.app(scope, counted, send)
+
+        async def send_lingering_once_over(message):
+            await (_send_lingering(receive, send, message) if over else send(message))
+        await self.app(scope, counted, send_lingering_once_over)
 
     async def _refuse(self, scope, receive, send) -> None:
         self.metrics.count(API, route_label(scope["path"]), ErrorCode.INVALID_ARGUMENT.value)
         err = RouterError(ErrorCode.INVALID_ARGUMENT, f"the request body is over {self.max_bytes} bytes")
-        response = JSONResponse(error_body(err), status_code=413, headers={"Connection": "close"})
-        await response(scope, receive, send)
+        response = JSONResponse(error_body(err), status_code=413)
+
+        async def lingering(message):
+            await _send_lingering(receive, send, message)
+        await response(scope, receive, lingering)
+
+
+async def _send_lingering(receive, send, message) -> None:
+    """Pass one message of a refusal on, marking the connection to close; the last body
+    message is sent as not-last, the unread request body discarded (bounded in time), and
+    only then the response ended, which closes the connection (``Connection: close``)."""
+    if message["type"] == "http.response.start":
+        headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+        await send({**message, "headers": [*headers, (b"connection", b"close")]})
+        return
+    if message["type"] != "http.response.body" or message.get("more_body", False):
+        await send(message)
+        return
+    await send({**message, "more_body": True})
+    await _discard_body(receive)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _discard_body(receive) -> None:
+    """Read and drop the request body until it ends, the client goes, it idles for
+    `LINGER_IDLE_S`, or `LINGER_TOTAL_S` has passed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LINGER_TOTAL_S
+    while (left := deadline - loop.time()) > 0:
+        try:
+            message = await asyncio.wait_for(receive(), min(left, LINGER_IDLE_S))
+        except TimeoutError:
+            return
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 class _ApiKeyMiddleware:

@@ -43,6 +43,24 @@ def test_an_oversize_body_is_413_before_it_is_read(servers):
     assert time.monotonic() - t < 20
 
 
+def test_a_client_still_writing_its_oversize_body_reads_the_413(servers):
+    """The 413 goes out as soon as the headers are read; a client that only then writes its
+    body (as httpx and requests do) must still read it: the server drains the rest before
+    closing, since closing with unread bytes sends RST and the client would lose the answer."""
+    limit = 8 * 1024 * 1024
+    with socket.create_connection(("127.0.0.1", servers.http_port), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\n\r\n" % (limit + 10))
+        time.sleep(0.2)  # the server has answered by now
+        s.sendall(b"x" * (limit + 10))
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n", 1)[0].split()[1] == b"413", head
+    assert b"connection: close" in head.lower() and b"INVALID_ARGUMENT" in body
+
+
 def test_a_lying_content_length_is_refused(servers):
     with socket.create_connection(("127.0.0.1", servers.http_port), timeout=10) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
