@@ -224,19 +224,6 @@ def add_rms_norm(x: torch.Tensor | moe_ref.ExpertSlots, residual: torch.Tensor, 
     return norm_ref.add_rms_norm_ref(x, residual, weight, eps)
 
 
-def norm_quantizes_for(x: torch.Tensor | moe_ref.ExpertSlots, weight: fp8_ref.Fp8Weight | None) -> bool:
-    """Whether the RMSNorm whose output feeds the linear of ``weight`` (None: not FP8) should
-    also quantize it per token: on CUDA, for per-row scales, past `FP8_WEIGHT_ONLY_MAX_M` rows,
-    where `fp8_linear` runs W8A8 on per-token activations (the skinny kernel, or ``_scaled_mm``)
-    and would launch the quantization itself. Where a tuned table keeps such rows weight-only
-    the quantized copy goes unread, at the cost of writing it."""
-    if weight is None or weight.scheme is fp8_ref.Fp8Scheme.BLOCK:
-        return False
-    rows = x.shape[0] if isinstance(x, moe_ref.ExpertSlots) else x.reshape(-1, x.shape[-1]).shape[0]
-    device_tensor = x.slots if isinstance(x, moe_ref.ExpertSlots) else x
-    return rows > FP8_WEIGHT_ONLY_MAX_M and use_triton(device_tensor)
-
-
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [T, 2n] (gate | up) -> silu(gate) * up [T, n]."""
     if use_triton(x):
@@ -353,59 +340,110 @@ FP8_WEIGHT_ONLY_MAX_M = 16
 FP8_SKINNY_W8A8_MAX_M = 64
 
 
+class Fp8Path(enum.Enum):
+    """The kernel an FP8 linear's rows take; `fp8_path` is the one place it is chosen."""
+
+    #: CPU (or ``SPLITSERVE_KERNELS=torch``): `fp8_linear_ref`, activations quantized per token
+    #: (per token and 128-group for block scales), float32 sums.
+    REFERENCE = "reference"
+    #: The skinny Triton kernel, activations as they are (e4m3 tiles widened in registers).
+    SKINNY_WEIGHT_ONLY = "skinny_weight_only"
+    #: The skinny kernel on per-token e4m3 activations (per-row weight scales only).
+    SKINNY_W8A8 = "skinny_w8a8"
+    #: The block-scaled W8A8 Triton GEMM (activations per token and 128-group).
+    BLOCK_GEMM = "block_gemm"
+    #: ``torch._scaled_mm`` on per-token activations, per-channel / per-tensor weight scales.
+    SCALED_MM = "scaled_mm"
+
+    @property
+    def quantizes_per_token(self) -> bool:
+        """Whether this path reads per-token e4m3 activations (the RMSNorm before may make them)."""
+        return self in (Fp8Path.SKINNY_W8A8, Fp8Path.SCALED_MM)
+
+
+def fp8_path(rows: int, weight: fp8_ref.Fp8Weight, on: torch.Tensor, gated: bool = False) -> Fp8Path | None:
+    """The path for ``rows`` rows (tokens) of activations on ``on``'s device times ``weight``:
+
+    - up to FP8_WEIGHT_ONLY_MAX_M rows: weight-only, the skinny kernel; on an H200 it beat
+      bf16 cuBLAS and ``_scaled_mm`` up to 16 rows (benchmarks/decode_kernel_sweep.py --families
+      fp8; `linear_triton.fp8_skinny_config`);
+    - up to FP8_SKINNY_W8A8_MAX_M rows with per-row scales: the skinny kernel as W8A8, faster
+      than ``_scaled_mm`` at 64 rows; or weight-only where the GPU's tuned table measured it
+      faster than that (`linear_triton.weight_only_pays`), which also spares the activations'
+      quantization;
+    - more rows: the block GEMM for block scales, ``_scaled_mm`` otherwise.
+
+    ``gated``: the path of gate | up with the SiLU in the skinny kernel's epilogue, or None
+    where that launch is not one (more rows, a block that the up half would start inside) or
+    does not pay (`linear_triton.gated_pays`): the caller then runs the plain path and the SiLU."""
+    if not use_triton(on):
+        return None if gated else Fp8Path.REFERENCE
+    from splitserve.kernels import linear_triton
+
+    n, k = weight.data.shape
+    block = weight.block if weight.scheme is fp8_ref.Fp8Scheme.BLOCK else None
+    device = linear_triton.device_name(on.device)
+    # Past 16 rows W8A8, unless this GPU's tuned table measured weight-only faster at these rows.
+    w8a8 = rows > FP8_WEIGHT_ONLY_MAX_M and not (
+        block is None and rows <= FP8_SKINNY_W8A8_MAX_M and linear_triton.weight_only_pays(n, k, rows, gated, device))
+    if not w8a8 and rows <= FP8_SKINNY_W8A8_MAX_M:
+        path = Fp8Path.SKINNY_WEIGHT_ONLY
+    elif rows <= FP8_SKINNY_W8A8_MAX_M and block is None:
+        path = Fp8Path.SKINNY_W8A8
+    else:
+        path = Fp8Path.BLOCK_GEMM if block is not None else Fp8Path.SCALED_MM
+    if gated and (path not in (Fp8Path.SKINNY_WEIGHT_ONLY, Fp8Path.SKINNY_W8A8)
+                  or (block is not None and (n // 2) % block[0])  # up would start inside a scale block
+                  or not linear_triton.gated_pays(n, k, rows, w8a8, device)):
+        return None
+    return path
+
+
 def fp8_linear(x: torch.Tensor | fp8_ref.QuantizedRows, weight: fp8_ref.Fp8Weight,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ bias) for an e4m3 weight, x [..., K] -> [..., N] in x.dtype. The one place the
-    path is chosen:
-
-    - reference (CPU, or ``SPLITSERVE_KERNELS=torch``): `fp8_linear_ref`, activations quantized
-      per token (per token and 128-group for block scales), float32 sums;
-    - M <= FP8_WEIGHT_ONLY_MAX_M: weight-only, the skinny Triton kernel (`linear_triton`:
-      activations as they are, e4m3 tiles widened to float16 in registers, scales per row or
-      block); on an H200 it beat bf16 cuBLAS and ``_scaled_mm`` up to 16 rows
-      (benchmarks/decode_kernel_sweep.py --families fp8; `linear_triton.fp8_skinny_config`);
-    - M <= FP8_SKINNY_W8A8_MAX_M with per-row scales: the skinny kernel as W8A8 (activations
-      quantized per token first, e4m3 x e4m3 products), faster than ``_scaled_mm`` at 64 rows;
-      or weight-only where the GPU's tuned table measured it faster than that
-      (`linear_triton.weight_only_pays`);
-    - larger M, block scales: the block-scaled W8A8 Triton kernel;
-    - larger M, per-channel / per-tensor scales: ``torch._scaled_mm`` with rowwise scales.
-
-    ``x`` may come quantized already (`fp8.QuantizedRows`, from the RMSNorm before): the W8A8
-    paths on per-token scales take its e4m3 rows, the others its ``x``."""
+    """y = x W^T (+ bias) for an e4m3 weight, x [..., K] -> [..., N] in x.dtype, on the path
+    `fp8_path` picks. ``x`` may come quantized already (`fp8.QuantizedRows`, from the RMSNorm
+    before): the paths on per-token activations take its e4m3 rows, the others its ``x``."""
     rows = x if isinstance(x, fp8_ref.QuantizedRows) else None
     x = rows.x if rows is not None else x
-    if not use_triton(x):
-        return fp8_ref.fp8_linear_ref(x, weight, bias)
-    from splitserve.kernels import fp8_triton
-
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
-    y = _fp8_skinny(x2, weight, bias, gated=False, rows=rows)
-    if y is None:
-        if x2.shape[0] == 0:  # nothing to launch
-            y = x2.new_empty(0, weight.data.shape[0])
-        elif weight.scheme is fp8_ref.Fp8Scheme.BLOCK:
-            y = fp8_triton.fp8_block_linear(x2, weight)
-        else:
-            y = fp8_triton.fp8_scaled_mm_linear(x2, weight, _per_token(rows))
-        if bias is not None:
-            y = y + bias
-    return y.reshape(*lead, weight.data.shape[0])
+    path = fp8_path(x2.shape[0], weight, x)
+    if path is Fp8Path.REFERENCE:
+        return fp8_ref.fp8_linear_ref(x, weight, bias)
+    if x2.shape[0] == 0:  # nothing to launch
+        return x2.new_empty(0, weight.data.shape[0]).reshape(*lead, weight.data.shape[0])
+    return _fp8_run(path, x2, weight, bias, False, rows).reshape(*lead, weight.data.shape[0])
 
 
 def fp8_silu_and_mul_linear(x: torch.Tensor | fp8_ref.QuantizedRows, weight: fp8_ref.Fp8Weight) -> torch.Tensor:
     """``silu_and_mul(fp8_linear(x, weight))`` for W = gate | up (an MLP's first half): a
     decode batch's rows on CUDA in one launch (the skinny kernel's gated epilogue, which rounds
-    where the two launches would), otherwise the two calls. ``x`` as for `fp8_linear`."""
+    where the two launches would) where `fp8_path` says it pays, otherwise the two calls.
+    ``x`` as for `fp8_linear`."""
     rows = x if isinstance(x, fp8_ref.QuantizedRows) else None
     plain = rows.x if rows is not None else x
-    if use_triton(plain):
-        lead, k = plain.shape[:-1], plain.shape[-1]
-        y = _fp8_skinny(plain.reshape(-1, k), weight, None, gated=True, rows=rows)
-        if y is not None:
-            return y.reshape(*lead, weight.data.shape[0] // 2)
-    return silu_and_mul(fp8_linear(x, weight))
+    lead, k = plain.shape[:-1], plain.shape[-1]
+    x2 = plain.reshape(-1, k)
+    path = fp8_path(x2.shape[0], weight, plain, gated=True) if x2.shape[0] else None
+    if path is None:
+        return silu_and_mul(fp8_linear(x, weight))
+    return _fp8_run(path, x2, weight, None, True, rows).reshape(*lead, weight.data.shape[0] // 2)
+
+
+def norm_quantizes_for(x: torch.Tensor | moe_ref.ExpertSlots, weight: fp8_ref.Fp8Weight | None,
+                       gated: bool = False) -> bool:
+    """Whether the RMSNorm whose output feeds the linear of ``weight`` (None: not FP8; ``gated``:
+    through `fp8_silu_and_mul_linear`) should also quantize it per token: where that linear's
+    path (`fp8_path`) reads per-token e4m3 activations and would launch the quantization itself."""
+    if weight is None:
+        return False
+    on = x.slots if isinstance(x, moe_ref.ExpertSlots) else x
+    rows = x.shape[0] if isinstance(x, moe_ref.ExpertSlots) else x.reshape(-1, x.shape[-1]).shape[0]
+    if rows == 0:
+        return False
+    path = (fp8_path(rows, weight, on, gated=True) if gated else None) or fp8_path(rows, weight, on)
+    return path.quantizes_per_token
 
 
 def _per_token(rows: fp8_ref.QuantizedRows | None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -415,36 +453,36 @@ def _per_token(rows: fp8_ref.QuantizedRows | None) -> tuple[torch.Tensor, torch.
     return rows.q.reshape(-1, rows.q.shape[-1]), rows.scale.reshape(-1, 1)
 
 
-def _fp8_skinny(x2: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor | None,
-                gated: bool, rows: fp8_ref.QuantizedRows | None = None) -> torch.Tensor | None:
-    """`fp8_linear`'s skinny-kernel cases (see there), or None when the rows are not one;
-    ``rows``: x2's per-token quantization, made already."""
+def _fp8_run(path: Fp8Path, x2: torch.Tensor, weight: fp8_ref.Fp8Weight, bias: torch.Tensor | None,
+             gated: bool, rows: fp8_ref.QuantizedRows | None) -> torch.Tensor:
+    """x2 [M > 0, K] through ``path``'s kernel (a GPU one); ``rows``: x2's per-token
+    quantization, made already (the RMSNorm's), or None."""
     from splitserve.kernels import fp8_triton, linear_triton
 
     m, k = x2.shape
     n = weight.data.shape[0]
     block = weight.block if weight.scheme is fp8_ref.Fp8Scheme.BLOCK else None
     device = linear_triton.device_name(x2.device)
-    # Past 16 rows W8A8, unless this GPU's tuned table measured weight-only faster at these rows
-    # (it then also skips the activations' quantization launch). A gated call whose gated launch
-    # does not pay falls back to the plain call, which weighs the two modes again ungated.
-    w8a8 = m > FP8_WEIGHT_ONLY_MAX_M and not (
-        block is None and m <= FP8_SKINNY_W8A8_MAX_M and linear_triton.weight_only_pays(n, k, m, gated, device))
-    if gated and ((block is not None and (n // 2) % block[0])  # the up half would start inside a scale block
-                  or not linear_triton.gated_pays(n, k, m, w8a8, device)):
-        return None
-    if 0 < m <= FP8_WEIGHT_ONLY_MAX_M or (not w8a8 and 0 < m <= FP8_SKINNY_W8A8_MAX_M):
+    if path is Fp8Path.SKINNY_WEIGHT_ONLY:
         cfg = linear_triton.fp8_skinny_config(n, k, linear_triton.sms(x2.device), block, rows=m, gated=gated,
                                               device=device)
         return linear_triton.skinny_linear(x2, weight.data, bias, cfg, scale=weight.scale, scale_block=block,
                                            gated=gated)
-    if 0 < m <= FP8_SKINNY_W8A8_MAX_M and block is None:
+    if path is Fp8Path.SKINNY_W8A8:
         cfg = linear_triton.fp8_skinny_config(n, k, linear_triton.sms(x2.device), w8a8=True, rows=m, gated=gated,
                                               device=device)
         xq, xs = _per_token(rows) or fp8_triton.quantize_per_token(x2)
         return linear_triton.skinny_linear(xq, weight.data, bias, cfg, scale=weight.scale, x_scale=xs.view(-1),
                                            out_dtype=x2.dtype, gated=gated)
-    return None
+    if gated:
+        raise ValueError(f"the gated FP8 launch is the skinny kernel's, not {path}")
+    if path is Fp8Path.BLOCK_GEMM:
+        y = fp8_triton.fp8_block_linear(x2, weight)
+    elif path is Fp8Path.SCALED_MM:
+        y = fp8_triton.fp8_scaled_mm_linear(x2, weight, _per_token(rows))
+    else:
+        raise ValueError(f"no GPU kernel for {path}")
+    return y if bias is None else y + bias
 
 
 # ---- KV transfer --------------------------------------------------------------------------

@@ -262,7 +262,7 @@ def test_a_norm_that_quantizes_for_the_linear_saves_its_launch_and_changes_no_bi
     """RMSNorm with ``quantize``: its output with `quantize_per_token`'s very bits of it; the FP8
     linear's W8A8 paths (the skinny kernel, ``_scaled_mm``) and the gated gate | up take them
     without a quantization launch of their own, and give what the plain rows give, bit for bit."""
-    from splitserve.kernels import fp8_triton, norm_triton
+    from splitserve.kernels import fp8_triton, linear_triton, norm_triton
     from splitserve.kernels.fp8 import QuantizedRows
 
     x, w = _case(m, 2 * 96, 128, Fp8Scheme.CHANNEL, dtype=dtype, seed=7)
@@ -286,6 +286,17 @@ def test_a_norm_that_quantizes_for_the_linear_saves_its_launch_and_changes_no_bi
     try:
         assert dispatch.norm_quantizes_for(plain, w) and not dispatch.norm_quantizes_for(plain[:16], w)
         assert not dispatch.norm_quantizes_for(plain, quantize(torch.randn(192, 128), Fp8Scheme.BLOCK))
+        # One choice serves both: where a tuned table keeps these rows weight-only, the linear
+        # reads them as they are, and the norm does not quantize them for nothing.
+        skinny = m <= dispatch.FP8_SKINNY_W8A8_MAX_M
+        with monkeypatch.context() as table:
+            table.setattr(linear_triton, "weight_only_pays", lambda *a: True)
+            assert dispatch.fp8_path(m, w, plain) is (
+                dispatch.Fp8Path.SKINNY_WEIGHT_ONLY if skinny else dispatch.Fp8Path.SCALED_MM)
+            assert dispatch.norm_quantizes_for(plain, w) is not skinny
+            assert dispatch.norm_quantizes_for(plain, w, gated=True) is not skinny
+        assert dispatch.fp8_path(m, w, plain) is (dispatch.Fp8Path.SKINNY_W8A8 if skinny else dispatch.Fp8Path.SCALED_MM)
+        assert (dispatch.fp8_path(m, w, plain, gated=True) is None) is not skinny  # past 64: a GEMM, then the SiLU
         for linear in (dispatch.fp8_linear, dispatch.fp8_silu_and_mul_linear):
             want, launches = linear(plain, w), len(quantized)
             got = linear(rows, w)

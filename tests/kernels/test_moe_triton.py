@@ -252,3 +252,50 @@ def test_fp8_expert_arguments_are_checked():
         fused_moe_triton(x, ExpertWeights(w13, w2), weights, ids, dot_f16=True)
     with pytest.raises(ValueError, match="W8A8 needs FP8"):
         fused_moe_triton(x, ExpertWeights(w13, w2), weights, ids, w8a8=True)
+
+
+def test_a_pipeline_stage_ending_in_a_moe_layer_hands_on_summed_tensors(monkeypatch):
+    """pp 2, the first stage's last layer sparse: with the Triton kernels that layer's MoE call
+    defers its combine (`ExpertSlots`, summed by the next layer's add + RMSNorm), but there is no
+    next layer here: the stage must sum the slots itself and hand (hidden, residual) on as the
+    tensors the references give."""
+    import dataclasses
+
+    from splitserve.kernels import dispatch
+    from splitserve.kernels.moe import ExpertSlots
+    from splitserve.mapping import Mapping
+    from splitserve.workers.config import ModelConfig
+    from splitserve.workers.model_source import random_config
+    from splitserve.workers.models.attention import AttentionMetadata, PrefillChunk
+    from splitserve.workers.models.llama import random_hf_weights
+    from splitserve.workers.models.registry import build_model
+    from splitserve.workers.parallel import ParallelState
+
+    cfg = dataclasses.replace(ModelConfig.from_hf(random_config("tiny-qwen3-moe")), mlp_only_layers=())
+    stage = build_model(cfg, ParallelState(Mapping(2, 0, 1, 2), None, False), torch.device("cpu"), torch.float32)
+    stage.load_weights(random_hf_weights(cfg, seed=3))
+    assert not stage.is_last and cfg.is_moe_layer(stage.layer_range.stop - 1)
+    ids = torch.tensor([5, 9, 2, 7, 7, 1])
+
+    def forward():
+        caches = [(torch.zeros(1, 16, cfg.num_kv_heads, cfg.head_dim), torch.zeros(1, 16, cfg.num_kv_heads, cfg.head_dim))
+                  for _ in stage.layer_range]
+        meta = AttentionMetadata(slot_mapping=torch.arange(len(ids)), num_decode=0, decode_block_tables=None,
+                                 decode_context_lens=None, prefills=(PrefillChunk(0, len(ids), len(ids), torch.zeros(1, dtype=torch.long)),))
+        with torch.no_grad():
+            return stage(ids, torch.arange(len(ids)), caches, meta)
+
+    want = forward()
+    summed = []
+    combined = dispatch.combined
+    monkeypatch.setattr(dispatch, "combined", lambda x: summed.append(type(x)) or combined(x))
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    dispatch.kernel_mode.cache_clear()
+    try:
+        got = forward()
+    finally:
+        dispatch.kernel_mode.cache_clear()
+    assert summed == [ExpertSlots]
+    for g, w in zip(got, want, strict=True):
+        assert type(g) is torch.Tensor
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

@@ -32,7 +32,8 @@ from torch import nn
 
 from splitserve.kernels import dispatch as kernels
 from splitserve.kernels.attention import LayerKV
-from splitserve.kernels.fp8 import Fp8Weight
+from splitserve.kernels.fp8 import Fp8Weight, QuantizedRows
+from splitserve.kernels.moe import ExpertSlots
 from splitserve.kernels.norm import QKNorm
 from splitserve.kernels.rotary import rope_cos_sin
 from splitserve.workers.config import ModelConfig
@@ -57,11 +58,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, quantize_for: Fp8Weight | None = None):
-        """``quantize_for``: the FP8 weight the output feeds; where its linear runs W8A8 on
-        per-token activations (`kernels.norm_quantizes_for`) the output comes quantized too
-        (`QuantizedRows`), which saves the linear its own quantization launch."""
-        quantize = kernels.norm_quantizes_for(x, quantize_for)
+    def forward(self, x: torch.Tensor | ExpertSlots, residual: torch.Tensor | None = None,
+                quantize_for: Fp8Weight | None = None, gated: bool = False
+                ) -> torch.Tensor | QuantizedRows | tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
+        """``x``: a tensor, or a MoE layer's unsummed expert slots (with ``residual``).
+        ``quantize_for``: the FP8 weight the output feeds (``gated``: through the gated gate | up
+        call); where that linear's path reads per-token e4m3 activations
+        (`kernels.norm_quantizes_for`) the output comes quantized too (`QuantizedRows`), which
+        saves the linear its own quantization launch. Returns the normed rows, and with
+        ``residual`` the (normed, x + residual) pair."""
+        quantize = kernels.norm_quantizes_for(x, quantize_for, gated)
         if residual is None:
             return kernels.rms_norm(x, self.weight, self.eps, quantize)
         return kernels.add_rms_norm(x, residual, self.weight, self.eps, quantize)
@@ -90,7 +96,8 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -117,7 +124,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(cols.start, n, cfg.hidden_size, False, parallel,
                                            quant=linear_method(quant, [f"{prefix}.down_proj"]))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        """``x``: the normed rows, quantized per token already where the FP8 gate | up reads them so."""
         gate_up = self.gate_up_proj
         if gate_up.quant is not None:  # FP8: the SiLU rides in the linear's epilogue when it can
             return self.down_proj(gate_up.quant.apply_silu_and_mul(gate_up, x))
@@ -135,7 +143,11 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = (SparseMoeBlock(cfg, parallel, quant, prefix) if cfg.is_moe_layer(layer)
                     else LlamaMLP(cfg, parallel, quant, f"{prefix}.mlp"))
 
-    def forward(self, x, residual, cos, sin, kv_cache, meta):
+    def forward(self, x: torch.Tensor | ExpertSlots, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+                ) -> tuple[torch.Tensor | ExpertSlots, torch.Tensor]:
+        """``x``: the stream, or the layer before's MoE slots unsummed; returns this layer's
+        output (a MoE layer's slots unsummed on the Triton path) and the residual."""
         # Each norm quantizes its output where the FP8 linear it feeds would (q|k|v, gate|up).
         attn_in = self.self_attn.qkv_proj.fp8_weight()
         if residual is None:
@@ -144,7 +156,7 @@ class LlamaDecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x, residual, quantize_for=attn_in)
         x = self.self_attn(x, cos, sin, kv_cache, meta)
         mlp_in = self.mlp.gate_up_proj.fp8_weight() if isinstance(self.mlp, LlamaMLP) else None
-        x, residual = self.post_attention_layernorm(x, residual, quantize_for=mlp_in)
+        x, residual = self.post_attention_layernorm(x, residual, quantize_for=mlp_in, gated=True)
         return self.mlp(x), residual
 
 

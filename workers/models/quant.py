@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from splitserve.kernels import dispatch as kernels
-from splitserve.kernels.fp8 import FP8_DTYPE, Fp8Scheme, Fp8Weight, quantize
+from splitserve.kernels.fp8 import FP8_DTYPE, Fp8Scheme, Fp8Weight, QuantizedRows, quantize
 from splitserve.kernels.moe import ExpertWeights, scale_shapes
 from splitserve.workers.quant_config import SCALE_NAMES, QuantConfig
 
@@ -185,10 +185,10 @@ class Fp8LinearMethod(_Fp8Method):
     def weight(self, layer: nn.Module) -> Fp8Weight:
         return Fp8Weight(layer.weight, layer.weight_scale, self.scheme, self.block)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedRows, bias: torch.Tensor | None) -> torch.Tensor:
         return kernels.fp8_linear(x, self.weight(layer), bias)
 
-    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         """silu(gate) * up of a gate | up layer (no bias): one launch for a decode batch."""
         return kernels.fp8_silu_and_mul_linear(x, self.weight(layer))
 
