@@ -1,0 +1,93 @@
+"""benchmarks/launch_floor.py on CPU: the fit, the bound and the kernel counts taken from profiles;
+its two Triton kernels in the interpreter (a subprocess, so the interpreter is on before triton
+is imported); the plot and table from a made-up report."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bench_modules import load_benchmark
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "launch_floor.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("launch_floor")
+
+
+def test_the_fit_recovers_fixed_cost_and_rate(bench):
+    points = [(x, 2.5e-6 + x / 4.0e12) for x in (1 << 20, 1 << 22, 1 << 24, 1 << 26)]
+    fit = bench.fit_line(points)
+    assert fit.fixed_s == pytest.approx(2.5e-6) and fit.bytes_per_s == pytest.approx(4.0e12)
+    with pytest.raises(ValueError, match="two sizes"):
+        bench.fit_line(points[:1])
+    with pytest.raises(ValueError, match="does not grow"):
+        bench.fit_line([(1, 2.0), (2, 1.0)])
+
+
+def test_the_bound_adds_every_kernels_fixed_cost_to_the_floor(bench):
+    case = bench.Case("x", kernels_per_step=500, layers=50, read_gb=4.0, step_ms=3.0, target_vs_floor=1.5, source="")
+    row = bench.bound(case, fixed_s=2e-6, copy_bytes_per_s=4e12)
+    assert row["floor_ms"] == pytest.approx(1.0)
+    assert row["bound_ms"] == pytest.approx(2.0) and row["bound_vs_floor"] == pytest.approx(2.0)
+    assert not row["target_reachable_with_these_kernels"]
+    # 1.5x a 1 ms floor leaves 0.5 ms of fixed cost: 250 kernels, 5 a layer.
+    assert row["max_kernels_per_step_for_target"] == pytest.approx(250)
+    assert row["max_kernels_per_layer_for_target"] == pytest.approx(5)
+    assert bench.bound(replace(case, kernels_per_step=200), 2e-6, 4e12)["target_reachable_with_these_kernels"]
+
+
+def test_profiles_recount_the_matching_cases_kernels(bench):
+    profiles = [{"model": "random:llama-3-8b", "quantization": "fp8", "batch": 1, "kernels_per_step": 301,
+                 "git_commit": "abc"},
+                {"model": "random:llama-3-8b", "quantization": "fp8", "batch": 64, "kernels_per_step": 999}]
+    cases = bench.with_profiles(bench.CASES, profiles)
+    fp8 = [c for c in cases if c.profile_key == ("random:llama-3-8b", "fp8", 1)]
+    assert fp8 and all(c.kernels_per_step == 301 and "abc" in c.source for c in fp8)
+    def others(cs):
+        return [c for c in cs if c.profile_key != ("random:llama-3-8b", "fp8", 1)]
+    assert others(cases) == others(bench.CASES) != []
+
+
+def test_the_plot_and_table_from_a_report(bench, tmp_path):
+    runs = [{"pdl": pdl, "empty_kernel_us": 1.1, "fit_fixed_us": 2.0, "fit_GBps": 4000.0, "copy_GBps": 4100.0,
+             "read": [{"bytes": x, "us": 2.0 + x / 4e6, "GBps": x / (2.0 + x / 4e6) / 1e3} for x in bench.READ_SIZES]}
+            for pdl in (False, True)]
+    cases = [bench.bound(c, 2e-6, 4.1e12) for c in bench.CASES]
+    report = {"device": {"name": "test"}, "runs": runs, "fixed_us_used": 2.0, "cases": cases}
+    bench.plot(tmp_path / "p.png", report)
+    assert (tmp_path / "p.png").stat().st_size > 0
+    text = bench.table(report)
+    assert "NOT reachable" in text and "qwen3-30b-a3b" in text
+
+
+KERNELS = """
+import torch, triton
+sys_path = {bench_dir!r}
+import sys; sys.path.insert(0, sys_path)
+import launch_floor
+tick, read = launch_floor._kernels()
+out = torch.zeros(8, dtype=torch.int32)
+tick[(3,)](out, PDL=False)
+assert out.tolist() == [1, 1, 1, 0, 0, 0, 0, 0], out
+x = torch.arange(10_000, dtype=torch.int32)
+out.zero_()
+read[(3,)](x, out, x.numel(), BLOCK=512, PDL=False)
+assert int(out.sum()) == int(x.sum()), (out, x.sum())
+print("OK")
+"""
+
+
+def test_the_kernels_store_what_they_read_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", KERNELS.format(bench_dir=str(SCRIPT.parent))], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
