@@ -194,7 +194,7 @@ def measure(pdl: bool, reps: int = 5) -> dict:
         words = size // 4
         grid = max(1, min(triton.cdiv(words, block), 8 * sms))
         # Enough kernels that a graph replay walks well past L2 (each its own part of the buffer).
-        count = max(32, min(2000, math.ceil(3 * l2 / size)))
+        count = max(32, min(4000, math.ceil(3 * l2 / size)))
         starts = [(j * words) % (buf.numel() - words) for j in range(count)]
         calls = [lambda s=s: read[(grid,)](buf[s:s + words], out, words, BLOCK=block, PDL=pdl,
                                            num_warps=warps, **launch) for s in starts]
