@@ -27,6 +27,8 @@ the floor is recomputed at this run's copy bandwidth).
 
 Usage (repository root, package on PYTHONPATH, one GPU):
     python benchmarks/launch_floor.py [--pdl] [--profile decode_profile_*.json ...] --out benchmarks/results
+    python benchmarks/launch_floor.py --report-from launch_floor_<gpu>_<date>.json --profile ...   # no GPU:
+        the cases recomputed from an earlier run's measurements (kernel counts profiled later)
 Writes ``launch_floor_<device>_<date>.json`` and a plot: t(X) with its fit, and per case the
 floor, the bound and the measured step against the target.
 """
@@ -260,22 +262,29 @@ def main() -> None:
     p.add_argument("--pdl", action="store_true", help="also measure the chains with programmatic dependent launch")
     p.add_argument("--profile", type=Path, nargs="*", default=[], help="decode_profile.py results: their kernel counts")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--report-from", type=Path, default=None,
+                   help="a launch_floor result: take its GPU measurements (no GPU needed) and recompute the cases")
     p.add_argument("--out", type=Path, default=results_meta.RESULTS_DIR)
     args = p.parse_args()
 
     import torch
 
-    if not torch.cuda.is_available():
-        raise SystemExit("launch_floor.py measures a GPU: none is visible")
     now = datetime.now(timezone.utc)
-    name = torch.cuda.get_device_name(0)
-    runs = [measure(False, args.reps)] + ([measure(True, args.reps)] if args.pdl else [])
+    if args.report_from is not None:  # recompute the cases from measurements made before
+        measured = json.loads(args.report_from.read_text())
+        name, runs = measured["device"]["name"], measured["runs"]
+        device = measured["device"] | {"measured_in": str(args.report_from.name), "measured_at": measured["date"]}
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("launch_floor.py measures a GPU: none is visible")
+        name = torch.cuda.get_device_name(0)
+        device = {"name": name, "torch": torch.__version__}
+        runs = [measure(False, args.reps)] + ([measure(True, args.reps)] if args.pdl else [])
     # The smaller fixed cost of the two (PDL's, when measured): the bound is then the kinder one.
     fixed_us = min(run["fit_fixed_us"] for run in runs)
     copy = max(run["copy_GBps"] for run in runs) * 1e9
     cases = with_profiles(CASES, [json.loads(f.read_text()) for f in args.profile])
-    report = results_meta.report_header("launch_floor", __file__, sys.argv[1:], now,
-                                        {"name": name, "torch": torch.__version__})
+    report = results_meta.report_header("launch_floor", __file__, sys.argv[1:], now, device)
     report |= {"runs": runs, "fixed_us_used": fixed_us, "cases": [bound(c, fixed_us * 1e-6, copy) for c in cases],
                "case_sources": [asdict(c) for c in cases]}
     out = args.out

@@ -91,3 +91,24 @@ def test_the_kernels_store_what_they_read_in_the_interpreter():
     done = subprocess.run([sys.executable, "-c", KERNELS.format(bench_dir=str(SCRIPT.parent))], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
+
+
+def test_a_report_recomputes_from_earlier_measurements_without_a_gpu(tmp_path):
+    """``--report-from``: the runs of an earlier result, the cases recounted from a profile."""
+    import json
+
+    bench = load_benchmark("launch_floor")
+    runs = [{"pdl": False, "empty_kernel_us": 1.0, "fit_fixed_us": 2.0, "fit_GBps": 4000.0, "copy_GBps": 4000.0,
+             "read": [{"bytes": x, "us": 2.0 + x / 4e6, "GBps": 1.0} for x in bench.READ_SIZES]}]
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"device": {"name": "NVIDIA H200"}, "date": "2026-12-04", "runs": runs}))
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"model": "random:qwen3-30b-a3b", "quantization": None, "batch": 1,
+                                   "kernels_per_step": 100, "git_commit": "abc"}))
+    done = subprocess.run([sys.executable, str(SCRIPT), "--report-from", str(earlier), "--profile", str(profile),
+                           "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    qwen = report["cases"][0]
+    assert qwen["kernels_per_step"] == 100 and qwen["bound_ms"] == pytest.approx(qwen["floor_ms"] + 0.2)
+    assert report["device"]["measured_in"] == "earlier.json" and (tmp_path / "r.png").exists()
