@@ -43,8 +43,13 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import triton
+import triton.language as tl
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_meta  # noqa: E402
+
+from splitserve.kernels.pdl import gdc_launch_dependents, gdc_wait  # noqa: E402
 
 #: Bytes each ``read`` kernel streams (the fit takes those of at least FIT_MIN_BYTES).
 READ_SIZES = tuple(1 << s for s in range(14, 29, 2))  # 16 KiB .. 256 MiB
@@ -144,34 +149,28 @@ def with_profiles(cases: tuple[Case, ...], profiles: list[dict]) -> tuple[Case, 
 # ---- the GPU measurements ---------------------------------------------------------------------
 
 
-def _kernels():
-    import triton
-    import triton.language as tl
+@triton.jit
+def _tick(out_ptr, PDL: tl.constexpr):
+    """One value stored per program: a kernel with nothing to do but exist."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    tl.store(out_ptr + tl.program_id(0), 1)
 
-    from splitserve.kernels.pdl import gdc_launch_dependents, gdc_wait
 
-    @triton.jit
-    def tick(out_ptr, PDL: tl.constexpr):
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
-        tl.store(out_ptr + tl.program_id(0), 1)
-
-    @triton.jit
-    def read(x_ptr, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        # Grid-stride over n int32 words; the sum is stored so that no load is dead.
-        if PDL:
-            gdc_launch_dependents()
-        pid, step = tl.program_id(0), tl.num_programs(0) * BLOCK
-        acc = tl.zeros([BLOCK], dtype=tl.int32)
-        for start in range(pid * BLOCK, n, step):
-            offs = start + tl.arange(0, BLOCK)
-            acc += tl.load(x_ptr + offs, mask=offs < n, other=0)
-        if PDL:  # the reads are of constants (as a decode step's weights): only the store waits
-            gdc_wait()
-        tl.store(out_ptr + pid, tl.sum(acc, axis=0))
-
-    return tick, read
+@triton.jit
+def _read(x_ptr, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Grid-stride over n int32 words; each program stores its sum, so that no load is dead."""
+    if PDL:
+        gdc_launch_dependents()
+    pid, step = tl.program_id(0), tl.num_programs(0) * BLOCK
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(pid * BLOCK, n, step):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0)
+    if PDL:  # the reads are of constants (as a decode step's weights): only the store waits
+        gdc_wait()
+    tl.store(out_ptr + pid, tl.sum(acc, axis=0))
 
 
 def measure(pdl: bool, reps: int = 5) -> dict:
@@ -181,13 +180,12 @@ def measure(pdl: bool, reps: int = 5) -> dict:
 
     from splitserve.kernels import pdl as pdl_mod
 
-    tick, read = _kernels()
     props = torch.cuda.get_device_properties(0)
     sms, l2 = props.multi_processor_count, props.L2_cache_size
     launch = pdl_mod.launch_kwargs(pdl)
     out = torch.zeros(64 * sms, dtype=torch.int32, device="cuda")
     chain = 2000
-    empty_s = graph_time_s([lambda: tick[(sms,)](out, PDL=pdl, **launch)] * chain, reps)
+    empty_s = graph_time_s([lambda: _tick[(sms,)](out, PDL=pdl, **launch)] * chain, reps)
 
     buf = torch.ones(BUFFER_BYTES // 4, dtype=torch.int32, device="cuda")
     block, warps = 2048, 4
@@ -198,7 +196,7 @@ def measure(pdl: bool, reps: int = 5) -> dict:
         # Enough kernels that a graph replay walks well past L2 (each its own part of the buffer).
         count = max(32, min(4000, math.ceil(3 * l2 / size)))
         starts = [(j * words) % (buf.numel() - words) for j in range(count)]
-        calls = [lambda s=s: read[(grid,)](buf[s:s + words], out, words, BLOCK=block, PDL=pdl,
+        calls = [lambda s=s: _read[(grid,)](buf[s:s + words], out, words, BLOCK=block, PDL=pdl,
                                            num_warps=warps, **launch) for s in starts]
         points.append((size, graph_time_s(calls, reps)))
     fit = fit_line([p for p in points if p[0] >= FIT_MIN_BYTES])

@@ -73,7 +73,7 @@ import torch, triton
 sys_path = {bench_dir!r}
 import sys; sys.path.insert(0, sys_path)
 import launch_floor
-tick, read = launch_floor._kernels()
+tick, read = launch_floor._tick, launch_floor._read
 out = torch.zeros(8, dtype=torch.int32)
 tick[(3,)](out, PDL=False)
 assert out.tolist() == [1, 1, 1, 0, 0, 0, 0, 0], out
@@ -112,3 +112,19 @@ def test_a_report_recomputes_from_earlier_measurements_without_a_gpu(tmp_path):
     qwen = report["cases"][0]
     assert qwen["kernels_per_step"] == 100 and qwen["bound_ms"] == pytest.approx(qwen["floor_ms"] + 0.2)
     assert report["device"]["measured_in"] == "earlier.json" and (tmp_path / "r.png").exists()
+
+
+def test_the_kernels_compile_for_sm90_with_and_without_pdl(bench):
+    """What the H200 runs: both kernels, both PDL branches (the interpreter never sees PDL's)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for pdl in (False, True):
+        for fn, sig, consts in ((bench._tick, {"out_ptr": "*i32", "PDL": "constexpr"}, {"PDL": pdl}),
+                                (bench._read, {"x_ptr": "*i32", "out_ptr": "*i32", "n": "i32", "BLOCK": "constexpr",
+                                               "PDL": "constexpr"}, {"BLOCK": 2048, "PDL": pdl})):
+            names = list(sig)
+            src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            assert ("griddepcontrol" in kernel.asm["ptx"]) is pdl
