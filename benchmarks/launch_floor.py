@@ -15,10 +15,11 @@ This script measures that cost and turns it into a bound:
    the same chain with programmatic dependent launch (each kernel's loads issued before it
    waits for the one before: the most PDL could overlap).
 3. For each case (a shipped decode step: kernels per step from a torch.profiler run of it,
-   bytes from its floor), ``bound = floor + kernels x a``: no design with that many kernels
-   can beat it, however good each kernel. Beside it the step as measured, the issue's target,
-   and the most kernels a step could have for the target to be reachable at all,
-   ``(target - 1) x floor / a``.
+   bytes from its floor) and each chain (without PDL: how the step's kernels follow each other
+   now; with it: the most PDL could give), ``bound = floor + kernels x a``: no design with that
+   many kernels, chained that way, can beat it, however good each kernel. Beside it the step as
+   measured, the issue's target, and the most kernels a step could have for the target to be
+   reachable at all, ``(target - 1) x floor / a``.
 
 The cases' kernel counts come from ``benchmarks/decode_profile.py`` results (``--profile``
 files replace the built-in counts, taken from the results folder), their bytes from the floors
@@ -124,7 +125,7 @@ def bound(case: Case, fixed_s: float, copy_bytes_per_s: float) -> dict:
     floor_ms = case.read_gb * 1e9 / copy_bytes_per_s * 1e3
     bound_ms = floor_ms + case.kernels_per_step * fixed_s * 1e3
     max_kernels = (case.target_vs_floor - 1.0) * floor_ms / (fixed_s * 1e3)
-    return {"case": case.name, "kernels_per_step": case.kernels_per_step,
+    return {"case": case.name, "fixed_us": fixed_s * 1e6, "kernels_per_step": case.kernels_per_step,
             "kernels_per_layer": case.kernels_per_step / case.layers, "floor_ms": floor_ms,
             "bound_ms": bound_ms, "bound_vs_floor": bound_ms / floor_ms, "step_ms": case.step_ms,
             "step_vs_floor": case.step_ms / floor_ms, "target_vs_floor": case.target_vs_floor,
@@ -226,14 +227,22 @@ def plot(path: Path, report: dict) -> None:
     left.set_xlabel("bytes one kernel reads")
     left.set_ylabel("us a kernel, in a CUDA graph chain")
     left.legend(fontsize=8)
-    rows = report["cases"]
-    ys = range(len(rows))
-    right.barh([y + 0.27 for y in ys], [r["floor_ms"] for r in rows], height=0.27, label="floor (bytes)")
-    right.barh(list(ys), [r["bound_ms"] for r in rows], height=0.27, label="floor + kernels x fixed cost")
-    right.barh([y - 0.27 for y in ys], [r["step_ms"] for r in rows], height=0.27, label="measured step")
-    for y, r in zip(ys, rows):
+    names = list(dict.fromkeys(r["case"] for r in report["cases"]))
+    ys = range(len(names))
+    bars = [("floor (bytes)", lambda r: r["floor_ms"], False), ("floor + kernels x fixed cost", lambda r: r["bound_ms"], False),
+            ("the same with PDL", lambda r: r["bound_ms"], True), ("measured step", lambda r: r["step_ms"], False)]
+    h = 0.2
+    for i, (label, value, pdl) in enumerate(bars):
+        widths = []
+        for name in names:
+            row = next((r for r in report["cases"] if r["case"] == name and r["pdl"] == pdl), None)
+            widths.append(value(row) if row is not None else 0.0)
+        right.barh([y + (1.5 - i) * h for y in ys], widths, height=h, label=label)
+    for y, name in zip(ys, names):
+        r = next(r for r in report["cases"] if r["case"] == name)
         right.plot([r["target_vs_floor"] * r["floor_ms"]] * 2, [y - 0.45, y + 0.45], "k-", lw=2)
-    right.set_yticks(list(ys), [f"{r['case']}\n{r['kernels_per_step']:.0f} kernels" for r in rows], fontsize=8)
+    right.set_yticks(list(ys), [f"{n}\n{next(r for r in report['cases'] if r['case'] == n)['kernels_per_step']:.0f} kernels"
+                                for n in names], fontsize=8)
     right.set_xlabel("ms a step (black: the target)")
     right.legend(fontsize=8, loc="lower right")
     results_meta.finish_figure(fig, path, f"Launch-bound floor of a decode step, {report['device']['name']}")
@@ -245,12 +254,11 @@ def table(report: dict) -> str:
         lines.append(f"{'PDL' if run['pdl'] else 'no PDL'}: empty kernel {run['empty_kernel_us']:.2f} us; read fit "
                      f"{run['fit_fixed_us']:.2f} us + X / {run['fit_GBps']:.0f} GB/s; copy {run['copy_GBps']:.0f} GB/s")
         lines += [f"  {r['bytes']:>10} B  {r['us']:8.2f} us  {r['GBps']:7.0f} GB/s" for r in run["read"]]
-    lines.append(f"cases at a fixed cost of {report['fixed_us_used']:.2f} us a kernel:")
     for r in report["cases"]:
-        lines.append(f"  {r['case']}: floor {r['floor_ms']:.3f} ms, bound {r['bound_ms']:.3f} ms = "
-                     f"{r['bound_vs_floor']:.2f}x (target {r['target_vs_floor']:.2f}x: "
-                     f"{'reachable' if r['target_reachable_with_these_kernels'] else 'NOT reachable'} with "
-                     f"{r['kernels_per_step']:.0f} kernels; at most {r['max_kernels_per_layer_for_target']:.1f} a layer "
+        lines.append(f"  {r['case']}, {'PDL' if r['pdl'] else 'no PDL'} ({r['fixed_us']:.2f} us a kernel): floor "
+                     f"{r['floor_ms']:.3f} ms, bound {r['bound_ms']:.3f} ms = {r['bound_vs_floor']:.2f}x (target "
+                     f"{r['target_vs_floor']:.2f}x: {'reachable' if r['target_reachable_with_these_kernels'] else 'NOT reachable'}"
+                     f" with {r['kernels_per_step']:.0f} kernels; at most {r['max_kernels_per_layer_for_target']:.1f} a layer "
                      f"would allow it), measured {r['step_ms']:.3f} ms = {r['step_vs_floor']:.2f}x")
     return "\n".join(lines)
 
@@ -278,12 +286,13 @@ def main() -> None:
         name = torch.cuda.get_device_name(0)
         device = {"name": name, "torch": torch.__version__}
         runs = [measure(False, args.reps)] + ([measure(True, args.reps)] if args.pdl else [])
-    # The smaller fixed cost of the two (PDL's, when measured): the bound is then the kinder one.
-    fixed_us = min(run["fit_fixed_us"] for run in runs)
     copy = max(run["copy_GBps"] for run in runs) * 1e9
     cases = with_profiles(CASES, [json.loads(f.read_text()) for f in args.profile])
     report = results_meta.report_header("launch_floor", __file__, sys.argv[1:], now, device)
-    report |= {"runs": runs, "fixed_us_used": fixed_us, "cases": [bound(c, fixed_us * 1e-6, copy) for c in cases],
+    # One bound per case and chain: without PDL (how the step's kernels follow each other now) and
+    # with it (each kernel's reads issued before it waits for the one before: the most PDL can give).
+    rows = [bound(c, run["fit_fixed_us"] * 1e-6, copy) | {"pdl": run["pdl"]} for c in cases for run in runs]
+    report |= {"runs": runs, "cases": rows,
                "case_sources": [asdict(c) for c in cases]}
     out = args.out
     if out.suffix != ".json":

@@ -60,12 +60,12 @@ def test_the_plot_and_table_from_a_report(bench, tmp_path):
     runs = [{"pdl": pdl, "empty_kernel_us": 1.1, "fit_fixed_us": 2.0, "fit_GBps": 4000.0, "copy_GBps": 4100.0,
              "read": [{"bytes": x, "us": 2.0 + x / 4e6, "GBps": x / (2.0 + x / 4e6) / 1e3} for x in bench.READ_SIZES]}
             for pdl in (False, True)]
-    cases = [bench.bound(c, 2e-6, 4.1e12) for c in bench.CASES]
-    report = {"device": {"name": "test"}, "runs": runs, "fixed_us_used": 2.0, "cases": cases}
+    cases = [bench.bound(c, fixed, 4.1e12) | {"pdl": pdl} for c in bench.CASES for pdl, fixed in ((False, 2e-6), (True, 5e-7))]
+    report = {"device": {"name": "test"}, "runs": runs, "cases": cases}
     bench.plot(tmp_path / "p.png", report)
     assert (tmp_path / "p.png").stat().st_size > 0
     text = bench.table(report)
-    assert "NOT reachable" in text and "qwen3-30b-a3b" in text
+    assert "NOT reachable" in text and "qwen3-30b-a3b" in text and ", PDL (0.50 us a kernel)" in text
 
 
 KERNELS = """
@@ -110,7 +110,7 @@ def test_a_report_recomputes_from_earlier_measurements_without_a_gpu(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "r.json").read_text())
     qwen = report["cases"][0]
-    assert qwen["kernels_per_step"] == 100 and qwen["bound_ms"] == pytest.approx(qwen["floor_ms"] + 0.2)
+    assert qwen["pdl"] is False and qwen["kernels_per_step"] == 100 and qwen["bound_ms"] == pytest.approx(qwen["floor_ms"] + 0.2)
     assert report["device"]["measured_in"] == "earlier.json" and (tmp_path / "r.png").exists()
 
 
