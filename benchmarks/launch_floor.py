@@ -12,11 +12,13 @@ This script measures that cost and turns it into a bound:
    partial sum a program stored), X from 16 KiB to 256 MiB, each kernel reading its own part of
    a 2 GiB buffer so that L2 holds none of it. The fit t(X) = a + X / b over X >= 1 MiB gives
    ``a``, the fixed cost of a kernel that reads at the streaming rate ``b``. With ``--pdl``
-   the same chain with programmatic dependent launch (each kernel's loads issued before it
-   waits for the one before: the most PDL could overlap).
+   the same chains with programmatic dependent launch (`Chain`), twice: each kernel waiting for
+   the one before ahead of its loads (a kernel whose reads depend on it: norms, rotary, the
+   router's top-k), and each issuing its loads before that wait (a kernel reading constants:
+   weights, and a decode step's KV cache but for its newest token): the most PDL can overlap.
 3. For each case (a shipped decode step: kernels per step from a torch.profiler run of it,
    bytes from its floor) and each chain (without PDL: how the step's kernels follow each other
-   now; with it: the most PDL could give), ``bound = floor + kernels x a``: no design with that
+   now; the PDL chains: what PDL everywhere could give), ``bound = floor + kernels x a``: no design with that
    many kernels, chained that way, can beat it, however good each kernel. Beside it the step as
    measured, the issue's target, and the most kernels a step could have for the target to be
    reachable at all, ``(target - 1) x floor / a``.
@@ -37,6 +39,7 @@ floor, the bound and the measured step against the target.
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import math
 import sys
@@ -150,10 +153,32 @@ def with_profiles(cases: tuple[Case, ...], profiles: list[dict]) -> tuple[Case, 
 # ---- the GPU measurements ---------------------------------------------------------------------
 
 
+class Chain(enum.Enum):
+    """How each kernel of a measured chain follows the one before (the ``PDL`` constexpr)."""
+
+    #: Launched when the one before has finished (as the decode step's kernels mostly are).
+    NONE = "none"
+    #: PDL, waiting for the one before ahead of any load.
+    PDL_WAIT_FIRST = "pdl_wait_first"
+    #: PDL, the loads issued before the wait (only the store waits).
+    PDL_LOADS_FIRST = "pdl_loads_first"
+
+    @property
+    def code(self) -> int:
+        return list(Chain).index(self)
+
+    @classmethod
+    def of_run(cls, run: dict) -> "Chain":
+        """A run's chain (runs of 7cbe608 had ``pdl``: True for loads first)."""
+        if "chain" in run:
+            return cls(run["chain"])
+        return cls.PDL_LOADS_FIRST if run["pdl"] else cls.NONE
+
+
 @triton.jit
 def _tick(out_ptr, PDL: tl.constexpr):
     """One value stored per program: a kernel with nothing to do but exist."""
-    if PDL:
+    if PDL != 0:
         gdc_launch_dependents()
         gdc_wait()
     tl.store(out_ptr + tl.program_id(0), 1)
@@ -161,20 +186,23 @@ def _tick(out_ptr, PDL: tl.constexpr):
 
 @triton.jit
 def _read(x_ptr, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """Grid-stride over n int32 words; each program stores its sum, so that no load is dead."""
-    if PDL:
+    """Grid-stride over n int32 words; each program stores its sum, so that no load is dead.
+    PDL: `Chain.code` (1: wait before the loads, 2: only before the store)."""
+    if PDL != 0:
         gdc_launch_dependents()
+    if PDL == 1:
+        gdc_wait()
     pid, step = tl.program_id(0), tl.num_programs(0) * BLOCK
     acc = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(pid * BLOCK, n, step):
         offs = start + tl.arange(0, BLOCK)
         acc += tl.load(x_ptr + offs, mask=offs < n, other=0)
-    if PDL:  # the reads are of constants (as a decode step's weights): only the store waits
+    if PDL == 2:  # the reads are of constants (as a decode step's weights): only the store waits
         gdc_wait()
     tl.store(out_ptr + pid, tl.sum(acc, axis=0))
 
 
-def measure(pdl: bool, reps: int = 5) -> dict:
+def measure(chain: Chain, reps: int = 5) -> dict:
     import torch
     import triton
     from decode_kernel_sweep import copy_bandwidth, graph_time_s
@@ -183,6 +211,7 @@ def measure(pdl: bool, reps: int = 5) -> dict:
 
     props = torch.cuda.get_device_properties(0)
     sms, l2 = props.multi_processor_count, props.L2_cache_size
+    pdl = chain.code
     launch = pdl_mod.launch_kwargs(pdl)
     out = torch.zeros(64 * sms, dtype=torch.int32, device="cuda")
     chain = 2000
@@ -201,7 +230,7 @@ def measure(pdl: bool, reps: int = 5) -> dict:
                                            num_warps=warps, **launch) for s in starts]
         points.append((size, graph_time_s(calls, reps)))
     fit = fit_line([p for p in points if p[0] >= FIT_MIN_BYTES])
-    return {"pdl": pdl, "sms": sms, "l2_bytes": l2, "empty_kernel_us": empty_s * 1e6,
+    return {"chain": chain.value, "sms": sms, "l2_bytes": l2, "empty_kernel_us": empty_s * 1e6,
             "read": [{"bytes": x, "us": t * 1e6, "GBps": x / t / 1e9} for x, t in points],
             "fit_fixed_us": fit.fixed_s * 1e6, "fit_GBps": fit.bytes_per_s / 1e9,
             "copy_GBps": copy_bandwidth() / 1e9}
@@ -219,7 +248,7 @@ def plot(path: Path, report: dict) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     for run in report["runs"]:
         xs = [r["bytes"] for r in run["read"]]
-        label = "PDL" if run["pdl"] else "no PDL"
+        label = Chain.of_run(run).value
         left.loglog(xs, [r["us"] for r in run["read"]], "o-", label=f"read kernel, {label}")
         fit = [run["fit_fixed_us"] + x / (run["fit_GBps"] * 1e3) for x in xs]
         left.loglog(xs, fit, "--", label=f"fit: {run['fit_fixed_us']:.2f} us + X / {run['fit_GBps']:.0f} GB/s")
@@ -229,33 +258,34 @@ def plot(path: Path, report: dict) -> None:
     left.legend(fontsize=8)
     names = list(dict.fromkeys(r["case"] for r in report["cases"]))
     ys = range(len(names))
-    bars = [("floor (bytes)", lambda r: r["floor_ms"], False), ("floor + kernels x fixed cost", lambda r: r["bound_ms"], False),
-            ("the same with PDL", lambda r: r["bound_ms"], True), ("measured step", lambda r: r["step_ms"], False)]
-    h = 0.2
-    for i, (label, value, pdl) in enumerate(bars):
+    bars = [("floor (bytes)", "floor_ms", Chain.NONE), ("floor + kernels x fixed cost", "bound_ms", Chain.NONE),
+            ("the same, PDL waiting first", "bound_ms", Chain.PDL_WAIT_FIRST),
+            ("the same, PDL loading first", "bound_ms", Chain.PDL_LOADS_FIRST), ("measured step", "step_ms", Chain.NONE)]
+    h = 0.16
+    for i, (label, key, chain) in enumerate(bars):
         widths = []
         for name in names:
-            row = next((r for r in report["cases"] if r["case"] == name and r["pdl"] == pdl), None)
-            widths.append(value(row) if row is not None else 0.0)
-        right.barh([y + (1.5 - i) * h for y in ys], widths, height=h, label=label)
+            row = next((r for r in report["cases"] if r["case"] == name and r["chain"] == chain.value), None)
+            widths.append(row[key] if row is not None else 0.0)
+        right.barh([y + (2 - i) * h for y in ys], widths, height=h, label=label)
     for y, name in zip(ys, names):
         r = next(r for r in report["cases"] if r["case"] == name)
         right.plot([r["target_vs_floor"] * r["floor_ms"]] * 2, [y - 0.45, y + 0.45], "k-", lw=2)
     right.set_yticks(list(ys), [f"{n}\n{next(r for r in report['cases'] if r['case'] == n)['kernels_per_step']:.0f} kernels"
                                 for n in names], fontsize=8)
     right.set_xlabel("ms a step (black: the target)")
-    right.legend(fontsize=8, loc="lower right")
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.4, -0.14), ncol=3)
     results_meta.finish_figure(fig, path, f"Launch-bound floor of a decode step, {report['device']['name']}")
 
 
 def table(report: dict) -> str:
     lines = []
     for run in report["runs"]:
-        lines.append(f"{'PDL' if run['pdl'] else 'no PDL'}: empty kernel {run['empty_kernel_us']:.2f} us; read fit "
+        lines.append(f"{Chain.of_run(run).value}: empty kernel {run['empty_kernel_us']:.2f} us; read fit "
                      f"{run['fit_fixed_us']:.2f} us + X / {run['fit_GBps']:.0f} GB/s; copy {run['copy_GBps']:.0f} GB/s")
         lines += [f"  {r['bytes']:>10} B  {r['us']:8.2f} us  {r['GBps']:7.0f} GB/s" for r in run["read"]]
     for r in report["cases"]:
-        lines.append(f"  {r['case']}, {'PDL' if r['pdl'] else 'no PDL'} ({r['fixed_us']:.2f} us a kernel): floor "
+        lines.append(f"  {r['case']}, {r['chain']} ({r['fixed_us']:.2f} us a kernel): floor "
                      f"{r['floor_ms']:.3f} ms, bound {r['bound_ms']:.3f} ms = {r['bound_vs_floor']:.2f}x (target "
                      f"{r['target_vs_floor']:.2f}x: {'reachable' if r['target_reachable_with_these_kernels'] else 'NOT reachable'}"
                      f" with {r['kernels_per_step']:.0f} kernels; at most {r['max_kernels_per_layer_for_target']:.1f} a layer "
@@ -285,13 +315,13 @@ def main() -> None:
             raise SystemExit("launch_floor.py measures a GPU: none is visible")
         name = torch.cuda.get_device_name(0)
         device = {"name": name, "torch": torch.__version__}
-        runs = [measure(False, args.reps)] + ([measure(True, args.reps)] if args.pdl else [])
+        runs = [measure(chain, args.reps) for chain in (list(Chain) if args.pdl else [Chain.NONE])]
     copy = max(run["copy_GBps"] for run in runs) * 1e9
     cases = with_profiles(CASES, [json.loads(f.read_text()) for f in args.profile])
     report = results_meta.report_header("launch_floor", __file__, sys.argv[1:], now, device)
-    # One bound per case and chain: without PDL (how the step's kernels follow each other now) and
-    # with it (each kernel's reads issued before it waits for the one before: the most PDL can give).
-    rows = [bound(c, run["fit_fixed_us"] * 1e-6, copy) | {"pdl": run["pdl"]} for c in cases for run in runs]
+    # One bound per case and chain: without PDL (how the step's kernels follow each other now), and
+    # with PDL everywhere, each kernel waiting first, or loading first (the most PDL can give).
+    rows = [bound(c, run["fit_fixed_us"] * 1e-6, copy) | {"chain": Chain.of_run(run).value} for c in cases for run in runs]
     report |= {"runs": runs, "cases": rows,
                "case_sources": [asdict(c) for c in cases]}
     out = args.out

@@ -5,12 +5,13 @@
 # case floor + kernels x a against the target (kernel counts from the committed profiles). Then,
 # in the time left, the kernels the shipped batch-1 steps launch recounted by torch.profiler
 # (Qwen3-30B-A3B bf16; Llama-3-8B FP8); `launch_floor.py --report-from <its json> --profile ...`
-# recomputes the cases from them afterwards, without a GPU.
+# recomputes the cases from them afterwards, without a GPU. PROFILES=0: the measurement alone.
 source benchmarks/device/common.sh
 mkdir -p /tmp/logs $OUT/profiles
 timeout 200 python3 benchmarks/launch_floor.py --pdl --out $OUT > /tmp/logs/floor.log 2>&1
 echo "launch_floor rc=$? at $(( $(date +%s) - start )) s"; tail -n 32 /tmp/logs/floor.log
-for spec in "qwen3-30b-a3b|" "llama-3-8b|--quantization fp8"; do
+[ "${PROFILES:-1}" = 0 ] && set -- || set -- "qwen3-30b-a3b|" "llama-3-8b|--quantization fp8"
+for spec in "$@"; do
   model=${spec%%|*}; extra=${spec#*|}
   [ "$(left 440)" -gt 60 ] || break
   timeout $(left 440) python3 benchmarks/decode_profile.py --model random:$model $extra --kv-gb 24 --batch 1 \

@@ -57,15 +57,16 @@ def test_profiles_recount_the_matching_cases_kernels(bench):
 
 
 def test_the_plot_and_table_from_a_report(bench, tmp_path):
-    runs = [{"pdl": pdl, "empty_kernel_us": 1.1, "fit_fixed_us": 2.0, "fit_GBps": 4000.0, "copy_GBps": 4100.0,
+    runs = [{"chain": chain.value, "empty_kernel_us": 1.1, "fit_fixed_us": 2.0, "fit_GBps": 4000.0, "copy_GBps": 4100.0,
              "read": [{"bytes": x, "us": 2.0 + x / 4e6, "GBps": x / (2.0 + x / 4e6) / 1e3} for x in bench.READ_SIZES]}
-            for pdl in (False, True)]
-    cases = [bench.bound(c, fixed, 4.1e12) | {"pdl": pdl} for c in bench.CASES for pdl, fixed in ((False, 2e-6), (True, 5e-7))]
+            for chain in bench.Chain]
+    cases = [bench.bound(c, fixed, 4.1e12) | {"chain": chain.value} for c in bench.CASES
+             for chain, fixed in zip(bench.Chain, (2e-6, 1.2e-6, 5e-7))]
     report = {"device": {"name": "test"}, "runs": runs, "cases": cases}
     bench.plot(tmp_path / "p.png", report)
     assert (tmp_path / "p.png").stat().st_size > 0
     text = bench.table(report)
-    assert "NOT reachable" in text and "qwen3-30b-a3b" in text and ", PDL (0.50 us a kernel)" in text
+    assert "NOT reachable" in text and "qwen3-30b-a3b" in text and ", pdl_loads_first (0.50 us a kernel)" in text
 
 
 KERNELS = """
@@ -75,11 +76,11 @@ import sys; sys.path.insert(0, sys_path)
 import launch_floor
 tick, read = launch_floor._tick, launch_floor._read
 out = torch.zeros(8, dtype=torch.int32)
-tick[(3,)](out, PDL=False)
+tick[(3,)](out, PDL=0)
 assert out.tolist() == [1, 1, 1, 0, 0, 0, 0, 0], out
 x = torch.arange(10_000, dtype=torch.int32)
 out.zero_()
-read[(3,)](x, out, x.numel(), BLOCK=512, PDL=False)
+read[(3,)](x, out, x.numel(), BLOCK=512, PDL=0)
 assert int(out.sum()) == int(x.sum()), (out, x.sum())
 print("OK")
 """
@@ -110,7 +111,7 @@ def test_a_report_recomputes_from_earlier_measurements_without_a_gpu(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "r.json").read_text())
     qwen = report["cases"][0]
-    assert qwen["pdl"] is False and qwen["kernels_per_step"] == 100 and qwen["bound_ms"] == pytest.approx(qwen["floor_ms"] + 0.2)
+    assert qwen["chain"] == "none" and qwen["kernels_per_step"] == 100 and qwen["bound_ms"] == pytest.approx(qwen["floor_ms"] + 0.2)
     assert report["device"]["measured_in"] == "earlier.json" and (tmp_path / "r.png").exists()
 
 
@@ -120,11 +121,11 @@ def test_the_kernels_compile_for_sm90_with_and_without_pdl(bench):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    for pdl in (False, True):
+    for pdl in (0, 1, 2):
         for fn, sig, consts in ((bench._tick, {"out_ptr": "*i32", "PDL": "constexpr"}, {"PDL": pdl}),
                                 (bench._read, {"x_ptr": "*i32", "out_ptr": "*i32", "n": "i32", "BLOCK": "constexpr",
                                                "PDL": "constexpr"}, {"BLOCK": 2048, "PDL": pdl})):
             names = list(sig)
             src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
             kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-            assert ("griddepcontrol" in kernel.asm["ptx"]) is pdl
+            assert ("griddepcontrol" in kernel.asm["ptx"]) is (pdl != 0)
