@@ -214,8 +214,8 @@ def measure(chain: Chain, reps: int = 5) -> dict:
     pdl = chain.code
     launch = pdl_mod.launch_kwargs(pdl)
     out = torch.zeros(64 * sms, dtype=torch.int32, device="cuda")
-    chain = 2000
-    empty_s = graph_time_s([lambda: _tick[(sms,)](out, PDL=pdl, **launch)] * chain, reps)
+    length = 2000
+    empty_s = graph_time_s([lambda: _tick[(sms,)](out, PDL=pdl, **launch)] * length, reps)
 
     buf = torch.ones(BUFFER_BYTES // 4, dtype=torch.int32, device="cuda")
     block, warps = 2048, 4
