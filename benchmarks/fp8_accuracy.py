@@ -157,6 +157,34 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def use_activation_quantization(mode: str) -> None:
+    """An experiment on the CPU reference path (the GPU kernels do not take it): the FP8 linear's
+    activations quantized per token as shipped (``token``), per token and N-column group
+    (``group-N``: finer scales), or not at all (``none``: weight-only), to tell the weights'
+    share of the perplexity cost from the activations'. Replaces `fp8.fp8_linear_ref` for this
+    process (the CPU engine runs in it)."""
+    from splitserve.kernels import fp8
+
+    if mode == "token":
+        return
+    size = mode.removeprefix("group-")
+    group = int(size) if mode.startswith("group-") and size.isdigit() else None
+    if mode != "none" and not group:
+        raise SystemExit(f"--activations {mode!r}: expected token, group-N or none")
+
+    def linear(x, weight, bias=None):
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k).float()
+        if group:
+            x2 = fp8.dequantize_per_token_group(*fp8.quantize_per_token_group(x2, group), group)
+        y = x2 @ fp8.dequantize(weight).t()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype).reshape(*lead, weight.data.shape[0])
+
+    fp8.fp8_linear_ref = linear
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
@@ -168,12 +196,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "paths' FP8 linears (weight-only / W8A8 skinny) and FP8 KV reads from the first token")
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--kv-mb", type=int, default=512)
+    p.add_argument("--activations", default="token",
+                   help="CPU only, an experiment: the FP8 weights' activations quantized per token (as shipped), "
+                        "per token and N-column group (group-N), or not at all (none)")
     p.add_argument("--out", type=Path, default=results_meta.RESULTS_DIR)
     args = p.parse_args(argv)
     import torch
 
     now = datetime.now(timezone.utc)
     on_gpu = torch.cuda.is_available() and args.device != "cpu"
+    if args.activations != "token" and on_gpu:
+        raise SystemExit("--activations changes the CPU reference only: run it with --device cpu")
+    use_activation_quantization(args.activations)
     device_name = torch.cuda.get_device_name() if on_gpu else results_meta.cpu_model()
     report = results_meta.report_header("fp8_accuracy", __file__, sys.argv[1:] if argv is None else argv, now,
                                         {"name": device_name, "torch": torch.__version__})
@@ -187,8 +221,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"variant {v.name} ...", flush=True)
         results.append(run_variant(args, v, ids_cache))
     rows = compare(results)
-    report |= {"model": args.model or "SmolLM2-135M-Instruct (default)", "chunk": args.chunk, "results": rows}
-    stem = f"fp8_accuracy_{results_meta.slug(device_name)}_chunk{args.chunk}_{now:%Y-%m-%dT%H%M}"
+    report |= {"model": args.model or "SmolLM2-135M-Instruct (default)", "chunk": args.chunk,
+               "activations": args.activations, "results": rows}
+    acts = "" if args.activations == "token" else f"_act-{args.activations}"
+    stem = f"fp8_accuracy_{results_meta.slug(device_name)}_chunk{args.chunk}{acts}_{now:%Y-%m-%dT%H%M}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     plot(rows, args.out / f"{stem}.png", f"{report['model']} on {device_name}: perplexity, {rows[0]['tokens']} tokens")

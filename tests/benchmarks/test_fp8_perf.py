@@ -68,3 +68,31 @@ def test_accuracy_smoke_compares_every_variant_with_bf16(accuracy, tmp_path):
     # FP8 is applied: every FP8 variant's likelihood moves off bf16's (here float32's on the CPU)
     assert all(r["ppl_increase"] != 0 for r in rows[1:]), rows
     assert next(tmp_path.glob("fp8_accuracy_*.png")).exists()
+
+
+def test_the_activation_experiment_swaps_the_reference_linear(accuracy, monkeypatch):
+    """``--activations``: weight-only is `fp8_weight_only_ref`; group-N quantizes each token's
+    N-column groups on their own scale (closer to the float x than one scale a token)."""
+    import torch
+
+    from splitserve.kernels import fp8
+
+    monkeypatch.setattr(fp8, "fp8_linear_ref", fp8.fp8_linear_ref)  # restored after the test
+    per_token = fp8.fp8_linear_ref
+    g = torch.Generator().manual_seed(0)
+    # Columns over six decades, past e4m3's range (448 down to 2**-9): one scale a token flushes the
+    # small ones to zero, a scale per 16 columns keeps them.
+    x = torch.randn(5, 64, generator=g) * torch.logspace(-4, 2, 64)
+    w = fp8.quantize(torch.randn(24, 64, generator=g), fp8.Fp8Scheme.CHANNEL)
+    exact = x @ fp8.dequantize(w).t()
+    accuracy.use_activation_quantization("token")
+    assert fp8.fp8_linear_ref is per_token
+    accuracy.use_activation_quantization("group-16")
+    grouped = fp8.fp8_linear_ref(x, w)
+    small = x.abs() < 1e-2
+    assert (fp8.quantize_per_token(x)[0].float()[small] == 0).any()
+    assert (grouped - exact).abs().mean() < (per_token(x, w) - exact).abs().mean()
+    accuracy.use_activation_quantization("none")
+    assert torch.equal(fp8.fp8_linear_ref(x, w), fp8.fp8_weight_only_ref(x, w))
+    with pytest.raises(SystemExit, match="group-N"):
+        accuracy.use_activation_quantization("group-")
