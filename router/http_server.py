@@ -191,20 +191,22 @@ class _BodyLimit:
             await self._refuse(scope, receive, send)
             return
         seen = 0
-        over = False
+        over = ended = False
 
         async def counted():
-            nonlocal seen, over
+            nonlocal seen, over, ended
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                ended = not message.get("more_body", False)
                 if seen > self.max_bytes:
                     over = True
                     raise HTTPException(413, f"the request body passed {self.max_bytes} bytes")
             return message
 
         async def send_lingering_once_over(message):
-            await (_send_lingering(receive, send, message) if over else send(message))
+            # A body whose last message crossed the limit has nothing left to drain.
+            await (_send_lingering(receive, send, message, drain=not ended) if over else send(message))
         await self.app(scope, counted, send_lingering_once_over)
 
     async def _refuse(self, scope, receive, send) -> None:
@@ -217,7 +219,7 @@ class _BodyLimit:
         await response(scope, receive, lingering)
 
 
-async def _send_lingering(receive, send, message) -> None:
+async def _send_lingering(receive, send, message, drain: bool = True) -> None:
     """Pass one message of a refusal on, marking the connection to close; the last body
     message is sent as not-last, the unread request body discarded (bounded in time), and
     only then the response ended, which closes the connection (``Connection: close``)."""
@@ -229,7 +231,8 @@ async def _send_lingering(receive, send, message) -> None:
         await send(message)
         return
     await send({**message, "more_body": True})
-    await _discard_body(receive)
+    if drain:
+        await _discard_body(receive)
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

@@ -42,6 +42,11 @@ def test_the_bound_adds_every_kernels_fixed_cost_to_the_floor(bench):
     assert row["max_kernels_per_step_for_target"] == pytest.approx(250)
     assert row["max_kernels_per_layer_for_target"] == pytest.approx(5)
     assert bench.bound(replace(case, kernels_per_step=200), 2e-6, 4e12)["target_reachable_with_these_kernels"]
+    # Read at the kernels' own (faster) rate, the bound's bytes cost less than the floor's.
+    assert bench.bound(case, 2e-6, 4e12, 5e12)["bound_ms"] == pytest.approx(0.8 + 1.0)
+    # A target that is a time: its multiple is of this run's floor (2.5 ms over a 1 ms floor).
+    timed = bench.bound(replace(case, target_step_ms=2.5), 2e-6, 4e12)
+    assert timed["target_vs_floor"] == pytest.approx(2.5) and timed["target_reachable_with_these_kernels"]
 
 
 def test_profiles_recount_the_matching_cases_kernels(bench):
